@@ -1,0 +1,296 @@
+"""``Fp8Config``: the one frozen, validated description of what fp8compile does to a model.
+
+Example::
+
+    >>> from fp8compile import Fp8Config
+    >>> cfg = Fp8Config.from_dict({"recipe": "rowwise", "overrides": {"lm_head": "bf16"}})
+    >>> cfg.recipe
+    <Recipe.ROWWISE: 'rowwise'>
+    >>> cfg.precision_override("lm_head")
+    ('lm_head', <Precision.BF16: 'bf16'>)
+
+Strings from JSON, the CLI or ``torch.compile(..., options={...})`` become enums at once;
+every error names the field, the value, the rule and how to fix it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import fnmatch
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from .numerics import Fp8Format, Granularity
+
+__all__ = [
+    "Accumulation",
+    "Fp8Config",
+    "Precision",
+    "Recipe",
+    "Rule",
+    "Scaling",
+]
+
+
+class Recipe(enum.Enum):
+    """Scale granularity of an FP8 GEMM (SPEC §1)."""
+
+    BLOCKWISE = "blockwise"  # activations 1x128, weights 128x128 (DeepSeek-V3)
+    ROWWISE = "rowwise"  # activations per token, weights per output channel
+    TENSORWISE = "tensorwise"  # one scale per tensor
+
+    @property
+    def activation_granularity(self) -> Granularity:
+        return {
+            Recipe.BLOCKWISE: Granularity.GROUP,
+            Recipe.ROWWISE: Granularity.ROW,
+            Recipe.TENSORWISE: Granularity.TENSOR,
+        }[self]
+
+    @property
+    def weight_granularity(self) -> Granularity:
+        return {
+            Recipe.BLOCKWISE: Granularity.BLOCK,
+            Recipe.ROWWISE: Granularity.ROW,
+            Recipe.TENSORWISE: Granularity.TENSOR,
+        }[self]
+
+
+class Scaling(enum.Enum):
+    """Where activation scales come from."""
+
+    DYNAMIC = "dynamic"  # this call's amax
+    DELAYED = "delayed"  # max over the amax history of the last N calls (tensorwise only)
+    STATIC = "static"  # calibrated once (tensorwise only)
+
+
+class Accumulation(enum.Enum):
+    """FP8 tensor-core accumulation."""
+
+    PRECISE = "precise"  # promote to an fp32 accumulator every 128 elements of K
+    FAST = "fast"  # keep the tensor core's accumulator for the whole K loop
+
+
+class Precision(enum.Enum):
+    """What a node runs in.  ``AUTO`` (overrides only) means "let the rules decide"."""
+
+    FP8 = "fp8"
+    BF16 = "bf16"
+    FP16 = "fp16"
+    FP32 = "fp32"
+    AUTO = "auto"
+
+    @property
+    def dtype(self):
+        import torch
+
+        return {
+            Precision.BF16: torch.bfloat16,
+            Precision.FP16: torch.float16,
+            Precision.FP32: torch.float32,
+        }.get(self)
+
+    @classmethod
+    def of_dtype(cls, dtype) -> "Precision":
+        import torch
+
+        return {torch.bfloat16: cls.BF16, torch.float16: cls.FP16}.get(dtype, cls.FP32)
+
+
+class Rule(enum.Enum):
+    """Sensitivity rules (SPEC §3); each can be switched off in ``Fp8Config.rules``."""
+
+    NORM = "norm"  # layer/rms/group/batch norm: fp32
+    SOFTMAX = "softmax"  # softmax / log_softmax / attention kernels: not fp8
+    RESIDUAL = "residual"  # adds whose operand skips over a block: high precision
+    EMBEDDING = "embedding"  # embedding lookups: high precision
+    OUTPUT_HEAD = "output_head"  # last linear before logits / loss: high precision
+    LOSS = "loss"  # cross entropy, nll, mse...: fp32
+    SOFTMAX_INPUT = "softmax_input"  # linear/matmul feeding a softmax (router, gate, q·kᵀ)
+    SOFTMAX_OUTPUT = "softmax_output"  # matmul consuming softmax probabilities (p·v)
+    SMALL = "small"  # linears below min_weight_numel
+    SHAPE = "shape"  # dims the FP8 tensor cores cannot take (K or N not a multiple of 16)
+
+
+def _enum(cls: type[enum.Enum], field: str, value: Any) -> enum.Enum:
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, str):
+        try:
+            return cls(value.lower())
+        except ValueError:
+            pass
+    choices = ", ".join(repr(m.value) for m in cls)
+    raise ValueError(f"Fp8Config.{field}={value!r} is not valid; choose one of {choices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Config:
+    """Everything fp8compile decides, in one validated, hashable object.
+
+    Attributes:
+        recipe: scale granularity of FP8 GEMMs (default DeepSeek-V3 ``blockwise``).
+        scaling: activation scales ``dynamic`` (default), ``delayed`` or ``static``; the last
+            two need ``recipe="tensorwise"``.
+        activation_format / weight_format: FP8 format of forward operands (``e4m3``).
+        gradient_format: format of output gradients in training (``e5m2`` is the "hybrid"
+            recipe; ``e4m3`` with 1x128 scales is DeepSeek's).
+        accumulation: ``precise`` (fp32 promotion every 128 of K) or ``fast``.
+        power_of_2_scales: round scales up to powers of two.
+        overrides: ``{glob on module path: precision}``, first match wins, e.g.
+            ``{"lm_head": "fp8", "layers.0.*": "bf16"}``.  ``auto`` lets the rules decide.
+        rules: sensitivity rules in force (all by default).
+        min_weight_numel: FP8 only for linears with ``K*N`` at least this (smaller ones do not
+            profit: the quantization pass costs more than the GEMM saves).
+        amax_history_len: length of the delayed-scaling amax history.
+        static_scales: ``{module path: activation amax}`` for ``scaling="static"``
+            (written by :func:`fp8compile.calibrate`).
+        matmul: also quantize activation×activation matmuls (bmm) that no rule protects.
+        min_sqnr_db: calibration demotes a layer whose FP8 SQNR vs BF16 is below this.
+        inference: ``True`` caches quantized weights (per parameter version); ``False`` keeps
+            autograd; ``None`` decides from ``torch.is_grad_enabled()`` at compile time.
+    """
+
+    recipe: Recipe = Recipe.BLOCKWISE
+    scaling: Scaling = Scaling.DYNAMIC
+    activation_format: Fp8Format = Fp8Format.E4M3
+    weight_format: Fp8Format = Fp8Format.E4M3
+    gradient_format: Fp8Format = Fp8Format.E4M3
+    accumulation: Accumulation = Accumulation.PRECISE
+    power_of_2_scales: bool = False
+    overrides: tuple[tuple[str, Precision], ...] = ()
+    rules: frozenset[Rule] = frozenset(Rule)
+    min_weight_numel: int = 128 * 128
+    amax_history_len: int = 16
+    static_scales: tuple[tuple[str, float], ...] = ()
+    matmul: bool = True
+    min_sqnr_db: float | None = None
+    inference: bool | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "recipe", _enum(Recipe, "recipe", self.recipe))
+        set_(self, "scaling", _enum(Scaling, "scaling", self.scaling))
+        for name in ("activation_format", "weight_format", "gradient_format"):
+            set_(self, name, _enum(Fp8Format, name, getattr(self, name)))
+        set_(self, "accumulation", _enum(Accumulation, "accumulation", self.accumulation))
+        set_(self, "overrides", self._check_overrides(self.overrides))
+        set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
+        set_(self, "static_scales", self._check_static(self.static_scales))
+        for name in ("power_of_2_scales", "matmul"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
+        if self.inference is not None and not isinstance(self.inference, bool):
+            raise ValueError(f"Fp8Config.inference={self.inference!r} must be True, False or None")
+        for name, low in (("min_weight_numel", 0), ("amax_history_len", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"Fp8Config.{name}={v!r} must be an integer >= {low}")
+        if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
+            raise ValueError(f"Fp8Config.min_sqnr_db={self.min_sqnr_db!r} must be a number (dB)")
+        if self.scaling is not Scaling.DYNAMIC and self.recipe is not Recipe.TENSORWISE:
+            raise ValueError(
+                f"Fp8Config.scaling={self.scaling.value!r} needs one scale per tensor, but "
+                f"recipe={self.recipe.value!r}; use recipe='tensorwise' or scaling='dynamic'"
+            )
+
+    @staticmethod
+    def _check_overrides(value: Any) -> tuple[tuple[str, Precision], ...]:
+        items = value.items() if isinstance(value, Mapping) else value
+        out = []
+        for item in items:
+            if not (isinstance(item, (tuple, list)) and len(item) == 2):
+                raise ValueError(
+                    f"Fp8Config.overrides entry {item!r} must be a (glob, precision) pair; "
+                    "pass a dict such as {'lm_head': 'bf16'}"
+                )
+            glob, prec = item
+            if not isinstance(glob, str) or not glob:
+                raise ValueError(f"Fp8Config.overrides key {glob!r} must be a non-empty glob")
+            out.append((glob, _enum(Precision, f"overrides[{glob!r}]", prec)))
+        return tuple(out)
+
+    @staticmethod
+    def _check_static(value: Any) -> tuple[tuple[str, float], ...]:
+        items = value.items() if isinstance(value, Mapping) else value
+        out = []
+        for name, amax in items:
+            if not isinstance(amax, (int, float)) or not amax >= 0 or amax == float("inf"):
+                raise ValueError(
+                    f"Fp8Config.static_scales[{name!r}]={amax!r} must be a finite amax >= 0"
+                )
+            out.append((str(name), float(amax)))
+        return tuple(out)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    def precision_override(self, module_path: str) -> tuple[str, Precision] | None:
+        """The first ``(glob, precision)`` whose glob matches ``module_path``, or None.
+
+        A glob matches the module itself or anything inside it: ``"layers.0"`` also covers
+        ``layers.0.mlp.up``.
+        """
+        for glob, prec in self.overrides:
+            if fnmatch.fnmatchcase(module_path, glob) or fnmatch.fnmatchcase(
+                module_path, glob + ".*"
+            ):
+                return glob, prec
+        return None
+
+    def static_amax(self, module_path: str) -> float | None:
+        return dict(self.static_scales).get(module_path)
+
+    # -- (de)serialisation ---------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Fp8Config":
+        """Build from plain data (JSON, CLI, ``torch.compile`` options); unknown keys raise."""
+        if isinstance(d, Fp8Config):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f"Fp8Config needs a dict of options, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown fp8compile option(s) {unknown}; valid options are {sorted(known)}"
+            )
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data; ``Fp8Config.from_dict(cfg.to_dict()) == cfg``."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, enum.Enum):
+                v = v.value
+            elif f.name == "overrides":
+                v = {glob: p.value for glob, p in v}
+            elif f.name == "static_scales":
+                v = dict(v)
+            elif f.name == "rules":
+                v = sorted(r.value for r in v)
+            out[f.name] = v
+        return out
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "Fp8Config":
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e}); fix the policy file") from e
+        return cls.from_dict(data)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text + "\n")
+        return text
+
+    def replace(self, **changes: Any) -> "Fp8Config":
+        return dataclasses.replace(self, **changes)

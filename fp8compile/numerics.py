@@ -1,0 +1,262 @@
+"""Reference FP8 numerics: the definition every kernel and op is tested against.
+
+Conventions (SPEC §1):
+
+* ``x ≈ q * s`` where ``s`` is a *dequantization* scale in fp32, ``s = amax / fmax``.
+* Quantize is ``q = saturate(round_to_nearest_even(x / s))``: finite values beyond ±fmax clamp
+  to ±fmax, never NaN.
+* ``amax`` is taken over the *finite* values of a group.  NaN stays NaN in its own element and
+  ±Inf becomes NaN (E4M3FN has no Inf) or ±Inf (E5M2), so a bad value damages only the output
+  rows that read it and never the scale of its neighbours.
+* ``amax == 0`` gives the finite scale ``AMAX_FLOOR / fmax`` and an all-zero payload.
+* Optional power-of-two scales round ``s`` *up* to ``2**ceil(log2(s))`` so that rescaling is
+  exact and no value saturates because of the rounding.
+
+Granularities:
+
+========== ====================================== =================================
+recipe     activation ``x (M, K)``                 weight ``w (N, K)``
+========== ====================================== =================================
+tensorwise one scale, shape ``()``                 one scale, shape ``()``
+rowwise    per token, shape ``(M, 1)``             per output channel, ``(N, 1)``
+blockwise  per 1×128 group, ``(M, ceil(K/128))``   per 128×128 block,
+           stored M-contiguous (strides ``(1,M)``) ``(ceil(N/128), ceil(K/128))``
+========== ====================================== =================================
+
+Partial groups at the end of K (or N) are allowed: their amax is taken over the elements that
+exist.  The blockwise activation scales are stored M-contiguous because the GEMM reads, for one
+K-block, the scales of ``BLOCK_M`` consecutive rows.
+
+Example::
+
+    >>> import torch
+    >>> from fp8compile import numerics as nx
+    >>> x = torch.randn(4, 256)
+    >>> q, s = nx.quantize(x, nx.Granularity.GROUP)
+    >>> err = (nx.dequantize(q, s, nx.Granularity.GROUP) - x).norm() / x.norm()
+    >>> bool(err < 0.05)
+    True
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+import torch
+
+__all__ = [
+    "AMAX_FLOOR",
+    "BLOCK",
+    "FP8_FORMATS",
+    "Fp8Format",
+    "Granularity",
+    "amax",
+    "cast_to_fp8",
+    "compute_scale",
+    "dequantize",
+    "fp8_linear_reference",
+    "quantize",
+    "quantize_with_scale",
+    "sqnr",
+]
+
+BLOCK = 128
+"""Group length along K (and block side for weights) of the blockwise recipe."""
+
+AMAX_FLOOR = 1e-12
+"""amax below this is treated as this, so an all-zero group gets a finite scale."""
+
+
+class Fp8Format(enum.Enum):
+    """The two OCP FP8 formats PyTorch exposes."""
+
+    E4M3 = "e4m3"
+    E5M2 = "e5m2"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float8_e4m3fn if self is Fp8Format.E4M3 else torch.float8_e5m2
+
+    @property
+    def max(self) -> float:
+        return float(torch.finfo(self.dtype).max)
+
+    @classmethod
+    def from_dtype(cls, dtype: torch.dtype) -> "Fp8Format":
+        for fmt in cls:
+            if fmt.dtype == dtype:
+                return fmt
+        raise ValueError(
+            f"dtype={dtype} is not an FP8 format; use torch.float8_e4m3fn or torch.float8_e5m2"
+        )
+
+
+FP8_FORMATS = {fmt.dtype: fmt for fmt in Fp8Format}
+
+
+class Granularity(enum.Enum):
+    """How many elements share one scale."""
+
+    TENSOR = "tensor"  # one scale for the whole tensor
+    ROW = "row"  # one scale per row (token for activations, output channel for weights)
+    GROUP = "group"  # 1x128 along the last dim (activations, blockwise recipe)
+    BLOCK = "block"  # 128x128 tiles of a 2-D tensor (weights, blockwise recipe)
+
+
+def _finite_abs(x: torch.Tensor) -> torch.Tensor:
+    x = x.float().abs()
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def amax(x: torch.Tensor, granularity: Granularity, block: int = BLOCK) -> torch.Tensor:
+    """Max of |x| over the finite values of each scale group.
+
+    ``x`` is ``(..., K)``; leading dims are flattened into rows.  Returns the logical scale
+    shape of the table in the module docstring (contiguous; :func:`quantize` fixes layout).
+    """
+    a = _finite_abs(x)
+    if granularity is Granularity.TENSOR:
+        return a.amax() if a.numel() else a.new_zeros(())
+    k = a.shape[-1]
+    rows = a.reshape(-1, k)
+    if granularity is Granularity.ROW:
+        if k == 0:
+            return rows.new_zeros(rows.shape[0], 1)
+        return rows.amax(dim=1, keepdim=True)
+    kb = math.ceil(k / block)
+    padded = torch.nn.functional.pad(rows, (0, kb * block - k))
+    if granularity is Granularity.GROUP:
+        return padded.view(rows.shape[0], kb, block).amax(dim=2)
+    if granularity is Granularity.BLOCK:
+        if x.dim() != 2:
+            raise ValueError(
+                f"128x128 block scaling needs a 2-D weight, got shape {tuple(x.shape)}; "
+                "reshape it to (out_features, in_features) first"
+            )
+        n = rows.shape[0]
+        nb = math.ceil(n / block)
+        padded = torch.nn.functional.pad(padded, (0, 0, 0, nb * block - n))
+        return padded.view(nb, block, kb, block).amax(dim=(1, 3))
+    raise AssertionError(granularity)
+
+
+def compute_scale(
+    amax_: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False
+) -> torch.Tensor:
+    """Dequantization scale ``s = max(amax, AMAX_FLOOR) / fmax`` (fp32), optionally 2**ceil."""
+    s = amax_.float().clamp(min=AMAX_FLOOR) / fmt.max
+    if power_of_2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return s
+
+
+def cast_to_fp8(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """Saturating round-to-nearest-even cast of already-scaled fp32 values.
+
+    Finite values clamp to ±fmax.  NaN stays NaN; ±Inf becomes NaN in E4M3FN (which has no
+    Inf) and stays ±Inf in E5M2.
+    """
+    y = y.float()
+    finite = torch.isfinite(y)
+    sat = y.clamp(-fmt.max, fmt.max)
+    if fmt is Fp8Format.E4M3:
+        out = torch.where(finite, sat, torch.full_like(y, float("nan")))
+    else:
+        out = torch.where(finite, sat, y)
+    return out.to(fmt.dtype)
+
+
+def _expand_scale(
+    s: torch.Tensor, shape: torch.Size, granularity: Granularity, block: int
+) -> torch.Tensor:
+    """Broadcast a scale tensor to ``shape`` (the 2-D ``(rows, K)`` view of the data)."""
+    rows, k = shape
+    if granularity is Granularity.TENSOR:
+        return s.reshape(1, 1).expand(rows, k)
+    if granularity is Granularity.ROW:
+        return s.reshape(rows, 1).expand(rows, k)
+    if granularity is Granularity.GROUP:
+        return s.reshape(rows, -1).repeat_interleave(block, dim=1)[:, :k]
+    s = s.repeat_interleave(block, dim=0)[:rows]
+    return s.repeat_interleave(block, dim=1)[:, :k]
+
+
+def quantize_with_scale(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """``saturate(rne(x / scale))`` with a given scale (static or delayed scaling)."""
+    k = x.shape[-1] if x.dim() else 1
+    rows = x.reshape(-1, k).float()
+    s = _expand_scale(scale.float(), rows.shape, granularity, block)
+    return cast_to_fp8(rows / s, fmt).reshape(x.shape)
+
+
+def quantize(
+    x: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic quantization: returns ``(q, scale)`` with ``x ≈ q * scale``.
+
+    ``q`` has ``x``'s shape and ``fmt``'s dtype.  ``scale`` is fp32 with the shape of the
+    module table; GROUP scales are M-contiguous (strides ``(1, M)``).
+    """
+    s = compute_scale(amax(x, granularity, block), fmt, power_of_2)
+    q = quantize_with_scale(x, s, granularity, fmt, block)
+    if granularity is Granularity.GROUP:
+        s = s.t().contiguous().t()
+    return q, s
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    granularity: Granularity,
+    block: int = BLOCK,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``q * scale`` in fp32, broadcast by granularity, returned as ``dtype``."""
+    k = q.shape[-1] if q.dim() else 1
+    rows = q.reshape(-1, k).float()
+    s = _expand_scale(scale.float(), rows.shape, granularity, block)
+    return (rows * s).reshape(q.shape).to(dtype)
+
+
+def fp8_linear_reference(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    x_granularity: Granularity,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    w_granularity: Granularity,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.bfloat16,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """``y = dequant(xq) @ dequant(wq).T + bias`` with exact products and fp32 accumulation.
+
+    This is the ideal the kernels approximate: a tensor-core GEMM with promotion every
+    128 elements of K differs from it only by fp32 summation order.
+    """
+    x = dequantize(xq, xs, x_granularity, block)
+    w = dequantize(wq, ws, w_granularity, block)
+    y = x.reshape(-1, x.shape[-1]) @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*xq.shape[:-1], wq.shape[0]).to(out_dtype)
+
+
+def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``20 log10(‖ref‖ / ‖ref − approx‖)``."""
+    ref = ref.double()
+    noise = (ref - approx.double()).norm()
+    if noise == 0:
+        return float("inf")
+    return float(20 * torch.log10(ref.norm() / noise))
