@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 
-class Recipe(enum.Enum):
+class Recipe(enum.StrEnum):
     """Scale granularity of an FP8 GEMM (SPEC §1)."""
 
     BLOCKWISE = "blockwise"  # activations 1x128, weights 128x128 (DeepSeek-V3)
@@ -59,7 +59,7 @@ class Recipe(enum.Enum):
         }[self]
 
 
-class Scaling(enum.Enum):
+class Scaling(enum.StrEnum):
     """Where activation scales come from."""
 
     DYNAMIC = "dynamic"  # this call's amax
@@ -67,14 +67,14 @@ class Scaling(enum.Enum):
     STATIC = "static"  # calibrated once (tensorwise only)
 
 
-class Accumulation(enum.Enum):
+class Accumulation(enum.StrEnum):
     """FP8 tensor-core accumulation."""
 
     PRECISE = "precise"  # promote to an fp32 accumulator every 128 elements of K
     FAST = "fast"  # keep the tensor core's accumulator for the whole K loop
 
 
-class Precision(enum.Enum):
+class Precision(enum.StrEnum):
     """What a node runs in.  ``AUTO`` (overrides only) means "let the rules decide"."""
 
     FP8 = "fp8"
@@ -100,7 +100,7 @@ class Precision(enum.Enum):
         return {torch.bfloat16: cls.BF16, torch.float16: cls.FP16}.get(dtype, cls.FP32)
 
 
-class Rule(enum.Enum):
+class Rule(enum.StrEnum):
     """Sensitivity rules (SPEC §3); each can be switched off in ``Fp8Config.rules``."""
 
     NORM = "norm"  # layer/rms/group/batch norm: fp32

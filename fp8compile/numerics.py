@@ -68,7 +68,7 @@ AMAX_FLOOR = 1e-12
 """amax below this is treated as this, so an all-zero group gets a finite scale."""
 
 
-class Fp8Format(enum.Enum):
+class Fp8Format(enum.StrEnum):
     """The two OCP FP8 formats PyTorch exposes."""
 
     E4M3 = "e4m3"
@@ -95,7 +95,7 @@ class Fp8Format(enum.Enum):
 FP8_FORMATS = {fmt.dtype: fmt for fmt in Fp8Format}
 
 
-class Granularity(enum.Enum):
+class Granularity(enum.StrEnum):
     """How many elements share one scale."""
 
     TENSOR = "tensor"  # one scale for the whole tensor

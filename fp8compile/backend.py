@@ -1,0 +1,198 @@
+"""The ``fp8hpf`` Dynamo backend.
+
+Registered as the ``torch_dynamo_backends`` entry point, so after ``pip install`` this works
+without importing fp8compile::
+
+    model = torch.compile(model, backend="fp8hpf")
+    model = torch.compile(model, backend="fp8hpf", options={"recipe": "rowwise"})
+
+To keep a handle on the plan, build the backend yourself::
+
+    be = fp8compile.backend({"overrides": {"lm_head": "fp8"}})
+    model = torch.compile(model, backend=be)
+    model(x)
+    print(be.plan.summary())
+
+Flow per graph Dynamo hands over: passes (sensitivity → precision → rewrite → scales), then
+Inductor (``compile_fx``) compiles the rewritten graph, so everything that is not an FP8 GEMM
+fuses as it would without fp8compile.  Graph inputs added by the scales pass (cached FP8
+weights, amax histories, static scales) are computed per call by a thin wrapper.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .config import Fp8Config
+from .passes import CompileContext, PassManager, analysis_passes, default_passes
+from .plan import Plan
+
+__all__ = ["Fp8Backend", "backend", "fp8hpf", "last_plan"]
+
+_LAST: list[Plan] = []
+
+
+def _split_options(options: Any) -> tuple[Fp8Config, dict]:
+    """``torch.compile(..., options=...)`` → (Fp8Config, Inductor config patches)."""
+    if options is None:
+        return Fp8Config(), {}
+    if isinstance(options, Fp8Config):
+        return options, {}
+    if isinstance(options, (str, os.PathLike)):
+        return Fp8Config.from_json(options), {}
+    if not isinstance(options, Mapping):
+        raise ValueError(
+            f"fp8hpf options must be a dict, an Fp8Config or a JSON path, got "
+            f"{type(options).__name__}"
+        )
+    opts = dict(options)
+    inductor = dict(opts.pop("inductor", None) or {})
+    base = opts.pop("config", None)
+    if base is None:
+        return Fp8Config.from_dict(opts), inductor
+    cfg = base if isinstance(base, Fp8Config) else (
+        Fp8Config.from_json(base) if isinstance(base, (str, os.PathLike))
+        else Fp8Config.from_dict(base)
+    )
+    return (Fp8Config.from_dict({**cfg.to_dict(), **opts}) if opts else cfg), inductor
+
+
+class Fp8Backend:
+    """A Dynamo backend object holding its configuration and the plans it produced.
+
+    Args:
+        config: an :class:`Fp8Config`, a dict of its fields, or a JSON path.
+        compile: False runs the analysis passes only and returns the graph unchanged
+            (what :func:`fp8compile.plan` uses).
+        inductor: Inductor config patches for ``compile_fx``.
+        mode: a ``torch.compile`` mode passed on to Inductor.
+    """
+
+    def __init__(
+        self,
+        config: Fp8Config | Mapping[str, Any] | str | None = None,
+        *,
+        compile: bool = True,
+        inductor: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+    ) -> None:
+        self.config, patches = _split_options(config)
+        self.inductor = {**patches, **dict(inductor or {})}
+        self.mode = mode
+        self.compile = compile
+        self.plans: list[Plan] = []
+        self.contexts: list[CompileContext] = []
+
+    @property
+    def plan(self) -> Plan:
+        """The plans of the latest compilation of each graph, merged."""
+        latest: dict[Any, Plan] = {}
+        for p in self.plans:
+            latest[p.stats.get("frame", id(p))] = p
+        return Plan.merge(list(latest.values()))
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: Sequence[Any]) -> Callable:
+        t0 = time.perf_counter()
+        cfg = self.config
+        inference = cfg.inference if cfg.inference is not None else not (
+            torch.is_grad_enabled()
+            and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
+        )
+        ctx = CompileContext(cfg, list(example_inputs), inference, graph_index=len(self.plans))
+        passes = default_passes(ctx) if self.compile else analysis_passes(ctx)
+        gm = _copy_graph_module(gm)
+        PassManager(passes)(gm)
+        plan = Plan(ctx.plan_entries, cfg, ctx.stats)
+        plan.stats["inference"] = inference
+        plan.stats["frame"] = _frame_id()
+        self.plans.append(plan)
+        self.contexts.append(ctx)
+        _LAST[:] = [plan]
+        if not self.compile:
+            return gm.forward
+        compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx))
+        plan.stats["compile_s"] = time.perf_counter() - t0
+        if not ctx.extra_inputs:
+            return compiled
+        return _with_extra_inputs(compiled, ctx.extra_inputs)
+
+    def _inductor(self, gm: torch.fx.GraphModule, inputs: list) -> Callable:
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = dict(self.inductor)
+        if self.mode:
+            patches = {**torch._inductor.list_mode_options(self.mode), **patches}
+        return compile_fx(gm, inputs, config_patches=patches or None)
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A copy whose graph the passes may change: Dynamo reads its own graph after the backend
+    returns.  Node meta is copied shallowly; Dynamo's per-placeholder source and the module
+    metadata AOTAutograd reads are carried over."""
+    graph = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, val_map))
+    for old, new in val_map.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    new_gm = torch.fx.GraphModule(gm, graph)
+    new_gm.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    return new_gm
+
+
+def _static_fakes(example_inputs: Sequence[Any], ctx: CompileContext) -> list:
+    """Example values for the inputs the passes added, with static shapes.
+
+    Handed over as real tensors, Inductor would give their dims fresh symbols (an FP8 weight
+    of (s0, s1)) and lose the tile-shape specialisation; fakes of Dynamo's own fake mode with
+    ``static_shapes=True`` keep them concrete.
+    """
+    fake_mode = torch._guards.detect_fake_mode(example_inputs)
+    if fake_mode is None:
+        return list(ctx.extra_examples)
+    return [fake_mode.from_tensor(t, static_shapes=True) for t in ctx.extra_examples]
+
+
+def _with_extra_inputs(compiled: Callable, providers: list[Callable]) -> Callable:
+    # Dynamo calls what a backend returns as fn(*args).  (compile_fx's result may carry a
+    # ``_boxed_call`` attribute copied from an inner function; its own convention is *args.)
+    def run(*args):
+        return compiled(*args, *[p(args) for p in providers])
+
+    return run
+
+
+def _frame_id():
+    try:
+        from torch._guards import CompileContext as _CC
+
+        cid = _CC.current_compile_id()
+        return None if cid is None else (cid.frame_id, cid.frame_compile_id)
+    except Exception:
+        return None
+
+
+def backend(config: Fp8Config | Mapping[str, Any] | str | None = None, **kwargs: Any) -> Fp8Backend:
+    """``torch.compile(model, backend=fp8compile.backend(config))``; keeps ``.plan``."""
+    return Fp8Backend(config, **kwargs)
+
+
+def fp8hpf(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], **kwargs: Any) -> Callable:
+    """The function behind ``backend="fp8hpf"``; ``options`` is an :class:`Fp8Config` dict."""
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise ValueError(f"fp8hpf got unsupported arguments {sorted(kwargs)}; use options={{...}}")
+    return Fp8Backend(options, mode=mode)(gm, example_inputs)
+
+
+def last_plan() -> Plan | None:
+    """The plan of the most recent graph compiled by any fp8hpf backend in this process."""
+    return _LAST[0] if _LAST else None

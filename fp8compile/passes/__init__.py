@@ -1,0 +1,35 @@
+"""FX passes of the fp8hpf backend, in the order the pipeline runs them.
+
+``analysis_passes`` decide (sensitivity → precision) and change nothing;
+``default_passes`` also rewrite (rewrite → scales).  See README.md for the
+``node.meta["fp8compile"]`` keys each reads and writes.
+"""
+
+from .manager import META, CompileContext, Fp8Pass, PassManager, PassResult
+from .precision import PrecisionPass
+from .rewrite import RewritePass
+from .scales import ScalesPass, WeightCache
+from .sensitivity import SensitivityPass
+
+__all__ = [
+    "META",
+    "CompileContext",
+    "Fp8Pass",
+    "PassManager",
+    "PassResult",
+    "PrecisionPass",
+    "RewritePass",
+    "ScalesPass",
+    "SensitivityPass",
+    "WeightCache",
+    "analysis_passes",
+    "default_passes",
+]
+
+
+def analysis_passes(ctx: CompileContext) -> list[Fp8Pass]:
+    return [SensitivityPass(ctx), PrecisionPass(ctx)]
+
+
+def default_passes(ctx: CompileContext) -> list[Fp8Pass]:
+    return analysis_passes(ctx) + [RewritePass(ctx), ScalesPass(ctx)]

@@ -1,0 +1,224 @@
+"""The pass manager, the compile context the passes share, and FX node helpers.
+
+A pass is a :class:`torch.fx.passes.infra.pass_base.PassBase` whose ``call(gm)`` returns a
+``PassResult``.  It declares which passes must run before it in ``after``; the manager orders
+the list by those constraints (a cycle or a missing prerequisite is an error at construction)
+and, when a pass fails, re-raises the *same* exception with a note naming the failing pass and
+the ones that ran before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import graphlib
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch.fx.passes.infra.pass_base import PassBase, PassResult
+
+from ..config import Fp8Config
+
+__all__ = [
+    "META",
+    "CompileContext",
+    "Fp8Pass",
+    "PassManager",
+    "PassResult",
+    "info",
+    "module_of",
+    "shape_of",
+    "dtype_of",
+]
+
+META = "fp8compile"
+"""Key of ``node.meta`` where passes leave their decisions (see passes/README.md)."""
+
+
+@dataclasses.dataclass
+class CompileContext:
+    """What one compilation of one FX graph shares between passes.
+
+    Attributes:
+        config: the validated configuration.
+        example_inputs: Dynamo's example inputs, aligned with the graph's placeholders.
+        inference: cache quantized weights (no autograd through them) when True.
+        graph_index: 0 for the first graph Dynamo hands over, 1 for the next...
+        extra_inputs: providers appended to the graph's inputs by the scales pass; each takes
+            the runtime argument list and returns the tensor for its placeholder.
+        plan_entries: filled by the precision pass.
+        stats: figures for the plan (weight memory, compile time...).
+    """
+
+    config: Fp8Config
+    example_inputs: Sequence[Any]
+    inference: bool
+    graph_index: int = 0
+    extra_inputs: list[Callable[[Sequence[Any]], torch.Tensor]] = dataclasses.field(
+        default_factory=list
+    )
+    extra_examples: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    weight_caches: list[Any] = dataclasses.field(default_factory=list)
+    plan_entries: list[Any] = dataclasses.field(default_factory=list)
+    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def add_input(
+        self,
+        graph: torch.fx.Graph,
+        name: str,
+        provider: Callable[[Sequence[Any]], torch.Tensor],
+    ) -> torch.fx.Node:
+        """Append a graph input whose value ``provider(runtime_args)`` computes per call.
+
+        The new placeholder goes after every existing one, so the compiled graph takes
+        ``(*dynamo_args, *extra_inputs)``.
+        """
+        last = list(graph.find_nodes(op="placeholder"))[-1]
+        with graph.inserting_after(last):
+            node = graph.placeholder(name)
+        example = provider(self.example_inputs)
+        node.meta["example_value"] = example
+        # AOTAutograd reads Dynamo's per-placeholder source; None marks an input that no user
+        # code produced (as for DDP's split graphs).  The value is stable across calls, so
+        # CUDA graphs may treat it as a static input.
+        node._dynamo_source = None
+        node.meta["tensor_dict"] = {"_dynamo_static_input_type": "unguarded"}
+        self.extra_inputs.append(provider)
+        self.extra_examples.append(example)
+        return node
+
+    def placeholder_index(self, node: torch.fx.Node) -> int | None:
+        if node.op != "placeholder":
+            return None
+        for i, n in enumerate(node.graph.find_nodes(op="placeholder")):
+            if n is node:
+                return i
+        return None
+
+    def is_parameter(self, node: torch.fx.Node) -> bool:
+        """True for placeholders that Dynamo filled from an ``nn.Parameter``."""
+        i = self.placeholder_index(node)
+        return i is not None and i < len(self.example_inputs) and isinstance(
+            self.example_inputs[i], torch.nn.Parameter
+        )
+
+
+class Fp8Pass(PassBase):
+    """Base of fp8compile's passes: holds the context and the ordering constraint."""
+
+    after: ClassVar[tuple[type["Fp8Pass"], ...]] = ()
+
+    def __init__(self, ctx: CompileContext) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+class PassManager:
+    """Runs passes once each, in an order satisfying every pass's ``after``."""
+
+    def __init__(self, passes: Sequence[Fp8Pass]) -> None:
+        by_type = {type(p): p for p in passes}
+        if len(by_type) != len(passes):
+            raise ValueError("each pass type may appear once in a pipeline")
+        graph: dict[type, set[type]] = {}
+        for p in passes:
+            missing = [a.__name__ for a in p.after if a not in by_type]
+            if missing:
+                raise ValueError(
+                    f"{p.name} must run after {missing}, which are not in the pipeline"
+                )
+            graph[type(p)] = set(p.after)
+        try:
+            order = list(graphlib.TopologicalSorter(graph).static_order())
+        except graphlib.CycleError as e:
+            raise ValueError(f"pass ordering constraints form a cycle: {e.args[1]}") from None
+        # Keep the caller's order wherever the constraints allow it.
+        rank = {t: i for i, t in enumerate(type(p) for p in passes)}
+        order = _stable_topo(order, graph, rank)
+        self.passes = [by_type[t] for t in order]
+
+    def __call__(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for i, p in enumerate(self.passes):
+            try:
+                result = p(gm)
+            except Exception as e:
+                before = [q.name for q in self.passes[:i]]
+                e.add_note(f"fp8compile: pass {p.name} failed after {before}")
+                raise
+            gm = result.graph_module
+            modified |= result.modified
+        return PassResult(gm, modified)
+
+
+def _stable_topo(order: list[type], graph: dict[type, set[type]], rank: dict[type, int]):
+    done: list[type] = []
+    pending = sorted(order, key=rank.__getitem__)
+    while pending:
+        for t in pending:
+            if graph[t] <= set(done):
+                done.append(t)
+                pending.remove(t)
+                break
+    return done
+
+
+# --------------------------------------------------------------------------------------
+# node helpers
+
+_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+
+
+def _clean_path(path: str) -> str:
+    path = _ROOT.sub("", path)
+    path = re.sub(r"\._modules\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]", r".\1", path)
+    return path.lstrip(".")
+
+
+def module_of(node: torch.fx.Node) -> tuple[str, type | None]:
+    """``(module path, module class)`` of the innermost module a node was traced in."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return "", None
+    path, cls = list(stack.values())[-1]
+    return _clean_path(path), cls if isinstance(cls, type) else None
+
+
+def info(node: torch.fx.Node) -> dict[str, Any]:
+    """The node's ``meta["fp8compile"]`` dict, created on first use."""
+    return node.meta.setdefault(META, {})
+
+
+def _value(node: Any):
+    if not isinstance(node, torch.fx.Node):
+        return None
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def shape_of(node: Any) -> tuple | None:
+    v = _value(node)
+    if isinstance(v, torch.Tensor):
+        return tuple(_hint(s) for s in v.shape)
+    return None
+
+
+def dtype_of(node: Any) -> torch.dtype | None:
+    v = _value(node)
+    return v.dtype if isinstance(v, torch.Tensor) else None
+
+
+def _hint(s: Any) -> int | None:
+    """A concrete size for a possibly symbolic dimension (its hint), or None."""
+    if isinstance(s, int):
+        return s
+    try:
+        return int(s.node.hint)
+    except Exception:
+        return None

@@ -1,0 +1,130 @@
+"""Which torch-level FX targets mean what.  Matched by object, never by name.
+
+Dynamo hands torch-level graphs: ``nn.Linear`` is ``call_function torch._C._nn.linear``,
+``x @ w`` is ``operator.matmul``, methods such as ``x.softmax(-1)`` are ``call_method`` nodes
+(whose target is the method name, the only string matching here).
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "Gemm",
+    "gemm_kind",
+    "is_add",
+    "is_embedding",
+    "is_loss",
+    "is_norm",
+    "is_passthrough",
+    "is_probabilities",
+    "is_softmax",
+]
+
+LINEAR = {torch._C._nn.linear, F.linear}
+MATMUL = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
+ADDMM = {torch.addmm}
+MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+
+NORM_FUNCS = {
+    F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.batch_norm,
+    torch.batch_norm, F.instance_norm, torch.instance_norm, F.rms_norm, torch.rms_norm,
+    F.local_response_norm,
+}
+NORM_MODULES = (
+    nn.LayerNorm, nn.RMSNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm, nn.LocalResponseNorm,
+)
+SOFTMAX_FUNCS = {
+    F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, F.softmin,
+    F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+}
+SOFTMAX_METHODS = {"softmax", "log_softmax"}
+# Ops whose output is a probability distribution (not fused attention, whose q/k/v
+# projections and output projection are ordinary FP8 linears).
+PROB_FUNCS = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax, F.softmin}
+EMBEDDING_FUNCS = {F.embedding, torch.embedding, F.embedding_bag}
+LOSS_FUNCS = {
+    F.cross_entropy, F.nll_loss, F.mse_loss, F.l1_loss, F.smooth_l1_loss, F.huber_loss,
+    F.binary_cross_entropy, F.binary_cross_entropy_with_logits, F.kl_div,
+    F.cosine_embedding_loss, F.margin_ranking_loss,
+}
+ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+ADD_METHODS = {"add", "add_", "__add__", "__iadd__"}
+
+# Ops that pass a tensor through without changing what it means for the head/softmax rules:
+# views, dtype/layout changes, scalar scaling, masking, dropout.
+PASSTHROUGH_FUNCS = {
+    torch.reshape, torch.transpose, torch.permute, torch.flatten, torch.squeeze,
+    torch.unsqueeze, torch.t, operator.getitem, torch.contiguous_format, F.dropout,
+    operator.mul, operator.truediv, torch.mul, torch.div, torch.tanh, torch.masked_fill,
+    torch.where, operator.sub, torch.clamp, torch.narrow,
+}
+PASSTHROUGH_METHODS = {
+    "view", "reshape", "transpose", "permute", "contiguous", "float", "to", "type_as",
+    "flatten", "squeeze", "unsqueeze", "t", "mul", "div", "tanh", "masked_fill",
+    "masked_fill_", "bfloat16", "half", "narrow", "expand", "clamp", "__getitem__",
+    "view_as", "reshape_as", "sub",
+}
+
+
+class Gemm:
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    ADDMM = "addmm"
+
+
+def _is(node: torch.fx.Node, funcs: set, methods: set = frozenset()) -> bool:
+    if node.op == "call_function":
+        return node.target in funcs
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def gemm_kind(node: torch.fx.Node) -> str | None:
+    if _is(node, LINEAR):
+        return Gemm.LINEAR
+    if _is(node, MATMUL, MATMUL_METHODS):
+        return Gemm.MATMUL
+    if _is(node, ADDMM):
+        return Gemm.ADDMM
+    return None
+
+
+def is_norm(node: torch.fx.Node, module_cls: type | None) -> bool:
+    if _is(node, NORM_FUNCS):
+        return True
+    if module_cls is None:
+        return False
+    # Norm modules that are not torch's own (LlamaRMSNorm, T5LayerNorm...) are written as
+    # pow/mean/rsqrt: every node inside such a module belongs to the norm.
+    return issubclass(module_cls, NORM_MODULES) or module_cls.__name__.endswith("Norm")
+
+
+def is_softmax(node: torch.fx.Node) -> bool:
+    return _is(node, SOFTMAX_FUNCS, SOFTMAX_METHODS)
+
+
+def is_probabilities(node: torch.fx.Node) -> bool:
+    return _is(node, PROB_FUNCS, SOFTMAX_METHODS)
+
+
+def is_embedding(node: torch.fx.Node) -> bool:
+    return _is(node, EMBEDDING_FUNCS)
+
+
+def is_loss(node: torch.fx.Node) -> bool:
+    return _is(node, LOSS_FUNCS)
+
+
+def is_add(node: torch.fx.Node) -> bool:
+    return _is(node, ADD_FUNCS, ADD_METHODS)
+
+
+def is_passthrough(node: torch.fx.Node) -> bool:
+    return _is(node, PASSTHROUGH_FUNCS, PASSTHROUGH_METHODS)

@@ -1,0 +1,234 @@
+"""PrecisionPass: give every compute node a precision, the rule that decided it and a reason.
+
+Reads (from SensitivityPass): ``module``, ``module_type``, ``gemm``, ``sensitive``,
+``sensitive_reason``.  Writes ``node.meta["fp8compile"]``:
+
+* ``precision``: :class:`~fp8compile.config.Precision` the node runs in;
+* ``rule``: ``override:GLOB`` | ``rule:<Rule>`` | ``shape`` | ``small`` | ``dtype`` |
+  ``unsupported`` | ``fp8`` | ``as-is``;
+* ``reason``: the decision in words, with the numbers that led to it;
+* ``operands`` (GEMMs): ``{"x", "w", "bias", "w_transposed", "w_is_param"}`` for the rewrite;
+* ``entry``: the :class:`~fp8compile.plan.PlanEntry` (also appended to ``ctx.plan_entries``).
+
+Order of decision for a GEMM: override → sensitivity rule → operand checks (dtype, shape,
+size, scaling) → FP8.  An ``fp8`` override beats a sensitivity rule but never a shape the FP8
+path cannot run; such a node stays in high precision and the reason says so.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import Precision, Recipe, Rule, Scaling
+from ..plan import PlanEntry
+from . import patterns as pt
+from .manager import CompileContext, Fp8Pass, PassResult, dtype_of, info, shape_of
+from .sensitivity import SensitivityPass
+
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_FP32_RULES = {Rule.NORM, Rule.SOFTMAX, Rule.LOSS}
+
+_RECIPE_TEXT = {
+    Recipe.BLOCKWISE: "1x128 activation groups, 128x128 weight blocks",
+    Recipe.ROWWISE: "per-token activations, per-channel weights",
+    Recipe.TENSORWISE: "one scale per tensor",
+}
+
+
+def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
+    """The operands of a GEMM node, or a string saying why it cannot be an FP8 GEMM."""
+    kind = pt.gemm_kind(node)
+
+    def arg(i, name):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+    if kind == pt.Gemm.LINEAR:
+        x, w, bias = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
+        w_t = False
+    elif kind == pt.Gemm.ADDMM:
+        bias, x, w = arg(0, "input"), arg(1, "mat1"), arg(2, "mat2")
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            return "addmm with beta/alpha != 1"
+        if not ctx.is_parameter(w):
+            return "addmm whose second operand is not a weight"
+        w_t = True
+        if shape_of(bias) is None or len(shape_of(bias)) != 1:
+            return "addmm with a non-vector bias"
+    else:
+        x, w = arg(0, "input"), arg(1, "other")
+        bias = None
+        w_t = True
+    sx, sw = shape_of(x), shape_of(w)
+    if sx is None or sw is None:
+        return "operand shapes unknown"
+    if len(sx) < 2 or len(sw) < 2:
+        return "matrix-vector product (1-D operand)"
+    w_is_param = ctx.is_parameter(w) and len(sw) == 2
+    if kind == pt.Gemm.LINEAR and len(sw) != 2:
+        return "linear weight is not 2-D"
+    return {"x": x, "w": w, "bias": bias, "w_transposed": w_t, "w_is_param": w_is_param}
+
+
+class PrecisionPass(Fp8Pass):
+    """Assign fp8 / bf16 / fp32 to every node; see the module docstring."""
+
+    after = (SensitivityPass,)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            meta = info(node)
+            if "gemm" in meta:
+                self._gemm(node, meta)
+            else:
+                self._other(node, meta)
+            entry = self._entry(node, meta)
+            meta["entry"] = entry
+            self.ctx.plan_entries.append(entry)
+        return PassResult(gm, False)
+
+    # -- GEMMs ----------------------------------------------------------------------------
+
+    def _gemm(self, node: torch.fx.Node, meta: dict) -> None:
+        cfg = self.ctx.config
+        out_dtype = dtype_of(node)
+        own = Precision.of_dtype(out_dtype)
+        ops = gemm_operands(node, self.ctx)
+        if isinstance(ops, dict):
+            meta["operands"] = ops
+            w_shape = shape_of(ops["w"])
+            k, n = (w_shape[-2], w_shape[-1]) if ops["w_transposed"] else w_shape[::-1][:2]
+            meta["kn"] = (k, n)
+        override = cfg.precision_override(meta["module"])
+        if override and override[1] is not Precision.AUTO:
+            glob, prec = override
+            rule = f"override:{glob}"
+            if prec is not Precision.FP8:
+                return self._set(meta, prec, rule, f"override {glob!r} -> {prec.value}")
+            blocker = ops if isinstance(ops, str) else self._fp8_blocker(node, meta, ops, True)
+            if blocker:
+                why = f"override {glob!r} asked fp8, refused: {blocker}"
+                return self._set(meta, own, rule, why)
+            return self._set_fp8(meta, rule, f"override {glob!r} -> fp8")
+        if "sensitive" in meta:
+            return self._set(meta, own, f"rule:{meta['sensitive'].value}", meta["sensitive_reason"])
+        if isinstance(ops, str):
+            return self._set(meta, own, "unsupported", f"kept high precision: {ops}")
+        blocker = self._fp8_blocker(node, meta, ops, False)
+        if blocker:
+            rule, why = blocker
+            return self._set(meta, own, rule, why)
+        k, n = meta["kn"]
+        return self._set_fp8(meta, "fp8", f"K={k} N={n}: FP8 GEMM")
+
+    def _fp8_blocker(self, node, meta, ops, forced: bool):
+        """None if the GEMM can run in FP8, else ``(rule, reason)`` (or a reason if forced)."""
+        cfg = self.ctx.config
+        k, n = meta["kn"]
+        out = None
+        dts = {dtype_of(ops["x"]), dtype_of(ops["w"])}
+        if not dts <= set(_FLOATS):
+            out = ("dtype", f"operand dtypes {sorted(map(str, dts))} are not floating point")
+        elif Rule.SHAPE in cfg.rules and (k % 16 or n % 16):
+            out = ("shape", f"K={k} N={n}: FP8 tensor cores need K and N multiples of 16")
+        elif not forced and Rule.SMALL in cfg.rules and k * n < cfg.min_weight_numel:
+            out = (
+                "small",
+                f"K*N={k * n} < min_weight_numel={cfg.min_weight_numel}: too small to profit",
+            )
+        elif not ops["w_is_param"] and not cfg.matmul:
+            out = ("config", "activation x activation matmul and config.matmul=False")
+        elif (
+            cfg.scaling is Scaling.STATIC
+            and self.ctx.inference
+            and ops["w_is_param"]
+            and cfg.static_amax(meta["module"]) is None
+        ):
+            out = (
+                "calibration",
+                f"scaling='static' but no calibrated amax for {meta['module']!r}: "
+                "run fp8compile.calibrate",
+            )
+        if out is None:
+            return None
+        return out[1] if forced else out
+
+    def _set_fp8(self, meta: dict, rule: str, why: str) -> None:
+        cfg = self.ctx.config
+        k, n = meta["kn"]
+        ops = meta["operands"]
+        notes = [_RECIPE_TEXT[cfg.recipe], f"fp32 accumulation ({cfg.accumulation.value})"]
+        if cfg.recipe is Recipe.BLOCKWISE and k % 128:
+            notes.append(f"K={k} not a multiple of 128: last scale group partial (masked)")
+        if not ops["w_is_param"]:
+            notes.append("both operands are activations, quantized per call")
+        elif self.ctx.inference:
+            notes.append("weight quantized once per parameter version")
+        if cfg.scaling is not Scaling.DYNAMIC:
+            if self.ctx.inference and ops["w_is_param"]:
+                notes.append(f"{cfg.scaling.value} activation scale")
+            else:
+                notes.append("dynamic activation scale (static/delayed apply to inference linears)")
+        meta["recipe"] = cfg.recipe
+        self._set(meta, Precision.FP8, rule, f"{why}; " + "; ".join(notes))
+
+    @staticmethod
+    def _set(meta: dict, prec: Precision, rule: str, why: str) -> None:
+        meta["precision"], meta["rule"], meta["reason"] = prec, rule, why
+
+    # -- everything else -------------------------------------------------------------------
+
+    def _other(self, node: torch.fx.Node, meta: dict) -> None:
+        own = Precision.of_dtype(dtype_of(node))
+        tag = meta.get("sensitive")
+        if tag in _FP32_RULES:
+            reason = meta["sensitive_reason"]
+            return self._set(meta, Precision.FP32, f"rule:{tag.value}", reason)
+        if tag is not None:
+            return self._set(meta, own, f"rule:{tag.value}", meta["sensitive_reason"])
+        return self._set(meta, own, "as-is", "no GEMM: runs in its input dtype, fused by Inductor")
+
+    def _entry(self, node: torch.fx.Node, meta: dict) -> PlanEntry:
+        ins = [a for a in node.all_input_nodes]
+        entry = PlanEntry(
+            name=node.name,
+            op=_op_name(node),
+            module=meta.get("module", ""),
+            module_type=meta.get("module_type", ""),
+            precision=meta["precision"],
+            reason=meta["reason"],
+            rule=meta["rule"],
+            recipe=meta["recipe"].value if meta.get("recipe") else None,
+            graph=self.ctx.graph_index,
+            inputs=[a.name for a in ins],
+            in_shapes=[shape_of(a) for a in ins if shape_of(a) is not None],
+            out_shape=shape_of(node),
+            dtype=str(dtype_of(node)).replace("torch.", "") if dtype_of(node) else None,
+            gemm=meta.get("gemm"),
+        )
+        ops = meta.get("operands")
+        if ops:
+            k, n = meta["kn"]
+            out = entry.out_shape
+            # 2 flops per multiply-add; every output element takes K of them.
+            entry.flops = 2 * math.prod(out) * k if out and None not in out else None
+            if ops["w_is_param"]:
+                entry.weight = ops["w"].name
+                entry.weight_numel = k * n
+            if entry.is_fp8:
+                r = self.ctx.config.recipe
+                entry.granularity = (
+                    f"act {r.activation_granularity.value}, weight {r.weight_granularity.value}"
+                )
+        return entry
+
+
+def _op_name(node: torch.fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    t = node.target
+    name = getattr(t, "__name__", None) or str(t)
+    return {"_scaled_dot_product_attention": "scaled_dot_product_attention"}.get(name, name)

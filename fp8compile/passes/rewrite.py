@@ -1,0 +1,194 @@
+"""RewritePass: turn GEMMs into fp8compile ops (FP8) or cast them (BF16/FP32 overrides).
+
+Reads: ``precision``, ``operands``, ``gemm`` (PrecisionPass).  Writes ``rewritten`` (the node
+that now produces the value) on the original GEMM's meta, and ``role`` on the nodes it adds
+(``act_quant``, ``weight_quant``, ``fp8_gemm``).
+
+Inference, a linear with a weight parameter ``w (N, K)``::
+
+    y = linear(x, w, b)
+        ↓
+    xq, xs = fp8compile.quantize(x, "group", "e4m3", p2)       # or quantize_scaled/_delayed
+    wq, ws = fp8compile.quantize(w, "block", "e4m3", p2)       # hoisted by ScalesPass
+    y = fp8compile.scaled_mm(xq, xs, "group", wq, ws, "block", b, x.dtype, acc, "none", None)
+
+Training (autograd through the weight)::
+
+    y = fp8compile.linear(x, w, b, recipe, ...)[0]             # FP8 forward and backward
+
+Two activations (``q @ kᵀ`` style, unprotected by any rule)::
+
+    y = matmul(a, b)  →  y = fp8compile.matmul(a, b, recipe, fmt, acc)
+
+A weight given as ``(K, N)`` (``x @ W``, ``addmm``) is transposed first (``t(W)``), which the
+weight cache quantizes once like any other.  A GEMM whose precision is a float dtype other than
+its own (``"lm_head": "fp32"`` on a bf16 model) gets its operands cast and its result cast back.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from ..config import Precision, Scaling
+from .manager import Fp8Pass, PassResult, dtype_of, info
+from .precision import PrecisionPass
+
+OPS = torch.ops.fp8compile
+
+
+class RewritePass(Fp8Pass):
+    """Rewrite GEMMs per their precision; see the module docstring."""
+
+    after = (PrecisionPass,)
+
+    def call(self, gm: torch.fx.GraphModule) -> PassResult:
+        modified = False
+        for node in list(gm.graph.nodes):
+            meta = node.meta.get("fp8compile", {})
+            if "gemm" not in meta or "precision" not in meta:
+                continue
+            prec = meta["precision"]
+            if prec is Precision.FP8:
+                self._fp8(gm.graph, node, meta)
+                modified = True
+            elif prec.dtype is not None and prec.dtype != dtype_of(node):
+                self._cast(gm.graph, node, prec.dtype)
+                modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified)
+
+    # -- FP8 ------------------------------------------------------------------------------
+
+    def _fp8(self, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict) -> None:
+        cfg = self.ctx.config
+        ops = meta["operands"]
+        x, w, bias = ops["x"], ops["w"], ops["bias"]
+        xg = cfg.recipe.activation_granularity.value
+        wg = cfg.recipe.weight_granularity.value
+        act, wfmt = cfg.activation_format.value, cfg.weight_format.value
+        acc, p2 = cfg.accumulation.value, cfg.power_of_2_scales
+        with graph.inserting_before(node):
+            if not ops["w_is_param"]:
+                new = graph.call_function(
+                    OPS.matmul.default, (x, w, cfg.recipe.value, act, acc)
+                )
+                info(new)["role"] = "fp8_gemm"
+            else:
+                if ops["w_transposed"]:
+                    w = graph.call_function(torch.t, (w,))
+                    info(w)["role"] = "weight_view"
+                if self.ctx.inference:
+                    new = self._inference_linear(graph, node, meta, x, w, bias, xg, wg)
+                else:
+                    args = (x, w, bias, cfg.recipe.value, act, wfmt,
+                            cfg.gradient_format.value, p2, acc)
+                    full = graph.call_function(OPS.linear.default, args)
+                    info(full)["role"] = "fp8_gemm"
+                    new = graph.call_function(operator.getitem, (full, 0))
+        new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
+        info(new).setdefault("role", "fp8_gemm")
+        node.replace_all_uses_with(new)
+        meta["rewritten"] = new
+        graph.erase_node(node)
+
+    def _inference_linear(self, graph, node, meta, x, w, bias, xg, wg):
+        cfg = self.ctx.config
+        act, wfmt = cfg.activation_format.value, cfg.weight_format.value
+        p2 = cfg.power_of_2_scales
+        if cfg.scaling is Scaling.DYNAMIC:
+            xqs = graph.call_function(OPS.quantize.default, (x, xg, act, p2))
+            xq = graph.call_function(operator.getitem, (xqs, 0))
+            xs = graph.call_function(operator.getitem, (xqs, 1))
+            info(xqs)["role"] = "act_quant"
+        elif cfg.scaling is Scaling.STATIC:
+            amax = cfg.static_amax(meta["module"])
+            xs = self.ctx.add_input(graph, f"{node.name}_static_scale", _StaticScale(amax, cfg))
+            xq = graph.call_function(OPS.quantize_scaled.default, (x, xs, xg, act))
+            info(xq)["role"] = "act_quant"
+        else:
+            hist = self.ctx.add_input(graph, f"{node.name}_amax_history", _History(cfg))
+            xqs = graph.call_function(OPS.quantize_delayed.default, (x, hist, act, p2))
+            xq = graph.call_function(operator.getitem, (xqs, 0))
+            xs = graph.call_function(operator.getitem, (xqs, 1))
+            info(xqs)["role"] = "act_quant"
+        wqs = graph.call_function(OPS.quantize.default, (w, wg, wfmt, p2))
+        info(wqs)["role"] = "weight_quant"
+        wq = graph.call_function(operator.getitem, (wqs, 0))
+        ws = graph.call_function(operator.getitem, (wqs, 1))
+        out_dtype = dtype_of(node)
+        mm = graph.call_function(
+            OPS.scaled_mm.default,
+            (xq, xs, xg, wq, ws, wg, bias, out_dtype, cfg.accumulation.value, "none", None),
+        )
+        info(mm)["role"] = "fp8_gemm"
+        return mm
+
+    # -- high-precision overrides -----------------------------------------------------------
+
+    def _cast(self, graph: torch.fx.Graph, node: torch.fx.Node, dtype: torch.dtype) -> None:
+        orig = dtype_of(node)
+        with graph.inserting_before(node):
+            new_args = [
+                graph.call_method("to", (a, dtype)) if _is_float_node(a) else a
+                for a in node.args
+            ]
+            new_kwargs = {
+                k: graph.call_method("to", (a, dtype)) if _is_float_node(a) else a
+                for k, a in node.kwargs.items()
+            }
+        node.args, node.kwargs = tuple(new_args), new_kwargs
+        with graph.inserting_after(node):
+            back = graph.call_method("to", (node, orig))
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        info(node)["rewritten"] = back
+
+
+def _is_float_node(a) -> bool:
+    return isinstance(a, torch.fx.Node) and dtype_of(a) in (
+        torch.float32, torch.bfloat16, torch.float16
+    )
+
+
+class _StaticScale:
+    """Provides a calibrated activation scale on the device of the first tensor argument."""
+
+    def __init__(self, amax: float, cfg) -> None:
+        from .. import numerics as nx
+
+        self.scale = nx.compute_scale(torch.tensor(amax), cfg.activation_format,
+                                      cfg.power_of_2_scales)
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, args) -> torch.Tensor:
+        dev = _device_of(args)
+        if dev not in self._on:
+            self._on[dev] = self.scale.to(dev)
+        return self._on[dev]
+
+
+class _History:
+    """The persistent amax history of one delayed-scaling quantization."""
+
+    def __init__(self, cfg) -> None:
+        self.length = cfg.amax_history_len
+        self.buf: torch.Tensor | None = None
+
+    def __call__(self, args) -> torch.Tensor:
+        dev = _device_of(args)
+        if self.buf is None or self.buf.device != dev:
+            self.buf = torch.zeros(self.length, dtype=torch.float32, device=dev)
+        return self.buf
+
+
+def _device_of(args) -> torch.device:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    return torch.device("cpu")
+
+
+__all__ = ["RewritePass"]
