@@ -23,4 +23,19 @@ __all__ = [
     "backend",
     "last_plan",
     "plan",
+    "calibrate",
+    "export_onnx",
 ]
+
+
+def __getattr__(name: str):
+    # Heavier entry points load on first use: onnx/onnxscript only when exporting.
+    if name == "export_onnx":
+        from .onnx import export_onnx
+
+        return export_onnx
+    if name == "calibrate":
+        from .calibrate import calibrate
+
+        return calibrate
+    raise AttributeError(f"module 'fp8compile' has no attribute {name!r}")

@@ -149,7 +149,10 @@ class Fp8Config:
         static_scales: ``{module path: activation amax}`` for ``scaling="static"``
             (written by :func:`fp8compile.calibrate`).
         matmul: also quantize activation×activation matmuls (bmm) that no rule protects.
-        min_sqnr_db: calibration demotes a layer whose FP8 SQNR vs BF16 is below this.
+        min_sqnr_db: demote a layer whose measured FP8 SQNR (``calibration``) is below this.
+        calibration: measured figures per module, ``((module, sqnr_db, amax), ...)`` (written
+            by :func:`fp8compile.calibrate`); shown in the plan and used by ``min_sqnr_db`` and,
+            where ``static_scales`` has no entry, as the static activation amax.
         inference: ``True`` caches quantized weights (per parameter version); ``False`` keeps
             autograd; ``None`` decides from ``torch.is_grad_enabled()`` at compile time.
     """
@@ -168,6 +171,7 @@ class Fp8Config:
     static_scales: tuple[tuple[str, float], ...] = ()
     matmul: bool = True
     min_sqnr_db: float | None = None
+    calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +184,7 @@ class Fp8Config:
         set_(self, "overrides", self._check_overrides(self.overrides))
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))
+        set_(self, "calibration", self._check_calibration(self.calibration))
         for name in ("power_of_2_scales", "matmul"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
@@ -225,6 +230,23 @@ class Fp8Config:
             out.append((str(name), float(amax)))
         return tuple(out)
 
+    @staticmethod
+    def _check_calibration(value: Any) -> tuple[tuple[str, float, float], ...]:
+        if isinstance(value, Mapping):
+            value = [(k, *v) if isinstance(v, (list, tuple)) else (k, v["sqnr_db"], v["amax"])
+                     for k, v in value.items()]
+        out = []
+        for item in value:
+            try:
+                module, sqnr_db, amax = item
+                out.append((str(module), float(sqnr_db), float(amax)))
+            except (TypeError, ValueError, KeyError):
+                raise ValueError(
+                    f"Fp8Config.calibration entry {item!r} must be (module, sqnr_db, amax); "
+                    "produce it with fp8compile.calibrate"
+                ) from None
+        return tuple(out)
+
     # -- lookups -------------------------------------------------------------------------
 
     def precision_override(self, module_path: str) -> tuple[str, Precision] | None:
@@ -241,7 +263,19 @@ class Fp8Config:
         return None
 
     def static_amax(self, module_path: str) -> float | None:
-        return dict(self.static_scales).get(module_path)
+        """Calibrated activation amax for static scaling (``static_scales``, then
+        ``calibration``), or None."""
+        amax = dict(self.static_scales).get(module_path)
+        if amax is None and (m := self.measured(module_path)):
+            amax = m[1]
+        return amax
+
+    def measured(self, module_path: str) -> tuple[float, float] | None:
+        """``(sqnr_db, amax)`` measured by calibration for ``module_path``, or None."""
+        for module, sqnr_db, amax in self.calibration:
+            if module == module_path:
+                return sqnr_db, amax
+        return None
 
     # -- (de)serialisation ---------------------------------------------------------------
 
@@ -271,6 +305,8 @@ class Fp8Config:
                 v = {glob: p.value for glob, p in v}
             elif f.name == "static_scales":
                 v = dict(v)
+            elif f.name == "calibration":
+                v = {m: {"sqnr_db": q, "amax": a} for m, q, a in v}
             elif f.name == "rules":
                 v = sorted(r.value for r in v)
             out[f.name] = v

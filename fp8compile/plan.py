@@ -173,6 +173,24 @@ class Plan:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
         return "\n".join(lines)
 
+    def to_html(self, path: str | None = None) -> str:
+        """A self-contained HTML page: the graph colored by precision, details per node."""
+        from .report import to_html
+
+        return to_html(self, path)
+
+    def to_dot(self) -> str:
+        """The graph in Graphviz DOT, nodes colored by precision."""
+        from .report import to_dot
+
+        return to_dot(self)
+
+    def to_svg(self, path: str | None = None) -> str:
+        """The graph as SVG (graphviz when installed, a pure-Python layout otherwise)."""
+        from .report import to_svg
+
+        return to_svg(self, path)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),

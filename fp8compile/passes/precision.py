@@ -139,6 +139,12 @@ class PrecisionPass(Fp8Pass):
                 "small",
                 f"K*N={k * n} < min_weight_numel={cfg.min_weight_numel}: too small to profit",
             )
+        elif not forced and self._below_sqnr(meta["module"]):
+            sqnr_db, _ = cfg.measured(meta["module"])
+            out = (
+                "calibration",
+                f"calibration: FP8 SQNR {sqnr_db:.1f} dB < min_sqnr_db={cfg.min_sqnr_db:g}",
+            )
         elif not ops["w_is_param"] and not cfg.matmul:
             out = ("config", "activation x activation matmul and config.matmul=False")
         elif (
@@ -155,6 +161,11 @@ class PrecisionPass(Fp8Pass):
         if out is None:
             return None
         return out[1] if forced else out
+
+    def _below_sqnr(self, module: str) -> bool:
+        cfg = self.ctx.config
+        m = cfg.measured(module)
+        return cfg.min_sqnr_db is not None and m is not None and m[0] < cfg.min_sqnr_db
 
     def _set_fp8(self, meta: dict, rule: str, why: str) -> None:
         cfg = self.ctx.config
@@ -209,6 +220,9 @@ class PrecisionPass(Fp8Pass):
             dtype=str(dtype_of(node)).replace("torch.", "") if dtype_of(node) else None,
             gemm=meta.get("gemm"),
         )
+        measured = self.ctx.config.measured(entry.module) if entry.gemm else None
+        if measured:
+            entry.sqnr_db, entry.amax = measured
         ops = meta.get("operands")
         if ops:
             k, n = meta["kn"]

@@ -1,0 +1,39 @@
+"""``torch.library`` custom ops that the rewritten graph calls.
+
+Each op has a fake (meta) implementation for tracing, a reference implementation built on
+:mod:`fp8compile.numerics` (CPU, and any device without a kernel), and a CUDA implementation
+that dispatches to the Triton kernels in :mod:`fp8compile.kernels` when they support the case.
+
+========================================  ==================================================
+op                                         meaning
+========================================  ==================================================
+``fp8compile::quantize``                   dynamic quantization ``x -> (q, scale)``
+``fp8compile::quantize_scaled``            quantization with a given scale (static scaling)
+``fp8compile::quantize_delayed``           tensorwise, scale from an amax history it updates
+``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
+``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
+                                           (training: FP8 forward and both backward GEMMs)
+``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
+========================================  ==================================================
+
+Granularities and formats travel as strings (``"group"``, ``"e4m3"``...) because op schemas
+take no Python enums; they become enums on entry.
+
+Example::
+
+    >>> import torch, fp8compile.ops  # registers the ops
+    >>> x, w = torch.randn(8, 256), torch.randn(128, 256)
+    >>> xq, xs = torch.ops.fp8compile.quantize(x, "group", "e4m3", False)
+    >>> wq, ws = torch.ops.fp8compile.quantize(w, "block", "e4m3", False)
+    >>> y = torch.ops.fp8compile.scaled_mm(xq, xs, "group", wq, ws, "block", None,
+    ...                                    torch.float32, "precise", "none", None)
+    >>> y.shape
+    torch.Size([8, 128])
+"""
+
+from . import gemm, linear, quant  # noqa: F401  (registration happens on import)
+from ._common import ACTIVATIONS, check_fp8_input, scale_shape
+from .gemm import scaled_mm_reference
+from .linear import fp8_mm
+
+__all__ = ["ACTIVATIONS", "check_fp8_input", "fp8_mm", "scale_shape", "scaled_mm_reference"]

@@ -1,0 +1,64 @@
+"""Shared helpers of the op files: argument parsing, checks, scale shapes."""
+
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import numerics as nx
+from ..numerics import Fp8Format, Granularity
+
+__all__ = ["ACTIVATIONS", "as_fmt", "as_gran", "check_fp8_input", "empty_scale", "scale_shape"]
+
+ACTIVATIONS = ("none", "gelu", "silu", "relu")
+_HIGH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def as_gran(value: str) -> Granularity:
+    try:
+        return Granularity(value)
+    except ValueError:
+        raise ValueError(
+            f"granularity={value!r} is not one of {[g.value for g in Granularity]}"
+        ) from None
+
+
+def as_fmt(value: str) -> Fp8Format:
+    try:
+        return Fp8Format(value)
+    except ValueError:
+        raise ValueError(f"format={value!r} is not one of {[f.value for f in Fp8Format]}") from None
+
+
+def check_fp8_input(x: Tensor, what: str) -> None:
+    """Raise a ValueError naming ``what`` unless ``x`` is a bf16/fp16/fp32 tensor."""
+    if x.dtype not in _HIGH_DTYPES:
+        raise ValueError(
+            f"{what} has dtype {x.dtype}; FP8 quantization takes float32, bfloat16 or float16 "
+            f"(cast it with .float() first)"
+        )
+
+
+def scale_shape(shape: tuple[int, ...], granularity: Granularity, block: int = nx.BLOCK):
+    """Logical shape of the scale tensor for data of ``shape`` (see numerics)."""
+    if granularity is Granularity.TENSOR:
+        return ()
+    k = shape[-1]
+    rows = math.prod(shape[:-1])
+    if granularity is Granularity.ROW:
+        return (rows, 1)
+    if granularity is Granularity.GROUP:
+        return (rows, (k + block - 1) // block)
+    return ((shape[0] + block - 1) // block, (k + block - 1) // block)
+
+
+def empty_scale(x: Tensor, granularity: Granularity) -> Tensor:
+    shape = scale_shape(tuple(x.shape), granularity)
+    if granularity is Granularity.GROUP:
+        return x.new_empty_strided(shape, (1, shape[0]), dtype=torch.float32)
+    return x.new_empty(shape, dtype=torch.float32)
+
+

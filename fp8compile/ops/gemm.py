@@ -1,0 +1,101 @@
+"""The FP8 GEMM op with its fused epilogue."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import numerics as nx
+from ._common import ACTIVATIONS, as_gran
+
+# --------------------------------------------------------------------------------------
+# GEMM
+
+
+def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -> None:
+    if xq.dtype not in nx.FP8_FORMATS or wq.dtype not in nx.FP8_FORMATS:
+        raise ValueError(
+            f"scaled_mm takes FP8 operands, got {xq.dtype} and {wq.dtype}; "
+            "quantize them with torch.ops.fp8compile.quantize first"
+        )
+    if wq.dim() != 2 or xq.shape[-1] != wq.shape[1]:
+        raise ValueError(
+            f"scaled_mm: x has K={xq.shape[-1]} but w has shape {tuple(wq.shape)}; "
+            "w must be (N, K) like nn.Linear.weight"
+        )
+    if bias is not None and tuple(bias.shape) != (wq.shape[0],):
+        raise ValueError(f"scaled_mm: bias shape {tuple(bias.shape)} must be ({wq.shape[0]},)")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"scaled_mm: activation={activation!r} is not one of {ACTIVATIONS}")
+
+
+def _epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
+    if activation == "gelu":
+        y = torch.nn.functional.gelu(y)
+    elif activation == "silu":
+        y = torch.nn.functional.silu(y)
+    elif activation == "relu":
+        y = torch.relu(y)
+    if residual is not None:
+        y = y + residual.float()
+    return y
+
+
+def scaled_mm_reference(
+    xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+) -> Tensor:
+    y = nx.fp8_linear_reference(
+        xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, torch.float32
+    )
+    return _epilogue(y, activation, residual).to(out_dtype)
+
+
+@torch.library.custom_op("fp8compile::scaled_mm", mutates_args=())
+def scaled_mm(
+    xq: Tensor,
+    xs: Tensor,
+    x_granularity: str,
+    wq: Tensor,
+    ws: Tensor,
+    w_granularity: str,
+    bias: Optional[Tensor],
+    out_dtype: torch.dtype,
+    accumulation: str,
+    activation: str,
+    residual: Optional[Tensor],
+) -> Tensor:
+    """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
+
+    ``xq`` is ``(..., K)``, ``wq`` is ``(N, K)``; ``accumulation`` is ``precise`` or ``fast``
+    (the reference is always exact fp32; kernels honour the choice).
+    """
+    _check_mm(xq, wq, bias, activation)
+    return scaled_mm_reference(
+        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+    )
+
+
+@scaled_mm.register_fake
+def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
+      residual):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@scaled_mm.register_kernel("cuda")
+def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
+      residual):
+    _check_mm(xq, wq, bias, activation)
+    from .. import kernels
+
+    if kernels.available(xq):
+        return kernels.scaled_mm(
+            xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, out_dtype,
+            accumulation, activation, residual,
+        )
+    return scaled_mm_reference(
+        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+    )
+
+

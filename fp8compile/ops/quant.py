@@ -1,0 +1,76 @@
+"""Quantization ops: dynamic, with a given scale, and delayed (amax history)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import numerics as nx
+from ..numerics import Granularity
+from ._common import as_fmt, as_gran, check_fp8_input, empty_scale
+
+# --------------------------------------------------------------------------------------
+# quantize
+
+
+@torch.library.custom_op("fp8compile::quantize", mutates_args=())
+def quantize(x: Tensor, granularity: str, fmt: str, power_of_2: bool) -> tuple[Tensor, Tensor]:
+    check_fp8_input(x, "quantize input")
+    return nx.quantize(x, as_gran(granularity), as_fmt(fmt), power_of_2)
+
+
+@quantize.register_fake
+def _(x, granularity, fmt, power_of_2):
+    g = as_gran(granularity)
+    q = x.new_empty(x.shape, dtype=as_fmt(fmt).dtype)
+    return q, empty_scale(x, g)
+
+
+@quantize.register_kernel("cuda")
+def _(x, granularity, fmt, power_of_2):
+    check_fp8_input(x, "quantize input")
+    from .. import kernels
+
+    g, f = as_gran(granularity), as_fmt(fmt)
+    if kernels.available(x):
+        return kernels.quantize(x, g, f, power_of_2)
+    return nx.quantize(x, g, f, power_of_2)
+
+
+@torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())
+def quantize_scaled(x: Tensor, scale: Tensor, granularity: str, fmt: str) -> Tensor:
+    check_fp8_input(x, "quantize_scaled input")
+    return nx.quantize_with_scale(x, scale, as_gran(granularity), as_fmt(fmt))
+
+
+@quantize_scaled.register_fake
+def _(x, scale, granularity, fmt):
+    return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype)
+
+
+@torch.library.custom_op("fp8compile::quantize_delayed", mutates_args=("amax_history",))
+def quantize_delayed(
+    x: Tensor, amax_history: Tensor, fmt: str, power_of_2: bool
+) -> tuple[Tensor, Tensor]:
+    """Tensorwise quantization with the scale of the largest amax seen in the last N calls.
+
+    The history (fp32, length N, newest first) is updated in place with this call's amax;
+    the scale uses the history *before* this call (TransformerEngine's DelayedScaling), except
+    on the first call, when the history is still all zero and this call's amax is used.
+    """
+    check_fp8_input(x, "quantize_delayed input")
+    f = as_fmt(fmt)
+    cur = nx.amax(x, Granularity.TENSOR).to(amax_history.dtype)
+    past = amax_history.max()
+    use = torch.where(past > 0, past, cur)
+    scale = nx.compute_scale(use, f, power_of_2)
+    q = nx.quantize_with_scale(x, scale, Granularity.TENSOR, f)
+    amax_history.copy_(torch.cat([cur.reshape(1), amax_history[:-1]]))
+    return q, scale
+
+
+@quantize_delayed.register_fake
+def _(x, amax_history, fmt, power_of_2):
+    return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype), x.new_empty((), dtype=torch.float32)
+
+
