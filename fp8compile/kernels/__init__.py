@@ -2,24 +2,91 @@
 
 ``available(t)`` says whether the Triton path serves tensors like ``t``; the ops in
 :mod:`fp8compile.ops` fall back to the reference in :mod:`fp8compile.numerics` otherwise.
+
+==========================  ===========================================================
+module                      kernels
+==========================  ===========================================================
+``quantize.py``             dynamic quantization, every granularity (also weights)
+``gemm.py``                 FP8 GEMM, three recipes, fused epilogue, split-K for decode
+``fused.py``                RMSNorm -> quant and SiLU(gate)*up -> quant
+``tuning.py``               Hopper tile configs by M bucket, split-K heuristic
+==========================  ===========================================================
+
+Set ``FP8COMPILE_DISABLE_TRITON=1`` to force the reference path.  Tests call the launchers
+directly on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Example::
+
+    >>> from fp8compile import kernels
+    >>> from fp8compile.numerics import Granularity
+    >>> x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)  # doctest: +SKIP
+    >>> xq, xs = kernels.quantize(x, Granularity.GROUP, Fp8Format.E4M3, False)  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
-__all__ = ["available", "quantize", "scaled_mm"]
+from ..numerics import Fp8Format, Granularity
+
+__all__ = [
+    "available",
+    "quantize",
+    "rmsnorm_quantize",
+    "scaled_mm",
+    "silu_mul_quantize",
+]
+
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def available(t: torch.Tensor) -> bool:
-    """True when ``t`` lives on a device the Triton kernels run on."""
-    return False
+    """True when ``t`` is a CUDA tensor, Triton is importable and not disabled by env."""
+    return (
+        t.is_cuda and _HAS_TRITON and os.environ.get("FP8COMPILE_DISABLE_TRITON") != "1"
+    )
 
 
-def quantize(x, granularity, fmt, power_of_2):
-    raise NotImplementedError("Triton quantization kernels are not built yet")
+def quantize(
+    x: torch.Tensor, granularity: Granularity, fmt: Fp8Format, power_of_2: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as :func:`fp8compile.numerics.quantize`, in one or two Triton launches."""
+    from .quantize import quantize as _quantize
+
+    return _quantize(x, granularity, fmt, power_of_2)
 
 
 def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation,
               activation, residual):
-    raise NotImplementedError("Triton FP8 GEMM kernels are not built yet")
+    """Same result as :func:`fp8compile.ops.scaled_mm_reference`, through the Triton GEMM.
+
+    Cases the kernel does not serve (mixed E4M3 x E5M2 operands, K == 0) fall back to the
+    reference.
+    """
+    from .gemm import scaled_mm as _scaled_mm
+
+    try:
+        return _scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
+                          accumulation, activation, residual)
+    except NotImplementedError:
+        from ..ops import scaled_mm_reference
+
+        return scaled_mm_reference(xq, xs, str(x_granularity), wq, ws, str(w_granularity),
+                                   bias, out_dtype, activation, residual)
+
+
+def rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2):
+    """FP8 ``(q, scale)`` of RMSNorm(x) (fp32 inside); see :mod:`.fused`."""
+    from .fused import rmsnorm_quantize as _f
+
+    return _f(x, weight, eps, granularity, fmt, power_of_2)
+
+
+def silu_mul_quantize(gate, up, granularity, fmt, power_of_2):
+    """FP8 ``(q, scale)`` of silu(gate) * up (fp32 inside); see :mod:`.fused`."""
+    from .fused import silu_mul_quantize as _f
+
+    return _f(gate, up, granularity, fmt, power_of_2)

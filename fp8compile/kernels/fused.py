@@ -1,0 +1,100 @@
+"""Quantization fused into its producer: the high-precision activation is never written.
+
+``rmsnorm_quantize`` reads ``x`` (bf16/fp16/fp32), computes RMSNorm in fp32 and writes FP8 +
+scales: one read of ``x`` and a write of 1 byte per element instead of write-bf16 (2 B) +
+read-bf16 (2 B) + write-fp8 (1 B).  ``silu_mul_quantize`` does the same for the SwiGLU
+product ``silu(gate) * up``.  Both reuse :func:`~fp8compile.kernels.quantize._quantize_kernel`
+through its ``PRODUCER`` switch, so the scale and cast logic exists once.
+
+The references are the compositions with :func:`fp8compile.numerics.quantize` (below);
+they agree with the kernels up to fp32 rounding of the producer (rsqrt, exp), so the scales
+match to ~1e-6 relative rather than bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import numerics as nx
+from ..numerics import Fp8Format, Granularity
+from .quantize import (
+    PRODUCER_RMSNORM,
+    PRODUCER_SILU_MUL,
+    check_quantize_args,
+    quantize_rows,
+)
+
+__all__ = [
+    "rmsnorm_quantize",
+    "rmsnorm_quantize_reference",
+    "silu_mul_quantize",
+    "silu_mul_quantize_reference",
+]
+
+
+def _check_activation_gran(granularity: Granularity, what: str) -> None:
+    if granularity is Granularity.BLOCK:
+        raise ValueError(
+            f"{what}: granularity 'block' is for weights; fused producers quantize "
+            "activations with 'tensor', 'row' or 'group'"
+        )
+
+
+def rmsnorm_quantize_reference(x, weight, eps, granularity, fmt=Fp8Format.E4M3,
+                               power_of_2=False):
+    """``numerics.quantize(RMSNorm(x) in fp32)``: the definition the kernel is tested against."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
+    return nx.quantize(y, Granularity(granularity), Fp8Format(fmt), power_of_2)
+
+
+def silu_mul_quantize_reference(gate, up, granularity, fmt=Fp8Format.E4M3, power_of_2=False):
+    """``numerics.quantize(silu(gate) * up in fp32)``."""
+    y = torch.nn.functional.silu(gate.float()) * up.float()
+    return nx.quantize(y, Granularity(granularity), Fp8Format(fmt), power_of_2)
+
+
+def rmsnorm_quantize(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``(q, scale)`` of ``x * rsqrt(mean(x², -1) + eps) * weight``, computed in fp32.
+
+    Example::
+
+        >>> q, s = rmsnorm_quantize(h, norm.weight, 1e-6, Granularity.GROUP)  # doctest: +SKIP
+    """
+    granularity, fmt = check_quantize_args(x, granularity, fmt, "rmsnorm_quantize input")
+    _check_activation_gran(granularity, "rmsnorm_quantize")
+    if weight.shape != (x.shape[-1],):
+        raise ValueError(
+            f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
+            "the last dim of x"
+        )
+    if x.dim() == 0 or x.numel() == 0:
+        return rmsnorm_quantize_reference(x, weight, eps, granularity, fmt, power_of_2)
+    return quantize_rows(x, granularity, fmt, power_of_2, producer=PRODUCER_RMSNORM,
+                         norm_weight=weight.contiguous(), eps=eps)
+
+
+def silu_mul_quantize(
+    gate: torch.Tensor, up: torch.Tensor, granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``(q, scale)`` of ``silu(gate) * up``, computed in fp32.
+
+    Example::
+
+        >>> q, s = silu_mul_quantize(g, u, Granularity.GROUP)  # doctest: +SKIP
+    """
+    granularity, fmt = check_quantize_args(gate, granularity, fmt, "silu_mul_quantize gate")
+    check_quantize_args(up, granularity, fmt, "silu_mul_quantize up")
+    _check_activation_gran(granularity, "silu_mul_quantize")
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have "
+            "the same shape (split a fused gate_up projection first)"
+        )
+    if gate.dim() == 0 or gate.numel() == 0:
+        return silu_mul_quantize_reference(gate, up, granularity, fmt, power_of_2)
+    return quantize_rows(gate, granularity, fmt, power_of_2, producer=PRODUCER_SILU_MUL, x2=up)

@@ -1,0 +1,337 @@
+"""FP8 GEMM with fused dequantization epilogue: ``act(xq·s_x @ (wq·s_w)ᵀ + bias) + residual``.
+
+One kernel, :func:`_scaled_mm_kernel`, serves every recipe through two constexpr switches,
+``A_GRAN`` and ``W_GRAN`` (0 tensor, 1 row, 2 1x128 group, 3 128x128 block):
+
+* scales that change along K (group / block, code >= 2) are applied inside the K loop: each
+  ``BLOCK_K = 128`` step computes ``tl.dot(a, b)`` into a fresh fp32 tile and adds it times
+  ``s_a[:, None] * s_w[None, :]`` to the fp32 accumulator.  That is the DeepSeek-V3 promotion:
+  the tensor core's reduced-precision accumulator never spans more than 128 of K;
+* scales constant along K (tensor / row) are applied once in the epilogue.  ``PRECISE`` then
+  chooses between promoting every 128 of K (``acc += tl.dot(a, b)``) and the single
+  tensor-core accumulator (``acc = tl.dot(a, b, acc)``), which on Hopper accumulates with
+  ~2e-2 relative error at K=8192 (SPEC §4) but runs at full rate.
+
+Both operands are K-major, as Hopper's FP8 ``wgmma`` needs: ``xq (M, K)`` and ``wq (N, K)``
+row-major; the weight tile is loaded as ``[BLOCK_K, BLOCK_N]`` with K contiguous.
+
+When the output tiles alone leave SMs idle (decode, M <= 256), K is split across programs
+that write fp32 partial sums; :func:`_splitk_epilogue_kernel` adds them up and runs the
+same epilogue.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..numerics import FP8_FORMATS, Granularity
+from . import tuning
+from .quantize import GRAN_CODE
+
+__all__ = ["ACT_CODE", "scaled_mm"]
+
+ACT_CODE = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
+_OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+              stride_rm, stride_rn, stride_om, stride_on,
+              HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr):
+    """bias -> activation -> residual -> cast and store, in the order of ops._epilogue."""
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if ACTIVATION == 1:  # exact (erf) GELU, as torch.nn.functional.gelu's default
+        acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
+    elif ACTIVATION == 2:
+        acc = acc * tl.sigmoid(acc)
+    elif ACTIVATION == 3:
+        acc = tl.where(acc < 0.0, 0.0, acc)  # keeps NaN, like torch.relu
+    if HAS_RES:
+        r_ptrs = res_ptr + offs_m[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    o_ptrs = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scaled_mm_kernel(
+    # pointers: FP8 operands, their fp32 scales, epilogue operands, output (or fp32 partials)
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # sizes; k_per_split is a multiple of BLOCK_K (and of 128 for blockwise scales)
+    M, N, K, k_per_split,
+    M_BUCKET,  # autotuning key only
+    # strides (elements)
+    stride_am, stride_ak, stride_wn, stride_wk,
+    stride_as0, stride_as1, stride_ws0, stride_ws1,
+    stride_rm, stride_rn, stride_om, stride_on, stride_split,
+    # recipe switches
+    A_GRAN: tl.constexpr, W_GRAN: tl.constexpr, PRECISE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
+    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    # tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it is in L2.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % num_in_group) % group_size)
+    pid_n = (pid % num_in_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Edge rows/columns wrap instead of being masked: loads stay unpredicated, the store masks.
+    offs_am = offs_m % M
+    offs_wn = offs_n % N
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak
+    w_ptrs = w_ptr + offs_wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+
+    k_lo = pid_k * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
+    a_ptrs += k_lo * stride_ak
+    w_ptrs += k_lo * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(k_lo, k_hi, BLOCK_K):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_hi - k, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
+        if (A_GRAN >= 2) or (W_GRAN >= 2):
+            kb = k // 128
+            part = tl.dot(a, b)
+            if A_GRAN == 2:
+                sa = tl.load(as_ptr + offs_am * stride_as0 + kb * stride_as1)
+                part = part * sa[:, None]
+            elif A_GRAN == 3:
+                sa = tl.load(as_ptr + (offs_am // 128) * stride_as0 + kb * stride_as1)
+                part = part * sa[:, None]
+            if W_GRAN == 3:
+                # With BLOCK_N=128 every lane reads the same address: one scale per block.
+                sw = tl.load(ws_ptr + (offs_wn // 128) * stride_ws0 + kb * stride_ws1)
+                part = part * sw[None, :]
+            elif W_GRAN == 2:
+                sw = tl.load(ws_ptr + offs_wn * stride_ws0 + kb * stride_ws1)
+                part = part * sw[None, :]
+            acc += part
+        elif PRECISE:
+            acc += tl.dot(a, b)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        w_ptrs += BLOCK_K * stride_wk
+
+    # Scales constant along K: once per tile.
+    if A_GRAN == 1:
+        acc = acc * tl.load(as_ptr + offs_am * stride_as0)[:, None]
+    elif A_GRAN == 0:
+        acc = acc * tl.load(as_ptr)
+    if W_GRAN == 1:
+        acc = acc * tl.load(ws_ptr + offs_wn * stride_ws0)[None, :]
+    elif W_GRAN == 0:
+        acc = acc * tl.load(ws_ptr)
+
+    if SPLIT_K > 1:
+        p_ptrs = (out_ptr + pid_k * stride_split + offs_m[:, None].to(tl.int64) * N
+                  + offs_n[None, :])
+        tl.store(p_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+    else:
+        _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+                  stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION, HAS_RES)
+
+
+@triton.jit
+def _splitk_epilogue_kernel(
+    part_ptr, bias_ptr, res_ptr, out_ptr,
+    M, N, stride_split, stride_rm, stride_rn, stride_om, stride_on,
+    SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr,
+    HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    p_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in range(SPLIT_K):
+        acc += tl.load(p_ptrs + s * stride_split, mask=mask, other=0.0)
+    _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+              stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION, HAS_RES)
+
+
+_kernel = triton.heuristics(
+    {"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0 and a["k_per_split"] % a["BLOCK_K"] == 0}
+)(_scaled_mm_kernel)
+
+
+def _bench(kernel_call, quantiles):
+    # 5 ms warm-up / 25 ms of repeats per config: a shape tunes in ~1 s, not ~10 s.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
+
+
+_tuned = triton.autotune(
+    configs=tuning.configs(),
+    key=["M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K"],
+    prune_configs_by={"early_config_prune": tuning.prune},
+    do_bench=_bench,
+)(_kernel)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _scale_strides(s: torch.Tensor) -> tuple[int, int]:
+    if s.dim() == 2:
+        return s.stride(0), s.stride(1)
+    return (s.stride(0) if s.dim() == 1 else 0), 0
+
+
+def _check_scale(s: torch.Tensor, gran: Granularity, rows: int, k: int, what: str) -> None:
+    kb = triton.cdiv(k, 128)
+    want = {
+        Granularity.TENSOR: 1,
+        Granularity.ROW: rows,
+        Granularity.GROUP: rows * kb,
+        Granularity.BLOCK: triton.cdiv(rows, 128) * kb,
+    }[gran]
+    if s.dtype != torch.float32 or s.numel() != want:
+        raise ValueError(
+            f"scaled_mm: {what} scale has shape {tuple(s.shape)} and dtype {s.dtype}; "
+            f"{gran.value} scaling of {rows}x{k} needs fp32 with {want} elements "
+            "(as numerics.quantize returns)"
+        )
+
+
+def scaled_mm(
+    xq: torch.Tensor, xs: torch.Tensor, x_granularity: Granularity,
+    wq: torch.Tensor, ws: torch.Tensor, w_granularity: Granularity,
+    bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+    accumulation: str = "precise", activation: str = "none",
+    residual: torch.Tensor | None = None, config: dict | None = None,
+) -> torch.Tensor:
+    """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
+
+    Same result as :func:`fp8compile.ops.scaled_mm_reference` up to fp32 summation order
+    (``precise``) or Hopper's reduced-precision FP8 accumulation (``fast`` with tensor/row
+    scales; blockwise scales are always promoted every 128 of K).  ``config`` forces a tile
+    config (keys of :func:`tuning.default_config` plus optional ``SPLIT_K``) instead of the
+    autotuned one.
+
+    Example::
+
+        >>> y = scaled_mm(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK)  # doctest: +SKIP
+    """
+    x_granularity, w_granularity = Granularity(x_granularity), Granularity(w_granularity)
+    if xq.dtype not in FP8_FORMATS or wq.dtype not in FP8_FORMATS:
+        raise ValueError(
+            f"scaled_mm takes FP8 operands, got {xq.dtype} and {wq.dtype}; "
+            "quantize them with fp8compile.kernels.quantize first"
+        )
+    if wq.dim() != 2 or xq.dim() < 1 or xq.shape[-1] != wq.shape[1]:
+        raise ValueError(
+            f"scaled_mm: x has shape {tuple(xq.shape)} but w has shape {tuple(wq.shape)}; "
+            "w must be (N, K) like nn.Linear.weight with K = x.shape[-1]"
+        )
+    if accumulation not in ("precise", "fast"):
+        raise ValueError(f"scaled_mm: accumulation={accumulation!r} is not 'precise' or 'fast'")
+    if activation not in ACT_CODE:
+        raise ValueError(f"scaled_mm: activation={activation!r} is not one of {list(ACT_CODE)}")
+    if out_dtype not in _OUT_DTYPES:
+        raise ValueError(f"scaled_mm: out_dtype={out_dtype} is not one of {_OUT_DTYPES}")
+    k = xq.shape[-1]
+    n = wq.shape[0]
+    lead = xq.shape[:-1]
+    a = xq.reshape(-1, k)
+    m = a.shape[0]
+    if x_granularity is Granularity.BLOCK and xq.dim() != 2:
+        raise NotImplementedError("128x128 activation scales need a 2-D x")
+    _check_scale(xs, x_granularity, m, k, "x")
+    _check_scale(ws, w_granularity, n, k, "w")
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if m == 0 or n == 0:
+        return out.reshape(*lead, n)
+    if k == 0:
+        raise NotImplementedError("K == 0")
+    # K-major operands (SPEC §4): anything else is copied once.
+    if a.stride(1) != 1:
+        a = a.contiguous()
+    w = wq if wq.stride(1) == 1 else wq.contiguous()
+    # Hopper's FP8 dot takes one format per operand pair in Triton only when both match.
+    if a.dtype != w.dtype:
+        raise NotImplementedError("mixed E4M3 x E5M2 operands")
+    xs2 = xs.reshape(m, -1) if x_granularity in (Granularity.ROW, Granularity.GROUP) else xs
+    ws2 = ws.reshape(n, -1) if w_granularity in (Granularity.ROW, Granularity.GROUP) else ws
+    if residual is not None:
+        res = residual.expand(*lead, n).reshape(m, n)
+        stride_rm, stride_rn = res.stride()
+    else:
+        res, stride_rm, stride_rn = out, 0, 0
+
+    a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
+    precise = accumulation == "precise"
+    bucket = tuning.m_bucket(m)
+    if config is None and _interpreting():
+        config = tuning.default_config(bucket)
+    if config is not None:
+        bm, bn = config["BLOCK_M"], config["BLOCK_N"]
+    else:
+        bm, bn = tuning.SMALL_TILES.get(bucket, (128, 128))
+    if config is not None and "SPLIT_K" in config:
+        split = int(config["SPLIT_K"])
+    elif bucket in tuning.SMALL_TILES:
+        split = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device))
+    else:
+        split = 1
+    # Each split covers whole 128-groups (and whole BLOCK_K steps; 256 covers both).
+    step = 256
+    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
+    split = triton.cdiv(k, k_per_split)
+    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
+                                              device=xq.device)
+    stride_as0, stride_as1 = _scale_strides(xs2)
+    stride_ws0, stride_ws1 = _scale_strides(ws2)
+    args = dict(
+        a_ptr=a, w_ptr=w, as_ptr=xs2, ws_ptr=ws2,
+        bias_ptr=bias if bias is not None else out, res_ptr=res, out_ptr=dest,
+        M=m, N=n, K=k, k_per_split=k_per_split, M_BUCKET=bucket,
+        stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
+        stride_as0=stride_as0, stride_as1=stride_as1, stride_ws0=stride_ws0, stride_ws1=stride_ws1,
+        stride_rm=stride_rm, stride_rn=stride_rn, stride_om=out.stride(0), stride_on=out.stride(1),
+        stride_split=m * n,
+        A_GRAN=a_gran, W_GRAN=w_gran, PRECISE=precise,
+        HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],
+        HAS_RES=residual is not None, SPLIT_K=split,
+    )
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+
+    if config is not None:
+        meta = {key: v for key, v in config.items() if key != "SPLIT_K"}
+        meta.setdefault("GROUP_M", 8)
+        if tuning.needs_k128(a_gran, w_gran, precise) and (128 % meta["BLOCK_K"]):
+            raise ValueError(f"BLOCK_K={meta['BLOCK_K']} must divide 128 for this recipe")
+        _kernel[grid](**args, **meta)
+    else:
+        _tuned[grid](**args)
+    if split > 1:
+        sbm, sbn = 16, 128
+        _splitk_epilogue_kernel[(triton.cdiv(m, sbm), triton.cdiv(n, sbn))](
+            dest, args["bias_ptr"], res, out, m, n, m * n, stride_rm, stride_rn,
+            out.stride(0), out.stride(1),
+            SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],
+            HAS_RES=residual is not None, BLOCK_M=sbm, BLOCK_N=sbn, num_warps=4,
+        )
+    return out.reshape(*lead, n)

@@ -1,0 +1,335 @@
+"""Dynamic FP8 quantization kernels: ``x (..., K) -> (q, scale)`` for every granularity.
+
+One kernel, :func:`_quantize_kernel`, serves all four granularities of
+:mod:`fp8compile.numerics` and, through its ``PRODUCER`` switch, the fused producers of
+:mod:`fp8compile.kernels.fused` (RMSNorm -> quant, SiLU(gate)*up -> quant).  A program owns
+``BLOCK_M`` rows and a range of K; it never holds more than one ``BLOCK_M x BLOCK_K`` tile.
+
+=========  ====================================  =======================================
+GRAN       program                               scale written
+=========  ====================================  =======================================
+TENSOR     rows x K-range, two launches: amax     ``()``: launch 1 folds a finite amax into
+           (atomic max), then quantize            one fp32 cell, launch 2 reads it
+ROW        rows x all of K: amax pass, then       ``(M, 1)``
+           quantize pass (second read hits L2)
+GROUP      rows x several 128-groups              ``(M, ceil(K/128))`` stored M-contiguous,
+                                                  so a warp writes 32 consecutive floats
+BLOCK      one 128x128 weight block               ``(ceil(N/128), ceil(K/128))``
+=========  ====================================  =======================================
+
+The payload is written as raw bytes through a ``uint8`` view so that NaN/Inf get exactly the
+encodings numerics gives (E4M3FN has no Inf: NaN; E5M2 keeps ±Inf), independent of how a
+Triton version's saturating fp32->fp8 conversion treats non-finite values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import numerics as nx
+from ..numerics import Fp8Format, Granularity
+from ..ops import check_fp8_input
+
+__all__ = ["quantize", "quantize_rows"]
+
+# Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
+GRAN_CODE = {
+    Granularity.TENSOR: 0,
+    Granularity.ROW: 1,
+    Granularity.GROUP: 2,
+    Granularity.BLOCK: 3,
+}
+
+# Producer codes: what is computed from the loaded inputs before quantization.
+PRODUCER_NONE = 0
+PRODUCER_RMSNORM = 1  # x * rsqrt(mean(x^2) + eps) * weight, in fp32
+PRODUCER_SILU_MUL = 2  # silu(gate) * up, in fp32
+
+
+@triton.jit
+def _finite_abs(x):
+    a = tl.abs(x)
+    # NaN < inf is False, so NaN and ±Inf both count as 0 towards amax.
+    return tl.where(a < float("inf"), a, 0.0)
+
+
+@triton.jit
+def _scale_from_amax(amax, FMAX: tl.constexpr, POW2: tl.constexpr):
+    # div_rn: IEEE division, so the scale is bit-equal to numerics.compute_scale (Triton's
+    # default fp32 '/' may lower to an approximate division on the GPU).
+    s = tl.math.div_rn(tl.maximum(amax, 1e-12), FMAX)
+    if POW2:
+        # 2**ceil(log2(s)) on the bits: s is a positive normal float (>= 1e-12/57344), so
+        # bumping the exponent and clearing the mantissa is exact, unlike an approximate log2.
+        bits = s.to(tl.int32, bitcast=True)
+        up = (bits & 0x7F800000) + 0x800000
+        bits = tl.where((bits & 0x7FFFFF) != 0, up, bits)
+        s = bits.to(tl.float32, bitcast=True)
+    return s
+
+
+@triton.jit
+def _round_to_fp8_grid(y, IS_E4M3: tl.constexpr):
+    """Round finite, already saturated fp32 ``y`` to the nearest FP8 value (ties to even).
+
+    The result is exactly representable, so the fp32->fp8 conversion that follows does no
+    rounding of its own.  That makes the payload independent of the conversion's rounding:
+    the Triton interpreter's cast is wrong at binade edges (SPEC §4: 127.06 -> 64), and this
+    costs a few integer ops per element in a kernel bound by memory.
+    """
+    if IS_E4M3:
+        SHIFT: tl.constexpr = 20  # 23 - 3 mantissa bits
+        MIN_NORMAL: tl.constexpr = 0.015625  # 2**-6
+        MAGIC: tl.constexpr = 16384.0  # 2**14: its fp32 ulp is 2**-9, the subnormal step
+    else:
+        SHIFT: tl.constexpr = 21  # 23 - 2 mantissa bits
+        MIN_NORMAL: tl.constexpr = 6.103515625e-05  # 2**-14
+        MAGIC: tl.constexpr = 128.0  # 2**7: its fp32 ulp is 2**-16
+    a = tl.abs(y)
+    bits = a.to(tl.int32, bitcast=True)
+    half = (1 << (SHIFT - 1)) - 1
+    bits = (bits + half + ((bits >> SHIFT) & 1)) & (-(1 << SHIFT))
+    normal = bits.to(tl.float32, bitcast=True)
+    sub = (a + MAGIC) - MAGIC
+    r = tl.where(a < MIN_NORMAL, sub, normal)
+    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
+
+
+@triton.jit
+def _fp8_bits(y, FMAX: tl.constexpr, IS_E4M3: tl.constexpr):
+    """Saturating RNE cast of scaled fp32 ``y`` to FP8, returned as its bit pattern (uint8)."""
+    finite = tl.abs(y) < float("inf")
+    sat = tl.minimum(tl.maximum(tl.where(finite, y, 0.0), -FMAX), FMAX)
+    sat = _round_to_fp8_grid(sat, IS_E4M3)
+    if IS_E4M3:
+        bits = sat.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        bad = tl.full(y.shape, 0x7F, tl.uint8)  # NaN for NaN and ±Inf
+    else:
+        bits = sat.to(tl.float8e5).to(tl.uint8, bitcast=True)
+        inf = tl.where(y > 0, 0x7C, 0xFC).to(tl.uint8)
+        bad = tl.where(y != y, 0x7F, inf).to(tl.uint8)
+    return tl.where(finite, bits, bad)
+
+
+@triton.jit
+def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
+             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER: tl.constexpr):
+    """Load a [BLOCK_M, BLOCK_K] tile and apply the producer, in fp32; masked lanes are 0."""
+    mask = rmask[:, None] & (cols[None, :] < K)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask,
+                other=0.0).to(tl.float32)
+    if PRODUCER == 1:
+        w = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
+        x = x * rstd[:, None] * w[None, :]
+    elif PRODUCER == 2:
+        up = tl.load(x2_ptr + rows[:, None] * stride_x2m + cols[None, :] * stride_x2k,
+                     mask=mask, other=0.0).to(tl.float32)
+        x = x * tl.sigmoid(x) * up
+    return x
+
+
+@triton.jit
+def _quantize_kernel(
+    # pointers: input, second input (SiLU*mul "up"), RMSNorm weight
+    x_ptr, x2_ptr, nw_ptr,
+    # pointers: payload (uint8 view), scales, tensorwise amax cell (fp32, zeroed)
+    q_ptr, s_ptr, amax_ptr,
+    # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon
+    M, K, k_per_prog, eps,
+    # strides (elements)
+    stride_xm, stride_xk, stride_x2m, stride_x2k, stride_qm, stride_sm, stride_sk,
+    # meta-parameters
+    GRAN: tl.constexpr,  # 0 tensor, 1 row, 2 group, 3 block
+    PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
+    AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
+    IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < M
+    rows = rows.to(tl.int64)
+    k_lo = pid_k * k_per_prog
+    k_hi = tl.minimum(k_lo + k_per_prog, K)
+    offs_k = tl.arange(0, BLOCK_K)
+
+    rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if PRODUCER == 1:
+        # RMSNorm needs the whole row: the launcher gives it one program along K.
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + offs_k
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + eps))
+
+    if GRAN >= 2:
+        # GROUP / BLOCK: BLOCK_K == 128, one scale per (row or block, K-group).
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            cols = k0 + offs_k
+            x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
+                         stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+            a = tl.max(_finite_abs(x), axis=1)
+            if GRAN == 3:
+                s = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)
+                tl.store(s_ptr + pid_m * stride_sm + (k0 // BLOCK_K) * stride_sk, s)
+                y = tl.math.div_rn(x, s)
+            else:
+                s = _scale_from_amax(a, FMAX, POW2)
+                tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sk, s, mask=rmask)
+                y = tl.math.div_rn(x, s[:, None])
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _fp8_bits(y, FMAX, IS_E4M3),
+                     mask=rmask[:, None] & (cols[None, :] < K))
+    else:
+        if AMAX_ONLY or GRAN == 1:
+            a = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                x = _produce(x_ptr, x2_ptr, nw_ptr, rows, k0 + offs_k, rmask, K, rstd,
+                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                a = tl.maximum(a, tl.max(_finite_abs(x), axis=1))
+        if AMAX_ONLY:
+            # amax >= 0, so fp32 atomic max is exact and order-independent.
+            tl.atomic_max(amax_ptr, tl.max(a, axis=0))
+        else:
+            if GRAN == 1:
+                s = _scale_from_amax(a, FMAX, POW2)
+                tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
+            else:
+                s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+                if (pid_m == 0) & (pid_k == 0):
+                    tl.store(s_ptr, s1)
+                s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                cols = k0 + offs_k
+                x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
+                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                y = tl.math.div_rn(x, s[:, None])
+                tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
+                         _fp8_bits(y, FMAX, IS_E4M3), mask=rmask[:, None] & (cols[None, :] < K))
+
+
+def _as_rows(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> a 2-D (M, K) view when strides allow, else a contiguous copy."""
+    return x.reshape(-1, x.shape[-1])
+
+
+def _launch_shape(m: int, k: int, granularity: Granularity, producer: int):
+    """(BLOCK_M, BLOCK_K, k_per_prog, num_warps) for a rows x K problem.
+
+    Tiles hold ~4K fp32 values (32 per thread at 4 warps) so nothing spills;
+    GROUP programs cover up to 8 groups (4 KB of bf16 per row block) to amortise the
+    program start without starving the grid at decode sizes.
+    """
+    if granularity is Granularity.BLOCK:
+        return nx.BLOCK, nx.BLOCK, nx.BLOCK, 8
+    if granularity is Granularity.GROUP:
+        block_m = min(32, triton.next_power_of_2(max(m, 1)))
+        kb = math.ceil(k / nx.BLOCK)
+        rows_progs = math.ceil(m / block_m)
+        if producer == PRODUCER_RMSNORM:
+            groups = kb  # the row's rstd is computed once, by the one program of the row
+        else:
+            groups = max(1, min(8, kb * rows_progs // 512))
+        return block_m, nx.BLOCK, groups * nx.BLOCK, 4
+    block_k = min(triton.next_power_of_2(max(k, 16)), 1024)
+    block_m = max(1, min(32, 4096 // block_k, triton.next_power_of_2(max(m, 1))))
+    if granularity is Granularity.ROW or producer == PRODUCER_RMSNORM:
+        return block_m, block_k, max(k, 1), 4
+    # TENSOR: split K too so a few long rows still fill the machine.
+    return block_m, block_k, max(block_k, 8 * block_k), 4
+
+
+def quantize_rows(
+    x: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format,
+    power_of_2: bool,
+    producer: int = PRODUCER_NONE,
+    x2: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch :func:`_quantize_kernel` for ``x (..., K)``; shared by quantize() and fused.py.
+
+    Returns ``(q, scale)`` with numerics.quantize's shapes and scale layout.
+    """
+    k = x.shape[-1]
+    x2d = _as_rows(x)
+    m = x2d.shape[0]
+    q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
+    q2d = q.view(m, k).view(torch.uint8)
+    if granularity is Granularity.TENSOR:
+        scale = torch.empty((), dtype=torch.float32, device=x.device)
+        stride_sm = stride_sk = 0
+    elif granularity is Granularity.ROW:
+        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        stride_sm, stride_sk = 1, 0
+    elif granularity is Granularity.GROUP:
+        kb = math.ceil(k / nx.BLOCK)
+        scale = torch.empty_strided((m, kb), (1, m), dtype=torch.float32, device=x.device)
+        stride_sm, stride_sk = 1, m
+    else:
+        nb, kb = math.ceil(m / nx.BLOCK), math.ceil(k / nx.BLOCK)
+        scale = torch.empty((nb, kb), dtype=torch.float32, device=x.device)
+        stride_sm, stride_sk = kb, 1
+
+    if x2 is not None:
+        x2 = _as_rows(x2)
+    block_m, block_k, k_per_prog, num_warps = _launch_shape(m, k, granularity, producer)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(k, k_per_prog))
+    common = dict(
+        x_ptr=x2d, x2_ptr=x2 if x2 is not None else x2d,
+        nw_ptr=norm_weight if norm_weight is not None else x2d,
+        q_ptr=q2d, s_ptr=scale,
+        M=m, K=k, k_per_prog=k_per_prog, eps=float(eps),
+        stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
+        stride_x2m=x2.stride(0) if x2 is not None else 0,
+        stride_x2k=x2.stride(1) if x2 is not None else 0,
+        stride_qm=k, stride_sm=stride_sm, stride_sk=stride_sk,
+        GRAN=GRAN_CODE[granularity], PRODUCER=producer,
+        IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+    )
+    if granularity is Granularity.TENSOR:
+        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=True, **common)
+    else:
+        amax = scale  # unused
+    _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=False, **common)
+    return q, scale
+
+
+def check_quantize_args(x: torch.Tensor, granularity, fmt, what: str):
+    """Validate and normalise (granularity, fmt); raise ValueError naming the problem."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
+    check_fp8_input(x, what)
+    granularity, fmt = Granularity(granularity), Fp8Format(fmt)
+    if granularity is Granularity.BLOCK and x.dim() != 2:
+        raise ValueError(
+            f"128x128 block scaling needs a 2-D weight, got shape {tuple(x.shape)}; "
+            "reshape it to (out_features, in_features) first"
+        )
+    return granularity, fmt
+
+
+def quantize(
+    x: torch.Tensor, granularity: Granularity, fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of :func:`fp8compile.numerics.quantize` (same values, shapes, layout).
+
+    Example::
+
+        >>> q, s = quantize(x.cuda(), Granularity.GROUP, Fp8Format.E4M3, False)  # doctest: +SKIP
+    """
+    granularity, fmt = check_quantize_args(x, granularity, fmt, "quantize input")
+    if x.dim() == 0 or x.numel() == 0:
+        return nx.quantize(x, granularity, fmt, power_of_2)
+    return quantize_rows(x, granularity, fmt, power_of_2)

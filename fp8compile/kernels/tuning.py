@@ -1,0 +1,106 @@
+"""Tile configurations of the FP8 GEMM for Hopper (H100 / H200), by M bucket.
+
+The autotuner keys on ``(M_BUCKET, N, K, recipe switches)``, so a process tunes each layer
+shape once per bucket and reuses the choice for every M in the bucket.
+
+* M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket, so the
+  launcher knows the tile count and can pick split-K before launching; only ``BLOCK_K``,
+  warps and stages are tuned.  At M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs,
+  and the GEMM is bound by reading the weight: split-K brings it to ~2 programs per SM.
+* M > 256: compute bound; 128x256x128 with 8 warps (two consumer warpgroups) and 3 stages
+  (144 KB of shared memory) is the workhorse, 128x128 and 256x128 cover shapes where the
+  tile count would leave SMs idle.  BLOCK_K=128 so each K step sees one weight-block scale.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+
+__all__ = ["SMALL_TILES", "configs", "m_bucket", "prune", "split_k"]
+
+# M bucket -> (BLOCK_M, BLOCK_N) for the split-K regime.
+SMALL_TILES = {16: (16, 64), 32: (32, 64), 64: (64, 64), 128: (64, 128), 256: (128, 128)}
+_LARGE = 512
+
+
+def m_bucket(m: int) -> int:
+    """Round M up to a power of two in [16, 512]; all M > 256 share the last bucket."""
+    return min(max(16, triton.next_power_of_2(m)), _LARGE)
+
+
+def _c(bm, bn, bk, warps, stages, group_m=8):
+    return triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+        num_warps=warps, num_stages=stages,
+    )
+
+
+def _small(bm, bn):
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, 4)]
+
+
+_BY_BUCKET = {bucket: _small(bm, bn) for bucket, (bm, bn) in SMALL_TILES.items()}
+_BY_BUCKET[_LARGE] = [
+    _c(128, 256, 128, 8, 3),
+    _c(128, 256, 128, 8, 4),
+    _c(128, 128, 128, 8, 4),
+    _c(128, 128, 128, 4, 5),
+    _c(256, 128, 128, 8, 3),
+]
+
+
+def configs() -> list[triton.Config]:
+    """Every config any bucket may use; :func:`prune` keeps the bucket's own."""
+    return [c for cs in _BY_BUCKET.values() for c in cs]
+
+
+def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
+    """Blockwise scales (code >= 2) and precise promotion need BLOCK_K dividing 128."""
+    return bool(precise) or a_gran >= 2 or w_gran >= 2
+
+
+def prune(configs_, named_args, **kwargs):
+    """Keep the configs of this call's M bucket whose BLOCK_K the recipe allows."""
+    args = {**named_args, **kwargs}
+    mine = _BY_BUCKET[args["M_BUCKET"]]
+    keep = [c for c in configs_ if any(c is d for d in mine)]
+    if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
+        keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128]
+    return keep
+
+
+def default_config(bucket: int) -> dict:
+    """One fixed config per bucket, for the interpreter and for runs without autotuning."""
+    if bucket in SMALL_TILES:
+        bm, bn = SMALL_TILES[bucket]
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
+                "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
+            "num_warps": 8, "num_stages": 4}
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # the interpreter: any small number exercises split-K
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int) -> int:
+    """Split K so that ~2 programs run per SM when the output tiles alone leave SMs idle.
+
+    Each split keeps at least 512 of K (4 steps of 128) so the pipeline fills; the partial
+    sums cost one extra fp32 pass over M x N, small next to the weight at M <= 256.
+    """
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    want = max(1, (2 * sms) // tiles)
+    most = max(1, k // 512)
+    return int(min(want, most, 16))

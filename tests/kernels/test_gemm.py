@@ -1,0 +1,112 @@
+"""FP8 GEMM kernel vs ops.scaled_mm_reference, every recipe, epilogue and odd shape."""
+
+import pytest
+import torch
+
+from fp8compile import kernels
+from fp8compile import numerics as nx
+from fp8compile.kernels.gemm import scaled_mm
+from fp8compile.numerics import Fp8Format, Granularity
+from fp8compile.ops import scaled_mm_reference
+
+G = Granularity
+RECIPES = [(G.GROUP, G.BLOCK), (G.ROW, G.ROW), (G.TENSOR, G.TENSOR)]
+# (out dtype, atol, rtol): fp32 differs from the reference only by summation order (and,
+# on Hopper with fast accumulation, by the tensor core's ~2e-2 worst-case accumulator);
+# bf16/fp16 by one rounding of the output.
+TOL = {torch.float32: (2e-3, 2e-3), torch.bfloat16: (2e-2, 1.6e-2), torch.float16: (2e-3, 2e-3)}
+
+
+def _operands(device, x_shape, n, recipe, fmt=Fp8Format.E4M3):
+    xg, wg = recipe
+    x = torch.randn(x_shape) * torch.rand(x_shape[-1]) * 3
+    w = torch.randn(n, x_shape[-1]) * 0.05
+    xq, xs = nx.quantize(x.to(device), xg, fmt)
+    wq, ws = nx.quantize(w.to(device), wg, fmt)
+    return xq, xs, wq, ws
+
+
+def _check(y, ref):
+    atol, rtol = TOL[y.dtype]
+    if torch.cuda.is_available() and y.dtype == torch.float32:
+        atol, rtol = 2e-2, 2e-2  # fast accumulation on Hopper
+    assert y.shape == ref.shape and y.dtype == ref.dtype
+    torch.testing.assert_close(y.float().cpu(), ref.float().cpu(), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("accumulation", ["precise", "fast"])
+@pytest.mark.parametrize("x_shape", [(1, 200), (2, 3, 272)], ids=["decode", "3d"])
+def test_recipes_match_reference(device, recipe, accumulation, x_shape):
+    xq, xs, wq, ws = _operands(device, x_shape, 130, recipe)
+    y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, accumulation)
+    ref = scaled_mm_reference(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32,
+                              "none", None)
+    _check(y, ref)
+
+
+@pytest.mark.parametrize("activation", ["none", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_epilogue(device, activation, out_dtype):
+    recipe = RECIPES[0]
+    xq, xs, wq, ws = _operands(device, (2, 5, 256), 96, recipe)
+    bias = torch.randn(96, device=device, dtype=torch.bfloat16)
+    res = torch.randn(2, 5, 96, device=device, dtype=out_dtype)
+    args = (xq, xs, recipe[0], wq, ws, recipe[1], bias, out_dtype)
+    y = scaled_mm(*args, "precise", activation, res)
+    _check(y, scaled_mm_reference(*args, activation, res))
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_split_k(device, split):
+    for recipe in RECIPES:
+        xq, xs, wq, ws = _operands(device, (3, 700), 70, recipe)
+        bias = torch.randn(70, device=device)
+        res = torch.randn(70, device=device)  # broadcast over rows
+        args = (xq, xs, recipe[0], wq, ws, recipe[1], bias, torch.float32)
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split,
+               "num_warps": 4, "num_stages": 2}
+        y = scaled_mm(*args, "precise", "silu", res, config=cfg)
+        _check(y, scaled_mm_reference(*args, "silu", res))
+
+
+def test_tiles_and_mixed_recipes(device):
+    """Edge tiles in M and N, a 64-wide K step, and recipe mixes the ops never pick."""
+    for xg, wg in [(G.GROUP, G.ROW), (G.ROW, G.BLOCK), (G.TENSOR, G.BLOCK)]:
+        xq, xs, wq, ws = _operands(device, (37, 300), 150, (xg, wg))
+        args = (xq, xs, xg, wq, ws, wg, None, torch.float32)
+        cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+        _check(scaled_mm(*args, "precise", config=cfg), scaled_mm_reference(*args, "none", None))
+
+
+def test_e5m2_and_nan_rows(device):
+    recipe = RECIPES[1]
+    x = torch.randn(4, 128)
+    x[2, 7] = float("nan")
+    xq, xs = nx.quantize(x.to(device), recipe[0], Fp8Format.E5M2)
+    wq, ws = nx.quantize(torch.randn(32, 128, device=device), recipe[1], Fp8Format.E5M2)
+    y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, "fast")
+    assert y[2].isnan().all() and not y[[0, 1, 3]].isnan().any()
+    ref = scaled_mm_reference(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32,
+                              "none", None)
+    _check(y[[0, 1, 3]], ref[[0, 1, 3]])
+
+
+def test_rejects_bad_inputs(device):
+    xq, xs, wq, ws = _operands(device, (4, 128), 32, RECIPES[0])
+    with pytest.raises(ValueError, match="FP8 operands"):
+        scaled_mm(xq.float(), xs, G.GROUP, wq, ws, G.BLOCK)
+    with pytest.raises(ValueError, match="scale"):
+        scaled_mm(xq, xs[:, :0], G.GROUP, wq, ws, G.BLOCK)
+    with pytest.raises(ValueError, match="K"):
+        scaled_mm(xq[:, :64], xs, G.GROUP, wq, ws, G.BLOCK)
+    with pytest.raises(ValueError, match="accumulation"):
+        scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK, accumulation="exact")
+
+
+def test_dispatcher_falls_back_on_mixed_formats(device):
+    xq, xs = nx.quantize(torch.randn(4, 128, device=device), G.ROW, Fp8Format.E4M3)
+    wq, ws = nx.quantize(torch.randn(32, 128, device=device), G.ROW, Fp8Format.E5M2)
+    args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
+    y = kernels.scaled_mm(*args, "precise", "none", None)
+    torch.testing.assert_close(y, scaled_mm_reference(*args, "none", None))

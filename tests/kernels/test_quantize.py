@@ -1,0 +1,124 @@
+"""Quantization kernels vs fp8compile.numerics.quantize: scales and payloads bit-exact."""
+
+import pytest
+import torch
+
+from fp8compile import numerics as nx
+from fp8compile.kernels import available
+from fp8compile.kernels.quantize import quantize
+from fp8compile.numerics import Fp8Format, Granularity
+
+ACT_GRANS = [Granularity.TENSOR, Granularity.ROW, Granularity.GROUP]
+
+
+def _strides(t):
+    return [st for st, n in zip(t.stride(), t.shape) if n > 1]  # size-1 dims: any stride
+
+
+def assert_same_quant(got, want):
+    q, s = got
+    qr, sr = want
+    assert s.shape == sr.shape and _strides(s) == _strides(sr), (s.shape, s.stride(), sr.stride())
+    assert torch.equal(s, sr), (s - sr).abs().max()
+    assert q.dtype == qr.dtype and q.shape == qr.shape
+    nan, nan_r = q.float().isnan(), qr.float().isnan()
+    assert torch.equal(nan, nan_r)
+    bits, bits_r = q.view(torch.uint8), qr.view(torch.uint8)
+    # Bits, not values: catches -0 vs +0 and ±Inf (E5M2) too.
+    assert torch.equal(bits[~nan], bits_r[~nan]), (q.float()[~nan] - qr.float()[~nan]).abs().max()
+
+
+def _with_specials(x):
+    x = x.clone()
+    x[0, 3] = float("nan")  # this group/row only
+    x[1, 5] = float("inf")
+    x[1, 7] = float("-inf")
+    x[2] = 0.0  # all-zero row: finite scale, zero payload
+    return x
+
+
+@pytest.mark.parametrize("granularity", ACT_GRANS)
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("power_of_2", [False, True])
+def test_activation_matches_numerics(device, granularity, fmt, power_of_2):
+    x = _with_specials(torch.randn(5, 200) * 4).to(device).reshape(5, 1, 200)
+    got = quantize(x, granularity, fmt, power_of_2)
+    assert_same_quant(got, nx.quantize(x, granularity, fmt, power_of_2))
+
+
+@pytest.mark.parametrize("shape", [(1, 200), (2, 3, 130), (7, 384), (33, 16)])
+@pytest.mark.parametrize("granularity", ACT_GRANS)
+def test_odd_shapes(device, shape, granularity):
+    x = (torch.randn(shape) * torch.rand(shape[-1]) * 100).to(device)
+    assert_same_quant(quantize(x, granularity, Fp8Format.E4M3, False),
+                      nx.quantize(x, granularity, Fp8Format.E4M3, False))
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("shape", [(130, 200), (256, 384), (1, 16)])
+def test_weight_blocks(device, fmt, shape):
+    w = (torch.randn(shape) * 0.02).to(device)
+    w[0, 0] = float("nan")
+    assert_same_quant(quantize(w, Granularity.BLOCK, fmt, False),
+                      nx.quantize(w, Granularity.BLOCK, fmt, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(device, dtype):
+    x = (torch.randn(9, 300) * 3).to(device, dtype)
+    for g in ACT_GRANS:
+        want = nx.quantize(x, g, Fp8Format.E4M3, True)
+        assert_same_quant(quantize(x, g, Fp8Format.E4M3, True), want)
+
+
+def test_non_contiguous(device):
+    x = torch.randn(200, 9).to(device).t()  # (9, 200) with strides (1, 9)
+    for g in ACT_GRANS:
+        assert_same_quant(quantize(x, g, Fp8Format.E4M3, False), nx.quantize(x, g))
+    w = torch.randn(300, 260).to(device)[::2, 3:]
+    assert_same_quant(quantize(w, Granularity.BLOCK, Fp8Format.E4M3, False),
+                      nx.quantize(w, Granularity.BLOCK))
+
+
+def test_fp8_grid_edges(device):
+    """Values at and around every E4M3 / E5M2 binade edge, subnormals and the saturation point."""
+    for fmt in Fp8Format:
+        finite = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
+        finite = finite[finite.isfinite()].unique()
+        mids = (finite[1:] + finite[:-1]) / 2  # exact ties: round to even
+        vals = torch.cat([finite, mids, mids.nextafter(finite[1:]), mids.nextafter(finite[:-1])])
+        x = torch.cat([vals, torch.tensor([fmt.max, fmt.max * 0.999])])
+        # Row 0 has amax = fmax so its scale is exactly 1 and x/s == x.
+        x = torch.stack([x, -x]).to(device)
+        want = nx.quantize(x, Granularity.ROW, fmt)
+        assert_same_quant(quantize(x, Granularity.ROW, fmt, False), want)
+
+
+def test_all_zero_and_all_nan(device):
+    x = torch.zeros(3, 256, device=device)
+    x[1] = float("nan")
+    for g in ACT_GRANS:
+        got = quantize(x, g, Fp8Format.E4M3, False)
+        assert_same_quant(got, nx.quantize(x, g))
+        assert torch.isfinite(got[1]).all()
+
+
+def test_rejects_bad_inputs(device):
+    with pytest.raises(ValueError, match="dtype"):
+        quantize(torch.ones(4, 8, dtype=torch.int32, device=device), Granularity.ROW,
+                 Fp8Format.E4M3, False)
+    with pytest.raises(ValueError, match="dtype"):
+        quantize(torch.ones(4, 8, device=device).to(torch.float8_e4m3fn), Granularity.ROW,
+                 Fp8Format.E4M3, False)
+    with pytest.raises(ValueError, match="2-D"):
+        quantize(torch.ones(2, 4, 8, device=device), Granularity.BLOCK, Fp8Format.E4M3, False)
+    with pytest.raises(ValueError):
+        quantize(torch.ones(4, 8, device=device), "blocky", Fp8Format.E4M3, False)
+
+
+def test_available_is_false_off_gpu(monkeypatch):
+    assert not available(torch.ones(1))
+    if torch.cuda.is_available():
+        assert available(torch.ones(1, device="cuda"))
+        monkeypatch.setenv("FP8COMPILE_DISABLE_TRITON", "1")
+        assert not available(torch.ones(1, device="cuda"))
