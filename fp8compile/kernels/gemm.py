@@ -111,21 +111,26 @@ def _scaled_mm_kernel(
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
         if (A_GRAN >= 2) or (W_GRAN >= 2):
             kb = k // 128
-            part = tl.dot(a, b)
+            # Row factor [BLOCK_M] and column factor [BLOCK_N]; a tile inside one 128-wide
+            # weight block folds its scalar weight scale into the row factor, which saves the
+            # [BLOCK_N] vector (32 registers/thread at 128x128, 8 warps: 255 -> no spills).
             if A_GRAN == 2:
-                sa = tl.load(as_ptr + offs_am * stride_as0 + kb * stride_as1)
-                part = part * sa[:, None]
+                s_row = tl.load(as_ptr + offs_am * stride_as0 + kb * stride_as1)
             elif A_GRAN == 3:
-                sa = tl.load(as_ptr + (offs_am // 128) * stride_as0 + kb * stride_as1)
-                part = part * sa[:, None]
-            if W_GRAN == 3:
-                # With BLOCK_N=128 every lane reads the same address: one scale per block.
-                sw = tl.load(ws_ptr + (offs_wn // 128) * stride_ws0 + kb * stride_ws1)
-                part = part * sw[None, :]
-            elif W_GRAN == 2:
-                sw = tl.load(ws_ptr + offs_wn * stride_ws0 + kb * stride_ws1)
-                part = part * sw[None, :]
-            acc += part
+                s_row = tl.load(as_ptr + (offs_am // 128) * stride_as0 + kb * stride_as1)
+            else:
+                s_row = tl.full((BLOCK_M,), 1.0, tl.float32)
+            if (W_GRAN == 3) and (BLOCK_N <= 128):
+                nb = (pid_n * BLOCK_N) // 128
+                s_row = s_row * tl.load(ws_ptr + nb * stride_ws0 + kb * stride_ws1)
+                acc += tl.dot(a, b) * s_row[:, None]
+            elif W_GRAN >= 2:
+                rows_per_scale = 128 if W_GRAN == 3 else 1
+                s_col = tl.load(ws_ptr + (offs_wn // rows_per_scale) * stride_ws0
+                                + kb * stride_ws1)
+                acc += tl.dot(a, b) * s_row[:, None] * s_col[None, :]
+            else:
+                acc += tl.dot(a, b) * s_row[:, None]
         elif PRECISE:
             acc += tl.dot(a, b)
         else:

@@ -8,8 +8,9 @@ shape once per bucket and reuses the choice for every M in the bucket.
   warps and stages are tuned.  At M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs,
   and the GEMM is bound by reading the weight: split-K brings it to ~2 programs per SM.
 * M > 256: compute bound; 128x256x128 with 8 warps (two consumer warpgroups) and 3 stages
-  (144 KB of shared memory) is the workhorse, 128x128 and 256x128 cover shapes where the
-  tile count would leave SMs idle.  BLOCK_K=128 so each K step sees one weight-block scale.
+  (144 KB of shared memory) is the workhorse of the single-accumulator path, 128x128 and
+  64x128 that of the promoted path (register counts below, from ptxas for sm_90a).
+  BLOCK_K=128 so each K step sees one weight-block scale.
 """
 
 from __future__ import annotations
@@ -40,16 +41,26 @@ def _c(bm, bn, bk, warps, stages, group_m=8):
 
 def _small(bm, bn):
     warps = 8 if bm * bn >= 128 * 128 else 4
-    return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, 4)]
+    # BLOCK_K=256 halves the loop trips of the weight stream (fast path only); 3 stages of
+    # a 128x128x256 tile already take 192 KB of shared memory.
+    deep = 3 if bm * bn >= 128 * 128 else 4
+    return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, deep)]
 
 
 _BY_BUCKET = {bucket: _small(bm, bn) for bucket, (bm, bn) in SMALL_TILES.items()}
 _BY_BUCKET[_LARGE] = [
+    # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
     _c(128, 256, 128, 8, 4),
-    _c(128, 128, 128, 8, 4),
-    _c(128, 128, 128, 4, 5),
     _c(256, 128, 128, 8, 3),
+    # promoted every 128 of K (blockwise, "precise"): the fresh partial tile doubles the
+    # accumulator registers, so keep 64 fp32 per thread per tile (128x128 at 8 warps: 175
+    # registers; 128x256 spills 272 bytes).  64x128 at 4 warps fits 2 CTAs per SM, so one
+    # CTA's promotion overlaps the other's wgmma.
+    _c(128, 128, 128, 8, 3),
+    _c(128, 128, 128, 8, 4),
+    _c(64, 256, 128, 8, 3),
+    _c(64, 128, 128, 4, 4),
 ]
 
 
@@ -69,8 +80,12 @@ def prune(configs_, named_args, **kwargs):
     mine = _BY_BUCKET[args["M_BUCKET"]]
     keep = [c for c in configs_ if any(c is d for d in mine)]
     if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
-        keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128]
-    return keep
+        keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128 and _acc_per_thread(c) <= 64]
+    return keep or [mine[0]]
+
+
+def _acc_per_thread(c: triton.Config) -> int:
+    return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
 
 
 def default_config(bucket: int) -> dict:

@@ -1,0 +1,334 @@
+"""FP8 GEMM benchmark on LLaMA shapes: fp8compile's Triton kernels vs cuBLAS and torchao.
+
+Run on a CUDA machine (Hopper for FP8)::
+
+    PYTHONUNBUFFERED=1 python benchmarks/gemm.py --check --out out/
+
+``--check`` first runs the kernel tests on the GPU (bit-exact quantization and casts vs
+numerics, every recipe vs the reference, odd shapes) and a few large-shape checks.  Timings
+are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so that Python
+launch overhead does not hide the decode shapes; each graph runs the op over several input
+sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
+Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
+(``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
+recipe, of the original bf16 operands (``total``: quantization included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from fp8compile import numerics as nx  # noqa: E402
+from fp8compile.numerics import Fp8Format, Granularity  # noqa: E402
+
+G = Granularity
+NK = [(4096, 4096), (14336, 4096), (4096, 14336)]
+MS = [1, 16, 128, 2048, 8192]
+L2_BYTES = 50 * 2**20
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(y, ref):
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm())
+
+
+# --------------------------------------------------------------------------------------
+# baselines
+
+
+def _probe_cublas_blockwise():
+    """Return f(xq, xs, wq, ws) -> bf16 through cuBLAS 1x128 x 128x128, or (None, why)."""
+    st = getattr(F, "ScalingType", None)
+    if hasattr(F, "scaled_mm") and st is not None:
+        def f(xq, xs, wq, ws):
+            return F.scaled_mm(xq, wq.t(), xs, st.BlockWise1x128, ws.t(), st.BlockWise128x128,
+                               output_dtype=torch.bfloat16)
+        return f, "torch.nn.functional.scaled_mm(BlockWise1x128, BlockWise128x128)"
+
+    def g(xq, xs, wq, ws):
+        return torch._scaled_mm(xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16)
+    return g, "torch._scaled_mm with 1x128 / 128x128 scale shapes"
+
+
+def _probe_torchao():
+    try:
+        import torchao
+        from torchao.prototype.blockwise_fp8_training.kernels import (
+            triton_fp8_blockwise_act_quant_lhs,
+            triton_fp8_gemm_1x128_128x128,
+        )
+    except Exception as e:  # noqa: BLE001
+        return None, f"torchao not importable: {type(e).__name__}: {e}"
+
+    def gemm(xq, xs, wq, ws):
+        return triton_fp8_gemm_1x128_128x128(xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16)
+
+    def quant_gemm(x, wq, ws):
+        xq, xs = triton_fp8_blockwise_act_quant_lhs(x)
+        return gemm(xq, xs, wq, ws)
+
+    return (gemm, quant_gemm), f"torchao {torchao.__version__} blockwise_fp8_training Triton"
+
+
+# --------------------------------------------------------------------------------------
+# timing
+
+
+def bench(fn, sets):
+    """Median ms of one call, from CUDA-graph replays of fn over every input set."""
+    import triton.testing
+
+    def run_all():
+        for s in sets:
+            fn(*s)
+
+    run_all()  # compile / autotune outside the graph
+    torch.cuda.synchronize()
+    ms = triton.testing.do_bench_cudagraph(run_all, rep=40, return_mode="median")
+    return ms / len(sets)
+
+
+def tflops(m, n, k, ms):
+    return 2 * m * n * k / ms / 1e9
+
+
+# --------------------------------------------------------------------------------------
+# correctness on the GPU
+
+
+def run_checks(out_dir):
+    from fp8compile import kernels as K
+    from fp8compile.ops import scaled_mm_reference
+
+    ok = True
+    log("== kernel tests on the GPU (tests/kernels, compiled, exact casts included)")
+    cmd = [sys.executable, "-m", "pytest", "tests/kernels", "-q", "-x", "-p", "no:cacheprovider"]
+    try:
+        import xdist  # noqa: F401
+        cmd += ["-n", "8"]
+    except ImportError:
+        pass
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    with open(os.path.join(out_dir, "pytest_gpu.log"), "w") as f:
+        f.write(r.stdout + r.stderr)
+    log(r.stdout.strip().splitlines()[-1] if r.stdout.strip() else r.stderr[-2000:],
+        f"({time.time() - t:.0f} s)")
+    ok &= r.returncode == 0
+
+    log("== large-shape checks")
+    torch.manual_seed(1)
+    for m, n, k in [(2048, 4096, 4096), (1000, 1000, 1000), (3, 14336, 4096)]:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * 2
+        x[0, 1] = float("nan")
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        for xg, wg in [(G.GROUP, G.BLOCK), (G.ROW, G.ROW), (G.TENSOR, G.TENSOR)]:
+            for fmt in Fp8Format:
+                got, want = K.quantize(x, xg, fmt, False), nx.quantize(x, xg, fmt, False)
+                same = torch.equal(got[1], want[1]) and torch.equal(
+                    got[0].view(torch.uint8), want[0].view(torch.uint8))
+                ok &= same
+                if not same:
+                    log(f"  quantize {m}x{k} {xg} {fmt}: NOT bit-exact")
+            xq, xs = K.quantize(x.nan_to_num(), xg, Fp8Format.E4M3, False)
+            wq, ws = K.quantize(w, wg, Fp8Format.E4M3, False)
+            wb = nx.quantize(w, wg)
+            ok &= torch.equal(wq.view(torch.uint8), wb[0].view(torch.uint8))
+            ok &= torch.equal(ws, wb[1])
+            bias = torch.randn(n, device="cuda")
+            res = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, bias, torch.float32, "gelu", res)
+            for acc in ("precise", "fast"):
+                y = K.scaled_mm(xq, xs, xg, wq, ws, wg, bias, torch.bfloat16, acc, "gelu", res)
+                e = rel_err(y, ref)
+                good = e < (6e-3 if acc == "precise" else 3e-2)
+                ok &= good
+                log(f"  {m}x{n}x{k} {xg}x{wg} {acc:7s} gelu+bias+res bf16: rel err {e:.2e}"
+                    f" {'ok' if good else 'FAIL'}")
+    log("CHECKS", "PASS" if ok else "FAIL")
+    return ok
+
+
+# --------------------------------------------------------------------------------------
+# benchmark
+
+
+def run_bench(out_dir, shapes):
+    import triton
+
+    from fp8compile import kernels as K
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    blk_fn, blk_name = _probe_cublas_blockwise()
+    ao, ao_name = _probe_torchao()
+    log(f"cuBLAS blockwise via: {blk_name}")
+    log(f"torchao: {ao_name}")
+    rows = []
+    for (n, k) in NK:
+        for m in shapes:
+            torch.manual_seed(0)
+            per_set = m * k * 2 + n * k * 2
+            nsets = max(1, min(8, math.ceil(3 * L2_BYTES / per_set)))
+            xs_hp = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nsets)]
+            ws_hp = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                     for _ in range(nsets)]
+            q = {}
+            for name, xg, wg in [("block", G.GROUP, G.BLOCK), ("row", G.ROW, G.ROW),
+                                 ("tensor", G.TENSOR, G.TENSOR)]:
+                q[name] = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
+                            *K.quantize(w, wg, Fp8Format.E4M3, False))
+                           for x, w in zip(xs_hp, ws_hp)]
+            r = {"M": m, "N": n, "K": k, "sets": nsets}
+            t, err = {}, {}
+
+            def ours(xg, wg, acc):
+                return lambda xq, xs, wq, ws: K.scaled_mm(
+                    xq, xs, xg, wq, ws, wg, None, torch.bfloat16, acc, "none", None)
+
+            def ours_q(xg, wg, acc):
+                def f(x, wq, ws):
+                    xq, xs = K.quantize(x, xg, Fp8Format.E4M3, False)
+                    return K.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, acc,
+                                       "none", None)
+                return f
+
+            def cub_tensor(fast):
+                return lambda xq, xs, wq, ws: torch._scaled_mm(
+                    xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+            def cub_row(fast):
+                return lambda xq, xs, wq, ws: torch._scaled_mm(
+                    xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+            plan = [
+                ("bf16", lambda x, w: F.linear(x, w), "hp", None),
+                ("cublas_block", blk_fn, "block", None),
+                ("ours_block", ours(G.GROUP, G.BLOCK, "precise"), "block", None),
+                ("cublas_row_fast", cub_row(True), "row", None),
+                ("ours_row_fast", ours(G.ROW, G.ROW, "fast"), "row", None),
+                ("cublas_row_precise", cub_row(False), "row", None),
+                ("ours_row_precise", ours(G.ROW, G.ROW, "precise"), "row", None),
+                ("cublas_tensor_fast", cub_tensor(True), "tensor", None),
+                ("ours_tensor_fast", ours(G.TENSOR, G.TENSOR, "fast"), "tensor", None),
+                ("cublas_tensor_precise", cub_tensor(False), "tensor", None),
+                ("ours_tensor_precise", ours(G.TENSOR, G.TENSOR, "precise"), "tensor", None),
+                ("ours_q+block", ours_q(G.GROUP, G.BLOCK, "precise"), "hpq", "block"),
+                ("ours_q+row_fast", ours_q(G.ROW, G.ROW, "fast"), "hpq", "row"),
+                ("ours_q+tensor_fast", ours_q(G.TENSOR, G.TENSOR, "fast"), "hpq", "tensor"),
+            ]
+            if ao is not None:
+                plan += [("torchao_block", ao[0], "block", None),
+                         ("torchao_q+block", ao[1], "hpq", "block")]
+            refs = {}
+            for name, (xq, xs, wq, ws) in ((nm, v[0]) for nm, v in q.items()):
+                xg = {"block": G.GROUP, "row": G.ROW, "tensor": G.TENSOR}[name]
+                wg = {"block": G.BLOCK, "row": G.ROW, "tensor": G.TENSOR}[name]
+                refs[name] = (nx.dequantize(xq, xs, xg) @ nx.dequantize(wq, ws, wg).t())
+            ref_hp = xs_hp[0].float() @ ws_hp[0].float().t()
+            for name, fn, kind, recipe in plan:
+                if fn is None:
+                    continue
+                if kind == "hp":
+                    sets = list(zip(xs_hp, ws_hp))
+                elif kind == "hpq":
+                    sets = [(x, qq[2], qq[3]) for x, qq in zip(xs_hp, q[recipe])]
+                else:
+                    sets = q[kind]
+                try:
+                    y = fn(*sets[0])
+                    ms = bench(fn, sets)
+                except Exception as e:  # noqa: BLE001
+                    log(f"  {name} {m}x{n}x{k}: {type(e).__name__}: {str(e)[:200]}")
+                    continue
+                t[name] = ms
+                if kind in ("hp",):
+                    err[name] = rel_err(y, ref_hp)
+                else:
+                    err[name] = rel_err(y, refs[recipe or kind])
+                    if (recipe or kind) == "block":
+                        err[name + "_total"] = rel_err(y, ref_hp)
+            r["ms"], r["err"] = t, err
+            r["tflops"] = {key: tflops(m, n, k, v) for key, v in t.items()}
+            rows.append(r)
+            log(f"{m:>5} {n:>5} {k:>5} " + " ".join(
+                f"{key}={r['tflops'][key]:.0f}" for key in t))
+            del xs_hp, ws_hp, q, refs
+            torch.cuda.empty_cache()
+    with open(os.path.join(out_dir, "gemm_bench.json"), "w") as f:
+        json.dump({"rows": rows, "cublas_block": blk_name, "torchao": ao_name,
+                   "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "triton": triton.__version__}, f, indent=1)
+    return rows
+
+
+def _ratio(t, a, b):
+    return t[b] / t[a] if a in t and b in t else float("nan")
+
+
+def print_tables(rows):
+    log("\nTFLOP/s (median, CUDA-graph replay, bf16 out); "
+        "x = speedup of ours over the baseline (time ratio)")
+    hdr = ("   M     N     K | bf16 | blk cuBL  ours  ao |  row fast cuBL ours | row prec cuBL ours"
+           " | tens fast cuBL ours | q+blk q+row | xblk xrow xtns | q+blk/bf16 q+row/bf16 "
+           "| err blk ours/cuBL")
+    log(hdr)
+    for r in rows:
+        f, t, e = r["tflops"], r["ms"], r["err"]
+
+        def g(key):
+            return f"{f[key]:5.0f}" if key in f else "    -"
+        eb = e.get("ours_block", float("nan")) / e.get("cublas_block", float("nan"))
+        log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |{g('bf16')} | {g('cublas_block')} "
+            f"{g('ours_block')} {g('torchao_block')} |       {g('cublas_row_fast')} "
+            f"{g('ours_row_fast')} |      {g('cublas_row_precise')} {g('ours_row_precise')} |"
+            f"       {g('cublas_tensor_fast')} {g('ours_tensor_fast')} | {g('ours_q+block')} "
+            f"{g('ours_q+row_fast')} | {_ratio(t, 'ours_block', 'cublas_block'):4.2f} "
+            f"{_ratio(t, 'ours_row_fast', 'cublas_row_fast'):4.2f} "
+            f"{_ratio(t, 'ours_tensor_fast', 'cublas_tensor_fast'):4.2f} | "
+            f"{_ratio(t, 'ours_q+block', 'bf16'):10.2f} "
+            f"{_ratio(t, 'ours_q+row_fast', 'bf16'):10.2f}"
+            f" | {e.get('ours_block', float('nan')):.1e}/{e.get('cublas_block', float('nan')):.1e}"
+            f"={eb:.2f}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
+    ap.add_argument("--no-bench", action="store_true", help="checks only")
+    ap.add_argument("--m", type=int, nargs="*", default=MS, help="M values (default: %(default)s)")
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="where logs/JSON go")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not torch.cuda.is_available():
+        log("no CUDA device: nothing to measure (the kernel tests run on CPU under "
+            "TRITON_INTERPRET=1: python -m pytest tests/kernels)")
+        return 0
+    import triton
+    log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+        f"triton {triton.__version__}  cuda {torch.version.cuda}")
+    ok = True
+    if args.check:
+        ok = run_checks(args.out)
+    if not args.no_bench:
+        rows = run_bench(args.out, args.m)
+        print_tables(rows)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
