@@ -169,7 +169,6 @@ def run_checks(out_dir):
 
 
 def run_bench(out_dir, shapes):
-    import triton
 
     from fp8compile import kernels as K
 
@@ -265,15 +264,21 @@ def run_bench(out_dir, shapes):
             r["ms"], r["err"] = t, err
             r["tflops"] = {key: tflops(m, n, k, v) for key, v in t.items()}
             rows.append(r)
+            _dump(out_dir, rows, blk_name, ao_name)  # after every shape: a timeout keeps them
             log(f"{m:>5} {n:>5} {k:>5} " + " ".join(
                 f"{key}={r['tflops'][key]:.0f}" for key in t))
             del xs_hp, ws_hp, q, refs
             torch.cuda.empty_cache()
+    return rows
+
+
+def _dump(out_dir, rows, blk_name, ao_name):
+    import triton
+
     with open(os.path.join(out_dir, "gemm_bench.json"), "w") as f:
         json.dump({"rows": rows, "cublas_block": blk_name, "torchao": ao_name,
                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "triton": triton.__version__}, f, indent=1)
-    return rows
 
 
 def _ratio(t, a, b):
