@@ -6,7 +6,7 @@
 ==========================  ===========================================================
 module                      kernels
 ==========================  ===========================================================
-``quantize.py``             dynamic quantization, every granularity (also weights)
+``quant.py``                dynamic quantization, every granularity (also weights)
 ``gemm.py``                 FP8 GEMM, three recipes, fused epilogue, split-K for decode
 ``fused.py``                RMSNorm -> quant and SiLU(gate)*up -> quant
 ``tuning.py``               Hopper tile configs by M bucket, split-K heuristic
@@ -54,7 +54,7 @@ def quantize(
     x: torch.Tensor, granularity: Granularity, fmt: Fp8Format, power_of_2: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same as :func:`fp8compile.numerics.quantize`, in one or two Triton launches."""
-    from .quantize import quantize as _quantize
+    from .quant import quantize as _quantize
 
     return _quantize(x, granularity, fmt, power_of_2)
 

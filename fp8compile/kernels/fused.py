@@ -3,7 +3,8 @@
 ``rmsnorm_quantize`` reads ``x`` (bf16/fp16/fp32), computes RMSNorm in fp32 and writes FP8 +
 scales: one read of ``x`` and a write of 1 byte per element instead of write-bf16 (2 B) +
 read-bf16 (2 B) + write-fp8 (1 B).  ``silu_mul_quantize`` does the same for the SwiGLU
-product ``silu(gate) * up``.  Both reuse :func:`~fp8compile.kernels.quantize._quantize_kernel`
+product ``silu(gate) * up``.  Both reuse
+:func:`~fp8compile.kernels.quant._quantize_kernel`
 through its ``PRODUCER`` switch, so the scale and cast logic exists once.
 
 The references are the compositions with :func:`fp8compile.numerics.quantize` (below);
@@ -17,7 +18,7 @@ import torch
 
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
-from .quantize import (
+from .quant import (
     PRODUCER_RMSNORM,
     PRODUCER_SILU_MUL,
     check_quantize_args,

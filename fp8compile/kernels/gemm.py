@@ -30,7 +30,7 @@ import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity
 from . import tuning
-from .quantize import GRAN_CODE
+from .quant import GRAN_CODE
 
 __all__ = ["ACT_CODE", "scaled_mm"]
 

@@ -1,7 +1,7 @@
 """Kernel tests run compiled on a CUDA machine and under Triton's interpreter elsewhere.
 
 TRITON_INTERPRET must be set before ``triton.jit`` decorates the kernels (at import of
-``fp8compile.kernels.quantize`` / ``gemm``), so it is set here, at collection time.
+``fp8compile.kernels.quant`` / ``gemm``), so it is set here, at collection time.
 """
 
 import os
