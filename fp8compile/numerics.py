@@ -56,6 +56,7 @@ __all__ = [
     "compute_scale",
     "dequantize",
     "fp8_linear_reference",
+    "m_contiguous",
     "quantize",
     "quantize_with_scale",
     "sqnr",
@@ -191,7 +192,9 @@ def quantize_with_scale(
 ) -> torch.Tensor:
     """``saturate(rne(x / scale))`` with a given scale (static or delayed scaling)."""
     k = x.shape[-1] if x.dim() else 1
-    rows = x.reshape(-1, k).float()
+    # contiguous(): a permuted input can reshape to a strided view, and the payload must come
+    # out row-major whatever the input's layout (the GEMM and the ops' fake impls assume it).
+    rows = x.contiguous().reshape(-1, k).float()
     s = _expand_scale(scale.float(), rows.shape, granularity, block)
     return cast_to_fp8(rows / s, fmt).reshape(x.shape)
 
@@ -211,8 +214,15 @@ def quantize(
     s = compute_scale(amax(x, granularity, block), fmt, power_of_2)
     q = quantize_with_scale(x, s, granularity, fmt, block)
     if granularity is Granularity.GROUP:
-        s = s.t().contiguous().t()
+        s = m_contiguous(s)
     return q, s
+
+
+def m_contiguous(s: torch.Tensor) -> torch.Tensor:
+    """``s (M, KB)`` stored with strides ``(1, M)``, also when a dim is 1 (where
+    ``.t().contiguous().t()`` would keep ``s``'s own strides)."""
+    out = torch.empty_strided(s.shape, (1, max(1, s.shape[0])), dtype=s.dtype, device=s.device)
+    return out.copy_(s)
 
 
 def dequantize(

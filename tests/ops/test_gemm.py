@@ -1,0 +1,81 @@
+"""fp8compile::scaled_mm against the numerics reference (CPU path)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fp8compile  # noqa: F401
+from fp8compile import numerics as nx
+
+OPS = torch.ops.fp8compile
+RECIPES = [("group", "block"), ("row", "row"), ("tensor", "tensor")]
+
+
+def _operands(x, w, xg, wg):
+    xq, xs = OPS.quantize(x, xg, "e4m3", False)
+    wq, ws = OPS.quantize(w, wg, "e4m3", False)
+    return xq, xs, wq, ws
+
+
+@pytest.mark.parametrize("xg, wg", RECIPES)
+@pytest.mark.parametrize("m, n, k", [(1, 128, 128), (7, 130, 200), (64, 256, 384)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_scaled_mm_vs_fp32(xg, wg, m, n, k, bias):
+    x, w = torch.randn(m, k), torch.randn(n, k) * 0.1
+    b = torch.randn(n) if bias else None
+    xq, xs, wq, ws = _operands(x, w, xg, wg)
+    y = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, b, torch.float32, "precise", "none", None)
+    want = nx.fp8_linear_reference(xq, xs, nx.Granularity(xg), wq, ws, nx.Granularity(wg), b,
+                                   torch.float32)
+    torch.testing.assert_close(y, want)
+    sqnr = nx.sqnr(F.linear(x, w, b), y)
+    assert sqnr >= 24.0, f"{sqnr=}"
+
+
+@pytest.mark.parametrize("act, fn", [("gelu", F.gelu), ("silu", F.silu), ("relu", F.relu)])
+def test_epilogue(act, fn):
+    x, w, r = torch.randn(3, 5, 256), torch.randn(128, 256), torch.randn(3, 5, 128)
+    xq, xs, wq, ws = _operands(x, w, "group", "block")
+    plain = OPS.scaled_mm(xq, xs, "group", wq, ws, "block", None, torch.float32, "precise",
+                          "none", None)
+    y = OPS.scaled_mm(xq, xs, "group", wq, ws, "block", None, torch.bfloat16, "fast", act, r)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 128)
+    torch.testing.assert_close(y, (fn(plain) + r).bfloat16())
+
+
+def test_opcheck():
+    x, w = torch.randn(2, 3, 200), torch.randn(130, 200)
+    xq, xs, wq, ws = _operands(x, w, "group", "block")
+    args = (xq, xs, "group", wq, ws, "block", torch.randn(130), torch.bfloat16, "precise",
+            "silu", torch.randn(2, 3, 130))
+    # test_schema multiplies the inputs, which CPU FP8 tensors do not support.
+    torch.library.opcheck(OPS.scaled_mm.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_inputs_are_named():
+    x, w = torch.randn(4, 256), torch.randn(128, 256)
+    xq, xs, wq, ws = _operands(x, w, "row", "row")
+    with pytest.raises(ValueError, match="FP8 operands"):
+        OPS.scaled_mm(x, xs, "row", wq, ws, "row", None, torch.float32, "precise", "none", None)
+    with pytest.raises(ValueError, match="K=256"):
+        OPS.scaled_mm(xq, xs, "row", wq[:, :128], ws, "row", None, torch.float32, "precise",
+                      "none", None)
+    with pytest.raises(ValueError, match="bias shape"):
+        OPS.scaled_mm(xq, xs, "row", wq, ws, "row", torch.randn(3), torch.float32, "precise",
+                      "none", None)
+    with pytest.raises(ValueError, match="activation='tanh'"):
+        OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "precise", "tanh",
+                      None)
+
+
+def test_nan_row_stays_in_its_row_and_zeros_give_zeros():
+    x, w = torch.randn(6, 256), torch.randn(128, 256)
+    x[2, 7] = float("nan")
+    x[4] = 0
+    for xg, wg in RECIPES:
+        xq, xs, wq, ws = _operands(x, w, xg, wg)
+        y = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float32, "precise", "none", None)
+        assert y[2].isnan().all()
+        assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all(), xg
+        assert (y[4] == 0).all()

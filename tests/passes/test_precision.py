@@ -1,0 +1,97 @@
+import torch
+from torch import nn
+
+import fp8compile
+from fp8compile import Precision, Rule
+from tests.models import LlamaBlock, TinyLM
+
+
+def _by_module(plan):
+    return {e.module: e for e in plan.gemms}
+
+
+def test_every_node_gets_a_precision_and_a_reason():
+    plan = fp8compile.plan(TinyLM(), torch.randint(0, 512, (2, 8)))
+    assert len(plan) > 30
+    for e in plan:
+        assert e.precision in set(Precision) - {Precision.AUTO}
+        assert e.reason and e.rule
+    g = _by_module(plan)
+    assert g["lm_head"].precision == "fp32" and g["lm_head"].rule == "rule:output_head"
+    fp8 = {m for m, e in g.items() if e.is_fp8}
+    assert fp8 == {f"layers.{i}.{p}" for i in range(2) for p in (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")}
+    assert all(e.recipe == "blockwise" and "128x128" in e.reason for e in plan.fp8)
+    norms = [e for e in plan if e.rule == "rule:norm"]
+    assert norms and all(e.precision == "fp32" for e in norms)
+
+
+class Odd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.small = nn.Linear(64, 64)
+        self.k100 = nn.Linear(100, 256)
+        self.k208 = nn.Linear(208, 256)
+        self.n130 = nn.Linear(256, 130)
+
+    def forward(self, x, y, z):
+        return self.small(x), self.k100(y), self.k208(z) + 1, self.n130(self.k208(z)) * 2
+
+
+# Every linear of Odd feeds an output directly, so the output-head rule is off here.
+NO_HEAD = [r.value for r in Rule if r is not Rule.OUTPUT_HEAD]
+
+
+def test_shape_and_size_rules_say_why():
+    args = (torch.randn(3, 64), torch.randn(3, 100), torch.randn(3, 208))
+    g = _by_module(fp8compile.plan(Odd(), *args, config={"rules": NO_HEAD}))
+    assert g["small"].rule == "small" and "min_weight_numel=16384" in g["small"].reason
+    assert g["k100"].rule == "shape" and "K=100" in g["k100"].reason
+    assert g["n130"].rule == "shape" and "N=130" in g["n130"].reason
+    assert g["k208"].is_fp8 and "partial" in g["k208"].reason
+    g = _by_module(fp8compile.plan(Odd(), *args, config={"min_weight_numel": 0,
+                                                          "rules": NO_HEAD}))
+    assert g["small"].is_fp8
+
+
+def test_overrides_change_the_plan():
+    ids = torch.randint(0, 512, (2, 8))
+    cfg = {"overrides": {"lm_head": "fp8", "layers.0.*": "bf16"}}
+    g = _by_module(fp8compile.plan(TinyLM(), ids, config=cfg))
+    assert g["lm_head"].is_fp8 and g["lm_head"].rule == "override:lm_head"
+    for m, e in g.items():
+        if m.startswith("layers.0."):
+            assert e.precision == "bf16" and e.rule == "override:layers.0.*", m
+        elif m.startswith("layers.1."):
+            assert e.is_fp8, m
+
+
+def test_fp8_override_cannot_force_an_impossible_shape():
+    g = _by_module(fp8compile.plan(Odd(), torch.randn(3, 64), torch.randn(3, 100),
+                                   torch.randn(3, 208), config={"overrides": {"k100": "fp8"}}))
+    assert not g["k100"].is_fp8 and "refused" in g["k100"].reason and "K=100" in g["k100"].reason
+
+
+def test_calibration_figures_demote_and_show():
+    cfg = {"min_sqnr_db": 20.0, "calibration": {"up_proj": {"sqnr_db": 12.5, "amax": 30.0},
+                                                "down_proj": {"sqnr_db": 29.0, "amax": 4.0}}}
+    g = _by_module(fp8compile.plan(LlamaBlock(), torch.randn(1, 4, 256), config=cfg))
+    assert g["up_proj"].rule == "calibration" and "12.5 dB" in g["up_proj"].reason
+    assert not g["up_proj"].is_fp8 and g["up_proj"].sqnr_db == 12.5
+    assert g["down_proj"].is_fp8 and g["down_proj"].amax == 4.0
+
+
+def test_static_scaling_without_calibration_keeps_high_precision():
+    cfg = {"recipe": "tensorwise", "scaling": "static", "static_scales": {"q_proj": 5.0}}
+    g = _by_module(fp8compile.plan(LlamaBlock(), torch.randn(1, 4, 256), config=cfg))
+    assert g["q_proj"].is_fp8 and "static" in g["q_proj"].reason
+    assert g["k_proj"].rule == "calibration" and "fp8compile.calibrate" in g["k_proj"].reason
+
+
+def test_flops_and_summary():
+    plan = fp8compile.plan(LlamaBlock(), torch.randn(2, 8, 256))
+    g = _by_module(plan)
+    assert g["gate_proj"].flops == 2 * 16 * 512 * 256
+    assert plan.fp8_flop_share() == 1.0
+    text = plan.summary()
+    assert "gate_proj" in text and "7 GEMMs: 7 fp8" in text

@@ -1,0 +1,65 @@
+import torch
+from torch import nn
+
+from tests.models import LlamaBlock, rel_err
+
+OPS = torch.ops.fp8compile
+
+
+def _count(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.target is target)
+
+
+def test_inference_rewrite_shares_activation_quant_and_hoists_weights(passes):
+    x = torch.randn(2, 8, 256)
+    model = LlamaBlock()
+    gm, inputs, ctx = passes(model, x)
+    assert _count(gm, torch._C._nn.linear) == 0
+    assert _count(gm, OPS.scaled_mm.default) == 7
+    # q/k/v share the normed input, gate/up the second one: 4 quantizations, not 7.
+    assert _count(gm, OPS.quantize.default) == 4
+    assert len(ctx.weight_caches) == 7 and len(ctx.extra_inputs) == 14
+    assert ctx.stats["fp8_weight_bytes"] < ctx.stats["weight_bytes"] / 3.9
+    extra = [p(inputs) for p in ctx.extra_inputs]
+    with torch.no_grad():
+        (y,) = gm(*inputs, *extra)
+        assert rel_err(y, model(x)) < 0.03
+
+
+def test_training_rewrite_keeps_weights_in_the_graph(passes):
+    gm, inputs, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), inference=False)
+    assert _count(gm, OPS.linear.default) == 7
+    assert _count(gm, OPS.quantize.default) == 0 and not ctx.extra_inputs
+
+
+class WeightAsMatmul(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(256, 384) * 0.05)  # (K, N)
+
+    def forward(self, x, y):
+        return x @ self.w, torch.bmm(x, y)
+
+
+def test_matmul_with_weight_and_batched_matmul(passes):
+    x, y = torch.randn(3, 16, 256), torch.randn(3, 256, 128)
+    model = WeightAsMatmul()
+    gm, inputs, ctx = passes(model, x, y)
+    assert _count(gm, OPS.scaled_mm.default) == 1 and _count(gm, OPS.matmul.default) == 1
+    assert any(n.target is torch.t for n in gm.graph.nodes) is False, "t(w) moved to the cache"
+    assert ctx.weight_caches[0].transposed
+    with torch.no_grad():
+        a, b = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+        ra, rb = model(x, y)
+    assert rel_err(a, ra) < 0.06 and rel_err(b, rb) < 0.06
+
+
+def test_high_precision_override_casts(passes):
+    gm, inputs, _ = passes(LlamaBlock(), torch.randn(1, 4, 256),
+                           config={"overrides": {"down_proj": "bf16"}})
+    linears = [n for n in gm.graph.nodes if n.target is torch._C._nn.linear]
+    assert len(linears) == 1
+    (down,) = linears
+    assert all(a.target == "to" and a.args[1] is torch.bfloat16 for a in down.args[:2])
+    (back,) = down.users
+    assert back.target == "to" and back.args[1] is torch.float32
