@@ -167,7 +167,7 @@ class Plan:
         if "weight_bytes" in self.stats:
             lines.append(
                 f"weights quantized once: {self.stats['weight_bytes'] / 2**20:.2f} MiB -> "
-                f"{self.stats['fp8_weight_bytes'] / 2**20:.2f} MiB in FP8 (+ scales)"
+                f"{self.stats['fp8_weight_bytes'] / 2**20:.2f} MiB in FP8 (scales included)"
             )
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
