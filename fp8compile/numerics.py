@@ -59,6 +59,8 @@ __all__ = [
     "m_contiguous",
     "quantize",
     "quantize_with_scale",
+    "rmsnorm_quantize",
+    "silu_mul_quantize",
     "sqnr",
 ]
 
@@ -261,6 +263,38 @@ def fp8_linear_reference(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*xq.shape[:-1], wq.shape[0]).to(out_dtype)
+
+
+def rmsnorm_quantize(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(x * rsqrt(mean(x², -1) + eps) * weight)`` with the norm in fp32.
+
+    The fused producer of the blockwise recipe: the normed activation is never rounded to the
+    model dtype before quantization.
+    """
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return quantize(y, granularity, fmt, power_of_2)
+
+
+def silu_mul_quantize(
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(silu(gate) * up)`` computed in fp32 (the SwiGLU producer of down_proj)."""
+    y = torch.nn.functional.silu(gate.float()) * up.float()
+    return quantize(y, granularity, fmt, power_of_2)
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

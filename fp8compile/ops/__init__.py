@@ -14,6 +14,8 @@ op                                         meaning
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs)
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
+``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
+``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in
 ========================================  ==================================================
 
 Granularities and formats travel as strings (``"group"``, ``"e4m3"``...) because op schemas
@@ -31,7 +33,7 @@ Example::
     torch.Size([8, 128])
 """
 
-from . import gemm, linear, quant  # noqa: F401  (registration happens on import)
+from . import fused, gemm, linear, quant, training_state  # noqa: F401  (registration happens on import)
 from ._common import ACTIVATIONS, check_fp8_input, scale_shape
 from .gemm import scaled_mm_reference
 from .linear import fp8_mm

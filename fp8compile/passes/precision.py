@@ -181,8 +181,18 @@ class PrecisionPass(Fp8Pass):
         if cfg.scaling is not Scaling.DYNAMIC:
             if self.ctx.inference and ops["w_is_param"]:
                 notes.append(f"{cfg.scaling.value} activation scale")
+            elif cfg.scaling is Scaling.DELAYED and ops["w_is_param"]:
+                notes.append(
+                    f"delayed scaling: activation, weight and gradient scales from amax "
+                    f"histories of {cfg.amax_history_len} steps"
+                )
             else:
-                notes.append("dynamic activation scale (static/delayed apply to inference linears)")
+                notes.append("dynamic activation scale (static applies to inference linears)")
+        if not self.ctx.inference and ops["w_is_param"]:
+            notes.append(
+                f"backward dX, dW in FP8 ({cfg.gradient_format.value} gradients), "
+                "FP8 activation saved"
+            )
         meta["recipe"] = cfg.recipe
         self._set(meta, Precision.FP8, rule, f"{why}; " + "; ".join(notes))
 

@@ -84,11 +84,7 @@ class RewritePass(Fp8Pass):
                 if self.ctx.inference:
                     new = self._inference_linear(graph, node, meta, x, w, bias, xg, wg)
                 else:
-                    args = (x, w, bias, cfg.recipe.value, act, wfmt,
-                            cfg.gradient_format.value, p2, acc)
-                    full = graph.call_function(OPS.linear.default, args)
-                    info(full)["role"] = "fp8_gemm"
-                    new = graph.call_function(operator.getitem, (full, 0))
+                    new = self._training_linear(graph, node, meta, x, w, bias)
         new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
         info(new).setdefault("role", "fp8_gemm")
         node.replace_all_uses_with(new)
@@ -126,6 +122,28 @@ class RewritePass(Fp8Pass):
         )
         info(mm)["role"] = "fp8_gemm"
         return mm
+
+    def _training_linear(self, graph, node, meta, x, w, bias):
+        """``fp8compile.linear`` (dynamic), or ``linear_delayed`` with its amax histories as
+        graph inputs and ``push_amax`` updating them (see ops/training_state.py)."""
+        from ..ops.training_state import AmaxHistory
+
+        cfg = self.ctx.config
+        fmts = (cfg.activation_format.value, cfg.weight_format.value, cfg.gradient_format.value,
+                cfg.power_of_2_scales, cfg.accumulation.value)
+        if cfg.scaling is Scaling.DELAYED:
+            n, mod = cfg.amax_history_len, meta["module"]
+            hist = self.ctx.add_input(graph, f"{node.name}_amax_history",
+                                      AmaxHistory(n, 2, mod, "forward"))
+            ghist = self.ctx.add_input(graph, f"{node.name}_grad_amax_history",
+                                       AmaxHistory(n, 1, mod, "grad"))
+            full = graph.call_function(OPS.linear_delayed.default, (x, w, bias, hist, ghist, *fmts))
+            amax = graph.call_function(operator.getitem, (full, 4))
+            graph.call_function(OPS.push_amax.default, (hist, amax))
+        else:
+            full = graph.call_function(OPS.linear.default, (x, w, bias, cfg.recipe.value, *fmts))
+        info(full)["role"] = "fp8_gemm"
+        return graph.call_function(operator.getitem, (full, 0))
 
     # -- high-precision overrides -----------------------------------------------------------
 

@@ -5,6 +5,7 @@ from fp8compile import Fp8Config
 from fp8compile.passes import (
     CompileContext,
     Fp8Pass,
+    FusePass,
     PassManager,
     PassResult,
     PrecisionPass,
@@ -26,7 +27,7 @@ def test_order_follows_constraints_not_list_order():
         "SensitivityPass", "PrecisionPass", "RewritePass", "ScalesPass"
     ]
     assert [type(p) for p in PassManager(default_passes(ctx)).passes] == [
-        SensitivityPass, PrecisionPass, RewritePass, ScalesPass
+        SensitivityPass, PrecisionPass, RewritePass, ScalesPass, FusePass
     ]
 
 

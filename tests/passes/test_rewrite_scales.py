@@ -16,8 +16,10 @@ def test_inference_rewrite_shares_activation_quant_and_hoists_weights(passes):
     gm, inputs, ctx = passes(model, x)
     assert _count(gm, torch._C._nn.linear) == 0
     assert _count(gm, OPS.scaled_mm.default) == 7
-    # q/k/v share the normed input, gate/up the second one: 4 quantizations, not 7.
-    assert _count(gm, OPS.quantize.default) == 4
+    # q/k/v share the normed input, gate/up the second one: 4 quantizations, not 7
+    # (3 of them then fused into their producers).
+    quants = [OPS.quantize.default, OPS.rmsnorm_quantize.default, OPS.silu_mul_quantize.default]
+    assert sum(_count(gm, t) for t in quants) == 4
     assert len(ctx.weight_caches) == 7 and len(ctx.extra_inputs) == 14
     assert ctx.stats["fp8_weight_bytes"] < ctx.stats["weight_bytes"] / 3.9
     extra = [p(inputs) for p in ctx.extra_inputs]
@@ -63,3 +65,34 @@ def test_high_precision_override_casts(passes):
     assert all(a.target == "to" and a.args[1] is torch.bfloat16 for a in down.args[:2])
     (back,) = down.users
     assert back.target == "to" and back.args[1] is torch.float32
+
+
+def test_norm_and_swiglu_quantization_fused_into_producers(passes):
+    x = torch.randn(2, 8, 256)
+    model = LlamaBlock()
+    gm, inputs, ctx = passes(model, x)
+    assert _count(gm, OPS.rmsnorm_quantize.default) == 2
+    assert _count(gm, OPS.silu_mul_quantize.default) == 1
+    assert _count(gm, OPS.quantize.default) == 1  # o_proj's input comes from SDPA
+    assert ctx.stats["fused_quantizations"] == 3
+    with torch.no_grad():
+        (y,) = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+        assert rel_err(y, model(x)) < 0.03
+
+
+class NormUsedTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.RMSNorm(256)
+        self.proj = nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return self.proj(h) + h  # h is also needed in high precision: no fusion
+
+
+def test_no_fusion_when_the_activation_is_needed_elsewhere(passes):
+    gm, _, ctx = passes(NormUsedTwice(), torch.randn(4, 256),
+                        config={"rules": ["norm", "residual"]})
+    assert _count(gm, OPS.rmsnorm_quantize.default) == 0
+    assert _count(gm, OPS.quantize.default) == 1

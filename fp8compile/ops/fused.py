@@ -1,0 +1,101 @@
+"""Quantization fused into its producer: RMSNorm → FP8 and SiLU(gate)·up → FP8.
+
+The activation is written once, in FP8, instead of in the model dtype and then again in FP8.
+The fuse pass (``passes/fuse.py``) introduces these ops where every consumer of the
+producer's output is the same quantization.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import numerics as nx
+from ._common import as_fmt, as_gran, check_fp8_input, empty_scale
+
+
+def _check_gran(granularity: str, what: str) -> nx.Granularity:
+    g = as_gran(granularity)
+    if g is nx.Granularity.BLOCK:
+        raise ValueError(
+            f"{what}: granularity='block' is for weights; fused producers quantize activations "
+            "('tensor', 'row' or 'group')"
+        )
+    return g
+
+
+def _check_norm(x: Tensor, weight: Optional[Tensor]) -> None:
+    check_fp8_input(x, "rmsnorm_quantize input")
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
+            "the last dim of x"
+        )
+
+
+@torch.library.custom_op("fp8compile::rmsnorm_quantize", mutates_args=())
+def rmsnorm_quantize(
+    x: Tensor, weight: Optional[Tensor], eps: float, granularity: str, fmt: str,
+    power_of_2: bool,
+) -> tuple[Tensor, Tensor]:
+    """FP8 ``(q, scale)`` of RMSNorm(x) over the last dim, the norm computed in fp32."""
+    _check_norm(x, weight)
+    g = _check_gran(granularity, "rmsnorm_quantize")
+    return nx.rmsnorm_quantize(x, weight, eps, g, as_fmt(fmt), power_of_2)
+
+
+@rmsnorm_quantize.register_fake
+def _(x, weight, eps, granularity, fmt, power_of_2):
+    g = _check_gran(granularity, "rmsnorm_quantize")
+    return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype), empty_scale(x, g)
+
+
+@rmsnorm_quantize.register_kernel("cuda")
+def _(x, weight, eps, granularity, fmt, power_of_2):
+    from .. import kernels
+
+    _check_norm(x, weight)
+    g, f = _check_gran(granularity, "rmsnorm_quantize"), as_fmt(fmt)
+    if kernels.available(x):
+        w = weight if weight is not None else x.new_ones(x.shape[-1])
+        return kernels.rmsnorm_quantize(x, w, eps, g, f, power_of_2)
+    return nx.rmsnorm_quantize(x, weight, eps, g, f, power_of_2)
+
+
+def _check_swiglu(gate: Tensor, up: Tensor) -> None:
+    check_fp8_input(gate, "silu_mul_quantize gate")
+    check_fp8_input(up, "silu_mul_quantize up")
+    if gate.shape != up.shape:
+        raise ValueError(
+            f"silu_mul_quantize: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have "
+            "the same shape"
+        )
+
+
+@torch.library.custom_op("fp8compile::silu_mul_quantize", mutates_args=())
+def silu_mul_quantize(
+    gate: Tensor, up: Tensor, granularity: str, fmt: str, power_of_2: bool
+) -> tuple[Tensor, Tensor]:
+    """FP8 ``(q, scale)`` of ``silu(gate) * up``, computed in fp32."""
+    _check_swiglu(gate, up)
+    g = _check_gran(granularity, "silu_mul_quantize")
+    return nx.silu_mul_quantize(gate, up, g, as_fmt(fmt), power_of_2)
+
+
+@silu_mul_quantize.register_fake
+def _(gate, up, granularity, fmt, power_of_2):
+    g = _check_gran(granularity, "silu_mul_quantize")
+    return gate.new_empty(gate.shape, dtype=as_fmt(fmt).dtype), empty_scale(gate, g)
+
+
+@silu_mul_quantize.register_kernel("cuda")
+def _(gate, up, granularity, fmt, power_of_2):
+    from .. import kernels
+
+    _check_swiglu(gate, up)
+    g, f = _check_gran(granularity, "silu_mul_quantize"), as_fmt(fmt)
+    if kernels.available(gate):
+        return kernels.silu_mul_quantize(gate, up, g, f, power_of_2)
+    return nx.silu_mul_quantize(gate, up, g, f, power_of_2)
