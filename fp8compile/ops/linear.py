@@ -1,4 +1,24 @@
-"""Training ops: the FP8 linear with FP8 backward GEMMs, and activation x activation matmul."""
+"""Training ops: the FP8 linear with FP8 backward GEMMs, and activation x activation matmul.
+
+``fp8compile::linear`` (dynamic scales, every recipe).  Three FP8 GEMMs per step, each with
+fp32 accumulation; ``a`` is quantized like an activation (1x128 / row / tensor along its last
+dim), ``b`` like a weight (128x128 / row / tensor)::
+
+    forward   y  = x  @ Wᵀ      a = x  (M, K)     b = W  (N, K)       saved: xq, xs (FP8)
+    backward  dX = dY @ W       a = dY (M, N)     b = Wᵀ (K, N)       dY in gradient_format
+              dW = dYᵀ @ X      a = dYᵀ (N, M)    b = Xᵀ (K, M)       X from its FP8 copy
+
+so in the blockwise recipe the output gradient is scaled per 1x128 group along N for dX and
+along M for dW (DeepSeek-V3 §3.3), and the weight per 128x128 block in both directions.  In the
+tensorwise recipe one scale serves a tensor and its transpose, so dY is quantized once and the
+saved ``xq`` is reused as is (no second rounding of X).
+
+The activation saved for backward is the FP8 ``xq`` (1 byte/element plus one fp32 scale per
+128 elements in blockwise) instead of ``x`` (2 bytes in bf16, 4 in fp32).  The weight is saved
+as the parameter itself (no copy) and requantized in backward.
+
+Delayed scaling in training lives in :mod:`fp8compile.ops.training_state`.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +45,7 @@ def _recipe_grans(recipe: str) -> tuple[str, str]:
 
 def fp8_mm(
     a: Tensor, b_t: Tensor, recipe: str, a_fmt: str, b_fmt: str, accumulation: str,
-    out_dtype: torch.dtype,
+    out_dtype: torch.dtype, power_of_2: bool = False,
 ) -> Tensor:
     """``a @ b_t.T`` with both operands quantized along their last dim by ``recipe``.
 
@@ -33,8 +53,8 @@ def fp8_mm(
     (128x128 / row / tensor).  Used for the forward and both backward GEMMs.
     """
     xg, wg = _recipe_grans(recipe)
-    aq, as_ = torch.ops.fp8compile.quantize(a, xg, a_fmt, False)
-    bq, bs = torch.ops.fp8compile.quantize(b_t.contiguous(), wg, b_fmt, False)
+    aq, as_ = torch.ops.fp8compile.quantize(a.contiguous(), xg, a_fmt, power_of_2)
+    bq, bs = torch.ops.fp8compile.quantize(b_t.contiguous(), wg, b_fmt, power_of_2)
     return torch.ops.fp8compile.scaled_mm(
         aq, as_, xg, bq, bs, wg, None, out_dtype, accumulation, "none", None
     )
@@ -55,10 +75,21 @@ def linear(
     """``(x @ weight.T + bias, xq, xs)``: FP8 linear whose quantized input is kept for backward.
 
     The second and third outputs are the FP8 activation and its scales, saved for the weight
-    gradient instead of the high-precision ``x`` (half or a quarter of its memory).
+    gradient instead of the high-precision ``x`` (half or a quarter of its memory).  The
+    output has ``x``'s dtype; the gradients have the dtypes of ``x``, ``weight`` and ``bias``
+    (FP32 master weights get FP32 gradients).
+
+    Example::
+
+        >>> x = torch.randn(4, 256, requires_grad=True)
+        >>> w = torch.randn(128, 256, requires_grad=True)
+        >>> y, xq, xs = torch.ops.fp8compile.linear(x, w, None, "blockwise", "e4m3", "e4m3",
+        ...                                         "e5m2", False, "precise")
+        >>> y.sum().backward()
+        >>> w.grad.shape, xq.dtype
+        (torch.Size([128, 256]), torch.float8_e4m3fn)
     """
-    check_fp8_input(x, "linear input")
-    check_fp8_input(weight, "linear weight")
+    _check_linear(x, weight, bias)
     xg, wg = _recipe_grans(recipe)
     xq, xs = torch.ops.fp8compile.quantize(x, xg, act_fmt, power_of_2)
     wq, ws = torch.ops.fp8compile.quantize(weight, wg, weight_fmt, power_of_2)
@@ -66,6 +97,18 @@ def linear(
         xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None
     )
     return y, xq, xs
+
+
+def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    check_fp8_input(x, "linear input")
+    check_fp8_input(weight, "linear weight")
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"linear: input has K={x.shape[-1] if x.dim() else None} but weight has shape "
+            f"{tuple(weight.shape)}; weight must be (N, K) like nn.Linear.weight"
+        )
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear: bias shape {tuple(bias.shape)} must be ({weight.shape[0]},)")
 
 
 @linear.register_fake
@@ -80,24 +123,67 @@ def _linear_setup(ctx, inputs, output):
     x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation = inputs
     _, xq, xs = output
     ctx.save_for_backward(xq, xs, weight)
-    ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, accumulation, x.dtype, bias is not None)
+    ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation, x.dtype,
+                bias.dtype if bias is not None else None)
     ctx.mark_non_differentiable(xq, xs)
 
 
 def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
     xq, xs, weight = ctx.saved_tensors
-    recipe, act_fmt, weight_fmt, grad_fmt, accumulation, x_dtype, has_bias = ctx.meta
-    xg, _ = _recipe_grans(recipe)
+    recipe, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     n, k = weight.shape
     dy = grad_y.reshape(-1, n)
-    # dX = dY @ W: dY quantized along N (its rows), W seen as (K, N) "weight".
-    dx = fp8_mm(dy, weight.t(), recipe, grad_fmt, weight_fmt, accumulation, x_dtype)
-    dx = dx.reshape(*grad_y.shape[:-1], k)
-    # dW = dYᵀ @ X: both quantized along M.  X comes back from its saved FP8 copy.
-    x = nx.dequantize(xq, xs, as_gran(xg)).reshape(-1, k)
-    dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, accumulation, torch.float32)
-    db = dy.float().sum(0).to(weight.dtype) if has_bias else None
-    return dx, dw.to(weight.dtype), db, None, None, None, None, None, None
+    dx = dw = db = None
+    if recipe == "tensorwise":
+        dx, dw = _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc,
+                                      x_dtype, need_x, need_w)
+    else:
+        xg, _ = _recipe_grans(recipe)
+        if need_x:
+            # dX = dY @ W: dY scaled along N (1x128 / per token), Wᵀ (K, N) as the "weight".
+            dx = fp8_mm(dy, weight.t(), recipe, grad_fmt, weight_fmt, acc, x_dtype, p2)
+        if need_w:
+            # dW = dYᵀ @ X: both scaled along M.  X comes back from its FP8 copy, in its own
+            # dtype (not fp32), so the transient copy is no larger than the original.
+            x = nx.dequantize(xq, xs, as_gran(xg), dtype=x_dtype).reshape(-1, k)
+            dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, torch.float32, p2)
+    if dx is not None:
+        dx = dx.reshape(*grad_y.shape[:-1], k)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    if need_b and bias_dtype is not None:
+        db = dy.float().sum(0).to(bias_dtype)
+    return dx, dw, db, None, None, None, None, None, None
+
+
+def _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dtype,
+                         need_x, need_w, grad_scale=None, weight_scale=None):
+    """Both backward GEMMs with one scale per tensor: dY is quantized once and the saved
+    ``xq`` is used transposed as is.  ``grad_scale`` / ``weight_scale`` (delayed scaling)
+    replace the dynamic scales when given."""
+    ops = torch.ops.fp8compile
+    k = weight.shape[1]
+    if grad_scale is None:
+        dyq, gs = ops.quantize(dy.contiguous(), "tensor", grad_fmt, p2)
+    else:
+        gs = grad_scale
+        dyq = nx.quantize_with_scale(dy, gs, nx.Granularity.TENSOR, as_fmt(grad_fmt))
+    dx = dw = None
+    if need_x:
+        wt = weight.t().contiguous()
+        if weight_scale is None:
+            wq_t, ws = ops.quantize(wt, "tensor", weight_fmt, p2)
+        else:
+            ws = weight_scale
+            wq_t = nx.quantize_with_scale(wt, ws, nx.Granularity.TENSOR, as_fmt(weight_fmt))
+        dx = ops.scaled_mm(dyq, gs, "tensor", wq_t, ws, "tensor", None, x_dtype, acc, "none",
+                           None)
+    if need_w:
+        x_t = xq.reshape(-1, k).t().contiguous()
+        dw = ops.scaled_mm(dyq.t().contiguous(), gs, "tensor", x_t, xs, "tensor", None,
+                           torch.float32, acc, "none", None)
+    return dx, dw
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
@@ -112,7 +198,9 @@ def matmul(a: Tensor, b: Tensor, recipe: str, fmt: str, accumulation: str) -> Te
     """``a @ b`` for batched activations ``a (..., M, K)``, ``b (..., K, N)``, both FP8.
 
     Each batch entry is one FP8 GEMM with ``a`` scaled like an activation and ``bᵀ`` like a
-    weight of the recipe.
+    weight of the recipe.  The backward runs the two gradient GEMMs the same way (FP8, same
+    format), and saves the high-precision operands (they are activations another op may
+    also hold).
     """
     check_fp8_input(a, "matmul lhs")
     check_fp8_input(b, "matmul rhs")
@@ -146,9 +234,12 @@ def _matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
     recipe, fmt, accumulation = ctx.meta
     mm = torch.ops.fp8compile.matmul
-    da = mm(grad, b.transpose(-1, -2), recipe, fmt, accumulation)
-    db = mm(a.transpose(-1, -2), grad, recipe, fmt, accumulation)
-    return _sum_to(da, a.shape), _sum_to(db, b.shape), None, None, None
+    da = db = None
+    if ctx.needs_input_grad[0]:
+        da = _sum_to(mm(grad, b.transpose(-1, -2), recipe, fmt, accumulation), a.shape)
+    if ctx.needs_input_grad[1]:
+        db = _sum_to(mm(a.transpose(-1, -2), grad, recipe, fmt, accumulation), b.shape)
+    return da, db, None, None, None
 
 
 def _sum_to(g: Tensor, shape) -> Tensor:

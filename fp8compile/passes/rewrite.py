@@ -84,7 +84,8 @@ class RewritePass(Fp8Pass):
                 if self.ctx.inference:
                     new = self._inference_linear(graph, node, meta, x, w, bias, xg, wg)
                 else:
-                    new = self._training_linear(graph, node, meta, x, w, bias)
+                    fmts = (act, wfmt, cfg.gradient_format.value, p2, acc)
+                    new = self._training_linear(graph, node, meta, (x, w, bias), fmts)
         new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
         info(new).setdefault("role", "fp8_gemm")
         node.replace_all_uses_with(new)
@@ -123,14 +124,13 @@ class RewritePass(Fp8Pass):
         info(mm)["role"] = "fp8_gemm"
         return mm
 
-    def _training_linear(self, graph, node, meta, x, w, bias):
+    def _training_linear(self, graph, node, meta, operands, fmts):
         """``fp8compile.linear`` (dynamic), or ``linear_delayed`` with its amax histories as
         graph inputs and ``push_amax`` updating them (see ops/training_state.py)."""
         from ..ops.training_state import AmaxHistory
 
         cfg = self.ctx.config
-        fmts = (cfg.activation_format.value, cfg.weight_format.value, cfg.gradient_format.value,
-                cfg.power_of_2_scales, cfg.accumulation.value)
+        x, w, bias = operands
         if cfg.scaling is Scaling.DELAYED:
             n, mod = cfg.amax_history_len, meta["module"]
             hist = self.ctx.add_input(graph, f"{node.name}_amax_history",

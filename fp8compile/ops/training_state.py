@@ -1,0 +1,173 @@
+"""Delayed scaling in training: the FP8 linear whose scales come from amax histories.
+
+TransformerEngine's DelayedScaling, as functional state a compiled graph updates: each FP8
+linear owns two fp32 buffers, graph inputs the backend feeds (:class:`AmaxHistory`)::
+
+    history       (2, L)   row 0: activation amax, row 1: weight amax   newest first
+    grad_history  (1, L)   output-gradient amax                          newest first
+
+The scale of a tensor is ``max(its history) / fmax`` (this call's amax while the history is
+still all zero, i.e. on the first step), so a tensor whose amax grows between steps
+saturates to ±fmax until the history catches up — the trade delayed scaling makes for
+not reducing over the tensor before quantizing it.  The rewritten graph reads::
+
+    y, xq, xs, ws, amax = fp8compile.linear_delayed(x, w, b, history, grad_history, ...)
+    fp8compile.push_amax(history, amax)              # forward: x and w amax pushed
+
+and the backward of ``linear_delayed`` pushes the gradient amax into ``grad_history``.
+
+Two buffers, not one, because the forward history is mutated after the op ran: autograd
+forbids saving a tensor for backward and changing it afterwards, and a view of the same
+storage shares its version counter.  The mutations are ``mutates_args`` custom ops, so
+AOTAutograd functionalizes them (forward: an input mutation it replays; backward: a mutation
+of a saved input) and ``torch.compile`` keeps one graph: no graph break.
+
+Delayed scaling is tensorwise only (``Fp8Config`` enforces it): one amax per tensor is what a
+history can hold, and one scale serves a tensor and its transpose, so each backward GEMM
+reuses the forward's FP8 ``xq`` and the weight scale as they are.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from .. import numerics as nx
+from ..numerics import Granularity
+from ._common import as_fmt, empty_scale
+from .linear import _check_linear, _tensorwise_backward
+
+__all__ = ["AmaxHistory", "delayed_scale", "linear_delayed", "push_amax"]
+
+_T = Granularity.TENSOR
+
+
+def delayed_scale(history: Tensor, current: Tensor, fmt: nx.Fp8Format, power_of_2: bool):
+    """Scale from the max over ``history``'s last dim; ``current`` where that max is 0."""
+    past = history.amax(dim=-1)
+    return nx.compute_scale(torch.where(past > 0, past, current), fmt, power_of_2)
+
+
+@torch.library.custom_op("fp8compile::push_amax", mutates_args=("history",))
+def push_amax(history: Tensor, amax: Tensor) -> None:
+    """Shift ``history (R, L)`` one step older and write ``amax (R,)`` as the newest entry."""
+    if history.dim() != 2 or amax.shape != history.shape[:1]:
+        raise ValueError(
+            f"push_amax: history {tuple(history.shape)} must be (R, L) and amax "
+            f"{tuple(amax.shape)} must be (R,)"
+        )
+    new = torch.cat([amax.reshape(-1, 1).to(history.dtype), history[:, :-1]], dim=1)
+    history.copy_(new)
+
+
+@push_amax.register_fake
+def _(history, amax):
+    return None
+
+
+@torch.library.custom_op("fp8compile::linear_delayed", mutates_args=())
+def linear_delayed(
+    x: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    history: Tensor,
+    grad_history: Tensor,
+    act_fmt: str,
+    weight_fmt: str,
+    grad_fmt: str,
+    power_of_2: bool,
+    accumulation: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Tensorwise FP8 linear with delayed scales: ``(y, xq, xs, ws, amax)``.
+
+    ``history (2, L)`` gives the activation and weight scales (it is read, not changed: the
+    graph pushes the returned ``amax = [amax(x), amax(w)]`` with :func:`push_amax`).
+    ``grad_history (1, L)`` gives the output-gradient scale in backward, which pushes the
+    gradient's amax into it.
+
+    Example::
+
+        >>> x = torch.randn(8, 256, requires_grad=True)
+        >>> w = torch.randn(128, 256, requires_grad=True)
+        >>> h, gh = torch.zeros(2, 16), torch.zeros(1, 16)
+        >>> y, xq, xs, ws, amax = torch.ops.fp8compile.linear_delayed(
+        ...     x, w, None, h, gh, "e4m3", "e4m3", "e5m2", False, "precise")
+        >>> torch.ops.fp8compile.push_amax(h, amax)
+        >>> y.sum().backward()
+        >>> bool(gh[0, 0] == 1.0)  # d(sum)/dy is all ones
+        True
+    """
+    _check_linear(x, weight, bias)
+    current = torch.stack([nx.amax(x, _T), nx.amax(weight, _T)]).float()
+    xs = delayed_scale(history[0], current[0], as_fmt(act_fmt), power_of_2)
+    ws = delayed_scale(history[1], current[1], as_fmt(weight_fmt), power_of_2)
+    xq = nx.quantize_with_scale(x, xs, _T, as_fmt(act_fmt))
+    wq = nx.quantize_with_scale(weight, ws, _T, as_fmt(weight_fmt))
+    y = torch.ops.fp8compile.scaled_mm(
+        xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none", None
+    )
+    return y, xq, xs, ws, current
+
+
+@linear_delayed.register_fake
+def _(x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, power_of_2,
+      accumulation):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    xq = x.new_empty(x.shape, dtype=as_fmt(act_fmt).dtype)
+    scale = empty_scale(x, _T)
+    return y, xq, scale, scale.clone(), x.new_empty((2,), dtype=torch.float32)
+
+
+def _delayed_setup(ctx, inputs, output):
+    x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, p2, acc = inputs
+    _, xq, xs, ws, amax = output
+    ctx.save_for_backward(xq, xs, ws, weight, grad_history)
+    ctx.meta = (weight_fmt, grad_fmt, p2, acc, x.dtype, bias.dtype if bias is not None else None)
+    ctx.mark_non_differentiable(xq, xs, ws, amax)
+
+
+def _delayed_backward(ctx, grad_y, *_unused):
+    xq, xs, ws, weight, grad_history = ctx.saved_tensors
+    weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
+    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    n, k = weight.shape
+    dy = grad_y.reshape(-1, n)
+    current = nx.amax(dy, _T).float()
+    gs = delayed_scale(grad_history[0], current, as_fmt(grad_fmt), p2)
+    torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
+    dx, dw = _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dtype,
+                                  need_x, need_w, grad_scale=gs, weight_scale=ws)
+    if dx is not None:
+        dx = dx.reshape(*grad_y.shape[:-1], k)
+    if dw is not None:
+        dw = dw.to(weight.dtype)
+    db = dy.float().sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
+    return dx, dw, db, None, None, None, None, None, None, None
+
+
+linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup)
+
+
+class AmaxHistory:
+    """Provider of one persistent amax-history buffer (a graph input the backend feeds).
+
+    ``module`` and ``kind`` (``"forward"``: rows activation, weight; ``"grad"``: one row)
+    let :func:`fp8compile.training.amax_histories` show the state per layer.  The buffer
+    is created on the device of the first tensor argument and kept across calls.
+    """
+
+    def __init__(self, length: int, rows: int, module: str = "", kind: str = "forward"):
+        self.length, self.rows, self.module, self.kind = length, rows, module, kind
+        self.buf: Tensor | None = None
+
+    def __call__(self, args: Sequence[Any]) -> Tensor:
+        dev = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
+        if self.buf is None or self.buf.device != dev:
+            self.buf = torch.zeros(self.rows, self.length, dtype=torch.float32, device=dev)
+        return self.buf
+
+    def __repr__(self) -> str:
+        return f"AmaxHistory({self.module!r}, {self.kind}, {self.rows}x{self.length})"
