@@ -279,7 +279,15 @@ def _dump(out_dir, rows, blk_name, ao_name):
     with open(os.path.join(out_dir, "gemm_bench.json"), "w") as f:
         json.dump({"rows": rows, "cublas_block": blk_name, "torchao": ao_name,
                    "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                   "triton": triton.__version__}, f, indent=1)
+                   "triton": triton.__version__,
+                   "tuned": {str(key): str(cfg) for key, cfg in _tuned_cache().items()}},
+                  f, indent=1)
+
+
+def _tuned_cache():
+    from fp8compile.kernels import gemm
+
+    return getattr(gemm._tuned, "cache", {})
 
 
 def _ratio(t, a, b):

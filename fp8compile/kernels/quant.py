@@ -96,7 +96,9 @@ def _round_to_fp8_grid(y, IS_E4M3: tl.constexpr):
     normal = bits.to(tl.float32, bitcast=True)
     sub = (a + MAGIC) - MAGIC
     r = tl.where(a < MIN_NORMAL, sub, normal)
-    return tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)
+    # Copy y's sign bit: Triton's unary minus is 0 - r, which turns -0.0 into +0.0.
+    sign = y.to(tl.int32, bitcast=True) & -2147483648
+    return (r.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -147,6 +149,7 @@ def _quantize_kernel(
     PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
     AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,  # tensor/row: k_per_prog <= BLOCK_K, a single tile per program
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -186,6 +189,26 @@ def _quantize_kernel(
                 y = tl.math.div_rn(x, s[:, None])
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :], _fp8_bits(y, FMAX, IS_E4M3),
                      mask=rmask[:, None] & (cols[None, :] < K))
+    elif ONE_CHUNK:
+        # The program's whole K range is one tile: read x once, keep it in registers.
+        cols = k_lo + offs_k
+        x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
+                     stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+        a = tl.max(_finite_abs(x), axis=1)
+        if AMAX_ONLY:
+            tl.atomic_max(amax_ptr, tl.max(a, axis=0))
+        else:
+            if GRAN == 1:
+                s = _scale_from_amax(a, FMAX, POW2)
+                tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
+            else:
+                s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+                if (pid_m == 0) & (pid_k == 0):
+                    tl.store(s_ptr, s1)
+                s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
+            y = tl.math.div_rn(x, s[:, None])
+            tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
+                     _fp8_bits(y, FMAX, IS_E4M3), mask=rmask[:, None] & (cols[None, :] < K))
     else:
         if AMAX_ONLY or GRAN == 1:
             a = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -222,27 +245,28 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 def _launch_shape(m: int, k: int, granularity: Granularity, producer: int):
     """(BLOCK_M, BLOCK_K, k_per_prog, num_warps) for a rows x K problem.
 
-    Tiles hold ~4K fp32 values (32 per thread at 4 warps) so nothing spills;
-    GROUP programs cover up to 8 groups (4 KB of bf16 per row block) to amortise the
-    program start without starving the grid at decode sizes.
+    The loops over K are not software-pipelined, so parallelism comes from many small
+    programs: plain GROUP quantization runs one 32x128 tile per program (8192 programs at
+    8192x4096), and tensor/row scaling reads a whole row of up to 16384 values into
+    registers once (one load, no second pass over x) instead of looping twice over K.
     """
     if granularity is Granularity.BLOCK:
         return nx.BLOCK, nx.BLOCK, nx.BLOCK, 8
     if granularity is Granularity.GROUP:
         block_m = min(32, triton.next_power_of_2(max(m, 1)))
-        kb = math.ceil(k / nx.BLOCK)
-        rows_progs = math.ceil(m / block_m)
-        if producer == PRODUCER_RMSNORM:
-            groups = kb  # the row's rstd is computed once, by the one program of the row
-        else:
-            groups = max(1, min(8, kb * rows_progs // 512))
-        return block_m, nx.BLOCK, groups * nx.BLOCK, 4
-    block_k = min(triton.next_power_of_2(max(k, 16)), 1024)
-    block_m = max(1, min(32, 4096 // block_k, triton.next_power_of_2(max(m, 1))))
+        # RMSNorm's rstd is computed by the one program that owns the whole row.
+        k_per_prog = math.ceil(k / nx.BLOCK) * nx.BLOCK if producer == PRODUCER_RMSNORM \
+            else nx.BLOCK
+        return block_m, nx.BLOCK, k_per_prog, 4
+    if k <= 16384:
+        block_k = triton.next_power_of_2(max(k, 16))
+        block_m = max(1, min(32, 8192 // block_k, triton.next_power_of_2(max(m, 1))))
+        return block_m, block_k, k, 8 if block_m * block_k >= 8192 else 4
+    block_k = 4096
+    block_m = min(2, triton.next_power_of_2(max(m, 1)))
     if granularity is Granularity.ROW or producer == PRODUCER_RMSNORM:
-        return block_m, block_k, max(k, 1), 4
-    # TENSOR: split K too so a few long rows still fill the machine.
-    return block_m, block_k, max(block_k, 8 * block_k), 4
+        return block_m, block_k, k, 8
+    return block_m, block_k, 4 * block_k, 8  # TENSOR: split long rows over programs too
 
 
 def quantize_rows(
@@ -294,6 +318,7 @@ def quantize_rows(
         stride_qm=k, stride_sm=stride_sm, stride_sk=stride_sk,
         GRAN=GRAN_CODE[granularity], PRODUCER=producer,
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
+        ONE_CHUNK=k_per_prog <= block_k,
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
     )
     if granularity is Granularity.TENSOR:

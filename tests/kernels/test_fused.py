@@ -54,6 +54,17 @@ def test_silu_mul_quantize(device, granularity, power_of_2):
     assert_close_quant(got, want, Fp8Format.E4M3)
 
 
+def test_long_rows(device):
+    """Rows longer than one register tile take the looping path."""
+    x = torch.randn(2, 16500, device=device)
+    w = torch.rand(16500, device=device) + 0.5
+    for g in GRANS:
+        assert_close_quant(rmsnorm_quantize(x, w, 1e-5, g, Fp8Format.E4M3, False),
+                           rmsnorm_quantize_reference(x, w, 1e-5, g), Fp8Format.E4M3)
+        assert_close_quant(silu_mul_quantize(x, x.flip(-1), g, Fp8Format.E4M3, False),
+                           silu_mul_quantize_reference(x, x.flip(-1), g), Fp8Format.E4M3)
+
+
 def test_fused_rejects_bad_inputs(device):
     x = torch.randn(4, 64, device=device)
     with pytest.raises(ValueError, match="weight shape"):

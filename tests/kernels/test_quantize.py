@@ -55,7 +55,7 @@ def test_activation_matches_numerics(device, granularity, fmt, power_of_2):
     assert_same_quant(got, ref_quantize(x, granularity, fmt, power_of_2))
 
 
-@pytest.mark.parametrize("shape", [(1, 200), (2, 3, 130), (7, 384), (33, 16)])
+@pytest.mark.parametrize("shape", [(1, 200), (2, 3, 130), (7, 384), (33, 16), (3, 16500)])
 @pytest.mark.parametrize("granularity", ACT_GRANS)
 def test_odd_shapes(device, shape, granularity):
     x = (torch.randn(shape) * torch.rand(shape[-1]) * 100).to(device)
