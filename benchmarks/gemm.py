@@ -273,6 +273,43 @@ def run_bench(out_dir, shapes):
     return rows
 
 
+def run_quant_bench(out_dir):
+    """Bandwidth of the quantization kernels and the fused producers at 8192 x 4096 bf16."""
+    from fp8compile import kernels as K
+
+    m, k = 8192, 4096
+    sets = [(torch.randn(m, k, device="cuda", dtype=torch.bfloat16),
+             torch.randn(m, k, device="cuda", dtype=torch.bfloat16)) for _ in range(3)]
+    w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    e4 = Fp8Format.E4M3
+
+    def rms(x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * w).to(x.dtype)
+
+    cases = [(f"quantize {g.value}", lambda x, u, g=g: K.quantize(x, g, e4, False), 3)
+             for g in (G.TENSOR, G.ROW, G.GROUP)]
+    cases += [
+        ("rmsnorm+quant fused (group)",
+         lambda x, u: K.rmsnorm_quantize(x, w, 1e-6, G.GROUP, e4, False), 3),
+        ("rmsnorm eager bf16 + quantize (group)",
+         lambda x, u: K.quantize(rms(x), G.GROUP, e4, False), 3),
+        ("silu*mul+quant fused (group)",
+         lambda x, u: K.silu_mul_quantize(x, u, G.GROUP, e4, False), 5),
+        ("silu*mul eager bf16 + quantize (group)",
+         lambda x, u: K.quantize(F.silu(x) * u, G.GROUP, e4, False), 5),
+    ]
+    out = {}
+    log(f"\nquantization, {m}x{k} bf16 in (bytes counted: fused minimum, 2 B in + 1 B out "
+        "per element, x2 inputs for silu*mul)")
+    for name, fn, bpe in cases:
+        ms = bench(fn, sets)
+        out[name] = ms
+        log(f"  {name:42s} {ms * 1e3:7.1f} us  {bpe * m * k / ms / 1e9:6.2f} TB/s")
+    with open(os.path.join(out_dir, "quant_bench.json"), "w") as f:
+        json.dump(out, f, indent=1)
+
+
 def _dump(out_dir, rows, blk_name, ao_name):
     import triton
 
@@ -339,6 +376,7 @@ def main():
     if args.check:
         ok = run_checks(args.out)
     if not args.no_bench:
+        run_quant_bench(args.out)
         rows = run_bench(args.out, args.m)
         print_tables(rows)
     return 0 if ok else 1
