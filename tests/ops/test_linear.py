@@ -1,0 +1,185 @@
+"""fp8compile::linear / linear_delayed gradients against FP32 autograd (CPU reference path).
+
+The FP8 bound: a GEMM of two operands rounded to FP8 (relative rounding error at most
+``u = 2**-(mantissa bits + 1)``: 1/16 for E4M3, 1/8 for E5M2) has a relative error of at
+most ``u_a + u_b + u_a*u_b`` per product.  Random data cancels some of it; the tests require
+the normwise relative error to stay under half of that worst case (measured: 0.037 for
+E4M3 x E4M3 against a bound of 0.129; ``dW`` of the blockwise and rowwise recipes rounds X
+twice, its saved FP8 copy being requantized along M, and gets that extra rounding's share).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fp8compile  # noqa: F401
+from fp8compile import numerics as nx
+
+OPS = torch.ops.fp8compile
+U = {"e4m3": 2.0**-4, "e5m2": 2.0**-3}
+RECIPES = ["blockwise", "rowwise", "tensorwise"]
+SHAPES = [(1, 128, 128), (7, 130, 200), (64, 256, 384), ((2, 3), 128, 256)]
+
+
+def _bound(*us: float) -> float:
+    """Half the worst-case relative error of a product of values rounded with ``us``."""
+    out = 0.0
+    for u in us:
+        out = out + u + out * u
+    return 0.5 * out
+
+
+def _rel(a, b) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def _fp32_grads(x, w, b, gy):
+    xr = x.detach().clone().requires_grad_()
+    wr = w.detach().clone().requires_grad_()
+    br = b.detach().clone().requires_grad_() if b is not None else None
+    F.linear(xr, wr, br).backward(gy)
+    return xr.grad, wr.grad, br.grad if br is not None else None
+
+
+def _inputs(m, n, k, bias):
+    lead = m if isinstance(m, tuple) else (m,)
+    x = torch.randn(*lead, k, requires_grad=True)
+    w = (torch.randn(n, k) * k**-0.5).requires_grad_()
+    b = torch.randn(n, requires_grad=True) if bias else None
+    gy = torch.randn(*lead, n)
+    return x, w, b, gy
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("m, n, k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("grad_fmt", ["e4m3", "e5m2"])
+def test_linear_grads_within_fp8_bound(recipe, m, n, k, bias, grad_fmt):
+    x, w, b, gy = _inputs(m, n, k, bias)
+    y, xq, xs = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", grad_fmt, False, "precise")
+    y.backward(gy)
+    dx, dw, db = _fp32_grads(x, w, b, gy)
+    assert xq.dtype == torch.float8_e4m3fn and y.shape == (*gy.shape,)
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+    assert _rel(y, F.linear(x, w, b)) < _bound(U["e4m3"], U["e4m3"])
+    e4, g = U["e4m3"], U[grad_fmt]
+    assert _rel(x.grad, dx) < _bound(g, e4), f"dX {recipe} {_rel(x.grad, dx)=}"
+    twice = () if recipe == "tensorwise" else (e4,)
+    assert _rel(w.grad, dw) < _bound(g, e4, *twice), f"dW {recipe} {_rel(w.grad, dw)=}"
+    if bias:
+        torch.testing.assert_close(b.grad, db)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_e4m3_gradients_beat_e5m2(recipe):
+    """gradient_format is honoured: E4M3 (one more mantissa bit) gives smaller errors."""
+    x, w, _, gy = _inputs(64, 256, 256, False)
+    errs = {}
+    for fmt in ("e4m3", "e5m2"):
+        xi, wi = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+        OPS.linear(xi, wi, None, recipe, "e4m3", "e4m3", fmt, False, "precise")[0].backward(gy)
+        errs[fmt] = _rel(xi.grad, _fp32_grads(x, w, None, gy)[0])
+    assert errs["e4m3"] < errs["e5m2"], errs
+
+
+def test_tensorwise_dw_reuses_saved_fp8_activation():
+    """dW = dequant(dYq)ᵀ @ dequant(xq) exactly: the saved FP8 copy is not rounded again."""
+    x, w, _, gy = _inputs(32, 128, 256, False)
+    _, xq, xs = OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e5m2", False, "precise")
+    OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e5m2", False, "precise")[0].backward(gy)
+    gq, gs = nx.quantize(gy, nx.Granularity.TENSOR, nx.Fp8Format.E5M2)
+    want = nx.dequantize(gq, gs, nx.Granularity.TENSOR).t() @ nx.dequantize(
+        xq, xs, nx.Granularity.TENSOR
+    )
+    torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-5)
+
+
+def test_power_of_2_scales_in_backward():
+    x, w, _, gy = _inputs(16, 128, 256, False)
+    y, _, xs = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", True, "precise")
+    y.backward(gy)
+    assert torch.equal(torch.exp2(torch.log2(xs).round()), xs)
+    dx = _fp32_grads(x, w, None, gy)[0]
+    assert _rel(x.grad, dx) < _bound(U["e4m3"], U["e4m3"])
+
+
+def test_bf16_input_fp32_master_weight():
+    x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(128, 256, requires_grad=True)
+    y, _, _ = OPS.linear(x, w, None, "rowwise", "e4m3", "e4m3", "e4m3", False, "precise")
+    y.float().sum().backward()
+    assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+
+
+def test_linear_opcheck():
+    x = torch.randn(2, 3, 200, requires_grad=True)
+    w = torch.randn(130, 200, requires_grad=True)
+    b = torch.randn(130, requires_grad=True)
+    args = (x, w, b, "blockwise", "e4m3", "e4m3", "e5m2", False, "precise")
+    torch.library.opcheck(OPS.linear.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_linear_shape_error_is_named():
+    with pytest.raises(ValueError, match="weight must be"):
+        OPS.linear(torch.randn(4, 64), torch.randn(32, 128), None, "rowwise", "e4m3", "e4m3",
+                   "e4m3", False, "precise")
+
+
+# -- delayed scaling ------------------------------------------------------------------------
+
+
+def _delayed(x, w, h, gh, grad_fmt="e4m3"):
+    y, xq, xs, ws, amax = OPS.linear_delayed(x, w, None, h, gh, "e4m3", "e4m3", grad_fmt, False,
+                                             "precise")
+    OPS.push_amax(h, amax)
+    return y, xs, ws
+
+
+def test_delayed_first_step_equals_dynamic_tensorwise():
+    x, w, _, gy = _inputs(16, 128, 256, False)
+    h, gh = torch.zeros(2, 4), torch.zeros(1, 4)
+    y, _, _ = _delayed(x, w, h, gh)
+    y.backward(gy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    y2 = OPS.linear(x2, w2, None, "tensorwise", "e4m3", "e4m3", "e4m3", False, "precise")[0]
+    y2.backward(gy)
+    torch.testing.assert_close(y, y2)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(w.grad, w2.grad)
+    assert h[0, 0] == x.detach().abs().max() and h[1, 0] == w.detach().abs().max()
+    assert gh[0, 0] == gy.abs().max() and torch.all(h[:, 1:] == 0)
+
+
+def test_delayed_history_scale_and_saturation():
+    x, w, _, gy = _inputs(16, 128, 256, False)
+    h, gh = torch.zeros(2, 3), torch.zeros(1, 3)
+    for scale in (1.0, 0.5, 0.25):  # amax shrinks: the history max (step 1) gives the scale
+        xi = (x.detach() * scale).requires_grad_()
+        y, xs, _ = _delayed(xi, w, h, gh)
+        y.backward(gy * scale)
+    torch.testing.assert_close(xs, x.detach().abs().max() / 448)
+    assert torch.allclose(h[0], x.detach().abs().max() * torch.tensor([0.25, 0.5, 1.0]))
+    assert torch.allclose(gh[0], gy.abs().max() * torch.tensor([0.25, 0.5, 1.0]))
+    # A 10x jump saturates against the stale scale (clamped to ±448 * scale, never inf).
+    big = x.detach() * 10
+    y, xs, ws = _delayed(big, w, h, gh)
+    assert torch.isfinite(y).all()
+    assert _rel(y, F.linear(big, w)) > 0.3
+    assert h[0, 0] == big.abs().max()
+
+
+def test_delayed_grads_within_fp8_bound():
+    x, w, _, gy = _inputs((2, 5), 130, 200, False)
+    h, gh = torch.zeros(2, 8), torch.zeros(1, 8)
+    y, _, _ = _delayed(x, w, h, gh, "e5m2")
+    y.backward(gy)
+    dx, dw, _ = _fp32_grads(x, w, None, gy)
+    assert _rel(x.grad, dx) < _bound(U["e5m2"], U["e4m3"])
+    assert _rel(w.grad, dw) < _bound(U["e5m2"], U["e4m3"])
+
+
+def test_push_amax_checks_shapes():
+    with pytest.raises(ValueError, match="must be"):
+        OPS.push_amax(torch.zeros(2, 4), torch.zeros(3))
