@@ -56,6 +56,7 @@ __all__ = [
     "SavedBytes",
     "TensorStats",
     "amax_histories",
+    "quantization_stats",
     "saved_activation_estimate",
     "saved_tensor_bytes",
 ]
@@ -211,13 +212,16 @@ class LayerStats:
 
     @property
     def overflow_rate(self) -> float:
-        n = sum(t.numel for t in self.tensors.values())
-        return self.saturated / n if n else 0.0
+        """Saturated fraction of the worst of the layer's tensors (a weight ten times the
+        activation's size must not dilute the activation's overflow)."""
+        return max((t.saturated / t.numel for t in self.tensors.values() if t.numel),
+                   default=0.0)
 
     @property
     def underflow_rate(self) -> float:
-        n = sum(t.nonzero for t in self.tensors.values())
-        return self.flushed / n if n else 0.0
+        """Flushed fraction of the non-zero values of the worst of the layer's tensors."""
+        return max((t.flushed / t.nonzero for t in self.tensors.values() if t.nonzero),
+                   default=0.0)
 
     def __str__(self) -> str:
         cells = "  ".join(

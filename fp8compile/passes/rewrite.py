@@ -130,7 +130,15 @@ class RewritePass(Fp8Pass):
         from ..ops.training_state import AmaxHistory
 
         cfg = self.ctx.config
-        x, w, bias = operands
+        # Under autocast the linear ran in the autocast dtype (its output's); the op does not
+        # know autocast, so cast its operands as autocast would.  The casts are differentiable:
+        # FP32 master weights still get FP32 gradients.
+        low = dtype_of(node)
+        x, w, bias = (
+            graph.call_method("to", (a, low))
+            if low in (torch.float16, torch.bfloat16) and dtype_of(a) not in (None, low) else a
+            for a in operands
+        )
         if cfg.scaling is Scaling.DELAYED:
             n, mod = cfg.amax_history_len, meta["module"]
             hist = self.ctx.add_input(graph, f"{node.name}_amax_history",
