@@ -88,9 +88,9 @@ def variants(base: Block, mode: str | None):
     def inductor():
         return torch.compile(copy.deepcopy(base), mode=mode)
 
-    def fp8(recipe):
+    def fp8(recipe, accumulation="precise"):
         def make():
-            opts = {"recipe": recipe}
+            opts = {"recipe": recipe, "accumulation": accumulation}
             return torch.compile(copy.deepcopy(base), backend="fp8hpf", options=opts, mode=mode)
         return make
 
@@ -114,6 +114,8 @@ def variants(base: Block, mode: str | None):
         print(f"torchao not used: {type(e).__name__}: {e}")
     for recipe in ("blockwise", "rowwise", "tensorwise"):
         out[f"fp8hpf {recipe}"] = (fp8(recipe), "")
+    for recipe in ("rowwise", "tensorwise"):
+        out[f"fp8hpf {recipe} fast"] = (fp8(recipe, "fast"), "")
     return out
 
 
@@ -142,7 +144,9 @@ def main() -> None:
     ap.add_argument("--out", default="out")
     ap.add_argument("--mode", default=None, help="torch.compile mode for every compiled variant")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--shapes", default=None, help="comma-separated: prefill,decode")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-variant", default="fp8hpf blockwise")
     ap.add_argument("--small", action="store_true", help="d=256 smoke run (runs on CPU)")
     args = ap.parse_args()
     global D, HEADS, FFN
@@ -164,6 +168,9 @@ def main() -> None:
     results = []
     with torch.no_grad():
         shapes = SMALL_SHAPES if args.small else SHAPES
+        if args.shapes:
+            keep = args.shapes.split(",")
+            shapes = {k: v for k, v in shapes.items() if k.split()[0] in keep}
         for shape_name, (b, t) in shapes.items():
             x = torch.randn(b, t, D, device=dev, dtype=torch.bfloat16)
             ref = base32(x.float())
@@ -188,7 +195,8 @@ def main() -> None:
                 results.append(r)
                 print(f"{shape_name:15s} {name:20s} {ms:8.3f} ms  first call {first:6.1f} s  "
                       f"err {err:.2e}", flush=True)
-                if args.profile and dev == "cuda" and name == "fp8hpf blockwise" and b * t >= 4096:
+                wanted = args.profile and name == args.profile_variant
+                if wanted and dev == "cuda" and b * t >= 4096:
                     rows = profile(lambda: fn(x), os.path.join(args.out, "e2e_profile.txt"))
                     for k, ms_k, share in rows:
                         print(f"    {ms_k:7.3f} ms {share:6.1%}  {k}")
