@@ -1,0 +1,232 @@
+"""Training step of a LLaMA-like block: fp8hpf (each recipe) vs bf16 Inductor vs torchao float8.
+
+Run on a CUDA (Hopper) machine::
+
+    PYTHONUNBUFFERED=1 python benchmarks/train.py --out out/
+    python benchmarks/train.py --small          # CPU smoke run of the same code, tiny dims
+
+The block (benchmarks/e2e.py's): d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16
+parameters, 2x2048 tokens.  One step is forward + backward of ``y = block(x)`` against a fixed
+``dy`` (``y.backward(dy)``), gradients set to None before each step; no optimizer (the
+optimizer's cost does not depend on the precision of the GEMMs).  Each variant is timed as
+the median of ``triton.testing.do_bench`` (CUDA events) on the same inputs; speedups are
+against bf16 Inductor measured in the same run.
+
+Memory: ``saved`` is what autograd keeps for backward after the forward, measured with
+``torch.autograd.graph.saved_tensors_hooks`` (``fp8compile.training.saved_tensor_bytes``,
+parameters and the input excluded, deduplicated by storage), split into FP8 and other bytes;
+``fwd peak`` is ``torch.cuda.max_memory_allocated`` during the forward, above what was
+allocated before it.  Errors: ‖y − y32‖/‖y32‖ and ‖dx − dx32‖/‖dx32‖ against the same block
+in fp32.  torchao (``convert_to_float8_training`` then ``torch.compile``) is used when
+importable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(_HERE, ".."))
+sys.path.insert(0, _HERE)
+
+from e2e import Block  # noqa: E402
+
+from fp8compile.training import saved_tensor_bytes  # noqa: E402
+
+D, HEADS, FFN, B, T = 4096, 32, 14336, 2, 2048
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def rel_err(y, ref) -> float:
+    y, ref = y.float(), ref.float()
+    return float((y - ref).norm() / ref.norm())
+
+
+def median_ms(fn) -> float:
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(5):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return sorted(times)[2]
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
+
+
+def variants(names: list[str]):
+    """name -> factory(base block) returning the callable to train."""
+    out = {
+        "bf16 eager": lambda m: m,
+        "bf16 Inductor": lambda m: torch.compile(m),
+    }
+    for recipe in ("blockwise", "rowwise", "tensorwise"):
+        out[f"fp8hpf {recipe}"] = (
+            lambda m, r=recipe: torch.compile(m, backend="fp8hpf", options={"recipe": r})
+        )
+    out["fp8hpf tensorwise delayed"] = lambda m: torch.compile(
+        m, backend="fp8hpf", options={"recipe": "tensorwise", "scaling": "delayed"})
+    out["fp8hpf blockwise e5m2"] = lambda m: torch.compile(
+        m, backend="fp8hpf", options={"gradient_format": "e5m2"})
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        def ao(recipe):
+            def make(m):
+                convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name(recipe))
+                return torch.compile(m)
+            return make
+
+        out["torchao tensorwise"] = ao("tensorwise")
+        out["torchao rowwise"] = ao("rowwise")
+    except Exception as e:  # torchao absent or its API changed
+        log(f"torchao not used: {type(e).__name__}: {e}")
+    return {n: out[n] for n in names if n in out}
+
+
+def run_variant(name, make, base, x, dy, ref):
+    torch._dynamo.reset()
+    model = make(copy.deepcopy(base))
+    mod = getattr(model, "_orig_mod", model)
+    params = list(mod.parameters())
+    xg = x.detach().clone().requires_grad_()
+
+    def step():
+        for p in params:
+            p.grad = None
+        xg.grad = None
+        model(xg).backward(dy)
+
+    t0 = time.perf_counter()
+    step()
+    sync()
+    compile_s = time.perf_counter() - t0
+    step()
+    y = model(xg)
+    err_y = rel_err(y.detach(), ref["y"])
+    for p in params:
+        p.grad = None
+    xg.grad = None
+    y.backward(dy)
+    err_dx = rel_err(xg.grad, ref["dx"])
+    err_dw = rel_err(mod.down_proj.weight.grad, ref["dw"]) if hasattr(mod, "down_proj") else None
+    del y
+    ms = median_ms(step)
+    # memory: what the forward keeps for backward
+    for p in params:
+        p.grad = None
+    sync()
+    before = mem()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    holder = {}
+    saved = saved_tensor_bytes(lambda: holder.setdefault("y", model(xg)),
+                               exclude=params + [xg])
+    sync()
+    fwd_peak = (torch.cuda.max_memory_allocated() - before) if torch.cuda.is_available() else 0
+    holder["y"].backward(dy)
+    holder.clear()
+    return {"name": name, "ms": ms, "compile_s": compile_s, "err_y": err_y, "err_dx": err_dx,
+            "err_dw": err_dw, "saved_mib": saved.total / 2**20, "saved_fp8_mib": saved.fp8 / 2**20,
+            "saved_by_dtype": saved.by_dtype, "fwd_peak_mib": fwd_peak / 2**20}
+
+
+def sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def mem() -> int:
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
+
+
+DEFAULT = ["bf16 Inductor", "fp8hpf blockwise", "fp8hpf rowwise", "fp8hpf tensorwise",
+           "torchao tensorwise", "torchao rowwise"]
+ALL = ["bf16 eager", *DEFAULT, "fp8hpf tensorwise delayed", "fp8hpf blockwise e5m2"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny dims (CPU smoke run)")
+    ap.add_argument("--variants", default=",".join(DEFAULT),
+                    help=f"comma list or 'all'; known: {', '.join(ALL)}")
+    ap.add_argument("--out", default=None, help="folder for train.json")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    d, heads, ffn, b, t = (256, 4, 512, 2, 64) if args.small else (D, HEADS, FFN, B, T)
+    names = ALL if args.variants == "all" else [s.strip() for s in args.variants.split(",")]
+
+    torch.manual_seed(0)
+    base32 = Block(d, heads, ffn).to(dev)
+    for p in base32.parameters():  # LLaMA-like init scale: keep activations O(1)
+        torch.nn.init.normal_(p, std=d**-0.5) if p.dim() == 2 else None
+    x32 = torch.randn(b, t, d, device=dev, requires_grad=True)
+    dy32 = torch.randn(b, t, d, device=dev) * t**-0.5
+    y32 = base32(x32)
+    y32.backward(dy32)
+    ref = {"y": y32.detach(), "dx": x32.grad.detach(), "dw": base32.down_proj.weight.grad}
+    base = copy.deepcopy(base32).to(torch.bfloat16)
+    for p in base.parameters():
+        p.grad = None
+    x, dy = x32.detach().bfloat16(), dy32.bfloat16()
+    del y32
+
+    info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+            "torch": torch.__version__, "shape": [b, t, d, heads, ffn]}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        import torchao
+
+        info["torchao"] = torchao.__version__
+    except ImportError:
+        pass
+    log(json.dumps(info))
+    rows = []
+    for name, make in variants(names).items():
+        try:
+            r = run_variant(name, make, base, x, dy, ref)
+        except Exception as e:  # keep the other variants' figures
+            log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+            continue
+        rows.append(r)
+        log(f"{name}: {r['ms']:.3f} ms  compile {r['compile_s']:.1f} s  err y {r['err_y']:.2e} "
+            f"dx {r['err_dx']:.2e}  saved {r['saved_mib']:.1f} MiB (fp8 "
+            f"{r['saved_fp8_mib']:.1f})  fwd peak {r['fwd_peak_mib']:.1f} MiB")
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "train.json"), "w") as f:
+                json.dump({"info": info, "rows": rows}, f, indent=1)
+
+    base_ms = next((r["ms"] for r in rows if r["name"] == "bf16 Inductor"), None)
+    base_saved = next((r["saved_mib"] for r in rows if r["name"] == "bf16 Inductor"), None)
+    log("")
+    log(f"training step (fwd+bwd, no optimizer), {b}x{t} tokens, d={d}, ffn={ffn}, "
+        f"{info['device']}, torch {info['torch']}")
+    log(f"{'variant':28s} {'median ms':>9s} {'vs bf16 Ind':>11s} {'saved MiB':>9s} "
+        f"{'(fp8)':>7s} {'vs bf16':>7s} {'fwd peak':>8s} {'err y':>8s} {'err dx':>8s}")
+    for r in rows:
+        sp = f"{base_ms / r['ms']:.2f}x" if base_ms else "-"
+        sv = f"{r['saved_mib'] / base_saved:.2f}x" if base_saved else "-"
+        log(f"{r['name']:28s} {r['ms']:9.3f} {sp:>11s} {r['saved_mib']:9.1f} "
+            f"{r['saved_fp8_mib']:7.1f} {sv:>7s} {r['fwd_peak_mib']:8.1f} {r['err_y']:8.1e} "
+            f"{r['err_dx']:8.1e}")
+
+
+if __name__ == "__main__":
+    main()
