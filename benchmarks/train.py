@@ -38,6 +38,7 @@ sys.path.insert(0, _HERE)
 
 from e2e import Block  # noqa: E402
 
+import fp8compile  # noqa: E402
 from fp8compile.training import saved_tensor_bytes  # noqa: E402
 
 D, HEADS, FFN, B, T = 4096, 32, 14336, 2, 2048
@@ -71,14 +72,15 @@ def variants(names: list[str]):
         "bf16 eager": lambda m: m,
         "bf16 Inductor": lambda m: torch.compile(m),
     }
+    # The backend object, not the string "fp8hpf": the entry point needs a pip install.
     for recipe in ("blockwise", "rowwise", "tensorwise"):
         out[f"fp8hpf {recipe}"] = (
-            lambda m, r=recipe: torch.compile(m, backend="fp8hpf", options={"recipe": r})
+            lambda m, r=recipe: torch.compile(m, backend=fp8compile.backend({"recipe": r}))
         )
     out["fp8hpf tensorwise delayed"] = lambda m: torch.compile(
-        m, backend="fp8hpf", options={"recipe": "tensorwise", "scaling": "delayed"})
+        m, backend=fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed"}))
     out["fp8hpf blockwise e5m2"] = lambda m: torch.compile(
-        m, backend="fp8hpf", options={"gradient_format": "e5m2"})
+        m, backend=fp8compile.backend({"gradient_format": "e5m2"}))
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
