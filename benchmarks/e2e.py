@@ -31,6 +31,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import fp8compile  # noqa: E402
+
 D, HEADS, FFN = 4096, 32, 14336
 SHAPES = {"prefill 2x2048": (2, 2048), "decode 1x16": (1, 16)}
 SMALL_SHAPES = {"prefill 2x64": (2, 64), "decode 1x16": (1, 16)}
@@ -90,8 +92,10 @@ def variants(base: Block, mode: str | None):
 
     def fp8(recipe, accumulation="precise"):
         def make():
-            opts = {"recipe": recipe, "accumulation": accumulation}
-            return torch.compile(copy.deepcopy(base), backend="fp8hpf", options=opts, mode=mode)
+            # The backend object (not backend="fp8hpf") so the script runs from a checkout too,
+            # where the entry point is not installed.
+            be = fp8compile.backend({"recipe": recipe, "accumulation": accumulation}, mode=mode)
+            return torch.compile(copy.deepcopy(base), backend=be)
         return make
 
     out = {
