@@ -148,9 +148,15 @@ def compute_scale(
     amax_: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False
 ) -> torch.Tensor:
     """Dequantization scale ``s = max(amax, AMAX_FLOOR) / fmax`` (fp32), optionally 2**ceil."""
-    s = amax_.float().clamp(min=AMAX_FLOOR) / fmt.max
+    a = amax_.float().clamp(min=AMAX_FLOOR)
+    # Divide by a tensor, not a Python float: CUDA computes ``t / scalar`` as
+    # ``t * (1 / scalar)``, one ulp off the IEEE quotient on about half the scales.
+    s = a / torch.full_like(a, fmt.max)
     if power_of_2:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        # Exact: s = m * 2**e with m in [0.5, 1); s is a power of two iff m == 0.5.
+        # (exp2(ceil(log2(s))) can round *down* for s just above a power of two.)
+        m, e = torch.frexp(s)
+        s = torch.ldexp(torch.ones_like(s), torch.where(m == 0.5, e - 1, e))
     return s
 
 

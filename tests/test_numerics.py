@@ -118,6 +118,13 @@ def test_power_of_two_scales_round_up():
     assert q.float().abs().max() <= 448.0
 
 
+def test_power_of_two_rounding_is_exact_at_the_edges():
+    p = torch.tensor([2.0**-20, 0.25, 1.0, 4.0])
+    up = torch.nextafter(p, torch.full_like(p, 10.0))  # just above a power of two
+    s = nx.compute_scale(torch.cat([p, up]) * 448.0, power_of_2=True)
+    assert s.tolist() == [2.0**-20, 0.25, 1.0, 4.0, 2.0**-19, 0.5, 2.0, 8.0]
+
+
 def test_zero_groups_give_finite_scale_and_zero_output():
     x = torch.zeros(4, 256)
     x[2, :3] = torch.tensor([1.0, -2.0, 3.0])

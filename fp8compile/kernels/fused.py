@@ -27,9 +27,7 @@ from .quant import (
 
 __all__ = [
     "rmsnorm_quantize",
-    "rmsnorm_quantize_reference",
     "silu_mul_quantize",
-    "silu_mul_quantize_reference",
 ]
 
 
@@ -39,20 +37,6 @@ def _check_activation_gran(granularity: Granularity, what: str) -> None:
             f"{what}: granularity 'block' is for weights; fused producers quantize "
             "activations with 'tensor', 'row' or 'group'"
         )
-
-
-def rmsnorm_quantize_reference(x, weight, eps, granularity, fmt=Fp8Format.E4M3,
-                               power_of_2=False):
-    """``numerics.quantize(RMSNorm(x) in fp32)``: the definition the kernel is tested against."""
-    xf = x.float()
-    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return nx.quantize(y, Granularity(granularity), Fp8Format(fmt), power_of_2)
-
-
-def silu_mul_quantize_reference(gate, up, granularity, fmt=Fp8Format.E4M3, power_of_2=False):
-    """``numerics.quantize(silu(gate) * up in fp32)``."""
-    y = torch.nn.functional.silu(gate.float()) * up.float()
-    return nx.quantize(y, Granularity(granularity), Fp8Format(fmt), power_of_2)
 
 
 def rmsnorm_quantize(
@@ -73,7 +57,7 @@ def rmsnorm_quantize(
             "the last dim of x"
         )
     if x.dim() == 0 or x.numel() == 0:
-        return rmsnorm_quantize_reference(x, weight, eps, granularity, fmt, power_of_2)
+        return nx.rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2)
     return quantize_rows(x, granularity, fmt, power_of_2, producer=PRODUCER_RMSNORM,
                          norm_weight=weight.contiguous(), eps=eps)
 
@@ -97,5 +81,5 @@ def silu_mul_quantize(
             "the same shape (split a fused gate_up projection first)"
         )
     if gate.dim() == 0 or gate.numel() == 0:
-        return silu_mul_quantize_reference(gate, up, granularity, fmt, power_of_2)
+        return nx.silu_mul_quantize(gate, up, granularity, fmt, power_of_2)
     return quantize_rows(gate, granularity, fmt, power_of_2, producer=PRODUCER_SILU_MUL, x2=up)
