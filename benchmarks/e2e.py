@@ -123,6 +123,31 @@ def variants(base: Block, mode: str | None):
     return out
 
 
+def check_gemms() -> None:
+    """The dispatched GEMM (Triton or cuBLAS, whichever won) vs the fp32 reference."""
+    from fp8compile import kernels
+    from fp8compile.kernels.select import backend_choices
+    from fp8compile.numerics import Fp8Format, Granularity
+    from fp8compile.ops import scaled_mm_reference
+
+    for xg, wg in [("group", "block"), ("row", "row"), ("tensor", "tensor")]:
+        for acc in ("precise", "fast"):
+            for m, n, k in [(16, 4096, 4096), (4096, 14336, 4096)]:
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                G = Granularity
+                xq, xs = kernels.quantize(x, G(xg), Fp8Format.E4M3, False)
+                wq, ws = kernels.quantize(w, G(wg), Fp8Format.E4M3, False)
+                y = kernels.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, acc,
+                                      "none", None)
+                ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, None, torch.float32, "none",
+                                          None)
+                print(f"check {xg:6s} {acc:7s} {m}x{n}x{k}: rel err vs exact fp32 "
+                      f"{rel_err(y, ref):.1e}")
+    for key, choice in backend_choices().items():
+        print(f"  backend {choice:6s} for {key}")
+
+
 def profile(fn, path: str) -> list[tuple[str, float, float]]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -152,6 +177,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-variant", default="fp8hpf blockwise")
     ap.add_argument("--small", action="store_true", help="d=256 smoke run (runs on CPU)")
+    ap.add_argument("--check", action="store_true", help="check the dispatched GEMMs first")
     args = ap.parse_args()
     global D, HEADS, FFN
     if args.small:
@@ -169,6 +195,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
     print(f"device {name}, torch {torch.__version__}, "
           f"triton {__import__('triton').__version__}, mode={args.mode}")
+    if args.check and dev == "cuda":
+        check_gemms()
     results = []
     with torch.no_grad():
         shapes = SMALL_SHAPES if args.small else SHAPES
@@ -197,6 +225,8 @@ def main() -> None:
                 r = dict(shape=shape_name, variant=name, ms=ms, first_call_s=first, err=err,
                          tflops=gemm_flops(b * t) / ms / 1e9)
                 results.append(r)
+                with open(os.path.join(args.out, "e2e.json"), "w") as f:
+                    json.dump(results, f, indent=1)
                 print(f"{shape_name:15s} {name:20s} {ms:8.3f} ms  first call {first:6.1f} s  "
                       f"err {err:.2e}", flush=True)
                 wanted = args.profile and name == args.profile_variant
@@ -205,8 +235,6 @@ def main() -> None:
                     for k, ms_k, share in rows:
                         print(f"    {ms_k:7.3f} ms {share:6.1%}  {k}")
                 fn = None  # free the compiled model before the next variant
-    with open(os.path.join(args.out, "e2e.json"), "w") as f:
-        json.dump(results, f, indent=1)
     print("\nshape            variant               ms      vs Inductor  err      compile vs Ind.")
     for shape_name in shapes:
         rows = [r for r in results if r["shape"] == shape_name]

@@ -61,16 +61,32 @@ def quantize(
 
 def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation,
               activation, residual):
-    """Same result as :func:`fp8compile.ops.scaled_mm_reference`, through the Triton GEMM.
+    """Same result as :func:`fp8compile.ops.scaled_mm_reference`, through the Triton GEMM or,
+    where it is faster for the shape and computes the same function, cuBLAS (see
+    :mod:`.select`).
 
     Cases the kernel does not serve (mixed E4M3 x E5M2 operands, K == 0) fall back to the
     reference.
     """
+    from . import select
     from .gemm import scaled_mm as _scaled_mm
 
+    xg, wg = Granularity(x_granularity), Granularity(w_granularity)
+
+    def triton_fn():
+        return _scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
+                          residual)
+
+    cublas_fn = None
+    if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:
+        def cublas_fn():
+            return select.cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype,
+                                           accumulation)
     try:
-        return _scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
-                          accumulation, activation, residual)
+        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype)
+        if select.choose(key, triton_fn, cublas_fn) == "cublas":
+            return cublas_fn()
+        return triton_fn()
     except NotImplementedError:
         from ..ops import scaled_mm_reference
 

@@ -1,0 +1,118 @@
+"""Choosing the GEMM backend per shape: the Triton kernel family or cuBLAS FP8.
+
+On an H100 (docs/performance.md) cuBLAS's FP8 GEMMs are faster than our Triton kernels for
+large-M blockwise GEMMs (1.6x: Triton cannot yet overlap the per-128-K promotion with the
+tensor cores) and for several rowwise/tensorwise shapes, while the Triton kernels win at
+decode sizes (M <= 16, split-K), take any M/N/K, and fuse activations and residuals into the
+epilogue.  As Inductor does between ATen and its own templates, the first call of each
+``(M bucket, N, K, recipe, accumulation, out dtype)`` times both candidates on the real inputs
+and keeps the faster for the process.
+
+``FP8COMPILE_GEMM_BACKEND=triton|cublas|auto`` (default ``auto``) forces a choice; cuBLAS is
+only ever used where it can compute the same function (:func:`cublas_unsupported`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..numerics import Granularity
+from .tuning import m_bucket
+
+__all__ = ["backend_choices", "choose", "cublas_scaled_mm", "cublas_unsupported"]
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def backend_choices() -> dict[tuple, str]:
+    """The decisions taken so far: ``{key: "triton" | "cublas"}`` (for reports)."""
+    return dict(_CHOICES)
+
+
+def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str | None:
+    """Why cuBLAS cannot serve this GEMM, or None when it can."""
+    m, k = xq.numel() // max(1, xq.shape[-1]), xq.shape[-1]
+    n = wq.shape[0]
+    if activation != "none" or residual is not None:
+        return "fused epilogue"
+    if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
+        return "not e4m3 x e4m3"
+    if m < 16 or k % 16 or n % 16:
+        return "M < 16 or K, N not multiples of 16"
+    if (xg, wg) == (Granularity.GROUP, Granularity.BLOCK):
+        if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
+            return "this torch has no blockwise cuBLAS GEMM"
+        if k % 128 or n % 128 or out_dtype != torch.bfloat16:
+            return "blockwise cuBLAS needs K, N multiples of 128 and bf16 output"
+    elif (xg, wg) == (Granularity.ROW, Granularity.ROW):
+        if out_dtype != torch.bfloat16:
+            return "rowwise cuBLAS needs bf16 output"
+    elif (xg, wg) != (Granularity.TENSOR, Granularity.TENSOR):
+        return "mixed granularities"
+    return None
+
+
+def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> torch.Tensor:
+    """The same GEMM through cuBLAS (``torch._scaled_mm`` / ``F.scaled_mm``)."""
+    k, n = xq.shape[-1], wq.shape[0]
+    a = xq.reshape(-1, k)
+    fast = accumulation == "fast"
+    if xg is Granularity.GROUP:
+        st = F.ScalingType
+        y = F.scaled_mm(a, wq.t(), xs, st.BlockWise1x128, ws.t(), st.BlockWise128x128,
+                        output_dtype=out_dtype)
+    elif xg is Granularity.ROW:
+        y = torch._scaled_mm(a, wq.t(), xs, ws.reshape(1, n), out_dtype=out_dtype,
+                             use_fast_accum=fast)
+    else:
+        y = torch._scaled_mm(a, wq.t(), xs.reshape(()), ws.reshape(()), out_dtype=out_dtype,
+                             use_fast_accum=fast)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.reshape(*xq.shape[:-1], n)
+
+
+def _time_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
+           cublas_fn: Callable[[], torch.Tensor] | None) -> str:
+    """``"triton"`` or ``"cublas"`` for ``key``; times both on first sight (see module doc)."""
+    forced = os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto")
+    if forced not in ("auto", "triton", "cublas"):
+        raise ValueError(
+            f"FP8COMPILE_GEMM_BACKEND={forced!r} is not 'auto', 'triton' or 'cublas'"
+        )
+    if cublas_fn is None or forced == "triton":
+        return "triton"
+    if forced == "cublas":
+        return "cublas"
+    got = _CHOICES.get(key)
+    if got is None:
+        if torch.cuda.is_current_stream_capturing():
+            return "triton"  # no timing inside a CUDA-graph capture; decide on a later call
+        try:
+            t_tri, t_cub = _time_ms(triton_fn), _time_ms(cublas_fn)
+            got = "cublas" if t_cub < t_tri else "triton"
+        except RuntimeError:  # cuBLAS refused this layout (CUBLAS_STATUS_NOT_SUPPORTED)
+            got = "triton"
+        _CHOICES[key] = got
+    return got
+
+
+def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:
+    m = xq.numel() // max(1, xq.shape[-1])
+    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype)

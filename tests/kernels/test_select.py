@@ -1,0 +1,59 @@
+"""GEMM backend selection: when cuBLAS may serve a GEMM, and the forced choices."""
+
+import pytest
+import torch
+
+from fp8compile.kernels import select
+from fp8compile.numerics import Granularity as G
+
+E4 = torch.float8_e4m3fn
+
+
+def _q(m, k, n, dtype=E4):
+    return torch.zeros(m, k, dtype=dtype), torch.zeros(n, k, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "m, k, n, xg, wg, out, act, why",
+    [
+        (64, 256, 256, G.TENSOR, G.TENSOR, torch.float32, "none", None),
+        (64, 256, 256, G.ROW, G.ROW, torch.bfloat16, "none", None),
+        (64, 256, 256, G.ROW, G.ROW, torch.float32, "none", "bf16 output"),
+        (8, 256, 256, G.ROW, G.ROW, torch.bfloat16, "none", "M < 16"),
+        (64, 208, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", None),
+        (64, 200, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", "multiples of 16"),
+        (64, 256, 256, G.ROW, G.ROW, torch.bfloat16, "silu", "fused epilogue"),
+        (64, 208, 256, G.GROUP, G.BLOCK, torch.bfloat16, "none", "multiples of 128"),
+        (64, 256, 256, G.GROUP, G.ROW, torch.bfloat16, "none", "mixed"),
+    ],
+)
+def test_cublas_only_where_it_computes_the_same_function(m, k, n, xg, wg, out, act, why):
+    xq, wq = _q(m, k, n)
+    got = select.cublas_unsupported(xq, xg, wq, wg, out, act, None)
+    if why is None:
+        assert got is None or "blockwise cuBLAS GEMM" in got
+    else:
+        assert why in got
+
+
+def test_e5m2_and_residual_stay_on_triton():
+    xq, wq = _q(64, 256, 256, torch.float8_e5m2)
+    assert "e4m3" in select.cublas_unsupported(xq, G.ROW, wq, G.ROW, torch.bfloat16, "none",
+                                               None)
+    xq, wq = _q(64, 256, 256)
+    assert select.cublas_unsupported(xq, G.ROW, wq, G.ROW, torch.bfloat16, "none",
+                                     torch.zeros(64, 256)) == "fused epilogue"
+
+
+def test_forced_choices(monkeypatch):
+    def boom():
+        raise AssertionError("must not be timed")
+
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "triton")
+    assert select.choose(("k",), boom, boom) == "triton"
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "cublas")
+    assert select.choose(("k",), boom, boom) == "cublas"
+    assert select.choose(("k",), boom, None) == "triton", "never cuBLAS where unsupported"
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FP8COMPILE_GEMM_BACKEND='fastest'"):
+        select.choose(("k",), boom, boom)
