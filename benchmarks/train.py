@@ -36,7 +36,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from e2e import Block  # noqa: E402
+from e2e import Block, median_ms  # noqa: E402
 
 import fp8compile  # noqa: E402
 from fp8compile.training import saved_tensor_bytes  # noqa: E402
@@ -51,19 +51,6 @@ def log(*a):
 def rel_err(y, ref) -> float:
     y, ref = y.float(), ref.float()
     return float((y - ref).norm() / ref.norm())
-
-
-def median_ms(fn) -> float:
-    if not torch.cuda.is_available():
-        times = []
-        for _ in range(5):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return sorted(times)[2]
-    import triton.testing
-
-    return float(triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def variants(names: list[str]):

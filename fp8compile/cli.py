@@ -68,6 +68,14 @@ def _config(ns: argparse.Namespace):
     return cfg
 
 
+def _positional_model(ns: argparse.Namespace, command: str):
+    cfg = _config(ns)
+    model, args, kwargs = load_factory(ns.model)
+    if kwargs:
+        _fail(f"{command} takes factories that return (model, args) only")
+    return cfg, model, args
+
+
 def _progress(msg: str) -> None:
     print(f"[fp8compile] {msg}", file=sys.stderr, flush=True)
 
@@ -94,10 +102,7 @@ def cmd_plan(ns: argparse.Namespace) -> int:
 def cmd_calibrate(ns: argparse.Namespace) -> int:
     import fp8compile
 
-    cfg = _config(ns)
-    model, args, kwargs = load_factory(ns.model)
-    if kwargs:
-        _fail("calibrate takes factories that return (model, args) only")
+    cfg, model, args = _positional_model(ns, "calibrate")
     batches = [args]
     if ns.batches_from:
         _, more, _ = load_factory(ns.batches_from)
@@ -113,10 +118,7 @@ def cmd_calibrate(ns: argparse.Namespace) -> int:
 def cmd_export(ns: argparse.Namespace) -> int:
     import fp8compile
 
-    cfg = _config(ns)
-    model, args, kwargs = load_factory(ns.model)
-    if kwargs:
-        _fail("export takes factories that return (model, args) only")
+    cfg, model, args = _positional_model(ns, "export")
     _progress(f"exporting to {ns.out} (opset {ns.opset}, target {ns.target})...")
     report = fp8compile.export_onnx(model, args, ns.out, config=cfg, opset=ns.opset,
                                     target=ns.target)

@@ -45,34 +45,23 @@ def _reaches(start: torch.fx.Node, target: torch.fx.Node) -> bool:
     return False
 
 
-def _forward_through_passthrough(node: torch.fx.Node, stop) -> bool:
-    """Does ``node``'s value reach a node satisfying ``stop`` via passthrough ops only?"""
-    stack, seen = list(node.users), set()
-    while stack:
-        u = stack.pop()
-        if u in seen:
-            continue
-        seen.add(u)
-        if stop(u):
-            return True
-        if pt.is_passthrough(u):
-            stack.extend(u.users)
-    return False
+def _through_passthrough(node: torch.fx.Node, stop, forward: bool) -> bool:
+    """Does ``node``'s value reach (``forward``) or come from a node satisfying ``stop``,
+    through passthrough ops only?"""
 
+    def step(n: torch.fx.Node):
+        return list(n.users) if forward else list(n.all_input_nodes)
 
-def _backward_through_passthrough(node: torch.fx.Node, stop) -> bool:
-    """Does an input of ``node`` come from a node satisfying ``stop`` via passthrough ops?"""
-    stack = [a for a in node.all_input_nodes]
-    seen = set()
+    stack, seen = step(node), set()
     while stack:
-        a = stack.pop()
-        if a in seen:
+        n = stack.pop()
+        if n in seen:
             continue
-        seen.add(a)
-        if stop(a):
+        seen.add(n)
+        if stop(n):
             return True
-        if pt.is_passthrough(a):
-            stack.extend(a.all_input_nodes)
+        if pt.is_passthrough(n):
+            stack.extend(step(n))
     return False
 
 
@@ -113,9 +102,9 @@ class SensitivityPass(Fp8Pass):
         if Rule.OUTPUT_HEAD in rules and kind == pt.Gemm.LINEAR and self._is_head(node):
             return Rule.OUTPUT_HEAD, "output head: last linear before the logits/loss"
         probs = pt.is_probabilities
-        if Rule.SOFTMAX_INPUT in rules and _forward_through_passthrough(node, probs):
+        if Rule.SOFTMAX_INPUT in rules and _through_passthrough(node, probs, forward=True):
             return Rule.SOFTMAX_INPUT, "feeds a softmax (router/gate/attention scores)"
-        if Rule.SOFTMAX_OUTPUT in rules and _backward_through_passthrough(node, probs):
+        if Rule.SOFTMAX_OUTPUT in rules and _through_passthrough(node, probs, forward=False):
             return Rule.SOFTMAX_OUTPUT, "consumes softmax probabilities (attention · V)"
         return None
 
@@ -132,4 +121,4 @@ class SensitivityPass(Fp8Pass):
         def stop(u: torch.fx.Node) -> bool:
             return u.op == "output" or pt.is_loss(u)
 
-        return _forward_through_passthrough(node, stop)
+        return _through_passthrough(node, stop, forward=True)
