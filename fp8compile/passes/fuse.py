@@ -12,6 +12,13 @@ high-precision activation is no longer needed anywhere)::
     a = silu(gate); h = a * up                  q, s = fp8compile.silu_mul_quantize(gate, up, ...)
     q, s = fp8compile.quantize(h, ...)     ⇒
 
+and the RMSNorm that ``transformers`` models write out by hand (LlamaRMSNorm and its copies
+in Mistral, Qwen, ...)::
+
+    hs = x.to(float32); r = rsqrt(hs.pow(2).mean(-1, keepdim=True) + eps)
+    h = weight * (hs * r).to(dtype)             q, s = fp8compile.rmsnorm_quantize(x, w, eps, ..)
+    q, s = fp8compile.quantize(h, ...)     ⇒
+
 The activation is then written once, in FP8, instead of in the model dtype and again in FP8
 (for d=4096 and 4096 tokens in bf16: 32 MiB written and read back per norm saved).
 """
@@ -50,7 +57,7 @@ class FusePass(Fp8Pass):
             src, gran, fmt, p2 = node.args
             if not isinstance(src, torch.fx.Node) or set(src.users) != {node}:
                 continue
-            fused = self._rms_norm(src) or self._silu_mul(src)
+            fused = self._rms_norm(src) or self._written_rms_norm(src) or self._silu_mul(src)
             if fused is None:
                 continue
             target, args, name = fused
@@ -86,6 +93,27 @@ class FusePass(Fp8Pass):
         return OPS.rmsnorm_quantize.default, (x, weight, eps), "rms_norm"
 
     @staticmethod
+    def _written_rms_norm(src: torch.fx.Node):
+        """``weight * (hs * rsqrt(mean(hs**2, -1, keepdim) + eps)).to(dt)``, hs = x.to(f32)."""
+        if not _is_mul(src):
+            return None
+        for weight, normed in (src.args, src.args[::-1]):
+            if not (isinstance(weight, torch.fx.Node) and weight.op == "placeholder"):
+                continue
+            if len(_shape(weight) or ()) != 1:
+                continue
+            h1 = _skip_casts(normed)
+            if not _is_mul(h1):
+                continue
+            for hs, r in (h1.args, h1.args[::-1]):
+                eps = _rsqrt_mean_square_eps(r, hs)
+                if eps is not None:
+                    x = hs.args[0] if _is_method(hs, "to", "float") else hs
+                    if _shape(x) and _shape(weight)[0] == _shape(x)[-1]:
+                        return OPS.rmsnorm_quantize.default, (x, weight, eps), "rms_norm"
+        return None
+
+    @staticmethod
     def _silu_mul(src: torch.fx.Node):
         if src.op != "call_function" or src.target not in _MUL or len(src.args) != 2:
             return None
@@ -99,6 +127,54 @@ class FusePass(Fp8Pass):
             ):
                 return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul"
         return None
+
+
+def _is_method(n, *names) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target in names
+
+
+def _is_call(n, funcs) -> bool:
+    return isinstance(n, torch.fx.Node) and n.op == "call_function" and n.target in funcs
+
+
+def _is_mul(n) -> bool:
+    return (_is_call(n, _MUL) or _is_method(n, "mul")) and len(n.args) == 2
+
+
+def _skip_casts(n):
+    while _is_method(n, "to", "float", "bfloat16", "half", "type_as"):
+        n = n.args[0]
+    return n
+
+
+def _shape(n):
+    from .manager import shape_of
+
+    return shape_of(n)
+
+
+def _rsqrt_mean_square_eps(r, hs) -> float | None:
+    """eps if ``r`` is ``rsqrt(mean(hs ** 2, -1, keepdim=True) + eps)``, else None."""
+    if not (_is_call(r, {torch.rsqrt}) or _is_method(r, "rsqrt")):
+        return None
+    add = r.args[0]
+    if not ((_is_call(add, {operator.add, torch.add}) or _is_method(add, "add"))
+            and len(add.args) == 2 and isinstance(add.args[1], float)):
+        return None
+    mean = add.args[0]
+    if not _is_method(mean, "mean"):
+        return None
+    dims = mean.args[1] if len(mean.args) > 1 else mean.kwargs.get("dim")
+    if dims not in (-1, (-1,), [-1]) or not mean.kwargs.get("keepdim", False):
+        return None
+    sq = mean.args[0]
+    is_square = (
+        (_is_method(sq, "pow") or _is_call(sq, {torch.pow, operator.pow}))
+        and sq.args[1] == 2
+    ) or (_is_mul(sq) and sq.args[0] is sq.args[1])
+    if not is_square or sq.args[0] is not hs:
+        return None
+    return add.args[1]
 
 
 __all__ = ["FusePass"]

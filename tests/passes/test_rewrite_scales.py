@@ -96,3 +96,18 @@ def test_no_fusion_when_the_activation_is_needed_elsewhere(passes):
                         config={"rules": ["norm", "residual"]})
     assert _count(gm, OPS.rmsnorm_quantize.default) == 0
     assert _count(gm, OPS.quantize.default) == 1
+
+
+def test_transformers_written_out_rmsnorm_is_fused(passes):
+    from tests.models import tiny_hf_llama
+
+    model, ids = tiny_hf_llama(), torch.randint(0, 512, (2, 8))
+    gm, inputs, ctx = passes(model, ids)
+    assert _count(gm, OPS.rmsnorm_quantize.default) == 4  # 2 norms x 2 layers
+    assert _count(gm, OPS.silu_mul_quantize.default) == 2
+    (eps,) = {n.args[2] for n in gm.graph.nodes if n.target is OPS.rmsnorm_quantize.default}
+    assert eps == model.config.rms_norm_eps
+    with torch.no_grad():
+        out = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+        logits = [o for o in out if isinstance(o, torch.Tensor) and o.shape[-1] == 512][0]
+        assert rel_err(logits, model(ids).logits) < 0.12
