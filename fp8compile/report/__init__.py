@@ -1,17 +1,17 @@
-"""The precision plan as a table, DOT, SVG and a self-contained HTML page."""
+"""The precision plan as DOT, SVG and a self-contained HTML page, and its precision conflicts.
+
+Example::
+
+    >>> p = fp8compile.plan(model, x)          # doctest: +SKIP
+    >>> p.to_html("plan.html")                  # doctest: +SKIP  (open it in a browser)
+    >>> conflicts(p)                            # doctest: +SKIP
+"""
 
 from __future__ import annotations
 
-__all__ = ["to_dot", "to_html", "to_svg"]
+from .conflicts import conflicts
+from .dot import to_dot
+from .html import to_html
+from .svg import to_svg
 
-
-def to_dot(plan) -> str:
-    raise NotImplementedError("graph rendering is not built yet")
-
-
-def to_svg(plan, path=None) -> str:
-    raise NotImplementedError("graph rendering is not built yet")
-
-
-def to_html(plan, path=None) -> str:
-    raise NotImplementedError("graph rendering is not built yet")
+__all__ = ["conflicts", "to_dot", "to_html", "to_svg"]
