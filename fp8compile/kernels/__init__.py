@@ -25,6 +25,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -44,10 +45,20 @@ _HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def available(t: torch.Tensor) -> bool:
-    """True when ``t`` is a CUDA tensor, Triton is importable and not disabled by env."""
+    """True when ``t`` is on a CUDA GPU with FP8 tensor cores (compute capability >= 8.9:
+    Ada, Hopper and later), Triton is importable, and ``FP8COMPILE_DISABLE_TRITON`` is unset.
+    Elsewhere the ops run the reference in :mod:`fp8compile.numerics` (correct, slow)."""
     return (
-        t.is_cuda and _HAS_TRITON and os.environ.get("FP8COMPILE_DISABLE_TRITON") != "1"
+        t.is_cuda
+        and _HAS_TRITON
+        and os.environ.get("FP8COMPILE_DISABLE_TRITON") != "1"
+        and _fp8_capable(t.device.index if t.device.index is not None else 0)
     )
+
+
+@functools.cache
+def _fp8_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
 
 
 def quantize(
