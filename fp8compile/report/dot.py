@@ -38,7 +38,8 @@ def _node(b: Box, indent: str) -> str:
     shape = "box3d" if b.kind == "summary" else "box"
     attrs = {
         "id": _q(b.id),
-        "class": _q(f"{b.kind} {b.precision}"),
+        # Graphviz prepends "node" to the class of every node's <g> in SVG output.
+        "class": _q(b.precision if b.kind == "node" else f"summary {b.precision}"),
         "label": _q(label),
         "fillcolor": _q(COLORS.get(b.precision, COLORS["mixed"])),
         "shape": shape,

@@ -50,7 +50,8 @@ def _svg_inline(svg: str) -> str:
     URLs (HTML5 parses inline ``<svg>`` without them; the page must hold no http(s) link)."""
     svg = svg[svg.find("<svg"):]
     svg = re.sub(r"<!--.*?-->", "", svg, flags=re.S)
-    return re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+    svg = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', "", svg)
+    return svg.replace("xlink:title=", "title=").replace("xlink:href=", "href=")
 
 
 def _summary(plan: Plan) -> list[tuple[str, str]]:
@@ -182,14 +183,16 @@ def to_html(
     plan: Plan,
     path=None,
     *,
-    engine: str = "auto",
+    engine: str = "python",
     collapse: bool | None = None,
     title: str = "fp8compile precision plan",
 ) -> str:
     """One self-contained HTML page for ``plan`` (also written to ``path`` when given).
 
     ``collapse=None`` folds plans of more than 300 nodes: GEMMs and rule-protected nodes stay,
-    the rest of each module becomes one summary box.  ``engine`` as in :func:`to_svg`.
+    the rest of each module becomes one summary box.  ``engine`` as in :func:`to_svg`; the
+    default is the built-in layout, the same on every machine (``"dot"`` uses Graphviz, whose
+    cluster frames nest every module prefix: exact, but wide for transformers).
     """
     drawn = boxes(plan, collapse)
     svg = _svg_inline(to_svg(plan, engine=engine, collapse=collapse))

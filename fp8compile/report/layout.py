@@ -77,10 +77,16 @@ def group_of(plan: Plan) -> dict[str, str]:
     that has one (the ``silu`` after ``gate_proj`` sits in ``layers.3.mlp``).
     """
     by_key = _entry_ids(plan)
+    ops = defaultdict(int)
+    for e in plan:
+        ops[(e.graph, e.module)] += 1
     out: dict[str, str] = {}
     for e in plan:  # entries are in graph (topological) order
         if e.module:
-            out[node_id(e)] = _parent(e.module) if e.gemm or e.module_type else e.module
+            # A module that is one op (Linear, RMSNorm as one call) sits in its parent's frame;
+            # a module of several ops (an attention, a decomposed norm) is a frame of its own.
+            alone = e.gemm or ops[(e.graph, e.module)] == 1
+            out[node_id(e)] = _parent(e.module) if alone else e.module
             continue
         g = ""
         for i in e.inputs:
@@ -100,8 +106,16 @@ def _label(e: PlanEntry) -> tuple[str, str]:
     return title, detail
 
 
+# Norm ops that are one node; a norm written out as pow/mean/rsqrt/mul folds into a summary.
+_NORM_OPS = frozenset({"rms_norm", "layer_norm", "group_norm", "batch_norm", "instance_norm"})
+
+
 def _kept(e: PlanEntry) -> bool:
-    return bool(e.gemm) or e.rule.startswith("rule:") or e.rule == "calibration"
+    if e.gemm:
+        return True
+    if e.rule == "rule:norm":
+        return e.op in _NORM_OPS
+    return e.rule.startswith("rule:")
 
 
 def boxes(plan: Plan, collapse: bool | None = None) -> list[Box]:
@@ -114,17 +128,21 @@ def boxes(plan: Plan, collapse: bool | None = None) -> list[Box]:
         collapse = len(plan) > COLLAPSE_ABOVE
     groups = group_of(plan)
     out: list[Box] = []
-    summaries: dict[tuple[int, str], Box] = {}
+    summaries: dict[tuple[int, str, int], Box] = {}
+    run = 0  # kept nodes so far: a module's ops between two kept nodes form one summary,
+    # which keeps the collapsed graph (nearly) acyclic and in source order
     for e in plan:
         nid, g = node_id(e), groups[node_id(e)]
         if not collapse or _kept(e):
             title, detail = _label(e)
             out.append(Box(nid, title, detail, e.precision.value, g, [e]))
+            run += 1
             continue
-        key = (e.graph, g)
+        key = (e.graph, g, run)
         box = summaries.get(key)
         if box is None:
-            box = Box(f"sum_g{e.graph}_{g or 'root'}", g or "(top level)", "", "", g, [])
+            short = ".".join(g.split(".")[-2:]) if g else "(top level)"
+            box = Box(f"sum_g{e.graph}_{run}_{g or 'root'}", short, "", "", g, [])
             summaries[key] = box
             out.append(box)
         box.entries.append(e)
