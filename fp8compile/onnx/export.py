@@ -23,7 +23,7 @@ from .. import numerics as nx
 from ..config import Fp8Config, Recipe, Scaling
 from . import translate
 
-__all__ = ["ExportReport", "QDQLinear", "export_onnx"]
+__all__ = ["ExportReport", "QDQLinear", "export_onnx", "fp8_model"]
 
 TARGETS = ("ort", "tensorrt")
 MIN_OPSET_FP8 = 19
@@ -138,6 +138,47 @@ def _why_not(linear: nn.Module, cfg: Fp8Config, target: str, name: str) -> str |
     return None
 
 
+def _export_copy(
+    model: nn.Module, args: tuple, cfg: Fp8Config, target: str
+) -> tuple[nn.Module, list[str], list[tuple[str, str]]]:
+    """A copy of ``model`` with the plan's exportable FP8 linears as :class:`QDQLinear`."""
+    from ..plan import plan as make_plan
+
+    with torch.no_grad():
+        p = make_plan(model, *args, config=cfg)
+    export_model = copy.deepcopy(model).eval()
+    fp8_layers: list[str] = []
+    kept: list[tuple[str, str]] = []
+    for e in p:
+        if not (e.gemm and e.is_fp8):
+            continue
+        if e.gemm != "linear":
+            where = e.module or e.name
+            kept.append((where, f"{e.gemm} ({e.op}) between activations: exported high "
+                                "precision, only nn.Linear weights export as FP8 QDQ"))
+            continue
+        if e.module in fp8_layers or any(m == e.module for m, _ in kept):
+            continue
+        try:
+            sub = export_model.get_submodule(e.module) if e.module else None
+        except AttributeError:
+            sub = None
+        why = _why_not(sub, cfg, target, e.module or e.name)
+        if why:
+            kept.append((e.module or e.name, why))
+            continue
+        static = cfg.static_amax(e.module) if cfg.scaling is Scaling.STATIC else None
+        qdq = QDQLinear(
+            sub, cfg.recipe.activation_granularity, cfg.recipe.weight_granularity,
+            cfg.activation_format, cfg.weight_format, static, cfg.power_of_2_scales,
+        )
+        parent, _, leaf = e.module.rpartition(".")
+        setattr(export_model.get_submodule(parent) if parent else export_model, leaf, qdq)
+        fp8_layers.append(e.module)
+
+    return export_model, fp8_layers, kept
+
+
 def _dynamic_shapes(args: tuple) -> tuple:
     """Every dim but a float tensor's last (features) dynamic; integer inputs fully dynamic."""
     out = []
@@ -180,6 +221,19 @@ def _initializer_bytes(model) -> tuple[int, int]:
     return fp8, total
 
 
+def fp8_model(
+    model: nn.Module, args: tuple, config: Fp8Config | dict | None = None, target: str = "ort"
+) -> nn.Module:
+    """The model :func:`export_onnx` exports, runnable in PyTorch (the FP8 reference path)."""
+    cfg = Fp8Config() if config is None else Fp8Config.from_dict(config)
+    was_training = model.training
+    model.eval()
+    try:
+        return _export_copy(model, args if isinstance(args, tuple) else (args,), cfg, target)[0]
+    finally:
+        model.train(was_training)
+
+
 def export_onnx(
     model: nn.Module,
     args: tuple,
@@ -207,8 +261,6 @@ def export_onnx(
     """
     import onnx
 
-    from ..plan import plan as make_plan
-
     cfg = Fp8Config() if config is None else Fp8Config.from_dict(config)
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not supported; choose one of {TARGETS}")
@@ -229,38 +281,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            p = make_plan(model, *args, config=cfg)
-        export_model = copy.deepcopy(model).eval()
-        fp8_layers: list[str] = []
-        kept: list[tuple[str, str]] = []
-        for e in p:
-            if not (e.gemm and e.is_fp8):
-                continue
-            if e.gemm != "linear":
-                where = e.module or e.name
-                kept.append((where, f"{e.gemm} ({e.op}) between activations: exported high "
-                                    "precision, only nn.Linear weights export as FP8 QDQ"))
-                continue
-            if e.module in fp8_layers or any(m == e.module for m, _ in kept):
-                continue
-            try:
-                sub = export_model.get_submodule(e.module) if e.module else None
-            except AttributeError:
-                sub = None
-            why = _why_not(sub, cfg, target, e.module or e.name)
-            if why:
-                kept.append((e.module or e.name, why))
-                continue
-            static = cfg.static_amax(e.module) if cfg.scaling is Scaling.STATIC else None
-            qdq = QDQLinear(
-                sub, cfg.recipe.activation_granularity, cfg.recipe.weight_granularity,
-                cfg.activation_format, cfg.weight_format, static, cfg.power_of_2_scales,
-            )
-            parent, _, leaf = e.module.rpartition(".")
-            setattr(export_model.get_submodule(parent) if parent else export_model, leaf, qdq)
-            fp8_layers.append(e.module)
-
+        export_model, fp8_layers, kept = _export_copy(model, args, cfg, target)
         torch.onnx.export(
             export_model, args, path, dynamo=True, opset_version=opset,
             custom_translation_table=translate.translation_table(opset),

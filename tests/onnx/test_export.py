@@ -1,0 +1,200 @@
+"""export_onnx: standard FLOAT8 QDQ that onnxruntime and the ONNX reference runtime run.
+
+The FP8 bound used here: both GEMM operands rounded to E4M3 (relative rounding error at most
+1/16 each) — random data cancels most of it; the block's output, with its residual stream in
+FP32, stays within 5e-2 of FP32 (measured: about 1.1e-2 for every recipe).
+"""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+import fp8compile
+from fp8compile.onnx import export_onnx, fp8_model, run, session
+from tests.models import LlamaBlock, rel_err
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+FP8_TYPES = {onnx.TensorProto.FLOAT8E4M3FN}
+
+
+def _static_amax(model, x):
+    amax = {}
+    hooks = [
+        model.get_submodule(n).register_forward_hook(
+            lambda mod, inp, out, n=n: amax.__setitem__(n, float(inp[0].detach().abs().max()))
+        )
+        for n in LINEARS
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return amax
+
+
+@pytest.fixture(scope="module")
+def block():
+    torch.manual_seed(0)
+    return LlamaBlock(d=256, heads=4, ffn=512).eval(), torch.randn(2, 16, 256)
+
+
+def _config(name, model, x):
+    if name == "tensorwise-static":
+        amax = _static_amax(model, x)
+        return {"recipe": "tensorwise", "scaling": "static", "static_scales": amax}
+    return {"recipe": name}
+
+
+@pytest.fixture(scope="module")
+def fp32_file_bytes(block, tmp_path_factory):
+    model, x = block
+    path = tmp_path_factory.mktemp("fp32") / "fp32.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False)
+    return path.stat().st_size
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "rowwise", "tensorwise", "tensorwise-static"])
+def test_block_exports_and_matches(block, recipe, tmp_path, fp32_file_bytes):
+    model, x = block
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", _config(recipe, model, x))
+    assert sorted(report.fp8_layers) == sorted(LINEARS)
+    assert report.kept_layers == []
+    assert report.ir_version <= 10 and report.opset == 21
+
+    proto = onnx.load(report.path)
+    onnx.checker.check_model(proto, full_check=True)
+    fp8 = [t for t in proto.graph.initializer if t.data_type in FP8_TYPES]
+    linear_numel = sum(model.get_submodule(n).weight.numel() for n in LINEARS)
+    # one byte per linear weight, i.e. a quarter of their FP32 bytes
+    assert sum(int(np.prod(t.dims)) for t in fp8 if len(t.dims) == 2) == linear_numel
+    assert report.fp8_initializer_bytes * 4 >= 4 * linear_numel
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"DequantizeLinear", "QuantizeLinear", "MatMul"} <= ops
+    assert all(n.domain in ("", "ai.onnx") for n in proto.graph.node)
+    # linear weights dominate this block: the file is about a quarter of the FP32 export
+    assert report.file_bytes < 0.35 * fp32_file_bytes
+
+    assert report.err_vs_torch_fp8 <= 1e-3
+    assert report.err_vs_fp32 <= 5e-2
+
+
+def test_dynamic_batch_and_sequence(block, tmp_path):
+    model, x = block
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "blockwise"})
+    sess = session(report.path)
+    fp8 = fp8_model(model, (x,), {"recipe": "blockwise"})
+    for shape in [(1, 7, 256), (3, 33, 256)]:
+        xi = torch.randn(*shape)
+        got = torch.from_numpy(run(sess, (xi,))[0])
+        assert got.shape == shape
+        with torch.no_grad():
+            assert rel_err(got, fp8(xi)) <= 1e-3
+            assert rel_err(got, model(xi)) <= 5e-2
+
+
+def test_reference_evaluator_agrees_with_ort(tmp_path):
+    from onnx.reference import ReferenceEvaluator
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 128)).eval()
+    x = torch.randn(4, 256)
+    cfg = {"recipe": "blockwise", "min_weight_numel": 1, "rules": []}
+    for recipe in ("blockwise", "rowwise"):  # both: blocked and per-axis FP8 QDQ
+        cfg["recipe"] = recipe
+        report = export_onnx(model, (x,), tmp_path / f"{recipe}.onnx", cfg)
+        assert len(report.fp8_layers) == 2
+        ort_out = run(report.path, (x,))[0]
+        ref = ReferenceEvaluator(report.path)
+        ref_out = ref.run(None, {ref.input_names[0]: x.numpy()})[0]
+        assert rel_err(torch.from_numpy(ref_out), torch.from_numpy(ort_out)) <= 1e-5
+
+
+def test_session_options_are_needed_for_static_qdq(block, tmp_path):
+    """At its default level ORT fuses Q→DQ→MatMul into the int8-only MatMulIntegerToFloat."""
+    import onnxruntime as ort
+
+    model, x = block
+    cfg = _config("tensorwise-static", model, x)
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", cfg, validate=False)
+    with pytest.raises(Exception, match="MatMulIntegerToFloat|float8"):
+        ort.InferenceSession(report.path).run(None, {"x": x.numpy()})
+    got = torch.from_numpy(run(report.path, (x,))[0])
+    with torch.no_grad():
+        assert rel_err(got, model(x)) <= 5e-2
+
+
+class _Unsupported(nn.Module):
+    """A linear with K=320 (no whole 1x128 groups), a bmm between activations, a plain one
+    and an output head (which the plan keeps high precision)."""
+
+    def __init__(self):
+        super().__init__()
+        self.odd = nn.Linear(320, 256)
+        self.proj = nn.Linear(256, 256)
+        self.head = nn.Linear(256, 256)
+
+    def forward(self, x):
+        h = self.odd(x)
+        a = torch.bmm(h, h.transpose(1, 2)) / 16.0
+        return self.head(torch.relu(self.proj(torch.bmm(a, h))))
+
+
+def test_unsupported_pieces_stay_high_precision(tmp_path):
+    model = _Unsupported().eval()
+    x = torch.randn(2, 8, 320)
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "blockwise"})
+    kept = dict(report.kept_layers)
+    assert "odd" in kept and "K=320" in kept["odd"]
+    assert "proj" in report.fp8_layers and "odd" not in report.fp8_layers
+    plan = fp8compile.plan(model, x, config=fp8compile.Fp8Config())
+    bmm_fp8 = [e for e in plan if e.gemm and e.gemm != "linear" and e.is_fp8]
+    assert len(report.kept_layers) == 1 + len(bmm_fp8)
+    assert report.err_vs_torch_fp8 <= 1e-3
+    assert report.err_vs_fp32 <= 5e-2
+
+
+def test_tensorrt_target_refuses_blockwise_naming_the_layer(block, tmp_path):
+    model, x = block
+    with pytest.raises(ValueError, match="q_proj.*blockwise"):
+        export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "blockwise"}, target="tensorrt")
+    with pytest.raises(ValueError, match="q_proj.*dynamic"):
+        export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "tensorwise"}, target="tensorrt")
+
+
+def test_tensorrt_target_static_tensorwise(block, tmp_path):
+    model, x = block
+    cfg = _config("tensorwise-static", model, x)
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", cfg, target="tensorrt")
+    proto = onnx.load(report.path)
+    producers = {o: n for n in proto.graph.node for o in n.output}
+    # every FP8 MatMul reads DequantizeLinear on both inputs
+    qdq_matmuls = [
+        n for n in proto.graph.node
+        if n.op_type == "MatMul"
+        and all(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                for i in n.input)
+    ]
+    assert len(qdq_matmuls) == len(LINEARS)
+    assert report.err_vs_torch_fp8 <= 1e-3
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"opset": 18}, "opset=18"),
+        ({"opset": 20}, "opset=20"),  # blockwise needs block_size
+        ({"target": "tflite"}, "target='tflite'"),
+    ],
+)
+def test_bad_arguments(block, tmp_path, kwargs, match):
+    model, x = block
+    with pytest.raises(ValueError, match=match):
+        export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "blockwise"}, **kwargs)
+
+
+def test_opset19_rowwise(block, tmp_path):
+    model, x = block
+    report = export_onnx(model, (x,), tmp_path / "m.onnx", {"recipe": "rowwise"}, opset=19)
+    assert report.opset == 19
+    assert report.err_vs_torch_fp8 <= 1e-3
