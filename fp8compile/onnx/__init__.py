@@ -1,8 +1,24 @@
-"""Export to standard ONNX with FP8 QuantizeLinear/DequantizeLinear (see docs/onnx.md)."""
+"""Export to standard ONNX with FP8 QuantizeLinear/DequantizeLinear (see docs/onnx.md).
 
-from .export import ExportReport, QDQLinear, export_onnx, fp8_model
+Example::
+
+    >>> import fp8compile
+    >>> report = fp8compile.export_onnx(model, (x,), "model.onnx")  # doctest: +SKIP
+    >>> sess = fp8compile.onnx.session("model.onnx")                 # doctest: +SKIP
+    >>> y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})   # doctest: +SKIP
+"""
+
+from .export import ExportReport, export_onnx
+from .modules import Fp8ExportLinear
 from .session import run, session, session_options
+from .validate import reference_outputs
 
 __all__ = [
-    "ExportReport", "QDQLinear", "export_onnx", "fp8_model", "run", "session", "session_options",
+    "ExportReport",
+    "Fp8ExportLinear",
+    "export_onnx",
+    "reference_outputs",
+    "run",
+    "session",
+    "session_options",
 ]
