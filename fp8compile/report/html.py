@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from html import escape
 
 from ..plan import Plan, PlanEntry, _fmt_shape
@@ -163,7 +164,8 @@ function setZoom(z) {
 document.getElementById('zin').onclick = () => setZoom(zoom * 1.25);
 document.getElementById('zout').onclick = () => setZoom(zoom / 1.25);
 document.getElementById('zfit').onclick = () => {
-  const v = document.getElementById('graph'); setZoom(v.clientWidth / parseFloat(W0));
+  const v = document.getElementById('graph');
+  setZoom(Math.min(v.clientWidth / parseFloat(W0), v.clientHeight / parseFloat(H0)));
 };
 document.querySelectorAll('#gemms tbody tr').forEach(tr =>
   tr.addEventListener('click', () => focusNode(tr.dataset.id)));
@@ -206,6 +208,13 @@ def to_html(
             fields = _entry_data(e)
             title_ = f"{e.name} · {e.precision.value.upper()}"
             search = " ".join([e.name, e.module, e.op, e.module_type]).lower()
+        elif b.id.startswith("rep_"):
+            fields = {"blocks": b.label, "folded": b.detail, "nodes": len(b.entries)}
+            fields.update(sorted(Counter(e.precision.value for e in b.entries).items()))
+            title_ = f"{b.label} · {len(b.entries)} nodes"
+            blocks = sorted({e.module.split(".")[: b.group.count(".") + 2][-1]
+                             for e in b.entries})
+            search = " ".join([b.label] + [f"{b.group}.{i}" for i in blocks]).lower()
         else:
             fields = {"module": b.group or "(top level)", "collapsed nodes": len(b.entries)}
             for e in b.entries:

@@ -58,7 +58,7 @@ class Box:
 
     @property
     def kind(self) -> str:
-        return "summary" if self.id.startswith("sum_") else "node"
+        return "summary" if self.id.startswith(("sum_", "rep_")) else "node"
 
 
 def _parent(module: str) -> str:
@@ -118,21 +118,78 @@ def _kept(e: PlanEntry) -> bool:
     return e.rule.startswith("rule:")
 
 
+def _block(module: str) -> tuple[str, int] | None:
+    """``("model.layers", 3)`` for ``model.layers.3.mlp.up_proj``; None outside numbered blocks."""
+    parts = module.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part)
+    return None
+
+
+def _repeats(plan: Plan) -> dict[str, tuple[str, int, int]]:
+    """Entries of numbered blocks (``layers.N``) that repeat an earlier block exactly (same ops,
+    module paths, precisions and rules): ``{node id: (stem, first block of its run, rep)}``.
+
+    A 32-layer model then draws one block in full and "layers.1–31: 31 × layers.0"; a block
+    that differs (a demoted layer, an override) breaks the run and is drawn in full.
+    """
+    members: dict[tuple[int, str, int], list[PlanEntry]] = defaultdict(list)
+    for e in plan:
+        b = _block(e.module) if e.module else None
+        if b is not None:
+            members[(e.graph, *b)].append(e)
+
+    def signature(key, entries):
+        cut = len(key[1]) + len(str(key[2])) + 1
+        return tuple((e.module[cut:], e.op, e.precision.value, e.rule) for e in entries)
+
+    seen: dict[tuple, int] = {}
+    out: dict[str, tuple[str, int, int]] = {}
+    run_of: dict[tuple[int, str], tuple[int, int, int]] = {}  # (graph, stem) -> start, last, rep
+    for key in sorted(members, key=lambda k: (k[0], k[1], k[2])):
+        graph, stem, idx = key
+        sig = (graph, stem, signature(key, members[key]))
+        rep = seen.setdefault(sig, idx)
+        if rep == idx:
+            continue
+        start, last, prev_rep = run_of.get((graph, stem), (-1, -2, -1))
+        if not (last == idx - 1 and prev_rep == rep):
+            start = idx
+        run_of[(graph, stem)] = (start, idx, rep)
+        for e in members[key]:
+            out[node_id(e)] = (stem, start, rep)
+    return out
+
+
 def boxes(plan: Plan, collapse: bool | None = None) -> list[Box]:
     """The boxes to draw, in plan order.
 
-    ``collapse=None`` collapses plans of more than :data:`COLLAPSE_ABOVE` entries: GEMMs and
-    nodes a rule decided stay, every other node is counted in one summary box per module group.
+    ``collapse=None`` collapses plans of more than :data:`COLLAPSE_ABOVE` entries: numbered
+    blocks that repeat an earlier one fold into one box per run; in the rest, GEMMs and nodes a
+    rule decided stay and the other nodes of a module between two of them fold into a summary.
     """
     if collapse is None:
         collapse = len(plan) > COLLAPSE_ABOVE
     groups = group_of(plan)
+    repeats = _repeats(plan) if collapse else {}
     out: list[Box] = []
     summaries: dict[tuple[int, str, int], Box] = {}
+    runs: dict[tuple[int, str, int], Box] = {}
     run = 0  # kept nodes so far: a module's ops between two kept nodes form one summary,
     # which keeps the collapsed graph (nearly) acyclic and in source order
     for e in plan:
         nid, g = node_id(e), groups[node_id(e)]
+        if nid in repeats:
+            stem, start, rep = repeats[nid]
+            box = runs.get((e.graph, stem, start))
+            if box is None:
+                box = Box(f"rep_g{e.graph}_{stem}_{start}", "", f"{stem}.{rep}", "mixed",
+                          stem, [])
+                runs[(e.graph, stem, start)] = box
+                out.append(box)
+            box.entries.append(e)
+            continue
         if not collapse or _kept(e):
             title, detail = _label(e)
             out.append(Box(nid, title, detail, e.precision.value, g, [e]))
@@ -146,7 +203,23 @@ def boxes(plan: Plan, collapse: bool | None = None) -> list[Box]:
             summaries[key] = box
             out.append(box)
         box.entries.append(e)
-    for box in summaries.values():
+    for i, box in enumerate(out):  # a "summary" of one node is that node
+        if box.kind == "summary" and len(box.entries) == 1:
+            e = box.entries[0]
+            out[i] = Box(node_id(e), *_label(e), e.precision.value, box.group, [e])
+    for box in runs.values():
+        stem, rep = box.group, box.detail
+        idx = sorted({_block(e.module)[1] for e in box.entries})
+        box.label = f"{stem}.{idx[0]}–{idx[-1]}" if len(idx) > 1 else f"{stem}.{idx[0]}"
+        gemms = [e for e in box.entries if e.gemm]
+        fp8 = sum(e.is_fp8 for e in gemms)
+        box.detail = (
+            f"{len(idx)} × same as {rep}; "
+            f"{fp8 // len(idx)}/{len(gemms) // len(idx)} fp8"
+        )
+        precisions = {e.precision.value for e in box.entries}
+        box.precision = precisions.pop() if len(precisions) == 1 else "mixed"
+    for box in (b for b in out if b.kind == "summary" and not b.id.startswith("rep_")):
         precisions = {e.precision.value for e in box.entries}
         box.precision = precisions.pop() if len(precisions) == 1 else "mixed"
         ops = defaultdict(int)

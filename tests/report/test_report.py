@@ -96,8 +96,10 @@ def test_html_collapses_large_plans_keeping_gemms_and_counts(hf_plan):
     kept = [b for b in drawn if b.entry is not None]
     folded = [b for b in drawn if b.entry is None]
     assert len(kept) + sum(len(b.entries) for b in folded) == len(hf_plan)
-    assert {b.entry.name for b in kept} >= {e.name for e in hf_plan.gemms}
-    assert len(drawn) < len(hf_plan) / 2
+    folded_gemms = {e.name for b in folded if b.id.startswith("rep_") for e in b.entries}
+    assert {b.entry.name for b in kept} | folded_gemms >= {e.name for e in hf_plan.gemms}
+    assert any(b.label == "model.layers.1" for b in folded)  # layer 1 repeats layer 0
+    assert len(drawn) < len(hf_plan) / 4
     html = to_html(hf_plan, collapse=True, engine="python")
     counts = [int(c) for c in re.findall(r'data-count="(\d+)"', html)]
     assert len(re.findall(r'<g class="node ', html)) + sum(counts) == len(hf_plan)
@@ -156,3 +158,21 @@ def test_html_renders_in_headless_chromium(hf_plan, tmp_path):
     )
     assert shot.exists() and shot.stat().st_size > 20_000
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_repeated_blocks_fold_and_a_different_block_breaks_the_run():
+    from tests.models import TinyLM
+
+    torch._dynamo.reset()
+    model = TinyLM(layers=5)
+    plan = fp8compile.plan(model, torch.randint(0, 512, (2, 8)),
+                           config={"overrides": {"layers.3.*": "bf16"}})
+    drawn = boxes(plan, collapse=True)
+    reps = {b.label: b for b in drawn if b.id.startswith("rep_")}
+    assert set(reps) == {"layers.1–2", "layers.4"}, sorted(reps)
+    assert "same as layers.0" in reps["layers.1–2"].detail
+    shown = {e.module for b in drawn if b.entry is not None for e in b.entries}
+    assert "layers.3.up_proj" in shown and "layers.0.up_proj" in shown
+    assert sum(len(b.entries) for b in drawn) == len(plan)
+    html = to_html(plan, collapse=True)
+    assert "layers.1–2" in html and "layers.2" in html
