@@ -8,7 +8,7 @@ Example::
     >>> y = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})   # doctest: +SKIP
 """
 
-from .export import ExportReport, export_onnx
+from .export import ExportReport, export_onnx, fp8_model
 from .modules import Fp8ExportLinear
 from .session import run, session, session_options
 from .validate import reference_outputs
@@ -17,6 +17,7 @@ __all__ = [
     "ExportReport",
     "Fp8ExportLinear",
     "export_onnx",
+    "fp8_model",
     "reference_outputs",
     "run",
     "session",

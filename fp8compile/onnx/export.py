@@ -33,7 +33,7 @@ from . import validate as V
 from .modules import swap_fp8_linears
 from .translate import translation_table
 
-__all__ = ["ExportReport", "export_onnx"]
+__all__ = ["ExportReport", "export_onnx", "fp8_model"]
 
 TARGETS = ("ort", "tensorrt")
 MIN_OPSET = 19  # FP8 QuantizeLinear/DequantizeLinear
@@ -134,6 +134,34 @@ def _dims(a: Any) -> dict | None:
         return None
     last = a.dim() - (1 if a.is_floating_point() else 0)
     return {i: torch.export.Dim.AUTO for i in range(last)} or None
+
+
+def fp8_model(
+    model: nn.Module,
+    args: tuple | torch.Tensor,
+    config: Fp8Config | Mapping[str, Any] | None = None,
+    target: str = "ort",
+    *,
+    kwargs: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The model :func:`export_onnx` exports, runnable in PyTorch: a copy with the plan's FP8
+    layers as :class:`~fp8compile.onnx.modules.Fp8ExportLinear` (the PyTorch FP8 path the
+    exported file reproduces).  ``model`` is not modified."""
+    from ..plan import plan as make_plan
+
+    model = getattr(model, "_orig_mod", model)
+    cfg = Fp8Config() if config is None else Fp8Config.from_dict(config)
+    args = args if isinstance(args, tuple) else (args,)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p = make_plan(model, *args, config=cfg, **dict(kwargs or {}))
+        out = copy.deepcopy(model).eval()
+        swap_fp8_linears(out, p, cfg, target)
+        return out
+    finally:
+        model.train(was_training)
 
 
 def export_onnx(
