@@ -10,7 +10,9 @@ the dequantized values, and compares with the high-precision output.  Per layer 
 * ``saturation``: share of quantized activations at ±max of the format (dynamic scaling puts
   the group's amax there by design, so a high share means heavy outliers), or, with static
   scaling, the share of |x| above the calibrated/static amax;
-* ``underflow``: share of nonzero activations that quantize to 0.
+* ``underflow``: share of nonzero activations that quantize to 0;
+* ``weight_underflow``: share of nonzero weights that quantize to 0 (one outlier column under a
+  tensorwise scale sends the rest of the weight there).
 
 :attr:`Calibration.config` writes the figures into the config; with ``min_sqnr_db`` the
 precision pass demotes the layers below it (rule ``calibration``, the dB figure in the reason).
@@ -54,6 +56,7 @@ class LayerStats:
     nonzero: int = 0
     count: int = 0
     calls: int = 0
+    weight_underflow: float = 0.0
 
     @property
     def sqnr_db(self) -> float:
@@ -111,6 +114,7 @@ class Calibration:
                     "amax": s.amax,
                     "saturation": s.saturation,
                     "underflow": s.underflow_rate,
+                    "weight_underflow": s.weight_underflow,
                 }
                 for m, s in self.layers.items()
             },
@@ -118,14 +122,15 @@ class Calibration:
 
     def table(self) -> str:
         """One line per layer: SQNR, amax, saturation, underflow, and the verdict."""
-        header = ("module", "SQNR dB", "amax", "saturated", "underflow", "verdict")
+        header = ("module", "SQNR dB", "amax", "saturated", "underflow", "w underflow",
+                  "verdict")
         rows = [header]
         for m, s in self.layers.items():
             ok = self.min_sqnr_db is None or s.sqnr_db >= self.min_sqnr_db
             verdict = "fp8" if ok else f"demote (< {self.min_sqnr_db:g} dB)"
             rows.append((
                 m, f"{s.sqnr_db:.1f}", f"{s.amax:.4g}", f"{100 * s.saturation:.3f}%",
-                f"{100 * s.underflow_rate:.3f}%", verdict,
+                f"{100 * s.underflow_rate:.3f}%", f"{100 * s.weight_underflow:.3f}%", verdict,
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
@@ -240,6 +245,10 @@ def calibrate(
             if name not in weights:  # weights do not change during calibration
                 qw, sw = quantize(w, w_g, w_fmt, cfg.power_of_2_scales)
                 weights[name] = dequantize(qw, sw, w_g)
+                nzw = w != 0
+                st.weight_underflow = float((nzw & (qw.float() == 0)).sum()) / max(
+                    1, int(nzw.sum())
+                )
             b = None if mod.bias is None else mod.bias.detach().float()
             ref = F.linear(x, w, b)
             qx, sx = quantize(x, act_g, a_fmt, cfg.power_of_2_scales)

@@ -56,6 +56,7 @@ def test_outlier_layer_is_demoted_with_its_sqnr(batches):
     )
     low = cal.layers["up_proj"].sqnr_db
     assert low < 20 and cal.failing == ["up_proj"], cal.table()
+    assert cal.layers["up_proj"].weight_underflow > 0.1 > cal.layers["gate_proj"].weight_underflow
     assert all(s.sqnr_db >= 25 for m, s in cal.layers.items() if m != "up_proj"), cal.table()
     cfg = cal.config
     assert cfg.min_sqnr_db == 20 and cfg.measured("up_proj")[0] == pytest.approx(low)

@@ -77,9 +77,12 @@ def test_dot_clusters_by_module(hf_plan):
     assert '"cluster_model_layers_1_mlp"' in dot and 'label="model.layers.1.mlp"' in dot
 
 
-def test_html_is_self_contained_with_legend_search_and_every_node(any_plan, tmp_path):
+@pytest.mark.parametrize("engine", ["python", "dot"])
+def test_html_is_self_contained_with_legend_search_and_every_node(any_plan, engine, tmp_path):
+    if engine == "dot" and shutil.which("dot") is None:
+        pytest.skip("Graphviz `dot` is not installed")
     path = tmp_path / "plan.html"
-    html = any_plan.to_html(str(path))
+    html = to_html(any_plan, str(path), engine=engine)
     assert path.read_text() == html
     assert 'id="search"' in html and 'class="legend"' in html and 'id="panel"' in html
     assert 'id="gemms"' in html and "GEMM FLOPs in FP8" in html
