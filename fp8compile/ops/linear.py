@@ -149,7 +149,10 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
             # dW = dYᵀ @ X: both scaled along M.  X comes back from its FP8 copy, in its own
             # dtype (not fp32), so the transient copy is no larger than the original.
             x = _dequantize_rows(xq, xs, as_gran(xg), x_dtype)
-            dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, torch.float32, p2)
+            # In the parameter's dtype when that is 16-bit (it is cast there anyway): the GEMM
+            # still accumulates in fp32, and a bf16 output lets cuBLAS serve it.
+            dw_dtype = weight.dtype if weight.dtype in (torch.bfloat16,) else torch.float32
+            dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, dw_dtype, p2)
     if dx is not None:
         dx = dx.reshape(*grad_y.shape[:-1], k)
     if dw is not None:
