@@ -104,6 +104,12 @@ def _check_args(model, args, kwargs, opset, target, dynamic, cfg) -> None:
             f"opset={opset}: recipe 'blockwise' needs DequantizeLinear block_size, opset >= "
             f"{MIN_OPSET_BLOCK}; use opset={MIN_OPSET_BLOCK} or another recipe"
         )
+    if cfg.recipe is Recipe.ROWWISE and opset < MIN_OPSET_BLOCK:
+        raise ValueError(
+            f"opset={opset}: recipe 'rowwise' reshapes FP8 activations to (tokens, K) for "
+            f"per-token scales, and onnxruntime runs FP8 Reshape from opset {MIN_OPSET_BLOCK}; "
+            f"use opset={MIN_OPSET_BLOCK} (or recipe='tensorwise' at opset 19/20)"
+        )
     if not isinstance(dynamic, bool):
         raise ValueError(f"dynamic={dynamic!r} must be True or False")
     if kwargs is not None and not isinstance(kwargs, Mapping):
@@ -164,6 +170,52 @@ def fp8_model(
         model.train(was_training)
 
 
+def _name_fp8_weights(proto) -> bool:
+    """Name the FP8 weight initializers (and their scales) after their layer.
+
+    The exporter's optimizer folds the Transpose of each FP8 weight into a new initializer
+    with a generated name (``val_44``); the layer path is in the ``DequantizeLinear`` node's
+    ``pkg.torch.onnx.name_scopes`` metadata.  Returns whether anything was renamed.
+    """
+    import ast
+
+    import onnx
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    fp8 = {onnx.TensorProto.FLOAT8E4M3FN, onnx.TensorProto.FLOAT8E5M2}
+    renames: dict[str, str] = {}
+    taken = set(inits)
+    for node in proto.graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        if inits[node.input[0]].data_type not in fp8 or node.input[0] in renames:
+            continue
+        meta = {p.key: p.value for p in node.metadata_props}
+        try:
+            scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+        except (ValueError, SyntaxError):
+            continue
+        layer = ".".join(s for s in scopes[:-1] if s)
+        if not layer:
+            continue
+        for old, suffix in zip(node.input[:2], ("weight_fp8", "weight_scale")):
+            new = f"{layer}.{suffix}"
+            if old in inits and old not in renames and new not in taken:
+                renames[old] = new
+                taken.add(new)
+    if not renames:
+        return False
+    for t in proto.graph.initializer:
+        t.name = renames.get(t.name, t.name)
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            if name in renames:
+                node.input[i] = renames[name]
+    for vi in proto.graph.value_info:
+        vi.name = renames.get(vi.name, vi.name)
+    return True
+
+
 def export_onnx(
     model: nn.Module,
     args: tuple | torch.Tensor,
@@ -206,6 +258,8 @@ def export_onnx(
         >>> r.fp8_layers, r.err_vs_torch_fp8 < 1e-3  # doctest: +SKIP
         (['0'], True)
     """
+    import onnx
+
     from ..plan import plan as make_plan
 
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the module
@@ -231,6 +285,9 @@ def export_onnx(
             dynamic_shapes=_dynamic_shapes(export_model, args, kwargs) if dynamic else None,
             external_data=False, optimize=True, verbose=False,
         )
+        proto = onnx.load(path)
+        if _name_fp8_weights(proto):
+            onnx.save(proto, path)
         proto = V.check_file(path, opset)
         fp8_bytes, init_bytes = V.fp8_initializer_bytes(proto)
         report = ExportReport(

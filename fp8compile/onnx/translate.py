@@ -71,9 +71,10 @@ def translation_table(opset: int, target: str = "ort") -> dict:
         return op.Cast(op.Mul(like, const_f(0.0)), to=_ONNX_FP8[fmt])
 
     def quantize_linear(x, s, fmt: str, **axis):
-        """``QuantizeLinear`` saturating to FP8; scalar scales get a constant zero point
-        (the form every consumer parses), per-axis/blocked ones ``output_dtype`` (opset 21)."""
-        if not axis:
+        """``QuantizeLinear`` saturating to FP8, typed by ``output_dtype`` (opset >= 21) or,
+        before opset 21 and for TensorRT (whose parser reads the type from it), by an FP8
+        zero point: a constant scalar, or zeros shaped like a per-axis scale."""
+        if not axis and (opset < 21 or not guards):
             return op.QuantizeLinear(x, s, zero_point(fmt), saturate=1)
         if opset >= 21:
             return op.QuantizeLinear(x, s, saturate=1, output_dtype=_ONNX_FP8[fmt], **axis)
@@ -177,13 +178,20 @@ def translation_table(opset: int, target: str = "ort") -> dict:
             raise ValueError(f"ONNX export: activation granularity {granularity!r} unsupported")
         return op.Reshape(x, op.Shape(xq))
 
-    def dequant_weight(wq, ws, granularity: str):
+    def dequant_weight_t(wq, ws, granularity: str):
+        """``dequant(wq).T`` as ``DequantizeLinear`` of the transposed FP8 weight ``(K, N)``.
+
+        The Transpose acts on the FP8 initializer, which the exporter's optimizer folds into a
+        ``(K, N)`` FP8 initializer: the file holds ``W.T`` in FP8 and ``DequantizeLinear``
+        feeds ``MatMul`` directly (the pattern TensorRT fuses into an FP8 GEMM).
+        """
+        wt = op.Transpose(wq, perm=[1, 0])
         if granularity == "tensor":
-            return op.DequantizeLinear(wq, ws)
+            return op.DequantizeLinear(wt, ws)
         if granularity == "row":
-            return op.DequantizeLinear(wq, op.Reshape(ws, const_ints(-1)), axis=0)
+            return op.DequantizeLinear(wt, op.Reshape(ws, const_ints(-1)), axis=1)
         if granularity == "block":
-            # (NB, KB) -> (NB, 128, KB) -> (NB*128, KB) -> first N rows.
+            # (NB, KB) -> (NB, 128, KB) -> (NB*128, KB) -> first N rows -> (KB, N).
             nb_kb = op.Shape(ws)
             big = op.Expand(op.Unsqueeze(ws, const_ints(1)),
                             op.Concat(op.Slice(nb_kb, const_ints(0), const_ints(1)),
@@ -194,7 +202,8 @@ def translation_table(opset: int, target: str = "ort") -> dict:
                                                 axis=0))
             n = op.Slice(op.Shape(wq), const_ints(0), const_ints(1))
             per_row = op.Slice(per_row, const_ints(0), n, const_ints(0))
-            return op.DequantizeLinear(wq, per_row, axis=1, block_size=nx.BLOCK)
+            return op.DequantizeLinear(wt, op.Transpose(per_row, perm=[1, 0]), axis=0,
+                                       block_size=nx.BLOCK)
         raise ValueError(f"ONNX export: weight granularity {granularity!r} unsupported")
 
     def scaled_mm(xq, xs, x_granularity: str, wq, ws, w_granularity: str, bias, out_dtype: int,
@@ -202,8 +211,7 @@ def translation_table(opset: int, target: str = "ort") -> dict:
         # accumulation: ONNX MatMul on dequantized fp32 operands is the exact-fp32 reference
         # (what "precise" approximates); there is nothing to choose.
         x = dequant_act(xq, xs, x_granularity)
-        w = dequant_weight(wq, ws, w_granularity)
-        y = op.MatMul(x, op.Transpose(w, perm=[1, 0]))
+        y = op.MatMul(x, dequant_weight_t(wq, ws, w_granularity))
         if bias is not None:
             y = op.Add(y, to_f32(bias))
         if activation == "gelu":
