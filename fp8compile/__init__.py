@@ -35,7 +35,7 @@ def __getattr__(name: str):
 
         return export_onnx
     if name == "calibrate":
-        from .calibrate import calibrate
+        from .calibration import calibrate
 
         return calibrate
     raise AttributeError(f"module 'fp8compile' has no attribute {name!r}")

@@ -173,23 +173,25 @@ class Plan:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
         return "\n".join(lines)
 
-    def to_html(self, path: str | None = None) -> str:
-        """A self-contained HTML page: the graph colored by precision, details per node."""
+    def to_html(self, path: str | None = None, **options: Any) -> str:
+        """A self-contained HTML page: the graph colored by precision, details per node.
+        ``options`` go to :func:`fp8compile.report.to_html` (``engine``, ``collapse``)."""
         from .report import to_html
 
-        return to_html(self, path)
+        return to_html(self, path, **options)
 
-    def to_dot(self) -> str:
-        """The graph in Graphviz DOT, nodes colored by precision."""
+    def to_dot(self, **options: Any) -> str:
+        """The graph in Graphviz DOT, nodes colored by precision (``collapse=...``)."""
         from .report import to_dot
 
-        return to_dot(self)
+        return to_dot(self, **options)
 
-    def to_svg(self, path: str | None = None) -> str:
-        """The graph as SVG (graphviz when installed, a pure-Python layout otherwise)."""
+    def to_svg(self, path: str | None = None, **options: Any) -> str:
+        """The graph as SVG (graphviz when installed, a pure-Python layout otherwise);
+        ``options``: ``engine``, ``collapse``."""
         from .report import to_svg
 
-        return to_svg(self, path)
+        return to_svg(self, path, **options)
 
     def to_dict(self) -> dict[str, Any]:
         return {

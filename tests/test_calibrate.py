@@ -7,7 +7,7 @@ import torch
 
 import fp8compile
 from fp8compile import Fp8Config, Precision
-from fp8compile.calibrate import Calibration
+from fp8compile.calibration import Calibration
 from tests.models import LlamaBlock, tiny_hf_llama
 
 
@@ -98,3 +98,11 @@ def test_json_policy_round_trips_and_steers_the_plan(tmp_path):
     assert by_module["q_proj"].precision is Precision.FP32
     assert by_module["up_proj"].is_fp8 and by_module["up_proj"].recipe == "rowwise"
     assert by_module["k_proj"].sqnr_db == 30.0 and by_module["k_proj"].is_fp8
+
+
+def test_calibrate_stays_callable_after_the_module_is_imported():
+    import fp8compile.calibration  # noqa: F401
+
+    assert callable(fp8compile.calibrate)
+    cal = fp8compile.calibrate(LlamaBlock(), [torch.randn(1, 4, 256)], progress=False)
+    assert isinstance(cal, Calibration)

@@ -298,15 +298,3 @@ def _chain(first: tuple, rest):
     yield first
     for b in rest:
         yield _args(b)
-
-
-class _CallableModule(type(sys)):
-    """``fp8compile.calibrate`` names both this module and its function: once the module is
-    imported, Python sets the package attribute to the module, hiding the lazy function.  A
-    callable module keeps ``fp8compile.calibrate(model, batches)`` working either way."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Calibration:
-        return calibrate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
