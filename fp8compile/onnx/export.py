@@ -170,7 +170,7 @@ def fp8_model(
         model.train(was_training)
 
 
-def _name_fp8_weights(proto) -> bool:
+def _name_fp8_weights(proto, layers: list[str]) -> bool:
     """Name the FP8 weight initializers (and their scales) after their layer.
 
     The exporter's optimizer folds the Transpose of each FP8 weight into a new initializer
@@ -195,8 +195,11 @@ def _name_fp8_weights(proto) -> bool:
             scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
         except (ValueError, SyntaxError):
             continue
-        layer = ".".join(s for s in scopes[:-1] if s)
-        if not layer:
+        # Scopes are module paths, full (``['', 'a', 'a.b', op]``) or relative (``['', 'b',
+        # op]``) depending on the model; take whichever names an FP8 layer.
+        cands = [scopes[-2] if len(scopes) > 1 else "", ".".join(s for s in scopes[:-1] if s)]
+        layer = next((c for c in cands if c in layers), None)
+        if layer is None:
             continue
         for old, suffix in zip(node.input[:2], ("weight_fp8", "weight_scale")):
             new = f"{layer}.{suffix}"
@@ -286,7 +289,7 @@ def export_onnx(
             external_data=False, optimize=True, verbose=False,
         )
         proto = onnx.load(path)
-        if _name_fp8_weights(proto):
+        if _name_fp8_weights(proto, swapped.fp8):
             onnx.save(proto, path)
         proto = V.check_file(path, opset)
         fp8_bytes, init_bytes = V.fp8_initializer_bytes(proto)
