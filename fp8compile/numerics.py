@@ -60,6 +60,7 @@ __all__ = [
     "quantize",
     "quantize_with_scale",
     "rmsnorm_quantize",
+    "scaled",
     "silu_mul_quantize",
     "sqnr",
 ]
@@ -176,19 +177,41 @@ def cast_to_fp8(y: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     return out.to(fmt.dtype)
 
 
-def _expand_scale(
-    s: torch.Tensor, shape: torch.Size, granularity: Granularity, block: int
+def _apply_scale(
+    rows: torch.Tensor, scale: torch.Tensor, granularity: Granularity, block: int, divide: bool
 ) -> torch.Tensor:
-    """Broadcast a scale tensor to ``shape`` (the 2-D ``(rows, K)`` view of the data)."""
-    rows, k = shape
+    """``rows / scale`` (or ``rows * scale``) with ``scale`` broadcast over its groups.
+
+    ``rows`` is the fp32 ``(R, K)`` view of the data.  Each element's scale is gathered by
+    index (column // block, row // block).  Neither ``repeat_interleave`` nor pad-view-slice:
+    Inductor (torch 2.13, CPU) compiled both, fused into a multiply, into kernels that
+    intermittently read uninitialized memory when K was not a multiple of the block.
+    """
+    r, k = rows.shape
+    s = scale.float()
+
+    def op(a, b):
+        return a / b if divide else a * b
+
     if granularity is Granularity.TENSOR:
-        return s.reshape(1, 1).expand(rows, k)
+        return op(rows, s.reshape(1, 1))
     if granularity is Granularity.ROW:
-        return s.reshape(rows, 1).expand(rows, k)
+        return op(rows, s.reshape(r, 1))
+    cols = torch.arange(k, device=rows.device) // block
     if granularity is Granularity.GROUP:
-        return s.reshape(rows, -1).repeat_interleave(block, dim=1)[:, :k]
-    s = s.repeat_interleave(block, dim=0)[:rows]
-    return s.repeat_interleave(block, dim=1)[:, :k]
+        return op(rows, s.reshape(r, -1)[:, cols])
+    row_blocks = torch.arange(r, device=rows.device) // block
+    return op(rows, s[row_blocks][:, cols])
+
+
+def scaled(
+    x: torch.Tensor, scale: torch.Tensor, granularity: Granularity, block: int = BLOCK
+) -> torch.Tensor:
+    """``x / scale`` in fp32 as the ``(rows, K)`` view, before the FP8 cast (what saturates and
+    what flushes to zero is decided on these values)."""
+    k = x.shape[-1] if x.dim() else 1
+    rows = x.contiguous().reshape(-1, k).float()
+    return _apply_scale(rows, scale, granularity, block, True)
 
 
 def quantize_with_scale(
@@ -199,12 +222,9 @@ def quantize_with_scale(
     block: int = BLOCK,
 ) -> torch.Tensor:
     """``saturate(rne(x / scale))`` with a given scale (static or delayed scaling)."""
-    k = x.shape[-1] if x.dim() else 1
-    # contiguous(): a permuted input can reshape to a strided view, and the payload must come
-    # out row-major whatever the input's layout (the GEMM and the ops' fake impls assume it).
-    rows = x.contiguous().reshape(-1, k).float()
-    s = _expand_scale(scale.float(), rows.shape, granularity, block)
-    return cast_to_fp8(rows / s, fmt).reshape(x.shape)
+    # scaled() makes the input contiguous: a permuted input can reshape to a strided view, and
+    # the payload must come out row-major (the GEMM and the ops' fake impls assume it).
+    return cast_to_fp8(scaled(x, scale, granularity, block), fmt).reshape(x.shape)
 
 
 def quantize(
@@ -243,8 +263,7 @@ def dequantize(
     """``q * scale`` in fp32, broadcast by granularity, returned as ``dtype``."""
     k = q.shape[-1] if q.dim() else 1
     rows = q.reshape(-1, k).float()
-    s = _expand_scale(scale.float(), rows.shape, granularity, block)
-    return (rows * s).reshape(q.shape).to(dtype)
+    return _apply_scale(rows, scale, granularity, block, False).reshape(q.shape).to(dtype)
 
 
 def fp8_linear_reference(

@@ -245,8 +245,7 @@ def quantization_stats(
         _, scale = nx.quantize(x, granularity, fmt, power_of_2)
     k = x.shape[-1] if x.dim() else 1
     rows = x.reshape(-1, k).float()
-    s = nx._expand_scale(scale.float(), rows.shape, granularity, nx.BLOCK)
-    y = rows / s
+    y = nx.scaled(rows, scale, granularity)
     finite = torch.isfinite(y)
     q = nx.cast_to_fp8(y, fmt).float()
     nonzero = finite & (rows != 0)
