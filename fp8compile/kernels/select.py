@@ -46,8 +46,10 @@ def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str |
     if (xg, wg) == (Granularity.GROUP, Granularity.BLOCK):
         if not hasattr(F, "scaled_mm") or not hasattr(F, "ScalingType"):
             return "this torch has no blockwise cuBLAS GEMM"
-        if k % 128 or n % 128 or out_dtype != torch.bfloat16:
-            return "blockwise cuBLAS needs K, N multiples of 128 and bf16 output"
+        if k % 512 or n % 128 or m % 4 or out_dtype != torch.bfloat16:
+            # cuBLAS wants scale tensors padded to multiples of 4 blocks along K ("scale_b
+            # must have shape 12 x 4" for K=1408) and rows: we hand it exact shapes only.
+            return "blockwise cuBLAS needs K % 512, N % 128, M % 4 == 0 and bf16 output"
     elif (xg, wg) == (Granularity.ROW, Granularity.ROW):
         if out_dtype != torch.bfloat16:
             return "rowwise cuBLAS needs bf16 output"
@@ -107,7 +109,7 @@ def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
         try:
             t_tri, t_cub = _time_ms(triton_fn), _time_ms(cublas_fn)
             got = "cublas" if t_cub < t_tri else "triton"
-        except RuntimeError:  # cuBLAS refused this layout (CUBLAS_STATUS_NOT_SUPPORTED)
+        except (RuntimeError, ValueError):  # cuBLAS refused this case (status or shape check)
             got = "triton"
         _CHOICES[key] = got
     return got

@@ -23,7 +23,9 @@ def _q(m, k, n, dtype=E4):
         (64, 208, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", None),
         (64, 200, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", "multiples of 16"),
         (64, 256, 256, G.ROW, G.ROW, torch.bfloat16, "silu", "fused epilogue"),
-        (64, 208, 256, G.GROUP, G.BLOCK, torch.bfloat16, "none", "multiples of 128"),
+        (64, 208, 256, G.GROUP, G.BLOCK, torch.bfloat16, "none", "K % 512"),
+        (64, 1408, 512, G.GROUP, G.BLOCK, torch.bfloat16, "none", "K % 512"),
+        (33, 4096, 512, G.GROUP, G.BLOCK, torch.bfloat16, "none", "M % 4"),
         (64, 256, 256, G.GROUP, G.ROW, torch.bfloat16, "none", "mixed"),
     ],
 )
