@@ -235,3 +235,25 @@ def test_config_object_json_and_inductor_options(tmp_path):
             torch.compile(model, backend="fp8hpf", options=options)(x)
         want = "blockwise" if isinstance(options, dict) and "inductor" in options else "rowwise"
         assert fp8compile.last_plan().config.recipe == want
+
+
+def test_inference_delayed_scaling_keeps_an_amax_history():
+    from fp8compile.ops.training_state import AmaxHistory
+
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 256))
+    cm, be = _compile(model, {"recipe": "tensorwise", "scaling": "delayed",
+                              "amax_history_len": 4, "rules": ["norm"]})
+    errs = []
+    with torch.no_grad():
+        for scale in (1.0, 2.0, 1.0):
+            x = torch.randn(8, 256) * scale
+            errs.append(rel_err(cm(x), model(x)))
+    # The 2x batch is quantized with the previous call's scale and saturates (that is what
+    # delayed scaling does); the calls whose history covers their range are accurate.
+    assert errs[0] < 0.06 and errs[2] < 0.06 and errs[1] > 2 * errs[0], errs
+    hists = [p for p in be.contexts[-1].extra_inputs if isinstance(p, AmaxHistory)]
+    assert len(hists) == 2 and all(h.buf.shape == (4,) for h in hists)
+    # Newest first: the three calls' input amaxes, the 2x batch in the middle.
+    first = next(h for h in hists if h.module == "0").buf
+    assert (first[:3] > 0).all() and first[3] == 0
+    assert first[1] > first[0] and first[1] > first[2]

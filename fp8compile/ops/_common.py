@@ -11,7 +11,10 @@ from torch import Tensor
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 
-__all__ = ["ACTIVATIONS", "as_fmt", "as_gran", "check_fp8_input", "empty_scale", "scale_shape"]
+__all__ = [
+    "ACTIVATIONS", "as_fmt", "as_gran", "check_fp8_input", "device_of", "empty_scale",
+    "scale_shape",
+]
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu")
 _HIGH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -62,3 +65,7 @@ def empty_scale(x: Tensor, granularity: Granularity) -> Tensor:
     return x.new_empty(shape, dtype=torch.float32)
 
 
+def device_of(args) -> torch.device:
+    """Device of the first tensor in ``args`` (CPU if none): where a graph-input provider puts
+    the state it feeds to the compiled graph."""
+    return next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))

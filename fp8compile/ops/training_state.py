@@ -37,7 +37,7 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ..numerics import Granularity
-from ._common import as_fmt, empty_scale
+from ._common import as_fmt, device_of, empty_scale
 from .linear import _check_linear, _tensorwise_backward
 
 __all__ = ["AmaxHistory", "delayed_scale", "linear_delayed", "push_amax"]
@@ -154,20 +154,23 @@ linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup
 class AmaxHistory:
     """Provider of one persistent amax-history buffer (a graph input the backend feeds).
 
-    ``module`` and ``kind`` (``"forward"``: rows activation, weight; ``"grad"``: one row)
-    let :func:`fp8compile.training.amax_histories` show the state per layer.  The buffer
-    is created on the device of the first tensor argument and kept across calls.
+    ``rows`` histories of ``length`` (``rows=None``: one 1-D history, as
+    ``fp8compile::quantize_delayed`` takes it).  ``module`` and ``kind`` (``"forward"``: rows
+    activation, weight; ``"grad"``: one row) let :func:`fp8compile.training.amax_histories`
+    show the state per layer.  The buffer is created on the device of the first tensor
+    argument and kept across calls.
     """
 
-    def __init__(self, length: int, rows: int, module: str = "", kind: str = "forward"):
+    def __init__(self, length: int, rows: int | None, module: str = "", kind: str = "forward"):
         self.length, self.rows, self.module, self.kind = length, rows, module, kind
         self.buf: Tensor | None = None
 
     def __call__(self, args: Sequence[Any]) -> Tensor:
-        dev = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
+        dev = device_of(args)
         if self.buf is None or self.buf.device != dev:
-            self.buf = torch.zeros(self.rows, self.length, dtype=torch.float32, device=dev)
+            shape = (self.length,) if self.rows is None else (self.rows, self.length)
+            self.buf = torch.zeros(shape, dtype=torch.float32, device=dev)
         return self.buf
 
     def __repr__(self) -> str:
-        return f"AmaxHistory({self.module!r}, {self.kind}, {self.rows}x{self.length})"
+        return f"AmaxHistory({self.module!r}, {self.kind}, {self.rows or 1}x{self.length})"

@@ -32,6 +32,7 @@ import operator
 import torch
 
 from ..config import Precision, Scaling
+from ..ops._common import device_of
 from .manager import Fp8Pass, PassResult, dtype_of, info
 from .precision import PrecisionPass
 
@@ -81,10 +82,10 @@ class RewritePass(Fp8Pass):
                 if ops["w_transposed"]:
                     w = graph.call_function(torch.t, (w,))
                     info(w)["role"] = "weight_view"
+                fmts = (act, wfmt, cfg.gradient_format.value, p2, acc)
                 if self.ctx.inference:
-                    new = self._inference_linear(graph, node, meta, x, w, bias, xg, wg)
+                    new = self._inference_linear(graph, node, meta, (x, w, bias), (xg, wg), fmts)
                 else:
-                    fmts = (act, wfmt, cfg.gradient_format.value, p2, acc)
                     new = self._training_linear(graph, node, meta, (x, w, bias), fmts)
         new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
         info(new).setdefault("role", "fp8_gemm")
@@ -92,10 +93,12 @@ class RewritePass(Fp8Pass):
         meta["rewritten"] = new
         graph.erase_node(node)
 
-    def _inference_linear(self, graph, node, meta, x, w, bias, xg, wg):
+    def _inference_linear(self, graph, node, meta, operands, grans, fmts):
+        from ..ops.training_state import AmaxHistory
+
         cfg = self.ctx.config
-        act, wfmt = cfg.activation_format.value, cfg.weight_format.value
-        p2 = cfg.power_of_2_scales
+        (x, w, bias), (xg, wg) = operands, grans
+        act, wfmt, _, p2, acc = fmts
         if cfg.scaling is Scaling.DYNAMIC:
             xqs = graph.call_function(OPS.quantize.default, (x, xg, act, p2))
             xq = graph.call_function(operator.getitem, (xqs, 0))
@@ -107,7 +110,8 @@ class RewritePass(Fp8Pass):
             xq = graph.call_function(OPS.quantize_scaled.default, (x, xs, xg, act))
             info(xq)["role"] = "act_quant"
         else:
-            hist = self.ctx.add_input(graph, f"{node.name}_amax_history", _History(cfg))
+            hist = self.ctx.add_input(graph, f"{node.name}_amax_history",
+                                      AmaxHistory(cfg.amax_history_len, None, meta["module"]))
             xqs = graph.call_function(OPS.quantize_delayed.default, (x, hist, act, p2))
             xq = graph.call_function(operator.getitem, (xqs, 0))
             xs = graph.call_function(operator.getitem, (xqs, 1))
@@ -119,7 +123,7 @@ class RewritePass(Fp8Pass):
         out_dtype = dtype_of(node)
         mm = graph.call_function(
             OPS.scaled_mm.default,
-            (xq, xs, xg, wq, ws, wg, bias, out_dtype, cfg.accumulation.value, "none", None),
+            (xq, xs, xg, wq, ws, wg, bias, out_dtype, acc, "none", None),
         )
         info(mm)["role"] = "fp8_gemm"
         return mm
@@ -190,31 +194,10 @@ class _StaticScale:
         self._on: dict[torch.device, torch.Tensor] = {}
 
     def __call__(self, args) -> torch.Tensor:
-        dev = _device_of(args)
+        dev = device_of(args)
         if dev not in self._on:
             self._on[dev] = self.scale.to(dev)
         return self._on[dev]
-
-
-class _History:
-    """The persistent amax history of one delayed-scaling quantization."""
-
-    def __init__(self, cfg) -> None:
-        self.length = cfg.amax_history_len
-        self.buf: torch.Tensor | None = None
-
-    def __call__(self, args) -> torch.Tensor:
-        dev = _device_of(args)
-        if self.buf is None or self.buf.device != dev:
-            self.buf = torch.zeros(self.length, dtype=torch.float32, device=dev)
-        return self.buf
-
-
-def _device_of(args) -> torch.device:
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            return a.device
-    return torch.device("cpu")
 
 
 __all__ = ["RewritePass"]

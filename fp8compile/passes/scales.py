@@ -20,6 +20,7 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -114,7 +115,7 @@ class ScalesPass(Fp8Pass):
             graph.erase_node(node)
             w = self.ctx.example_inputs[index]
             shape = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
-            n_scales = max(1, _numel(scale_shape(shape, nx.Granularity(qargs[0]))))
+            n_scales = max(1, math.prod(scale_shape(shape, nx.Granularity(qargs[0]))))
             stats["weight_bytes"] = stats.get("weight_bytes", 0) + w.numel() * w.element_size()
             stats["fp8_weight_bytes"] = (
                 stats.get("fp8_weight_bytes", 0) + w.numel() + 4 * n_scales
@@ -123,13 +124,6 @@ class ScalesPass(Fp8Pass):
             self.ctx.weight_caches.append(cache)
             modified = True
         return modified
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 __all__ = ["ScalesPass", "WeightCache"]

@@ -29,9 +29,9 @@ from . import patterns as pt
 from .manager import Fp8Pass, PassResult, info, module_of
 
 
-def _reaches(start: torch.fx.Node, target: torch.fx.Node) -> bool:
-    """Is there a path start → … → target?  Bounded by topological position."""
-    order = {n: i for i, n in enumerate(start.graph.nodes)}
+def _reaches(start: torch.fx.Node, target: torch.fx.Node, order: dict) -> bool:
+    """Is there a path start → … → target?  Bounded by topological position (``order``:
+    node → index, computed once per pass)."""
     limit = order[target]
     stack, seen = [start], {start}
     while stack:
@@ -71,6 +71,7 @@ class SensitivityPass(Fp8Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         rules = self.ctx.config.rules
         graph = gm.graph
+        order = {n: i for i, n in enumerate(graph.nodes)}
         for node in graph.nodes:
             if node.op in ("placeholder", "output", "get_attr"):
                 continue
@@ -81,12 +82,12 @@ class SensitivityPass(Fp8Pass):
             kind = pt.gemm_kind(node)
             if kind:
                 meta["gemm"] = kind
-            tag = self._classify(node, cls, kind, rules)
+            tag = self._classify(node, cls, kind, rules, order)
             if tag:
                 meta["sensitive"], meta["sensitive_reason"] = tag
         return PassResult(gm, False)
 
-    def _classify(self, node, cls, kind, rules):
+    def _classify(self, node, cls, kind, rules, order):
         if Rule.SOFTMAX in rules and pt.is_softmax(node):
             return Rule.SOFTMAX, "softmax/attention: exponentials amplify FP8 rounding"
         if Rule.NORM in rules and pt.is_norm(node, cls):
@@ -95,7 +96,7 @@ class SensitivityPass(Fp8Pass):
             return Rule.EMBEDDING, "embedding lookup: no GEMM to speed up, keeps input precision"
         if Rule.LOSS in rules and pt.is_loss(node):
             return Rule.LOSS, "loss: computed in fp32"
-        if Rule.RESIDUAL in rules and pt.is_add(node) and self._is_residual(node):
+        if Rule.RESIDUAL in rules and pt.is_add(node) and self._is_residual(node, order):
             return Rule.RESIDUAL, "residual add: the residual stream stays in high precision"
         if kind is None:
             return None
@@ -109,12 +110,12 @@ class SensitivityPass(Fp8Pass):
         return None
 
     @staticmethod
-    def _is_residual(node: torch.fx.Node) -> bool:
+    def _is_residual(node: torch.fx.Node, order: dict) -> bool:
         tensors = [a for a in node.args[:2] if isinstance(a, torch.fx.Node)]
         if len(tensors) != 2:
             return False
         a, b = tensors
-        return _reaches(a, b) or _reaches(b, a)
+        return _reaches(a, b, order) or _reaches(b, a, order)
 
     @staticmethod
     def _is_head(node: torch.fx.Node) -> bool:
