@@ -12,12 +12,14 @@ from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 
 __all__ = [
-    "ACTIVATIONS", "as_fmt", "as_gran", "check_fp8_input", "device_of", "empty_scale",
+    "ACTIVATIONS", "FLOAT_DTYPES", "as_fmt", "as_gran", "check_fp8_input", "device_of",
+    "empty_scale",
     "scale_shape",
 ]
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu")
-_HIGH_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+"""The dtypes FP8 quantization takes as input (and the high-precision GEMM dtypes)."""
 
 
 def as_gran(value: str) -> Granularity:
@@ -38,7 +40,7 @@ def as_fmt(value: str) -> Fp8Format:
 
 def check_fp8_input(x: Tensor, what: str) -> None:
     """Raise a ValueError naming ``what`` unless ``x`` is a bf16/fp16/fp32 tensor."""
-    if x.dtype not in _HIGH_DTYPES:
+    if x.dtype not in FLOAT_DTYPES:
         raise ValueError(
             f"{what} has dtype {x.dtype}; FP8 quantization takes float32, bfloat16 or float16 "
             f"(cast it with .float() first)"

@@ -22,12 +22,12 @@ import math
 import torch
 
 from ..config import Precision, Recipe, Rule, Scaling
+from ..ops._common import FLOAT_DTYPES
 from ..plan import PlanEntry
 from . import patterns as pt
 from .manager import CompileContext, Fp8Pass, PassResult, dtype_of, info, shape_of
 from .sensitivity import SensitivityPass
 
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _FP32_RULES = {Rule.NORM, Rule.SOFTMAX, Rule.LOSS}
 
 _RECIPE_TEXT = {
@@ -130,7 +130,7 @@ class PrecisionPass(Fp8Pass):
         k, n = meta["kn"]
         out = None
         dts = {dtype_of(ops["x"]), dtype_of(ops["w"])}
-        if not dts <= set(_FLOATS):
+        if not dts <= set(FLOAT_DTYPES):
             out = ("dtype", f"operand dtypes {sorted(map(str, dts))} are not floating point")
         elif Rule.SHAPE in cfg.rules and (k % 16 or n % 16):
             out = ("shape", f"K={k} N={n}: FP8 tensor cores need K and N multiples of 16")

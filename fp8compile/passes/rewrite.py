@@ -32,7 +32,7 @@ import operator
 import torch
 
 from ..config import Precision, Scaling
-from ..ops._common import device_of
+from ..ops._common import FLOAT_DTYPES, device_of
 from .manager import Fp8Pass, PassResult, dtype_of, info
 from .precision import PrecisionPass
 
@@ -178,9 +178,7 @@ class RewritePass(Fp8Pass):
 
 
 def _is_float_node(a) -> bool:
-    return isinstance(a, torch.fx.Node) and dtype_of(a) in (
-        torch.float32, torch.bfloat16, torch.float16
-    )
+    return isinstance(a, torch.fx.Node) and dtype_of(a) in FLOAT_DTYPES
 
 
 class _StaticScale:
