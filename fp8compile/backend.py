@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ._cache_key import keyed_patches
 from .config import Fp8Config
 from .passes import CompileContext, PassManager, analysis_passes, default_passes
 from .plan import Plan
@@ -127,7 +128,7 @@ class Fp8Backend:
         patches = dict(self.inductor)
         if self.mode:
             patches = {**torch._inductor.list_mode_options(self.mode), **patches}
-        return compile_fx(gm, inputs, config_patches=patches or None)
+        return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
