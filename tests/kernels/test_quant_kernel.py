@@ -89,6 +89,19 @@ def test_non_contiguous(device):
                       ref_quantize(w, Granularity.BLOCK))
 
 
+@pytest.mark.parametrize("granularity", [*ACT_GRANS, Granularity.BLOCK])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_views(device, granularity, dtype):
+    # What the backward GEMMs quantize: dy.t() and weight.t().  Row-contiguous inputs take
+    # their own launch shapes (tall tiles, two passes over K); several programs along both
+    # dims, K not a multiple of the tile, and NaN / Inf / an all-zero row.
+    x = _with_specials(torch.randn(70, 1100) * 3).t().contiguous().t().to(device, dtype)
+    assert x.stride() == (1, 70)
+    got = quantize(x, granularity, Fp8Format.E4M3, False)
+    assert got[0].is_contiguous()
+    assert_same_quant(got, ref_quantize(x, granularity, Fp8Format.E4M3, False))
+
+
 def test_fp8_grid_edges(device):
     """Values at and around every E4M3 / E5M2 binade edge, subnormals and the saturation point."""
     for fmt in Fp8Format:
