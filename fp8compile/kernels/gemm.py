@@ -30,6 +30,7 @@ import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity
 from . import tuning
+from .layout import contiguous_2d
 from .quant import GRAN_CODE
 
 __all__ = ["ACT_CODE", "scaled_mm"]
@@ -269,10 +270,10 @@ def scaled_mm(
         return out.reshape(*lead, n)
     if k == 0:
         raise NotImplementedError("K == 0")
-    # K-major operands (SPEC §4): anything else is copied once.
+    # K-major operands (SPEC §4): anything else is copied once (a tiled transpose).
     if a.stride(1) != 1:
-        a = a.contiguous()
-    w = wq if wq.stride(1) == 1 else wq.contiguous()
+        a = contiguous_2d(a)
+    w = wq if wq.stride(1) == 1 else contiguous_2d(wq)
     # Hopper's FP8 dot takes one format per operand pair in Triton only when both match.
     if a.dtype != w.dtype:
         raise NotImplementedError("mixed E4M3 x E5M2 operands")

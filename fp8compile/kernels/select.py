@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..numerics import Granularity
+from .layout import contiguous_2d
 from .tuning import m_bucket
 
 __all__ = ["backend_choices", "choose", "cublas_scaled_mm", "cublas_unsupported"]
@@ -61,7 +62,13 @@ def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str |
 def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> torch.Tensor:
     """The same GEMM through cuBLAS (``torch._scaled_mm`` / ``F.scaled_mm``)."""
     k, n = xq.shape[-1], wq.shape[0]
+    # cuBLAS's FP8 GEMMs take both operands K-major: transposed views (the backward GEMMs'
+    # dy_q.t(), x_q.t()) are copied by a tiled transpose first.
     a = xq.reshape(-1, k)
+    if a.stride(1) != 1:
+        a = contiguous_2d(a)
+    if wq.stride(1) != 1:
+        wq = contiguous_2d(wq)
     fast = accumulation == "fast"
     if xg is Granularity.GROUP:
         st = F.ScalingType
@@ -116,5 +123,8 @@ def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
 
 
 def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:
+    """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype and
+    whether each operand arrives K-major (a transposed one costs both backends a copy)."""
     m = xq.numel() // max(1, xq.shape[-1])
-    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype)
+    layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
+    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout)

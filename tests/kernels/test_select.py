@@ -59,3 +59,29 @@ def test_forced_choices(monkeypatch):
     monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "fastest")
     with pytest.raises(ValueError, match="FP8COMPILE_GEMM_BACKEND='fastest'"):
         select.choose(("k",), boom, boom)
+
+
+def test_choice_key_tells_transposed_operands_apart():
+    xq, wq = _q(64, 256, 256)
+    row_major = select.gemm_key(xq, G.TENSOR, wq, "fast", torch.bfloat16)
+    transposed = select.gemm_key(xq.t().contiguous().t(), G.TENSOR, wq, "fast", torch.bfloat16)
+    assert row_major != transposed
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS FP8 GEMMs need a CUDA GPU")
+@pytest.mark.parametrize("gran", [G.TENSOR, G.ROW])
+def test_cublas_takes_transposed_operands(gran):
+    from fp8compile.kernels.quant import quantize
+    from fp8compile.numerics import Fp8Format
+    from fp8compile.ops import scaled_mm_reference
+
+    a = torch.randn(256, 512, device="cuda")
+    b = torch.randn(512, 384, device="cuda")  # w = b.t(): (N, K) with K strided
+    xq, xs = quantize(a.t().contiguous().t(), gran, Fp8Format.E4M3, False)
+    wq, ws = quantize(b.t(), gran, Fp8Format.E4M3, False)
+    xq_t = xq.t().contiguous().t()  # same values, column-major
+    wq_t = wq.t().contiguous().t()
+    got = select.cublas_scaled_mm(xq_t, xs, gran, wq_t, ws, gran, None, torch.bfloat16, "precise")
+    want = scaled_mm_reference(xq, xs, str(gran), wq, ws, str(gran), None, torch.float32, "none",
+                               None)
+    assert float((got.float() - want).norm() / want.norm()) < 5e-3
