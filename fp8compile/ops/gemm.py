@@ -86,14 +86,22 @@ def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulatio
 @scaled_mm.register_kernel("cuda")
 def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
       residual):
-    _check_mm(xq, wq, bias, activation)
-    from .. import kernels
+    return scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
+                          accumulation, activation, residual)
 
-    if kernels.available(xq):
-        return kernels.scaled_mm(
-            xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, out_dtype,
-            accumulation, activation, residual,
-        )
+
+def scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation,
+                   activation, residual) -> Tensor:
+    """The op's body without the dispatcher (see :func:`fp8compile.ops.quant.quantize_impl`)."""
+    _check_mm(xq, wq, bias, activation)
+    if xq.is_cuda:
+        from .. import kernels
+
+        if kernels.available(xq):
+            return kernels.scaled_mm(
+                xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias,
+                out_dtype, accumulation, activation, residual,
+            )
     return scaled_mm_reference(
         xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
     )

@@ -28,12 +28,19 @@ def _(x, granularity, fmt, power_of_2):
 
 @quantize.register_kernel("cuda")
 def _(x, granularity, fmt, power_of_2):
-    check_fp8_input(x, "quantize input")
-    from .. import kernels
+    return quantize_impl(x, granularity, fmt, power_of_2)
 
+
+def quantize_impl(x: Tensor, granularity: str, fmt: str, power_of_2: bool):
+    """The op's body without the dispatcher, for other ops' bodies (they already run on real
+    tensors): the Triton kernels where :func:`fp8compile.kernels.available`, else numerics."""
+    check_fp8_input(x, "quantize input")
     g, f = as_gran(granularity), as_fmt(fmt)
-    if kernels.available(x):
-        return kernels.quantize(x, g, f, power_of_2)
+    if x.is_cuda:
+        from .. import kernels
+
+        if kernels.available(x):
+            return kernels.quantize(x, g, f, power_of_2)
     return nx.quantize(x, g, f, power_of_2)
 
 
