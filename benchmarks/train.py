@@ -53,28 +53,29 @@ def rel_err(y, ref) -> float:
     return float((y - ref).norm() / ref.norm())
 
 
-def variants(names: list[str]):
-    """name -> factory(base block) returning the callable to train."""
+def variants(names: list[str], mode: str | None = None):
+    """name -> factory(base block) returning the callable to train; every compiled variant
+    gets the same ``torch.compile`` ``mode``."""
     out = {
         "bf16 eager": lambda m: m,
-        "bf16 Inductor": lambda m: torch.compile(m),
+        "bf16 Inductor": lambda m: torch.compile(m, mode=mode),
     }
-    # The backend object, not the string "fp8hpf": the entry point needs a pip install.
+
+    def fp8hpf(options):
+        # The backend object, not the string "fp8hpf": the entry point needs a pip install.
+        return lambda m: torch.compile(m, backend=fp8compile.backend(options, mode=mode))
+
     for recipe in ("blockwise", "rowwise", "tensorwise"):
-        out[f"fp8hpf {recipe}"] = (
-            lambda m, r=recipe: torch.compile(m, backend=fp8compile.backend({"recipe": r}))
-        )
-    out["fp8hpf tensorwise delayed"] = lambda m: torch.compile(
-        m, backend=fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed"}))
-    out["fp8hpf blockwise e5m2"] = lambda m: torch.compile(
-        m, backend=fp8compile.backend({"gradient_format": "e5m2"}))
+        out[f"fp8hpf {recipe}"] = fp8hpf({"recipe": recipe})
+    out["fp8hpf tensorwise delayed"] = fp8hpf({"recipe": "tensorwise", "scaling": "delayed"})
+    out["fp8hpf blockwise e5m2"] = fp8hpf({"gradient_format": "e5m2"})
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
         def ao(recipe):
             def make(m):
                 convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name(recipe))
-                return torch.compile(m)
+                return torch.compile(m, mode=mode)
             return make
 
         out["torchao tensorwise"] = ao("tensorwise")
@@ -84,7 +85,30 @@ def variants(names: list[str]):
     return {n: out[n] for n in names if n in out}
 
 
-def run_variant(name, make, base, x, dy, ref):
+def profile_step(step, path: str, top: int = 30) -> None:
+    """Device time per step of the busiest ops and kernels; the full tables go to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        step()
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as p:
+        for _ in range(5):
+            step()
+        sync()
+    avg = p.key_averages()
+    rows = sorted(avg, key=lambda e: -e.device_time_total)[:top]
+    for e in rows:
+        log(f"    {e.device_time_total / 5 / 1e3:8.3f} ms/step  x{e.count // 5:<4d} {e.key[:100]}")
+    with open(path, "w") as f:
+        f.write(avg.table(sort_by="device_time_total", row_limit=80, max_name_column_width=100))
+        f.write("\n\n")
+        f.write(p.key_averages(group_by_input_shape=True).table(
+            sort_by="device_time_total", row_limit=80, max_name_column_width=60))
+
+
+def run_variant(name, make, base, x, dy, ref, profile_path=None):
     torch._dynamo.reset()
     model = make(copy.deepcopy(base))
     mod = getattr(model, "_orig_mod", model)
@@ -92,6 +116,7 @@ def run_variant(name, make, base, x, dy, ref):
     xg = x.detach().clone().requires_grad_()
 
     def step():
+        torch.compiler.cudagraph_mark_step_begin()  # a new step for CUDA-graph trees
         for p in params:
             p.grad = None
         xg.grad = None
@@ -112,6 +137,9 @@ def run_variant(name, make, base, x, dy, ref):
     err_dw = rel_err(mod.down_proj.weight.grad, ref["dw"]) if hasattr(mod, "down_proj") else None
     del y
     ms = median_ms(step)
+    if profile_path:
+        log(f"{name}: profile (5 steps)")
+        profile_step(step, profile_path)
     # memory: what the forward keeps for backward
     for p in params:
         p.grad = None
@@ -151,6 +179,10 @@ def main() -> None:
     ap.add_argument("--variants", default=",".join(DEFAULT),
                     help=f"comma list or 'all'; known: {', '.join(ALL)}")
     ap.add_argument("--out", default=None, help="folder for train.json")
+    ap.add_argument("--mode", default=None,
+                    help="torch.compile mode for every compiled variant (e.g. reduce-overhead)")
+    ap.add_argument("--profile", default="",
+                    help="comma list of variants to profile (tables written to --out)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     d, heads, ffn, b, t = (256, 4, 512, 2, 64) if args.small else (D, HEADS, FFN, B, T)
@@ -172,7 +204,7 @@ def main() -> None:
     del y32
 
     info = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-            "torch": torch.__version__, "shape": [b, t, d, heads, ffn]}
+            "torch": torch.__version__, "shape": [b, t, d, heads, ffn], "mode": args.mode}
     try:
         import triton
 
@@ -187,9 +219,13 @@ def main() -> None:
         pass
     log(json.dumps(info))
     rows = []
-    for name, make in variants(names).items():
+    for name, make in variants(names, args.mode).items():
         try:
-            r = run_variant(name, make, base, x, dy, ref)
+            prof = None
+            if name in args.profile.split(",") and args.out:
+                os.makedirs(args.out, exist_ok=True)
+                prof = os.path.join(args.out, f"profile_{name.replace(' ', '_')}.txt")
+            r = run_variant(name, make, base, x, dy, ref, prof)
         except Exception as e:  # keep the other variants' figures
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue
@@ -202,6 +238,11 @@ def main() -> None:
             with open(os.path.join(args.out, "train.json"), "w") as f:
                 json.dump({"info": info, "rows": rows}, f, indent=1)
 
+    if torch.cuda.is_available():
+        from fp8compile.kernels.select import backend_choices
+
+        for key, choice in backend_choices().items():
+            log(f"  gemm backend {choice:6s} for {key}")
     base_ms = next((r["ms"] for r in rows if r["name"] == "bf16 Inductor"), None)
     base_saved = next((r["saved_mib"] for r in rows if r["name"] == "bf16 Inductor"), None)
     log("")
