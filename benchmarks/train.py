@@ -108,7 +108,31 @@ def profile_step(step, path: str, top: int = 30) -> None:
             sort_by="device_time_total", row_limit=80, max_name_column_width=60))
 
 
-def run_variant(name, make, base, x, dy, ref, profile_path=None):
+def cprofile_step(step, top: int = 25, steps: int = 10) -> None:
+    """Where the host's time goes (Python functions, by own time), for CPU-bound steps."""
+    import cProfile
+    import pstats
+
+    for _ in range(3):
+        step()
+    sync()
+    pr = cProfile.Profile()
+    t0 = time.perf_counter()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    sync()
+    pr.disable()
+    log(f"    host profile: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms/step under cProfile")
+    st = pstats.Stats(pr)
+    rows = sorted(st.stats.items(), key=lambda kv: -kv[1][2])[:top]  # by own time
+    for (file, line, fn), (_cc, calls, own, cum, _) in rows:
+        where = f"{os.path.basename(file)}:{line}({fn})"
+        log(f"    {own / steps * 1e3:7.3f} ms own {cum / steps * 1e3:8.3f} ms cum "
+            f"x{calls // steps:<5d} {where[:90]}")
+
+
+def run_variant(name, make, base, x, dy, ref, profile_path=None, host_profile=False):
     torch._dynamo.reset()
     model = make(copy.deepcopy(base))
     mod = getattr(model, "_orig_mod", model)
@@ -140,6 +164,9 @@ def run_variant(name, make, base, x, dy, ref, profile_path=None):
     if profile_path:
         log(f"{name}: profile (5 steps)")
         profile_step(step, profile_path)
+    if host_profile:
+        log(f"{name}: host profile (10 steps)")
+        cprofile_step(step)
     # memory: what the forward keeps for backward
     for p in params:
         p.grad = None
@@ -181,6 +208,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for train.json")
     ap.add_argument("--mode", default=None,
                     help="torch.compile mode for every compiled variant (e.g. reduce-overhead)")
+    ap.add_argument("--host-profile", default="",
+                    help="comma list of variants whose host (Python) time to profile")
     ap.add_argument("--profile", default="",
                     help="comma list of variants to profile (tables written to --out)")
     args = ap.parse_args()
@@ -225,7 +254,8 @@ def main() -> None:
             if name in args.profile.split(",") and args.out:
                 os.makedirs(args.out, exist_ok=True)
                 prof = os.path.join(args.out, f"profile_{name.replace(' ', '_')}.txt")
-            r = run_variant(name, make, base, x, dy, ref, prof)
+            r = run_variant(name, make, base, x, dy, ref, prof,
+                            name in args.host_profile.split(","))
         except Exception as e:  # keep the other variants' figures
             log(f"{name}: FAILED {type(e).__name__}: {str(e)[:300]}")
             continue

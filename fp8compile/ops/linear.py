@@ -151,10 +151,7 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
             # dW = dYᵀ @ X: both scaled along M.  X comes back from its FP8 copy, in its own
             # dtype (not fp32), so the transient copy is no larger than the original.
             x = _dequantize_rows(xq, xs, as_gran(xg), x_dtype)
-            # In the parameter's dtype when that is 16-bit (it is cast there anyway): the GEMM
-            # still accumulates in fp32, and a bf16 output lets cuBLAS serve it.
-            dw_dtype = weight.dtype if weight.dtype in (torch.bfloat16,) else torch.float32
-            dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, dw_dtype, p2)
+            dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, _dw_dtype(weight), p2)
     if dx is not None:
         dx = dx.reshape(*grad_y.shape[:-1], k)
     if dw is not None:
@@ -162,6 +159,13 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
     if need_b and bias_dtype is not None:
         db = dy.float().sum(0).to(bias_dtype)
     return dx, dw, db, None, None, None, None, None, None
+
+
+def _dw_dtype(weight: Tensor) -> torch.dtype:
+    """The weight gradient GEMM's output dtype: the parameter's when it is bf16 (the result is
+    cast there anyway, and the GEMM still accumulates in fp32; a bf16 output also lets cuBLAS
+    serve the blockwise and rowwise GEMMs and saves an fp32 pass), else fp32."""
+    return weight.dtype if weight.dtype == torch.bfloat16 else torch.float32
 
 
 def _dequantize_rows(xq: Tensor, xs: Tensor, gran: nx.Granularity, dtype) -> Tensor:
@@ -202,8 +206,8 @@ def _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dt
     if need_w:
         # Transposed FP8 views: the GEMM makes them K-major itself (1 byte per element).
         x_t = xq.reshape(-1, k).t()
-        dw = ops.scaled_mm(dyq.t(), gs, "tensor", x_t, xs, "tensor", None, torch.float32, acc,
-                           "none", None)
+        dw = ops.scaled_mm(dyq.t(), gs, "tensor", x_t, xs, "tensor", None, _dw_dtype(weight),
+                           acc, "none", None)
     return dx, dw
 
 
