@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Every GPU check and benchmark in one go, for one call on a lent H100/H200 (<= 8.5 minutes).
+#
+#   bash benchmarks/all.sh [OUT_DIR] [STAGES...]
+#
+# STAGES (default: check e2e train accuracy, which fit one 10-minute call):
+#   check     tests/kernels compiled on the GPU (bit-exact quantization, every GEMM recipe)
+#   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
+#   e2e       benchmarks/e2e.py with CUDA graphs, prefill and decode, profile of the best
+#   train     benchmarks/train.py without and with CUDA graphs
+#   accuracy  benchmarks/accuracy.py at d=4096
+# Each stage has its own time limit, so one slow stage cannot eat the others' time; a failed
+# stage is reported and the next one runs.  A torchao wheel under .whl/ is installed first
+# (benchmarks/README.md says how to fetch it).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${1:-${OUT:-out}}"
+shift || true
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(check e2e train accuracy)
+mkdir -p "$out"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader || true
+
+run() {  # run NAME LIMIT_SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "=== $name (limit ${limit}s): $*"
+    local t0=$SECONDS
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1
+    local rc=$?
+    grep -v -i -E "warn|^ *warnings\.warn|Failed to load" "$out/$name.log" | tail -n 40
+    echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+}
+
+for stage in "${stages[@]}"; do
+    case $stage in
+        check) run check 100 python -m pytest -q -x tests/kernels ;;
+        gemm) run gemm 120 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
+        e2e) run e2e 150 python benchmarks/e2e.py --mode reduce-overhead --profile \
+                 --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
+        train)
+            run train_default 110 python benchmarks/train.py --out "$out/train_default"
+            run train_graphs 90 python benchmarks/train.py --mode reduce-overhead \
+                --out "$out/train_graphs" ;;
+        accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
+                      --ffn 14336 --tokens 4096 --seeds 2 ;;
+        *) echo "unknown stage $stage (check gemm e2e train accuracy)"; exit 2 ;;
+    esac
+done
