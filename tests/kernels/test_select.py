@@ -85,3 +85,26 @@ def test_cublas_takes_transposed_operands(gran):
     want = scaled_mm_reference(xq, xs, str(gran), wq, ws, str(gran), None, torch.float32, "none",
                                None)
     assert float((got.float() - want).norm() / want.norm()) < 5e-3
+
+
+def test_choice_takes_medians_of_alternating_timings():
+    calls = []
+
+    def tri():
+        calls.append("t")
+
+    def cub():
+        calls.append("c")
+
+    # One slow outlier per candidate does not decide; the medians do.
+    times = {"t": iter([1.0, 5.0, 1.0]), "c": iter([0.5, 2.0, 9.0])}
+
+    def timer(fn):
+        fn()
+        return next(times[calls[-1]])
+
+    assert select._faster(tri, cub, rounds=3, timer=timer) == "triton"  # 1.0 vs 2.0
+    assert calls[:6] == ["t"] * 3 + ["c"] * 3  # warm-up of both first
+    assert calls[6:] == ["t", "c"] * 3  # then alternating
+    even = {"t": iter([1.0] * 3), "c": iter([1.0] * 3)}
+    assert select._faster(tri, cub, timer=lambda fn: (fn(), next(even[calls[-1]]))[1]) == "cublas"
