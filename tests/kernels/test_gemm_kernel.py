@@ -110,3 +110,17 @@ def test_dispatcher_falls_back_on_mixed_formats(device):
     args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
     y = kernels.scaled_mm(*args, "precise", "none", None)
     torch.testing.assert_close(y, scaled_mm_reference(*args, "none", None))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+def test_transposed_operands(device, recipe):
+    # The backward GEMMs hand over dy_q.t() and x_q.t(): column-major FP8 views, which the
+    # launcher lays out K-major (tiled transpose) before the kernel reads them.
+    xq, xs, wq, ws = _operands(device, (70, 272), 130, recipe)
+    xq_t = xq.t().contiguous().t()
+    wq_t = wq.t().contiguous().t()
+    assert xq_t.stride(1) != 1 and wq_t.stride(1) != 1
+    y = scaled_mm(xq_t, xs, recipe[0], wq_t, ws, recipe[1], None, torch.float32, "precise")
+    ref = scaled_mm_reference(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32,
+                              "none", None)
+    _check(y, ref)
