@@ -59,6 +59,7 @@ __all__ = [
     "m_contiguous",
     "quantize",
     "quantize_with_scale",
+    "requantize_t",
     "rmsnorm_quantize",
     "scaled",
     "silu_mul_quantize",
@@ -264,6 +265,25 @@ def dequantize(
     k = q.shape[-1] if q.dim() else 1
     rows = q.reshape(-1, k).float()
     return _apply_scale(rows, scale, granularity, block, False).reshape(q.shape).to(dtype)
+
+
+def requantize_t(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    granularity: Granularity,
+    to: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``(q, scale)`` of ``(M, K)`` → FP8 of its transpose ``(K, M)``, scaled by ``to``.
+
+    The weight-gradient GEMM ``dW = dYᵀ X`` needs ``Xᵀ`` scaled along M, but training keeps
+    only the forward's FP8 ``X`` (scaled along K).  The dequantized values are kept in fp32
+    (no 16-bit rounding in between) and quantized again.
+    """
+    x = dequantize(q.reshape(-1, q.shape[-1]), scale, granularity, block)
+    return quantize(x.t(), to, fmt, power_of_2, block)
 
 
 def fp8_linear_reference(

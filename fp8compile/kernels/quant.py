@@ -36,7 +36,7 @@ from ..numerics import Fp8Format, Granularity
 from ..ops import check_fp8_input
 from .tuning import num_sms
 
-__all__ = ["quantize", "quantize_rows"]
+__all__ = ["quantize", "quantize_rows", "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -391,3 +391,88 @@ def quantize(
     if x.dim() == 0 or x.numel() == 0:
         return nx.quantize(x, granularity, fmt, power_of_2)
     return quantize_rows(x, granularity, fmt, power_of_2)
+
+
+@triton.jit
+def _fp8_bits_to_f32(raw, IS_E4M3: tl.constexpr):
+    """Exact fp32 value of FP8 bit patterns (uint8), with integer ops only.
+
+    Independent of how a Triton version (or its interpreter, which made E4M3 NaN finite)
+    converts FP8: normals move exponent and mantissa into fp32's fields, subnormals are
+    ``mantissa * 2**-9`` (E4M3) or ``* 2**-16`` (E5M2) with the sign bit OR-ed in (so -0.0
+    stays -0.0; Triton's unary minus would give +0.0), and NaN/Inf are set explicitly.
+    """
+    r = raw.to(tl.int32)
+    sign = (r & 0x80) << 24
+    if IS_E4M3:
+        e = (r >> 3) & 0xF
+        m = r & 0x7
+        normal = (sign | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 0.001953125
+        sub = (sub.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        x = tl.where(e == 0, sub, normal)
+        x = tl.where((r & 0x7F) == 0x7F, float("nan"), x)
+    else:
+        e = (r >> 2) & 0x1F
+        m = r & 0x3
+        normal = (sign | ((e + 112) << 23) | (m << 21)).to(tl.float32, bitcast=True)
+        sub = m.to(tl.float32) * 1.52587890625e-05
+        sub = (sub.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+        x = tl.where(e == 0, sub, normal)
+        inf = tl.where(sign != 0, float("-inf"), float("inf"))
+        x = tl.where(e == 31, tl.where(m == 0, inf, float("nan")), x)
+    return x
+
+
+@triton.jit
+def _requantize_t_kernel(
+    q_ptr, s_ptr, out_ptr, os_ptr, M, K,
+    stride_qm, stride_sm, stride_sk, stride_om, stride_osk, stride_osm,
+    IN_E4M3: tl.constexpr, IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+    HW_CAST: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One 128x128 tile of FP8 ``q (M, K)`` with 1x128 group scales: dequantize in fp32, take
+    the tile's amax, quantize, and write the tile transposed into ``out (K, M)`` with one
+    block scale.  Reads 1 byte and writes 1 byte per element (dequantizing to bf16 and
+    quantizing the transposed view moved 6)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    rm64 = rm.to(tl.int64)
+    raw = tl.load(q_ptr + rm64[:, None] * stride_qm + rk[None, :], mask=mask, other=0)
+    s = tl.load(s_ptr + rm64 * stride_sm + pid_k * stride_sk, mask=rm < M, other=0.0)
+    x = _fp8_bits_to_f32(raw, IN_E4M3) * s[:, None]
+    sc = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
+    bits = _fp8_bits(tl.math.div_rn(x, sc), FMAX, IS_E4M3, HW_CAST)
+    tl.store(out_ptr + rk[None, :].to(tl.int64) * stride_om + rm64[:, None], bits, mask=mask)
+    tl.store(os_ptr + pid_k * stride_osk + pid_m * stride_osm, sc)
+
+
+def requantize_t(
+    q: torch.Tensor, scale: torch.Tensor, granularity: Granularity, to: Granularity,
+    fmt: Fp8Format, power_of_2: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same as :func:`fp8compile.numerics.requantize_t`; one Triton pass for 1x128 groups to
+    128x128 blocks (the blockwise recipe's weight gradient), the reference otherwise."""
+    granularity, to, fmt = Granularity(granularity), Granularity(to), Fp8Format(fmt)
+    rows = q.reshape(-1, q.shape[-1]) if q.dim() else q
+    if (granularity, to) != (Granularity.GROUP, Granularity.BLOCK) or rows.numel() == 0 \
+            or rows.stride(-1) != 1 or q.dtype not in nx.FP8_FORMATS:
+        return nx.requantize_t(q, scale, granularity, to, fmt, power_of_2)
+    m, k = rows.shape
+    out = torch.empty((k, m), dtype=fmt.dtype, device=q.device)
+    out_scale = torch.empty((triton.cdiv(k, nx.BLOCK), triton.cdiv(m, nx.BLOCK)),
+                            dtype=torch.float32, device=q.device)
+    s2 = scale.reshape(m, -1)
+    grid = (triton.cdiv(m, nx.BLOCK), triton.cdiv(k, nx.BLOCK))
+    _requantize_t_kernel[grid](
+        rows.view(torch.uint8), s2, out.view(torch.uint8), out_scale, m, k,
+        rows.stride(0), s2.stride(0), s2.stride(1), out.stride(0),
+        out_scale.stride(0), out_scale.stride(1),
+        IN_E4M3=q.dtype == torch.float8_e4m3fn, IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max,
+        POW2=bool(power_of_2), HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
+        BLOCK=nx.BLOCK, num_warps=8,
+    )
+    return out, out_scale

@@ -11,7 +11,9 @@ dim), ``b`` like a weight (128x128 / row / tensor)::
 so in the blockwise recipe the output gradient is scaled per 1x128 group along N for dX and
 along M for dW (DeepSeek-V3 §3.3), and the weight per 128x128 block in both directions.  In the
 tensorwise recipe one scale serves a tensor and its transpose, so dY is quantized once and the
-saved ``xq`` is reused as is (no second rounding of X).
+saved ``xq`` is reused as is (no second rounding of X).  In the blockwise recipe
+``fp8compile::requantize_t`` turns the saved 1x128-group ``xq`` into 128x128 blocks of ``Xᵀ``
+in one pass, in fp32 (the rowwise recipe dequantizes X and quantizes its transposed view).
 
 The activation saved for backward is the FP8 ``xq`` (1 byte/element plus one fp32 scale per
 128 elements in blockwise) instead of ``x`` (2 bytes in bf16, 4 in fp32).  The weight is saved
@@ -147,9 +149,17 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
         if need_x:
             # dX = dY @ W: dY scaled along N (1x128 / per token), Wᵀ (K, N) as the "weight".
             dx = fp8_mm(dy, weight.t(), recipe, grad_fmt, weight_fmt, acc, x_dtype, p2)
-        if need_w:
-            # dW = dYᵀ @ X: both scaled along M.  X comes back from its FP8 copy, in its own
-            # dtype (not fp32), so the transient copy is no larger than the original.
+        if need_w and recipe == "blockwise":
+            # dW = dYᵀ @ X, both scaled along M.  X's FP8 copy becomes 128x128 blocks of Xᵀ
+            # in one pass (1 byte read, 1 written per element; no 16-bit copy of X).
+            ops = torch.ops.fp8compile
+            xq_t, xs_t = ops.requantize_t(xq, xs, "group", "block", act_fmt, p2)
+            dyq_t, dys_t = ops.quantize(dy.t(), "group", grad_fmt, p2)
+            dw = ops.scaled_mm(dyq_t, dys_t, "group", xq_t, xs_t, "block", None,
+                               _dw_dtype(weight), acc, "none", None)
+        elif need_w:
+            # Rowwise: Xᵀ's rows span all of M, so X comes back from its FP8 copy first, in
+            # its own dtype (not fp32): the transient copy is no larger than the original.
             x = _dequantize_rows(xq, xs, as_gran(xg), x_dtype)
             dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, _dw_dtype(weight), p2)
     if dx is not None:

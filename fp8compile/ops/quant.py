@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,44 @@ def quantize_impl(x: Tensor, granularity: str, fmt: str, power_of_2: bool):
         if kernels.available(x):
             return kernels.quantize(x, g, f, power_of_2)
     return nx.quantize(x, g, f, power_of_2)
+
+
+@torch.library.custom_op("fp8compile::requantize_t", mutates_args=())
+def requantize_t(
+    q: Tensor, scale: Tensor, granularity: str, to: str, fmt: str, power_of_2: bool
+) -> tuple[Tensor, Tensor]:
+    """FP8 ``(q, scale)`` of ``(..., K)`` → FP8 of the transposed ``(K, M)`` view, scaled by
+    ``to`` (see :func:`fp8compile.numerics.requantize_t`)."""
+    _check_requantize(q)
+    return nx.requantize_t(q, scale, as_gran(granularity), as_gran(to), as_fmt(fmt), power_of_2)
+
+
+def _check_requantize(q: Tensor) -> None:
+    if q.dtype not in nx.FP8_FORMATS or q.dim() < 1:
+        raise ValueError(
+            f"requantize_t takes an FP8 tensor of at least 1 dim, got {q.dtype} with shape "
+            f"{tuple(q.shape)}; quantize it with torch.ops.fp8compile.quantize first"
+        )
+
+
+@requantize_t.register_fake
+def _(q, scale, granularity, to, fmt, power_of_2):
+    m = math.prod(q.shape[:-1])
+    t = q.new_empty((q.shape[-1], m), dtype=as_fmt(fmt).dtype)
+    return t, empty_scale(t, as_gran(to))
+
+
+@requantize_t.register_kernel("cuda")
+def _(q, scale, granularity, to, fmt, power_of_2):
+    _check_requantize(q)
+    from .. import kernels
+
+    g, t, f = as_gran(granularity), as_gran(to), as_fmt(fmt)
+    if kernels.available(q):
+        from ..kernels.quant import requantize_t as _kernel
+
+        return _kernel(q, scale, g, t, f, power_of_2)
+    return nx.requantize_t(q, scale, g, t, f, power_of_2)
 
 
 @torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())

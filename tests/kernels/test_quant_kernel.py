@@ -155,3 +155,42 @@ def test_available_is_false_off_gpu(monkeypatch):
         assert available(torch.ones(1, device="cuda"))
         monkeypatch.setenv("FP8COMPILE_DISABLE_TRITON", "1")
         assert not available(torch.ones(1, device="cuda"))
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("shape", [(1, 200), (70, 200), (130, 256), (3, 11, 300)])
+def test_requantize_t_groups_to_blocks(device, fmt, shape):
+    # The blockwise weight gradient's X: the forward's 1x128-group FP8 copy, requantized as
+    # 128x128 blocks of its transpose in one pass.  Partial blocks on both sides, a NaN and
+    # an all-zero row.
+    from fp8compile.kernels.quant import requantize_t
+
+    x = torch.randn(shape) * 3
+    x.reshape(-1, shape[-1])[0, 5] = float("nan")
+    x.reshape(-1, shape[-1])[-1] = 0.0
+    x.reshape(-1, shape[-1])[0, 7] = -1e-30  # flushes to -0.0, which must stay -0.0
+    q, s = nx.quantize(x, Granularity.GROUP, fmt)
+    assert (q.view(torch.uint8) == 0x80).any()
+    q, s = q.to(device), s.to(device)
+    got = requantize_t(q, s, Granularity.GROUP, Granularity.BLOCK, fmt, False)
+    want = nx.requantize_t(q.cpu(), s.cpu(), Granularity.GROUP, Granularity.BLOCK, fmt, False)
+    assert got[0].is_contiguous()
+    assert_same_quant(got, tuple(t.to(device) for t in want))
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+def test_requantize_t_decodes_every_fp8_pattern(device, fmt):
+    # All 256 bit patterns with unit scales: each 128x128 block's amax is the format's max,
+    # so the block scale is 1 and every finite value (subnormals, -0.0, Inf in E5M2) must come
+    # back with its own bits, transposed.
+    from fp8compile.kernels.quant import requantize_t
+
+    q = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).reshape(2, 128).to(device)
+    s = nx.m_contiguous(torch.ones(2, 1)).to(device)
+    qt, st = requantize_t(q, s, Granularity.GROUP, Granularity.BLOCK, fmt, False)
+    assert st.cpu().tolist() == [[1.0]]
+    want = q.t().contiguous().view(torch.uint8).cpu()
+    got = qt.view(torch.uint8).cpu()
+    nan = qt.float().isnan().cpu()
+    assert torch.equal(nan, q.t().float().isnan().cpu())
+    assert torch.equal(got[~nan], want[~nan])

@@ -74,3 +74,23 @@ def test_quantize_delayed_uses_history_then_updates_it():
     for _ in range(4):
         OPS.quantize_delayed(torch.ones(2, 8), hist, "e4m3", False)
     assert hist.tolist() == [1.0] * 4, "old amaxes fall out of the window"
+
+
+@pytest.mark.parametrize("shape", [(1, 200), (3, 11, 200), (130, 256)])
+@pytest.mark.parametrize("to", ["block", "row", "tensor"])
+def test_requantize_t_matches_dequantize_then_quantize(shape, to):
+    x = torch.randn(shape) * 3
+    q, s = OPS.quantize(x, "group", "e4m3", False)
+    qt, st = OPS.requantize_t(q, s, "group", to, "e4m3", False)
+    plain = nx.dequantize(q, s, nx.Granularity.GROUP).reshape(-1, shape[-1])
+    rq, rs = nx.quantize(plain.t(), nx.Granularity(to))
+    assert qt.shape == (shape[-1], plain.shape[0]) and qt.is_contiguous()
+    assert torch.equal(qt.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(st, rs)
+    # test_schema multiplies the inputs, which CPU FP8 tensors do not support.
+    torch.library.opcheck(OPS.requantize_t.default, (q, s, "group", to, "e4m3", False),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_requantize_t_rejects_high_precision_input():
+    with pytest.raises(ValueError, match="requantize_t takes an FP8 tensor"):
+        OPS.requantize_t(torch.randn(4, 128), torch.ones(4, 1), "group", "block", "e4m3", False)
