@@ -58,6 +58,7 @@ __all__ = [
     "fp8_linear_reference",
     "m_contiguous",
     "quantize",
+    "quantize_dual",
     "quantize_with_scale",
     "requantize_t",
     "rmsnorm_quantize",
@@ -265,6 +266,20 @@ def dequantize(
     k = q.shape[-1] if q.dim() else 1
     rows = q.reshape(-1, k).float()
     return _apply_scale(rows, scale, granularity, block, False).reshape(q.shape).to(dtype)
+
+
+def quantize_dual(
+    x: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False,
+    block: int = BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """1x128-group quantization of a 2-D ``x (M, N)`` along both axes:
+    ``quantize(x, GROUP) + quantize(x.t(), GROUP)``.
+
+    The output gradient of a blockwise linear feeds two GEMMs: ``dX = dY W`` wants it grouped
+    along N, ``dW = dYᵀ X`` wants ``dYᵀ`` grouped along M.
+    """
+    return (*quantize(x, Granularity.GROUP, fmt, power_of_2, block),
+            *quantize(x.t(), Granularity.GROUP, fmt, power_of_2, block))
 
 
 def requantize_t(

@@ -36,7 +36,7 @@ from ..numerics import Fp8Format, Granularity
 from ..ops import check_fp8_input
 from .tuning import num_sms
 
-__all__ = ["quantize", "quantize_rows", "requantize_t"]
+__all__ = ["quantize", "quantize_dual", "quantize_rows", "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -476,3 +476,60 @@ def requantize_t(
         BLOCK=nx.BLOCK, num_warps=8,
     )
     return out, out_scale
+
+
+@triton.jit
+def _quantize_dual_kernel(
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, N,
+    stride_xm, stride_xn, stride_sk, stride_stk,
+    IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One 128x128 tile of ``x (M, N)``, read once, quantized twice: 1x128 groups along N into
+    ``q (M, N)`` and along M into ``qt (N, M)`` (the transpose), each with its scales stored
+    M-contiguous like every GROUP scale (``s`` strides ``(1, M)``, ``st`` strides ``(1, N)``)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
+    rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mmask = rm < M
+    nmask = rn < N
+    mask = mmask[:, None] & nmask[None, :]
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn, mask=mask,
+                other=0.0).to(tl.float32)
+    a = _finite_abs(x)
+    s_row = _scale_from_amax(tl.max(a, axis=1), FMAX, POW2)  # per row m, group pid_n
+    s_col = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)  # per column n, group pid_m
+    tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
+    tl.store(st_ptr + rn64 + pid_m * stride_stk, s_col, mask=nmask)
+    q = _fp8_bits(tl.math.div_rn(x, s_row[:, None]), FMAX, IS_E4M3, HW_CAST)
+    tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
+    qt = _fp8_bits(tl.math.div_rn(x, s_col[None, :]), FMAX, IS_E4M3, HW_CAST)
+    tl.store(qt_ptr + rn64[None, :] * M + rm64[:, None], qt, mask=mask)
+
+
+def quantize_dual(
+    x: torch.Tensor, fmt: Fp8Format, power_of_2: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Same as :func:`fp8compile.numerics.quantize_dual`, reading ``x`` once."""
+    fmt = Fp8Format(fmt)
+    check_fp8_input(x, "quantize_dual input")
+    if x.dim() != 2 or x.numel() == 0:
+        return nx.quantize_dual(x, fmt, power_of_2)
+    m, n = x.shape
+    q = torch.empty((m, n), dtype=fmt.dtype, device=x.device)
+    qt = torch.empty((n, m), dtype=fmt.dtype, device=x.device)
+    s = torch.empty_strided((m, triton.cdiv(n, nx.BLOCK)), (1, m), dtype=torch.float32,
+                            device=x.device)
+    st = torch.empty_strided((n, triton.cdiv(m, nx.BLOCK)), (1, n), dtype=torch.float32,
+                             device=x.device)
+    grid = (triton.cdiv(m, nx.BLOCK), triton.cdiv(n, nx.BLOCK))
+    _quantize_dual_kernel[grid](
+        x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
+        x.stride(0), x.stride(1), s.stride(1), st.stride(1),
+        IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
+        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, num_warps=8,
+    )
+    return q, s, qt, st

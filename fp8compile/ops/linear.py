@@ -144,19 +144,17 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
     if recipe == "tensorwise":
         dx, dw = _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc,
                                       x_dtype, need_x, need_w)
+    elif recipe == "blockwise" and need_x and need_w:
+        dx, dw = _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2,
+                                     acc, x_dtype)
     else:
         xg, _ = _recipe_grans(recipe)
         if need_x:
             # dX = dY @ W: dY scaled along N (1x128 / per token), Wᵀ (K, N) as the "weight".
             dx = fp8_mm(dy, weight.t(), recipe, grad_fmt, weight_fmt, acc, x_dtype, p2)
         if need_w and recipe == "blockwise":
-            # dW = dYᵀ @ X, both scaled along M.  X's FP8 copy becomes 128x128 blocks of Xᵀ
-            # in one pass (1 byte read, 1 written per element; no 16-bit copy of X).
-            ops = torch.ops.fp8compile
-            xq_t, xs_t = ops.requantize_t(xq, xs, "group", "block", act_fmt, p2)
-            dyq_t, dys_t = ops.quantize(dy.t(), "group", grad_fmt, p2)
-            dw = ops.scaled_mm(dyq_t, dys_t, "group", xq_t, xs_t, "block", None,
-                               _dw_dtype(weight), acc, "none", None)
+            dw = _blockwise_dw(torch.ops.fp8compile.quantize(dy.t(), "group", grad_fmt, p2),
+                               xq, xs, weight, act_fmt, p2, acc)
         elif need_w:
             # Rowwise: Xᵀ's rows span all of M, so X comes back from its FP8 copy first, in
             # its own dtype (not fp32): the transient copy is no larger than the original.
@@ -169,6 +167,27 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
     if need_b and bias_dtype is not None:
         db = dy.float().sum(0).to(bias_dtype)
     return dx, dw, db, None, None, None, None, None, None
+
+
+def _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype):
+    """Both gradients of the blockwise recipe.  dY is read once and quantized in 1x128 groups
+    along N (for dX) and along M, transposed (for dW)."""
+    ops = torch.ops.fp8compile
+    dyq, dys, dyq_t, dys_t = ops.quantize_dual(dy, grad_fmt, p2)
+    wq_t, ws_t = ops.quantize(weight.t(), "block", weight_fmt, p2)
+    dx = ops.scaled_mm(dyq, dys, "group", wq_t, ws_t, "block", None, x_dtype, acc, "none",
+                       None)
+    return dx, _blockwise_dw((dyq_t, dys_t), xq, xs, weight, act_fmt, p2, acc)
+
+
+def _blockwise_dw(dy_t, xq, xs, weight, act_fmt, p2, acc):
+    """dW = dYᵀ @ X from ``dy_t = (dyq_t, dys_t)`` (dYᵀ in 1x128 groups along M).  X's FP8
+    copy becomes 128x128 blocks of Xᵀ in one pass (1 byte read, 1 written per element; no
+    16-bit copy of X)."""
+    ops = torch.ops.fp8compile
+    xq_t, xs_t = ops.requantize_t(xq, xs, "group", "block", act_fmt, p2)
+    return ops.scaled_mm(*dy_t, "group", xq_t, xs_t, "block", None, _dw_dtype(weight), acc,
+                         "none", None)
 
 
 def _dw_dtype(weight: Tensor) -> torch.dtype:

@@ -46,6 +46,42 @@ def quantize_impl(x: Tensor, granularity: str, fmt: str, power_of_2: bool):
     return nx.quantize(x, g, f, power_of_2)
 
 
+@torch.library.custom_op("fp8compile::quantize_dual", mutates_args=())
+def quantize_dual(x: Tensor, fmt: str, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(q, s, qt, st)``: 1x128-group quantization of a 2-D ``x`` and of ``x.t()``, from one
+    read of ``x`` on the GPU (see :func:`fp8compile.numerics.quantize_dual`)."""
+    _check_dual(x)
+    return nx.quantize_dual(x, as_fmt(fmt), power_of_2)
+
+
+def _check_dual(x: Tensor) -> None:
+    check_fp8_input(x, "quantize_dual input")
+    if x.dim() != 2:
+        raise ValueError(
+            f"quantize_dual takes a 2-D tensor, got shape {tuple(x.shape)}; "
+            "reshape it to (rows, columns) first"
+        )
+
+
+@quantize_dual.register_fake
+def _(x, fmt, power_of_2):
+    dtype = as_fmt(fmt).dtype
+    q, qt = x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype)
+    return q, empty_scale(q, Granularity.GROUP), qt, empty_scale(qt, Granularity.GROUP)
+
+
+@quantize_dual.register_kernel("cuda")
+def _(x, fmt, power_of_2):
+    _check_dual(x)
+    from .. import kernels
+
+    if kernels.available(x):
+        from ..kernels.quant import quantize_dual as _kernel
+
+        return _kernel(x, as_fmt(fmt), power_of_2)
+    return nx.quantize_dual(x, as_fmt(fmt), power_of_2)
+
+
 @torch.library.custom_op("fp8compile::requantize_t", mutates_args=())
 def requantize_t(
     q: Tensor, scale: Tensor, granularity: str, to: str, fmt: str, power_of_2: bool

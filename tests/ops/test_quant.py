@@ -94,3 +94,24 @@ def test_requantize_t_matches_dequantize_then_quantize(shape, to):
 def test_requantize_t_rejects_high_precision_input():
     with pytest.raises(ValueError, match="requantize_t takes an FP8 tensor"):
         OPS.requantize_t(torch.randn(4, 128), torch.ones(4, 1), "group", "block", "e4m3", False)
+
+
+@pytest.mark.parametrize("shape", [(1, 200), (70, 200), (130, 256)])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_quantize_dual_is_both_groupings(shape, fmt):
+    x = torch.randn(shape) * 3
+    got = OPS.quantize_dual(x, fmt, False)
+    f = nx.Fp8Format(fmt)
+    want = (*nx.quantize(x, nx.Granularity.GROUP, f), *nx.quantize(x.t(), nx.Granularity.GROUP, f))
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.stride() == b.stride()
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b)
+    torch.library.opcheck(OPS.quantize_dual.default, (x, fmt, False))
+
+
+def test_quantize_dual_needs_2d_float_input():
+    with pytest.raises(ValueError, match="2-D tensor, got shape"):
+        OPS.quantize_dual(torch.randn(2, 3, 4), "e4m3", False)
+    with pytest.raises(ValueError, match="quantize_dual input has dtype"):
+        OPS.quantize_dual(torch.zeros(4, 4, dtype=torch.int32), "e4m3", False)
