@@ -32,6 +32,7 @@ from ..numerics import FP8_FORMATS, Granularity
 from . import tuning
 from .layout import contiguous_2d
 from .quant import GRAN_CODE
+from .tuning import cdiv
 
 __all__ = ["ACT_CODE", "scaled_mm"]
 
@@ -205,12 +206,12 @@ def _scale_strides(s: torch.Tensor) -> tuple[int, int]:
 
 
 def _check_scale(s: torch.Tensor, gran: Granularity, rows: int, k: int, what: str) -> None:
-    kb = triton.cdiv(k, 128)
+    kb = cdiv(k, 128)
     want = {
         Granularity.TENSOR: 1,
         Granularity.ROW: rows,
         Granularity.GROUP: rows * kb,
-        Granularity.BLOCK: triton.cdiv(rows, 128) * kb,
+        Granularity.BLOCK: cdiv(rows, 128) * kb,
     }[gran]
     if s.dtype != torch.float32 or s.numel() != want:
         raise ValueError(
@@ -302,8 +303,8 @@ def scaled_mm(
         split = 1
     # Each split covers whole 128-groups (and whole BLOCK_K steps; 256 covers both).
     step = 256
-    k_per_split = triton.cdiv(triton.cdiv(k, split), step) * step
-    split = triton.cdiv(k, k_per_split)
+    k_per_split = cdiv(cdiv(k, split), step) * step
+    split = cdiv(k, k_per_split)
     dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
                                               device=xq.device)
     stride_as0, stride_as1 = _scale_strides(xs2)
@@ -322,7 +323,7 @@ def scaled_mm(
     )
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split)
+        return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
 
     if config is not None:
         meta = {key: v for key, v in config.items() if key != "SPLIT_K"}
@@ -334,7 +335,7 @@ def scaled_mm(
         _tuned[grid](**args)
     if split > 1:
         sbm, sbn = 16, 128
-        _splitk_epilogue_kernel[(triton.cdiv(m, sbm), triton.cdiv(n, sbn))](
+        _splitk_epilogue_kernel[(cdiv(m, sbm), cdiv(n, sbn))](
             dest, args["bias_ptr"], res, out, m, n, m * n, stride_rm, stride_rn,
             out.stride(0), out.stride(1),
             SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],

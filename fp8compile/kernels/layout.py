@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import cdiv
+
 __all__ = ["contiguous_2d"]
 
 
@@ -44,7 +46,7 @@ def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
         return t.contiguous()
     src, dst = t.view(raw), out.view(raw)
     block = 64
-    grid = (triton.cdiv(r, block), triton.cdiv(c, block))
+    grid = (cdiv(r, block), cdiv(c, block))
     _copy_2d_kernel[grid](src, dst, r, c, src.stride(0), src.stride(1), dst.stride(0),
                           BLOCK_R=block, BLOCK_C=block, num_warps=4)
     return out

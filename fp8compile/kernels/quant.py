@@ -34,7 +34,7 @@ import triton.language as tl
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 from ..ops import check_fp8_input
-from .tuning import num_sms
+from .tuning import cdiv, next_pow2, num_sms
 
 __all__ = ["quantize", "quantize_dual", "quantize_rows", "requantize_t"]
 
@@ -279,21 +279,21 @@ def _launch_shape(m: int, k: int, granularity: Granularity, producer: int, sms: 
         k_per_prog = k if granularity is Granularity.ROW else 4 * block_k
         return block_m, block_k, k_per_prog, 4
     if granularity is Granularity.GROUP:
-        block_m = min(32, triton.next_power_of_2(max(m, 1)))
+        block_m = min(32, next_pow2(max(m, 1)))
         if producer != PRODUCER_RMSNORM:
             return block_m, nx.BLOCK, nx.BLOCK, 4
         # RMSNorm's rstd is computed by the one program that owns the whole row, so rows are
         # the only parallelism: 32 rows per program left 128 programs for 4096 tokens on 132
         # SMs (0.87 TB/s).  Shrink the row block until there are ~4 programs per SM.
-        while block_m > 1 and triton.cdiv(m, block_m) < 4 * sms:
+        while block_m > 1 and cdiv(m, block_m) < 4 * sms:
             block_m //= 2
         return block_m, nx.BLOCK, math.ceil(k / nx.BLOCK) * nx.BLOCK, 4
     if k <= 16384:
-        block_k = triton.next_power_of_2(max(k, 16))
-        block_m = max(1, min(32, 8192 // block_k, triton.next_power_of_2(max(m, 1))))
+        block_k = next_pow2(max(k, 16))
+        block_m = max(1, min(32, 8192 // block_k, next_pow2(max(m, 1))))
         return block_m, block_k, k, 8 if block_m * block_k >= 8192 else 4
     block_k = 4096
-    block_m = min(2, triton.next_power_of_2(max(m, 1)))
+    block_m = min(2, next_pow2(max(m, 1)))
     if granularity is Granularity.ROW or producer == PRODUCER_RMSNORM:
         return block_m, block_k, k, 8
     return block_m, block_k, 4 * block_k, 8  # TENSOR: split long rows over programs too
@@ -338,7 +338,7 @@ def quantize_rows(
     column_major = m > 1 and k > 1 and x2d.stride(0) == 1 and x2d.stride(1) != 1
     block_m, block_k, k_per_prog, num_warps = _launch_shape(m, k, granularity, producer,
                                                             num_sms(x.device), column_major)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(k, k_per_prog))
+    grid = (cdiv(m, block_m), cdiv(k, k_per_prog))
     common = dict(
         x_ptr=x2d, x2_ptr=x2 if x2 is not None else x2d,
         nw_ptr=norm_weight if norm_weight is not None else x2d,
@@ -463,10 +463,10 @@ def requantize_t(
         return nx.requantize_t(q, scale, granularity, to, fmt, power_of_2)
     m, k = rows.shape
     out = torch.empty((k, m), dtype=fmt.dtype, device=q.device)
-    out_scale = torch.empty((triton.cdiv(k, nx.BLOCK), triton.cdiv(m, nx.BLOCK)),
+    out_scale = torch.empty((cdiv(k, nx.BLOCK), cdiv(m, nx.BLOCK)),
                             dtype=torch.float32, device=q.device)
     s2 = scale.reshape(m, -1)
-    grid = (triton.cdiv(m, nx.BLOCK), triton.cdiv(k, nx.BLOCK))
+    grid = (cdiv(m, nx.BLOCK), cdiv(k, nx.BLOCK))
     _requantize_t_kernel[grid](
         rows.view(torch.uint8), s2, out.view(torch.uint8), out_scale, m, k,
         rows.stride(0), s2.stride(0), s2.stride(1), out.stride(0),
@@ -521,11 +521,11 @@ def quantize_dual(
     m, n = x.shape
     q = torch.empty((m, n), dtype=fmt.dtype, device=x.device)
     qt = torch.empty((n, m), dtype=fmt.dtype, device=x.device)
-    s = torch.empty_strided((m, triton.cdiv(n, nx.BLOCK)), (1, m), dtype=torch.float32,
+    s = torch.empty_strided((m, cdiv(n, nx.BLOCK)), (1, m), dtype=torch.float32,
                             device=x.device)
-    st = torch.empty_strided((n, triton.cdiv(m, nx.BLOCK)), (1, n), dtype=torch.float32,
+    st = torch.empty_strided((n, cdiv(m, nx.BLOCK)), (1, n), dtype=torch.float32,
                              device=x.device)
-    grid = (triton.cdiv(m, nx.BLOCK), triton.cdiv(n, nx.BLOCK))
+    grid = (cdiv(m, nx.BLOCK), cdiv(n, nx.BLOCK))
     _quantize_dual_kernel[grid](
         x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
         x.stride(0), x.stride(1), s.stride(1), st.stride(1),

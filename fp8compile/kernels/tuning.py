@@ -20,17 +20,32 @@ import functools
 import torch
 import triton
 
-__all__ = ["SMALL_TILES", "configs", "m_bucket", "prune", "split_k"]
+__all__ = ["SMALL_TILES", "cdiv", "configs", "m_bucket", "next_pow2", "prune", "split_k"]
 
 # M bucket -> (BLOCK_M, BLOCK_N) for the split-K regime.
 SMALL_TILES = {16: (16, 64), 32: (32, 64), 64: (64, 64), 128: (64, 128), 256: (128, 128)}
 _LARGE = 512
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side ints.
+
+    ``triton.cdiv`` and ``triton.next_power_of_2`` also run on the host, but each call goes
+    through Triton's constexpr-function wrapper (~5 µs).  At a dozen per launch they were half
+    of the launchers' own Python time, so host code uses these two instead.
+    """
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= ``n`` (1 for ``n <= 1``), for host-side ints."""
+    return 1 << max(0, n - 1).bit_length()
+
+
 def m_bucket(m: int) -> int:
     """Round M up to a power of two in [16, 8192]; buckets above 256 share one config list
     but tune separately (at M=8192 the 2048-tuned tile was 14% slow for one shape)."""
-    return min(max(16, triton.next_power_of_2(m)), 8192)
+    return min(max(16, next_pow2(m)), 8192)
 
 
 def _c(bm, bn, bk, warps, stages, group_m=8):
@@ -116,7 +131,7 @@ def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int) -> int
     Each split keeps at least 512 of K (4 steps of 128) so the pipeline fills; the partial
     sums cost one extra fp32 pass over M x N, small next to the weight at M <= 256.
     """
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = cdiv(m, block_m) * cdiv(n, block_n)
     want = max(1, (2 * sms) // tiles)
     most = max(1, k // 512)
     return int(min(want, most, 16))

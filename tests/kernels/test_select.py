@@ -108,3 +108,14 @@ def test_choice_takes_medians_of_alternating_timings():
     assert calls[6:] == ["t", "c"] * 3  # then alternating
     even = {"t": iter([1.0] * 3), "c": iter([1.0] * 3)}
     assert select._faster(tri, cub, timer=lambda fn: (fn(), next(even[calls[-1]]))[1]) == "cublas"
+
+
+def test_host_side_ceil_div_and_next_power_of_two_match_triton():
+    import triton
+
+    from fp8compile.kernels.tuning import cdiv, next_pow2
+
+    assert [cdiv(a, b) for a in range(0, 260) for b in (1, 7, 128)] == [
+        triton.cdiv(a, b) for a in range(0, 260) for b in (1, 7, 128)]
+    assert [next_pow2(n) for n in range(1, 4100)] == [
+        triton.next_power_of_2(n) for n in range(1, 4100)]
