@@ -393,6 +393,11 @@ def quantize(
     return quantize_rows(x, granularity, fmt, power_of_2)
 
 
+# Row slice of _quantize_dual_kernel's 128x128 tile.  ptxas for sm_90 at 8 warps: the whole
+# tile at once spilled 560 bytes per thread, 32-row slices 56, 16-row slices none.
+_HALF = 16
+
+
 @triton.jit
 def _fp8_bits_to_f32(raw, IS_E4M3: tl.constexpr):
     """Exact fp32 value of FP8 bit patterns (uint8), with integer ops only.
@@ -473,7 +478,7 @@ def requantize_t(
         out_scale.stride(0), out_scale.stride(1),
         IN_E4M3=q.dtype == torch.float8_e4m3fn, IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max,
         POW2=bool(power_of_2), HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK=nx.BLOCK, num_warps=8,
+        BLOCK=nx.BLOCK, num_warps=16,  # ptxas, sm_90: 121 registers, no spills (8: 228)
     )
     return out, out_scale
 
@@ -483,31 +488,43 @@ def _quantize_dual_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, N,
     stride_xm, stride_xn, stride_sk, stride_stk,
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
-    BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
-    """One 128x128 tile of ``x (M, N)``, read once, quantized twice: 1x128 groups along N into
+    """One 128x128 tile of ``x (M, N)`` quantized twice: 1x128 groups along N into
     ``q (M, N)`` and along M into ``qt (N, M)`` (the transpose), each with its scales stored
-    M-contiguous like every GROUP scale (``s`` strides ``(1, M)``, ``st`` strides ``(1, N)``)."""
+    M-contiguous like every GROUP scale (``s`` strides ``(1, M)``, ``st`` strides ``(1, N)``).
+
+    The tile is walked in ``HALF``-row slices, twice: the column amax needs all 128 rows
+    before anything is quantized, and a whole 128x128 fp32 tile in registers spilled (see
+    ``_HALF``).  The second walk re-reads the slices from L1/L2, so x still comes from HBM
+    once."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
-    mmask = rm < M
     nmask = rn < N
-    mask = mmask[:, None] & nmask[None, :]
-    rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn, mask=mask,
-                other=0.0).to(tl.float32)
-    a = _finite_abs(x)
-    s_row = _scale_from_amax(tl.max(a, axis=1), FMAX, POW2)  # per row m, group pid_n
-    s_col = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)  # per column n, group pid_m
-    tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
+    col_amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for h in tl.static_range(0, BLOCK, HALF):
+        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
+        mask = (rm[:, None] < M) & nmask[None, :]
+        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn64[None, :] * stride_xn,
+                    mask=mask, other=0.0).to(tl.float32)
+        col_amax = tl.maximum(col_amax, tl.max(_finite_abs(x), axis=0))
+    s_col = _scale_from_amax(col_amax, FMAX, POW2)  # per column n, group pid_m
     tl.store(st_ptr + rn64 + pid_m * stride_stk, s_col, mask=nmask)
-    q = _fp8_bits(tl.math.div_rn(x, s_row[:, None]), FMAX, IS_E4M3, HW_CAST)
-    tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
-    qt = _fp8_bits(tl.math.div_rn(x, s_col[None, :]), FMAX, IS_E4M3, HW_CAST)
-    tl.store(qt_ptr + rn64[None, :] * M + rm64[:, None], qt, mask=mask)
+    for h in tl.static_range(0, BLOCK, HALF):
+        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
+        mmask = rm < M
+        mask = mmask[:, None] & nmask[None, :]
+        rm64 = rm.to(tl.int64)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn,
+                    mask=mask, other=0.0).to(tl.float32)
+        s_row = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, POW2)  # row m, group n
+        tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
+        q = _fp8_bits(tl.math.div_rn(x, s_row[:, None]), FMAX, IS_E4M3, HW_CAST)
+        tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
+        qt = _fp8_bits(tl.math.div_rn(x, s_col[None, :]), FMAX, IS_E4M3, HW_CAST)
+        tl.store(qt_ptr + rn64[None, :] * M + rm64[:, None], qt, mask=mask)
 
 
 def quantize_dual(
@@ -530,6 +547,7 @@ def quantize_dual(
         x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
         x.stride(0), x.stride(1), s.stride(1), st.stride(1),
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
-        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, num_warps=8,
+        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, HALF=_HALF,
+        num_warps=8,
     )
     return q, s, qt, st
