@@ -1,0 +1,42 @@
+"""Launch settings of the backward's quantization kernels keep them spill-free on sm_90.
+
+Compiled offline with Triton's bundled ptxas, so this runs without a GPU.  It runs in a
+subprocess because this test folder decorates the kernels for Triton's interpreter.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fp8compile.kernels.resources import tools_available
+
+pytestmark = pytest.mark.skipif(not tools_available(),
+                                reason="Triton's NVIDIA tools (ptxas, cuobjdump) not installed")
+
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
+NAMES = ["quantize_dual", "requantize_t", "transpose_copy"]
+SNIPPET = f"""
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+sys.path.insert(0, "benchmarks")
+import kernel_resources as kr
+print(json.dumps({{n: vars(getattr(kr, n)()) for n in {NAMES!r}}}))
+"""
+
+
+@pytest.fixture(scope="module")
+def usage():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SNIPPET], cwd=ROOT, env=env, check=True,
+                         capture_output=True, text=True, timeout=600)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_spills(usage, name):
+    res = usage[name]
+    assert res["stack"] == 0, f"{name} spills: {res}"
+    assert 0 < res["registers"] <= 255
