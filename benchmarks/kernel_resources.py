@@ -30,8 +30,24 @@ def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warp
            "eps": "fp32", "stride_xm": "i32", "stride_x2m": "i32", "stride_qm": "i32",
            "stride_sm": "i32", "stride_sk": "i32"}
     consts = {"stride_xk": 1, "stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
-              "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k, **E4M3}
+              "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
+              "BLOCK_SLICE": quant._BLOCK_SLICE, **E4M3}
     return sm90_resources(quant._quantize_kernel, sig, consts, warps)
+
+
+def quantize_groups():
+    """1x128 activation groups, as the launcher runs them (32x128 tiles, 4 warps)."""
+    return quantize_kernel(2, 32, 128, False, 4)
+
+
+def quantize_rows():
+    """Per-row scaling of a 4096-wide row held in registers (2x4096, 8 warps)."""
+    return quantize_kernel(1, 2, 4096, True, 8)
+
+
+def quantize_blocks():
+    """128x128 weight blocks, as the launcher runs them (8 warps, default slice)."""
+    return quantize_kernel(3, 128, 128, False, 8)
 
 
 def quantize_dual():
@@ -48,7 +64,8 @@ def requantize_t():
         {"q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*u8", "os_ptr": "*fp32", "M": "i32",
          "K": "i32", "stride_qm": "i32", "stride_sk": "i32", "stride_om": "i32",
          "stride_osk": "i32"},
-        {"stride_sm": 1, "stride_osm": 1, "IN_E4M3": True, "BLOCK": 128, **E4M3}, 16)
+        {"stride_sm": 1, "stride_osm": 1, "IN_E4M3": True, "BLOCK": 128, "HALF": quant._HALF,
+         **E4M3}, 8)
 
 
 def transpose_copy():
@@ -60,11 +77,11 @@ def transpose_copy():
 
 
 KERNELS = {
-    "quantize, 1x128 groups (32x128, 4 warps)": lambda: quantize_kernel(2, 32, 128, False, 4),
-    "quantize, rows (2x4096, 8 warps)": lambda: quantize_kernel(1, 2, 4096, True, 8),
-    "quantize, 128x128 blocks (8 warps)": lambda: quantize_kernel(3, 128, 128, False, 8),
+    "quantize, 1x128 groups (32x128, 4 warps)": quantize_groups,
+    "quantize, rows (2x4096, 8 warps)": quantize_rows,
+    "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize_dual (16-row slices, 8 warps)": quantize_dual,
-    "requantize_t (16 warps)": requantize_t,
+    "requantize_t (16-row slices, 8 warps)": requantize_t,
     "FP8 transpose copy (64x64, 4 warps)": transpose_copy,
 }
 
@@ -73,7 +90,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     print(f"sm_90, triton {triton.__version__}")
     for name, fn in KERNELS.items():
-        print(f"{name:44s} {fn()}")
+        print(f"{name:52s} {fn()}")
 
 
 if __name__ == "__main__":

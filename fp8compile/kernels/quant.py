@@ -160,6 +160,7 @@ def _quantize_kernel(
     ONE_CHUNK: tl.constexpr,  # tensor/row: k_per_prog <= BLOCK_K, a single tile per program
     HW_CAST: tl.constexpr,  # round with the hardware conversion (compiled) or in software
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_SLICE: tl.constexpr,  # BLOCK only: rows per slice of the 128x128 block
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -181,21 +182,39 @@ def _quantize_kernel(
             sq += tl.sum(x * x, axis=1)
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + eps))
 
-    if GRAN >= 2:
-        # GROUP / BLOCK: BLOCK_K == 128, one scale per (row or block, K-group).
+    if GRAN == 3:
+        # BLOCK (weights; no producer): one 128x128 block per program, walked in
+        # BLOCK_SLICE-row slices twice (amax, then quantize), in loops that are not unrolled.
+        # The whole block at once spilled 568 bytes per thread at 8 warps (ptxas, sm_90);
+        # 32-row slices take 64 registers (107 for a transposed view) and spill nothing.  The
+        # second walk re-reads the slices from L1/L2.
+        cols = k_lo + offs_k
+        cmask = cols[None, :] < K
+        amax = tl.zeros([BLOCK_SLICE], dtype=tl.float32)
+        for h in range(0, BLOCK_M, BLOCK_SLICE):
+            r = (pid_m * BLOCK_M + h + tl.arange(0, BLOCK_SLICE)).to(tl.int64)
+            x = tl.load(x_ptr + r[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=(r[:, None] < M) & cmask, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
+        s = _scale_from_amax(tl.max(amax, axis=0), FMAX, POW2)
+        tl.store(s_ptr + pid_m * stride_sm + (k_lo // BLOCK_K) * stride_sk, s)
+        for h in range(0, BLOCK_M, BLOCK_SLICE):
+            r = (pid_m * BLOCK_M + h + tl.arange(0, BLOCK_SLICE)).to(tl.int64)
+            mask = (r[:, None] < M) & cmask
+            x = tl.load(x_ptr + r[:, None] * stride_xm + cols[None, :] * stride_xk,
+                        mask=mask, other=0.0).to(tl.float32)
+            tl.store(q_ptr + r[:, None] * stride_qm + cols[None, :],
+                     _fp8_bits(tl.math.div_rn(x, s), FMAX, IS_E4M3, HW_CAST), mask=mask)
+    elif GRAN == 2:
+        # GROUP: BLOCK_K == 128, one scale per (row, K-group).
         for k0 in range(k_lo, k_hi, BLOCK_K):
             cols = k0 + offs_k
             x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
                          stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
             a = tl.max(_finite_abs(x), axis=1)
-            if GRAN == 3:
-                s = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)
-                tl.store(s_ptr + pid_m * stride_sm + (k0 // BLOCK_K) * stride_sk, s)
-                y = tl.math.div_rn(x, s)
-            else:
-                s = _scale_from_amax(a, FMAX, POW2)
-                tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sk, s, mask=rmask)
-                y = tl.math.div_rn(x, s[:, None])
+            s = _scale_from_amax(a, FMAX, POW2)
+            tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sk, s, mask=rmask)
+            y = tl.math.div_rn(x, s[:, None])
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                      _fp8_bits(y, FMAX, IS_E4M3, HW_CAST),
                      mask=rmask[:, None] & (cols[None, :] < K))
@@ -352,7 +371,7 @@ def quantize_rows(
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         ONE_CHUNK=k_per_prog <= block_k,
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_SLICE=_BLOCK_SLICE, num_warps=num_warps,
     )
     if granularity is Granularity.TENSOR:
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)
@@ -393,8 +412,13 @@ def quantize(
     return quantize_rows(x, granularity, fmt, power_of_2)
 
 
-# Row slice of _quantize_dual_kernel's 128x128 tile.  ptxas for sm_90 at 8 warps: the whole
-# tile at once spilled 560 bytes per thread, 32-row slices 56, 16-row slices none.
+# Rows per slice of a 128x128 weight block in _quantize_kernel (GRAN == 3, see there).
+_BLOCK_SLICE = 32
+
+# Rows per slice of the 128x128 tiles that _quantize_dual_kernel and _requantize_t_kernel walk
+# twice (amax, then quantize).  ptxas for sm_90 at 8 warps: the whole tile at once spilled 560
+# bytes per thread (dual); 16-row slices in a loop that is not unrolled take 101 and 73
+# registers and spill nothing, which leaves room for 2-3 programs per SM.
 _HALF = 16
 
 
@@ -434,25 +458,45 @@ def _requantize_t_kernel(
     q_ptr, s_ptr, out_ptr, os_ptr, M, K,
     stride_qm, stride_sm, stride_sk, stride_om, stride_osk, stride_osm,
     IN_E4M3: tl.constexpr, IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-    HW_CAST: tl.constexpr, BLOCK: tl.constexpr,
+    HW_CAST: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr,
 ):
     """One 128x128 tile of FP8 ``q (M, K)`` with 1x128 group scales: dequantize in fp32, take
     the tile's amax, quantize, and write the tile transposed into ``out (K, M)`` with one
     block scale.  Reads 1 byte and writes 1 byte per element (dequantizing to bf16 and
-    quantizing the transposed view moved 6)."""
+    quantizing the transposed view moved 6).  Walked in ``HALF``-row slices, twice (amax,
+    then quantize; see ``_HALF``)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
-    mask = (rm[:, None] < M) & (rk[None, :] < K)
+    kmask = rk < K
+    amax = tl.zeros([HALF], dtype=tl.float32)
+    for h in range(0, BLOCK, HALF):
+        x = _dequantize_slice(q_ptr, s_ptr, pid_m * BLOCK + h, pid_k, M, rk, kmask, stride_qm,
+                              stride_sm, stride_sk, IN_E4M3, HALF)
+        amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
+    sc = _scale_from_amax(tl.max(amax, axis=0), FMAX, POW2)
+    tl.store(os_ptr + pid_k * stride_osk + pid_m * stride_osm, sc)
+    for h in range(0, BLOCK, HALF):
+        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
+        x = _dequantize_slice(q_ptr, s_ptr, pid_m * BLOCK + h, pid_k, M, rk, kmask, stride_qm,
+                              stride_sm, stride_sk, IN_E4M3, HALF)
+        bits = _fp8_bits(tl.math.div_rn(x, sc), FMAX, IS_E4M3, HW_CAST)
+        mask = (rm[:, None] < M) & kmask[None, :]
+        tl.store(out_ptr + rk.to(tl.int64)[None, :] * stride_om + rm.to(tl.int64)[:, None],
+                 bits, mask=mask)
+
+
+@triton.jit
+def _dequantize_slice(q_ptr, s_ptr, row0, pid_k, M, rk, kmask, stride_qm, stride_sm,
+                      stride_sk, IN_E4M3: tl.constexpr, HALF: tl.constexpr):
+    """fp32 values of ``HALF`` rows from ``row0`` of FP8 ``q`` with 1x128 group scales (group
+    ``pid_k``); rows past M and columns past K read as 0."""
+    rm = row0 + tl.arange(0, HALF)
     rm64 = rm.to(tl.int64)
+    mask = (rm[:, None] < M) & kmask[None, :]
     raw = tl.load(q_ptr + rm64[:, None] * stride_qm + rk[None, :], mask=mask, other=0)
     s = tl.load(s_ptr + rm64 * stride_sm + pid_k * stride_sk, mask=rm < M, other=0.0)
-    x = _fp8_bits_to_f32(raw, IN_E4M3) * s[:, None]
-    sc = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
-    bits = _fp8_bits(tl.math.div_rn(x, sc), FMAX, IS_E4M3, HW_CAST)
-    tl.store(out_ptr + rk[None, :].to(tl.int64) * stride_om + rm64[:, None], bits, mask=mask)
-    tl.store(os_ptr + pid_k * stride_osk + pid_m * stride_osm, sc)
+    return _fp8_bits_to_f32(raw, IN_E4M3) * s[:, None]
 
 
 def requantize_t(
@@ -478,7 +522,7 @@ def requantize_t(
         out_scale.stride(0), out_scale.stride(1),
         IN_E4M3=q.dtype == torch.float8_e4m3fn, IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max,
         POW2=bool(power_of_2), HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK=nx.BLOCK, num_warps=16,  # ptxas, sm_90: 121 registers, no spills (8: 228)
+        BLOCK=nx.BLOCK, HALF=_HALF, num_warps=8,
     )
     return out, out_scale
 
@@ -504,7 +548,7 @@ def _quantize_dual_kernel(
     nmask = rn < N
     rn64 = rn.to(tl.int64)
     col_amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in tl.static_range(0, BLOCK, HALF):
+    for h in range(0, BLOCK, HALF):
         rm = pid_m * BLOCK + h + tl.arange(0, HALF)
         mask = (rm[:, None] < M) & nmask[None, :]
         x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn64[None, :] * stride_xn,
@@ -512,7 +556,7 @@ def _quantize_dual_kernel(
         col_amax = tl.maximum(col_amax, tl.max(_finite_abs(x), axis=0))
     s_col = _scale_from_amax(col_amax, FMAX, POW2)  # per column n, group pid_m
     tl.store(st_ptr + rn64 + pid_m * stride_stk, s_col, mask=nmask)
-    for h in tl.static_range(0, BLOCK, HALF):
+    for h in range(0, BLOCK, HALF):
         rm = pid_m * BLOCK + h + tl.arange(0, HALF)
         mmask = rm < M
         mask = mmask[:, None] & nmask[None, :]
