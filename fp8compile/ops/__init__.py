@@ -15,6 +15,8 @@ op                                         meaning
 ``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs)
+``fp8compile::linear_q``                   the same for an input quantized once elsewhere
+                                           (shared by q/k/v or gate/up)
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
 ``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in

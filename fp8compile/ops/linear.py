@@ -131,13 +131,64 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(xq, xs, weight)
     ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation, x.dtype,
                 bias.dtype if bias is not None else None)
+    ctx.grad_index = (0, 1, 2)  # x, weight, bias among the op's inputs
     ctx.mark_non_differentiable(xq, xs)
+
+
+@torch.library.custom_op("fp8compile::linear_q", mutates_args=())
+def linear_q(
+    x: Tensor,
+    xq: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    recipe: str,
+    act_fmt: str,
+    weight_fmt: str,
+    grad_fmt: str,
+    power_of_2: bool,
+    accumulation: str,
+) -> Tensor:
+    """``fp8compile::linear`` for an input quantized elsewhere: ``(xq, xs)`` is
+    ``quantize(x)`` with the recipe's activation granularity, shared by every linear that
+    reads ``x`` (q/k/v, gate/up), so it is computed and saved for backward once.  ``x``
+    carries the gradient (``dX`` is returned for it) and is not read otherwise.
+    """
+    _check_linear(x, weight, bias)
+    if xq.shape != x.shape or xq.dtype not in nx.FP8_FORMATS:
+        raise ValueError(
+            f"linear_q: xq must be the FP8 quantization of x {tuple(x.shape)}, got "
+            f"{xq.dtype} {tuple(xq.shape)}"
+        )
+    xg, wg = _recipe_grans(recipe)
+    wq, ws = quantize_impl(weight, wg, weight_fmt, power_of_2)
+    return scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+
+
+@linear_q.register_fake
+def _(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2,
+      accumulation):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_q_setup(ctx, inputs, output):
+    (x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2,
+     accumulation) = inputs
+    ctx.save_for_backward(xq, xs, weight)
+    ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation, x.dtype,
+                bias.dtype if bias is not None else None)
+    ctx.grad_index = (0, 3, 4)
+
+
+def _linear_q_backward(ctx, grad_y):
+    dx, dw, db = _linear_backward(ctx, grad_y, None, None)[:3]
+    return dx, None, None, dw, db, None, None, None, None, None, None
 
 
 def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
     xq, xs, weight = ctx.saved_tensors
     recipe, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
+    need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in ctx.grad_index)
     n, k = weight.shape
     dy = grad_y.reshape(-1, n)
     dx = dw = db = None
@@ -241,6 +292,7 @@ def _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dt
 
 
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
+linear_q.register_autograd(_linear_q_backward, setup_context=_linear_q_setup)
 
 
 # --------------------------------------------------------------------------------------

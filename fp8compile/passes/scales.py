@@ -10,6 +10,15 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
        quantize(h) → k_proj  ⇒               ├→ k_proj
        quantize(h) → v_proj                  └→ v_proj
 
+   In training graphs each FP8 linear is one ``fp8compile::linear`` that quantizes its own
+   input and saves that FP8 copy for backward.  Where several read one tensor, they become a
+   shared ``quantize`` and ``fp8compile::linear_q`` each, so the FP8 copy is made and saved
+   once (a lone linear keeps the single op: one custom op call instead of two)::
+
+       linear(h, Wq) ─┐           quantize(h) → (hq, hs) ─┬→ linear_q(h, hq, hs, Wq)
+       linear(h, Wk)  ├─  ⇒                               ├→ linear_q(h, hq, hs, Wk)
+       linear(h, Wv) ─┘                                   └→ linear_q(h, hq, hs, Wv)
+
 2. Weight hoisting (inference).  ``quantize(w)`` of a parameter (or of ``t(w)``) leaves the
    graph and becomes two graph inputs fed by a :class:`WeightCache`, which requantizes only
    when the parameter's storage, shape, dtype or ``_version`` changed (an optimizer step or an
@@ -71,6 +80,8 @@ class ScalesPass(Fp8Pass):
         modified = self._share_activation_quant(graph)
         if self.ctx.inference:
             modified |= self._hoist_weights(graph)
+        else:
+            modified |= self._share_training_quant(graph)
         if modified:
             graph.eliminate_dead_code()
             graph.lint()
@@ -90,6 +101,38 @@ class ScalesPass(Fp8Pass):
                 graph.erase_node(node)
                 modified = True
         # getitem(first, i) duplicates are harmless; Inductor CSEs them.
+        return modified
+
+    def _share_training_quant(self, graph: torch.fx.Graph) -> bool:
+        groups: dict[tuple, list[torch.fx.Node]] = {}
+        for node in graph.nodes:
+            if node.target is OPS.linear.default:
+                x, _w, _b, recipe, act_fmt, _wf, _gf, p2, _acc = node.args
+                groups.setdefault((x, recipe, act_fmt, p2), []).append(node)
+        modified = False
+        for (x, recipe, act_fmt, p2), nodes in groups.items():
+            if len(nodes) < 2 or not all(_only_output_used(n) for n in nodes):
+                continue
+            gran = {"blockwise": "group", "rowwise": "row", "tensorwise": "tensor"}[recipe]
+            with graph.inserting_before(nodes[0]):
+                # Detached: the gradient reaches x through linear_q's own x argument.
+                xd = graph.call_method("detach", (x,))
+                q = graph.call_function(OPS.quantize.default, (xd, gran, act_fmt, p2))
+                xq = graph.call_function(operator.getitem, (q, 0))
+                xs = graph.call_function(operator.getitem, (q, 1))
+            info(q)["role"] = "act_quant"
+            for node in nodes:
+                _, w, b, _, _, wf, gf, _, acc = node.args
+                with graph.inserting_before(node):
+                    new = graph.call_function(
+                        OPS.linear_q.default, (x, xq, xs, w, b, recipe, act_fmt, wf, gf, p2, acc)
+                    )
+                info(new).update(info(node))
+                for user in list(node.users):
+                    user.replace_all_uses_with(new)
+                    graph.erase_node(user)
+                graph.erase_node(node)
+            modified = True
         return modified
 
     def _hoist_weights(self, graph: torch.fx.Graph) -> bool:
@@ -127,3 +170,8 @@ class ScalesPass(Fp8Pass):
 
 
 __all__ = ["ScalesPass", "WeightCache"]
+
+
+def _only_output_used(node: torch.fx.Node) -> bool:
+    """Every user of the ``linear`` node takes its output (index 0), not its FP8 copy."""
+    return all(u.target is operator.getitem and u.args[1] == 0 for u in node.users)

@@ -154,6 +154,34 @@ def test_linear_opcheck():
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear_q_equals_linear(recipe):
+    """linear_q with the quantization done outside gives linear's output and gradients."""
+    x, w, b, gy = _inputs((2, 7), 130, 200, True)
+    y, _, _ = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
+    y.backward(gy)
+    want = [t.grad.clone() for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    gran = {"blockwise": "group", "rowwise": "row", "tensorwise": "tensor"}[recipe]
+    xq, xs = OPS.quantize(x.detach(), gran, "e4m3", False)
+    args = (x, xq, xs, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
+    y2 = OPS.linear_q(*args)
+    torch.testing.assert_close(y2, y)
+    y2.backward(gy)
+    for got, ref in zip((x.grad, w.grad, b.grad), want):
+        torch.testing.assert_close(got, ref)
+    torch.library.opcheck(OPS.linear_q.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_linear_q_rejects_a_mismatched_quantization():
+    x, w, _, _ = _inputs(4, 128, 256, False)
+    xq, xs = OPS.quantize(torch.randn(4, 128), "group", "e4m3", False)
+    with pytest.raises(ValueError, match="xq must be the FP8 quantization of x"):
+        OPS.linear_q(x, xq, xs, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
+
+
 def test_linear_shape_error_is_named():
     with pytest.raises(ValueError, match="weight must be"):
         OPS.linear(torch.randn(4, 64), torch.randn(32, 128), None, "rowwise", "e4m3", "e4m3",

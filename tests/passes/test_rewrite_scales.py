@@ -1,3 +1,5 @@
+import operator
+
 import torch
 from torch import nn
 
@@ -28,10 +30,17 @@ def test_inference_rewrite_shares_activation_quant_and_hoists_weights(passes):
         assert rel_err(y, model(x)) < 0.03
 
 
-def test_training_rewrite_keeps_weights_in_the_graph(passes):
+def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
     gm, inputs, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), inference=False)
-    assert _count(gm, OPS.linear.default) == 7
-    assert _count(gm, OPS.quantize.default) == 0 and not ctx.extra_inputs
+    assert not ctx.extra_inputs  # weights stay parameters, quantized in the graph
+    # q/k/v share one quantization of the normed input, gate/up one of the second; o_proj
+    # and down_proj (one reader each) keep the self-quantizing op.
+    assert _count(gm, OPS.quantize.default) == 2
+    assert _count(gm, OPS.linear_q.default) == 5 and _count(gm, OPS.linear.default) == 2
+    for n in gm.graph.nodes:
+        if n.target is OPS.quantize.default:
+            assert n.args[0].target == "detach"  # the gradient flows through linear_q's x
+            assert {u.target for u in n.users} == {operator.getitem}
 
 
 class WeightAsMatmul(nn.Module):

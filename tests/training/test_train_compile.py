@@ -132,3 +132,56 @@ def test_partial_group_weight_gradient_is_deterministic_under_inductor():
         results.append(_rel(got["0.weight"], ref["0.weight"]))
     assert max(results) < 0.15, results
     assert max(results) - min(results) < 1e-6, results
+
+
+class _TwoReaders(nn.Module):
+    """Two linears reading one input, as q/k/v or gate/up do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(256, 128)
+        self.b = nn.Linear(256, 128)
+        self.c = nn.Linear(128, 128)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.a(x)) * self.b(x))
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "rowwise", "tensorwise"])
+def test_shared_input_quantization_gives_the_unshared_gradients(recipe):
+    """The compiled graph quantizes x once for a and b (linear_q); the gradients equal those
+    of each linear quantizing x itself (the eager ops)."""
+    model = _TwoReaders()
+    x = torch.randn(4, 16, 256, requires_grad=True)
+    fmts = ("e4m3", "e4m3", "e4m3", False, "precise")
+
+    def eager(x):
+        a = OPS.linear(x, model.a.weight, model.a.bias, recipe, *fmts)[0]
+        b = OPS.linear(x, model.b.weight, model.b.bias, recipe, *fmts)[0]
+        h = torch.relu(a) * b
+        return OPS.linear(h, model.c.weight, model.c.bias, recipe, *fmts)[0]
+
+    want = _grads_of(eager, model, x)
+    be = fp8compile.backend({"recipe": recipe, "overrides": {"c": "fp8"}})
+    got = _grads_of(torch.compile(model, backend=be, fullgraph=True), model, x)
+    assert len(be.plan.fp8) == 3
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _grads_of(fn, model, x):
+    model.zero_grad(set_to_none=True)
+    x.grad = None
+    fn(x).float().pow(2).sum().backward()
+    return {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
+
+
+def test_shared_input_is_saved_once_in_fp8():
+    model = _TwoReaders()
+    x = torch.randn(64, 256, requires_grad=True)
+    params = list(model.parameters())
+    compiled = torch.compile(model, backend=fp8compile.backend({"overrides": {"c": "fp8"}}))
+    compiled(x).sum().backward()  # compile forward and backward
+    saved = saved_tensor_bytes(lambda: compiled(x).sum(), exclude=params + [x])
+    # x once (not twice) and h: FP8 payload plus one fp32 scale per 1x128 group.
+    assert saved.fp8 == 64 * 256 + 64 * 128, str(saved)
