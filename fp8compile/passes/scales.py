@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .. import numerics as nx
+from ..config import Recipe
 from ..ops import scale_shape
 from .manager import Fp8Pass, PassResult, info
 from .rewrite import RewritePass
@@ -113,7 +114,7 @@ class ScalesPass(Fp8Pass):
         for (x, recipe, act_fmt, p2), nodes in groups.items():
             if len(nodes) < 2 or not all(_only_output_used(n) for n in nodes):
                 continue
-            gran = {"blockwise": "group", "rowwise": "row", "tensorwise": "tensor"}[recipe]
+            gran = Recipe(recipe).activation_granularity.value
             with graph.inserting_before(nodes[0]):
                 # Detached: the gradient reaches x through linear_q's own x argument.
                 xd = graph.call_method("detach", (x,))
