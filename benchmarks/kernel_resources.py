@@ -30,6 +30,7 @@ def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warp
            "eps": "fp32", "stride_xm": "i32", "stride_x2m": "i32", "stride_qm": "i32",
            "stride_sm": "i32", "stride_sk": "i32"}
     consts = {"stride_xk": 1, "stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
+              "GIVEN_SCALE": False,
               "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
               "BLOCK_SLICE": quant._BLOCK_SLICE, **E4M3}
     return sm90_resources(quant._quantize_kernel, sig, consts, warps)

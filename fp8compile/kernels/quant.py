@@ -36,7 +36,8 @@ from ..numerics import Fp8Format, Granularity
 from ..ops import check_fp8_input
 from .tuning import cdiv, next_pow2, num_sms
 
-__all__ = ["quantize", "quantize_dual", "quantize_rows", "requantize_t"]
+__all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_rows", "quantize_with_scale",
+           "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -156,6 +157,7 @@ def _quantize_kernel(
     GRAN: tl.constexpr,  # 0 tensor, 1 row, 2 group, 3 block
     PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
     AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
+    GIVEN_SCALE: tl.constexpr,  # tensorwise: amax_ptr holds the scale itself (static/delayed)
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
     ONE_CHUNK: tl.constexpr,  # tensor/row: k_per_prog <= BLOCK_K, a single tile per program
     HW_CAST: tl.constexpr,  # round with the hardware conversion (compiled) or in software
@@ -231,7 +233,10 @@ def _quantize_kernel(
                 s = _scale_from_amax(a, FMAX, POW2)
                 tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
             else:
-                s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+                if GIVEN_SCALE:
+                    s1 = tl.load(amax_ptr)
+                else:
+                    s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
                 if (pid_m == 0) & (pid_k == 0):
                     tl.store(s_ptr, s1)
                 s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
@@ -254,7 +259,10 @@ def _quantize_kernel(
                 s = _scale_from_amax(a, FMAX, POW2)
                 tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
             else:
-                s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+                if GIVEN_SCALE:
+                    s1 = tl.load(amax_ptr)
+                else:
+                    s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
                 if (pid_m == 0) & (pid_k == 0):
                     tl.store(s_ptr, s1)
                 s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
@@ -327,16 +335,21 @@ def quantize_rows(
     x2: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 0.0,
+    given_scale: torch.Tensor | None = None,
+    amax_only: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_quantize_kernel` for ``x (..., K)``; shared by quantize() and fused.py.
 
-    Returns ``(q, scale)`` with numerics.quantize's shapes and scale layout.
+    Returns ``(q, scale)`` with numerics.quantize's shapes and scale layout.  Tensorwise only:
+    ``given_scale`` (one fp32 element on x's device) quantizes with that scale in a single
+    launch; ``amax_only`` returns ``(amax, _)`` after the first launch (the finite amax).
     """
     k = x.shape[-1]
     x2d = _as_rows(x)
     m = x2d.shape[0]
-    q = torch.empty(x.shape, dtype=fmt.dtype, device=x.device)
-    q2d = q.view(m, k).view(torch.uint8)
+    # amax_only writes no payload: a 0-element placeholder stands in for it.
+    q = torch.empty((0,) if amax_only else x.shape, dtype=fmt.dtype, device=x.device)
+    q2d = q.view(torch.uint8) if amax_only else q.view(m, k).view(torch.uint8)
     if granularity is Granularity.TENSOR:
         scale = torch.empty((), dtype=torch.float32, device=x.device)
         stride_sm = stride_sk = 0
@@ -373,12 +386,18 @@ def quantize_rows(
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_SLICE=_BLOCK_SLICE, num_warps=num_warps,
     )
+    if given_scale is not None:
+        _quantize_kernel[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
+                               **common)
+        return q, scale
     if granularity is Granularity.TENSOR:
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-        _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=True, **common)
+        _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=True, GIVEN_SCALE=False, **common)
+        if amax_only:
+            return amax.reshape(()), scale
     else:
         amax = scale  # unused
-    _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=False, **common)
+    _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=False, GIVEN_SCALE=False, **common)
     return q, scale
 
 
@@ -420,6 +439,24 @@ _BLOCK_SLICE = 32
 # bytes per thread (dual); 16-row slices in a loop that is not unrolled take 101 and 73
 # registers and spill nothing, which leaves room for 2-3 programs per SM.
 _HALF = 16
+
+
+def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
+    """Tensorwise ``numerics.quantize_with_scale`` (static or delayed scales) in one launch."""
+    fmt = Fp8Format(fmt)
+    check_fp8_input(x, "quantize_with_scale input")
+    if x.dim() == 0 or x.numel() == 0 or scale.numel() != 1:
+        return nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt)
+    s = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    return quantize_rows(x, Granularity.TENSOR, fmt, False, given_scale=s)[0]
+
+
+def amax_tensor(x: torch.Tensor) -> torch.Tensor:
+    """``numerics.amax(x, TENSOR)``: the largest finite ``|x|`` (0-dim fp32), one launch."""
+    check_fp8_input(x, "amax input")
+    if x.dim() == 0 or x.numel() == 0:
+        return nx.amax(x, Granularity.TENSOR).float()
+    return quantize_rows(x, Granularity.TENSOR, Fp8Format.E4M3, False, amax_only=True)[0]
 
 
 @triton.jit

@@ -120,10 +120,38 @@ def _(q, scale, granularity, to, fmt, power_of_2):
     return nx.requantize_t(q, scale, g, t, f, power_of_2)
 
 
+def _triton_ok(x: Tensor) -> bool:
+    if not x.is_cuda:
+        return False
+    from .. import kernels
+
+    return kernels.available(x)
+
+
+def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,
+                             fmt: nx.Fp8Format) -> Tensor:
+    """``numerics.quantize_with_scale`` for op bodies: one Triton launch for a tensorwise scale
+    on the GPU (static and delayed scaling), the reference otherwise."""
+    if granularity is Granularity.TENSOR and scale.numel() == 1 and _triton_ok(x):
+        from ..kernels.quant import quantize_with_scale
+
+        return quantize_with_scale(x, scale, fmt)
+    return nx.quantize_with_scale(x, scale, granularity, fmt)
+
+
+def amax_impl(x: Tensor) -> Tensor:
+    """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU."""
+    if _triton_ok(x):
+        from ..kernels.quant import amax_tensor
+
+        return amax_tensor(x)
+    return nx.amax(x, Granularity.TENSOR).float()
+
+
 @torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())
 def quantize_scaled(x: Tensor, scale: Tensor, granularity: str, fmt: str) -> Tensor:
     check_fp8_input(x, "quantize_scaled input")
-    return nx.quantize_with_scale(x, scale, as_gran(granularity), as_fmt(fmt))
+    return quantize_with_scale_impl(x, scale, as_gran(granularity), as_fmt(fmt))
 
 
 @quantize_scaled.register_fake
@@ -143,11 +171,11 @@ def quantize_delayed(
     """
     check_fp8_input(x, "quantize_delayed input")
     f = as_fmt(fmt)
-    cur = nx.amax(x, Granularity.TENSOR).to(amax_history.dtype)
+    cur = amax_impl(x).to(amax_history.dtype)
     past = amax_history.max()
     use = torch.where(past > 0, past, cur)
     scale = nx.compute_scale(use, f, power_of_2)
-    q = nx.quantize_with_scale(x, scale, Granularity.TENSOR, f)
+    q = quantize_with_scale_impl(x, scale, Granularity.TENSOR, f)
     amax_history.copy_(torch.cat([cur.reshape(1), amax_history[:-1]]))
     return q, scale
 

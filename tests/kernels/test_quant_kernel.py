@@ -213,3 +213,30 @@ def test_quantize_dual_matches_both_groupings(device, fmt, shape):
         want = nx.quantize_dual(x, fmt, False)
         assert_same_quant(got[:2], tuple(t.to(device) for t in want[:2]))
         assert_same_quant(got[2:], tuple(t.to(device) for t in want[2:]))
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("shape", [(1, 200), (7, 384), (3, 16500), (2, 3, 130)])
+def test_given_scale_and_amax_match_numerics(device, fmt, shape):
+    # Static and delayed scaling: amax in one launch, quantization with a given scale in one.
+    # The scale is deliberately too small for some values (saturation) and NaN/Inf are kept.
+    from fp8compile.kernels.quant import amax_tensor, quantize_with_scale
+
+    x = torch.randn(shape) * 5
+    x.reshape(-1, shape[-1])[0, 3] = float("nan")
+    x.reshape(-1, shape[-1])[-1, -1] = float("-inf")
+    xd = x.to(device)
+    a = amax_tensor(xd)
+    assert a.shape == () and a.dtype == torch.float32
+    assert torch.equal(a.cpu(), nx.amax(x, Granularity.TENSOR).float())
+    scale = torch.tensor(float(a) / fmt.max * 0.5)  # half the range: the top values saturate
+    rows = x.reshape(-1, shape[-1])
+    for src, ref in ((xd, x), (rows.to(device).t(), rows.t())):  # row-major, transposed view
+        got = quantize_with_scale(src, scale.to(device), fmt)
+        want = nx.quantize_with_scale(ref, scale, Granularity.TENSOR, fmt)
+        assert got.shape == ref.shape and got.dtype == fmt.dtype and got.is_contiguous()
+        nan = got.float().isnan().cpu()
+        # E4M3FN has no Inf: -inf becomes NaN there; E5M2 keeps it.
+        assert torch.equal(nan, want.float().isnan())
+        assert nan.sum() == (2 if fmt is Fp8Format.E4M3 else 1)
+        assert torch.equal(got.view(torch.uint8).cpu()[~nan], want.view(torch.uint8)[~nan])
