@@ -127,6 +127,27 @@ def _fp8_bits(y, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: tl.constexp
 
 
 @triton.jit
+def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
+                         GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr, FMAX: tl.constexpr,
+                         POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The ``[BLOCK_M]`` scales of a row/tensor program, stored as they are computed: per row
+    from the rows' amax ``a`` (ROW), or one from the amax cell (or, ``GIVEN_SCALE``, the scale
+    itself) in ``amax_ptr`` (TENSOR; program (0, 0) stores it)."""
+    if GRAN == 1:
+        s = _scale_from_amax(a, FMAX, POW2)
+        tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
+    else:
+        if GIVEN_SCALE:
+            s1 = tl.load(amax_ptr)
+        else:
+            s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+        if (pid_m == 0) & (pid_k == 0):
+            tl.store(s_ptr, s1)
+        s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
+    return s
+
+
+@triton.jit
 def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
              stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER: tl.constexpr):
     """Load a [BLOCK_M, BLOCK_K] tile and apply the producer, in fp32; masked lanes are 0."""
@@ -229,24 +250,15 @@ def _quantize_kernel(
         if AMAX_ONLY:
             tl.atomic_max(amax_ptr, tl.max(a, axis=0))
         else:
-            if GRAN == 1:
-                s = _scale_from_amax(a, FMAX, POW2)
-                tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
-            else:
-                if GIVEN_SCALE:
-                    s1 = tl.load(amax_ptr)
-                else:
-                    s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
-                if (pid_m == 0) & (pid_k == 0):
-                    tl.store(s_ptr, s1)
-                s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
+            s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
+                                     GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
             y = tl.math.div_rn(x, s[:, None])
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                      _fp8_bits(y, FMAX, IS_E4M3, HW_CAST),
                      mask=rmask[:, None] & (cols[None, :] < K))
     else:
+        a = tl.zeros([BLOCK_M], dtype=tl.float32)  # row amax; unused by a TENSOR quant pass
         if AMAX_ONLY or GRAN == 1:
-            a = tl.zeros([BLOCK_M], dtype=tl.float32)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 x = _produce(x_ptr, x2_ptr, nw_ptr, rows, k0 + offs_k, rmask, K, rstd,
                              stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
@@ -255,17 +267,8 @@ def _quantize_kernel(
             # amax >= 0, so fp32 atomic max is exact and order-independent.
             tl.atomic_max(amax_ptr, tl.max(a, axis=0))
         else:
-            if GRAN == 1:
-                s = _scale_from_amax(a, FMAX, POW2)
-                tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
-            else:
-                if GIVEN_SCALE:
-                    s1 = tl.load(amax_ptr)
-                else:
-                    s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
-                if (pid_m == 0) & (pid_k == 0):
-                    tl.store(s_ptr, s1)
-                s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
+            s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
+                                     GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 cols = k0 + offs_k
                 x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
