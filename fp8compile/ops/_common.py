@@ -67,6 +67,16 @@ def empty_scale(x: Tensor, granularity: Granularity) -> Tensor:
     return x.new_empty(shape, dtype=torch.float32)
 
 
+def triton_available(t: Tensor) -> bool:
+    """:func:`fp8compile.kernels.available` for op bodies, imported lazily (the kernels import
+    the ops); a CPU tensor returns at once, without the import."""
+    if not t.is_cuda:
+        return False
+    from .. import kernels
+
+    return kernels.available(t)
+
+
 def device_of(args) -> torch.device:
     """Device of the first tensor in ``args`` (CPU if none): where a graph-input provider puts
     the state it feeds to the compiled graph."""

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import ACTIVATIONS, as_gran
+from ._common import ACTIVATIONS, as_gran, triton_available
 
 # --------------------------------------------------------------------------------------
 # GEMM
@@ -94,14 +94,13 @@ def scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype
                    activation, residual) -> Tensor:
     """The op's body without the dispatcher (see :func:`fp8compile.ops.quant.quantize_impl`)."""
     _check_mm(xq, wq, bias, activation)
-    if xq.is_cuda:
+    if triton_available(xq):
         from .. import kernels
 
-        if kernels.available(xq):
-            return kernels.scaled_mm(
-                xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias,
-                out_dtype, accumulation, activation, residual,
-            )
+        return kernels.scaled_mm(
+            xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, out_dtype,
+            accumulation, activation, residual,
+        )
     return scaled_mm_reference(
         xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
     )

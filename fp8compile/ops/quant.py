@@ -9,7 +9,7 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ..numerics import Granularity
-from ._common import as_fmt, as_gran, check_fp8_input, empty_scale
+from ._common import as_fmt, as_gran, check_fp8_input, empty_scale, triton_available
 
 # --------------------------------------------------------------------------------------
 # quantize
@@ -38,11 +38,10 @@ def quantize_impl(x: Tensor, granularity: str, fmt: str, power_of_2: bool):
     tensors): the Triton kernels where :func:`fp8compile.kernels.available`, else numerics."""
     check_fp8_input(x, "quantize input")
     g, f = as_gran(granularity), as_fmt(fmt)
-    if x.is_cuda:
-        from .. import kernels
+    if triton_available(x):
+        from ..kernels.quant import quantize
 
-        if kernels.available(x):
-            return kernels.quantize(x, g, f, power_of_2)
+        return quantize(x, g, f, power_of_2)
     return nx.quantize(x, g, f, power_of_2)
 
 
@@ -73,9 +72,7 @@ def _(x, fmt, power_of_2):
 @quantize_dual.register_kernel("cuda")
 def _(x, fmt, power_of_2):
     _check_dual(x)
-    from .. import kernels
-
-    if kernels.available(x):
+    if triton_available(x):
         from ..kernels.quant import quantize_dual as _kernel
 
         return _kernel(x, as_fmt(fmt), power_of_2)
@@ -110,29 +107,19 @@ def _(q, scale, granularity, to, fmt, power_of_2):
 @requantize_t.register_kernel("cuda")
 def _(q, scale, granularity, to, fmt, power_of_2):
     _check_requantize(q)
-    from .. import kernels
-
     g, t, f = as_gran(granularity), as_gran(to), as_fmt(fmt)
-    if kernels.available(q):
+    if triton_available(q):
         from ..kernels.quant import requantize_t as _kernel
 
         return _kernel(q, scale, g, t, f, power_of_2)
     return nx.requantize_t(q, scale, g, t, f, power_of_2)
 
 
-def _triton_ok(x: Tensor) -> bool:
-    if not x.is_cuda:
-        return False
-    from .. import kernels
-
-    return kernels.available(x)
-
-
 def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,
                              fmt: nx.Fp8Format) -> Tensor:
     """``numerics.quantize_with_scale`` for op bodies: one Triton launch for a tensorwise scale
     on the GPU (static and delayed scaling), the reference otherwise."""
-    if granularity is Granularity.TENSOR and scale.numel() == 1 and _triton_ok(x):
+    if granularity is Granularity.TENSOR and scale.numel() == 1 and triton_available(x):
         from ..kernels.quant import quantize_with_scale
 
         return quantize_with_scale(x, scale, fmt)
@@ -141,7 +128,7 @@ def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,
 
 def amax_impl(x: Tensor) -> Tensor:
     """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU."""
-    if _triton_ok(x):
+    if triton_available(x):
         from ..kernels.quant import amax_tensor
 
         return amax_tensor(x)
