@@ -125,13 +125,19 @@ def _(x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumu
     return y, x.new_empty(x.shape, dtype=as_fmt(act_fmt).dtype), empty_scale(x, g)
 
 
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation = inputs
-    _, xq, xs = output
+def _keep_for_backward(ctx, x, xq, xs, weight, bias, options, grad_index) -> None:
+    """What both linear ops save: the FP8 input, the weight (the parameter itself), the
+    recipe ``options`` (recipe, formats, power_of_2, accumulation) and the dtypes of the
+    gradients; ``grad_index`` is where x, weight and bias sit among the op's inputs."""
     ctx.save_for_backward(xq, xs, weight)
-    ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation, x.dtype,
-                bias.dtype if bias is not None else None)
-    ctx.grad_index = (0, 1, 2)  # x, weight, bias among the op's inputs
+    ctx.meta = (*options, x.dtype, bias.dtype if bias is not None else None)
+    ctx.grad_index = grad_index
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, *options = inputs
+    _, xq, xs = output
+    _keep_for_backward(ctx, x, xq, xs, weight, bias, options, (0, 1, 2))
     ctx.mark_non_differentiable(xq, xs)
 
 
@@ -172,12 +178,8 @@ def _(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2
 
 
 def _linear_q_setup(ctx, inputs, output):
-    (x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2,
-     accumulation) = inputs
-    ctx.save_for_backward(xq, xs, weight)
-    ctx.meta = (recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation, x.dtype,
-                bias.dtype if bias is not None else None)
-    ctx.grad_index = (0, 3, 4)
+    x, xq, xs, weight, bias, *options = inputs
+    _keep_for_backward(ctx, x, xq, xs, weight, bias, options, (0, 3, 4))
 
 
 def _linear_q_backward(ctx, grad_y):

@@ -163,7 +163,7 @@ def test_linear_q_equals_linear(recipe):
     want = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
         t.grad = None
-    gran = {"blockwise": "group", "rowwise": "row", "tensorwise": "tensor"}[recipe]
+    gran = fp8compile.Recipe(recipe).activation_granularity.value
     xq, xs = OPS.quantize(x.detach(), gran, "e4m3", False)
     args = (x, xq, xs, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
     y2 = OPS.linear_q(*args)
