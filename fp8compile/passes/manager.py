@@ -171,7 +171,12 @@ def _stable_topo(order: list[type], graph: dict[type, set[type]], rank: dict[typ
 # --------------------------------------------------------------------------------------
 # node helpers
 
-_ROOT = re.compile(r"^L\['[^']*'\]\.?")
+# The module Dynamo traced from is a frame argument: a local (``L['self']``) or, when a
+# decorator's ``wrapper(*args, **kwargs)`` hands it on (as transformers 5's ``forward``
+# decorators do), an item of one (``L['args'][0]``, ``L['kwargs']['model']``). Dynamo spells
+# submodule steps ``.name``/``.0``, so a subscript right after the local belongs to the root,
+# not to the module's path.
+_ROOT = re.compile(r"^L\['[^']*'\](?:\[(?:\d+|'[^']*')\])*\.?")
 
 
 def _clean_path(path: str) -> str:

@@ -1,5 +1,9 @@
+import functools
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from fp8compile import Fp8Config
 from fp8compile.passes import (
@@ -14,6 +18,8 @@ from fp8compile.passes import (
     SensitivityPass,
     default_passes,
 )
+from fp8compile.passes.manager import module_of
+from tests.passes.conftest import capture
 
 
 def _ctx():
@@ -64,3 +70,47 @@ def test_failure_names_the_pass_and_keeps_its_type():
     with pytest.raises(ValueError, match="bad node") as info:
         PassManager([SensitivityPass(ctx), Boom(ctx)])(gm)
     assert "pass Boom failed after ['SensitivityPass']" in "\n".join(info.value.__notes__)
+
+
+def _passes_args_on(forward):
+    """Hands ``self`` on inside ``*args``, as transformers 5's ``forward`` decorators do."""
+
+    @functools.wraps(forward)
+    def wrapper(*args, **kwargs):
+        return forward(*args, **kwargs)
+
+    return wrapper
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+class _Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+class _DecoratedModel(_Model):
+    forward = _passes_args_on(_Model.forward)
+
+
+@pytest.mark.parametrize("model", [_Model, _DecoratedModel], ids=["plain", "decorated"])
+def test_module_paths_are_relative_to_the_compiled_model(model):
+    gm, _ = capture(model(), torch.randn(2, 16))
+    linears = [n for n in gm.graph.nodes if n.target is F.linear]
+    assert [module_of(n) for n in linears] == [
+        ("layers.0.proj", nn.Linear), ("layers.1.proj", nn.Linear), ("head", nn.Linear)
+    ]
