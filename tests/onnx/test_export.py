@@ -110,18 +110,24 @@ def test_reference_evaluator_agrees_with_ort(tmp_path):
         assert rel_err(torch.from_numpy(ref_out), torch.from_numpy(ort_out)) <= 1e-5
 
 
-def test_session_options_are_needed_for_static_qdq(block, tmp_path):
-    """At its default level ORT fuses Q→DQ→MatMul into the int8-only MatMulIntegerToFloat."""
+def test_session_options_for_static_qdq(block, tmp_path):
+    """onnxruntime before 1.32, at its default level, fuses Q→DQ→MatMul into the int8-only
+    MatMulIntegerToFloat and fails to load the file; 1.32 leaves FP8 QDQ alone (measured:
+    1.31.0 raises, 1.32.0 runs it). The options of :func:`session` run it on either."""
     import onnxruntime as ort
 
     model, x = block
     cfg = _config("tensorwise-static", model, x)
     report = export_onnx(model, (x,), tmp_path / "m.onnx", cfg, validate=False)
-    with pytest.raises(Exception, match="MatMulIntegerToFloat|float8"):
-        ort.InferenceSession(report.path).run(None, {"x": x.numpy()})
     got = torch.from_numpy(run(report.path, (x,))[0])
     with torch.no_grad():
         assert rel_err(got, model(x)) <= 5e-2
+    if tuple(int(v) for v in ort.__version__.split(".")[:2]) < (1, 32):
+        with pytest.raises(Exception, match="MatMulIntegerToFloat|float8"):
+            ort.InferenceSession(report.path).run(None, {"x": x.numpy()})
+    else:  # same numbers; only where the weights are dequantized differs (6e-7 measured)
+        plain = ort.InferenceSession(report.path).run(None, {"x": x.numpy()})[0]
+        assert rel_err(torch.from_numpy(plain), got) <= 1e-5
 
 
 class _Unsupported(nn.Module):
@@ -212,9 +218,14 @@ def test_tiny_hf_llama(tmp_path):
     """A transformers LlamaForCausalLM: every decoder linear FP8, embedding and lm_head FP32.
 
     ORT and PyTorch compute the same FP8 model but round the FP32 parts differently (about
-    5e-7); an activation element that lands on an FP8 rounding boundary can then round one
-    FP8 step apart, which moves these small logits by up to ~2e-3 (measured 4e-7 .. 1.7e-3).
-    That is 40x below the FP8 error itself, which ORT reproduces exactly.
+    5e-7). An activation on an FP8 rounding boundary then rounds one FP8 step apart; causal
+    attention carries that to every later token, and if it moves a tensor's amax, the
+    tensorwise scale moves for the whole batch. ORT vs PyTorch FP8 is therefore chaotic in the
+    draw: 4e-7 .. 3.8e-2 over 36 draws of weights and inputs, at most about half the FP8 error
+    itself (about 7e-2) and asserted below it. What holds tightly for every draw is that
+    ORT carries the FP8 error, no more and no less: its error vs FP32 is PyTorch FP8's to
+    within 0.3% (asserted 5%). A file whose positions stop at the export's length (16) misses
+    that 15-fold on 40 tokens, and a path left unquantized falls short of it.
     """
     from tests.models import tiny_hf_llama
 
@@ -229,9 +240,16 @@ def test_tiny_hf_llama(tmp_path):
     )
     # one byte per FP8 weight (plus FP8 zero-point constants of a few bytes)
     assert weights <= report.fp8_initializer_bytes <= weights + 64
-    assert report.err_vs_torch_fp8 <= 5e-3
-    assert report.err_vs_fp32 <= 1.05 * report.torch_fp8_vs_fp32 + 1e-3
+
+    def same_fp8_error(vs_torch_fp8, vs_fp32, torch_fp8_vs_fp32):
+        assert vs_torch_fp8 < torch_fp8_vs_fp32, f"{vs_torch_fp8=} {torch_fp8_vs_fp32=}"
+        assert abs(vs_fp32 / torch_fp8_vs_fp32 - 1) <= 0.05, f"{vs_fp32=} {torch_fp8_vs_fp32=}"
+
+    same_fp8_error(report.err_vs_torch_fp8, report.err_vs_fp32, report.torch_fp8_vs_fp32)
+    # another batch size and length than the export's: the file's shapes are dynamic
     fp8 = fp8_model(model, (ids,), {"recipe": "tensorwise"})
     ids2 = torch.randint(0, 512, (3, 40))
     with torch.no_grad():
-        assert rel_err(torch.from_numpy(run(report.path, (ids2,))[0]), fp8(ids2).logits) <= 5e-3
+        ort = torch.from_numpy(run(report.path, (ids2,))[0])
+        torch_fp8, ref = fp8(ids2).logits, model(ids2).logits
+    same_fp8_error(rel_err(ort, torch_fp8), rel_err(ort, ref), rel_err(torch_fp8, ref))
