@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity
+from ..ops._inline import launch, outside_tracing, random_like, tracing
 from . import tuning
 from .layout import contiguous_2d
 from .quant import GRAN_CODE
@@ -291,6 +292,9 @@ def scaled_mm(
     bucket = tuning.m_bucket(m)
     if config is None and _interpreting():
         config = tuning.default_config(bucket)
+    if config is None and tracing():
+        config = _compile_time_config(xq, xs, x_granularity, wq, ws, w_granularity, bias,
+                                      out_dtype, accumulation, activation, residual)
     if config is not None:
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     else:
@@ -330,15 +334,48 @@ def scaled_mm(
         meta.setdefault("GROUP_M", 8)
         if tuning.needs_k128(a_gran, w_gran, precise) and (128 % meta["BLOCK_K"]):
             raise ValueError(f"BLOCK_K={meta['BLOCK_K']} must divide 128 for this recipe")
-        _kernel[grid](**args, **meta)
+        # The heuristic of ``_kernel``, by hand: a traced launch takes a @triton.jit function.
+        even_k = k % meta["BLOCK_K"] == 0 and k_per_split % meta["BLOCK_K"] == 0
+        launch(_scaled_mm_kernel)[grid(meta)](**args, **meta, EVEN_K=even_k)
     else:
         _tuned[grid](**args)
     if split > 1:
         sbm, sbn = 16, 128
-        _splitk_epilogue_kernel[(cdiv(m, sbm), cdiv(n, sbn))](
+        launch(_splitk_epilogue_kernel)[(cdiv(m, sbm), cdiv(n, sbn))](
             dest, args["bias_ptr"], res, out, m, n, m * n, stride_rm, stride_rn,
             out.stride(0), out.stride(1),
             SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],
             HAS_RES=residual is not None, BLOCK_M=sbm, BLOCK_N=sbn, num_warps=4,
         )
     return out.reshape(*lead, n)
+
+
+# Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.
+_COMPILE_TIME_CONFIGS: dict[tuple, dict] = {}
+
+
+def _compile_time_config(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
+                         residual) -> dict:
+    """The autotuner's config for a GEMM being traced (Inductor launches a fixed config): on
+    first sight of the key, the same GEMM runs once on real random operands of the same
+    sizes, strides and dtypes, and ``_tuned``'s choice is kept.  ``SPLIT_K`` is set as the
+    autotuned launch sets it."""
+    m, k, n = xq.numel() // max(1, xq.shape[-1]), xq.shape[-1], wq.shape[0]
+    bucket = tuning.m_bucket(m)
+    key = (bucket, n, k, xg, wg, accumulation, xq.dtype, out_dtype, activation,
+           bias is not None, residual is not None)
+    if key not in _COMPILE_TIME_CONFIGS:
+        with outside_tracing():
+            real = [random_like(t) for t in (xq, xs, wq, ws, bias, residual)]
+            scaled_mm(real[0], real[1], xg, real[2], real[3], wg, real[4], out_dtype,
+                      accumulation, activation, real[5])
+        best = _tuned.best_config
+        _COMPILE_TIME_CONFIGS[key] = {**best.kwargs, "num_warps": best.num_warps,
+                                      "num_stages": best.num_stages}
+    config = dict(_COMPILE_TIME_CONFIGS[key])
+    if bucket in tuning.SMALL_TILES:
+        bm, bn = tuning.SMALL_TILES[bucket]
+        config["SPLIT_K"] = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device))
+    else:
+        config["SPLIT_K"] = 1
+    return config

@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._inline import launch
 from .tuning import cdiv
 
 __all__ = ["contiguous_2d"]
@@ -47,6 +48,6 @@ def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
     src, dst = t.view(raw), out.view(raw)
     block = 64
     grid = (cdiv(r, block), cdiv(c, block))
-    _copy_2d_kernel[grid](src, dst, r, c, src.stride(0), src.stride(1), dst.stride(0),
+    launch(_copy_2d_kernel)[grid](src, dst, r, c, src.stride(0), src.stride(1), dst.stride(0),
                           BLOCK_R=block, BLOCK_C=block, num_warps=4)
     return out

@@ -34,6 +34,7 @@ import triton.language as tl
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 from ..ops import check_fp8_input
+from ..ops._inline import launch
 from .tuning import cdiv, next_pow2, num_sms
 
 __all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_rows", "quantize_with_scale",
@@ -203,7 +204,9 @@ def _quantize_kernel(
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + eps))
+        # eps arrives as fp32 from Triton's launcher but as fp64 from Inductor's (a kernel
+        # inlined into a compiled graph): round it to fp32 in both cases.
+        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + tl.full([BLOCK_M], eps, tl.float32)))
 
     if GRAN == 3:
         # BLOCK (weights; no producer): one 128x128 block per program, walked in
@@ -390,17 +393,17 @@ def quantize_rows(
         BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_SLICE=_BLOCK_SLICE, num_warps=num_warps,
     )
     if given_scale is not None:
-        _quantize_kernel[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
+        launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
                                **common)
         return q, scale
     if granularity is Granularity.TENSOR:
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-        _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=True, GIVEN_SCALE=False, **common)
+        launch(_quantize_kernel)[grid](amax_ptr=amax, AMAX_ONLY=True, GIVEN_SCALE=False, **common)
         if amax_only:
             return amax.reshape(()), scale
     else:
         amax = scale  # unused
-    _quantize_kernel[grid](amax_ptr=amax, AMAX_ONLY=False, GIVEN_SCALE=False, **common)
+    launch(_quantize_kernel)[grid](amax_ptr=amax, AMAX_ONLY=False, GIVEN_SCALE=False, **common)
     return q, scale
 
 
@@ -556,7 +559,7 @@ def requantize_t(
                             dtype=torch.float32, device=q.device)
     s2 = scale.reshape(m, -1)
     grid = (cdiv(m, nx.BLOCK), cdiv(k, nx.BLOCK))
-    _requantize_t_kernel[grid](
+    launch(_requantize_t_kernel)[grid](
         rows.view(torch.uint8), s2, out.view(torch.uint8), out_scale, m, k,
         rows.stride(0), s2.stride(0), s2.stride(1), out.stride(0),
         out_scale.stride(0), out_scale.stride(1),
@@ -627,7 +630,7 @@ def quantize_dual(
     st = torch.empty_strided((n, cdiv(m, nx.BLOCK)), (1, n), dtype=torch.float32,
                              device=x.device)
     grid = (cdiv(m, nx.BLOCK), cdiv(n, nx.BLOCK))
-    _quantize_dual_kernel[grid](
+    launch(_quantize_dual_kernel)[grid](
         x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
         x.stride(0), x.stride(1), s.stride(1), st.stride(1),
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),

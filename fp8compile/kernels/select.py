@@ -4,9 +4,10 @@ On an H100 (docs/performance.md) cuBLAS's FP8 GEMMs are faster than our Triton k
 large-M blockwise GEMMs (1.6x: Triton cannot yet overlap the per-128-K promotion with the
 tensor cores) and for several rowwise/tensorwise shapes, while the Triton kernels win at
 decode sizes (M <= 16, split-K), take any M/N/K, and fuse activations and residuals into the
-epilogue.  As Inductor does between ATen and its own templates, the first call of each
-``(M bucket, N, K, recipe, accumulation, out dtype)`` times both candidates on the real inputs
-and keeps the faster for the process.
+epilogue.  As Inductor does between ATen and its own templates, each
+``(M bucket, N, K, recipe, accumulation, out dtype, layout)`` times both candidates once and
+keeps the faster for the process: when ``torch.compile`` traces the GEMM into a graph
+(:func:`choose_traced`, on random operands), or else on the first eager call's real inputs.
 
 ``FP8COMPILE_GEMM_BACKEND=triton|cublas|auto`` (default ``auto``) forces a choice; cuBLAS is
 only ever used where it can compute the same function (:func:`cublas_unsupported`).
@@ -25,7 +26,8 @@ from ..numerics import Granularity
 from .layout import contiguous_2d
 from .tuning import m_bucket
 
-__all__ = ["backend_choices", "choose", "cublas_scaled_mm", "cublas_unsupported"]
+__all__ = ["backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
+           "cublas_unsupported"]
 
 _CHOICES: dict[tuple, str] = {}
 
@@ -137,6 +139,53 @@ def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
             got = "triton"
         _CHOICES[key] = got
     return got
+
+
+def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
+    """:func:`choose` for a GEMM that ``torch.compile`` is tracing (compile-time decision).
+
+    The operands are fake tensors, so on first sight of a key both candidates are timed on
+    real random operands with the same sizes, strides and dtypes (as Inductor's autotuning
+    does).  Successive calls cycle through copies of the operands that together exceed the
+    L2 cache: in a model the weights come from HBM, and a decode-sized GEMM timed on one
+    L2-resident weight ranks the backends as they do not run there.  Returns ``"cublas"`` or
+    ``"triton"``.
+    """
+    from ..ops._inline import outside_tracing, random_like
+    from .gemm import scaled_mm as triton_scaled_mm
+
+    key = gemm_key(xq, xg, wq, accumulation, out_dtype)
+    if key in _CHOICES or os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
+        return choose(key, _never, _never)
+    operands = (xq, xs, wq, ws, bias)
+    size = sum(t.numel() * t.element_size() for t in operands if t is not None)
+    copies = max(1, min(8, -(-_COLD_BYTES // max(1, size))))
+    with outside_tracing():
+        sets = [tuple(random_like(t) for t in operands) for _ in range(copies)]
+        turn = {"triton": 0, "cublas": 0}
+
+        def next_set(who):
+            turn[who] += 1
+            return sets[turn[who] % copies]
+
+        def triton_fn():
+            a, sa, b, sb, bb = next_set("triton")
+            return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
+                                    "none", None)
+
+        def cublas_fn():
+            a, sa, b, sb, bb = next_set("cublas")
+            return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation)
+
+        return choose(key, triton_fn, cublas_fn)
+
+
+# Bytes of operands a compile-time timing cycles through: more than an H100/H200's 50 MB L2.
+_COLD_BYTES = 128 << 20
+
+
+def _never() -> torch.Tensor:  # a candidate that a cached or forced choice never runs
+    raise AssertionError("not timed")
 
 
 def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:

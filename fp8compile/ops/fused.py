@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ._common import as_fmt, as_gran, check_fp8_input, empty_scale
+from ._inline import inline_on_gpu
 
 
 def _check_gran(granularity: str, what: str) -> nx.Granularity:
@@ -53,7 +54,7 @@ def _(x, weight, eps, granularity, fmt, power_of_2):
 
 
 @rmsnorm_quantize.register_kernel("cuda")
-def _(x, weight, eps, granularity, fmt, power_of_2):
+def _rmsnorm_quantize_cuda(x, weight, eps, granularity, fmt, power_of_2):
     from .. import kernels
 
     _check_norm(x, weight)
@@ -91,7 +92,7 @@ def _(gate, up, granularity, fmt, power_of_2):
 
 
 @silu_mul_quantize.register_kernel("cuda")
-def _(gate, up, granularity, fmt, power_of_2):
+def _silu_mul_quantize_cuda(gate, up, granularity, fmt, power_of_2):
     from .. import kernels
 
     _check_swiglu(gate, up)
@@ -99,3 +100,7 @@ def _(gate, up, granularity, fmt, power_of_2):
     if kernels.available(gate):
         return kernels.silu_mul_quantize(gate, up, g, f, power_of_2)
     return nx.silu_mul_quantize(gate, up, g, f, power_of_2)
+
+
+inline_on_gpu(rmsnorm_quantize, _rmsnorm_quantize_cuda)
+inline_on_gpu(silu_mul_quantize, _silu_mul_quantize_cuda)

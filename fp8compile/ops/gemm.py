@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ._common import ACTIVATIONS, as_gran, triton_available
+from ._inline import inline_on_gpu
 
 # --------------------------------------------------------------------------------------
 # GEMM
@@ -106,3 +107,18 @@ def scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype
     )
 
 
+def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
+                    accumulation, activation, residual) -> bool:
+    """Before a GEMM is traced into a compiled graph (see ``_inline``), take the choice of
+    backend that eager mode takes on the first call: where cuBLAS computes the same function,
+    time both on real random operands of the same shapes.  Always inlines."""
+    from ..kernels import select
+
+    _check_mm(xq, wq, bias, activation)
+    xg, wg = as_gran(x_granularity), as_gran(w_granularity)
+    if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:
+        select.choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+    return True
+
+
+inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend)

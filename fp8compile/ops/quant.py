@@ -10,6 +10,7 @@ from torch import Tensor
 from .. import numerics as nx
 from ..numerics import Granularity
 from ._common import as_fmt, as_gran, check_fp8_input, empty_scale, triton_available
+from ._inline import inline_on_gpu
 
 # --------------------------------------------------------------------------------------
 # quantize
@@ -45,6 +46,9 @@ def quantize_impl(x: Tensor, granularity: str, fmt: str, power_of_2: bool):
     return nx.quantize(x, g, f, power_of_2)
 
 
+inline_on_gpu(quantize, quantize_impl)
+
+
 @torch.library.custom_op("fp8compile::quantize_dual", mutates_args=())
 def quantize_dual(x: Tensor, fmt: str, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(q, s, qt, st)``: 1x128-group quantization of a 2-D ``x`` and of ``x.t()``, from one
@@ -70,13 +74,16 @@ def _(x, fmt, power_of_2):
 
 
 @quantize_dual.register_kernel("cuda")
-def _(x, fmt, power_of_2):
+def _quantize_dual_cuda(x, fmt, power_of_2):
     _check_dual(x)
     if triton_available(x):
         from ..kernels.quant import quantize_dual as _kernel
 
         return _kernel(x, as_fmt(fmt), power_of_2)
     return nx.quantize_dual(x, as_fmt(fmt), power_of_2)
+
+
+inline_on_gpu(quantize_dual, _quantize_dual_cuda)
 
 
 @torch.library.custom_op("fp8compile::requantize_t", mutates_args=())
@@ -105,7 +112,7 @@ def _(q, scale, granularity, to, fmt, power_of_2):
 
 
 @requantize_t.register_kernel("cuda")
-def _(q, scale, granularity, to, fmt, power_of_2):
+def _requantize_t_cuda(q, scale, granularity, to, fmt, power_of_2):
     _check_requantize(q)
     g, t, f = as_gran(granularity), as_gran(to), as_fmt(fmt)
     if triton_available(q):
@@ -113,6 +120,9 @@ def _(q, scale, granularity, to, fmt, power_of_2):
 
         return _kernel(q, scale, g, t, f, power_of_2)
     return nx.requantize_t(q, scale, g, t, f, power_of_2)
+
+
+inline_on_gpu(requantize_t, _requantize_t_cuda)
 
 
 def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,

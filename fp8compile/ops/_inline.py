@@ -1,0 +1,165 @@
+"""Letting Inductor see the Triton kernels behind an op.
+
+An op called from a compiled graph normally stays opaque: at run time each call goes through
+the dispatcher, the ``torch.library`` custom-op layers and the op's Python body, which picks
+kernels and launches them through Triton's Python launcher.  In a training step that is about
+100 calls, and the host time to issue them exceeds the GPU time of the step (docs/performance.md,
+"Default mode").
+
+:func:`inline_on_gpu` gives an op a rule for AOTAutograd's functionalization (the step where
+``torch.compile`` traces the forward and backward graphs, also inside autograd formulas): where
+the op will run its Triton kernels, the rule traces the op's body instead of recording a call to
+the op.  Each kernel launch then becomes a ``triton_kernel_wrapper_functional`` node, which
+Inductor compiles into its generated code with its own launcher, and every shape-dependent
+decision of the body (tile sizes, grid, GEMM backend) is taken once, at compile time.
+
+The rule keeps the op opaque (as before) when
+
+* the tensors are not on a GPU the kernels serve (CPU, ``FP8COMPILE_DISABLE_TRITON=1``): the
+  reference numerics then run exactly as in eager mode;
+* a shape or stride is symbolic (``dynamic=True``, or a recompile after a shape change): the
+  body's decisions depend on sizes, and baking them in would add a guard per size;
+* the op's own condition says no (for ``scaled_mm``: the GEMM is served by the Triton GEMM
+  kernel, whose autotuner is kept at run time);
+* ``torch.export`` traces (the exported program keeps the high-level ops), or
+  ``FP8COMPILE_INLINE_KERNELS=0``.
+
+Kernel launchers call :func:`launch` on their ``@triton.jit`` function: the function itself,
+or while a rule traces, its traceable wrapper (``torch.library.wrap_triton``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = ["concrete", "inline_enabled", "inline_on_gpu", "launch", "outside_tracing",
+           "random_like", "tracing"]
+
+_STATE = threading.local()
+
+
+def inline_enabled() -> bool:
+    """False when ``FP8COMPILE_INLINE_KERNELS=0`` (every op stays opaque)."""
+    return os.environ.get("FP8COMPILE_INLINE_KERNELS", "1") != "0"
+
+
+def tracing() -> bool:
+    """True while a rule traces an op's body (launches must then be traceable)."""
+    return getattr(_STATE, "depth", 0) > 0
+
+
+@contextlib.contextmanager
+def _tracing() -> Iterator[None]:
+    _STATE.depth = getattr(_STATE, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _STATE.depth -= 1
+
+
+@contextlib.contextmanager
+def outside_tracing() -> Iterator[None]:
+    """Real tensors and eager launches again, inside a rule: for the decisions a body takes
+    by running kernels at compile time (GEMM backend, autotuned tile config)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    depth, _STATE.depth = getattr(_STATE, "depth", 0), 0
+    try:
+        with _disable_current_modes(), unset_fake_temporarily():
+            yield
+    finally:
+        _STATE.depth = depth
+
+
+def random_like(t: Tensor | None) -> Tensor | None:
+    """A real tensor with the sizes, strides, dtype and device of the traced ``t``, for
+    compile-time timing: FP8 payloads from a normal distribution, everything else positive
+    (as dequantization scales are).  Call it under :func:`outside_tracing`."""
+    if t is None:
+        return None
+    out = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=t.dtype,
+                              device=t.device)
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return out.copy_(torch.randn(t.shape, device=t.device).mul_(8).to(t.dtype))
+    return out.copy_(torch.rand(t.shape, device=t.device).add_(0.5).mul_(1e-2))
+
+
+def launch(kernel):
+    """``kernel`` for ``kernel[grid](...)``: itself in eager mode, its traceable wrapper while a
+    rule of :func:`inline_on_gpu` traces (the launch then becomes a graph node)."""
+    if tracing():
+        return torch.library.wrap_triton(kernel)
+    return kernel
+
+
+def _concrete_tensor(t: Tensor) -> bool:
+    return all(type(s) is int for s in (*t.shape, *t.stride()))
+
+
+def concrete(*values) -> bool:
+    """True when every tensor among ``values`` has plain-int sizes and strides."""
+    return all(_concrete_tensor(v) for v in values if isinstance(v, Tensor))
+
+
+def _gpu_tensors(args) -> list[Tensor]:
+    return [a for a in args if isinstance(a, Tensor)]
+
+
+def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None) -> None:
+    """Trace ``body`` (the op's CUDA implementation, written with :func:`launch`) in place of
+    ``op`` when AOTAutograd functionalizes a graph on a GPU the kernels serve; see the module
+    docstring for when the op stays opaque.  ``when(*args, **kwargs)`` is the op's own extra
+    condition; it runs on the traced (fake) tensors and may take decisions it caches."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
+
+    from . import _common
+
+    def rule(mode, func, types, args, kwargs):
+        tensors = _gpu_tensors((*args, *kwargs.values()))
+        known = all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is Tensor for t in types)
+        if (
+            known
+            and inline_enabled()
+            and not _export_tracing()
+            and tensors
+            and all(_common.triton_available(t) for t in tensors)
+            and concrete(*tensors)
+            and (when is None or when(*args, **kwargs))
+        ):
+            with mode, _tracing():
+                return body(*_realized(args), **dict(zip(kwargs, _realized(kwargs.values()))))
+        return mode.__torch_dispatch__(func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+def _realized(values) -> list:
+    """``values`` with each tensor pinned to its own strides by Inductor's
+    ``force_stride_order`` (a no-op in eager mode).
+
+    Inductor realizes each tensor argument of an inlined kernel on its own: a tensor that is
+    still an unmaterialized view of a fused computation (the SiLU·mul backward's output,
+    reshaped to 2-D) was computed into a separate buffer for every launch and argument that
+    read it, 12 outputs instead of 2 for one kernel of the training step.  Pinned once here,
+    every launch of the op reads the same buffer.
+    """
+    import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
+
+    force = torch.ops.prims.inductor_force_stride_order
+    return [force(v, v.stride()) if isinstance(v, Tensor) else v for v in values]
+
+
+def _export_tracing() -> bool:
+    try:
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return custom_triton_ops_decomposition_disabled()

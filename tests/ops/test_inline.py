@@ -1,0 +1,205 @@
+"""Inlining an op's Triton kernels into compiled graphs (``fp8compile.ops._inline``).
+
+On the CPU the mechanism is checked with a test op whose body is plain torch code and with
+the kernels' availability patched in; the real ops stay opaque there (their reference path
+is not traced).  On a GPU the real ops are compiled and compared with eager mode.
+"""
+
+import pytest
+import torch
+from functorch.compile import make_boxed_func
+from torch._functorch.aot_autograd import aot_module_simplified
+
+import fp8compile  # noqa: F401
+from fp8compile.ops import _common, _inline
+
+OPS = torch.ops.fp8compile
+CUDA = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
+needs_gpu = pytest.mark.skipif(not CUDA, reason="the Triton kernels need a CUDA GPU with FP8")
+
+
+@torch.library.custom_op("fp8compile_test::triple", mutates_args=())
+def triple(x: torch.Tensor) -> torch.Tensor:
+    return x * 3
+
+
+@triple.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+triple.register_autograd(lambda ctx, g: torch.ops.fp8compile_test.triple(g),
+                         setup_context=lambda ctx, inputs, output: None)
+BODY_CALLS = []
+
+
+def _body(x):
+    BODY_CALLS.append(tuple(x.shape))
+    return x + x + x
+
+
+_inline.inline_on_gpu(triple, _body, when=lambda x: x.shape[-1] != 5)
+
+
+def _graphs(fn, *args, **compile_kwargs):
+    """Run ``fn`` compiled and return the forward and backward ATen graphs as code."""
+    codes = []
+
+    def backend(gm, example_inputs):
+        def keep(g, _):
+            codes.append(g.code)
+            return make_boxed_func(g.forward)
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    torch._dynamo.reset()
+    out = torch.compile(fn, backend=backend, **compile_kwargs)(*args)
+    return out, codes
+
+
+@pytest.fixture
+def gpu_everywhere(monkeypatch):
+    """Pretend the kernels serve CPU tensors (only the test op's body runs)."""
+    monkeypatch.setattr(_common, "triton_available", lambda t: True)
+    BODY_CALLS.clear()
+
+
+def test_body_replaces_op_in_forward_and_backward(gpu_everywhere):
+    x = torch.randn(4, 8, requires_grad=True)
+    out, codes = _graphs(lambda t: OPS_T.triple(t).sin(), x)
+    out.sum().backward()
+    assert len(codes) == 2 and all("triple" not in c for c in codes), codes
+    # The forward (traced more than once by AOTAutograd) and the backward formula's call.
+    assert len(BODY_CALLS) >= 2 and set(BODY_CALLS) == {(4, 8)}
+    torch.testing.assert_close(x.grad, 3 * torch.cos(3 * x.detach()))
+
+
+@pytest.mark.parametrize("why", ["when", "cpu", "env", "dynamic"])
+def test_op_stays_opaque(gpu_everywhere, monkeypatch, why):
+    x = torch.randn(4, 5 if why == "when" else 8)
+    kwargs = {}
+    if why == "cpu":
+        monkeypatch.setattr(_common, "triton_available", lambda t: False)
+    elif why == "env":
+        monkeypatch.setenv("FP8COMPILE_INLINE_KERNELS", "0")
+    elif why == "dynamic":
+        kwargs["dynamic"] = True
+    out, codes = _graphs(lambda t: OPS_T.triple(t), x, **kwargs)
+    assert BODY_CALLS == []
+    assert "fp8compile_test.triple" in codes[0]
+    torch.testing.assert_close(out, 3 * x)
+
+
+def test_launch_is_the_kernel_outside_tracing():
+    kernel = object()
+    assert _inline.launch(kernel) is kernel and not _inline.tracing()
+
+
+def test_real_ops_stay_opaque_on_cpu():
+    x = torch.randn(16, 256)
+    w = torch.randn(128, 256, requires_grad=True)
+    out, codes = _graphs(
+        lambda a, b: OPS.linear(a, b, None, "blockwise", "e4m3", "e4m3", "e5m2", False,
+                                "precise")[0], x, w)
+    out.sum().backward()
+    assert "fp8compile.linear" in codes[0]
+
+
+OPS_T = torch.ops.fp8compile_test
+
+
+# ----------------------------------------------------------------------------------------
+# GPU: the real ops, compiled with Inductor, against eager mode
+
+
+def _compiled(fn):
+    torch._dynamo.reset()
+    return torch.compile(fn, backend="inductor")
+
+
+@needs_gpu
+@pytest.mark.parametrize("gran", ["tensor", "row", "group", "block"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gpu_quantize_inlined_equals_eager(gran, transposed):
+    x = torch.randn(384, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    x[5, 7] = float("nan")
+    if transposed:
+        x = x.t()
+
+    def f(t):
+        return OPS.quantize(t * 1, gran, "e4m3", False)
+
+    q, s = _compiled(f)(x)
+    q0, s0 = f(x)
+    assert torch.equal(q.view(torch.uint8), q0.view(torch.uint8))
+    assert torch.equal(s, s0) and s.stride() == s0.stride()
+
+
+@needs_gpu
+def test_gpu_dual_and_requantize_inlined_equal_eager():
+    x = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def f(t):
+        q, s, qt, st = OPS.quantize_dual(t * 2, "e4m3", False)
+        return (q, s, qt, st, *OPS.requantize_t(q, s, "group", "block", "e4m3", False))
+
+    for a, b in zip(_compiled(f)(x), f(x)):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("recipe", ["blockwise", "rowwise", "tensorwise"])
+def test_gpu_linear_inlined_matches_eager_with_grads(recipe, monkeypatch):
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "cublas")
+    x = torch.randn(2, 256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def f(a, b):
+        return OPS.linear(a, b, None, recipe, "e4m3", "e4m3", "e4m3", False, "precise")[0]
+
+    grads = []
+    for fn in (f, _compiled(f)):
+        y = fn(x, w)
+        y.float().square().sum().backward()
+        grads.append((y.detach(), x.grad, w.grad))
+        x.grad = w.grad = None
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_gpu
+def test_gpu_training_graph_has_no_opaque_fp8_ops():
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, codes = _graphs(
+        lambda a, b: OPS.linear(a, b, None, "blockwise", "e4m3", "e4m3", "e4m3", False,
+                                "precise")[0], x, w)
+    out.float().sum().backward()
+    assert len(codes) == 2
+    for code in codes:
+        assert "triton_kernel_wrapper_functional" in code
+        for op in ("linear", "quantize", "quantize_dual", "requantize_t", "scaled_mm"):
+            assert f"fp8compile.{op}." not in code, code
+
+
+@needs_gpu
+@pytest.mark.parametrize("m", [1, 16, 300])
+@pytest.mark.parametrize("recipe", [("group", "block"), ("row", "row"), ("tensor", "tensor")])
+def test_gpu_triton_gemm_inlined_equals_eager(m, recipe, monkeypatch):
+    """The Triton GEMM (split-K at small M) with the autotuner's config fixed at compile time,
+    bias and fused SiLU included, gives eager mode's bits; no opaque GEMM call is left."""
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "triton")
+    xg, wg = recipe
+    xq, xs = OPS.quantize(torch.randn(m, 1024, device="cuda"), xg, "e4m3", False)
+    wq, ws = OPS.quantize(torch.randn(768, 1024, device="cuda"), wg, "e4m3", False)
+    bias = torch.randn(768, device="cuda", dtype=torch.bfloat16)
+
+    def f(a, sa):
+        return OPS.scaled_mm(a, sa, xg, wq, ws, wg, bias, torch.bfloat16, "precise", "silu",
+                             None)
+
+    out, codes = _graphs(f, xq, xs)
+    assert "fp8compile.scaled_mm" not in codes[0]
+    assert "triton_kernel_wrapper_functional" in codes[0]
+    assert torch.equal(_compiled(f)(xq, xs), f(xq, xs))
