@@ -5,13 +5,15 @@ AOTAutograd's cache is keyed on the graph Dynamo hands over, in which an FP8 lin
 the cached backward graph, and that formula is not part of the key: after fp8compile changes
 (an upgrade, a local edit), a process could load a backward graph traced from the old code.
 Inductor's documented hook for code it cannot see is a custom pass with a ``uuid()``; the pass
-installed here changes nothing in the graph and contributes a hash of the package's source.
+installed here changes nothing in the graph and contributes a hash of the package's source,
+and the environment switches that change what the ops trace into (:data:`TRACE_SWITCHES`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,11 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 _PACKAGE = Path(__file__).resolve().parent
+
+TRACE_SWITCHES = ("FP8COMPILE_INLINE_KERNELS", "FP8COMPILE_DISABLE_TRITON",
+                  "FP8COMPILE_GEMM_BACKEND")
+"""Environment variables read while a graph is traced: inlined kernels or opaque ops, Triton
+or the reference, and the GEMM backend baked into an inlined GEMM."""
 
 
 @functools.cache
@@ -49,7 +56,8 @@ class SourceKeyPass(CustomGraphPass):
             # The user's own pass has no identity: Inductor bypasses the cache for it, and so
             # do we (returning None keeps that behaviour).
             return None
-        return ("fp8compile", source_hash(), inner_id)
+        switches = tuple(os.environ.get(name) for name in TRACE_SWITCHES)
+        return ("fp8compile", source_hash(), switches, inner_id)
 
 
 def keyed_patches(patches: dict[str, Any]) -> dict[str, Any]:
