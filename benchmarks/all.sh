@@ -3,10 +3,13 @@
 #
 #   bash benchmarks/all.sh [OUT_DIR] [STAGES...]
 #
-# STAGES (default: check e2e train accuracy, which fit one 10-minute call):
-#   check     tests/kernels compiled on the GPU (bit-exact quantization, every GEMM recipe)
+# STAGES (default: check e2e train accuracy; "check train" and "e2e accuracy" each fit one
+# 10-minute call):
+#   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
+#             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
-#   e2e       benchmarks/e2e.py with CUDA graphs, prefill and decode, profile of the best
+#   e2e       benchmarks/e2e.py without and with CUDA graphs, prefill and decode, profile of
+#             the best
 #   train     benchmarks/train.py without and with CUDA graphs
 #   accuracy  benchmarks/accuracy.py at d=4096
 # Each stage has its own time limit, so one slow stage cannot eat the others' time; a failed
@@ -39,13 +42,16 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 
 for stage in "${stages[@]}"; do
     case $stage in
-        check) run check 100 python -m pytest -q -x tests/kernels ;;
+        check) run check 170 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
+                   tests/kernels ;;
         gemm) run gemm 120 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
-        e2e) run e2e 150 python benchmarks/e2e.py --mode reduce-overhead --profile \
-                 --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
+        e2e)
+            run e2e_default 150 python benchmarks/e2e.py --out "$out/e2e_default"
+            run e2e 150 python benchmarks/e2e.py --mode reduce-overhead --profile \
+                --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
         train)
-            run train_default 110 python benchmarks/train.py --out "$out/train_default"
-            run train_graphs 90 python benchmarks/train.py --mode reduce-overhead \
+            run train_default 150 python benchmarks/train.py --out "$out/train_default"
+            run train_graphs 120 python benchmarks/train.py --mode reduce-overhead \
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;

@@ -9,8 +9,9 @@ The block: d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16, forward o
 ``triton.testing.do_bench`` (CUDA events) on the same inputs; speedups are against bf16
 Inductor measured in the same run; the error is ‖y − y_fp32‖ / ‖y_fp32‖ with y_fp32 the same
 block and inputs in fp32.  Compile time is the wall time of the first call (compile + run)
-with Dynamo's caches reset.  With ``--profile`` the best fp8hpf recipe is profiled at 4096
-tokens and its top kernels are printed with their share of the step.
+with Dynamo's caches reset.  With ``--profile`` one fp8hpf variant (``--profile-variant``) is
+profiled at each shape and its top kernels are printed with their share of the step.  On a
+GPU the GEMM backend chosen for each shape (cuBLAS or Triton) is listed at the end.
 torchao is used when importable (float8 training conversion, rowwise and tensorwise, then
 torch.compile; forward only).
 """
@@ -237,11 +238,18 @@ def main() -> None:
                 print(f"{shape_name:15s} {name:20s} {ms:8.3f} ms  first call {first:6.1f} s  "
                       f"err {err:.2e}", flush=True)
                 wanted = args.profile and name == args.profile_variant
-                if wanted and dev == "cuda" and b * t >= 4096:
-                    rows = profile(lambda: fn(x), os.path.join(args.out, "e2e_profile.txt"))
+                if wanted and dev == "cuda":
+                    path = os.path.join(args.out, f"e2e_profile_{shape_name.split()[0]}.txt")
+                    rows = profile(lambda: fn(x), path)
                     for k, ms_k, share in rows:
                         print(f"    {ms_k:7.3f} ms {share:6.1%}  {k}")
                 fn = compiled = None  # free the compiled model before the next variant
+    if dev == "cuda":
+        from fp8compile.kernels.select import backend_choices
+
+        print("\nGEMM backends chosen (M bucket, N, K, recipe, accumulation, out, K-major):")
+        for key, got in sorted(backend_choices().items(), key=str):
+            print(f"  {got:6s} {key}")
     print("\nshape            variant               ms      vs Inductor  err      compile vs Ind.")
     for shape_name in shapes:
         rows = [r for r in results if r["shape"] == shape_name]
