@@ -56,8 +56,10 @@ class SourceKeyPass(CustomGraphPass):
             # The user's own pass has no identity: Inductor bypasses the cache for it, and so
             # do we (returning None keeps that behaviour).
             return None
+        from .ops._inline import inline_enabled
+
         switches = tuple(os.environ.get(name) for name in TRACE_SWITCHES)
-        return ("fp8compile", source_hash(), switches, inner_id)
+        return ("fp8compile", source_hash(), switches, inline_enabled(), inner_id)
 
 
 def keyed_patches(patches: dict[str, Any]) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -116,19 +117,39 @@ class Fp8Backend:
         _LAST[:] = [plan]
         if not self.compile:
             return gm.forward
-        compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx))
+        compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx),
+                                  plan)
         plan.stats["compile_s"] = time.perf_counter() - t0
         if not ctx.extra_inputs:
             return compiled
         return _with_extra_inputs(compiled, ctx.extra_inputs)
 
-    def _inductor(self, gm: torch.fx.GraphModule, inputs: list) -> Callable:
+    def _inductor(self, gm: torch.fx.GraphModule, inputs: list, plan: Plan) -> Callable:
+        """Inductor with the ops' kernels inlined (``fp8compile.ops._inline``); if that compile
+        fails, once more with every op opaque, the reason kept in ``plan.stats``."""
         from torch._inductor.compile_fx import compile_fx
+
+        from .ops._inline import inline_enabled, opaque_ops
 
         patches = dict(self.inductor)
         if self.mode:
             patches = {**torch._inductor.list_mode_options(self.mode), **patches}
-        return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
+        if not inline_enabled():
+            return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
+        spare = _copy_graph_module(gm)  # Inductor's pre-grad passes edit the graph in place
+        try:
+            return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
+        except Exception as err:  # noqa: BLE001 - any failure gets the opaque retry
+            reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
+            warnings.warn(
+                f"fp8hpf: compiling with the FP8 kernels inlined failed ({reason}); compiled "
+                "again with the FP8 ops as opaque calls (slower without CUDA graphs). "
+                "FP8COMPILE_INLINE_KERNELS=0 skips the first attempt.",
+                RuntimeWarning, stacklevel=2,
+            )
+            plan.stats["inline_failed"] = reason
+            with opaque_ops():
+                return compile_fx(spare, inputs, config_patches=keyed_patches(patches))
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -171,6 +171,9 @@ class Plan:
             )
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
+        if "inline_failed" in self.stats:
+            lines.append("FP8 ops compiled as opaque calls: inlining their kernels failed ("
+                         f"{self.stats['inline_failed']})")
         return "\n".join(lines)
 
     def to_html(self, path: str | None = None, **options: Any) -> str:

@@ -257,3 +257,51 @@ def test_inference_delayed_scaling_keeps_an_amax_history():
     first = next(h for h in hists if h.module == "0").buf
     assert (first[:3] > 0).all() and first[3] == 0
     assert first[1] > first[0] and first[1] > first[2]
+
+
+def _flaky_compile_fx(monkeypatch, fail_when_inlined: bool, seen: list):
+    import torch._inductor.compile_fx as cfx
+
+    from fp8compile.ops import _inline
+
+    real = cfx.compile_fx
+
+    def compile_fx(gm, inputs, **kwargs):
+        seen.append(_inline.inline_enabled())
+        if _inline.inline_enabled() or not fail_when_inlined:
+            raise RuntimeError("kernel did not compile")
+        return real(gm, inputs, **kwargs)
+
+    monkeypatch.setattr(cfx, "compile_fx", compile_fx)
+
+
+def test_failed_inlined_compile_is_retried_with_opaque_ops(monkeypatch):
+    """A compile that fails with the kernels inlined is not a crash: the graph is compiled
+    again with the FP8 ops opaque, with a warning and the reason in the plan."""
+    torch.manual_seed(0)
+    model = LlamaBlock(256, 4, 512).eval()
+    x = torch.randn(2, 16, 256)
+    torch._dynamo.reset()
+    expected = torch.compile(model, backend=fp8compile.backend())(x)
+    seen: list = []
+    _flaky_compile_fx(monkeypatch, True, seen)
+    be = fp8compile.backend()
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="inlined failed.*kernel did not compile"):
+        out = torch.compile(model, backend=be)(x)
+    # compile_fx calls itself to apply config patches: every call after the first is opaque.
+    assert seen[0] is True and len(seen) >= 2 and not any(seen[1:])
+    assert be.plan.stats["inline_failed"] == "RuntimeError: kernel did not compile"
+    assert "opaque calls: inlining their kernels failed" in be.plan.summary()
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_compile_error_of_opaque_ops_is_raised(monkeypatch):
+    """The retry happens once: an error that is not about inlining still surfaces."""
+    seen: list = []
+    _flaky_compile_fx(monkeypatch, False, seen)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="kernel did not compile"):
+        torch.compile(LlamaBlock(256, 4, 512), backend=fp8compile.backend())(
+            torch.randn(2, 16, 256))
+    assert seen == [True, False]

@@ -71,3 +71,14 @@ def test_trace_switches_change_the_key(name, monkeypatch):
     before = key_pass.uuid()
     monkeypatch.setenv(name, "0")
     assert key_pass.uuid() != before
+
+
+def test_opaque_retry_has_its_own_key():
+    """The backend's retry with opaque ops must not load the inlined graph that failed."""
+    from fp8compile.ops import _inline
+
+    key_pass = _cache_key.keyed_patches({})["joint_custom_pre_pass"]
+    inlined = key_pass.uuid()
+    with _inline.opaque_ops():
+        assert key_pass.uuid() != inlined
+    assert key_pass.uuid() == inlined

@@ -38,15 +38,29 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "inline_enabled", "inline_on_gpu", "launch", "outside_tracing",
-           "random_like", "tracing"]
+__all__ = ["concrete", "inline_enabled", "inline_on_gpu", "launch", "opaque_ops",
+           "outside_tracing", "random_like", "tracing"]
 
 _STATE = threading.local()
 
 
 def inline_enabled() -> bool:
-    """False when ``FP8COMPILE_INLINE_KERNELS=0`` (every op stays opaque)."""
-    return os.environ.get("FP8COMPILE_INLINE_KERNELS", "1") != "0"
+    """False when ``FP8COMPILE_INLINE_KERNELS=0`` or inside :func:`opaque_ops` (every op stays
+    opaque)."""
+    return (os.environ.get("FP8COMPILE_INLINE_KERNELS", "1") != "0"
+            and not getattr(_STATE, "opaque", False))
+
+
+@contextlib.contextmanager
+def opaque_ops() -> Iterator[None]:
+    """Keep every op opaque while compiling inside (the backend's retry after a compile of
+    inlined kernels failed)."""
+    before = getattr(_STATE, "opaque", False)
+    _STATE.opaque = True
+    try:
+        yield
+    finally:
+        _STATE.opaque = before
 
 
 def tracing() -> bool:
