@@ -203,3 +203,20 @@ def test_gpu_triton_gemm_inlined_equals_eager(m, recipe, monkeypatch):
     assert "fp8compile.scaled_mm" not in codes[0]
     assert "triton_kernel_wrapper_functional" in codes[0]
     assert torch.equal(_compiled(f)(xq, xs), f(xq, xs))
+
+
+@needs_gpu
+@pytest.mark.parametrize("gran", ["tensor", "row", "group"])
+def test_gpu_fused_producers_inlined_equal_eager(gran):
+    """RMSNorm→FP8 and SiLU·mul→FP8 inlined (RMSNorm's eps reaches an inlined kernel as
+    fp64; the kernel rounds it to fp32 as the eager launch does)."""
+    x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+
+    def f(t):
+        return (*OPS.rmsnorm_quantize(t * 1, w, 1e-5, gran, "e4m3", False),
+                *OPS.silu_mul_quantize(t * 1, t * 2, gran, "e4m3", False))
+
+    for a, b in zip(_compiled(f)(x), f(x)):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
