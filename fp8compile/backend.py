@@ -22,6 +22,7 @@ weights, amax histories, static scales) are computed per call by a thin wrapper.
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -117,9 +118,13 @@ class Fp8Backend:
         _LAST[:] = [plan]
         if not self.compile:
             return gm.forward
+        _traced_gemm_backends(describe=False)  # drop what an earlier compile left
         compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx),
                                   plan)
         plan.stats["compile_s"] = time.perf_counter() - t0
+        backends = _traced_gemm_backends()
+        if backends:
+            plan.stats["gemm_backends"] = backends
         if not ctx.extra_inputs:
             return compiled
         return _with_extra_inputs(compiled, ctx.extra_inputs)
@@ -150,6 +155,19 @@ class Fp8Backend:
             plan.stats["inline_failed"] = reason
             with opaque_ops():
                 return compile_fx(spare, inputs, config_patches=keyed_patches(patches))
+
+
+def _traced_gemm_backends(describe: bool = True) -> list[str]:
+    """The backend chosen for each GEMM shape traced into a graph since the last call, in
+    words (none when the kernels were not inlined: CPU, symbolic shapes, a cache hit)."""
+    select = sys.modules.get("fp8compile.kernels.select")
+    if select is None:
+        return []
+    taken = select.take_traced_choices()
+    if not describe:
+        return []
+    seen = {select.describe_key(key): choice for key, choice in taken}
+    return [f"{what}: {choice}" for what, choice in seen.items()]
 
 
 def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -109,7 +109,10 @@ class Plan:
         stats: dict[str, Any] = {}
         for p in plans:
             for k, v in p.stats.items():
-                stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) else v
+                if isinstance(v, list):
+                    stats[k] = [*stats.get(k, []), *v]
+                else:
+                    stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) else v
         return cls([e for p in plans for e in p], plans[-1].config, stats)
 
     # -- queries ------------------------------------------------------------------------
@@ -171,6 +174,9 @@ class Plan:
             )
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
+        if self.stats.get("gemm_backends"):
+            lines.append("GEMM backends chosen at compile time:")
+            lines.extend(f"  {line}" for line in self.stats["gemm_backends"])
         if "inline_failed" in self.stats:
             lines.append("FP8 ops compiled as opaque calls: inlining their kernels failed ("
                          f"{self.stats['inline_failed']})")

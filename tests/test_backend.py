@@ -305,3 +305,29 @@ def test_compile_error_of_opaque_ops_is_raised(monkeypatch):
         torch.compile(LlamaBlock(256, 4, 512), backend=fp8compile.backend())(
             torch.randn(2, 16, 256))
     assert seen == [True, False]
+
+
+def test_plan_lists_the_gemm_backends_traced_into_the_graph(monkeypatch):
+    """What the GEMMs traced during this compile chose (on a GPU: cuBLAS or Triton per shape)
+    is in the plan; a stale entry from before the compile is not."""
+    import torch._inductor.compile_fx as cfx
+
+    from fp8compile.kernels import select
+
+    real = cfx.compile_fx
+    key = (4096, 512, 256, "group", "precise", torch.bfloat16, (True, True))
+
+    def compile_fx(gm, inputs, **kwargs):
+        select.note_traced(key, "cublas")
+        return real(gm, inputs, **kwargs)
+
+    select.note_traced(("stale",) * 7, "triton")
+    monkeypatch.setattr(cfx, "compile_fx", compile_fx)
+    be = fp8compile.backend()
+    torch._dynamo.reset()
+    torch.compile(LlamaBlock(256, 4, 512), backend=be)(torch.randn(2, 16, 256))
+    assert be.plan.stats["gemm_backends"] == [
+        "M~4096 N=512 K=256 group precise bfloat16: cublas"]
+    assert "GEMM backends chosen at compile time:\n  M~4096 N=512" in be.plan.summary()
+    merged = fp8compile.Plan.merge([be.plan, be.plan])  # two graphs: both lists kept
+    assert len(merged.stats["gemm_backends"]) == 2

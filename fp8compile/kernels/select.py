@@ -27,9 +27,23 @@ from .layout import contiguous_2d
 from .tuning import m_bucket
 
 __all__ = ["backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
-           "cublas_unsupported"]
+           "cublas_unsupported", "describe_key", "note_traced", "take_traced_choices"]
 
 _CHOICES: dict[tuple, str] = {}
+_TRACED: list[tuple[tuple, str]] = []  # (key, choice) of each GEMM traced since the last take
+
+
+def note_traced(key: tuple, choice: str) -> None:
+    """Record the backend of a GEMM traced into a graph without a timing (cuBLAS cannot
+    serve it: ``choice`` says why)."""
+    _TRACED.append((key, choice))
+
+
+def take_traced_choices() -> list[tuple[tuple, str]]:
+    """The backend of every GEMM traced into a graph since the last call (for the plan)."""
+    out = list(_TRACED)
+    _TRACED.clear()
+    return out
 
 
 def backend_choices() -> dict[tuple, str]:
@@ -151,10 +165,16 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
     L2-resident weight ranks the backends as they do not run there.  Returns ``"cublas"`` or
     ``"triton"``.
     """
+    key = gemm_key(xq, xg, wq, accumulation, out_dtype)
+    got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+    _TRACED.append((key, got))
+    return got
+
+
+def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
     from ..ops._inline import outside_tracing, random_like
     from .gemm import scaled_mm as triton_scaled_mm
 
-    key = gemm_key(xq, xg, wq, accumulation, out_dtype)
     if key in _CHOICES or os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
         return choose(key, _never, _never)
     operands = (xq, xs, wq, ws, bias)
@@ -194,3 +214,11 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:
     m = xq.numel() // max(1, xq.shape[-1])
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
     return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout)
+
+
+def describe_key(key: tuple) -> str:
+    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bf16``."""
+    bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor) = key
+    layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
+    dtype = str(out_dtype).replace("torch.", "")
+    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{layout}"

@@ -116,8 +116,12 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
 
     _check_mm(xq, wq, bias, activation)
     xg, wg = as_gran(x_granularity), as_gran(w_granularity)
-    if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:
+    why = select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
+    if why is None:
         select.choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+    else:
+        select.note_traced(select.gemm_key(xq, xg, wq, accumulation, out_dtype),
+                           f"triton (cuBLAS: {why})")
     return True
 
 

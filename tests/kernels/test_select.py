@@ -119,3 +119,22 @@ def test_host_side_ceil_div_and_next_power_of_two_match_triton():
         triton.cdiv(a, b) for a in range(0, 260) for b in (1, 7, 128)]
     assert [next_pow2(n) for n in range(1, 4100)] == [
         triton.next_power_of_2(n) for n in range(1, 4100)]
+
+
+def test_traced_choices_are_logged_for_the_plan(monkeypatch):
+    """Every GEMM traced into a graph leaves (key, backend) for the plan, forced or timed,
+    and cuBLAS-unsupported ones say why; taking the log empties it."""
+    select.take_traced_choices()
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "cublas")
+    xq, wq = _q(4096, 512, 1024)
+    xs = torch.ones(())
+    assert select.choose_traced(xq, xs, G.TENSOR, wq, xs, G.TENSOR, None, torch.bfloat16,
+                                "fast") == "cublas"
+    key = select.gemm_key(xq, G.TENSOR, wq, "fast", torch.bfloat16)
+    select.note_traced(key, "triton (cuBLAS: fused epilogue)")
+    assert select.take_traced_choices() == [(key, "cublas"),
+                                            (key, "triton (cuBLAS: fused epilogue)")]
+    assert select.take_traced_choices() == []
+    assert select.describe_key(key) == "M~4096 N=1024 K=512 tensor fast bfloat16"
+    t_key = select.gemm_key(xq.t().contiguous().t(), G.TENSOR, wq, "fast", torch.bfloat16)
+    assert select.describe_key(t_key).endswith("(transposed operand)")
