@@ -122,7 +122,7 @@ def concrete(*values) -> bool:
     return all(_concrete_tensor(v) for v in values if isinstance(v, Tensor))
 
 
-def _gpu_tensors(args) -> list[Tensor]:
+def _tensors(args) -> list[Tensor]:
     return [a for a in args if isinstance(a, Tensor)]
 
 
@@ -137,7 +137,7 @@ def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None) -
     from . import _common
 
     def rule(mode, func, types, args, kwargs):
-        tensors = _gpu_tensors((*args, *kwargs.values()))
+        tensors = _tensors((*args, *kwargs.values()))
         known = all(issubclass(t, (FakeTensor, FunctionalTensor)) or t is Tensor for t in types)
         if (
             known
