@@ -42,7 +42,7 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 
 for stage in "${stages[@]}"; do
     case $stage in
-        check) run check 170 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
+        check) run check 240 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 120 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         e2e)
