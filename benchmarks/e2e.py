@@ -245,11 +245,11 @@ def main() -> None:
                         print(f"    {ms_k:7.3f} ms {share:6.1%}  {k}")
                 fn = compiled = None  # free the compiled model before the next variant
     if dev == "cuda":
-        from fp8compile.kernels.select import backend_choices
+        from fp8compile.kernels.select import backend_choices, describe_key
 
-        print("\nGEMM backends chosen (M bucket, N, K, recipe, accumulation, out, K-major):")
+        print("\nGEMM backends chosen:")
         for key, got in sorted(backend_choices().items(), key=str):
-            print(f"  {got:6s} {key}")
+            print(f"  {got:6s} {describe_key(key)}")
     print("\nshape            variant               ms      vs Inductor  err      compile vs Ind.")
     for shape_name in shapes:
         rows = [r for r in results if r["shape"] == shape_name]

@@ -118,11 +118,11 @@ class Fp8Backend:
         _LAST[:] = [plan]
         if not self.compile:
             return gm.forward
-        _traced_gemm_backends(describe=False)  # drop what an earlier compile left
+        _take_traced_gemms()  # drop what an earlier compile left
         compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx),
                                   plan)
         plan.stats["compile_s"] = time.perf_counter() - t0
-        backends = _traced_gemm_backends()
+        backends = _describe_gemms(_take_traced_gemms())
         if backends:
             plan.stats["gemm_backends"] = backends
         if not ctx.extra_inputs:
@@ -157,16 +157,21 @@ class Fp8Backend:
                 return compile_fx(spare, inputs, config_patches=keyed_patches(patches))
 
 
-def _traced_gemm_backends(describe: bool = True) -> list[str]:
-    """The backend chosen for each GEMM shape traced into a graph since the last call, in
-    words (none when the kernels were not inlined: CPU, symbolic shapes, a cache hit)."""
+def _take_traced_gemms() -> list[tuple[tuple, str]]:
+    """``(key, backend)`` of each GEMM traced into a graph since the last call (none when the
+    kernels were not inlined: CPU, symbolic shapes, a cache hit; the selection module is then
+    not even imported)."""
     select = sys.modules.get("fp8compile.kernels.select")
-    if select is None:
+    return select.take_traced_choices() if select is not None else []
+
+
+def _describe_gemms(taken: list[tuple[tuple, str]]) -> list[str]:
+    """One line per distinct GEMM shape: ``M~4096 N=512 K=256 group precise bfloat16: cublas``."""
+    if not taken:
         return []
-    taken = select.take_traced_choices()
-    if not describe:
-        return []
-    seen = {select.describe_key(key): choice for key, choice in taken}
+    from .kernels.select import describe_key
+
+    seen = {describe_key(key): choice for key, choice in taken}
     return [f"{what}: {choice}" for what, choice in seen.items()]
 
 

@@ -49,5 +49,5 @@ def contiguous_2d(t: torch.Tensor) -> torch.Tensor:
     block = 64
     grid = (cdiv(r, block), cdiv(c, block))
     launch(_copy_2d_kernel)[grid](src, dst, r, c, src.stride(0), src.stride(1), dst.stride(0),
-                          BLOCK_R=block, BLOCK_C=block, num_warps=4)
+                                  BLOCK_R=block, BLOCK_C=block, num_warps=4)
     return out

@@ -394,7 +394,7 @@ def quantize_rows(
     )
     if given_scale is not None:
         launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
-                               **common)
+                                       **common)
         return q, scale
     if granularity is Granularity.TENSOR:
         amax = torch.zeros(1, dtype=torch.float32, device=x.device)

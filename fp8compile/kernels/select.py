@@ -15,6 +15,7 @@ only ever used where it can compute the same function (:func:`cublas_unsupported
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 from collections.abc import Callable
@@ -34,8 +35,8 @@ _TRACED: list[tuple[tuple, str]] = []  # (key, choice) of each GEMM traced since
 
 
 def note_traced(key: tuple, choice: str) -> None:
-    """Record the backend of a GEMM traced into a graph without a timing (cuBLAS cannot
-    serve it: ``choice`` says why)."""
+    """Record the backend of a GEMM traced into a graph (for the plan; where cuBLAS cannot
+    serve it, ``choice`` says why)."""
     _TRACED.append((key, choice))
 
 
@@ -167,7 +168,7 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
     """
     key = gemm_key(xq, xg, wq, accumulation, out_dtype)
     got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
-    _TRACED.append((key, got))
+    note_traced(key, got)
     return got
 
 
@@ -182,19 +183,15 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -
     copies = max(1, min(8, -(-_COLD_BYTES // max(1, size))))
     with outside_tracing():
         sets = [tuple(random_like(t) for t in operands) for _ in range(copies)]
-        turn = {"triton": 0, "cublas": 0}
-
-        def next_set(who):
-            turn[who] += 1
-            return sets[turn[who] % copies]
+        triton_sets, cublas_sets = itertools.cycle(sets), itertools.cycle(sets)
 
         def triton_fn():
-            a, sa, b, sb, bb = next_set("triton")
+            a, sa, b, sb, bb = next(triton_sets)
             return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
                                     "none", None)
 
         def cublas_fn():
-            a, sa, b, sb, bb = next_set("cublas")
+            a, sa, b, sb, bb = next(cublas_sets)
             return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation)
 
         return choose(key, triton_fn, cublas_fn)
@@ -217,7 +214,7 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:
 
 
 def describe_key(key: tuple) -> str:
-    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bf16``."""
+    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``."""
     bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor) = key
     layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
     dtype = str(out_dtype).replace("torch.", "")

@@ -19,10 +19,14 @@ The rule keeps the op opaque (as before) when
   reference numerics then run exactly as in eager mode;
 * a shape or stride is symbolic (``dynamic=True``, or a recompile after a shape change): the
   body's decisions depend on sizes, and baking them in would add a guard per size;
-* the op's own condition says no (for ``scaled_mm``: the GEMM is served by the Triton GEMM
-  kernel, whose autotuner is kept at run time);
-* ``torch.export`` traces (the exported program keeps the high-level ops), or
-  ``FP8COMPILE_INLINE_KERNELS=0``.
+* the op's own ``when`` condition says no;
+* ``torch.export`` traces (the exported program keeps the high-level ops),
+  ``FP8COMPILE_INLINE_KERNELS=0``, or inside :func:`opaque_ops` (the backend's retry after
+  Inductor failed on the inlined graph).
+
+Decisions the eager body takes by running kernels (the GEMM backend, the Triton GEMM's
+autotuned tile config) are taken at trace time on random operands, under
+:func:`outside_tracing`, and cached for the process.
 
 Kernel launchers call :func:`launch` on their ``@triton.jit`` function: the function itself,
 or while a rule traces, its traceable wrapper (``torch.library.wrap_triton``).
