@@ -8,6 +8,7 @@
 #   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
 #             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
+#   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes
 #   e2e       benchmarks/e2e.py without and with CUDA graphs, prefill and decode, profile of
 #             the best
 #   train     benchmarks/train.py without and with CUDA graphs
@@ -45,6 +46,7 @@ for stage in "${stages[@]}"; do
         check) run check 240 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 120 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
+        quant) run quant 90 python benchmarks/quant.py --out "$out" ;;
         e2e)
             run e2e_default 150 python benchmarks/e2e.py --out "$out/e2e_default"
             run e2e 150 python benchmarks/e2e.py --mode reduce-overhead --profile \
@@ -55,6 +57,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gemm e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gemm quant e2e train accuracy)"; exit 2 ;;
     esac
 done

@@ -24,15 +24,21 @@ from fp8compile.kernels.resources import sm90_resources  # noqa: E402
 E4M3 = {"IS_E4M3": True, "FMAX": 448.0, "POW2": False, "HW_CAST": True}
 
 
-def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warps: int):
+def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warps: int,
+                    transposed: bool = False, block_slice: int = quant._BLOCK_SLICE):
     sig = {"x_ptr": "*bf16", "x2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*u8",
            "s_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32", "k_per_prog": "i32",
            "eps": "fp32", "stride_xm": "i32", "stride_x2m": "i32", "stride_qm": "i32",
            "stride_sm": "i32", "stride_sk": "i32"}
-    consts = {"stride_xk": 1, "stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
+    consts = {"stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
               "GIVEN_SCALE": False,
               "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
-              "BLOCK_SLICE": quant._BLOCK_SLICE, **E4M3}
+              "BLOCK_SLICE": block_slice, **E4M3}
+    if transposed:  # a transposed view: unit row stride, strided K
+        sig["stride_xk"] = sig.pop("stride_xm")
+        consts["stride_xm"] = 1
+    else:
+        consts["stride_xk"] = 1
     return sm90_resources(quant._quantize_kernel, sig, consts, warps)
 
 
@@ -51,12 +57,17 @@ def quantize_blocks():
     return quantize_kernel(3, 128, 128, False, 8)
 
 
+def quantize_blocks_transposed():
+    """128x128 blocks of a transposed view (the backward's weight.t()): the whole tile."""
+    return quantize_kernel(3, 128, 128, False, 8, transposed=True, block_slice=128)
+
+
 def quantize_dual():
     return sm90_resources(
         quant._quantize_dual_kernel,
         {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32",
          "M": "i32", "N": "i32", "stride_xm": "i32", "stride_sk": "i32", "stride_stk": "i32"},
-        {"stride_xn": 1, "BLOCK": 128, "HALF": quant._HALF, **E4M3}, 8)
+        {"stride_xn": 1, "BLOCK": 128, **E4M3}, 8)
 
 
 def requantize_t():
@@ -65,7 +76,7 @@ def requantize_t():
         {"q_ptr": "*u8", "s_ptr": "*fp32", "out_ptr": "*u8", "os_ptr": "*fp32", "M": "i32",
          "K": "i32", "stride_qm": "i32", "stride_sk": "i32", "stride_om": "i32",
          "stride_osk": "i32"},
-        {"stride_sm": 1, "stride_osm": 1, "IN_E4M3": True, "BLOCK": 128, "HALF": quant._HALF,
+        {"stride_sm": 1, "stride_osm": 1, "IN_E4M3": True, "BLOCK": 128,
          **E4M3}, 8)
 
 
@@ -81,8 +92,9 @@ KERNELS = {
     "quantize, 1x128 groups (32x128, 4 warps)": quantize_groups,
     "quantize, rows (2x4096, 8 warps)": quantize_rows,
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
-    "quantize_dual (16-row slices, 8 warps)": quantize_dual,
-    "requantize_t (16-row slices, 8 warps)": requantize_t,
+    "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
+    "quantize_dual (whole 128x128 tile, 8 warps)": quantize_dual,
+    "requantize_t (whole 128x128 tile, 8 warps)": requantize_t,
     "FP8 transpose copy (64x64, 4 warps)": transpose_copy,
 }
 

@@ -106,24 +106,66 @@ def _round_to_fp8_grid(y, IS_E4M3: tl.constexpr):
 
 
 @triton.jit
-def _fp8_bits(y, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: tl.constexpr):
-    """Saturating RNE cast of scaled fp32 ``y`` to FP8, returned as its bit pattern (uint8).
+def _div_exact(x, s, r):
+    """``x / s`` rounded to nearest even, bit-equal to IEEE division, for fp32 ``x`` and
+    normal ``s > 0`` with ``r = div_rn(1, s)`` (one per scale, not per element).
 
-    HW_CAST: the GPU's ``cvt.rn.satfinite`` rounds correctly by itself (checked bit for bit
-    against numerics on the H100, fp8 grid edges included), so the software rounding, ~13
-    integer ops per element in a kernel that was ALU-bound, runs only in the interpreter.
+    Two fma corrections of ``x * r`` (Markstein): the first brings the quotient within one
+    ulp, and the second then rounds correctly, since the residual ``x - y * s`` is exact in an
+    fma.  ``div.rn.f32`` per element (a range check and a branch to a slow path around ~10
+    instructions) made the quantization kernels bound by the ALU at under half the memory
+    bandwidth on an H200.  Quotients below fp32's normal range (which quantize to ±0 in any
+    FP8 format) may differ by an ulp; zeros keep their sign; non-finite x gives NaN.
     """
-    finite = tl.abs(y) < float("inf")
-    sat = tl.minimum(tl.maximum(tl.where(finite, y, 0.0), -FMAX), FMAX)
-    if not HW_CAST:
-        sat = _round_to_fp8_grid(sat, IS_E4M3)
-    if IS_E4M3:
-        bits = sat.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        bad = tl.full(y.shape, 0x7F, tl.uint8)  # NaN for NaN and ±Inf
+    # Signs: the residual is y*s - x, subtracted; zeros then keep their sign (x - y*s, added,
+    # turns -0.0 into +0 + -0 = +0).  ``* -1.0`` is a true sign flip; Triton's unary minus is
+    # 0 - v, which maps +0.0 to +0.0.
+    nx = x * -1.0
+    nr = r * -1.0
+    y = x * r
+    y = tl.fma(tl.fma(y, s, nx), nr, y)
+    y = tl.fma(tl.fma(y, s, nx), nr, y)
+    return y
+
+
+@triton.jit
+def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: tl.constexpr,
+                   GIVEN_SCALE: tl.constexpr = False):
+    """FP8 bit pattern (uint8) of ``saturate(rne(x / s))`` for fp32 ``x``, scales ``s``
+    broadcastable to it and ``r = div_rn(1, s)``; non-finite quotients get numerics' codes.
+
+    HW_CAST (compiled): the quotient comes from :func:`_div_exact` (or from ``div_rn`` for a
+    ``GIVEN_SCALE``, which need not be a normal positive float), and the GPU's
+    ``cvt.rn.satfinite`` rounds and saturates by itself (checked bit for bit against numerics
+    on the H100, fp8 grid edges included).  In the interpreter, whose fma rounds twice and
+    whose cast is wrong at binade edges (SPEC §4), the quotient is ``div_rn`` and the
+    rounding to the FP8 grid is done in software first.
+    """
+    if HW_CAST:
+        if GIVEN_SCALE:
+            y = tl.math.div_rn(x, s)
+        else:
+            y = _div_exact(x, s, r)
+        finite = tl.abs(y) < float("inf")
+        if IS_E4M3:
+            bits = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            bits = y.to(tl.float8e5).to(tl.uint8, bitcast=True)
     else:
-        bits = sat.to(tl.float8e5).to(tl.uint8, bitcast=True)
-        inf = tl.where(y > 0, 0x7C, 0xFC).to(tl.uint8)
-        bad = tl.where(y != y, 0x7F, inf).to(tl.uint8)
+        y = tl.math.div_rn(x, s)
+        finite = tl.abs(y) < float("inf")
+        sat = tl.minimum(tl.maximum(tl.where(finite, y, 0.0), -FMAX), FMAX)
+        sat = _round_to_fp8_grid(sat, IS_E4M3)
+        if IS_E4M3:
+            bits = sat.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            bits = sat.to(tl.float8e5).to(tl.uint8, bitcast=True)
+    # A quotient is NaN iff x is, and has x's sign (s > 0).
+    if IS_E4M3:
+        bad = tl.full(x.shape, 0x7F, tl.uint8)  # NaN for NaN and ±Inf (E4M3FN has no Inf)
+    else:
+        inf = tl.where(x > 0, 0x7C, 0xFC).to(tl.uint8)
+        bad = tl.where(x != x, 0x7F, inf).to(tl.uint8)
     return tl.where(finite, bits, bad)
 
 
@@ -184,7 +226,7 @@ def _quantize_kernel(
     ONE_CHUNK: tl.constexpr,  # tensor/row: k_per_prog <= BLOCK_K, a single tile per program
     HW_CAST: tl.constexpr,  # round with the hardware conversion (compiled) or in software
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-    BLOCK_SLICE: tl.constexpr,  # BLOCK only: rows per slice of the 128x128 block
+    BLOCK_SLICE: tl.constexpr,  # BLOCK only: rows per slice of the block (BLOCK_M: whole)
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -208,12 +250,22 @@ def _quantize_kernel(
         # inlined into a compiled graph): round it to fp32 in both cases.
         rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + tl.full([BLOCK_M], eps, tl.float32)))
 
-    if GRAN == 3:
+    if GRAN == 3 and BLOCK_SLICE == BLOCK_M:
+        # BLOCK, whole tile at once: for a transposed view (the backward's weight.t()), whose
+        # loads then cover 128 contiguous elements per column; 1.3x faster than slices there
+        # (H200), and 1.8x slower than slices for a row-major weight.
+        cols = k_lo + offs_k
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
+                    mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
+        s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
+        tl.store(s_ptr + pid_m * stride_sm + (k_lo // BLOCK_K) * stride_sk, s)
+        tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
+                 _quantize_bits(x, s, tl.math.div_rn(1.0, s), FMAX, IS_E4M3, HW_CAST),
+                 mask=rmask[:, None] & (cols[None, :] < K))
+    elif GRAN == 3:
         # BLOCK (weights; no producer): one 128x128 block per program, walked in
         # BLOCK_SLICE-row slices twice (amax, then quantize), in loops that are not unrolled.
-        # The whole block at once spilled 568 bytes per thread at 8 warps (ptxas, sm_90);
-        # 32-row slices take 64 registers (107 for a transposed view) and spill nothing.  The
-        # second walk re-reads the slices from L1/L2.
+        # 32-row slices take 31 registers; the second walk re-reads them from L1/L2.
         cols = k_lo + offs_k
         cmask = cols[None, :] < K
         amax = tl.zeros([BLOCK_SLICE], dtype=tl.float32)
@@ -223,6 +275,7 @@ def _quantize_kernel(
                         mask=(r[:, None] < M) & cmask, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
         s = _scale_from_amax(tl.max(amax, axis=0), FMAX, POW2)
+        inv = tl.math.div_rn(1.0, s)
         tl.store(s_ptr + pid_m * stride_sm + (k_lo // BLOCK_K) * stride_sk, s)
         for h in range(0, BLOCK_M, BLOCK_SLICE):
             r = (pid_m * BLOCK_M + h + tl.arange(0, BLOCK_SLICE)).to(tl.int64)
@@ -230,7 +283,7 @@ def _quantize_kernel(
             x = tl.load(x_ptr + r[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=mask, other=0.0).to(tl.float32)
             tl.store(q_ptr + r[:, None] * stride_qm + cols[None, :],
-                     _fp8_bits(tl.math.div_rn(x, s), FMAX, IS_E4M3, HW_CAST), mask=mask)
+                     _quantize_bits(x, s, inv, FMAX, IS_E4M3, HW_CAST), mask=mask)
     elif GRAN == 2:
         # GROUP: BLOCK_K == 128, one scale per (row, K-group).
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -240,9 +293,9 @@ def _quantize_kernel(
             a = tl.max(_finite_abs(x), axis=1)
             s = _scale_from_amax(a, FMAX, POW2)
             tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sk, s, mask=rmask)
-            y = tl.math.div_rn(x, s[:, None])
+            inv = tl.math.div_rn(1.0, s)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
-                     _fp8_bits(y, FMAX, IS_E4M3, HW_CAST),
+                     _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST),
                      mask=rmask[:, None] & (cols[None, :] < K))
     elif ONE_CHUNK:
         # The program's whole K range is one tile: read x once, keep it in registers.
@@ -255,9 +308,10 @@ def _quantize_kernel(
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
                                      GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
-            y = tl.math.div_rn(x, s[:, None])
+            inv = tl.math.div_rn(1.0, s)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
-                     _fp8_bits(y, FMAX, IS_E4M3, HW_CAST),
+                     _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
+                                    GIVEN_SCALE),
                      mask=rmask[:, None] & (cols[None, :] < K))
     else:
         a = tl.zeros([BLOCK_M], dtype=tl.float32)  # row amax; unused by a TENSOR quant pass
@@ -272,14 +326,15 @@ def _quantize_kernel(
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
                                      GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
+            inv = tl.math.div_rn(1.0, s)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 cols = k0 + offs_k
                 x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
                              stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
-                y = tl.math.div_rn(x, s[:, None])
                 tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
-                         _fp8_bits(y, FMAX, IS_E4M3, HW_CAST),
-                     mask=rmask[:, None] & (cols[None, :] < K))
+                         _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
+                                        GIVEN_SCALE),
+                         mask=rmask[:, None] & (cols[None, :] < K))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -390,7 +445,9 @@ def quantize_rows(
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         ONE_CHUNK=k_per_prog <= block_k,
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK_M=block_m, BLOCK_K=block_k, BLOCK_SLICE=_BLOCK_SLICE, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_SLICE=block_m if column_major and granularity is Granularity.BLOCK
+        else _BLOCK_SLICE,
     )
     if given_scale is not None:
         launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
@@ -439,13 +496,6 @@ def quantize(
 
 # Rows per slice of a 128x128 weight block in _quantize_kernel (GRAN == 3, see there).
 _BLOCK_SLICE = 32
-
-# Rows per slice of the 128x128 tiles that _quantize_dual_kernel and _requantize_t_kernel walk
-# twice (amax, then quantize).  ptxas for sm_90 at 8 warps: the whole tile at once spilled 560
-# bytes per thread (dual); 16-row slices in a loop that is not unrolled take 101 and 73
-# registers and spill nothing, which leaves room for 2-3 programs per SM.
-_HALF = 16
-
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     """Tensorwise ``numerics.quantize_with_scale`` (static or delayed scales) in one launch."""
@@ -501,45 +551,43 @@ def _requantize_t_kernel(
     q_ptr, s_ptr, out_ptr, os_ptr, M, K,
     stride_qm, stride_sm, stride_sk, stride_om, stride_osk, stride_osm,
     IN_E4M3: tl.constexpr, IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-    HW_CAST: tl.constexpr, BLOCK: tl.constexpr, HALF: tl.constexpr,
+    HW_CAST: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One 128x128 tile of FP8 ``q (M, K)`` with 1x128 group scales: dequantize in fp32, take
     the tile's amax, quantize, and write the tile transposed into ``out (K, M)`` with one
     block scale.  Reads 1 byte and writes 1 byte per element (dequantizing to bf16 and
-    quantizing the transposed view moved 6).  Walked in ``HALF``-row slices, twice (amax,
-    then quantize; see ``_HALF``)."""
+    quantizing the transposed view moved 6).  The whole tile is loaded at once (97 registers
+    at 8 warps), 1.2x faster on an H200 than two walks in 16-row slices."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rk = pid_k * BLOCK + tl.arange(0, BLOCK)
+    mmask = rm < M
     kmask = rk < K
-    amax = tl.zeros([HALF], dtype=tl.float32)
-    for h in range(0, BLOCK, HALF):
-        x = _dequantize_slice(q_ptr, s_ptr, pid_m * BLOCK + h, pid_k, M, rk, kmask, stride_qm,
-                              stride_sm, stride_sk, IN_E4M3, HALF)
-        amax = tl.maximum(amax, tl.max(_finite_abs(x), axis=1))
-    sc = _scale_from_amax(tl.max(amax, axis=0), FMAX, POW2)
+    rm64 = rm.to(tl.int64)
+    raw = tl.load(q_ptr + rm64[:, None] * stride_qm + rk[None, :],
+                  mask=mmask[:, None] & kmask[None, :], other=0)
+    s = tl.load(s_ptr + rm64 * stride_sm + pid_k * stride_sk, mask=mmask, other=0.0)
+    x = _fp8_to_f32(raw, IN_E4M3, HW_CAST) * s[:, None]
+    sc = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
     tl.store(os_ptr + pid_k * stride_osk + pid_m * stride_osm, sc)
-    for h in range(0, BLOCK, HALF):
-        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
-        x = _dequantize_slice(q_ptr, s_ptr, pid_m * BLOCK + h, pid_k, M, rk, kmask, stride_qm,
-                              stride_sm, stride_sk, IN_E4M3, HALF)
-        bits = _fp8_bits(tl.math.div_rn(x, sc), FMAX, IS_E4M3, HW_CAST)
-        mask = (rm[:, None] < M) & kmask[None, :]
-        tl.store(out_ptr + rk.to(tl.int64)[None, :] * stride_om + rm.to(tl.int64)[:, None],
-                 bits, mask=mask)
+    bits = _quantize_bits(x, sc, tl.math.div_rn(1.0, sc), FMAX, IS_E4M3, HW_CAST)
+    tl.store(out_ptr + rk.to(tl.int64)[:, None] * stride_om + rm64[None, :], tl.trans(bits),
+             mask=kmask[:, None] & mmask[None, :])
 
 
 @triton.jit
-def _dequantize_slice(q_ptr, s_ptr, row0, pid_k, M, rk, kmask, stride_qm, stride_sm,
-                      stride_sk, IN_E4M3: tl.constexpr, HALF: tl.constexpr):
-    """fp32 values of ``HALF`` rows from ``row0`` of FP8 ``q`` with 1x128 group scales (group
-    ``pid_k``); rows past M and columns past K read as 0."""
-    rm = row0 + tl.arange(0, HALF)
-    rm64 = rm.to(tl.int64)
-    mask = (rm[:, None] < M) & kmask[None, :]
-    raw = tl.load(q_ptr + rm64[:, None] * stride_qm + rk[None, :], mask=mask, other=0)
-    s = tl.load(s_ptr + rm64 * stride_sm + pid_k * stride_sk, mask=rm < M, other=0.0)
-    return _fp8_bits_to_f32(raw, IN_E4M3) * s[:, None]
+def _fp8_to_f32(raw, IN_E4M3: tl.constexpr, HW_CAST: tl.constexpr):
+    """fp32 values of FP8 bit patterns: the GPU's conversion (exact, NaN, ±Inf and
+    subnormals included) when compiled, integer decoding in the interpreter."""
+    if HW_CAST:
+        if IN_E4M3:
+            x = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            x = raw.to(tl.float8e5, bitcast=True).to(tl.float32)
+    else:
+        x = _fp8_bits_to_f32(raw, IN_E4M3)
+    return x
 
 
 def requantize_t(
@@ -565,7 +613,7 @@ def requantize_t(
         out_scale.stride(0), out_scale.stride(1),
         IN_E4M3=q.dtype == torch.float8_e4m3fn, IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max,
         POW2=bool(power_of_2), HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK=nx.BLOCK, HALF=_HALF, num_warps=8,
+        BLOCK=nx.BLOCK, num_warps=8,
     )
     return out, out_scale
 
@@ -575,43 +623,39 @@ def _quantize_dual_kernel(
     x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, N,
     stride_xm, stride_xn, stride_sk, stride_stk,
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
-    BLOCK: tl.constexpr, HALF: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """One 128x128 tile of ``x (M, N)`` quantized twice: 1x128 groups along N into
     ``q (M, N)`` and along M into ``qt (N, M)`` (the transpose), each with its scales stored
     M-contiguous like every GROUP scale (``s`` strides ``(1, M)``, ``st`` strides ``(1, N)``).
 
-    The tile is walked in ``HALF``-row slices, twice: the column amax needs all 128 rows
-    before anything is quantized, and a whole 128x128 fp32 tile in registers spilled (see
-    ``_HALF``).  The second walk re-reads the slices from L1/L2, so x still comes from HBM
-    once."""
+    The whole tile is loaded at once (200 registers at 8 warps, no spill): on an H200 that
+    is 1.9x faster than walking it twice in 16-row slices, whose small loads left the memory
+    system idle.  The transposed payload goes out through ``tl.trans``, so each row of
+    ``qt`` is written as 128 contiguous bytes."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
+    mmask = rm < M
     nmask = rn < N
+    rm64 = rm.to(tl.int64)
     rn64 = rn.to(tl.int64)
-    col_amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for h in range(0, BLOCK, HALF):
-        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
-        mask = (rm[:, None] < M) & nmask[None, :]
-        x = tl.load(x_ptr + rm.to(tl.int64)[:, None] * stride_xm + rn64[None, :] * stride_xn,
-                    mask=mask, other=0.0).to(tl.float32)
-        col_amax = tl.maximum(col_amax, tl.max(_finite_abs(x), axis=0))
-    s_col = _scale_from_amax(col_amax, FMAX, POW2)  # per column n, group pid_m
+    mask = mmask[:, None] & nmask[None, :]
+    x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn, mask=mask,
+                other=0.0).to(tl.float32)
+    a = _finite_abs(x)
+    s_row = _scale_from_amax(tl.max(a, axis=1), FMAX, POW2)  # row m, group pid_n
+    s_col = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)  # column n, group pid_m
+    tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
     tl.store(st_ptr + rn64 + pid_m * stride_stk, s_col, mask=nmask)
-    for h in range(0, BLOCK, HALF):
-        rm = pid_m * BLOCK + h + tl.arange(0, HALF)
-        mmask = rm < M
-        mask = mmask[:, None] & nmask[None, :]
-        rm64 = rm.to(tl.int64)
-        x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn,
-                    mask=mask, other=0.0).to(tl.float32)
-        s_row = _scale_from_amax(tl.max(_finite_abs(x), axis=1), FMAX, POW2)  # row m, group n
-        tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
-        q = _fp8_bits(tl.math.div_rn(x, s_row[:, None]), FMAX, IS_E4M3, HW_CAST)
-        tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
-        qt = _fp8_bits(tl.math.div_rn(x, s_col[None, :]), FMAX, IS_E4M3, HW_CAST)
-        tl.store(qt_ptr + rn64[None, :] * M + rm64[:, None], qt, mask=mask)
+    q = _quantize_bits(x, s_row[:, None], tl.math.div_rn(1.0, s_row)[:, None], FMAX, IS_E4M3,
+                       HW_CAST)
+    tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
+    qt = _quantize_bits(x, s_col[None, :], tl.math.div_rn(1.0, s_col)[None, :], FMAX, IS_E4M3,
+                        HW_CAST)
+    tl.store(qt_ptr + rn64[:, None] * M + rm64[None, :], tl.trans(qt),
+             mask=nmask[:, None] & mmask[None, :])
 
 
 def quantize_dual(
@@ -634,7 +678,6 @@ def quantize_dual(
         x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
         x.stride(0), x.stride(1), s.stride(1), st.stride(1),
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
-        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, HALF=_HALF,
-        num_warps=8,
+        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, num_warps=8,
     )
     return q, s, qt, st

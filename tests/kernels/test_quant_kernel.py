@@ -116,6 +116,47 @@ def test_fp8_grid_edges(device):
         assert_same_quant(quantize(x, Granularity.ROW, fmt, False), want)
 
 
+def _quotients_near_midpoints(fmt, n_rows=128, n_cols=256):
+    """fp32 x whose every 1x128 group, row, column group and 128x128 block has amax 3.0, so
+    each scale is the same inexact s = 3 / fmax, and whose other values are fp32 roundings of
+    s * (an FP8 rounding midpoint), nudged by -1, 0 or +1 ulp: the FP8 payload then depends
+    on the last bit of x / s, i.e. on the division being IEEE-exact.  Signed zeros and tiny
+    values that flush to -0.0 are in too."""
+    finite = torch.arange(256, dtype=torch.uint8).view(fmt.dtype).float()
+    finite = finite[finite.isfinite()].unique()
+    mids = ((finite[1:] + finite[:-1]) / 2).double()
+    s = torch.tensor(3.0) / torch.tensor(fmt.max)
+    x = (mids * s.double()).float()
+    x = torch.cat([x, x.nextafter(torch.tensor(float("inf"))),
+                   x.nextafter(torch.tensor(float("-inf"))),
+                   torch.tensor([0.0, -0.0, -1e-30, 1e-30])])
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(0))]
+    x = x.repeat(n_rows * n_cols // x.numel() + 1)[: n_rows * n_cols].reshape(n_rows, n_cols)
+    x[:, ::128] = 3.0  # amax of every group along rows...
+    x[0] = 3.0  # ...and of every column group and block
+    return x
+
+
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+def test_quotients_at_fp8_midpoints(device, fmt):
+    # On the GPU the kernels divide by multiplying with the scale's reciprocal and correcting
+    # twice with fma; a one-ulp error in x / s would flip the FP8 rounding of these inputs.
+    from fp8compile.kernels.quant import quantize_dual
+
+    x = _quotients_near_midpoints(fmt)
+    xd = x.to(device)
+    for g in (Granularity.GROUP, Granularity.ROW, Granularity.TENSOR):
+        assert_same_quant(quantize(xd, g, fmt, False), ref_quantize(xd, g, fmt, False))
+    for w in (xd, x.t().contiguous().to(device).t()):  # row-major and transposed weights
+        assert_same_quant(quantize(w, Granularity.BLOCK, fmt, False),
+                          ref_quantize(w, Granularity.BLOCK, fmt, False))
+    got = quantize_dual(xd, fmt, False)
+    want = nx.quantize_dual(x, fmt, False)
+    assert_same_quant(got[:2], tuple(t.to(device) for t in want[:2]))
+    assert_same_quant(got[2:], tuple(t.to(device) for t in want[2:]))
+    assert (got[0].view(torch.uint8) == 0x80).any()  # -0.0 survived
+
+
 def test_all_zero_and_all_nan(device):
     x = torch.zeros(3, 256, device=device)
     x[1] = float("nan")

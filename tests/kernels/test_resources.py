@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif(not tools_available(),
                                 reason="Triton's NVIDIA tools (ptxas, cuobjdump) not installed")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_dual", "requantize_t",
-         "transpose_copy"]
+NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_blocks_transposed",
+         "quantize_dual", "requantize_t", "transpose_copy"]
 SNIPPET = f"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
