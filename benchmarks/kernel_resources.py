@@ -62,12 +62,18 @@ def quantize_blocks_transposed():
     return quantize_kernel(3, 128, 128, False, 8, transposed=True, block_slice=128)
 
 
-def quantize_dual():
+def quantize_dual(fixup: bool = False):
     return sm90_resources(
         quant._quantize_dual_kernel,
         {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32",
-         "M": "i32", "N": "i32", "stride_xm": "i32", "stride_sk": "i32", "stride_stk": "i32"},
-        {"stride_xn": 1, "BLOCK": 128, **E4M3}, 8)
+         "flag_ptr": "*i8", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_sk": "i32",
+         "stride_stk": "i32"},
+        {"stride_xn": 1, "BLOCK": 128, "FIXUP": fixup, **E4M3}, 8)
+
+
+def quantize_dual_fixup():
+    """The second launch, which redoes tiles holding NaN/Inf with the full handling."""
+    return quantize_dual(fixup=True)
 
 
 def requantize_t():
@@ -94,6 +100,7 @@ KERNELS = {
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
     "quantize_dual (whole 128x128 tile, 8 warps)": quantize_dual,
+    "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
     "requantize_t (whole 128x128 tile, 8 warps)": requantize_t,
     "FP8 transpose copy (64x64, 4 warps)": transpose_copy,
 }

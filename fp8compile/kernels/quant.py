@@ -130,7 +130,7 @@ def _div_exact(x, s, r):
 
 @triton.jit
 def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: tl.constexpr,
-                   GIVEN_SCALE: tl.constexpr = False):
+                   GIVEN_SCALE: tl.constexpr = False, FINITE: tl.constexpr = False):
     """FP8 bit pattern (uint8) of ``saturate(rne(x / s))`` for fp32 ``x``, scales ``s``
     broadcastable to it and ``r = div_rn(1, s)``; non-finite quotients get numerics' codes.
 
@@ -140,7 +140,16 @@ def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: 
     on the H100, fp8 grid edges included).  In the interpreter, whose fma rounds twice and
     whose cast is wrong at binade edges (SPEC §4), the quotient is ``div_rn`` and the
     rounding to the FP8 grid is done in software first.
+
+    FINITE (compiled only): the caller knows every x is finite, so NaN/Inf codes are not
+    selected (11 of the dual kernel's 49 instructions per element).
     """
+    if HW_CAST and FINITE:
+        y = _div_exact(x, s, r)
+        if IS_E4M3:
+            return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        else:
+            return y.to(tl.float8e5).to(tl.uint8, bitcast=True)
     if HW_CAST:
         if GIVEN_SCALE:
             y = tl.math.div_rn(x, s)
@@ -619,22 +628,38 @@ def requantize_t(
 
 
 @triton.jit
+def _nan_max(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _quantize_dual_kernel(
-    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, N,
+    x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, flag_ptr, M, N,
     stride_xm, stride_xn, stride_sk, stride_stk,
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
+    FIXUP: tl.constexpr,  # second launch: redo the tiles the first flagged
 ):
     """One 128x128 tile of ``x (M, N)`` quantized twice: 1x128 groups along N into
     ``q (M, N)`` and along M into ``qt (N, M)`` (the transpose), each with its scales stored
     M-contiguous like every GROUP scale (``s`` strides ``(1, M)``, ``st`` strides ``(1, N)``).
 
-    The whole tile is loaded at once (200 registers at 8 warps, no spill): on an H200 that
-    is 1.9x faster than walking it twice in 16-row slices, whose small loads left the memory
-    system idle.  The transposed payload goes out through ``tl.trans``, so each row of
-    ``qt`` is written as 128 contiguous bytes."""
+    Two launches.  The first assumes every value is finite: NaN-propagating maxima give
+    the scales, and the payload skips the NaN/Inf codes.  It writes a flag for each tile where
+    that was not true.  The second launch returns at once for unflagged tiles and redoes
+    flagged ones with the full special-value handling, overwriting their outputs.  Splitting
+    the two paths keeps each one's registers low; one kernel holding both paths took 255.
+
+    The whole tile is loaded at once (174 registers at 8 warps, no spill).  On an H200 that
+    is 1.9x faster than walking the tile twice in 16-row slices, whose small loads left the
+    memory system idle.  The transposed payload goes out through ``tl.trans``, so each row
+    of ``qt`` is written as 128 contiguous bytes."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    flag = flag_ptr + pid_m * tl.num_programs(1) + pid_n
+    if FIXUP:
+        if tl.load(flag) == 0:
+            return
     rm = pid_m * BLOCK + tl.arange(0, BLOCK)
     rn = pid_n * BLOCK + tl.arange(0, BLOCK)
     mmask = rm < M
@@ -644,16 +669,25 @@ def _quantize_dual_kernel(
     mask = mmask[:, None] & nmask[None, :]
     x = tl.load(x_ptr + rm64[:, None] * stride_xm + rn64[None, :] * stride_xn, mask=mask,
                 other=0.0).to(tl.float32)
-    a = _finite_abs(x)
-    s_row = _scale_from_amax(tl.max(a, axis=1), FMAX, POW2)  # row m, group pid_n
-    s_col = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)  # column n, group pid_m
+    if FIXUP:
+        a = _finite_abs(x)
+        row_amax = tl.max(a, axis=1)
+        col_amax = tl.max(a, axis=0)
+    else:
+        a = tl.abs(x)
+        row_amax = tl.reduce(a, 1, _nan_max)  # NaN or Inf if the row has one
+        col_amax = tl.reduce(a, 0, _nan_max)
+        # NaN < inf is False too.
+        tl.store(flag, (tl.reduce(row_amax, 0, _nan_max) < float("inf")) == 0)
+    s_row = _scale_from_amax(row_amax, FMAX, POW2)  # row m, group pid_n
+    s_col = _scale_from_amax(col_amax, FMAX, POW2)  # column n, group pid_m
     tl.store(s_ptr + rm64 + pid_n * stride_sk, s_row, mask=mmask)
     tl.store(st_ptr + rn64 + pid_m * stride_stk, s_col, mask=nmask)
     q = _quantize_bits(x, s_row[:, None], tl.math.div_rn(1.0, s_row)[:, None], FMAX, IS_E4M3,
-                       HW_CAST)
+                       HW_CAST, FINITE=not FIXUP)
     tl.store(q_ptr + rm64[:, None] * N + rn64[None, :], q, mask=mask)
     qt = _quantize_bits(x, s_col[None, :], tl.math.div_rn(1.0, s_col)[None, :], FMAX, IS_E4M3,
-                        HW_CAST)
+                        HW_CAST, FINITE=not FIXUP)
     tl.store(qt_ptr + rn64[:, None] * M + rm64[None, :], tl.trans(qt),
              mask=nmask[:, None] & mmask[None, :])
 
@@ -674,10 +708,13 @@ def quantize_dual(
     st = torch.empty_strided((n, cdiv(m, nx.BLOCK)), (1, n), dtype=torch.float32,
                              device=x.device)
     grid = (cdiv(m, nx.BLOCK), cdiv(n, nx.BLOCK))
-    launch(_quantize_dual_kernel)[grid](
-        x, q.view(torch.uint8), s, qt.view(torch.uint8), st, m, n,
-        x.stride(0), x.stride(1), s.stride(1), st.stride(1),
-        IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
-        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, num_warps=8,
-    )
+    flags = torch.empty(grid, dtype=torch.int8, device=x.device)
+    for fixup in (False, True):
+        launch(_quantize_dual_kernel)[grid](
+            x, q.view(torch.uint8), s, qt.view(torch.uint8), st, flags, m, n,
+            x.stride(0), x.stride(1), s.stride(1), st.stride(1),
+            IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
+            HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, FIXUP=fixup,
+            num_warps=8,
+        )
     return q, s, qt, st

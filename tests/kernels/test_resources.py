@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(not tools_available(),
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_blocks_transposed",
-         "quantize_dual", "requantize_t", "transpose_copy"]
+         "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy"]
 SNIPPET = f"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
