@@ -45,7 +45,7 @@ for stage in "${stages[@]}"; do
     case $stage in
         check) run check 240 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
-        gemm) run gemm 120 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
+        gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         quant) run quant 90 python benchmarks/quant.py --out "$out" ;;
         e2e)
             run e2e_default 150 python benchmarks/e2e.py --out "$out/e2e_default"
