@@ -35,21 +35,24 @@ SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096)]
 G = Granularity
 
 
-def cases(x: torch.Tensor):
-    """(name, bytes per element, callable(one input)) for every kernel, for bf16 (M, N)."""
+def cases():
+    """(name, bytes per element, FP8 input?, callable(one input)) for every kernel; the input
+    is a bf16 (M, N) tensor, or for ``requantize_t`` its 1x128-group FP8 ``(q, scale)``."""
     from fp8compile.kernels import quant
 
     e4, e5 = Fp8Format.E4M3, Fp8Format.E5M2
     return [
-        ("group 1x128", 3, lambda t: quant.quantize(t, G.GROUP, e4, False)),
-        ("row", 3, lambda t: quant.quantize(t, G.ROW, e4, False)),
-        ("row, transposed view", 3, lambda t: quant.quantize(t.t(), G.ROW, e4, False)),
-        ("tensor (amax + cast)", 5, lambda t: quant.quantize(t, G.TENSOR, e4, False)),
-        ("tensor, transposed view", 5, lambda t: quant.quantize(t.t(), G.TENSOR, e4, False)),
-        ("block 128x128", 3, lambda t: quant.quantize(t, G.BLOCK, e4, False)),
-        ("block, transposed view", 3, lambda t: quant.quantize(t.t(), G.BLOCK, e4, False)),
-        ("dual (e5m2, both axes)", 4, lambda t: quant.quantize_dual(t, e5, False)),
-        ("requantize_t (fp8 in)", 2,
+        ("group 1x128", 3, False, lambda t: quant.quantize(t, G.GROUP, e4, False)),
+        ("row", 3, False, lambda t: quant.quantize(t, G.ROW, e4, False)),
+        ("row, transposed view", 3, False, lambda t: quant.quantize(t.t(), G.ROW, e4, False)),
+        ("tensor (amax + cast)", 5, False, lambda t: quant.quantize(t, G.TENSOR, e4, False)),
+        ("tensor, transposed view", 5, False,
+         lambda t: quant.quantize(t.t(), G.TENSOR, e4, False)),
+        ("block 128x128", 3, False, lambda t: quant.quantize(t, G.BLOCK, e4, False)),
+        ("block, transposed view", 3, False,
+         lambda t: quant.quantize(t.t(), G.BLOCK, e4, False)),
+        ("dual (e5m2, both axes)", 4, False, lambda t: quant.quantize_dual(t, e5, False)),
+        ("requantize_t (fp8 in)", 2, True,
          lambda t: quant.requantize_t(*t, G.GROUP, G.BLOCK, e4, False)),
     ]
 
@@ -84,8 +87,8 @@ def main() -> None:
         xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         fp8 = [quant.quantize(x, G.GROUP, Fp8Format.E4M3, False) for x in xs]
         copy_us = median_us(torch.clone, xs)  # reads 2 and writes 2 bytes per element
-        for name, bpe, fn in cases(xs[0]):
-            us = median_us(fn, fp8 if name.startswith("requantize") else xs)
+        for name, bpe, fp8_in, fn in cases():
+            us = median_us(fn, fp8 if fp8_in else xs)
             ideal = copy_us * bpe / 4
             row = {"shape": [m, n], "kernel": name, "us": us, "bytes_per_elt": bpe,
                    "tb_s": bpe * m * n / us / 1e6, "copy_us_same_bytes": ideal,

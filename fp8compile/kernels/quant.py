@@ -133,6 +133,20 @@ def _div_exact(x, s, r):
 
 
 @triton.jit
+def _fp8_cast_bits(y, IS_E4M3: tl.constexpr):
+    """Bit pattern (uint8) of fp32 ``y`` converted to E4M3 / E5M2 (saturating on the GPU)."""
+    if IS_E4M3:
+        return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    return y.to(tl.float8e5).to(tl.uint8, bitcast=True)
+
+
+@triton.jit
+def _tile_scale(x, FMAX: tl.constexpr, POW2: tl.constexpr):
+    """The one scale of a whole 2-D tile, from its finite amax."""
+    return _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
+
+
+@triton.jit
 def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: tl.constexpr,
                    GIVEN_SCALE: tl.constexpr = False, FINITE: tl.constexpr = False):
     """FP8 bit pattern (uint8) of ``saturate(rne(x / s))`` for fp32 ``x``, scales ``s``
@@ -148,31 +162,18 @@ def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: 
     FINITE (compiled only): the caller knows every x is finite, so NaN/Inf codes are not
     selected (11 of the dual kernel's 49 instructions per element).
     """
-    if HW_CAST and FINITE:
+    if HW_CAST and not GIVEN_SCALE:
         y = _div_exact(x, s, r)
-        if IS_E4M3:
-            return y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            return y.to(tl.float8e5).to(tl.uint8, bitcast=True)
-    if HW_CAST:
-        if GIVEN_SCALE:
-            y = tl.math.div_rn(x, s)
-        else:
-            y = _div_exact(x, s, r)
-        finite = tl.abs(y) < float("inf")
-        if IS_E4M3:
-            bits = y.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            bits = y.to(tl.float8e5).to(tl.uint8, bitcast=True)
     else:
         y = tl.math.div_rn(x, s)
-        finite = tl.abs(y) < float("inf")
+    if HW_CAST and FINITE:
+        return _fp8_cast_bits(y, IS_E4M3)
+    finite = tl.abs(y) < float("inf")
+    if HW_CAST:
+        bits = _fp8_cast_bits(y, IS_E4M3)
+    else:
         sat = tl.minimum(tl.maximum(tl.where(finite, y, 0.0), -FMAX), FMAX)
-        sat = _round_to_fp8_grid(sat, IS_E4M3)
-        if IS_E4M3:
-            bits = sat.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-        else:
-            bits = sat.to(tl.float8e5).to(tl.uint8, bitcast=True)
+        bits = _fp8_cast_bits(_round_to_fp8_grid(sat, IS_E4M3), IS_E4M3)
     # A quotient is NaN iff x is, and has x's sign (s > 0).
     if IS_E4M3:
         bad = tl.full(x.shape, 0x7F, tl.uint8)  # NaN for NaN and ±Inf (E4M3FN has no Inf)
@@ -270,7 +271,7 @@ def _quantize_kernel(
         cols = k_lo + offs_k
         x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                     mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
-        s = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
+        s = _tile_scale(x, FMAX, POW2)
         tl.store(s_ptr + pid_m * stride_sm + (k_lo // BLOCK_K) * stride_sk, s)
         tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                  _quantize_bits(x, s, tl.math.div_rn(1.0, s), FMAX, IS_E4M3, HW_CAST),
@@ -582,7 +583,7 @@ def _requantize_t_kernel(
                   mask=mmask[:, None] & kmask[None, :], other=0)
     s = tl.load(s_ptr + rm64 * stride_sm + pid_k * stride_sk, mask=mmask, other=0.0)
     x = _fp8_to_f32(raw, IN_E4M3, HW_CAST) * s[:, None]
-    sc = _scale_from_amax(tl.max(tl.max(_finite_abs(x), axis=1), axis=0), FMAX, POW2)
+    sc = _tile_scale(x, FMAX, POW2)
     tl.store(os_ptr + pid_k * stride_osk + pid_m * stride_osm, sc)
     bits = _quantize_bits(x, sc, tl.math.div_rn(1.0, sc), FMAX, IS_E4M3, HW_CAST)
     tl.store(out_ptr + rk.to(tl.int64)[:, None] * stride_om + rm64[None, :], tl.trans(bits),
