@@ -16,6 +16,14 @@ kernels run inside a compiled training step: timed one Python call at a time, a 
 quantization measures the launcher's host time (~60 us), not the GPU's.  Each replay runs
 the kernel over enough copies of the input to exceed the L2 cache three times, so inputs
 come from HBM.
+
+``--decode`` times tensorwise quantization at decoding sizes instead (M = 1 and 16 tokens,
+K = 4096 and 14336, plain and fused with RMSNorm or SiLU·mul, inputs resident in L2 as a
+decode step leaves them) by each route the kernel has for the amax: one launch of one
+program holding all of x (up to 65536 elements: 16x14336 takes the next route), two launches
+with one amax slot per program, and two launches around a zeroed amax cell (a fill kernel
+more).  The routes are forced through the module's
+thresholds, so their figures come from one run.
 """
 
 from __future__ import annotations
@@ -57,9 +65,45 @@ def cases():
     ]
 
 
+DECODE_SHAPES = [(1, 4096), (16, 4096), (16, 14336)]
+# route -> (quant._WHOLE_AMAX_MAX_ELEMS, quant._AMAX_SLOTS_MAX)
+ROUTES = {"one launch": (1 << 16, 1 << 30), "slots": (0, 1 << 30), "zeroed cell": (0, 0)}
+
+
+def decode(median_us, out: list) -> None:
+    """Tensorwise quantization at decode sizes by each amax route (see the module doc)."""
+    from fp8compile.kernels import fused, quant
+
+    t = Granularity.TENSOR
+    producers = {
+        "plain": lambda x, w, u: quant.quantize(x, t, Fp8Format.E4M3, False),
+        "rmsnorm": lambda x, w, u: fused.rmsnorm_quantize(x, w, 1e-5, t),
+        "silu_mul": lambda x, w, u: fused.silu_mul_quantize(x, u, t),
+    }
+    saved = quant._WHOLE_AMAX_MAX_ELEMS, quant._AMAX_SLOTS_MAX
+    for m, k in DECODE_SHAPES:
+        xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(16)]
+        ups = [torch.randn_like(x) for x in xs]
+        w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+        copy_us = median_us(torch.clone, xs)
+        for pname, fn in producers.items():
+            line = [f"{m:3d}x{k:<6d} {pname:9s}"]
+            for route, limits in ROUTES.items():
+                quant._WHOLE_AMAX_MAX_ELEMS, quant._AMAX_SLOTS_MAX = limits
+                pairs = list(zip(xs, ups))
+                us = median_us(lambda p: fn(p[0], w, p[1]), pairs)
+                out.append({"shape": [m, k], "producer": pname, "route": route, "us": us,
+                            "copy_us": copy_us})
+                line.append(f"{route} {us:6.2f} us")
+            quant._WHOLE_AMAX_MAX_ELEMS, quant._AMAX_SLOTS_MAX = saved
+            print("  ".join(line) + f"  (clone {copy_us:.2f} us)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="folder for quant_bench.json")
+    ap.add_argument("--decode", action="store_true",
+                    help="tensorwise quantization at decode sizes, by amax route")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time (the kernels' CPU tests: pytest tests/kernels)")
@@ -82,7 +126,9 @@ def main() -> None:
     print(json.dumps(info))
     rows = []
     torch.manual_seed(0)
-    for m, n in SHAPES:
+    if args.decode:
+        decode(median_us, rows)
+    for m, n in [] if args.decode else SHAPES:
         sets = -(-3 * l2 // (2 * m * n))
         xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         fp8 = [quant.quantize(x, G.GROUP, Fp8Format.E4M3, False) for x in xs]
@@ -98,7 +144,8 @@ def main() -> None:
                   f"  copy {ideal:6.1f} us  vs copy {row['vs_copy']:.2f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "quant_bench.json"), "w") as f:
+        name = "quant_decode.json" if args.decode else "quant_bench.json"
+        with open(os.path.join(args.out, name), "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
 
 

@@ -8,8 +8,10 @@ One kernel, :func:`_quantize_kernel`, serves all four granularities of
 =========  ====================================  =======================================
 GRAN       program                               scale written
 =========  ====================================  =======================================
-TENSOR     rows x K-range, two launches: amax     ``()``: launch 1 folds a finite amax into
-           (atomic max), then quantize            one fp32 cell, launch 2 reads it
+TENSOR     rows x K-range, two launches: amax,    ``()``: launch 1 writes one finite amax
+           then quantize; a single small tile     per program (or, for a large grid, folds
+           (a decode step's tokens) is one        it into one zeroed cell by atomic max),
+           launch of one program                  launch 2 reduces them to the scale
 ROW        rows x all of K: amax pass, then       ``(M, 1)``
            quantize pass (second read hits L2)
 GROUP      rows x several 128-groups              ``(M, ceil(K/128))`` stored M-contiguous,
@@ -184,18 +186,36 @@ def _quantize_bits(x, s, r, FMAX: tl.constexpr, IS_E4M3: tl.constexpr, HW_CAST: 
 
 
 @triton.jit
-def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
-                         GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr, FMAX: tl.constexpr,
-                         POW2: tl.constexpr, BLOCK_M: tl.constexpr):
+def _fold_amax(amax_ptr, amax, pid_m, pid_k, AMAX_AT: tl.constexpr):
+    """Tensorwise launch 1: hand this program's finite amax to launch 2 (see AMAX_AT)."""
+    if AMAX_AT == 1:
+        tl.store(amax_ptr + pid_m * tl.num_programs(1) + pid_k, amax)
+    else:
+        # amax >= 0, so fp32 atomic max is exact and order-independent.
+        tl.atomic_max(amax_ptr, amax)
+
+
+@triton.jit
+def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k, n_slots,
+                         GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr, AMAX_AT: tl.constexpr,
+                         SLOTS: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
     """The ``[BLOCK_M]`` scales of a row/tensor program, stored as they are computed: per row
-    from the rows' amax ``a`` (ROW), or one from the amax cell (or, ``GIVEN_SCALE``, the scale
-    itself) in ``amax_ptr`` (TENSOR; program (0, 0) stores it)."""
+    from the rows' amax ``a`` (ROW), or one for the tensor (program (0, 0) stores it): the
+    ``GIVEN_SCALE`` in ``amax_ptr``, or from the amax launch 1 left there (the cell, or the
+    max of its ``n_slots`` slots), or from ``a`` itself (``AMAX_AT == 2``)."""
     if GRAN == 1:
         s = _scale_from_amax(a, FMAX, POW2)
         tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
     else:
         if GIVEN_SCALE:
             s1 = tl.load(amax_ptr)
+        elif AMAX_AT == 2:
+            s1 = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)
+        elif AMAX_AT == 1:
+            slots = tl.arange(0, SLOTS)
+            part = tl.load(amax_ptr + slots, mask=slots < n_slots, other=0.0)
+            s1 = _scale_from_amax(tl.max(part, axis=0), FMAX, POW2)
         else:
             s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
         if (pid_m == 0) & (pid_k == 0):
@@ -205,13 +225,27 @@ def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_
 
 
 @triton.jit
+def _rstd(sq, K, eps):
+    """RMSNorm's ``1 / sqrt(mean(x²) + eps)`` per row, from the rows' sums of squares."""
+    # eps arrives as fp32 from Triton's launcher but as fp64 from Inductor's (a kernel
+    # inlined into a compiled graph): round it to fp32 in both cases.
+    return tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + tl.full(sq.shape, eps, tl.float32)))
+
+
+@triton.jit
 def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
-             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER: tl.constexpr):
-    """Load a [BLOCK_M, BLOCK_K] tile and apply the producer, in fp32; masked lanes are 0."""
+             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER: tl.constexpr, eps,
+             ROW_IN_TILE: tl.constexpr):
+    """Load a [BLOCK_M, BLOCK_K] tile and apply the producer, in fp32; masked lanes are 0.
+
+    ROW_IN_TILE: the tile holds its rows' whole K, so RMSNorm takes ``rstd`` from it (with
+    ``eps``) rather than from the caller: one read of x fewer, the same sums."""
     mask = rmask[:, None] & (cols[None, :] < K)
     x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk, mask=mask,
                 other=0.0).to(tl.float32)
     if PRODUCER == 1:
+        if ROW_IN_TILE:
+            rstd = _rstd(tl.sum(x * x, axis=1), K, eps)
         w = tl.load(nw_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
         x = x * rstd[:, None] * w[None, :]
     elif PRODUCER == 2:
@@ -225,10 +259,10 @@ def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
 def _quantize_kernel(
     # pointers: input, second input (SiLU*mul "up"), RMSNorm weight
     x_ptr, x2_ptr, nw_ptr,
-    # pointers: payload (uint8 view), scales, tensorwise amax cell (fp32, zeroed)
+    # pointers: payload (uint8 view), scales, tensorwise amax (see AMAX_AT) or given scale
     q_ptr, s_ptr, amax_ptr,
-    # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon
-    M, K, k_per_prog, eps,
+    # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon, amax slots
+    M, K, k_per_prog, eps, n_slots,
     # strides (elements)
     stride_xm, stride_xk, stride_x2m, stride_x2k, stride_qm, stride_sm, stride_sk,
     # meta-parameters
@@ -236,8 +270,12 @@ def _quantize_kernel(
     PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
     AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
     GIVEN_SCALE: tl.constexpr,  # tensorwise: amax_ptr holds the scale itself (static/delayed)
+    # tensorwise amax: 0 one zeroed fp32 cell (atomic max), 1 one slot per program of the
+    # AMAX_ONLY launch (SLOTS >= n_slots, a power of two), 2 none: a single program holds all
+    # of x in one tile (ONE_CHUNK) and computes the amax itself, in a single launch
+    AMAX_AT: tl.constexpr, SLOTS: tl.constexpr,
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-    ONE_CHUNK: tl.constexpr,  # tensor/row: k_per_prog <= BLOCK_K, a single tile per program
+    ONE_CHUNK: tl.constexpr,  # tensor/row: one tile per program, holding its rows' whole K
     HW_CAST: tl.constexpr,  # round with the hardware conversion (compiled) or in software
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_SLICE: tl.constexpr,  # BLOCK only: rows per slice of the block (BLOCK_M: whole)
@@ -252,17 +290,15 @@ def _quantize_kernel(
     offs_k = tl.arange(0, BLOCK_K)
 
     rstd = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if PRODUCER == 1:
-        # RMSNorm needs the whole row: the launcher gives it one program along K.
+    if PRODUCER == 1 and not (ONE_CHUNK and GRAN < 2):
+        # RMSNorm needs whole rows: a pass over K first (a ONE_CHUNK tile has them already).
         sq = tl.zeros([BLOCK_M], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + offs_k
             x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xk,
                         mask=rmask[:, None] & (cols[None, :] < K), other=0.0).to(tl.float32)
             sq += tl.sum(x * x, axis=1)
-        # eps arrives as fp32 from Triton's launcher but as fp64 from Inductor's (a kernel
-        # inlined into a compiled graph): round it to fp32 in both cases.
-        rstd = tl.math.div_rn(1.0, tl.sqrt_rn(sq / K + tl.full([BLOCK_M], eps, tl.float32)))
+        rstd = _rstd(sq, K, eps)
 
     if GRAN == 3 and BLOCK_SLICE == BLOCK_M:
         # BLOCK, whole tile at once: for a transposed view (the backward's weight.t()), whose
@@ -303,7 +339,7 @@ def _quantize_kernel(
         for k0 in range(k_lo, k_hi, BLOCK_K):
             cols = k0 + offs_k
             x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
-                         stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                         stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER, eps, False)
             a = tl.max(_finite_abs(x), axis=1)
             s = _scale_from_amax(a, FMAX, POW2)
             tl.store(s_ptr + rows * stride_sm + (k0 // BLOCK_K) * stride_sk, s, mask=rmask)
@@ -315,13 +351,14 @@ def _quantize_kernel(
         # The program's whole K range is one tile: read x once, keep it in registers.
         cols = k_lo + offs_k
         x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
-                     stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                     stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER, eps, True)
         a = tl.max(_finite_abs(x), axis=1)
         if AMAX_ONLY:
-            tl.atomic_max(amax_ptr, tl.max(a, axis=0))
+            _fold_amax(amax_ptr, tl.max(a, axis=0), pid_m, pid_k, AMAX_AT)
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
-                                     GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
+                                     n_slots, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS, FMAX, POW2,
+                                     BLOCK_M)
             inv = tl.math.div_rn(1.0, s)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                      _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
@@ -332,19 +369,19 @@ def _quantize_kernel(
         if AMAX_ONLY or GRAN == 1:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 x = _produce(x_ptr, x2_ptr, nw_ptr, rows, k0 + offs_k, rmask, K, rstd,
-                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER, eps, False)
                 a = tl.maximum(a, tl.max(_finite_abs(x), axis=1))
         if AMAX_ONLY:
-            # amax >= 0, so fp32 atomic max is exact and order-independent.
-            tl.atomic_max(amax_ptr, tl.max(a, axis=0))
+            _fold_amax(amax_ptr, tl.max(a, axis=0), pid_m, pid_k, AMAX_AT)
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
-                                     GRAN, GIVEN_SCALE, FMAX, POW2, BLOCK_M)
+                                     n_slots, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS, FMAX, POW2,
+                                     BLOCK_M)
             inv = tl.math.div_rn(1.0, s)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 cols = k0 + offs_k
                 x = _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
-                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER)
+                             stride_xm, stride_xk, stride_x2m, stride_x2k, PRODUCER, eps, False)
                 tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                          _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
                                         GIVEN_SCALE),
@@ -426,7 +463,9 @@ def quantize_rows(
     q = torch.empty((0,) if amax_only else x.shape, dtype=fmt.dtype, device=x.device)
     q2d = q.view(torch.uint8) if amax_only else q.view(m, k).view(torch.uint8)
     if granularity is Granularity.TENSOR:
-        scale = torch.empty((), dtype=torch.float32, device=x.device)
+        # Shape (1,), returned as a 0-dim view: Inductor realizes an empty 0-dim tensor with
+        # a kernel that writes a zero into it (no elements to skip), one launch per call.
+        scale = torch.empty(1, dtype=torch.float32, device=x.device)
         stride_sm = stride_sk = 0
     elif granularity is Granularity.ROW:
         scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
@@ -443,21 +482,42 @@ def quantize_rows(
     if x2 is not None:
         x2 = _as_rows(x2)
     column_major = m > 1 and k > 1 and x2d.stride(0) == 1 and x2d.stride(1) != 1
-    block_m, block_k, k_per_prog, num_warps = _launch_shape(m, k, granularity, producer,
-                                                            num_sms(x.device), column_major)
+    # Tensor scaling of one small tile (the tokens of a decode step) in one launch and one
+    # program, which holds all of x in registers.
+    block_m, block_k = next_pow2(m), max(16, next_pow2(k))
+    whole = (granularity is Granularity.TENSOR and given_scale is None and not amax_only
+             and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS)
+    if whole:
+        k_per_prog, num_warps = k, max(4, min(32, block_m * block_k // 2048))
+    else:
+        block_m, block_k, k_per_prog, num_warps = _launch_shape(
+            m, k, granularity, producer, num_sms(x.device), column_major)
     grid = (cdiv(m, block_m), cdiv(k, k_per_prog))
+    n_slots = grid[0] * grid[1]
+    # Where the tensorwise amax goes between the launches: one slot per program needs no
+    # zeroed cell (a fill kernel before every quantization); past _AMAX_SLOTS_MAX programs,
+    # the second launch's reading of every slot would cost more than the fill.
+    if whole:
+        amax_at = 2
+    elif (granularity is Granularity.TENSOR and given_scale is None and not amax_only
+          and n_slots <= _AMAX_SLOTS_MAX):
+        amax_at = 1
+    else:
+        amax_at = 0
     common = dict(
         x_ptr=x2d, x2_ptr=x2 if x2 is not None else x2d,
         nw_ptr=norm_weight if norm_weight is not None else x2d,
         q_ptr=q2d, s_ptr=scale,
-        M=m, K=k, k_per_prog=k_per_prog, eps=float(eps),
+        M=m, K=k, k_per_prog=k_per_prog, eps=float(eps), n_slots=n_slots,
         stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
         stride_x2m=x2.stride(0) if x2 is not None else 0,
         stride_x2k=x2.stride(1) if x2 is not None else 0,
         stride_qm=k, stride_sm=stride_sm, stride_sk=stride_sk,
         GRAN=GRAN_CODE[granularity], PRODUCER=producer,
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
-        ONE_CHUNK=k_per_prog <= block_k,
+        ONE_CHUNK=(granularity in (Granularity.TENSOR, Granularity.ROW)
+                   and k <= k_per_prog <= block_k),
+        AMAX_AT=amax_at, SLOTS=next_pow2(n_slots) if amax_at == 1 else 1,
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         BLOCK_SLICE=block_m if column_major and granularity is Granularity.BLOCK
@@ -466,16 +526,19 @@ def quantize_rows(
     if given_scale is not None:
         launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
                                        **common)
-        return q, scale
-    if granularity is Granularity.TENSOR:
-        amax = torch.zeros(1, dtype=torch.float32, device=x.device)
+        return q, scale.reshape(())
+    if granularity is Granularity.TENSOR and not whole:
+        if amax_at == 1:
+            amax = torch.empty(n_slots, dtype=torch.float32, device=x.device)
+        else:
+            amax = torch.zeros(1, dtype=torch.float32, device=x.device)
         launch(_quantize_kernel)[grid](amax_ptr=amax, AMAX_ONLY=True, GIVEN_SCALE=False, **common)
         if amax_only:
             return amax.reshape(()), scale
     else:
         amax = scale  # unused
     launch(_quantize_kernel)[grid](amax_ptr=amax, AMAX_ONLY=False, GIVEN_SCALE=False, **common)
-    return q, scale
+    return q, scale.reshape(()) if granularity is Granularity.TENSOR else scale
 
 
 def check_quantize_args(x: torch.Tensor, granularity, fmt, what: str):
@@ -510,6 +573,14 @@ def quantize(
 
 # Rows per slice of a 128x128 weight block in _quantize_kernel (GRAN == 3, see there).
 _BLOCK_SLICE = 32
+# Tensorwise quantization of up to this many elements (rows and columns rounded up to powers
+# of two) is one launch of one program (AMAX_AT == 2), up to 8 warps holding 64 values each.
+# One SM then does all the arithmetic: on an H200 (benchmarks/quant.py --decode) 1x4096 took
+# 1.8 us against 2.9 us for two launches, but 16x4096 10.1 us against 3.7 us.
+_WHOLE_AMAX_MAX_ELEMS = 16384
+# Tensorwise launch 1 writes one amax per program up to this many programs (AMAX_AT == 1),
+# else folds them into one zeroed cell.
+_AMAX_SLOTS_MAX = 1024
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     """Tensorwise ``numerics.quantize_with_scale`` (static or delayed scales) in one launch."""

@@ -43,6 +43,18 @@ def test_rmsnorm_quantize(device, granularity, fmt):
 
 
 @pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("k", [96, 128, 4100])
+def test_rmsnorm_row_lengths(device, granularity, k):
+    # Rows held whole in one tile take rstd from that tile (tensor, row); 1x128 groups and
+    # longer rows take it from a pass of their own.  K within one group, K = one group, and
+    # K past a power of two.
+    x = (torch.randn(3, k) * 2).to(device)
+    w = (torch.rand(k) + 0.5).to(device)
+    assert_close_quant(rmsnorm_quantize(x, w, 1e-6, granularity, Fp8Format.E4M3, False),
+                       nx.rmsnorm_quantize(x, w, 1e-6, granularity), Fp8Format.E4M3)
+
+
+@pytest.mark.parametrize("granularity", GRANS)
 @pytest.mark.parametrize("power_of_2", [False, True])
 def test_silu_mul_quantize(device, granularity, power_of_2):
     gate = (torch.randn(5, 200) * 3).to(device)

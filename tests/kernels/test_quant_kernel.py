@@ -1,5 +1,7 @@
 """Quantization kernels vs fp8compile.numerics.quantize: scales and payloads bit-exact."""
 
+import math
+
 import pytest
 import torch
 
@@ -7,6 +9,7 @@ from fp8compile import numerics as nx
 from fp8compile.kernels import available
 from fp8compile.kernels.quant import quantize
 from fp8compile.numerics import Fp8Format, Granularity
+from tests.kernels.test_fused_kernel import assert_close_quant
 
 ACT_GRANS = [Granularity.TENSOR, Granularity.ROW, Granularity.GROUP]
 
@@ -281,3 +284,65 @@ def test_given_scale_and_amax_match_numerics(device, fmt, shape):
         assert torch.equal(nan, want.float().isnan())
         assert nan.sum() == (2 if fmt is Fp8Format.E4M3 else 1)
         assert torch.equal(got.view(torch.uint8).cpu()[~nan], want.view(torch.uint8)[~nan])
+
+
+# Tensorwise amax routes: one launch of one program holding all of x (as far as it fits in
+# the elements limit); two launches with one amax slot per program; two launches folding into
+# one zeroed cell (large grids).  (elements limit, slots limit).
+TENSOR_ROUTES = {"one launch": (1 << 16, 1024), "slots": (0, 1024), "cell": (0, 0)}
+
+
+@pytest.mark.parametrize("route", list(TENSOR_ROUTES))
+@pytest.mark.parametrize("shape", [(1, 200), (9, 3000), (3, 16500), (2, 7, 130)])
+@pytest.mark.parametrize("producer", ["none", "rmsnorm", "silu_mul"])
+def test_tensor_amax_routes(device, monkeypatch, route, shape, producer):
+    from fp8compile.kernels import fused, quant
+
+    max_elems, max_slots = TENSOR_ROUTES[route]
+    rows = math.prod(shape[:-1])
+    tile = 2 ** math.ceil(math.log2(rows)) * 2 ** math.ceil(math.log2(shape[-1]))
+    launches = 1 if tile <= max_elems else 2  # (3, 16500) does not fit one program
+    monkeypatch.setattr(quant, "_WHOLE_AMAX_MAX_ELEMS", max_elems)
+    monkeypatch.setattr(quant, "_AMAX_SLOTS_MAX", max_slots)
+    calls = []
+    real_launch = quant.launch
+    monkeypatch.setattr(quant, "launch", lambda k: calls.append(k) or real_launch(k))
+
+    x = torch.randn(shape) * 3
+    rows = x.view(-1, shape[-1])
+    if producer != "rmsnorm":  # (a NaN or Inf makes its whole row NaN after RMSNorm)
+        rows[0, 3] = float("nan")
+        rows[-1, 5] = float("-inf")
+    rows[-1, 7] = 0.0
+    rows[-1, -1] = 1000.0  # the amax sits in the last program's tile
+    fmt = Fp8Format.E4M3
+    if producer == "none":
+        got = quantize(x.to(device), Granularity.TENSOR, fmt, False)
+        assert_same_quant(got, ref_quantize(x.to(device), Granularity.TENSOR, fmt, False))
+    else:
+        if producer == "rmsnorm":
+            w = torch.rand(shape[-1]) + 0.5
+            got = fused.rmsnorm_quantize(x.to(device), w.to(device), 1e-6, Granularity.TENSOR)
+            want = nx.rmsnorm_quantize(x, w, 1e-6, Granularity.TENSOR)
+        else:
+            up = torch.randn(shape)
+            got = fused.silu_mul_quantize(x.to(device), up.to(device), Granularity.TENSOR)
+            want = nx.silu_mul_quantize(x, up, Granularity.TENSOR)
+        assert_close_quant(got, want, fmt)
+    assert len(calls) == launches, (route, len(calls))
+
+
+@pytest.mark.parametrize("shape, launches", [((1, 4096), 1), ((4, 4096), 1), ((1, 16384), 1),
+                                             ((16, 4096), 2), ((1, 16385), 2),
+                                             ((4096, 64), 2)])
+def test_tensor_amax_default_route(device, monkeypatch, shape, launches):
+    # A single tile (the tokens of a decode step) is quantized in one launch; larger x in two.
+    from fp8compile.kernels import quant
+
+    calls = []
+    real_launch = quant.launch
+    monkeypatch.setattr(quant, "launch", lambda k: calls.append(k) or real_launch(k))
+    x = torch.randn(shape)
+    got = quantize(x.to(device), Granularity.TENSOR, Fp8Format.E4M3, False)
+    assert_same_quant(got, ref_quantize(x.to(device), Granularity.TENSOR))
+    assert len(calls) == launches
