@@ -30,7 +30,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .manager import Fp8Pass, PassResult, dtype_of, info
+from .manager import Fp8Pass, PassResult, dtype_of, eliminate_dead_code, info
 from .scales import ScalesPass
 
 OPS = torch.ops.fp8compile
@@ -68,7 +68,7 @@ class FusePass(Fp8Pass):
             graph.erase_node(node)
             modified = True
         if modified:
-            graph.eliminate_dead_code()
+            eliminate_dead_code(graph)
             graph.lint()
             gm.recompile()
         self.ctx.stats["fused_quantizations"] = sum(

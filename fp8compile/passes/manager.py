@@ -26,7 +26,9 @@ __all__ = [
     "Fp8Pass",
     "PassManager",
     "PassResult",
+    "eliminate_dead_code",
     "info",
+    "mutates",
     "module_of",
     "shape_of",
     "dtype_of",
@@ -194,6 +196,24 @@ def module_of(node: torch.fx.Node) -> tuple[str, type | None]:
         return "", None
     path, cls = list(stack.values())[-1]
     return _clean_path(path), cls if isinstance(cls, type) else None
+
+
+def mutates(node: torch.fx.Node) -> bool:
+    """True for a call that changes a tensor in place: a method or function named ``..._``
+    (``x.mul_(2)``, ``torch.relu_``), ``operator.iadd`` and friends, ``operator.setitem``."""
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    dunder = name.startswith("__") and name.endswith("__")
+    return (name.endswith("_") and not dunder) or name.startswith("__i") or name == "setitem"
+
+
+def eliminate_dead_code(graph: torch.fx.Graph) -> None:
+    """``graph.eliminate_dead_code()`` that keeps in-place calls whose result is unused.
+
+    FX counts every ``call_method`` as pure, so ``a.mul_(2)`` (result unused, ``a`` read
+    later) would be dropped and the graph would compute ``a`` without it."""
+    graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates(n))
 
 
 def info(node: torch.fx.Node) -> dict[str, Any]:

@@ -39,7 +39,7 @@ import torch
 from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
-from .manager import Fp8Pass, PassResult, info
+from .manager import Fp8Pass, PassResult, eliminate_dead_code, info
 from .rewrite import RewritePass
 
 OPS = torch.ops.fp8compile
@@ -84,7 +84,7 @@ class ScalesPass(Fp8Pass):
         else:
             modified |= self._share_training_quant(graph)
         if modified:
-            graph.eliminate_dead_code()
+            eliminate_dead_code(graph)
             graph.lint()
             gm.recompile()
         return PassResult(gm, modified)

@@ -114,3 +114,21 @@ def test_module_paths_are_relative_to_the_compiled_model(model):
     assert [module_of(n) for n in linears] == [
         ("layers.0.proj", nn.Linear), ("layers.1.proj", nn.Linear), ("head", nn.Linear)
     ]
+
+
+def test_dead_code_elimination_keeps_in_place_calls():
+    import operator
+
+    from fp8compile.passes.manager import eliminate_dead_code
+
+    g = torch.fx.Graph()
+    x = g.placeholder("x")
+    y = g.call_function(torch.neg, (x,))
+    g.call_method("mul_", (y, 2))  # result unused, y changed
+    g.call_function(operator.setitem, (y, 0, 1.0))
+    g.call_method("add", (y, 1))  # unused and pure: goes
+    g.output(y)
+    eliminate_dead_code(g)
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    assert [n.target for n in g.nodes if n.op == "call_method"] == ["mul_"]
+    assert torch.equal(gm(torch.ones(3)), torch.tensor([1.0, -2.0, -2.0]))
