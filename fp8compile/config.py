@@ -155,6 +155,10 @@ class Fp8Config:
             where ``static_scales`` has no entry, as the static activation amax.
         inference: ``True`` caches quantized weights (per parameter version); ``False`` keeps
             autograd; ``None`` decides from ``torch.is_grad_enabled()`` at compile time.
+        fuse_projections: inference: FP8 linears that read one input (q/k/v, gate/up) with no
+            bias run as one GEMM over their stacked weights.  Exact for ``rowwise`` and for
+            ``blockwise`` (where each N is a multiple of 128); ``tensorwise`` then quantizes
+            the stack with one scale, the largest member's.  The plan lists the groups.
     """
 
     recipe: Recipe = Recipe.BLOCKWISE
@@ -173,6 +177,7 @@ class Fp8Config:
     min_sqnr_db: float | None = None
     calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
+    fuse_projections: bool = True
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -185,7 +190,7 @@ class Fp8Config:
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))
         set_(self, "calibration", self._check_calibration(self.calibration))
-        for name in ("power_of_2_scales", "matmul"):
+        for name in ("power_of_2_scales", "matmul", "fuse_projections"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
         if self.inference is not None and not isinstance(self.inference, bool):

@@ -174,6 +174,10 @@ class Plan:
             )
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
+        if self.stats.get("fused_gemms"):
+            lines.append("FP8 GEMMs fused (one GEMM over stacked weights, each takes its "
+                         "columns):")
+            lines.extend(f"  {line}" for line in self.stats["fused_gemms"])
         if self.stats.get("gemm_backends"):
             lines.append("GEMM backends chosen at compile time:")
             lines.extend(f"  {line}" for line in self.stats["gemm_backends"])

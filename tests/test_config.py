@@ -32,6 +32,7 @@ def test_strings_become_enums():
         ({"min_weight_numel": 1.5}, "min_weight_numel"),
         ({"amax_history_len": 0}, "amax_history_len"),
         ({"power_of_2_scales": "yes"}, "power_of_2_scales"),
+        ({"fuse_projections": 1}, "fuse_projections"),
         ({"static_scales": {"a": -1.0}}, "static_scales"),
         ({"rules": ["norm", "nope"]}, "rules"),
         ({"scaling": "delayed"}, "scaling"),  # needs tensorwise

@@ -89,6 +89,8 @@ class RewritePass(Fp8Pass):
                     new = self._training_linear(graph, node, meta, (x, w, bias), fmts)
         new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
         info(new).setdefault("role", "fp8_gemm")
+        if meta.get("module"):
+            info(new).setdefault("module", meta["module"])
         node.replace_all_uses_with(new)
         meta["rewritten"] = new
         graph.erase_node(node)

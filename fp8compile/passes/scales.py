@@ -19,7 +19,24 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
        linear(h, Wk)  ├─  ⇒                               ├→ linear_q(h, hq, hs, Wk)
        linear(h, Wv) ─┘                                   └→ linear_q(h, hq, hs, Wv)
 
-2. Weight hoisting (inference).  ``quantize(w)`` of a parameter (or of ``t(w)``) leaves the
+2. Projections fused (inference, ``fuse_projections``).  FP8 GEMMs that read one quantized
+   input with the same recipe and output dtype, have no bias and take parameters as weights
+   run as one GEMM over their concatenated FP8 weights, and each takes its columns of the
+   result (a view)::
+
+       scaled_mm(hq, Wq) ─┐          Wqkv = cat(Wq, Wk, Wv)   (weight cache, once per version)
+       scaled_mm(hq, Wk)  ├─  ⇒      y = scaled_mm(hq, Wqkv);  q, k, v = narrow(y, -1, ...)
+       scaled_mm(hq, Wv) ─┘
+
+   One launch and one weight stream instead of three: at a few tokens a GEMM reads its
+   weight and little else, and short GEMMs leave bandwidth unused at their start and end.
+   Rowwise scales concatenate exactly, and 128x128 blocks do when every member's N is a
+   multiple of 128 (else the group is left alone).  Tensorwise quantizes the concatenation
+   with one scale, the largest member's; the plan lists each group and says so.  A group is
+   also left alone when a member's output leaves the graph, is changed in place, or is
+   viewed in a way its columns-of-a-wider-tensor strides do not allow.
+
+3. Weight hoisting (inference).  ``quantize(w)`` of a parameter (or of ``t(w)``) leaves the
    graph and becomes two graph inputs fed by a :class:`WeightCache`, which requantizes only
    when the parameter's storage, shape, dtype or ``_version`` changed (an optimizer step or an
    in-place ``copy_`` under ``no_grad`` bump ``_version``; assigning ``p.data`` swaps storage)::
@@ -39,33 +56,38 @@ import torch
 from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
-from .manager import Fp8Pass, PassResult, eliminate_dead_code, info
+from .manager import Fp8Pass, PassResult, eliminate_dead_code, info, mutates
 from .rewrite import RewritePass
 
 OPS = torch.ops.fp8compile
 
 
 class WeightCache:
-    """FP8 copy of one weight (per its version) for one recipe.
+    """FP8 copy of one weight, or of several stacked along N (fused projections), per the
+    parameters' versions, for one recipe.
 
-    ``key`` identifies the parameter version: storage pointer, shape, dtype, device and the
-    autograd version counter.  The quantized copy lives as long as the compiled graph.
+    ``indices`` are the parameters' positions among the graph's inputs; ``transposed`` says
+    which are given as ``(K, N)``.  ``key`` identifies the parameters' versions: storage
+    pointer, shape, dtype, device and the autograd version counter of each.  The quantized
+    copy lives as long as the compiled graph.
     """
 
-    def __init__(self, index: int, transposed: bool, granularity: str, fmt: str, p2: bool):
-        self.index, self.transposed = index, transposed
+    def __init__(self, indices: Sequence[int], transposed: Sequence[bool], granularity: str,
+                 fmt: str, p2: bool):
+        self.indices, self.transposed = tuple(indices), tuple(transposed)
         self.args = (granularity, fmt, p2)
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
 
     def get(self, args: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        w = args[self.index]
-        key = (w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version)
+        ws = [args[i] for i in self.indices]
+        key = tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version) for w in ws)
         if key != self.key:
             with torch.no_grad():
-                src = w.detach().t() if self.transposed else w.detach()
-                self.value = OPS.quantize(src.contiguous(), *self.args)
+                srcs = [w.detach().t() if t else w.detach() for w, t in zip(ws, self.transposed)]
+                src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
+                self.value = OPS.quantize(src, *self.args)
             self.key = key
             self.quantizations += 1
         return self.value
@@ -80,6 +102,8 @@ class ScalesPass(Fp8Pass):
         graph = gm.graph
         modified = self._share_activation_quant(graph)
         if self.ctx.inference:
+            if self.ctx.config.fuse_projections:
+                modified |= self._fuse_projections(graph)
             modified |= self._hoist_weights(graph)
         else:
             modified |= self._share_training_quant(graph)
@@ -136,8 +160,87 @@ class ScalesPass(Fp8Pass):
             modified = True
         return modified
 
+    def _fuse_projections(self, graph: torch.fx.Graph) -> bool:
+        groups: dict[tuple, list[tuple[torch.fx.Node, torch.fx.Node]]] = {}
+        for node in graph.nodes:
+            if node.target is not OPS.scaled_mm.default:
+                continue
+            xq, xs, xg, wq, ws, wg, bias, out_dtype, acc, epilogue, residual = node.args
+            wqs = _weight_quant_of(wq, ws)
+            if (bias is not None or epilogue != "none" or residual is not None or wqs is None
+                    or self._weight_param(wqs) is None):
+                continue
+            # The shared quantization's outputs: getitem nodes, one pair per consumer.
+            key = (_item(xq), _item(xs), xg, wg, out_dtype, acc, tuple(wqs.args[1:]))
+            groups.setdefault(key, []).append((node, wqs))
+        modified = False
+        for (_, _, _, wg, _, _, qargs), members in groups.items():
+            if len(members) < 2:
+                continue
+            shapes = [self._weight_shape(wqs) for _, wqs in members]
+            if wg == nx.Granularity.BLOCK.value and any(n % nx.BLOCK for n, _ in shapes):
+                continue
+            offsets = [0]
+            for n, _ in shapes:
+                offsets.append(offsets[-1] + n)
+            if not all(_columns_usable(mm, offsets[-1], off)
+                       for (mm, _), off in zip(members, offsets)):
+                continue
+            self._fuse_group(graph, members, offsets, qargs)
+            modified = True
+        return modified
+
+    def _weight_param(self, wqs: torch.fx.Node) -> tuple[torch.fx.Node, bool] | None:
+        """(parameter placeholder, transposed) behind a weight ``quantize``, if hoistable."""
+        src = wqs.args[0]
+        transposed = src.op == "call_function" and src.target is torch.t
+        param = src.args[0] if transposed else src
+        return (param, transposed) if self.ctx.placeholder_index(param) is not None else None
+
+    def _weight_shape(self, wqs: torch.fx.Node) -> tuple[int, int]:
+        param, transposed = self._weight_param(wqs)
+        w = self.ctx.example_inputs[self.ctx.placeholder_index(param)]
+        return (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+
+    def _fuse_group(self, graph, members, offsets, qargs) -> None:
+        first = members[0][0]
+        k = self._weight_shape(members[0][1])[1]
+        sources = [self._weight_param(wqs) for _, wqs in members]
+        names = [str(info(mm).get("module") or mm.name) for mm, _ in members]
+        cache = WeightCache([self.ctx.placeholder_index(p) for p, _ in sources],
+                            [t for _, t in sources], *qargs)
+        stem = "_".join(p.name for p, _ in sources)
+        wq = self.ctx.add_input(graph, f"{stem}_fp8", lambda a, c=cache: c.get(a)[0])
+        ws = self.ctx.add_input(graph, f"{stem}_scale", lambda a, c=cache: c.get(a)[1])
+        info(wq)["role"] = info(ws)["role"] = "weight_input"
+        xq, xs, xg, _, _, wg, *rest = first.args
+        with graph.inserting_before(first):
+            fused = graph.call_function(OPS.scaled_mm.default, (xq, xs, xg, wq, ws, wg, *rest))
+        info(fused).update(role="fp8_gemm", fused_from=names)
+        fused.meta.update({k: v for k, v in first.meta.items() if k not in ("fp8compile", "val",
+                                                                          "example_value")})
+        for (mm, wqs), lo, hi in zip(members, offsets, offsets[1:]):
+            with graph.inserting_before(mm):
+                cols = graph.call_function(torch.narrow, (fused, -1, lo, hi - lo))
+            cols.meta.update({k: v for k, v in mm.meta.items() if k != "fp8compile"})
+            info(cols).update(role="fp8_gemm_columns", fused_into=names)
+            mm.replace_all_uses_with(cols)
+            graph.erase_node(mm)
+            for user in list(wqs.users):
+                if not user.users:
+                    graph.erase_node(user)
+            if not wqs.users:
+                graph.erase_node(wqs)
+        self._count_weights(cache, (offsets[-1], k))
+        group = " + ".join(f"{name} ({n})" for name, n in zip(
+            names, (b - a for a, b in zip(offsets, offsets[1:]))))
+        shared = qargs[0] == nx.Granularity.TENSOR.value
+        self.ctx.stats.setdefault("fused_gemms", []).append(
+            f"{group} = N {offsets[-1]}: one {qargs[0]}-scaled FP8 GEMM"
+            + (" (one weight scale for the group: the largest member's)" if shared else ""))
+        self.ctx.weight_caches.append(cache)
+
     def _hoist_weights(self, graph: torch.fx.Graph) -> bool:
-        stats = self.ctx.stats
         modified = False
         for node in list(graph.nodes):
             if node.target is not OPS.quantize.default or info(node).get("role") != "weight_quant":
@@ -148,7 +251,7 @@ class ScalesPass(Fp8Pass):
             index = self.ctx.placeholder_index(param)
             if index is None:
                 continue
-            cache = WeightCache(index, transposed, *qargs)
+            cache = WeightCache([index], [transposed], *qargs)
             wq = self.ctx.add_input(graph, f"{param.name}_fp8", lambda a, c=cache: c.get(a)[0])
             ws = self.ctx.add_input(graph, f"{param.name}_scale", lambda a, c=cache: c.get(a)[1])
             info(wq)["role"] = info(ws)["role"] = "weight_input"
@@ -158,19 +261,73 @@ class ScalesPass(Fp8Pass):
                     graph.erase_node(user)
             graph.erase_node(node)
             w = self.ctx.example_inputs[index]
-            shape = (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
-            n_scales = max(1, math.prod(scale_shape(shape, nx.Granularity(qargs[0]))))
-            stats["weight_bytes"] = stats.get("weight_bytes", 0) + w.numel() * w.element_size()
-            stats["fp8_weight_bytes"] = (
-                stats.get("fp8_weight_bytes", 0) + w.numel() + 4 * n_scales
-            )
-            stats["quantized_weights"] = stats.get("quantized_weights", 0) + 1
+            self._count_weights(cache, (w.shape[1], w.shape[0]) if transposed else tuple(w.shape))
             self.ctx.weight_caches.append(cache)
             modified = True
         return modified
 
+    def _count_weights(self, cache: "WeightCache", shape: tuple[int, int]) -> None:
+        """Add a cache's weights to the plan's weight memory figures (``shape``: its FP8
+        copy's)."""
+        stats = self.ctx.stats
+        weights = [self.ctx.example_inputs[i] for i in cache.indices]
+        n_scales = max(1, math.prod(scale_shape(shape, nx.Granularity(cache.args[0]))))
+        stats["weight_bytes"] = stats.get("weight_bytes", 0) + sum(
+            w.numel() * w.element_size() for w in weights)
+        stats["fp8_weight_bytes"] = (
+            stats.get("fp8_weight_bytes", 0) + math.prod(shape) + 4 * n_scales
+        )
+        stats["quantized_weights"] = stats.get("quantized_weights", 0) + len(weights)
+
 
 __all__ = ["ScalesPass", "WeightCache"]
+
+
+def _item(node: Any) -> Any:
+    """``(source, index)`` for ``getitem(source, index)``, else the node itself."""
+    if isinstance(node, torch.fx.Node) and node.target is operator.getitem:
+        return node.args[0], node.args[1]
+    return node
+
+
+def _weight_quant_of(wq: Any, ws: Any) -> torch.fx.Node | None:
+    """The weight ``quantize`` node whose two outputs ``wq`` and ``ws`` are, if they are."""
+    if not all(isinstance(n, torch.fx.Node) and n.target is operator.getitem for n in (wq, ws)):
+        return None
+    node = wq.args[0]
+    if (ws.args[0] is not node or (wq.args[1], ws.args[1]) != (0, 1)
+            or node.target is not OPS.quantize.default
+            or info(node).get("role") != "weight_quant"):
+        return None
+    return node
+
+
+def _columns_usable(mm: torch.fx.Node, n_total: int, offset: int) -> bool:
+    """Every user of ``mm`` works on the member's columns of an ``(..., n_total)`` result as
+    well as on a contiguous output: no graph output, no in-place op, and each ``view``
+    possible on those strides (tried on a meta tensor)."""
+    val = mm.meta.get("example_value", mm.meta.get("val"))
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return False
+    shape = tuple(val.shape)
+    if not all(isinstance(d, int) for d in shape):
+        return False
+    base = torch.empty((*shape[:-1], n_total), device="meta", dtype=val.dtype)
+    cols = base.narrow(-1, offset, shape[-1])
+    for user in mm.users:
+        if user.op == "output" or mutates(user):
+            return False
+        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
+        if name == "view" and user.args and user.args[0] is mm:
+            dims = user.args[1:]
+            dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+            if not all(isinstance(d, int) for d in dims):
+                return False
+            try:
+                cols.view(*dims)
+            except RuntimeError:
+                return False
+    return True
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:

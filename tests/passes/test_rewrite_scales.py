@@ -1,8 +1,10 @@
 import operator
 
+import pytest
 import torch
 from torch import nn
 
+from fp8compile.passes.manager import info
 from tests.models import LlamaBlock, rel_err
 
 OPS = torch.ops.fp8compile
@@ -15,7 +17,7 @@ def _count(gm, target):
 def test_inference_rewrite_shares_activation_quant_and_hoists_weights(passes):
     x = torch.randn(2, 8, 256)
     model = LlamaBlock()
-    gm, inputs, ctx = passes(model, x)
+    gm, inputs, ctx = passes(model, x, config={"fuse_projections": False})
     assert _count(gm, torch._C._nn.linear) == 0
     assert _count(gm, OPS.scaled_mm.default) == 7
     # q/k/v share the normed input, gate/up the second one: 4 quantizations, not 7
@@ -120,3 +122,111 @@ def test_transformers_written_out_rmsnorm_is_fused(passes):
         out = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
         logits = [o for o in out if isinstance(o, torch.Tensor) and o.shape[-1] == 512][0]
         assert rel_err(logits, model(ids).logits) < 0.12
+
+
+def _run(gm, inputs, ctx):
+    with torch.no_grad():
+        return gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+
+
+@pytest.mark.parametrize("recipe", ["blockwise", "rowwise", "tensorwise"])
+def test_projections_reading_one_input_become_one_gemm(passes, recipe):
+    x = torch.randn(2, 8, 256)
+    model = LlamaBlock()
+    gm, inputs, ctx = passes(model, x, config={"recipe": recipe})
+    # q/k/v and gate/up: two fused GEMMs; o_proj and down_proj stay alone.
+    assert _count(gm, OPS.scaled_mm.default) == 4
+    assert _count(gm, torch.narrow) == 5
+    assert len(ctx.weight_caches) == 4 and len(ctx.extra_inputs) == 8
+    assert [len(c.indices) for c in ctx.weight_caches].count(3) == 1
+    fused = [n for n in gm.graph.nodes if n.target is OPS.scaled_mm.default
+             and info(n).get("fused_from")]
+    assert sorted(info(n)["fused_from"] for n in fused) == [
+        ["gate_proj", "up_proj"], ["q_proj", "k_proj", "v_proj"]]
+    groups = ctx.stats["fused_gemms"]
+    assert len(groups) == 2 and "q_proj (256) + k_proj (256) + v_proj (256) = N 768" in groups[0]
+    assert ("largest member" in groups[0]) == (recipe == "tensorwise")
+    # Same weight memory as one cache per weight (scales included; tensorwise keeps one
+    # scale per group: 3 fewer fp32 scales).
+    ref_gm, ref_inputs, ref_ctx = passes(model, x, config={"recipe": recipe,
+                                                            "fuse_projections": False})
+    for key in ("weight_bytes", "quantized_weights"):
+        assert ctx.stats[key] == ref_ctx.stats[key], key
+    fewer = 3 * 4 if recipe == "tensorwise" else 0
+    assert ctx.stats["fp8_weight_bytes"] == ref_ctx.stats["fp8_weight_bytes"] - fewer
+    (y,), (y_ref,) = _run(gm, inputs, ctx), _run(ref_gm, ref_inputs, ref_ctx)
+    if recipe == "tensorwise":
+        # One weight scale for q/k/v (the largest): close, not equal.
+        assert 0 < rel_err(y, y_ref) < 5e-3
+    else:
+        assert torch.equal(y, y_ref)  # row scales and 128x128 blocks stack exactly
+
+
+class Projections(nn.Module):
+    """Two projections of one input, then whatever ``use`` does with them."""
+
+    def __init__(self, n=(256, 256), bias=False, use="sum"):
+        super().__init__()
+        self.a = nn.Linear(256, n[0], bias=bias)
+        self.b = nn.Linear(256, n[1], bias=bias)
+        self.use = use
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.use == "out":
+            return a, b
+        if self.use == "inplace":
+            a.mul_(2)
+        if self.use == "flatten":
+            return torch.cat([a.view(-1), b.view(-1)])
+        n = x.shape[0]
+        return torch.cat([(a.view(n, -1, 64) * 2).reshape(n, -1), b + 1], -1)
+
+
+@pytest.mark.parametrize("case, config, fused", [
+    ("view", {}, True),
+    ("bias", {}, False),
+    ("blocks not multiple of 128", {}, False),
+    ("rows not multiple of 128", {"recipe": "rowwise"}, True),
+    ("output", {}, False),
+    ("in place", {}, False),
+    ("flattening view", {}, False),
+    ("switched off", {"fuse_projections": False}, False),
+])
+def test_projections_left_alone_where_columns_do_not_fit(passes, case, config, fused):
+    model = {
+        "view": Projections(),
+        "bias": Projections(bias=True),
+        "blocks not multiple of 128": Projections(n=(256, 192)),
+        "rows not multiple of 128": Projections(n=(256, 192)),
+        "output": Projections(use="out"),
+        "in place": Projections(use="inplace"),
+        "flattening view": Projections(use="flatten"),
+        "switched off": Projections(),
+    }[case]
+    x = torch.randn(4, 256)
+    gm, inputs, ctx = passes(model, x, config={"rules": [], **config})
+    assert _count(gm, OPS.scaled_mm.default) == (1 if fused else 2)
+    assert bool(ctx.stats.get("fused_gemms")) == fused
+    out = _run(gm, inputs, ctx)
+    with torch.no_grad():
+        want = model(x)
+    for got, ref in zip(out, want if isinstance(want, tuple) else (want,)):
+        assert rel_err(got, ref) < 0.06
+
+
+def test_fused_weights_follow_each_members_version():
+    # The stacked FP8 weight is requantized when any member's parameter changes.
+    import fp8compile
+
+    torch.manual_seed(0)
+    model = LlamaBlock().eval()
+    x = torch.randn(1, 4, 256)
+    be = fp8compile.backend({"recipe": "rowwise"})
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        compiled(x)
+        model.k_proj.weight.mul_(-1.5)  # in place: the version counter moves
+        y = compiled(x)
+        assert rel_err(y, model(x)) < 0.03
+    assert "k_proj" in " ".join(be.plan.stats["fused_gemms"])
