@@ -8,7 +8,9 @@
 #   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
 #             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
-#   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes
+#   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes,
+#             and tensorwise quantization at decode sizes by amax route (--decode)
+#   decode    benchmarks/e2e.py at 16 tokens with CUDA graphs, profile of fp8hpf tensorwise fast
 #   e2e       benchmarks/e2e.py without and with CUDA graphs, prefill and decode, profile of
 #             the best
 #   train     benchmarks/train.py without and with CUDA graphs
@@ -46,10 +48,19 @@ for stage in "${stages[@]}"; do
         check) run check 240 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
-        quant) run quant 90 python benchmarks/quant.py --out "$out" ;;
+        quant)
+            run quant 90 python benchmarks/quant.py --out "$out"
+            run quant_decode 60 python benchmarks/quant.py --decode --out "$out" ;;
+        decode) run e2e_decode 150 python benchmarks/e2e.py --mode reduce-overhead \
+                    --shapes decode --profile --profile-variant "fp8hpf tensorwise fast" \
+                    --only "bf16 Inductor,fp8hpf tensorwise fast,fp8hpf tensorwise fast unfused,fp8hpf rowwise fast" \
+                    --out "$out/e2e_decode" ;;
         e2e)
-            run e2e_default 150 python benchmarks/e2e.py --out "$out/e2e_default"
-            run e2e 150 python benchmarks/e2e.py --mode reduce-overhead --profile \
+            main="bf16 Inductor,torchao rowwise,torchao tensorwise,fp8hpf blockwise"
+            main="$main,fp8hpf rowwise,fp8hpf tensorwise,fp8hpf rowwise fast,fp8hpf tensorwise fast"
+            run e2e_default 150 python benchmarks/e2e.py --only "$main" --out "$out/e2e_default"
+            run e2e 240 python benchmarks/e2e.py --mode reduce-overhead --profile \
+                --only "$main,fp8hpf blockwise unfused,fp8hpf rowwise fast unfused" \
                 --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
         train)
             run train_default 150 python benchmarks/train.py --out "$out/train_default"
@@ -57,6 +68,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gemm quant e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gemm quant decode e2e train accuracy)"; exit 2 ;;
     esac
 done
