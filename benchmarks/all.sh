@@ -53,7 +53,7 @@ for stage in "${stages[@]}"; do
             run quant_decode 60 python benchmarks/quant.py --decode --out "$out" ;;
         decode) run e2e_decode 150 python benchmarks/e2e.py --mode reduce-overhead \
                     --shapes decode --profile --profile-variant "fp8hpf tensorwise fast" \
-                    --only "bf16 Inductor,fp8hpf tensorwise fast,fp8hpf tensorwise fast unfused,fp8hpf rowwise fast" \
+                    --only "bf16 Inductor,fp8hpf blockwise,fp8hpf tensorwise,fp8hpf tensorwise fast,fp8hpf tensorwise fast unfused,fp8hpf rowwise fast" \
                     --out "$out/e2e_decode" ;;
         e2e)
             main="bf16 Inductor,torchao rowwise,torchao tensorwise,fp8hpf blockwise"
