@@ -204,15 +204,13 @@ class ScalesPass(Fp8Pass):
 
     def _fuse_group(self, graph, members, offsets, qargs) -> None:
         first = members[0][0]
-        k = self._weight_shape(members[0][1])[1]
+        k_dim = self._weight_shape(members[0][1])[1]
         sources = [self._weight_param(wqs) for _, wqs in members]
         names = [str(info(mm).get("module") or mm.name) for mm, _ in members]
         cache = WeightCache([self.ctx.placeholder_index(p) for p, _ in sources],
                             [t for _, t in sources], *qargs)
-        stem = "_".join(p.name for p, _ in sources)
-        wq = self.ctx.add_input(graph, f"{stem}_fp8", lambda a, c=cache: c.get(a)[0])
-        ws = self.ctx.add_input(graph, f"{stem}_scale", lambda a, c=cache: c.get(a)[1])
-        info(wq)["role"] = info(ws)["role"] = "weight_input"
+        wq, ws = self._cache_inputs(graph, "_".join(p.name for p, _ in sources), cache,
+                                    (offsets[-1], k_dim))
         xq, xs, xg, _, _, wg, *rest = first.args
         with graph.inserting_before(first):
             fused = graph.call_function(OPS.scaled_mm.default, (xq, xs, xg, wq, ws, wg, *rest))
@@ -231,40 +229,42 @@ class ScalesPass(Fp8Pass):
                     graph.erase_node(user)
             if not wqs.users:
                 graph.erase_node(wqs)
-        self._count_weights(cache, (offsets[-1], k))
         group = " + ".join(f"{name} ({n})" for name, n in zip(
             names, (b - a for a, b in zip(offsets, offsets[1:]))))
         shared = qargs[0] == nx.Granularity.TENSOR.value
         self.ctx.stats.setdefault("fused_gemms", []).append(
             f"{group} = N {offsets[-1]}: one {qargs[0]}-scaled FP8 GEMM"
             + (" (one weight scale for the group: the largest member's)" if shared else ""))
-        self.ctx.weight_caches.append(cache)
 
     def _hoist_weights(self, graph: torch.fx.Graph) -> bool:
         modified = False
         for node in list(graph.nodes):
             if node.target is not OPS.quantize.default or info(node).get("role") != "weight_quant":
                 continue
-            src, *qargs = node.args
-            transposed = src.op == "call_function" and src.target is torch.t
-            param = src.args[0] if transposed else src
-            index = self.ctx.placeholder_index(param)
-            if index is None:
+            found = self._weight_param(node)
+            if found is None:
                 continue
-            cache = WeightCache([index], [transposed], *qargs)
-            wq = self.ctx.add_input(graph, f"{param.name}_fp8", lambda a, c=cache: c.get(a)[0])
-            ws = self.ctx.add_input(graph, f"{param.name}_scale", lambda a, c=cache: c.get(a)[1])
-            info(wq)["role"] = info(ws)["role"] = "weight_input"
+            param, transposed = found
+            shape = self._weight_shape(node)
+            cache = WeightCache([self.ctx.placeholder_index(param)], [transposed], *node.args[1:])
+            wq, ws = self._cache_inputs(graph, param.name, cache, shape)
             for user in list(node.users):
                 if user.target is operator.getitem:
                     user.replace_all_uses_with(wq if user.args[1] == 0 else ws)
                     graph.erase_node(user)
             graph.erase_node(node)
-            w = self.ctx.example_inputs[index]
-            self._count_weights(cache, (w.shape[1], w.shape[0]) if transposed else tuple(w.shape))
-            self.ctx.weight_caches.append(cache)
             modified = True
         return modified
+
+    def _cache_inputs(self, graph, stem: str, cache: "WeightCache", shape: tuple[int, int]):
+        """The two graph inputs (FP8 weight, scales) a weight cache feeds; its weights are
+        counted in the plan's weight memory figures (``shape``: the FP8 copy's)."""
+        wq = self.ctx.add_input(graph, f"{stem}_fp8", lambda a, c=cache: c.get(a)[0])
+        ws = self.ctx.add_input(graph, f"{stem}_scale", lambda a, c=cache: c.get(a)[1])
+        info(wq)["role"] = info(ws)["role"] = "weight_input"
+        self._count_weights(cache, shape)
+        self.ctx.weight_caches.append(cache)
+        return wq, ws
 
     def _count_weights(self, cache: "WeightCache", shape: tuple[int, int]) -> None:
         """Add a cache's weights to the plan's weight memory figures (``shape``: its FP8
