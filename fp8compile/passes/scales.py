@@ -51,6 +51,7 @@ import operator
 from collections.abc import Sequence
 from typing import Any
 
+import sympy
 import torch
 
 from .. import numerics as nx
@@ -305,12 +306,17 @@ def _weight_quant_of(wq: Any, ws: Any) -> torch.fx.Node | None:
 def _columns_usable(mm: torch.fx.Node, n_total: int, offset: int) -> bool:
     """Every user of ``mm`` works on the member's columns of an ``(..., n_total)`` result as
     well as on a contiguous output: no graph output, no in-place op, and each ``view``
-    possible on those strides (tried on a meta tensor)."""
+    possible on those strides (tried on a meta tensor).
+
+    Symbolic sizes (a dynamic batch or sequence) are tried with a distinct prime for each
+    symbol: Dynamo specializes sizes 0 and 1, so a symbol stands for sizes >= 2, and a view
+    of narrowed columns that works for those works for every such size."""
     val = mm.meta.get("example_value", mm.meta.get("val"))
     if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return False
-    shape = tuple(val.shape)
-    if not all(isinstance(d, int) for d in shape):
+    sizes = _GenericSizes()
+    shape = [sizes(d) for d in val.shape]
+    if None in shape:
         return False
     base = torch.empty((*shape[:-1], n_total), device="meta", dtype=val.dtype)
     cols = base.narrow(-1, offset, shape[-1])
@@ -321,13 +327,40 @@ def _columns_usable(mm: torch.fx.Node, n_total: int, offset: int) -> bool:
         if name == "view" and user.args and user.args[0] is mm:
             dims = user.args[1:]
             dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
-            if not all(isinstance(d, int) for d in dims):
+            dims = [sizes(d) for d in dims]
+            if None in dims:
                 return False
             try:
                 cols.view(*dims)
             except RuntimeError:
                 return False
     return True
+
+
+class _GenericSizes:
+    """An int for a size given as an int, a SymInt, or a graph node holding one: symbols
+    replaced by distinct primes (3, 5, 7, ...); None for anything else."""
+
+    PRIMES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)
+
+    def __init__(self) -> None:
+        self.subs: dict = {}
+
+    def __call__(self, d: Any) -> int | None:
+        if isinstance(d, torch.fx.Node):
+            d = d.meta.get("example_value", d.meta.get("val"))
+        if isinstance(d, int):
+            return d
+        if not isinstance(d, torch.SymInt):
+            return None
+        expr = d.node.expr
+        for sym in sorted(expr.free_symbols, key=str):
+            if sym not in self.subs:
+                if len(self.subs) == len(self.PRIMES):
+                    return None
+                self.subs[sym] = sympy.Integer(self.PRIMES[len(self.subs)])
+        value = sympy.sympify(expr.xreplace(self.subs))
+        return int(value) if value.is_Integer else None
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:

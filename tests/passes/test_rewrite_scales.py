@@ -230,3 +230,39 @@ def test_fused_weights_follow_each_members_version():
         y = compiled(x)
         assert rel_err(y, model(x)) < 0.03
     assert "k_proj" in " ".join(be.plan.stats["fused_gemms"])
+
+
+class ViewsOfProjections(nn.Module):
+    """q/k projections of one input, viewed per head (fine for columns of a wider result) or
+    with the last two dims merged (``merge=True``: not possible on those strides)."""
+
+    def __init__(self, merge=False):
+        super().__init__()
+        self.q = nn.Linear(256, 256, bias=False)
+        self.k = nn.Linear(256, 256, bias=False)
+        self.merge = merge
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k = self.q(x), self.k(x)
+        if self.merge:
+            return q.view(b, t * 256) + k.reshape(b, t * 256)
+        return (q.view(b, t, 4, 64) * k.view(b, t, 4, 64)).sum(-1)
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_projections_fused_with_dynamic_shapes(merge):
+    # Symbolic batch and sequence sizes: views are checked for every size >= 2, so merging
+    # t with the feature dim (possible only when t == 1) keeps the GEMMs apart.
+    import fp8compile
+
+    torch.manual_seed(0)
+    model = ViewsOfProjections(merge).eval()
+    be = fp8compile.backend({"recipe": "rowwise", "rules": []})
+    compiled = torch.compile(model, backend=be, dynamic=True)
+    with torch.no_grad():
+        for shape in [(2, 8, 256), (3, 5, 256)]:
+            x = torch.randn(shape)
+            assert rel_err(compiled(x), model(x)) < 0.06
+    assert len(be.plans) == 1  # one compile serves both shapes
+    assert bool(be.plan.stats.get("fused_gemms")) is not merge
