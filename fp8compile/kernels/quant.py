@@ -482,11 +482,12 @@ def quantize_rows(
     if x2 is not None:
         x2 = _as_rows(x2)
     column_major = m > 1 and k > 1 and x2d.stride(0) == 1 and x2d.stride(1) != 1
-    # Tensor scaling of one small tile (the tokens of a decode step) in one launch and one
+    # Tensor scaling that computes its own scale: the amax passes between two launches, or
+    # for one small tile (the tokens of a decode step) stays inside one launch of one
     # program, which holds all of x in registers.
+    own_amax = granularity is Granularity.TENSOR and given_scale is None and not amax_only
     block_m, block_k = next_pow2(m), max(16, next_pow2(k))
-    whole = (granularity is Granularity.TENSOR and given_scale is None and not amax_only
-             and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS)
+    whole = own_amax and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS
     if whole:
         k_per_prog, num_warps = k, max(4, min(32, block_m * block_k // 2048))
     else:
@@ -499,8 +500,7 @@ def quantize_rows(
     # the second launch's reading of every slot would cost more than the fill.
     if whole:
         amax_at = 2
-    elif (granularity is Granularity.TENSOR and given_scale is None and not amax_only
-          and n_slots <= _AMAX_SLOTS_MAX):
+    elif own_amax and n_slots <= _AMAX_SLOTS_MAX:
         amax_at = 1
     else:
         amax_at = 0
