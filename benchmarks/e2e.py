@@ -99,19 +99,12 @@ def median_ms(fn) -> float:
 
 
 def steady_ms(fn, steps: int = 20, runs: int = 15) -> float:
-    """Time per call over ``steps`` calls issued back to back: the median of ``runs`` runs."""
-    for _ in range(steps):
-        fn()
-    times = []
-    for _ in range(runs):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / steps)
-    return sorted(times)[len(times) // 2]
+    """Time per call over ``steps`` calls issued back to back: the median of ``runs`` runs
+    (after one run to warm up)."""
+    from fp8compile.kernels.select import _time_ms  # CUDA events around ``steps`` calls
+
+    _time_ms(fn, steps)
+    return sorted(_time_ms(fn, steps) for _ in range(runs))[runs // 2]
 
 
 ROUNDS = 3
