@@ -138,7 +138,11 @@ class Fp8Config:
         activation_format / weight_format: FP8 format of forward operands (``e4m3``).
         gradient_format: format of output gradients in training (``e5m2`` is the "hybrid"
             recipe; ``e4m3`` with 1x128 scales is DeepSeek's).
-        accumulation: ``precise`` (fp32 promotion every 128 of K) or ``fast``.
+        accumulation: ``precise`` (fp32 promotion every 128 of K) or ``fast``, for the forward
+            GEMMs (inference and training).
+        grad_accumulation: the same for the two backward GEMMs of training (dX, dW).  dW sums
+            over every token, so it stays ``precise`` by default, also when the forward is
+            ``fast`` (the split TransformerEngine and torchao use by default).
         power_of_2_scales: round scales up to powers of two.
         overrides: ``{glob on module path: precision}``, first match wins, e.g.
             ``{"lm_head": "fp8", "layers.0.*": "bf16"}``.  ``auto`` lets the rules decide.
@@ -167,6 +171,7 @@ class Fp8Config:
     weight_format: Fp8Format = Fp8Format.E4M3
     gradient_format: Fp8Format = Fp8Format.E4M3
     accumulation: Accumulation = Accumulation.PRECISE
+    grad_accumulation: Accumulation = Accumulation.PRECISE
     power_of_2_scales: bool = False
     overrides: tuple[tuple[str, Precision], ...] = ()
     rules: frozenset[Rule] = frozenset(Rule)
@@ -185,7 +190,8 @@ class Fp8Config:
         set_(self, "scaling", _enum(Scaling, "scaling", self.scaling))
         for name in ("activation_format", "weight_format", "gradient_format"):
             set_(self, name, _enum(Fp8Format, name, getattr(self, name)))
-        set_(self, "accumulation", _enum(Accumulation, "accumulation", self.accumulation))
+        for name in ("accumulation", "grad_accumulation"):
+            set_(self, name, _enum(Accumulation, name, getattr(self, name)))
         set_(self, "overrides", self._check_overrides(self.overrides))
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))

@@ -10,7 +10,7 @@ def test_defaults_are_deepseek_blockwise():
     c = Fp8Config()
     assert c.recipe is Recipe.BLOCKWISE and c.scaling is Scaling.DYNAMIC
     assert c.activation_format is Fp8Format.E4M3 and c.weight_format is Fp8Format.E4M3
-    assert c.accumulation is Accumulation.PRECISE
+    assert c.accumulation is c.grad_accumulation is Accumulation.PRECISE
     assert c.rules == frozenset(Rule)
 
 
@@ -33,6 +33,7 @@ def test_strings_become_enums():
         ({"amax_history_len": 0}, "amax_history_len"),
         ({"power_of_2_scales": "yes"}, "power_of_2_scales"),
         ({"fuse_projections": 1}, "fuse_projections"),
+        ({"grad_accumulation": "fastest"}, "grad_accumulation"),
         ({"static_scales": {"a": -1.0}}, "static_scales"),
         ({"rules": ["norm", "nope"]}, "rules"),
         ({"scaling": "delayed"}, "scaling"),  # needs tensorwise

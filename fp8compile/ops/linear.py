@@ -10,8 +10,11 @@ dim), ``b`` like a weight (128x128 / row / tensor)::
 
 so in the blockwise recipe the output gradient is scaled per 1x128 group along N for dX and
 along M for dW (DeepSeek-V3 §3.3), and the weight per 128x128 block in both directions.  In the
-tensorwise recipe one scale serves a tensor and its transpose, so dY is quantized once and the
-saved ``xq`` is reused as is (no second rounding of X).  In the blockwise recipe
+tensorwise recipe one scale serves a tensor and its transpose, so dY is quantized once, the
+saved ``xq`` is reused as is (no second rounding of X), and ``Wᵀ`` is quantized with the
+forward's weight scale (one pass over W instead of an amax pass and a quantization pass).
+The forward GEMM accumulates as ``accumulation`` says, the two backward GEMMs as
+``grad_accumulation``.  In the blockwise recipe
 ``fp8compile::requantize_t`` turns the saved 1x128-group ``xq`` into 128x128 blocks of ``Xᵀ``
 in one pass, in fp32 (the rowwise recipe dequantizes X and quantizes its transposed view).
 
@@ -78,20 +81,24 @@ def linear(
     grad_fmt: str,
     power_of_2: bool,
     accumulation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(x @ weight.T + bias, xq, xs)``: FP8 linear whose quantized input is kept for backward.
+    grad_accumulation: str = "precise",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(x @ weight.T + bias, xq, xs, ws)``: FP8 linear whose quantized input is kept for
+    backward.
 
-    The second and third outputs are the FP8 activation and its scales, saved for the weight
-    gradient instead of the high-precision ``x`` (half or a quarter of its memory).  The
-    output has ``x``'s dtype; the gradients have the dtypes of ``x``, ``weight`` and ``bias``
-    (FP32 master weights get FP32 gradients).
+    ``xq, xs`` are the FP8 activation and its scales, saved for the weight gradient instead of
+    the high-precision ``x`` (half or a quarter of its memory); ``ws`` is the weight's scale
+    (the tensorwise backward quantizes ``Wᵀ`` with it).  The output has ``x``'s dtype; the
+    gradients have the dtypes of ``x``, ``weight`` and ``bias`` (FP32 master weights get FP32
+    gradients).  ``accumulation`` is the forward GEMM's, ``grad_accumulation`` the backward
+    GEMMs'.
 
     Example::
 
         >>> x = torch.randn(4, 256, requires_grad=True)
         >>> w = torch.randn(128, 256, requires_grad=True)
-        >>> y, xq, xs = torch.ops.fp8compile.linear(x, w, None, "blockwise", "e4m3", "e4m3",
-        ...                                         "e5m2", False, "precise")
+        >>> y, xq, xs, ws = torch.ops.fp8compile.linear(x, w, None, "blockwise", "e4m3", "e4m3",
+        ...                                             "e5m2", False, "precise")
         >>> y.sum().backward()
         >>> w.grad.shape, xq.dtype
         (torch.Size([128, 256]), torch.float8_e4m3fn)
@@ -103,7 +110,7 @@ def linear(
     xq, xs = quantize_impl(x, xg, act_fmt, power_of_2)
     wq, ws = quantize_impl(weight, wg, weight_fmt, power_of_2)
     y = scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
-    return y, xq, xs
+    return y, xq, xs, ws
 
 
 def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -118,28 +125,36 @@ def _check_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
         raise ValueError(f"linear: bias shape {tuple(bias.shape)} must be ({weight.shape[0]},)")
 
 
+def _fake_weight_scale(weight: Tensor, recipe: str) -> Tensor:
+    return empty_scale(weight, as_gran(_recipe_grans(recipe)[1]))
+
+
 @linear.register_fake
-def _(x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation):
+def _(x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumulation,
+      grad_accumulation="precise"):
     xg, _ = _recipe_grans(recipe)
     g = as_gran(xg)
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    return y, x.new_empty(x.shape, dtype=as_fmt(act_fmt).dtype), empty_scale(x, g)
+    xq = x.new_empty(x.shape, dtype=as_fmt(act_fmt).dtype)
+    return y, xq, empty_scale(x, g), _fake_weight_scale(weight, recipe)
 
 
-def _keep_for_backward(ctx, x, xq, xs, weight, bias, options, grad_index) -> None:
+def _keep_for_backward(ctx, x, xq, xs, weight, ws, bias, options, grad_index) -> None:
     """What both linear ops save: the FP8 input, the weight (the parameter itself), the
-    recipe ``options`` (recipe, formats, power_of_2, accumulation) and the dtypes of the
-    gradients; ``grad_index`` is where x, weight and bias sit among the op's inputs."""
-    ctx.save_for_backward(xq, xs, weight)
+    tensorwise weight scale (``None`` for the other recipes: their ``Wᵀ`` scales differ from
+    ``W``'s), the recipe ``options`` (recipe, formats, power_of_2, accumulations) and the
+    dtypes of the gradients; ``grad_index`` is where x, weight and bias sit among the op's
+    inputs."""
+    ctx.save_for_backward(xq, xs, weight, ws if options[0] == "tensorwise" else None)
     ctx.meta = (*options, x.dtype, bias.dtype if bias is not None else None)
     ctx.grad_index = grad_index
 
 
 def _linear_setup(ctx, inputs, output):
     x, weight, bias, *options = inputs
-    _, xq, xs = output
-    _keep_for_backward(ctx, x, xq, xs, weight, bias, options, (0, 1, 2))
-    ctx.mark_non_differentiable(xq, xs)
+    _, xq, xs, ws = output
+    _keep_for_backward(ctx, x, xq, xs, weight, ws, bias, options, (0, 1, 2))
+    ctx.mark_non_differentiable(xq, xs, ws)
 
 
 @torch.library.custom_op("fp8compile::linear_q", mutates_args=())
@@ -155,8 +170,9 @@ def linear_q(
     grad_fmt: str,
     power_of_2: bool,
     accumulation: str,
-) -> Tensor:
-    """``fp8compile::linear`` for an input quantized elsewhere: ``(xq, xs)`` is
+    grad_accumulation: str = "precise",
+) -> tuple[Tensor, Tensor]:
+    """``(y, ws)`` of ``fp8compile::linear`` for an input quantized elsewhere: ``(xq, xs)`` is
     ``quantize(x)`` with the recipe's activation granularity, shared by every linear that
     reads ``x`` (q/k/v, gate/up), so it is computed and saved for backward once.  ``x``
     carries the gradient (``dX`` is returned for it) and is not read otherwise.
@@ -169,34 +185,37 @@ def linear_q(
         )
     xg, wg = _recipe_grans(recipe)
     wq, ws = quantize_impl(weight, wg, weight_fmt, power_of_2)
-    return scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+    y = scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+    return y, ws
 
 
 @linear_q.register_fake
 def _(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2,
-      accumulation):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+      accumulation, grad_accumulation="precise"):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, _fake_weight_scale(weight, recipe)
 
 
 def _linear_q_setup(ctx, inputs, output):
     x, xq, xs, weight, bias, *options = inputs
-    _keep_for_backward(ctx, x, xq, xs, weight, bias, options, (0, 3, 4))
+    _keep_for_backward(ctx, x, xq, xs, weight, output[1], bias, options, (0, 3, 4))
+    ctx.mark_non_differentiable(output[1])
 
 
-def _linear_q_backward(ctx, grad_y):
-    dx, dw, db = _linear_backward(ctx, grad_y, None, None)[:3]
-    return dx, None, None, dw, db, None, None, None, None, None, None
+def _linear_q_backward(ctx, grad_y, _grad_ws):
+    dx, dw, db = _linear_backward(ctx, grad_y)[:3]
+    return dx, None, None, dw, db, None, None, None, None, None, None, None
 
 
-def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
-    xq, xs, weight = ctx.saved_tensors
-    recipe, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
+def _linear_backward(ctx, grad_y, *_unused):
+    xq, xs, weight, ws = ctx.saved_tensors
+    recipe, act_fmt, weight_fmt, grad_fmt, p2, _, acc, x_dtype, bias_dtype = ctx.meta
     need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in ctx.grad_index)
     n, k = weight.shape
     dy = grad_y.reshape(-1, n)
     dx = dw = db = None
     if recipe == "tensorwise":
-        dx, dw = _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc,
+        dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
                                       x_dtype, need_x, need_w)
     elif recipe == "blockwise" and need_x and need_w:
         dx, dw = _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2,
@@ -220,7 +239,7 @@ def _linear_backward(ctx, grad_y, _grad_xq, _grad_xs):
         dw = dw.to(weight.dtype)
     if need_b and bias_dtype is not None:
         db = dy.float().sum(0).to(bias_dtype)
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None
 
 
 def _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype):
@@ -264,26 +283,23 @@ def _dequantize_rows(xq: Tensor, xs: Tensor, gran: nx.Granularity, dtype) -> Ten
     return nx.dequantize(rows, xs, gran, dtype=dtype)
 
 
-def _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dtype,
-                         need_x, need_w, grad_scale=None, weight_scale=None):
-    """Both backward GEMMs with one scale per tensor: dY is quantized once and the saved
-    ``xq`` is used transposed as is.  ``grad_scale`` / ``weight_scale`` (delayed scaling)
-    replace the dynamic scales when given."""
+def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, x_dtype,
+                         need_x, need_w, grad_scale=None):
+    """Both backward GEMMs with one scale per tensor: dY is quantized once, the saved ``xq``
+    is used transposed as is (no second rounding of X), and ``Wᵀ`` is quantized with the
+    forward's weight scale ``ws`` (amax(Wᵀ) = amax(W): the same FP8 values as a fresh
+    quantization, without its amax pass).  ``grad_scale`` (delayed scaling) replaces dY's
+    dynamic scale when given."""
     ops = torch.ops.fp8compile
     k = weight.shape[1]
     if grad_scale is None:
         dyq, gs = ops.quantize(dy, "tensor", grad_fmt, p2)
     else:
         gs = grad_scale
-        dyq = nx.quantize_with_scale(dy, gs, nx.Granularity.TENSOR, as_fmt(grad_fmt))
+        dyq = ops.quantize_scaled(dy, gs, "tensor", grad_fmt)
     dx = dw = None
     if need_x:
-        wt = weight.t()
-        if weight_scale is None:
-            wq_t, ws = ops.quantize(wt, "tensor", weight_fmt, p2)
-        else:
-            ws = weight_scale
-            wq_t = nx.quantize_with_scale(wt, ws, nx.Granularity.TENSOR, as_fmt(weight_fmt))
+        wq_t = ops.quantize_scaled(weight.t(), ws, "tensor", weight_fmt)
         dx = ops.scaled_mm(dyq, gs, "tensor", wq_t, ws, "tensor", None, x_dtype, acc, "none",
                            None)
     if need_w:
@@ -302,22 +318,23 @@ linear_q.register_autograd(_linear_q_backward, setup_context=_linear_q_setup)
 # of them can be inlined in turn (see ``_inline``); the eager bodies above call the
 # implementations directly instead, which saves dispatcher round trips.
 def _linear_traced(x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2,
-                   accumulation):
+                   accumulation, grad_accumulation="precise"):
     _check_linear(x, weight, bias)
     xg, _ = _recipe_grans(recipe)
     xq, xs = torch.ops.fp8compile.quantize(x, xg, act_fmt, power_of_2)
-    y = _linear_q_traced(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt,
-                         power_of_2, accumulation)
-    return y, xq, xs
+    y, ws = _linear_q_traced(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt,
+                             power_of_2, accumulation)
+    return y, xq, xs, ws
 
 
 def _linear_q_traced(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt,
-                     power_of_2, accumulation):
+                     power_of_2, accumulation, grad_accumulation="precise"):
     _check_linear(x, weight, bias)
     xg, wg = _recipe_grans(recipe)
     ops = torch.ops.fp8compile
     wq, ws = ops.quantize(weight, wg, weight_fmt, power_of_2)
-    return ops.scaled_mm(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+    y = ops.scaled_mm(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+    return y, ws
 
 
 inline_on_gpu(linear, _linear_traced)
@@ -329,13 +346,14 @@ inline_on_gpu(linear_q, _linear_q_traced)
 
 
 @torch.library.custom_op("fp8compile::matmul", mutates_args=())
-def matmul(a: Tensor, b: Tensor, recipe: str, fmt: str, accumulation: str) -> Tensor:
+def matmul(a: Tensor, b: Tensor, recipe: str, fmt: str, accumulation: str,
+           grad_accumulation: str = "precise") -> Tensor:
     """``a @ b`` for batched activations ``a (..., M, K)``, ``b (..., K, N)``, both FP8.
 
     Each batch entry is one FP8 GEMM with ``a`` scaled like an activation and ``bᵀ`` like a
     weight of the recipe.  The backward runs the two gradient GEMMs the same way (FP8, same
-    format), and saves the high-precision operands (they are activations another op may
-    also hold).
+    format, ``grad_accumulation``), and saves the high-precision operands (they are
+    activations another op may also hold).
     """
     check_fp8_input(a, "matmul lhs")
     check_fp8_input(b, "matmul rhs")
@@ -354,27 +372,27 @@ def matmul(a: Tensor, b: Tensor, recipe: str, fmt: str, accumulation: str) -> Te
 
 
 @matmul.register_fake
-def _(a, b, recipe, fmt, accumulation):
+def _(a, b, recipe, fmt, accumulation, grad_accumulation="precise"):
     batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
     return a.new_empty((*batch, a.shape[-2], b.shape[-1]))
 
 
 def _matmul_setup(ctx, inputs, output):
-    a, b, recipe, fmt, accumulation = inputs
+    a, b, recipe, fmt, _, grad_accumulation = inputs
     ctx.save_for_backward(a, b)
-    ctx.meta = (recipe, fmt, accumulation)
+    ctx.meta = (recipe, fmt, grad_accumulation)
 
 
 def _matmul_backward(ctx, grad):
     a, b = ctx.saved_tensors
-    recipe, fmt, accumulation = ctx.meta
+    recipe, fmt, acc = ctx.meta
     mm = torch.ops.fp8compile.matmul
     da = db = None
     if ctx.needs_input_grad[0]:
-        da = _sum_to(mm(grad, b.transpose(-1, -2), recipe, fmt, accumulation), a.shape)
+        da = _sum_to(mm(grad, b.transpose(-1, -2), recipe, fmt, acc, acc), a.shape)
     if ctx.needs_input_grad[1]:
-        db = _sum_to(mm(a.transpose(-1, -2), grad, recipe, fmt, accumulation), b.shape)
-    return da, db, None, None, None
+        db = _sum_to(mm(a.transpose(-1, -2), grad, recipe, fmt, acc, acc), b.shape)
+    return da, db, None, None, None, None
 
 
 def _sum_to(g: Tensor, shape) -> Tensor:

@@ -147,13 +147,23 @@ def amax_impl(x: Tensor) -> Tensor:
 
 @torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())
 def quantize_scaled(x: Tensor, scale: Tensor, granularity: str, fmt: str) -> Tensor:
-    check_fp8_input(x, "quantize_scaled input")
-    return quantize_with_scale_impl(x, scale, as_gran(granularity), as_fmt(fmt))
+    """``x`` in FP8 with the given ``scale`` (static and delayed scaling; the tensorwise
+    backward's ``Wᵀ`` with the forward's weight scale): one Triton launch for a tensorwise
+    scale on the GPU."""
+    return _quantize_scaled_body(x, scale, granularity, fmt)
 
 
 @quantize_scaled.register_fake
 def _(x, scale, granularity, fmt):
     return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype)
+
+
+def _quantize_scaled_body(x, scale, granularity, fmt):
+    check_fp8_input(x, "quantize_scaled input")
+    return quantize_with_scale_impl(x, scale, as_gran(granularity), as_fmt(fmt))
+
+
+inline_on_gpu(quantize_scaled, _quantize_scaled_body)
 
 
 @torch.library.custom_op("fp8compile::quantize_delayed", mutates_args=("amax_history",))

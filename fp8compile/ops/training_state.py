@@ -82,13 +82,15 @@ def linear_delayed(
     grad_fmt: str,
     power_of_2: bool,
     accumulation: str,
+    grad_accumulation: str = "precise",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Tensorwise FP8 linear with delayed scales: ``(y, xq, xs, ws, amax)``.
 
     ``history (2, L)`` gives the activation and weight scales (it is read, not changed: the
     graph pushes the returned ``amax = [amax(x), amax(w)]`` with :func:`push_amax`).
     ``grad_history (1, L)`` gives the output-gradient scale in backward, which pushes the
-    gradient's amax into it.
+    gradient's amax into it.  ``accumulation`` is the forward GEMM's, ``grad_accumulation``
+    the backward GEMMs'.
 
     Example::
 
@@ -117,7 +119,7 @@ def linear_delayed(
 
 @linear_delayed.register_fake
 def _(x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, power_of_2,
-      accumulation):
+      accumulation, grad_accumulation="precise"):
     y = x.new_empty((*x.shape[:-1], weight.shape[0]))
     xq = x.new_empty(x.shape, dtype=as_fmt(act_fmt).dtype)
     scale = empty_scale(x, _T)
@@ -125,7 +127,7 @@ def _(x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, pow
 
 
 def _delayed_setup(ctx, inputs, output):
-    x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, p2, acc = inputs
+    x, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt, p2, _, acc = inputs
     _, xq, xs, ws, amax = output
     ctx.save_for_backward(xq, xs, ws, weight, grad_history)
     ctx.meta = (weight_fmt, grad_fmt, p2, acc, x.dtype, bias.dtype if bias is not None else None)
@@ -141,14 +143,14 @@ def _delayed_backward(ctx, grad_y, *_unused):
     current = nx.amax(dy, _T).float()
     gs = delayed_scale(grad_history[0], current, as_fmt(grad_fmt), p2)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
-    dx, dw = _tensorwise_backward(dy, xq, xs, weight, weight_fmt, grad_fmt, p2, acc, x_dtype,
-                                  need_x, need_w, grad_scale=gs, weight_scale=ws)
+    dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
+                                  x_dtype, need_x, need_w, grad_scale=gs)
     if dx is not None:
         dx = dx.reshape(*grad_y.shape[:-1], k)
     if dw is not None:
         dw = dw.to(weight.dtype)
     db = dy.float().sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
-    return dx, dw, db, None, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None, None
 
 
 linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup)

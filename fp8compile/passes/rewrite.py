@@ -75,7 +75,8 @@ class RewritePass(Fp8Pass):
         with graph.inserting_before(node):
             if not ops["w_is_param"]:
                 new = graph.call_function(
-                    OPS.matmul.default, (x, w, cfg.recipe.value, act, acc)
+                    OPS.matmul.default,
+                    (x, w, cfg.recipe.value, act, acc, cfg.grad_accumulation.value),
                 )
                 info(new)["role"] = "fp8_gemm"
             else:
@@ -145,17 +146,20 @@ class RewritePass(Fp8Pass):
             if low in (torch.float16, torch.bfloat16) and dtype_of(a) not in (None, low) else a
             for a in operands
         )
+        grad_acc = cfg.grad_accumulation.value
         if cfg.scaling is Scaling.DELAYED:
             n, mod = cfg.amax_history_len, meta["module"]
             hist = self.ctx.add_input(graph, f"{node.name}_amax_history",
                                       AmaxHistory(n, 2, mod, "forward"))
             ghist = self.ctx.add_input(graph, f"{node.name}_grad_amax_history",
                                        AmaxHistory(n, 1, mod, "grad"))
-            full = graph.call_function(OPS.linear_delayed.default, (x, w, bias, hist, ghist, *fmts))
+            full = graph.call_function(OPS.linear_delayed.default,
+                                       (x, w, bias, hist, ghist, *fmts, grad_acc))
             amax = graph.call_function(operator.getitem, (full, 4))
             graph.call_function(OPS.push_amax.default, (hist, amax))
         else:
-            full = graph.call_function(OPS.linear.default, (x, w, bias, cfg.recipe.value, *fmts))
+            full = graph.call_function(OPS.linear.default,
+                                       (x, w, bias, cfg.recipe.value, *fmts, grad_acc))
         info(full)["role"] = "fp8_gemm"
         return graph.call_function(operator.getitem, (full, 0))
 

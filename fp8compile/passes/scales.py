@@ -133,7 +133,7 @@ class ScalesPass(Fp8Pass):
         groups: dict[tuple, list[torch.fx.Node]] = {}
         for node in graph.nodes:
             if node.target is OPS.linear.default:
-                x, _w, _b, recipe, act_fmt, _wf, _gf, p2, _acc = node.args
+                x, _w, _b, recipe, act_fmt, _wf, _gf, p2, *_acc = node.args
                 groups.setdefault((x, recipe, act_fmt, p2), []).append(node)
         modified = False
         for (x, recipe, act_fmt, p2), nodes in groups.items():
@@ -148,14 +148,15 @@ class ScalesPass(Fp8Pass):
                 xs = graph.call_function(operator.getitem, (q, 1))
             info(q)["role"] = "act_quant"
             for node in nodes:
-                _, w, b, _, _, wf, gf, _, acc = node.args
+                _, w, b, _, _, wf, gf, _, *accs = node.args
                 with graph.inserting_before(node):
                     new = graph.call_function(
-                        OPS.linear_q.default, (x, xq, xs, w, b, recipe, act_fmt, wf, gf, p2, acc)
+                        OPS.linear_q.default, (x, xq, xs, w, b, recipe, act_fmt, wf, gf, p2, *accs)
                     )
+                    y = graph.call_function(operator.getitem, (new, 0))
                 info(new).update(info(node))
                 for user in list(node.users):
-                    user.replace_all_uses_with(new)
+                    user.replace_all_uses_with(y)
                     graph.erase_node(user)
                 graph.erase_node(node)
             modified = True

@@ -169,17 +169,19 @@ def test_gpu_linear_inlined_matches_eager_with_grads(recipe, monkeypatch):
 
 
 @needs_gpu
-def test_gpu_training_graph_has_no_opaque_fp8_ops():
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise"])
+def test_gpu_training_graph_has_no_opaque_fp8_ops(recipe):
     x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(1024, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out, codes = _graphs(
-        lambda a, b: OPS.linear(a, b, None, "blockwise", "e4m3", "e4m3", "e4m3", False,
+        lambda a, b: OPS.linear(a, b, None, recipe, "e4m3", "e4m3", "e4m3", False,
                                 "precise")[0], x, w)
     out.float().sum().backward()
     assert len(codes) == 2
     for code in codes:
         assert "triton_kernel_wrapper_functional" in code
-        for op in ("linear", "quantize", "quantize_dual", "requantize_t", "scaled_mm"):
+        for op in ("linear", "quantize", "quantize_dual", "requantize_t", "scaled_mm",
+                   "quantize_scaled"):
             assert f"fp8compile.{op}." not in code, code
 
 

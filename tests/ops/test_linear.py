@@ -8,9 +8,12 @@ E4M3 x E4M3 against a bound of 0.129; ``dW`` of the blockwise and rowwise recipe
 twice, its saved FP8 copy being requantized along M, and gets that extra rounding's share).
 """
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fp8compile  # noqa: F401
 from fp8compile import numerics as nx
@@ -57,7 +60,7 @@ def _inputs(m, n, k, bias):
 @pytest.mark.parametrize("grad_fmt", ["e4m3", "e5m2"])
 def test_linear_grads_within_fp8_bound(recipe, m, n, k, bias, grad_fmt):
     x, w, b, gy = _inputs(m, n, k, bias)
-    y, xq, xs = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", grad_fmt, False, "precise")
+    y, xq, xs, _ = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", grad_fmt, False, "precise")
     y.backward(gy)
     dx, dw, db = _fp32_grads(x, w, b, gy)
     assert xq.dtype == torch.float8_e4m3fn and y.shape == (*gy.shape,)
@@ -86,7 +89,7 @@ def test_e4m3_gradients_beat_e5m2(recipe):
 def test_tensorwise_dw_reuses_saved_fp8_activation():
     """dW = dequant(dYq)ᵀ @ dequant(xq) exactly: the saved FP8 copy is not rounded again."""
     x, w, _, gy = _inputs(32, 128, 256, False)
-    _, xq, xs = OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e5m2", False, "precise")
+    _, xq, xs, _ = OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e5m2", False, "precise")
     OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e5m2", False, "precise")[0].backward(gy)
     gq, gs = nx.quantize(gy, nx.Granularity.TENSOR, nx.Fp8Format.E5M2)
     want = nx.dequantize(gq, gs, nx.Granularity.TENSOR).t() @ nx.dequantize(
@@ -113,7 +116,7 @@ def test_blockwise_backward_reads_dy_once_and_requantizes_saved_x():
             return func(*args, **(kwargs or {}))
 
     x, w, _, gy = _inputs(70, 130, 200, False)
-    y, xq, xs = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
+    y, xq, xs, _ = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
     with Count() as c:
         y.backward(gy)
     assert c.ops == {"quantize_dual": 1, "requantize_t": 1, "quantize": 1, "scaled_mm": 2}
@@ -128,9 +131,68 @@ def test_blockwise_backward_reads_dy_once_and_requantizes_saved_x():
                                                                G.BLOCK, out_dtype=torch.float32))
 
 
+class _OpLog(TorchDispatchMode):
+    """The fp8compile ops a piece of code calls, with their arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fp8compile":
+            self.calls.append((func.__name__.split(".")[0], args))
+        return func(*args, **(kwargs or {}))
+
+    def names(self):
+        return Counter(name for name, _ in self.calls)
+
+
+@pytest.mark.parametrize("scaling", ["dynamic", "delayed"])
+def test_tensorwise_backward_quantizes_wt_with_the_forward_scale(scaling):
+    """Wᵀ is quantized with the weight scale the forward computed (no amax pass over W in
+    backward), which gives the bits a fresh quantization of Wᵀ gives."""
+    x, w, _, gy = _inputs(33, 130, 200, False)
+    if scaling == "dynamic":
+        y, _, _, ws = OPS.linear(x, w, None, "tensorwise", "e4m3", "e4m3", "e4m3", False,
+                                 "precise")
+    else:
+        y, _, ws = _delayed(x, w, torch.zeros(2, 4), torch.zeros(1, 4))
+    with _OpLog() as log:
+        y.backward(gy)
+    names = log.names()
+    assert names["quantize_scaled"] == 1 + (scaling == "delayed"), names
+    assert names["quantize"] == (scaling == "dynamic"), names  # dY only
+    (s,) = [a[1] for n, a in log.calls if n == "quantize_scaled" and a[0].shape == (200, 130)]
+    assert torch.equal(s, ws)
+    G = nx.Granularity
+    wq_fresh, ws_fresh = nx.quantize(w.detach().t(), G.TENSOR)
+    torch.testing.assert_close(ws_fresh, ws.reshape(()), rtol=0, atol=0)
+    gq, gsc = nx.quantize(gy, G.TENSOR) if scaling == "dynamic" else (None, None)
+    if gq is not None:
+        want = nx.fp8_linear_reference(gq, gsc, G.TENSOR, wq_fresh, ws_fresh, G.TENSOR,
+                                       out_dtype=torch.float32)
+        torch.testing.assert_close(x.grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("grad_acc", ["precise", "fast"])
+def test_backward_gemms_use_grad_accumulation(grad_acc):
+    """Both backward GEMMs accumulate as ``grad_accumulation`` says (default precise), not as
+    the forward's ``accumulation``."""
+    for recipe in RECIPES:
+        x, w, _, gy = _inputs(16, 128, 256, False)
+        with _OpLog() as log:
+            extra = () if grad_acc == "precise" else (grad_acc,)
+            y = OPS.linear(x, w, None, recipe, "e4m3", "e4m3", "e4m3", False, "fast", *extra)[0]
+            n_fwd = len(log.calls)
+            y.backward(gy)
+        # (The forward's body calls the GEMM without the dispatcher; only backward is seen.)
+        bwd = [a[8] for n, a in log.calls[n_fwd:] if n == "scaled_mm"]
+        assert bwd == [grad_acc] * 2, (recipe, bwd)
+
+
 def test_power_of_2_scales_in_backward():
     x, w, _, gy = _inputs(16, 128, 256, False)
-    y, _, xs = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", True, "precise")
+    y, _, xs, _ = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", True, "precise")
     y.backward(gy)
     assert torch.equal(torch.exp2(torch.log2(xs).round()), xs)
     dx = _fp32_grads(x, w, None, gy)[0]
@@ -140,7 +202,7 @@ def test_power_of_2_scales_in_backward():
 def test_bf16_input_fp32_master_weight():
     x = torch.randn(8, 256, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(128, 256, requires_grad=True)
-    y, _, _ = OPS.linear(x, w, None, "rowwise", "e4m3", "e4m3", "e4m3", False, "precise")
+    y, *_ = OPS.linear(x, w, None, "rowwise", "e4m3", "e4m3", "e4m3", False, "precise")
     y.float().sum().backward()
     assert y.dtype == x.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
 
@@ -158,7 +220,7 @@ def test_linear_opcheck():
 def test_linear_q_equals_linear(recipe):
     """linear_q with the quantization done outside gives linear's output and gradients."""
     x, w, b, gy = _inputs((2, 7), 130, 200, True)
-    y, _, _ = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
+    y, *_ = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
     y.backward(gy)
     want = [t.grad.clone() for t in (x, w, b)]
     for t in (x, w, b):
@@ -166,7 +228,7 @@ def test_linear_q_equals_linear(recipe):
     gran = fp8compile.Recipe(recipe).activation_granularity.value
     xq, xs = OPS.quantize(x.detach(), gran, "e4m3", False)
     args = (x, xq, xs, w, b, recipe, "e4m3", "e4m3", "e4m3", False, "precise")
-    y2 = OPS.linear_q(*args)
+    y2, _ = OPS.linear_q(*args)
     torch.testing.assert_close(y2, y)
     y2.backward(gy)
     for got, ref in zip((x.grad, w.grad, b.grad), want):

@@ -45,6 +45,15 @@ def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
             assert {u.target for u in n.users} == {operator.getitem}
 
 
+def test_training_rewrite_passes_both_accumulations(passes):
+    gm, _, _ = passes(LlamaBlock(), torch.randn(2, 8, 256), inference=False,
+                      config={"accumulation": "fast"})
+    linears = [n for n in gm.graph.nodes
+               if n.target in (OPS.linear.default, OPS.linear_q.default)]
+    assert len(linears) == 7
+    assert {n.args[-2:] for n in linears} == {("fast", "precise")}
+
+
 class WeightAsMatmul(nn.Module):
     def __init__(self):
         super().__init__()

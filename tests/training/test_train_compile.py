@@ -176,11 +176,13 @@ def _grads_of(fn, model, x):
     return {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in model.named_parameters()}}
 
 
-def test_shared_input_is_saved_once_in_fp8():
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise"])
+def test_shared_input_is_saved_once_in_fp8(recipe):
     model = _TwoReaders()
     x = torch.randn(64, 256, requires_grad=True)
     params = list(model.parameters())
-    compiled = torch.compile(model, backend=fp8compile.backend({"overrides": {"c": "fp8"}}))
+    compiled = torch.compile(model, backend=fp8compile.backend(
+        {"recipe": recipe, "overrides": {"c": "fp8"}}))
     compiled(x).sum().backward()  # compile forward and backward
     saved = saved_tensor_bytes(lambda: compiled(x).sum(), exclude=params + [x])
     # x once (not twice) and h: FP8 payload plus one fp32 scale per 1x128 group.
