@@ -171,7 +171,10 @@ class PrecisionPass(Fp8Pass):
         cfg = self.ctx.config
         k, n = meta["kn"]
         ops = meta["operands"]
-        notes = [_RECIPE_TEXT[cfg.recipe], f"fp32 accumulation ({cfg.accumulation.value})"]
+        acc = cfg.accumulation.value
+        if not self.ctx.inference and cfg.grad_accumulation is not cfg.accumulation:
+            acc = f"{acc} forward, {cfg.grad_accumulation.value} backward"
+        notes = [_RECIPE_TEXT[cfg.recipe], f"fp32 accumulation ({acc})"]
         if cfg.recipe is Recipe.BLOCKWISE and k % 128:
             notes.append(f"K={k} not a multiple of 128: last scale group partial (masked)")
         if not ops["w_is_param"]:

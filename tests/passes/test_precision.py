@@ -26,6 +26,17 @@ def test_every_node_gets_a_precision_and_a_reason():
     assert norms and all(e.precision == "fp32" for e in norms)
 
 
+def test_reason_names_each_accumulation(passes):
+    """Training plans say which accumulation the forward and the backward GEMMs use."""
+    cfg = {"accumulation": "fast"}
+    for inference, want in ((True, "fp32 accumulation (fast)"),
+                            (False, "fp32 accumulation (fast forward, precise backward)")):
+        _, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), config=cfg,
+                           inference=inference)
+        fp8 = [e for e in ctx.plan_entries if e.is_fp8]
+        assert len(fp8) == 7 and all(want in e.reason for e in fp8), fp8[0].reason
+
+
 class Odd(nn.Module):
     def __init__(self):
         super().__init__()
