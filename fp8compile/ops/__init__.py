@@ -8,15 +8,17 @@ that dispatches to the Triton kernels in :mod:`fp8compile.kernels` when they sup
 op                                         meaning
 ========================================  ==================================================
 ``fp8compile::quantize``                   dynamic quantization ``x -> (q, scale)``
-``fp8compile::quantize_scaled``            quantization with a given scale (static scaling)
+``fp8compile::quantize_scaled``            quantization with a given scale (static and delayed
+                                           scaling, the tensorwise backward's ``Wᵀ``)
 ``fp8compile::quantize_delayed``           tensorwise, scale from an amax history it updates
 ``fp8compile::requantize_t``               FP8 ``(M, K)`` → FP8 of its transpose, rescaled
 ``fp8compile::quantize_dual``              1x128 groups of ``x`` and of ``x.t()``, one read
 ``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
-                                           (training: FP8 forward and both backward GEMMs)
+                                           (training: FP8 forward and both backward GEMMs);
+                                           also returns the FP8 input and the weight scale
 ``fp8compile::linear_q``                   the same for an input quantized once elsewhere
-                                           (shared by q/k/v or gate/up)
+                                           (shared by q/k/v or gate/up); ``(y, ws)``
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
 ``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in
