@@ -211,9 +211,8 @@ def _linear_backward(ctx, grad_y, *_unused):
     xq, xs, weight, ws = ctx.saved_tensors
     recipe, act_fmt, weight_fmt, grad_fmt, p2, _, acc, x_dtype, bias_dtype = ctx.meta
     need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in ctx.grad_index)
-    n, k = weight.shape
-    dy = grad_y.reshape(-1, n)
-    dx = dw = db = None
+    dy = grad_y.reshape(-1, weight.shape[0])
+    dx = dw = None
     if recipe == "tensorwise":
         dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
                                       x_dtype, need_x, need_w)
@@ -233,13 +232,20 @@ def _linear_backward(ctx, grad_y, *_unused):
             # its own dtype (not fp32): the transient copy is no larger than the original.
             x = _dequantize_rows(xq, xs, as_gran(xg), x_dtype)
             dw = fp8_mm(dy.t(), x.t(), recipe, grad_fmt, act_fmt, acc, _dw_dtype(weight), p2)
+    return (*_input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype),
+            None, None, None, None, None, None, None)
+
+
+def _input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype):
+    """``(dx, dw, db)`` of a linear's backward as autograd wants them: ``dx`` in ``grad_y``'s
+    leading shape, ``dw`` in the weight's dtype, ``db`` summed from ``dy (M, N)`` in the
+    bias's dtype (None where not needed)."""
     if dx is not None:
-        dx = dx.reshape(*grad_y.shape[:-1], k)
+        dx = dx.reshape(*grad_y.shape[:-1], weight.shape[1])
     if dw is not None:
         dw = dw.to(weight.dtype)
-    if need_b and bias_dtype is not None:
-        db = dy.float().sum(0).to(bias_dtype)
-    return dx, dw, db, None, None, None, None, None, None, None
+    db = dy.float().sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
+    return dx, dw, db
 
 
 def _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype):

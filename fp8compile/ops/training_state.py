@@ -39,7 +39,7 @@ from .. import numerics as nx
 from ..numerics import Granularity
 from ._common import as_fmt, device_of, empty_scale
 from .gemm import scaled_mm_impl
-from .linear import _check_linear, _tensorwise_backward
+from .linear import _check_linear, _input_grads, _tensorwise_backward
 from .quant import amax_impl, quantize_with_scale_impl
 
 __all__ = ["AmaxHistory", "delayed_scale", "linear_delayed", "push_amax"]
@@ -138,19 +138,14 @@ def _delayed_backward(ctx, grad_y, *_unused):
     xq, xs, ws, weight, grad_history = ctx.saved_tensors
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    n, k = weight.shape
-    dy = grad_y.reshape(-1, n)
+    dy = grad_y.reshape(-1, weight.shape[0])
     current = nx.amax(dy, _T).float()
     gs = delayed_scale(grad_history[0], current, as_fmt(grad_fmt), p2)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
                                   x_dtype, need_x, need_w, grad_scale=gs)
-    if dx is not None:
-        dx = dx.reshape(*grad_y.shape[:-1], k)
-    if dw is not None:
-        dw = dw.to(weight.dtype)
-    db = dy.float().sum(0).to(bias_dtype) if need_b and bias_dtype is not None else None
-    return dx, dw, db, None, None, None, None, None, None, None, None
+    return (*_input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype),
+            None, None, None, None, None, None, None, None)
 
 
 linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup)
