@@ -29,6 +29,7 @@ __all__ = [
     "eliminate_dead_code",
     "info",
     "mutates",
+    "target_name",
     "module_of",
     "shape_of",
     "dtype_of",
@@ -198,12 +199,17 @@ def module_of(node: torch.fx.Node) -> tuple[str, type | None]:
     return _clean_path(path), cls if isinstance(cls, type) else None
 
 
+def target_name(node: torch.fx.Node) -> str:
+    """A call's name: the method's for ``call_method``, the function's ``__name__`` else."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+
+
 def mutates(node: torch.fx.Node) -> bool:
     """True for a call that changes a tensor in place: a method or function named ``..._``
     (``x.mul_(2)``, ``torch.relu_``), ``operator.iadd`` and friends, ``operator.setitem``."""
     if node.op not in ("call_method", "call_function"):
         return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = target_name(node)
     dunder = name.startswith("__") and name.endswith("__")
     return (name.endswith("_") and not dunder) or name.startswith("__i") or name == "setitem"
 

@@ -57,7 +57,7 @@ import torch
 from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
-from .manager import Fp8Pass, PassResult, eliminate_dead_code, info, mutates
+from .manager import Fp8Pass, PassResult, eliminate_dead_code, info, mutates, target_name
 from .rewrite import RewritePass
 
 OPS = torch.ops.fp8compile
@@ -327,8 +327,7 @@ def _columns_usable(mm: torch.fx.Node, n_total: int, offset: int) -> bool:
     for user in mm.users:
         if user.op == "output" or mutates(user):
             return False
-        name = user.target if isinstance(user.target, str) else getattr(user.target, "__name__", "")
-        if name == "view" and user.args and user.args[0] is mm:
+        if target_name(user) == "view" and user.args and user.args[0] is mm:
             dims = user.args[1:]
             dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
             dims = [sizes(d) for d in dims]
