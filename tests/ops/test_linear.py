@@ -98,39 +98,6 @@ def test_tensorwise_dw_reuses_saved_fp8_activation():
     torch.testing.assert_close(w.grad, want, rtol=1e-5, atol=1e-5)
 
 
-def test_blockwise_backward_reads_dy_once_and_requantizes_saved_x():
-    """The blockwise backward's op structure (what the GPU timings rest on) and its values:
-    one dual quantization of dY, one requantization of the saved FP8 X, no 16-bit X."""
-    from collections import Counter
-
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = Counter()
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.namespace == "fp8compile":
-                self.ops[func.__name__.split(".")[0]] += 1
-            return func(*args, **(kwargs or {}))
-
-    x, w, _, gy = _inputs(70, 130, 200, False)
-    y, xq, xs, _ = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
-    with Count() as c:
-        y.backward(gy)
-    assert c.ops == {"quantize_dual": 1, "requantize_t": 1, "quantize": 1, "scaled_mm": 2}
-    G = nx.Granularity
-    gq, gsc = nx.quantize(gy, G.GROUP)
-    gqt, gst = nx.quantize(gy.t(), G.GROUP)
-    wq, wsc = nx.quantize(w.detach().t(), G.BLOCK)
-    xqt, xst = nx.quantize(nx.dequantize(xq, xs, G.GROUP).t(), G.BLOCK)
-    torch.testing.assert_close(x.grad, nx.fp8_linear_reference(gq, gsc, G.GROUP, wq, wsc, G.BLOCK,
-                                                               out_dtype=torch.float32))
-    torch.testing.assert_close(w.grad, nx.fp8_linear_reference(gqt, gst, G.GROUP, xqt, xst,
-                                                               G.BLOCK, out_dtype=torch.float32))
-
-
 class _OpLog(TorchDispatchMode):
     """The fp8compile ops a piece of code calls, with their arguments."""
 
@@ -145,6 +112,25 @@ class _OpLog(TorchDispatchMode):
 
     def names(self):
         return Counter(name for name, _ in self.calls)
+
+
+def test_blockwise_backward_reads_dy_once_and_requantizes_saved_x():
+    """The blockwise backward's op structure (what the GPU timings rest on) and its values:
+    one dual quantization of dY, one requantization of the saved FP8 X, no 16-bit X."""
+    x, w, _, gy = _inputs(70, 130, 200, False)
+    y, xq, xs, _ = OPS.linear(x, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
+    with _OpLog() as log:
+        y.backward(gy)
+    assert log.names() == {"quantize_dual": 1, "requantize_t": 1, "quantize": 1, "scaled_mm": 2}
+    G = nx.Granularity
+    gq, gsc = nx.quantize(gy, G.GROUP)
+    gqt, gst = nx.quantize(gy.t(), G.GROUP)
+    wq, wsc = nx.quantize(w.detach().t(), G.BLOCK)
+    xqt, xst = nx.quantize(nx.dequantize(xq, xs, G.GROUP).t(), G.BLOCK)
+    torch.testing.assert_close(x.grad, nx.fp8_linear_reference(gq, gsc, G.GROUP, wq, wsc, G.BLOCK,
+                                                               out_dtype=torch.float32))
+    torch.testing.assert_close(w.grad, nx.fp8_linear_reference(gqt, gst, G.GROUP, xqt, xst,
+                                                               G.BLOCK, out_dtype=torch.float32))
 
 
 @pytest.mark.parametrize("scaling", ["dynamic", "delayed"])
