@@ -68,7 +68,8 @@ def quantize_dual(fixup: bool = False):
         {"x_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "st_ptr": "*fp32",
          "flag_ptr": "*i8", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_sk": "i32",
          "stride_stk": "i32"},
-        {"stride_xn": 1, "BLOCK": 128, "FIXUP": fixup, **E4M3}, 8)
+        {"stride_xn": 1, "BLOCK": 128, "FIXUP": fixup, **E4M3},
+        quant._TILE_WARPS["quantize_dual"])
 
 
 def quantize_dual_fixup():
@@ -83,7 +84,7 @@ def requantize_t():
          "K": "i32", "stride_qm": "i32", "stride_sk": "i32", "stride_om": "i32",
          "stride_osk": "i32"},
         {"stride_sm": 1, "stride_osm": 1, "IN_E4M3": True, "BLOCK": 128,
-         **E4M3}, 8)
+         **E4M3}, quant._TILE_WARPS["requantize_t"])
 
 
 def transpose_copy():
@@ -94,14 +95,15 @@ def transpose_copy():
         {"stride_sr": 1, "BLOCK_R": 64, "BLOCK_C": 64}, 4)
 
 
+_W = quant._TILE_WARPS
 KERNELS = {
     "quantize, 1x128 groups (32x128, 4 warps)": quantize_groups,
     "quantize, rows (2x4096, 8 warps)": quantize_rows,
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
-    "quantize_dual (whole 128x128 tile, 8 warps)": quantize_dual,
+    f"quantize_dual (whole 128x128 tile, {_W['quantize_dual']} warps)": quantize_dual,
     "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
-    "requantize_t (whole 128x128 tile, 8 warps)": requantize_t,
+    f"requantize_t (whole 128x128 tile, {_W['requantize_t']} warps)": requantize_t,
     "FP8 transpose copy (64x64, 4 warps)": transpose_copy,
 }
 

@@ -24,6 +24,9 @@ program holding all of x (up to 65536 elements: 16x14336 takes the next route), 
 with one amax slot per program, and two launches around a zeroed amax cell (a fill kernel
 more).  The routes are forced through the module's
 thresholds, so their figures come from one run.
+
+``--tile-warps 4 8 16`` times only the two 128x128-tile kernels (``quantize_dual``,
+``requantize_t``) at each of those warp counts (``quant._TILE_WARPS``), in one run.
 """
 
 from __future__ import annotations
@@ -99,11 +102,23 @@ def decode(median_us, out: list) -> None:
             print("  ".join(line) + f"  (clone {copy_us:.2f} us)")
 
 
+def _with_warps(kernels, warp_counts):
+    """The cases as (name, bytes, FP8 input?, fn, warps): all of them at the launchers'
+    settings (warps None), or only the 128x128-tile kernels once per warp count."""
+    if not warp_counts:
+        return [(*k, None) for k in kernels]
+    tiled = [k for k in kernels if k[0].startswith(("dual", "requantize_t"))]
+    return [(f"{name}, {w} warps", bpe, fp8_in, fn, w)
+            for w in warp_counts for name, bpe, fp8_in, fn in tiled]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=None, help="folder for quant_bench.json")
     ap.add_argument("--decode", action="store_true",
                     help="tensorwise quantization at decode sizes, by amax route")
+    ap.add_argument("--tile-warps", type=int, nargs="+", default=None, metavar="W",
+                    help="time the 128x128-tile kernels at each of these warp counts")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time (the kernels' CPU tests: pytest tests/kernels)")
@@ -113,6 +128,7 @@ def main() -> None:
     from fp8compile.kernels import quant
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    tile_warps = dict(quant._TILE_WARPS)
 
     def median_us(fn, inputs) -> float:
         def run():
@@ -133,8 +149,11 @@ def main() -> None:
         xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         fp8 = [quant.quantize(x, G.GROUP, Fp8Format.E4M3, False) for x in xs]
         copy_us = median_us(torch.clone, xs)  # reads 2 and writes 2 bytes per element
-        for name, bpe, fp8_in, fn in cases():
+        for name, bpe, fp8_in, fn, warps in _with_warps(cases(), args.tile_warps):
+            if warps:
+                quant._TILE_WARPS = dict.fromkeys(quant._TILE_WARPS, warps)
             us = median_us(fn, fp8 if fp8_in else xs)
+            quant._TILE_WARPS = tile_warps
             ideal = copy_us * bpe / 4
             row = {"shape": [m, n], "kernel": name, "us": us, "bytes_per_elt": bpe,
                    "tb_s": bpe * m * n / us / 1e6, "copy_us_same_bytes": ideal,

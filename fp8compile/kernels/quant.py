@@ -581,6 +581,13 @@ _WHOLE_AMAX_MAX_ELEMS = 16384
 # Tensorwise launch 1 writes one amax per program up to this many programs (AMAX_AT == 1),
 # else folds them into one zeroed cell.
 _AMAX_SLOTS_MAX = 1024
+# Warps per program of the 128x128-tile kernels (the blockwise recipe's backward).  On an
+# H200 (benchmarks/quant.py --tile-warps 4 8 16) 4 warps ran quantize_dual at 4096x14336 in
+# 126 us against 182 us at 8 and 213 us at 16, although it then holds 255 registers and
+# spills 48 bytes a thread (benchmarks/kernel_resources.py); requantize_t 74 us against 76
+# and 92.
+_TILE_WARPS = {"quantize_dual": 4, "requantize_t": 4}
+
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
     """Tensorwise ``numerics.quantize_with_scale`` (static or delayed scales) in one launch."""
@@ -698,7 +705,7 @@ def requantize_t(
         out_scale.stride(0), out_scale.stride(1),
         IN_E4M3=q.dtype == torch.float8_e4m3fn, IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max,
         POW2=bool(power_of_2), HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
-        BLOCK=nx.BLOCK, num_warps=8,
+        BLOCK=nx.BLOCK, num_warps=_TILE_WARPS["requantize_t"],
     )
     return out, out_scale
 
@@ -791,6 +798,6 @@ def quantize_dual(
             x.stride(0), x.stride(1), s.stride(1), st.stride(1),
             IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
             HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, FIXUP=fixup,
-            num_warps=8,
+            num_warps=_TILE_WARPS["quantize_dual"],
         )
     return q, s, qt, st
