@@ -21,6 +21,15 @@ in Mistral, Qwen, ...)::
 
 The activation is then written once, in FP8, instead of in the model dtype and again in FP8
 (for d=4096 and 4096 tokens in bf16: 32 MiB written and read back per norm saved).
+
+In training graphs the linears quantize ``h.detach()`` (ScalesPass) and take ``h`` itself only
+to carry its gradient (``fp8compile::linear_q`` never reads its value).  The quantization is
+then fused the same way, from detached producer inputs, and ``h`` stays in the graph for
+autograd: nothing reads it in the forward, so the compiled forward does not write it::
+
+    h = rms_norm(x, (d,), w, eps)               h = rms_norm(x, (d,), w, eps)
+    q, s = quantize(h.detach(), ...)       ⇒    q, s = rmsnorm_quantize(x.detach(), w.detach(), ..)
+    y = linear_q(h, q, s, W, ...)               y = linear_q(h, q, s, W, ...)
 """
 
 from __future__ import annotations
@@ -57,11 +66,18 @@ class FusePass(Fp8Pass):
             src, gran, fmt, p2 = node.args
             if not isinstance(src, torch.fx.Node) or set(src.users) != {node}:
                 continue
-            fused = self._rms_norm(src) or self._written_rms_norm(src) or self._silu_mul(src)
+            carried = not self.ctx.inference and _is_method(src, "detach") and \
+                only_carried(src.args[0], src)
+            if carried:
+                src = src.args[0]
+            fused = fusable_producer(src)
             if fused is None:
                 continue
             target, args, name = fused
             with graph.inserting_before(node):
+                if carried:
+                    args = tuple(graph.call_method("detach", (a,))
+                                 if isinstance(a, torch.fx.Node) else a for a in args)
                 new = graph.call_function(target, (*args, gran, fmt, p2))
             info(new).update(role="fused_quant", fused_from=name)
             node.replace_all_uses_with(new)
@@ -129,6 +145,23 @@ class FusePass(Fp8Pass):
         return None
 
 
+def fusable_producer(src: torch.fx.Node):
+    """``(fused op, its leading args, name)`` when ``src`` is an RMSNorm or a SiLU·mul whose
+    quantization :class:`FusePass` can fuse, else None."""
+    return (FusePass._rms_norm(src) or FusePass._written_rms_norm(src)
+            or FusePass._silu_mul(src))
+
+
+def only_carried(h: torch.fx.Node, detached: torch.fx.Node) -> bool:
+    """Every user of ``h`` is ``detached`` or a training linear that takes ``h`` only to carry
+    its gradient (``linear_q``'s first argument, not read in the forward)."""
+    return all(
+        u is detached or (u.target is OPS.linear_q.default and u.args[0] is h
+                          and h not in u.args[1:] and h not in u.kwargs.values())
+        for u in h.users
+    )
+
+
 def _is_method(n, *names) -> bool:
     return isinstance(n, torch.fx.Node) and n.op == "call_method" and n.target in names
 
@@ -177,4 +210,4 @@ def _rsqrt_mean_square_eps(r, hs) -> float | None:
     return add.args[1]
 
 
-__all__ = ["FusePass"]
+__all__ = ["FusePass", "fusable_producer", "only_carried"]

@@ -13,7 +13,9 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
    In training graphs each FP8 linear is one ``fp8compile::linear`` that quantizes its own
    input and saves that FP8 copy for backward.  Where several read one tensor, they become a
    shared ``quantize`` and ``fp8compile::linear_q`` each, so the FP8 copy is made and saved
-   once (a lone linear keeps the single op: one custom op call instead of two)::
+   once (a lone linear keeps the single op: one custom op call instead of two, unless its
+   input is an RMSNorm or SiLU·mul output nothing else reads, whose quantization FusePass
+   then fuses into the producer)::
 
        linear(h, Wq) ─┐           quantize(h) → (hq, hs) ─┬→ linear_q(h, hq, hs, Wq)
        linear(h, Wk)  ├─  ⇒                               ├→ linear_q(h, hq, hs, Wk)
@@ -137,7 +139,11 @@ class ScalesPass(Fp8Pass):
                 groups.setdefault((x, recipe, act_fmt, p2), []).append(node)
         modified = False
         for (x, recipe, act_fmt, p2), nodes in groups.items():
-            if len(nodes) < 2 or not all(_only_output_used(n) for n in nodes):
+            # A lone linear keeps the single op, unless its input comes from an RMSNorm or a
+            # SiLU·mul that reads nothing else: FusePass then fuses the quantization there.
+            alone_fusable = len(nodes) == 1 and _fusable_lone_input(x, nodes[0])
+            if (len(nodes) < 2 and not alone_fusable) or \
+                    not all(_only_output_used(n) for n in nodes):
                 continue
             gran = Recipe(recipe).activation_granularity.value
             with graph.inserting_before(nodes[0]):
@@ -156,6 +162,8 @@ class ScalesPass(Fp8Pass):
                     y = graph.call_function(operator.getitem, (new, 0))
                 info(new).update(info(node))
                 for user in list(node.users):
+                    if "val" not in y.meta and "example_value" not in y.meta:
+                        y.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
                     user.replace_all_uses_with(y)
                     graph.erase_node(user)
                 graph.erase_node(node)
@@ -364,6 +372,13 @@ class _GenericSizes:
                 self.subs[sym] = sympy.Integer(self.PRIMES[len(self.subs)])
         value = sympy.sympify(expr.xreplace(self.subs))
         return int(value) if value.is_Integer else None
+
+
+def _fusable_lone_input(x: Any, linear: torch.fx.Node) -> bool:
+    from .fuse import fusable_producer
+
+    return (isinstance(x, torch.fx.Node) and set(x.users) == {linear}
+            and fusable_producer(x) is not None)
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:

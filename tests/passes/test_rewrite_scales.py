@@ -35,14 +35,43 @@ def test_inference_rewrite_shares_activation_quant_and_hoists_weights(passes):
 def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
     gm, inputs, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), inference=False)
     assert not ctx.extra_inputs  # weights stay parameters, quantized in the graph
-    # q/k/v share one quantization of the normed input, gate/up one of the second; o_proj
-    # and down_proj (one reader each) keep the self-quantizing op.
-    assert _count(gm, OPS.quantize.default) == 2
-    assert _count(gm, OPS.linear_q.default) == 5 and _count(gm, OPS.linear.default) == 2
+    # q/k/v share one quantization of the normed input, gate/up one of the second, and both
+    # are fused into their RMSNorm; down_proj's, alone, into its SiLU·mul; o_proj (one
+    # reader, attention output) keeps the self-quantizing op.
+    assert _count(gm, OPS.quantize.default) == 0
+    assert _count(gm, OPS.rmsnorm_quantize.default) == 2
+    assert _count(gm, OPS.silu_mul_quantize.default) == 1
+    assert _count(gm, OPS.linear_q.default) == 6 and _count(gm, OPS.linear.default) == 1
+    fused = (OPS.rmsnorm_quantize.default, OPS.silu_mul_quantize.default)
     for n in gm.graph.nodes:
-        if n.target is OPS.quantize.default:
-            assert n.args[0].target == "detach"  # the gradient flows through linear_q's x
+        if n.target in fused:
+            # Detached: the gradient flows through linear_q's x (the producer's output).
+            tensors = [a for a in n.args if isinstance(a, torch.fx.Node)]
+            assert len(tensors) == 2 and all(a.target == "detach" for a in tensors)
             assert {u.target for u in n.users} == {operator.getitem}
+        if n.target is OPS.linear_q.default:
+            # x is the producer's high-precision output, which linear_q only carries.
+            assert n.args[0].target not in fused and n.args[1].args[0].target in fused
+
+
+def test_training_fusion_needs_the_producer_read_by_linears_only(passes):
+    """A normed input that something else also reads (here a residual add) keeps its bf16
+    value and an unfused quantization."""
+
+    class NormTwice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.RMSNorm(256)
+            self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+
+        def forward(self, x):
+            h = self.norm(x)
+            return self.a(h) + self.b(h) + h
+
+    gm, _, _ = passes(NormTwice(), torch.randn(2, 8, 256), inference=False,
+                      config={"rules": []})
+    assert _count(gm, OPS.rmsnorm_quantize.default) == 0
+    assert _count(gm, OPS.quantize.default) == 1 and _count(gm, OPS.linear_q.default) == 2
 
 
 def test_training_rewrite_passes_both_accumulations(passes):

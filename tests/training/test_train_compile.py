@@ -187,3 +187,26 @@ def test_shared_input_is_saved_once_in_fp8(recipe):
     saved = saved_tensor_bytes(lambda: compiled(x).sum(), exclude=params + [x])
     # x once (not twice) and h: FP8 payload plus one fp32 scale per 1x128 group.
     assert saved.fp8 == 64 * 256 + 64 * 128, str(saved)
+
+
+def test_fused_producers_give_the_unfused_gradients(monkeypatch):
+    """Training graphs fuse the quantization into RMSNorm and SiLU·mul (the high-precision
+    output only carries the gradient); every gradient, the norms' weights included, matches
+    the graph whose quantizations read that output."""
+    from fp8compile.passes import fuse
+    from tests.models import LlamaBlock
+
+    model = LlamaBlock()
+    x = torch.randn(2, 8, 256, requires_grad=True)
+    be = fp8compile.backend()
+    got = _grads_of(torch.compile(model, backend=be, fullgraph=True), model, x)
+    assert be.plan.stats["fused_quantizations"] == 3
+    torch._dynamo.reset()
+    monkeypatch.setattr(fuse, "fusable_producer", lambda node: None)
+    unfused = fp8compile.backend()
+    want = _grads_of(torch.compile(model, backend=unfused, fullgraph=True), model, x)
+    assert unfused.plan.stats["fused_quantizations"] == 0
+    assert set(got) == set(want) and any("norm" in name for name in got)
+    for name in want:
+        # fp32 model: both quantize the same fp32 values up to the norm's evaluation order.
+        assert _rel(got[name], want[name]) < 1e-2, (name, _rel(got[name], want[name]))
