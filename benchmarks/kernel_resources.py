@@ -69,7 +69,7 @@ def quantize_dual(fixup: bool = False):
          "flag_ptr": "*i8", "M": "i32", "N": "i32", "stride_xm": "i32", "stride_sk": "i32",
          "stride_stk": "i32"},
         {"stride_xn": 1, "BLOCK": 128, "FIXUP": fixup, **E4M3},
-        quant._TILE_WARPS["quantize_dual"])
+        quant._TILE_WARPS["quantize_dual_fixup" if fixup else "quantize_dual"])
 
 
 def quantize_dual_fixup():

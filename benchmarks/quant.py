@@ -151,7 +151,8 @@ def main() -> None:
         copy_us = median_us(torch.clone, xs)  # reads 2 and writes 2 bytes per element
         for name, bpe, fp8_in, fn, warps in _with_warps(cases(), args.tile_warps):
             if warps:
-                quant._TILE_WARPS = dict.fromkeys(quant._TILE_WARPS, warps)
+                quant._TILE_WARPS = {**tile_warps, "quantize_dual": warps,
+                                     "requantize_t": warps}
             us = median_us(fn, fp8 if fp8_in else xs)
             quant._TILE_WARPS = tile_warps
             ideal = copy_us * bpe / 4

@@ -585,8 +585,9 @@ _AMAX_SLOTS_MAX = 1024
 # H200 (benchmarks/quant.py --tile-warps 4 8 16) 4 warps ran quantize_dual at 4096x14336 in
 # 126 us against 182 us at 8 and 213 us at 16, although it then holds 255 registers and
 # spills 48 bytes a thread (benchmarks/kernel_resources.py); requantize_t 74 us against 76
-# and 92.
-_TILE_WARPS = {"quantize_dual": 4, "requantize_t": 4}
+# and 92.  The fix-up launch (tiles holding NaN/Inf, see quantize_dual) keeps 8 warps: at 4
+# it spills 224 bytes a thread with triton 3.6.
+_TILE_WARPS = {"quantize_dual": 4, "quantize_dual_fixup": 8, "requantize_t": 4}
 
 
 def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) -> torch.Tensor:
@@ -798,6 +799,6 @@ def quantize_dual(
             x.stride(0), x.stride(1), s.stride(1), st.stride(1),
             IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
             HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=nx.BLOCK, FIXUP=fixup,
-            num_warps=_TILE_WARPS["quantize_dual"],
+            num_warps=_TILE_WARPS["quantize_dual_fixup" if fixup else "quantize_dual"],
         )
     return q, s, qt, st

@@ -2,9 +2,10 @@
 settings (a spill in a memory-bound kernel costs bandwidth; codegen is sensitive to small
 source changes: reordering two statements of the group path once cost it 216 bytes).
 
-The one exception is ``quantize_dual``: a whole 128x128 tile per 4-warp program spills a few
-dozen bytes a thread, and still ran 1.4x faster on an H200 than 8 warps without a spill
-(``quant._TILE_WARPS``).  Its allowance is a bound, so a change that spills more fails.
+The one exception is ``quantize_dual``'s first launch: a whole 128x128 tile per 4-warp
+program spills a few dozen bytes a thread, and still ran 1.4x faster on an H200 than 8 warps
+without a spill (``quant._TILE_WARPS``; its fix-up launch keeps 8 warps and no spill).  Its
+allowance is a bound, so a change that spills more fails.
 
 Compiled offline with Triton's bundled ptxas, so this runs without a GPU.  It runs in a
 subprocess because this test folder decorates the kernels for Triton's interpreter.
@@ -26,7 +27,7 @@ ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_blocks_transposed",
          "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy"]
 # Bytes of stack a kernel may use (see the module docstring); 0 for every other kernel.
-ALLOWED_STACK = {"quantize_dual": 64, "quantize_dual_fixup": 96}
+ALLOWED_STACK = {"quantize_dual": 64}
 SNIPPET = f"""
 import json, sys, warnings
 warnings.filterwarnings("ignore")
