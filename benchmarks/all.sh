@@ -3,8 +3,8 @@
 #
 #   bash benchmarks/all.sh [OUT_DIR] [STAGES...]
 #
-# STAGES (default: check e2e train accuracy; "check train" and "e2e accuracy" each fit one
-# 10-minute call):
+# STAGES (default: check e2e train accuracy; "check decode", "train quant" and "e2e accuracy"
+# each fit one 10-minute call):
 #   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
 #             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
@@ -45,7 +45,7 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 
 for stage in "${stages[@]}"; do
     case $stage in
-        check) run check 240 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
+        check) run check 330 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         quant)

@@ -210,3 +210,45 @@ def test_fused_producers_give_the_unfused_gradients(monkeypatch):
     for name in want:
         # fp32 model: both quantize the same fp32 values up to the norm's evaluation order.
         assert _rel(got[name], want[name]) < 1e-2, (name, _rel(got[name], want[name]))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="the inlined Triton kernels need a CUDA GPU with FP8")
+def test_gpu_fused_producers_leave_no_norm_in_the_forward():
+    """On a GPU the compiled forward runs the fused RMSNorm→FP8 kernel and drops the norm's
+    own kernel: its high-precision output is written nowhere (the backward recomputes what
+    the norm's gradient needs)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from fp8compile.passes import fuse
+
+    class NormLinear(nn.Module):  # a residual branch: the linear is not the output head
+        def __init__(self):
+            super().__init__()
+            self.norm, self.proj = nn.RMSNorm(512), nn.Linear(512, 512, bias=False)
+
+        def forward(self, t):
+            return t + self.proj(self.norm(t))
+
+    model = NormLinear().cuda().to(torch.bfloat16)
+    x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def forward_kernels():
+        torch._dynamo.reset()
+        backend = fp8compile.backend({"recipe": "tensorwise"})
+        compiled = torch.compile(model, backend=backend)
+        _, codes = run_and_get_code(lambda: compiled(x).float().sum().backward())
+        assert "fp8" in str(backend.plan) and "1 fp8" in str(backend.plan), backend.plan
+        return re.findall(r"^\s+(\w+)\.run\(", codes[0], re.M)
+
+    fused = forward_kernels()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fuse, "fusable_producer", lambda node: None)
+        unfused = forward_kernels()
+    # The unfused forward has the norm's kernel, so the check below can fail.
+    assert any("rms_norm" in k for k in unfused), unfused
+    assert not any("rms_norm" in k for k in fused), fused
+    assert any("quantize" in k for k in fused), fused
