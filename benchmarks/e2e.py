@@ -231,6 +231,42 @@ def check_gemms() -> None:
         print(f"  backend {choice:6s} for {key}")
 
 
+# Device kernels by name, first match wins, for the profiles' per-category lines.
+# Inductor's kernels (triton_*) come first: their names list the ops fused into them.
+KERNEL_CATEGORIES = [
+    ("Inductor, FP8 cast/amax", r"^triton_.*(abs_max|reciprocal)"),  # torchao's casts
+    ("Inductor, other", r"^triton_"),
+    ("GEMM", r"nvjet|gemm|cutlass|xmma|_scaled_mm|splitk"),
+    ("attention", r"sdpa|flash|fmha|cudnn|attention"),
+    ("fp8hpf quantization", r"quantize|_amax"),
+    ("FP8 transpose", r"_copy_2d"),
+    ("memset/memcpy", r"memset|memcpy"),
+]
+
+
+def kernel_categories(events, steps: int) -> dict[str, tuple[float, float]]:
+    """``{category: (ms per step, launches per step)}`` of a profile's device kernels
+    (``key_averages()``; user annotations such as compiled-graph ranges left out)."""
+    import re
+
+    out: dict[str, tuple[float, float]] = {}
+    for e in events:
+        if e.device_type != torch.autograd.DeviceType.CUDA or \
+                getattr(e, "is_user_annotation", False) or e.key.startswith("## "):
+            continue
+        name = next((c for c, pat in KERNEL_CATEGORIES if re.search(pat, e.key, re.I)),
+                    "other")
+        ms, n = out.get(name, (0.0, 0.0))
+        out[name] = (ms + e.self_device_time_total / 1e3 / steps, n + e.count / steps)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1][0]))
+
+
+def format_categories(cats: dict[str, tuple[float, float]]) -> str:
+    total = sum(ms for ms, _ in cats.values())
+    return f"kernels {total:.3f} ms/step: " + ", ".join(
+        f"{c} {ms:.3f} (x{n:g})" for c, (ms, n) in cats.items())
+
+
 def profile(fn, path: str) -> list[tuple[str, float, float]]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof
@@ -242,6 +278,7 @@ def profile(fn, path: str) -> list[tuple[str, float, float]]:
         for _ in range(10):
             fn()
         torch.cuda.synchronize()
+    print("    " + format_categories(kernel_categories(p.key_averages(), 10)))
     rows = []
     total = sum(e.device_time_total for e in p.key_averages()) or 1.0
     for e in sorted(p.key_averages(), key=lambda e: -e.device_time_total)[:15]:
