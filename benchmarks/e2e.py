@@ -267,6 +267,41 @@ def format_categories(cats: dict[str, tuple[float, float]]) -> str:
         f"{c} {ms:.3f} (x{n:g})" for c, (ms, n) in cats.items())
 
 
+def device_gaps(events, min_us: float = 2.0) -> dict:
+    """Where the GPU waits inside a profile: its kernels' intervals (``profile.events()``)
+    merged, the idle time between the first and the last, and the gaps of at least
+    ``min_us`` with the kernels on either side, longest first."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)
+                   and not e.name.startswith("## "))
+    if not spans:
+        return {"busy_us": 0.0, "span_us": 0.0, "gaps": []}
+    busy, gaps = 0.0, []
+    start, end, last = spans[0]
+    for s, e, name in spans[1:]:
+        if s > end:
+            busy += end - start
+            if s - end >= min_us:
+                gaps.append((s - end, last, name))
+            start, end = s, e
+        elif e > end:
+            end = e
+        last = name if e >= end else last
+    busy += end - start
+    return {"busy_us": busy, "span_us": spans[-1][1] - spans[0][0],
+            "gaps": sorted(gaps, reverse=True)}
+
+
+def format_gaps(g: dict, steps: int, top: int = 6) -> str:
+    idle = g["span_us"] - g["busy_us"]
+    out = (f"GPU idle {idle / steps / 1e3:.3f} ms/step of {g['span_us'] / steps / 1e3:.3f} "
+           f"({len(g['gaps'])} gaps >= 2 us in {steps} steps)")
+    for us, before, after in g["gaps"][:top]:
+        out += f"\n      {us:8.1f} us after {before[:50]} before {after[:50]}"
+    return out
+
+
 def profile(fn, path: str) -> list[tuple[str, float, float]]:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as prof

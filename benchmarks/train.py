@@ -36,7 +36,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from e2e import Block, format_categories, kernel_categories, median_ms  # noqa: E402
+from e2e import (Block, device_gaps, format_categories, format_gaps, kernel_categories,  # noqa: E402
+                 median_ms)
 
 import fp8compile  # noqa: E402
 from fp8compile.training import saved_tensor_bytes  # noqa: E402
@@ -103,6 +104,7 @@ def profile_step(step, path: str, top: int = 30) -> None:
         sync()
     avg = p.key_averages()
     log("    " + format_categories(kernel_categories(avg, 5)))
+    log("    " + format_gaps(device_gaps(p.events()), 5))
     rows = sorted(avg, key=lambda e: -e.device_time_total)[:top]
     for e in rows:
         log(f"    {e.device_time_total / 5 / 1e3:8.3f} ms/step  x{e.count // 5:<4d} {e.key[:100]}")
