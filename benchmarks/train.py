@@ -36,8 +36,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from e2e import (Block, device_gaps, format_categories, format_gaps, kernel_categories,  # noqa: E402
-                 median_ms)
+from e2e import Block, device_gaps, format_categories, format_gaps, kernel_categories, median_ms  # noqa: E402
 
 import fp8compile  # noqa: E402
 from fp8compile.training import saved_tensor_bytes  # noqa: E402

@@ -110,6 +110,19 @@ def test_choice_takes_medians_of_alternating_timings():
     assert select._faster(tri, cub, timer=lambda fn: (fn(), next(even[calls[-1]]))[1]) == "cublas"
 
 
+@pytest.mark.parametrize("t_triton, want", [(0.98, "cublas"), (0.971, "cublas"),
+                                            (0.969, "triton"), (0.5, "triton")])
+def test_triton_must_beat_cublas_by_the_margin(t_triton, want):
+    # Against cuBLAS at 1.0: within the margin (near-ties whose order is timing noise) cuBLAS
+    # is kept, so the choice does not flip between compiles.
+    times = {"t": t_triton, "c": 1.0}
+    last = []
+    assert select._TRITON_MARGIN == 0.03
+    got = select._faster(lambda: last.append("t"), lambda: last.append("c"),
+                         timer=lambda fn: (fn(), times[last[-1]])[1])
+    assert got == want
+
+
 def test_host_side_ceil_div_and_next_power_of_two_match_triton():
     import triton
 
