@@ -102,8 +102,9 @@ class WeightCache:
                 if old is not None and all(
                         (a.shape, a.stride(), a.dtype, a.device)
                         == (b.shape, b.stride(), b.dtype, b.device) for a, b in zip(old, value)):
-                    # In place: the compiled graph may hold these tensors by address (CUDA
-                    # graphs take the cache's outputs as static inputs).
+                    # In place: CUDA-graph trees take the cache's outputs as static inputs,
+                    # and a new address makes them record the graph again (in training that
+                    # would be at every optimizer step).
                     for a, b in zip(old, value):
                         a.copy_(b)
                 else:
