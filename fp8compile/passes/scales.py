@@ -198,12 +198,7 @@ class ScalesPass(Fp8Pass):
                     )
                     y = graph.call_function(operator.getitem, (new, 0))
                 info(new).update(info(node))
-                for user in list(node.users):
-                    if "val" not in y.meta and "example_value" not in y.meta:
-                        y.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
-                    user.replace_all_uses_with(y)
-                    graph.erase_node(user)
-                graph.erase_node(node)
+                _replace_output(graph, node, y)
             modified = True
         return modified
 
@@ -228,12 +223,7 @@ class ScalesPass(Fp8Pass):
                                           (x, xq, xs, w, *inputs, b, recipe, act_fmt, wf, gf,
                                            p2, *accs))
             info(new).update(info(node), weights_cached=True)
-            for user in list(node.users):
-                if "val" not in new.meta and "example_value" not in new.meta:
-                    new.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
-                user.replace_all_uses_with(new)
-                graph.erase_node(user)
-            graph.erase_node(node)
+            _replace_output(graph, node, new)
             modified = True
         return modified
 
@@ -452,6 +442,17 @@ def _fusable_lone_input(x: Any, linear: torch.fx.Node) -> bool:
 
     return (isinstance(x, torch.fx.Node) and set(x.users) == {linear}
             and fusable_producer(x) is not None)
+
+
+def _replace_output(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node) -> None:
+    """Point the users of ``node``'s output (its ``getitem(node, 0)`` nodes) at ``y``, which
+    takes their value metadata where it has none, and erase ``node`` and those getitems."""
+    for user in list(node.users):
+        if "val" not in y.meta and "example_value" not in y.meta:
+            y.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
+        user.replace_all_uses_with(y)
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:
