@@ -163,6 +163,12 @@ class Fp8Config:
             bias run as one GEMM over their stacked weights.  Exact for ``rowwise`` and for
             ``blockwise`` (where each N is a multiple of 128); ``tensorwise`` then quantizes
             the stack with one scale, the largest member's.  The plan lists the groups.
+        cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
+            forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
+            version counter: an optimizer step, an in-place update under ``no_grad``), as
+            for gradient accumulation over micro-batches.  Holds two FP8 copies of every FP8
+            weight; needs dynamic scaling.  Updating a weight through ``p.data`` in place
+            bypasses the version counter, and the cache then serves the old weight.
     """
 
     recipe: Recipe = Recipe.BLOCKWISE
@@ -183,6 +189,7 @@ class Fp8Config:
     calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
     fuse_projections: bool = True
+    cache_training_weights: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -196,7 +203,8 @@ class Fp8Config:
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))
         set_(self, "calibration", self._check_calibration(self.calibration))
-        for name in ("power_of_2_scales", "matmul", "fuse_projections"):
+        for name in ("power_of_2_scales", "matmul", "fuse_projections",
+                     "cache_training_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
         if self.inference is not None and not isinstance(self.inference, bool):
@@ -207,6 +215,11 @@ class Fp8Config:
                 raise ValueError(f"Fp8Config.{name}={v!r} must be an integer >= {low}")
         if self.min_sqnr_db is not None and not isinstance(self.min_sqnr_db, (int, float)):
             raise ValueError(f"Fp8Config.min_sqnr_db={self.min_sqnr_db!r} must be a number (dB)")
+        if self.cache_training_weights and self.scaling is not Scaling.DYNAMIC:
+            raise ValueError(
+                f"Fp8Config.cache_training_weights=True caches dynamically scaled weights, but "
+                f"scaling={self.scaling.value!r}; use scaling='dynamic' or leave the cache off"
+            )
         if self.scaling is not Scaling.DYNAMIC and self.recipe is not Recipe.TENSORWISE:
             raise ValueError(
                 f"Fp8Config.scaling={self.scaling.value!r} needs one scale per tensor, but "

@@ -168,8 +168,10 @@ class Plan:
             f"nodes by precision: {dict(sorted(c.items()))}"
         )
         if "weight_bytes" in self.stats:
+            what = ("weights quantized once" if self.stats.get("inference", True)
+                    else "weights cached in FP8 per parameter version (W and Wᵀ)")
             lines.append(
-                f"weights quantized once: {self.stats['weight_bytes'] / 2**20:.2f} MiB -> "
+                f"{what}: {self.stats['weight_bytes'] / 2**20:.2f} MiB -> "
                 f"{self.stats['fp8_weight_bytes'] / 2**20:.2f} MiB in FP8 (scales included)"
             )
         if "compile_s" in self.stats:

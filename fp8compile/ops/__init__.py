@@ -19,6 +19,8 @@ op                                         meaning
                                            also returns the FP8 input and the weight scale
 ``fp8compile::linear_q``                   the same for an input quantized once elsewhere
                                            (shared by q/k/v or gate/up); ``(y, ws)``
+``fp8compile::linear_w``                   the same with the weight's FP8 ``W`` and ``Wᵀ``
+                                           given too (training weight cache)
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
 ``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in

@@ -22,6 +22,10 @@ The activation saved for backward is the FP8 ``xq`` (1 byte/element plus one fp3
 128 elements in blockwise) instead of ``x`` (2 bytes in bf16, 4 in fp32).  The weight is saved
 as the parameter itself (no copy) and requantized in backward.
 
+``fp8compile::linear_w`` takes both FP8 copies of the weight (``W`` for the forward, ``Wᵀ``
+for dX, from :func:`weight_quants`) as inputs instead: a cache keeps them across the calls
+that see one parameter version (the micro-batches of gradient accumulation).
+
 Delayed scaling in training lives in :mod:`fp8compile.ops.training_state`.
 """
 
@@ -139,13 +143,14 @@ def _(x, weight, bias, recipe, act_fmt, weight_fmt, grad_fmt, power_of_2, accumu
     return y, xq, empty_scale(x, g), _fake_weight_scale(weight, recipe)
 
 
-def _keep_for_backward(ctx, x, xq, xs, weight, ws, bias, options, grad_index) -> None:
-    """What both linear ops save: the FP8 input, the weight (the parameter itself), the
+def _keep_for_backward(ctx, x, xq, xs, weight, ws, bias, options, grad_index,
+                       w_t=(None, None)) -> None:
+    """What the linear ops save: the FP8 input, the weight (the parameter itself), the
     tensorwise weight scale (``None`` for the other recipes: their ``Wᵀ`` scales differ from
-    ``W``'s), the recipe ``options`` (recipe, formats, power_of_2, accumulations) and the
-    dtypes of the gradients; ``grad_index`` is where x, weight and bias sit among the op's
-    inputs."""
-    ctx.save_for_backward(xq, xs, weight, ws if options[0] == "tensorwise" else None)
+    ``W``'s), ``Wᵀ``'s FP8 copy and scales where the op was given them (``linear_w``), the
+    recipe ``options`` (recipe, formats, power_of_2, accumulations) and the dtypes of the
+    gradients; ``grad_index`` is where x, weight and bias sit among the op's inputs."""
+    ctx.save_for_backward(xq, xs, weight, ws if options[0] == "tensorwise" else None, *w_t)
     ctx.meta = (*options, x.dtype, bias.dtype if bias is not None else None)
     ctx.grad_index = grad_index
 
@@ -208,20 +213,25 @@ def _linear_q_backward(ctx, grad_y, _grad_ws):
 
 
 def _linear_backward(ctx, grad_y, *_unused):
-    xq, xs, weight, ws = ctx.saved_tensors
+    xq, xs, weight, ws, *w_t = ctx.saved_tensors
+    w_t = tuple(w_t) if w_t and w_t[0] is not None else None
     recipe, act_fmt, weight_fmt, grad_fmt, p2, _, acc, x_dtype, bias_dtype = ctx.meta
     need_x, need_w, need_b = (ctx.needs_input_grad[i] for i in ctx.grad_index)
     dy = grad_y.reshape(-1, weight.shape[0])
     dx = dw = None
     if recipe == "tensorwise":
         dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
-                                      x_dtype, need_x, need_w)
+                                      x_dtype, need_x, need_w, w_t=w_t)
     elif recipe == "blockwise" and need_x and need_w:
         dx, dw = _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2,
-                                     acc, x_dtype)
+                                     acc, x_dtype, w_t)
     else:
-        xg, _ = _recipe_grans(recipe)
-        if need_x:
+        xg, wg = _recipe_grans(recipe)
+        if need_x and w_t is not None:
+            dyq, dys = torch.ops.fp8compile.quantize(dy, xg, grad_fmt, p2)
+            dx = torch.ops.fp8compile.scaled_mm(dyq, dys, xg, *w_t, wg, None, x_dtype, acc,
+                                                "none", None)
+        elif need_x:
             # dX = dY @ W: dY scaled along N (1x128 / per token), Wᵀ (K, N) as the "weight".
             dx = fp8_mm(dy, weight.t(), recipe, grad_fmt, weight_fmt, acc, x_dtype, p2)
         if need_w and recipe == "blockwise":
@@ -248,12 +258,14 @@ def _input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype):
     return dx, dw, db
 
 
-def _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype):
+def _blockwise_backward(dy, xq, xs, weight, act_fmt, weight_fmt, grad_fmt, p2, acc, x_dtype,
+                        w_t=None):
     """Both gradients of the blockwise recipe.  dY is read once and quantized in 1x128 groups
-    along N (for dX) and along M, transposed (for dW)."""
+    along N (for dX) and along M, transposed (for dW).  ``w_t``: ``Wᵀ``'s FP8 blocks, when
+    given."""
     ops = torch.ops.fp8compile
     dyq, dys, dyq_t, dys_t = ops.quantize_dual(dy, grad_fmt, p2)
-    wq_t, ws_t = ops.quantize(weight.t(), "block", weight_fmt, p2)
+    wq_t, ws_t = w_t or ops.quantize(weight.t(), "block", weight_fmt, p2)
     dx = ops.scaled_mm(dyq, dys, "group", wq_t, ws_t, "block", None, x_dtype, acc, "none",
                        None)
     return dx, _blockwise_dw((dyq_t, dys_t), xq, xs, weight, act_fmt, p2, acc)
@@ -290,12 +302,12 @@ def _dequantize_rows(xq: Tensor, xs: Tensor, gran: nx.Granularity, dtype) -> Ten
 
 
 def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, x_dtype,
-                         need_x, need_w, grad_scale=None):
+                         need_x, need_w, grad_scale=None, w_t=None):
     """Both backward GEMMs with one scale per tensor: dY is quantized once, the saved ``xq``
     is used transposed as is (no second rounding of X), and ``Wᵀ`` is quantized with the
     forward's weight scale ``ws`` (amax(Wᵀ) = amax(W): the same FP8 values as a fresh
-    quantization, without its amax pass).  ``grad_scale`` (delayed scaling) replaces dY's
-    dynamic scale when given."""
+    quantization, without its amax pass), unless ``w_t`` gives it.  ``grad_scale`` (delayed
+    scaling) replaces dY's dynamic scale when given."""
     ops = torch.ops.fp8compile
     k = weight.shape[1]
     if grad_scale is None:
@@ -305,8 +317,8 @@ def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, 
         dyq = ops.quantize_scaled(dy, gs, "tensor", grad_fmt)
     dx = dw = None
     if need_x:
-        wq_t = ops.quantize_scaled(weight.t(), ws, "tensor", weight_fmt)
-        dx = ops.scaled_mm(dyq, gs, "tensor", wq_t, ws, "tensor", None, x_dtype, acc, "none",
+        wq_t, ws_t = w_t or (ops.quantize_scaled(weight.t(), ws, "tensor", weight_fmt), ws)
+        dx = ops.scaled_mm(dyq, gs, "tensor", wq_t, ws_t, "tensor", None, x_dtype, acc, "none",
                            None)
     if need_w:
         # Transposed FP8 views: the GEMM makes them K-major itself (1 byte per element).
@@ -316,8 +328,73 @@ def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, 
     return dx, dw
 
 
+def weight_quants(weight: Tensor, recipe: str, fmt: str, power_of_2: bool
+                  ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(wq, ws, wq_t, ws_t)``: the FP8 weight as the forward GEMM reads it and ``Wᵀ`` as the
+    dX GEMM reads it, each with its scales, exactly as the linear ops quantize them (for
+    tensorwise ``Wᵀ`` takes ``W``'s scale)."""
+    ops = torch.ops.fp8compile
+    _, wg = _recipe_grans(recipe)
+    wq, ws = ops.quantize(weight, wg, fmt, power_of_2)
+    if recipe == "tensorwise":
+        return wq, ws, ops.quantize_scaled(weight.t(), ws, "tensor", fmt), ws
+    return (wq, ws, *ops.quantize(weight.t(), wg, fmt, power_of_2))
+
+
+@torch.library.custom_op("fp8compile::linear_w", mutates_args=())
+def linear_w(
+    x: Tensor,
+    xq: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    wq: Tensor,
+    ws: Tensor,
+    wq_t: Tensor,
+    ws_t: Tensor,
+    bias: Optional[Tensor],
+    recipe: str,
+    act_fmt: str,
+    weight_fmt: str,
+    grad_fmt: str,
+    power_of_2: bool,
+    accumulation: str,
+    grad_accumulation: str = "precise",
+) -> Tensor:
+    """``x @ weight.T + bias`` of ``fp8compile::linear_q`` with the weight's FP8 copies given:
+    ``(wq, ws, wq_t, ws_t) = weight_quants(weight, ...)`` (a cache holds them per parameter
+    version).  ``x`` and ``weight`` carry the gradients (dX, dW are returned for them) and
+    are not read otherwise; dX uses ``wq_t``, dW the saved ``xq``."""
+    _check_linear(x, weight, bias)
+    for name, q, shape in (("wq", wq, weight.shape), ("wq_t", wq_t, weight.shape[::-1]),
+                           ("xq", xq, x.shape)):
+        if q.dtype not in nx.FP8_FORMATS or tuple(q.shape) != tuple(shape):
+            raise ValueError(
+                f"linear_w: {name} must be an FP8 tensor of shape {tuple(shape)} (see "
+                f"fp8compile.ops.linear.weight_quants), got {q.dtype} {tuple(q.shape)}"
+            )
+    xg, wg = _recipe_grans(recipe)
+    return scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+
+
+@linear_w.register_fake
+def _(x, xq, xs, weight, wq, ws, wq_t, ws_t, bias, recipe, act_fmt, weight_fmt, grad_fmt,
+      power_of_2, accumulation, grad_accumulation="precise"):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _linear_w_setup(ctx, inputs, output):
+    x, xq, xs, weight, _wq, ws, wq_t, ws_t, bias, *options = inputs
+    _keep_for_backward(ctx, x, xq, xs, weight, ws, bias, options, (0, 3, 8), (wq_t, ws_t))
+
+
+def _linear_w_backward(ctx, grad_y):
+    dx, dw, db = _linear_backward(ctx, grad_y)[:3]
+    return dx, None, None, dw, None, None, None, None, db, *[None] * 7
+
+
 linear.register_autograd(_linear_backward, setup_context=_linear_setup)
 linear_q.register_autograd(_linear_q_backward, setup_context=_linear_q_setup)
+linear_w.register_autograd(_linear_w_backward, setup_context=_linear_w_setup)
 
 
 # In compiled graphs on the GPU the forward is traced as the ops it is made of, so that each
@@ -343,8 +420,17 @@ def _linear_q_traced(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_
     return y, ws
 
 
+def _linear_w_traced(x, xq, xs, weight, wq, ws, wq_t, ws_t, bias, recipe, act_fmt,
+                     weight_fmt, grad_fmt, power_of_2, accumulation, grad_accumulation="precise"):
+    _check_linear(x, weight, bias)
+    xg, wg = _recipe_grans(recipe)
+    return torch.ops.fp8compile.scaled_mm(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation,
+                                          "none", None)
+
+
 inline_on_gpu(linear, _linear_traced)
 inline_on_gpu(linear_q, _linear_q_traced)
+inline_on_gpu(linear_w, _linear_w_traced)
 
 
 # --------------------------------------------------------------------------------------

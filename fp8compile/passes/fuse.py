@@ -154,10 +154,12 @@ def fusable_producer(src: torch.fx.Node):
 
 def only_carried(h: torch.fx.Node, detached: torch.fx.Node) -> bool:
     """Every user of ``h`` is ``detached`` or a training linear that takes ``h`` only to carry
-    its gradient (``linear_q``'s first argument, not read in the forward)."""
+    its gradient (``linear_q``'s or ``linear_w``'s first argument, not read in the
+    forward)."""
     return all(
-        u is detached or (u.target is OPS.linear_q.default and u.args[0] is h
-                          and h not in u.args[1:] and h not in u.kwargs.values())
+        u is detached or (u.target in (OPS.linear_q.default, OPS.linear_w.default)
+                          and u.args[0] is h and h not in u.args[1:]
+                          and h not in u.kwargs.values())
         for u in h.users
     )
 

@@ -181,6 +181,8 @@ class PrecisionPass(Fp8Pass):
             notes.append("both operands are activations, quantized per call")
         elif self.ctx.inference:
             notes.append("weight quantized once per parameter version")
+        elif cfg.cache_training_weights:
+            notes.append("W and Wᵀ quantized once per parameter version (cached)")
         if cfg.scaling is not Scaling.DYNAMIC:
             if self.ctx.inference and ops["w_is_param"]:
                 notes.append(f"{cfg.scaling.value} activation scale")

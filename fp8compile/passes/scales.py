@@ -44,6 +44,12 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
    in-place ``copy_`` under ``no_grad`` bump ``_version``; assigning ``p.data`` swaps storage)::
 
        quantize(w) → (wq, ws)  ⇒  placeholder wq, placeholder ws   (cache: once per version)
+
+4. Cached weights in training (``cache_training_weights``).  Every training linear of a
+   parameter becomes ``quantize(x.detach())`` and ``fp8compile::linear_w``, whose FP8 ``W``
+   (forward) and ``Wᵀ`` (dX) come from a :class:`TrainingWeightCache` as graph inputs: they
+   are made once per parameter version, not twice per call, which pays off over the
+   micro-batches of gradient accumulation (the optimizer step bumps the version).
 """
 
 from __future__ import annotations
@@ -59,6 +65,7 @@ import torch
 from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
+from ..ops.linear import weight_quants
 from .manager import Fp8Pass, PassResult, eliminate_dead_code, info, mutates, target_name
 from .rewrite import RewritePass
 
@@ -83,17 +90,43 @@ class WeightCache:
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
 
-    def get(self, args: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    def get(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         ws = [args[i] for i in self.indices]
         key = tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version) for w in ws)
         if key != self.key:
             with torch.no_grad():
                 srcs = [w.detach().t() if t else w.detach() for w, t in zip(ws, self.transposed)]
                 src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
-                self.value = OPS.quantize(src, *self.args)
+                value = tuple(self._quantize(src))
+                old = self.value
+                if old is not None and all(
+                        (a.shape, a.stride(), a.dtype, a.device)
+                        == (b.shape, b.stride(), b.dtype, b.device) for a, b in zip(old, value)):
+                    # In place: CUDA-graph trees take the cache's outputs as static inputs,
+                    # and a new address makes them record the graph again (in training that
+                    # would be at every optimizer step).
+                    for a, b in zip(old, value):
+                        a.copy_(b)
+                else:
+                    self.value = value
             self.key = key
             self.quantizations += 1
         return self.value
+
+    def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return OPS.quantize(src, *self.args)
+
+
+class TrainingWeightCache(WeightCache):
+    """Both FP8 copies of one weight that a training linear (``fp8compile::linear_w``) reads,
+    per parameter version: ``W`` for the forward GEMM and ``Wᵀ`` for dX
+    (:func:`fp8compile.ops.linear.weight_quants`; ``args`` is ``(recipe, fmt, p2)``)."""
+
+    def __init__(self, index: int, recipe: str, fmt: str, p2: bool):
+        super().__init__([index], [False], recipe, fmt, p2)
+
+    def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return weight_quants(src, *self.args)
 
 
 class ScalesPass(Fp8Pass):
@@ -110,6 +143,8 @@ class ScalesPass(Fp8Pass):
             modified |= self._hoist_weights(graph)
         else:
             modified |= self._share_training_quant(graph)
+            if self.ctx.config.cache_training_weights:
+                modified |= self._cache_training_weights(graph)
         if modified:
             eliminate_dead_code(graph)
             graph.lint()
@@ -141,8 +176,10 @@ class ScalesPass(Fp8Pass):
         for (x, recipe, act_fmt, p2), nodes in groups.items():
             # A lone linear keeps the single op, unless its input comes from an RMSNorm or a
             # SiLU·mul that reads nothing else: FusePass then fuses the quantization there.
-            alone_fusable = len(nodes) == 1 and _fusable_lone_input(x, nodes[0])
-            if (len(nodes) < 2 and not alone_fusable) or \
+            # With cached weights every linear takes this form (linear_w follows from it).
+            alone_ok = len(nodes) == 1 and (_fusable_lone_input(x, nodes[0])
+                                            or self.ctx.config.cache_training_weights)
+            if (len(nodes) < 2 and not alone_ok) or \
                     not all(_only_output_used(n) for n in nodes):
                 continue
             gran = Recipe(recipe).activation_granularity.value
@@ -161,12 +198,32 @@ class ScalesPass(Fp8Pass):
                     )
                     y = graph.call_function(operator.getitem, (new, 0))
                 info(new).update(info(node))
-                for user in list(node.users):
-                    if "val" not in y.meta and "example_value" not in y.meta:
-                        y.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
-                    user.replace_all_uses_with(y)
-                    graph.erase_node(user)
-                graph.erase_node(node)
+                _replace_output(graph, node, y)
+            modified = True
+        return modified
+
+    def _cache_training_weights(self, graph: torch.fx.Graph) -> bool:
+        """``linear_q`` of a parameter → ``linear_w`` fed by a :class:`TrainingWeightCache`
+        (``cache_training_weights``): W and Wᵀ are quantized once per parameter version."""
+        modified = False
+        for node in list(graph.nodes):
+            if node.target is not OPS.linear_q.default or not _only_output_used(node):
+                continue
+            x, xq, xs, w, b, recipe, act_fmt, wf, gf, p2, *accs = node.args
+            index = self.ctx.placeholder_index(w)
+            if index is None:
+                continue
+            cache = TrainingWeightCache(index, recipe, wf, p2)
+            wg = Recipe(recipe).weight_granularity.value
+            shape = tuple(self.ctx.example_inputs[index].shape)
+            inputs = self._cache_inputs(graph, w.name, cache, shape, wg,
+                                        ("fp8", "scale", "fp8_t", "scale_t"))
+            with graph.inserting_before(node):
+                new = graph.call_function(OPS.linear_w.default,
+                                          (x, xq, xs, w, *inputs, b, recipe, act_fmt, wf, gf,
+                                           p2, *accs))
+            info(new).update(info(node), weights_cached=True)
+            _replace_output(graph, node, new)
             modified = True
         return modified
 
@@ -220,7 +277,7 @@ class ScalesPass(Fp8Pass):
         cache = WeightCache([self.ctx.placeholder_index(p) for p, _ in sources],
                             [t for _, t in sources], *qargs)
         wq, ws = self._cache_inputs(graph, "_".join(p.name for p, _ in sources), cache,
-                                    (offsets[-1], k_dim))
+                                    (offsets[-1], k_dim), qargs[0])
         xq, xs, xg, _, _, wg, *rest = first.args
         with graph.inserting_before(first):
             fused = graph.call_function(OPS.scaled_mm.default, (xq, xs, xg, wq, ws, wg, *rest))
@@ -257,7 +314,7 @@ class ScalesPass(Fp8Pass):
             param, transposed = found
             shape = self._weight_shape(node)
             cache = WeightCache([self.ctx.placeholder_index(param)], [transposed], *node.args[1:])
-            wq, ws = self._cache_inputs(graph, param.name, cache, shape)
+            wq, ws = self._cache_inputs(graph, param.name, cache, shape, node.args[1])
             for user in list(node.users):
                 if user.target is operator.getitem:
                     user.replace_all_uses_with(wq if user.args[1] == 0 else ws)
@@ -266,34 +323,40 @@ class ScalesPass(Fp8Pass):
             modified = True
         return modified
 
-    def _cache_inputs(self, graph, stem: str, cache: "WeightCache", shape: tuple[int, int]):
-        """The two graph inputs (FP8 weight, scales) a weight cache feeds; its weights are
-        counted in the plan's weight memory figures (``shape``: the FP8 copy's)."""
-        wq = self.ctx.add_input(graph, f"{stem}_fp8", lambda a, c=cache: c.get(a)[0])
-        # Providers run in order, so the scale's comes right after the FP8 weight's has
-        # checked the versions for this call: it takes the value without a second check
-        # (half the providers' host time, ~5 us per call for 4 weights on a CPU).
-        ws = self.ctx.add_input(graph, f"{stem}_scale", lambda a, c=cache: c.value[1])
-        info(wq)["role"] = info(ws)["role"] = "weight_input"
-        self._count_weights(cache, shape)
+    def _cache_inputs(self, graph, stem: str, cache: "WeightCache", shape: tuple[int, int],
+                      granularity: str, names: Sequence[str] = ("fp8", "scale")):
+        """The graph inputs a weight cache feeds, one per name (each pair: an FP8 weight and
+        its scales); its weights are counted in the plan's weight memory figures (``shape``:
+        the FP8 copy's, stored ``len(names) // 2`` times, scaled by ``granularity``)."""
+        nodes = [self.ctx.add_input(graph, f"{stem}_{names[0]}", lambda a, c=cache: c.get(a)[0])]
+        # Providers run in order, so the others come right after the first has checked the
+        # versions for this call: they take the value without a second check (half the
+        # providers' host time, ~5 us per call for 4 weights on a CPU).
+        for i, name in enumerate(names[1:], 1):
+            nodes.append(self.ctx.add_input(graph, f"{stem}_{name}",
+                                            lambda a, c=cache, i=i: c.value[i]))
+        for node in nodes:
+            info(node)["role"] = "weight_input"
+        self._count_weights(cache, shape, granularity, len(names) // 2)
         self.ctx.weight_caches.append(cache)
-        return wq, ws
+        return nodes
 
-    def _count_weights(self, cache: "WeightCache", shape: tuple[int, int]) -> None:
+    def _count_weights(self, cache: "WeightCache", shape: tuple[int, int], granularity: str,
+                       copies: int = 1) -> None:
         """Add a cache's weights to the plan's weight memory figures (``shape``: its FP8
-        copy's)."""
+        copy's, held ``copies`` times)."""
         stats = self.ctx.stats
         weights = [self.ctx.example_inputs[i] for i in cache.indices]
-        n_scales = max(1, math.prod(scale_shape(shape, nx.Granularity(cache.args[0]))))
+        n_scales = max(1, math.prod(scale_shape(shape, nx.Granularity(granularity))))
         stats["weight_bytes"] = stats.get("weight_bytes", 0) + sum(
             w.numel() * w.element_size() for w in weights)
         stats["fp8_weight_bytes"] = (
-            stats.get("fp8_weight_bytes", 0) + math.prod(shape) + 4 * n_scales
+            stats.get("fp8_weight_bytes", 0) + copies * (math.prod(shape) + 4 * n_scales)
         )
         stats["quantized_weights"] = stats.get("quantized_weights", 0) + len(weights)
 
 
-__all__ = ["ScalesPass", "WeightCache"]
+__all__ = ["ScalesPass", "TrainingWeightCache", "WeightCache"]
 
 
 def _item(node: Any) -> Any:
@@ -379,6 +442,17 @@ def _fusable_lone_input(x: Any, linear: torch.fx.Node) -> bool:
 
     return (isinstance(x, torch.fx.Node) and set(x.users) == {linear}
             and fusable_producer(x) is not None)
+
+
+def _replace_output(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node) -> None:
+    """Point the users of ``node``'s output (its ``getitem(node, 0)`` nodes) at ``y``, which
+    takes their value metadata where it has none, and erase ``node`` and those getitems."""
+    for user in list(node.users):
+        if "val" not in y.meta and "example_value" not in y.meta:
+            y.meta.update({k: v for k, v in user.meta.items() if k != "fp8compile"})
+        user.replace_all_uses_with(y)
+        graph.erase_node(user)
+    graph.erase_node(node)
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:

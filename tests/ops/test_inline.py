@@ -186,6 +186,36 @@ def test_gpu_training_graph_has_no_opaque_fp8_ops(recipe):
 
 
 @needs_gpu
+@pytest.mark.parametrize("recipe", ["blockwise", "tensorwise"])
+def test_gpu_linear_w_inlined_with_grads(recipe):
+    """linear_w (cached FP8 weights) compiles to kernels only, forward and backward, and
+    gives eager mode's output and gradients."""
+    from fp8compile.ops.linear import weight_quants
+
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    gran = "group" if recipe == "blockwise" else "tensor"
+    wqs = weight_quants(w.detach(), recipe, "e4m3", False)
+
+    def f(a, b):
+        aq, as_ = OPS.quantize(a.detach(), gran, "e4m3", False)
+        return OPS.linear_w(a, aq, as_, b, *wqs, None, recipe, "e4m3", "e4m3", "e4m3", False,
+                            "precise")
+
+    out, codes = _graphs(f, x, w)
+    out.float().sum().backward()
+    assert len(codes) == 2
+    for code in codes:
+        assert "fp8compile.linear_w." not in code and "fp8compile.quantize." not in code, code
+    got = (out.detach(), x.grad.clone(), w.grad.clone())
+    x.grad = w.grad = None
+    y = f(x, w)
+    y.float().sum().backward()
+    for a, b in zip(got, (y.detach(), x.grad, w.grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@needs_gpu
 @pytest.mark.parametrize("m", [1, 16, 300])
 @pytest.mark.parametrize("recipe", [("group", "block"), ("row", "row"), ("tensor", "tensor")])
 def test_gpu_triton_gemm_inlined_equals_eager(m, recipe, monkeypatch):

@@ -230,6 +230,67 @@ def test_linear_q_rejects_a_mismatched_quantization():
         OPS.linear_q(x, xq, xs, w, None, "blockwise", "e4m3", "e4m3", "e4m3", False, "precise")
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("only", [None, "x", "w"])
+def test_linear_w_equals_linear(recipe, only):
+    """linear_w with the weight's FP8 copies given (``weight_quants``) gives linear's output
+    and gradients bit for bit, also when only dX or only dW is needed."""
+    from fp8compile.ops.linear import weight_quants
+
+    x, w, b, gy = _inputs((2, 7), 130, 200, True)
+    if only:
+        (w if only == "x" else x).requires_grad_(False)
+    y, *_ = OPS.linear(x, w, b, recipe, "e4m3", "e4m3", "e5m2", False, "precise")
+    y.backward(gy)
+    want = [t.grad.clone() if t.grad is not None else None for t in (x, w, b)]
+    for t in (x, w, b):
+        t.grad = None
+    gran = fp8compile.Recipe(recipe).activation_granularity.value
+    xq, xs = OPS.quantize(x.detach(), gran, "e4m3", False)
+    wqs = weight_quants(w.detach(), recipe, "e4m3", False)
+    args = (x, xq, xs, w, *wqs, b, recipe, "e4m3", "e4m3", "e5m2", False, "precise")
+    y2 = OPS.linear_w(*args)
+    assert torch.equal(y2, y)
+    y2.backward(gy)
+    for got, ref in zip((x.grad, w.grad, b.grad), want):
+        assert (got is None) == (ref is None)
+        assert ref is None or torch.equal(got, ref)
+    torch.library.opcheck(OPS.linear_w.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_linear_w_takes_dx_from_the_given_transposed_weight(recipe):
+    """dX comes from ``wq_t`` (a cache's copy), not from a requantized ``weight``: given the
+    copies of -W, dX flips sign exactly (FP8 rounding is symmetric) while dW does not."""
+    from fp8compile.ops.linear import weight_quants
+
+    x, w, _, gy = _inputs(6, 128, 256, False)
+    gran = fp8compile.Recipe(recipe).activation_granularity.value
+    xq, xs = OPS.quantize(x.detach(), gran, "e4m3", False)
+    grads = []
+    for sign in (1, -1):
+        *_, wq_t, ws_t = weight_quants(sign * w.detach(), recipe, "e4m3", False)
+        wq, ws, *_ = weight_quants(w.detach(), recipe, "e4m3", False)
+        OPS.linear_w(x, xq, xs, w, wq, ws, wq_t, ws_t, None, recipe, "e4m3", "e4m3", "e4m3",
+                     False, "precise").backward(gy)
+        grads.append((x.grad.clone(), w.grad.clone()))
+        x.grad = w.grad = None
+    assert torch.equal(grads[1][0], -grads[0][0]) and grads[0][0].abs().sum() > 0
+    assert torch.equal(grads[1][1], grads[0][1])
+
+
+def test_linear_w_rejects_a_transposed_weight_copy():
+    from fp8compile.ops.linear import weight_quants
+
+    x, w, _, _ = _inputs(4, 128, 256, False)
+    xq, xs = OPS.quantize(x.detach(), "row", "e4m3", False)
+    wq, ws, wq_t, ws_t = weight_quants(w.detach(), "rowwise", "e4m3", False)
+    with pytest.raises(ValueError, match="wq_t must be an FP8 tensor of shape"):
+        OPS.linear_w(x, xq, xs, w, wq, ws, wq, ws_t, None, "rowwise", "e4m3", "e4m3", "e4m3",
+                     False, "precise")
+
+
 def test_linear_shape_error_is_named():
     with pytest.raises(ValueError, match="weight must be"):
         OPS.linear(torch.randn(4, 64), torch.randn(32, 128), None, "rowwise", "e4m3", "e4m3",
