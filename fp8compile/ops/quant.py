@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -136,13 +137,29 @@ def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,
     return nx.quantize_with_scale(x, scale, granularity, fmt)
 
 
-def amax_impl(x: Tensor) -> Tensor:
-    """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU."""
+def amax_impl(x: Tensor, unless: Optional[Tensor] = None) -> Tensor:
+    """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU.
+
+    ``unless`` (an amax history): where it holds a non-zero value, the result is not needed
+    (delayed scaling past its first step) and the GPU launch returns 0 without reading x;
+    the reference path computes the amax anyway."""
     if triton_available(x):
         from ..kernels.quant import amax_tensor
 
-        return amax_tensor(x)
+        return amax_tensor(x, unless)
     return nx.amax(x, Granularity.TENSOR).float()
+
+
+def quantize_with_scale_amax_impl(x: Tensor, scale: Tensor, fmt: nx.Fp8Format
+                                  ) -> tuple[Tensor, Tensor]:
+    """``(quantize_with_scale(x, scale, TENSOR), amax_impl(x))``: on the GPU one Triton pass
+    that records the amax while it quantizes (delayed scaling)."""
+    if scale.numel() == 1 and triton_available(x):
+        from ..kernels.quant import quantize_with_scale_amax
+
+        return quantize_with_scale_amax(x, scale, fmt)
+    return (nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt),
+            nx.amax(x, Granularity.TENSOR).float())
 
 
 @torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())
@@ -166,6 +183,49 @@ def _quantize_scaled_body(x, scale, granularity, fmt):
 inline_on_gpu(quantize_scaled, _quantize_scaled_body)
 
 
+@torch.library.custom_op("fp8compile::quantize_scaled_amax", mutates_args=())
+def quantize_scaled_amax(x: Tensor, scale: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """``(quantize_scaled(x, scale, "tensor", fmt), amax(x))`` from one read of ``x`` (delayed
+    scaling: the scale comes from a history, and this call's amax goes into it)."""
+    return _quantize_scaled_amax_body(x, scale, fmt)
+
+
+@quantize_scaled_amax.register_fake
+def _(x, scale, fmt):
+    return (x.new_empty(x.shape, dtype=as_fmt(fmt).dtype),
+            x.new_empty((), dtype=torch.float32))
+
+
+def _quantize_scaled_amax_body(x, scale, fmt):
+    check_fp8_input(x, "quantize_scaled_amax input")
+    if scale.numel() != 1:
+        raise ValueError(
+            f"quantize_scaled_amax: scale has {scale.numel()} elements; it takes one tensorwise "
+            "scale (use quantize_scaled for other granularities)"
+        )
+    return quantize_with_scale_amax_impl(x, scale, as_fmt(fmt))
+
+
+inline_on_gpu(quantize_scaled_amax, _quantize_scaled_amax_body)
+
+
+@torch.library.custom_op("fp8compile::amax_unless", mutates_args=())
+def amax_unless(x: Tensor, history: Tensor) -> Tensor:
+    """``amax(x)`` (finite, 0-dim fp32) for delayed scaling's first step: where ``history``
+    already holds a non-zero value the result is not used, and on the GPU the kernel then
+    returns 0 without reading ``x`` (decided on the device, no host sync)."""
+    check_fp8_input(x, "amax_unless input")
+    return amax_impl(x, unless=history)
+
+
+@amax_unless.register_fake
+def _(x, history):
+    return x.new_empty((), dtype=torch.float32)
+
+
+inline_on_gpu(amax_unless, lambda x, history: amax_impl(x, unless=history))
+
+
 @torch.library.custom_op("fp8compile::quantize_delayed", mutates_args=("amax_history",))
 def quantize_delayed(
     x: Tensor, amax_history: Tensor, fmt: str, power_of_2: bool
@@ -178,12 +238,14 @@ def quantize_delayed(
     """
     check_fp8_input(x, "quantize_delayed input")
     f = as_fmt(fmt)
-    cur = amax_impl(x).to(amax_history.dtype)
+    # This call's amax ahead of the cast only while the history is all zero (the GPU launch
+    # checks that itself); the cast records it from the same read of x.
+    first = amax_impl(x, unless=amax_history).to(amax_history.dtype)
     past = amax_history.max()
-    use = torch.where(past > 0, past, cur)
+    use = torch.where(past > 0, past, first)
     scale = nx.compute_scale(use, f, power_of_2)
-    q = quantize_with_scale_impl(x, scale, Granularity.TENSOR, f)
-    amax_history.copy_(torch.cat([cur.reshape(1), amax_history[:-1]]))
+    q, cur = quantize_with_scale_amax_impl(x, scale, f)
+    amax_history.copy_(torch.cat([cur.to(amax_history.dtype).reshape(1), amax_history[:-1]]))
     return q, scale
 
 

@@ -25,6 +25,12 @@ of a saved input) and ``torch.compile`` keeps one graph: no graph break.
 Delayed scaling is tensorwise only (``Fp8Config`` enforces it): one amax per tensor is what a
 history can hold, and one scale serves a tensor and its transpose, so each backward GEMM
 reuses the forward's FP8 ``xq`` and the weight scale as they are.
+
+Each of x, W and dY is read once: the cast with the history's scale records the tensor's
+amax for the history in the same pass (``quantize_scaled_amax``).  Only on the first step,
+while a history is all zero, is the amax taken ahead of the cast (``amax_unless``; on the GPU
+its launch returns at once once the history holds a value).  Dynamic scaling reads each
+tensor twice (amax, then cast).
 """
 
 from __future__ import annotations
@@ -38,9 +44,10 @@ from torch import Tensor
 from .. import numerics as nx
 from ..numerics import Granularity
 from ._common import as_fmt, device_of, empty_scale
+from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
-from .quant import amax_impl, quantize_with_scale_impl
+from .quant import amax_impl, quantize_with_scale_amax_impl
 
 __all__ = ["AmaxHistory", "delayed_scale", "linear_delayed", "push_amax"]
 
@@ -105,16 +112,17 @@ def linear_delayed(
         True
     """
     _check_linear(x, weight, bias)
-    # The body runs on real tensors: Triton launches for the amaxes and the quantizations on
-    # the GPU (it used to run the reference here: 2x the dynamic path's time, fp32 copies).
-    current = torch.stack([amax_impl(x), amax_impl(weight)])
-    xs = delayed_scale(history[0], current[0], as_fmt(act_fmt), power_of_2)
-    ws = delayed_scale(history[1], current[1], as_fmt(weight_fmt), power_of_2)
-    xq = quantize_with_scale_impl(x, xs, _T, as_fmt(act_fmt))
-    wq = quantize_with_scale_impl(weight, ws, _T, as_fmt(weight_fmt))
+    # One pass over x and one over the weight: each is quantized with its history's scale and
+    # the cast records this call's amax for the history as it goes.  Only while a history is
+    # all zero (the first step) is the amax taken ahead of the cast (the GPU launch returns
+    # at once otherwise, decided on the device).
+    xs, ws = (delayed_scale(h, amax_impl(t, unless=h), as_fmt(f), power_of_2)
+              for h, t, f in ((history[0], x, act_fmt), (history[1], weight, weight_fmt)))
+    xq, x_amax = quantize_with_scale_amax_impl(x, xs, as_fmt(act_fmt))
+    wq, w_amax = quantize_with_scale_amax_impl(weight, ws, as_fmt(weight_fmt))
     y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                        None)
-    return y, xq, xs, ws, current
+    return y, xq, xs, ws, torch.stack([x_amax, w_amax])
 
 
 @linear_delayed.register_fake
@@ -139,16 +147,37 @@ def _delayed_backward(ctx, grad_y, *_unused):
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
     need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dy = grad_y.reshape(-1, weight.shape[0])
-    current = nx.amax(dy, _T).float()
-    gs = delayed_scale(grad_history[0], current, as_fmt(grad_fmt), p2)
+    # As in the forward: one pass over dY quantizes it and records its amax.
+    ops = torch.ops.fp8compile  # ops, not their bodies: compiled graphs trace this formula
+    gs = delayed_scale(grad_history[0], ops.amax_unless(dy, grad_history[0]),
+                       as_fmt(grad_fmt), p2)
+    dyq, current = ops.quantize_scaled_amax(dy, gs, grad_fmt)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
-                                  x_dtype, need_x, need_w, grad_scale=gs)
+                                  x_dtype, need_x, need_w, grad_scale=gs, dyq=dyq)
     return (*_input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype),
             None, None, None, None, None, None, None, None)
 
 
 linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup)
+
+
+def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weight_fmt,
+                           grad_fmt, power_of_2, accumulation, grad_accumulation="precise"):
+    """The forward as the ops it is made of, for compiled graphs on the GPU (``_inline``):
+    the same kernels as the eager body, launched by Inductor's generated code."""
+    _check_linear(x, weight, bias)
+    ops = torch.ops.fp8compile
+    xs, ws = (delayed_scale(h, ops.amax_unless(t, h), as_fmt(f), power_of_2)
+              for h, t, f in ((history[0], x, act_fmt), (history[1], weight, weight_fmt)))
+    xq, x_amax = ops.quantize_scaled_amax(x, xs, act_fmt)
+    wq, w_amax = ops.quantize_scaled_amax(weight, ws, weight_fmt)
+    y = ops.scaled_mm(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
+                      None)
+    return y, xq, xs, ws, torch.stack([x_amax, w_amax])
+
+
+inline_on_gpu(linear_delayed, _linear_delayed_traced)
 
 
 class AmaxHistory:
