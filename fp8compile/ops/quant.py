@@ -214,8 +214,7 @@ def amax_unless(x: Tensor, history: Tensor) -> Tensor:
     """``amax(x)`` (finite, 0-dim fp32) for delayed scaling's first step: where ``history``
     already holds a non-zero value the result is not used, and on the GPU the kernel then
     returns 0 without reading ``x`` (decided on the device, no host sync)."""
-    check_fp8_input(x, "amax_unless input")
-    return amax_impl(x, unless=history)
+    return _amax_unless_body(x, history)
 
 
 @amax_unless.register_fake
@@ -223,7 +222,12 @@ def _(x, history):
     return x.new_empty((), dtype=torch.float32)
 
 
-inline_on_gpu(amax_unless, lambda x, history: amax_impl(x, unless=history))
+def _amax_unless_body(x, history):
+    check_fp8_input(x, "amax_unless input")
+    return amax_impl(x, unless=history)
+
+
+inline_on_gpu(amax_unless, _amax_unless_body)
 
 
 @torch.library.custom_op("fp8compile::quantize_delayed", mutates_args=("amax_history",))
