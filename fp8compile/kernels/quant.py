@@ -44,7 +44,7 @@ from ..ops._inline import launch
 from .tuning import cdiv, next_pow2, num_sms
 
 __all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_rows", "quantize_with_scale",
-           "quantize_with_scale_amax", "requantize_t"]
+           "quantize_from_amax", "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -273,7 +273,7 @@ def _quantize_kernel(
     PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
     AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
     GIVEN_SCALE: tl.constexpr,  # tensorwise: amax_ptr holds the scale itself (static/delayed)
-    AMAX_OUT: tl.constexpr,  # GIVEN_SCALE: also fold x's finite amax into amax_out_ptr
+    AMAX_OUT: tl.constexpr,  # tensorwise cast: also fold x's finite amax into amax_out_ptr
     SKIP_BLOCK: tl.constexpr,  # > 0: AMAX_ONLY checks skip_ptr's skip_n values first
     # tensorwise amax: 0 one zeroed fp32 cell (atomic max), 1 one slot per program of the
     # AMAX_ONLY launch (SLOTS >= n_slots, a power of two), 2 none: a single program holds all
@@ -468,6 +468,7 @@ def quantize_rows(
     given_scale: torch.Tensor | None = None,
     amax_only: bool = False,
     amax_out: torch.Tensor | None = None,
+    given_amax: torch.Tensor | None = None,
     skip_if: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_quantize_kernel` for ``x (..., K)``; shared by quantize() and fused.py.
@@ -507,7 +508,8 @@ def quantize_rows(
     # Tensor scaling that computes its own scale: the amax passes between two launches, or
     # for one small tile (the tokens of a decode step) stays inside one launch of one
     # program, which holds all of x in registers.
-    own_amax = granularity is Granularity.TENSOR and given_scale is None and not amax_only
+    own_amax = (granularity is Granularity.TENSOR and given_scale is None
+                and given_amax is None and not amax_only)
     block_m, block_k = next_pow2(m), max(16, next_pow2(k))
     whole = own_amax and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS
     if whole:
@@ -552,6 +554,12 @@ def quantize_rows(
     if given_scale is not None:
         launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
                                        **common)
+        return q, scale.reshape(())
+    if given_amax is not None:
+        # The scale of an amax computed elsewhere (delayed scaling's history), derived in the
+        # kernel as from launch 1's cell: the same IEEE quotient in eager and compiled code.
+        launch(_quantize_kernel)[grid](amax_ptr=given_amax, AMAX_ONLY=False, GIVEN_SCALE=False,
+                                       **{**common, "AMAX_AT": 0, "SLOTS": 1})
         return q, scale.reshape(())
     if granularity is Granularity.TENSOR and not whole:
         if amax_at == 1:
@@ -626,20 +634,27 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) ->
     return quantize_rows(x, Granularity.TENSOR, fmt, False, given_scale=s)[0]
 
 
-def quantize_with_scale_amax(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format
-                             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(quantize_with_scale(x, scale), amax(x))`` in one pass over ``x``: delayed scaling
-    quantizes with a scale from its history and records this call's amax from the same
-    read (``amax`` as in :func:`amax_tensor`: 0-dim fp32, the largest finite ``|x|``)."""
+def quantize_from_amax(x: torch.Tensor, amax: torch.Tensor, fmt: Fp8Format,
+                       power_of_2: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, amax(x))``: tensorwise quantization with the scale of a given ``amax``
+    (one fp32 element; delayed scaling's history max), and the finite amax of ``x`` recorded
+    in the same pass (0-dim fp32, as :func:`amax_tensor`).  One launch reads x once."""
     fmt = Fp8Format(fmt)
-    check_fp8_input(x, "quantize_with_scale input")
-    if x.dim() == 0 or x.numel() == 0 or scale.numel() != 1:
-        return (nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt),
+    check_fp8_input(x, "quantize_from_amax input")
+    if amax.numel() != 1:
+        raise ValueError(
+            f"quantize_from_amax: amax has {amax.numel()} elements; it takes the one amax of "
+            "a tensorwise scale"
+        )
+    if x.dim() == 0 or x.numel() == 0:
+        s = nx.compute_scale(amax.reshape(()).float(), fmt, power_of_2)
+        return (nx.quantize_with_scale(x, s, Granularity.TENSOR, fmt), s,
                 nx.amax(x, Granularity.TENSOR).float())
-    s = scale.reshape(1).to(device=x.device, dtype=torch.float32)
-    amax = torch.zeros(1, dtype=torch.float32, device=x.device)
-    q = quantize_rows(x, Granularity.TENSOR, fmt, False, given_scale=s, amax_out=amax)[0]
-    return q, amax.reshape(())
+    a = amax.reshape(1).to(device=x.device, dtype=torch.float32)
+    out = torch.zeros(1, dtype=torch.float32, device=x.device)
+    q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, given_amax=a, amax_out=out)
+    return q, s, out.reshape(())
 
 
 def amax_tensor(x: torch.Tensor, unless: torch.Tensor | None = None) -> torch.Tensor:

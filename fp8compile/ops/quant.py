@@ -150,15 +150,17 @@ def amax_impl(x: Tensor, unless: Optional[Tensor] = None) -> Tensor:
     return nx.amax(x, Granularity.TENSOR).float()
 
 
-def quantize_with_scale_amax_impl(x: Tensor, scale: Tensor, fmt: nx.Fp8Format
-                                  ) -> tuple[Tensor, Tensor]:
-    """``(quantize_with_scale(x, scale, TENSOR), amax_impl(x))``: on the GPU one Triton pass
-    that records the amax while it quantizes (delayed scaling)."""
-    if scale.numel() == 1 and triton_available(x):
-        from ..kernels.quant import quantize_with_scale_amax
+def quantize_from_amax_impl(x: Tensor, amax: Tensor, fmt: nx.Fp8Format, power_of_2: bool
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax(x))``: ``x`` quantized with the tensorwise scale of ``amax`` and its
+    own finite amax; on the GPU one Triton pass that derives the scale and records the amax
+    while it quantizes (delayed scaling)."""
+    if triton_available(x):
+        from ..kernels.quant import quantize_from_amax
 
-        return quantize_with_scale_amax(x, scale, fmt)
-    return (nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt),
+        return quantize_from_amax(x, amax, fmt, power_of_2)
+    scale = nx.compute_scale(amax.reshape(()), fmt, power_of_2)
+    return (nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt), scale,
             nx.amax(x, Granularity.TENSOR).float())
 
 
@@ -183,30 +185,33 @@ def _quantize_scaled_body(x, scale, granularity, fmt):
 inline_on_gpu(quantize_scaled, _quantize_scaled_body)
 
 
-@torch.library.custom_op("fp8compile::quantize_scaled_amax", mutates_args=())
-def quantize_scaled_amax(x: Tensor, scale: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
-    """``(quantize_scaled(x, scale, "tensor", fmt), amax(x))`` from one read of ``x`` (delayed
-    scaling: the scale comes from a history, and this call's amax goes into it)."""
-    return _quantize_scaled_amax_body(x, scale, fmt)
+@torch.library.custom_op("fp8compile::quantize_from_amax", mutates_args=())
+def quantize_from_amax(x: Tensor, amax: Tensor, fmt: str, power_of_2: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax(x))`` from one read of ``x``: tensorwise quantization with the scale
+    of ``amax`` (delayed scaling: the history's max), and this call's amax for the history.
+    The scale is derived inside the op, so compiled graphs get eager mode's IEEE quotient
+    (Inductor divides approximately)."""
+    return _quantize_from_amax_body(x, amax, fmt, power_of_2)
 
 
-@quantize_scaled_amax.register_fake
-def _(x, scale, fmt):
+@quantize_from_amax.register_fake
+def _(x, amax, fmt, power_of_2):
     return (x.new_empty(x.shape, dtype=as_fmt(fmt).dtype),
-            x.new_empty((), dtype=torch.float32))
+            x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
 
 
-def _quantize_scaled_amax_body(x, scale, fmt):
-    check_fp8_input(x, "quantize_scaled_amax input")
-    if scale.numel() != 1:
+def _quantize_from_amax_body(x, amax, fmt, power_of_2):
+    check_fp8_input(x, "quantize_from_amax input")
+    if amax.numel() != 1:
         raise ValueError(
-            f"quantize_scaled_amax: scale has {scale.numel()} elements; it takes one tensorwise "
-            "scale (use quantize_scaled for other granularities)"
+            f"quantize_from_amax: amax has {amax.numel()} elements; it takes the one amax of a "
+            "tensorwise scale (use quantize_scaled for other granularities)"
         )
-    return quantize_with_scale_amax_impl(x, scale, as_fmt(fmt))
+    return quantize_from_amax_impl(x, amax, as_fmt(fmt), power_of_2)
 
 
-inline_on_gpu(quantize_scaled_amax, _quantize_scaled_amax_body)
+inline_on_gpu(quantize_from_amax, _quantize_from_amax_body)
 
 
 @torch.library.custom_op("fp8compile::amax_unless", mutates_args=())
@@ -246,9 +251,7 @@ def quantize_delayed(
     # checks that itself); the cast records it from the same read of x.
     first = amax_impl(x, unless=amax_history).to(amax_history.dtype)
     past = amax_history.max()
-    use = torch.where(past > 0, past, first)
-    scale = nx.compute_scale(use, f, power_of_2)
-    q, cur = quantize_with_scale_amax_impl(x, scale, f)
+    q, scale, cur = quantize_from_amax_impl(x, torch.where(past > 0, past, first), f, power_of_2)
     amax_history.copy_(torch.cat([cur.to(amax_history.dtype).reshape(1), amax_history[:-1]]))
     return q, scale
 

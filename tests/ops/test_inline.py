@@ -11,6 +11,7 @@ from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import fp8compile  # noqa: F401
+from fp8compile import numerics as nx
 from fp8compile.ops import _common, _inline
 
 OPS = torch.ops.fp8compile
@@ -180,7 +181,7 @@ def test_gpu_linear_delayed_inlined_matches_eager_over_steps():
                          torch.zeros(1, 4, device="cuda"))
     out.float().sum().backward()
     for code in codes:
-        for op in ("linear_delayed", "quantize_scaled_amax", "amax_unless", "quantize_scaled"):
+        for op in ("linear_delayed", "quantize_from_amax", "amax_unless", "quantize_scaled"):
             assert f"fp8compile.{op}." not in code, code
 
 
@@ -189,21 +190,24 @@ def test_gpu_delayed_scaling_ops_inlined_equal_eager():
     """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
     returns 0 on the device once the history holds a value, compiled as in eager mode."""
     x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16) * 3
-    scale = torch.tensor(0.01, device="cuda")
+    # An amax whose scale amax / 448 is not exact in fp32: compiled code must still give
+    # the IEEE quotient (Inductor's own division is approximate).
+    amax = torch.tensor(3.3, device="cuda")
     empty, seen = torch.zeros(8, device="cuda"), torch.full((8,), 2.0, device="cuda")
 
     def f(t):
-        return (*OPS.quantize_scaled_amax(t * 2, scale, "e5m2"),
+        return (*OPS.quantize_from_amax(t * 2, amax, "e5m2", False),
                 OPS.amax_unless(t * 2, empty), OPS.amax_unless(t * 2, seen))
 
     got, want = _compiled(f)(x), f(x)
-    assert float(want[2]) > 0 and float(want[3]) == 0.0
-    assert torch.equal(want[1], want[2])
+    assert float(want[3]) > 0 and float(want[4]) == 0.0
+    assert torch.equal(want[2], want[3])
+    assert torch.equal(want[1].cpu(), nx.compute_scale(amax.cpu(), nx.Fp8Format.E5M2))
     for a, b in zip(got, want):
         a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
         assert torch.equal(a, b)
     _, codes = _graphs(f, x)
-    assert "fp8compile.quantize_scaled_amax." not in codes[0], codes[0]
+    assert "fp8compile.quantize_from_amax." not in codes[0], codes[0]
     assert "fp8compile.amax_unless." not in codes[0], codes[0]
 
 
