@@ -27,11 +27,13 @@ E4M3 = {"IS_E4M3": True, "FMAX": 448.0, "POW2": False, "HW_CAST": True}
 def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warps: int,
                     transposed: bool = False, block_slice: int = quant._BLOCK_SLICE):
     sig = {"x_ptr": "*bf16", "x2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*u8",
-           "s_ptr": "*fp32", "amax_ptr": "*fp32", "M": "i32", "K": "i32", "k_per_prog": "i32",
-           "eps": "fp32", "n_slots": "i32", "stride_xm": "i32", "stride_x2m": "i32",
+           "s_ptr": "*fp32", "amax_ptr": "*fp32", "amax_out_ptr": "*fp32", "skip_ptr": "*fp32",
+           "M": "i32", "K": "i32", "k_per_prog": "i32", "eps": "fp32", "n_slots": "i32",
+           "skip_n": "i32", "stride_xm": "i32", "stride_x2m": "i32",
            "stride_qm": "i32", "stride_sm": "i32", "stride_sk": "i32"}
     consts = {"stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
-              "GIVEN_SCALE": False, "AMAX_AT": 0, "SLOTS": 1,
+              "GIVEN_SCALE": False, "AMAX_OUT": False, "SKIP_BLOCK": 0, "AMAX_AT": 0,
+              "SLOTS": 1,
               "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
               "BLOCK_SLICE": block_slice, **E4M3}
     if transposed:  # a transposed view: unit row stride, strided K

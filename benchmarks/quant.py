@@ -6,7 +6,8 @@ Run on a CUDA machine::
 
 Each kernel runs on a bf16 (or, for ``requantize_t``, FP8) tensor of 4096x4096, 4096x14336
 and 14336x4096, as the training step of ``benchmarks/train.py`` quantizes them: activations
-in 1x128 groups, per row and per tensor; weights and transposed weights in 128x128 blocks;
+in 1x128 groups, per row and per tensor (dynamic, and delayed: a given scale, recording the
+amax in the same pass); weights and transposed weights in 128x128 blocks;
 the output gradient along both axes at once (``quantize_dual``); and the saved FP8
 activation requantized as blocks of its transpose (``requantize_t``).  Each line gives the
 median time per call, the bytes the kernel must move per element, the bandwidth that makes,
@@ -52,6 +53,7 @@ def cases():
     from fp8compile.kernels import quant
 
     e4, e5 = Fp8Format.E4M3, Fp8Format.E5M2
+    amax = torch.tensor(4.48, device="cuda")  # delayed scaling: the amax comes from history
     return [
         ("group 1x128", 3, False, lambda t: quant.quantize(t, G.GROUP, e4, False)),
         ("row", 3, False, lambda t: quant.quantize(t, G.ROW, e4, False)),
@@ -59,6 +61,8 @@ def cases():
         ("tensor (amax + cast)", 5, False, lambda t: quant.quantize(t, G.TENSOR, e4, False)),
         ("tensor, transposed view", 5, False,
          lambda t: quant.quantize(t.t(), G.TENSOR, e4, False)),
+        ("tensor, amax given + amax", 3, False,
+         lambda t: quant.quantize_from_amax(t, amax, e4)),
         ("block 128x128", 3, False, lambda t: quant.quantize(t, G.BLOCK, e4, False)),
         ("block, transposed view", 3, False,
          lambda t: quant.quantize(t.t(), G.BLOCK, e4, False)),

@@ -84,6 +84,8 @@ def variants(names: list[str], mode: str | None = None):
     out["fp8hpf blockwise cached"] = fp8hpf(
         {"recipe": "blockwise", "cache_training_weights": True})
     out["fp8hpf tensorwise delayed"] = fp8hpf({"recipe": "tensorwise", "scaling": "delayed"})
+    out["fp8hpf tensorwise delayed fast"] = fp8hpf({"recipe": "tensorwise", "scaling": "delayed",
+                                                   "accumulation": "fast"})
     out["fp8hpf blockwise e5m2"] = fp8hpf({"gradient_format": "e5m2"})
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
@@ -223,8 +225,8 @@ def mem() -> int:
 DEFAULT = ["bf16 Inductor", "fp8hpf blockwise", "fp8hpf rowwise", "fp8hpf tensorwise",
            "fp8hpf tensorwise fast", "torchao tensorwise", "torchao rowwise"]
 ALL = ["bf16 eager", *DEFAULT, "fp8hpf rowwise fast", "fp8hpf tensorwise delayed",
-       "fp8hpf blockwise e5m2", "fp8hpf tensorwise fast cached",
-       "fp8hpf blockwise cached"]
+       "fp8hpf tensorwise delayed fast", "fp8hpf blockwise e5m2",
+       "fp8hpf tensorwise fast cached", "fp8hpf blockwise cached"]
 
 
 def main() -> None:

@@ -44,7 +44,7 @@ from ..ops._inline import launch
 from .tuning import cdiv, next_pow2, num_sms
 
 __all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_rows", "quantize_with_scale",
-           "requantize_t"]
+           "quantize_from_amax", "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -259,10 +259,13 @@ def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
 def _quantize_kernel(
     # pointers: input, second input (SiLU*mul "up"), RMSNorm weight
     x_ptr, x2_ptr, nw_ptr,
-    # pointers: payload (uint8 view), scales, tensorwise amax (see AMAX_AT) or given scale
-    q_ptr, s_ptr, amax_ptr,
-    # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon, amax slots
-    M, K, k_per_prog, eps, n_slots,
+    # pointers: payload (uint8 view), scales, tensorwise amax (see AMAX_AT) or given scale,
+    # a zeroed cell for the amax of x (AMAX_OUT), an amax history that makes an AMAX_ONLY
+    # launch return at once when it holds a non-zero value (SKIP_N > 0)
+    q_ptr, s_ptr, amax_ptr, amax_out_ptr, skip_ptr,
+    # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon, amax slots,
+    # the skip history's length
+    M, K, k_per_prog, eps, n_slots, skip_n,
     # strides (elements)
     stride_xm, stride_xk, stride_x2m, stride_x2k, stride_qm, stride_sm, stride_sk,
     # meta-parameters
@@ -270,6 +273,8 @@ def _quantize_kernel(
     PRODUCER: tl.constexpr,  # 0 none, 1 rmsnorm, 2 silu*mul
     AMAX_ONLY: tl.constexpr,  # tensorwise launch 1: fold amax into amax_ptr, write nothing else
     GIVEN_SCALE: tl.constexpr,  # tensorwise: amax_ptr holds the scale itself (static/delayed)
+    AMAX_OUT: tl.constexpr,  # tensorwise cast: also fold x's finite amax into amax_out_ptr
+    SKIP_BLOCK: tl.constexpr,  # > 0: AMAX_ONLY checks skip_ptr's skip_n values first
     # tensorwise amax: 0 one zeroed fp32 cell (atomic max), 1 one slot per program of the
     # AMAX_ONLY launch (SLOTS >= n_slots, a power of two), 2 none: a single program holds all
     # of x in one tile (ONE_CHUNK) and computes the amax itself, in a single launch
@@ -282,6 +287,13 @@ def _quantize_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if AMAX_ONLY and SKIP_BLOCK > 0:
+        # Delayed scaling needs this amax only while its history is all zero (the first
+        # step); later the cast launch reports the amax as it goes (AMAX_OUT).
+        hist = tl.load(skip_ptr + tl.arange(0, SKIP_BLOCK), mask=tl.arange(0, SKIP_BLOCK) < skip_n,
+                       other=0.0)
+        if tl.max(hist, axis=0) > 0:
+            return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
     rows = rows.to(tl.int64)
@@ -364,6 +376,8 @@ def _quantize_kernel(
                      _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
                                     GIVEN_SCALE),
                      mask=rmask[:, None] & (cols[None, :] < K))
+            if AMAX_OUT:
+                tl.atomic_max(amax_out_ptr, tl.max(a, axis=0))
     else:
         a = tl.zeros([BLOCK_M], dtype=tl.float32)  # row amax; unused by a TENSOR quant pass
         if AMAX_ONLY or GRAN == 1:
@@ -386,6 +400,10 @@ def _quantize_kernel(
                          _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
                                         GIVEN_SCALE),
                          mask=rmask[:, None] & (cols[None, :] < K))
+                if AMAX_OUT:
+                    a = tl.maximum(a, tl.max(_finite_abs(x), axis=1))
+            if AMAX_OUT:
+                tl.atomic_max(amax_out_ptr, tl.max(a, axis=0))
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:
@@ -449,12 +467,17 @@ def quantize_rows(
     eps: float = 0.0,
     given_scale: torch.Tensor | None = None,
     amax_only: bool = False,
+    amax_out: torch.Tensor | None = None,
+    given_amax: torch.Tensor | None = None,
+    skip_if: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_quantize_kernel` for ``x (..., K)``; shared by quantize() and fused.py.
 
     Returns ``(q, scale)`` with numerics.quantize's shapes and scale layout.  Tensorwise only:
     ``given_scale`` (one fp32 element on x's device) quantizes with that scale in a single
-    launch; ``amax_only`` returns ``(amax, _)`` after the first launch (the finite amax).
+    launch, and folds x's finite amax into ``amax_out`` (a zeroed fp32 cell) when given;
+    ``amax_only`` returns ``(amax, _)`` after the first launch (the finite amax), or 0 without
+    reading x when ``skip_if`` (an fp32 amax history) holds a non-zero value.
     """
     k = x.shape[-1]
     x2d = _as_rows(x)
@@ -485,7 +508,8 @@ def quantize_rows(
     # Tensor scaling that computes its own scale: the amax passes between two launches, or
     # for one small tile (the tokens of a decode step) stays inside one launch of one
     # program, which holds all of x in registers.
-    own_amax = granularity is Granularity.TENSOR and given_scale is None and not amax_only
+    own_amax = (granularity is Granularity.TENSOR and given_scale is None
+                and given_amax is None and not amax_only)
     block_m, block_k = next_pow2(m), max(16, next_pow2(k))
     whole = own_amax and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS
     if whole:
@@ -508,12 +532,16 @@ def quantize_rows(
         x_ptr=x2d, x2_ptr=x2 if x2 is not None else x2d,
         nw_ptr=norm_weight if norm_weight is not None else x2d,
         q_ptr=q2d, s_ptr=scale,
+        amax_out_ptr=amax_out if amax_out is not None else scale,
+        skip_ptr=skip_if if skip_if is not None else scale,
         M=m, K=k, k_per_prog=k_per_prog, eps=float(eps), n_slots=n_slots,
+        skip_n=skip_if.numel() if skip_if is not None else 0,
         stride_xm=x2d.stride(0), stride_xk=x2d.stride(1),
         stride_x2m=x2.stride(0) if x2 is not None else 0,
         stride_x2k=x2.stride(1) if x2 is not None else 0,
         stride_qm=k, stride_sm=stride_sm, stride_sk=stride_sk,
-        GRAN=GRAN_CODE[granularity], PRODUCER=producer,
+        GRAN=GRAN_CODE[granularity], PRODUCER=producer, AMAX_OUT=amax_out is not None,
+        SKIP_BLOCK=next_pow2(skip_if.numel()) if skip_if is not None else 0,
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         ONE_CHUNK=(granularity in (Granularity.TENSOR, Granularity.ROW)
                    and k <= k_per_prog <= block_k),
@@ -526,6 +554,12 @@ def quantize_rows(
     if given_scale is not None:
         launch(_quantize_kernel)[grid](amax_ptr=given_scale, AMAX_ONLY=False, GIVEN_SCALE=True,
                                        **common)
+        return q, scale.reshape(())
+    if given_amax is not None:
+        # The scale of an amax computed elsewhere (delayed scaling's history), derived in the
+        # kernel as from launch 1's cell: the same IEEE quotient in eager and compiled code.
+        launch(_quantize_kernel)[grid](amax_ptr=given_amax, AMAX_ONLY=False, GIVEN_SCALE=False,
+                                       **{**common, "AMAX_AT": 0, "SLOTS": 1})
         return q, scale.reshape(())
     if granularity is Granularity.TENSOR and not whole:
         if amax_at == 1:
@@ -600,12 +634,40 @@ def quantize_with_scale(x: torch.Tensor, scale: torch.Tensor, fmt: Fp8Format) ->
     return quantize_rows(x, Granularity.TENSOR, fmt, False, given_scale=s)[0]
 
 
-def amax_tensor(x: torch.Tensor) -> torch.Tensor:
-    """``numerics.amax(x, TENSOR)``: the largest finite ``|x|`` (0-dim fp32), one launch."""
+def quantize_from_amax(x: torch.Tensor, amax: torch.Tensor, fmt: Fp8Format,
+                       power_of_2: bool = False
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, scale, amax(x))``: tensorwise quantization with the scale of a given ``amax``
+    (one fp32 element; delayed scaling's history max), and the finite amax of ``x`` recorded
+    in the same pass (0-dim fp32, as :func:`amax_tensor`).  One launch reads x once."""
+    fmt = Fp8Format(fmt)
+    check_fp8_input(x, "quantize_from_amax input")
+    if amax.numel() != 1:
+        raise ValueError(
+            f"quantize_from_amax: amax has {amax.numel()} elements; it takes the one amax of "
+            "a tensorwise scale"
+        )
+    if x.dim() == 0 or x.numel() == 0:
+        s = nx.compute_scale(amax.reshape(()).float(), fmt, power_of_2)
+        return (nx.quantize_with_scale(x, s, Granularity.TENSOR, fmt), s,
+                nx.amax(x, Granularity.TENSOR).float())
+    a = amax.reshape(1).to(device=x.device, dtype=torch.float32)
+    out = torch.zeros(1, dtype=torch.float32, device=x.device)
+    q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, given_amax=a, amax_out=out)
+    return q, s, out.reshape(())
+
+
+def amax_tensor(x: torch.Tensor, unless: torch.Tensor | None = None) -> torch.Tensor:
+    """``numerics.amax(x, TENSOR)``: the largest finite ``|x|`` (0-dim fp32), one launch.
+
+    ``unless`` (an fp32 amax history on x's device): where it holds a non-zero value the
+    launch returns at once and the result is 0, decided on the device (no host sync)."""
     check_fp8_input(x, "amax input")
     if x.dim() == 0 or x.numel() == 0:
         return nx.amax(x, Granularity.TENSOR).float()
-    return quantize_rows(x, Granularity.TENSOR, Fp8Format.E4M3, False, amax_only=True)[0]
+    skip = None if unless is None else unless.reshape(-1).to(torch.float32).contiguous()
+    return quantize_rows(x, Granularity.TENSOR, Fp8Format.E4M3, False, amax_only=True,
+                         skip_if=skip)[0]
 
 
 @triton.jit

@@ -10,6 +10,10 @@ op                                         meaning
 ``fp8compile::quantize``                   dynamic quantization ``x -> (q, scale)``
 ``fp8compile::quantize_scaled``            quantization with a given scale (static and delayed
                                            scaling, the tensorwise backward's ``Wᵀ``)
+``fp8compile::quantize_from_amax``         tensorwise with the scale of a given amax, and
+                                           ``amax(x)`` from the same read (delayed scaling)
+``fp8compile::amax_unless``                ``amax(x)`` while an amax history is all zero; on
+                                           the GPU 0 without reading ``x`` otherwise
 ``fp8compile::quantize_delayed``           tensorwise, scale from an amax history it updates
 ``fp8compile::requantize_t``               FP8 ``(M, K)`` → FP8 of its transpose, rescaled
 ``fp8compile::quantize_dual``              1x128 groups of ``x`` and of ``x.t()``, one read

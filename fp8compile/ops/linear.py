@@ -302,19 +302,21 @@ def _dequantize_rows(xq: Tensor, xs: Tensor, gran: nx.Granularity, dtype) -> Ten
 
 
 def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, x_dtype,
-                         need_x, need_w, grad_scale=None, w_t=None):
+                         need_x, need_w, grad_scale=None, w_t=None, dyq=None):
     """Both backward GEMMs with one scale per tensor: dY is quantized once, the saved ``xq``
     is used transposed as is (no second rounding of X), and ``Wᵀ`` is quantized with the
     forward's weight scale ``ws`` (amax(Wᵀ) = amax(W): the same FP8 values as a fresh
     quantization, without its amax pass), unless ``w_t`` gives it.  ``grad_scale`` (delayed
-    scaling) replaces dY's dynamic scale when given."""
+    scaling) replaces dY's dynamic scale when given, and ``dyq`` is then dY quantized with
+    it, when the caller has it already."""
     ops = torch.ops.fp8compile
     k = weight.shape[1]
     if grad_scale is None:
         dyq, gs = ops.quantize(dy, "tensor", grad_fmt, p2)
     else:
         gs = grad_scale
-        dyq = ops.quantize_scaled(dy, gs, "tensor", grad_fmt)
+        if dyq is None:
+            dyq = ops.quantize_scaled(dy, gs, "tensor", grad_fmt)
     dx = dw = None
     if need_x:
         wq_t, ws_t = w_t or (ops.quantize_scaled(weight.t(), ws, "tensor", weight_fmt), ws)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -136,13 +137,31 @@ def quantize_with_scale_impl(x: Tensor, scale: Tensor, granularity: Granularity,
     return nx.quantize_with_scale(x, scale, granularity, fmt)
 
 
-def amax_impl(x: Tensor) -> Tensor:
-    """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU."""
+def amax_impl(x: Tensor, unless: Optional[Tensor] = None) -> Tensor:
+    """``numerics.amax(x, TENSOR)`` as fp32 for op bodies: one Triton launch on the GPU.
+
+    ``unless`` (an amax history): where it holds a non-zero value, the result is not needed
+    (delayed scaling past its first step) and the GPU launch returns 0 without reading x;
+    the reference path computes the amax anyway."""
     if triton_available(x):
         from ..kernels.quant import amax_tensor
 
-        return amax_tensor(x)
+        return amax_tensor(x, unless)
     return nx.amax(x, Granularity.TENSOR).float()
+
+
+def quantize_from_amax_impl(x: Tensor, amax: Tensor, fmt: nx.Fp8Format, power_of_2: bool
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax(x))``: ``x`` quantized with the tensorwise scale of ``amax`` and its
+    own finite amax; on the GPU one Triton pass that derives the scale and records the amax
+    while it quantizes (delayed scaling)."""
+    if triton_available(x):
+        from ..kernels.quant import quantize_from_amax
+
+        return quantize_from_amax(x, amax, fmt, power_of_2)
+    scale = nx.compute_scale(amax.reshape(()), fmt, power_of_2)
+    return (nx.quantize_with_scale(x, scale, Granularity.TENSOR, fmt), scale,
+            nx.amax(x, Granularity.TENSOR).float())
 
 
 @torch.library.custom_op("fp8compile::quantize_scaled", mutates_args=())
@@ -166,6 +185,56 @@ def _quantize_scaled_body(x, scale, granularity, fmt):
 inline_on_gpu(quantize_scaled, _quantize_scaled_body)
 
 
+@torch.library.custom_op("fp8compile::quantize_from_amax", mutates_args=())
+def quantize_from_amax(x: Tensor, amax: Tensor, fmt: str, power_of_2: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax(x))`` from one read of ``x``: tensorwise quantization with the scale
+    of ``amax`` (delayed scaling: the history's max), and this call's amax for the history.
+    The scale is derived inside the op, so compiled graphs get eager mode's IEEE quotient
+    (Inductor divides approximately)."""
+    return _quantize_from_amax_body(x, amax, fmt, power_of_2)
+
+
+@quantize_from_amax.register_fake
+def _(x, amax, fmt, power_of_2):
+    return (x.new_empty(x.shape, dtype=as_fmt(fmt).dtype),
+            x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+def _quantize_from_amax_body(x, amax, fmt, power_of_2):
+    check_fp8_input(x, "quantize_from_amax input")
+    if amax.numel() != 1:
+        raise ValueError(
+            f"quantize_from_amax: amax has {amax.numel()} elements; it takes the one amax of a "
+            "tensorwise scale (use quantize_scaled for other granularities)"
+        )
+    return quantize_from_amax_impl(x, amax, as_fmt(fmt), power_of_2)
+
+
+inline_on_gpu(quantize_from_amax, _quantize_from_amax_body)
+
+
+@torch.library.custom_op("fp8compile::amax_unless", mutates_args=())
+def amax_unless(x: Tensor, history: Tensor) -> Tensor:
+    """``amax(x)`` (finite, 0-dim fp32) for delayed scaling's first step: where ``history``
+    already holds a non-zero value the result is not used, and on the GPU the kernel then
+    returns 0 without reading ``x`` (decided on the device, no host sync)."""
+    return _amax_unless_body(x, history)
+
+
+@amax_unless.register_fake
+def _(x, history):
+    return x.new_empty((), dtype=torch.float32)
+
+
+def _amax_unless_body(x, history):
+    check_fp8_input(x, "amax_unless input")
+    return amax_impl(x, unless=history)
+
+
+inline_on_gpu(amax_unless, _amax_unless_body)
+
+
 @torch.library.custom_op("fp8compile::quantize_delayed", mutates_args=("amax_history",))
 def quantize_delayed(
     x: Tensor, amax_history: Tensor, fmt: str, power_of_2: bool
@@ -178,12 +247,12 @@ def quantize_delayed(
     """
     check_fp8_input(x, "quantize_delayed input")
     f = as_fmt(fmt)
-    cur = amax_impl(x).to(amax_history.dtype)
+    # This call's amax ahead of the cast only while the history is all zero (the GPU launch
+    # checks that itself); the cast records it from the same read of x.
+    first = amax_impl(x, unless=amax_history).to(amax_history.dtype)
     past = amax_history.max()
-    use = torch.where(past > 0, past, cur)
-    scale = nx.compute_scale(use, f, power_of_2)
-    q = quantize_with_scale_impl(x, scale, Granularity.TENSOR, f)
-    amax_history.copy_(torch.cat([cur.reshape(1), amax_history[:-1]]))
+    q, scale, cur = quantize_from_amax_impl(x, torch.where(past > 0, past, first), f, power_of_2)
+    amax_history.copy_(torch.cat([cur.to(amax_history.dtype).reshape(1), amax_history[:-1]]))
     return q, scale
 
 

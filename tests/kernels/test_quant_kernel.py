@@ -286,6 +286,53 @@ def test_given_scale_and_amax_match_numerics(device, fmt, shape):
         assert torch.equal(got.view(torch.uint8).cpu()[~nan], want.view(torch.uint8)[~nan])
 
 
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+@pytest.mark.parametrize("power_of_2", [False, True])
+@pytest.mark.parametrize("shape", [(1, 200), (7, 384), (3, 16500), (2, 3, 130)])
+def test_quantize_from_amax_is_both_in_one_pass(device, fmt, power_of_2, shape):
+    # Delayed scaling's cast: the scale of the given amax (numerics.compute_scale, bit-exact),
+    # the payload of quantize_with_scale and the amax of amax_tensor (finite values only),
+    # from one launch; row-major and a transposed view, one-tile rows and rows longer than a
+    # tile (16500), NaN/Inf and an all-zero tensor, a zero amax (the floor applies).
+    from fp8compile.kernels.quant import quantize_from_amax
+
+    x = torch.randn(shape) * 5
+    x.reshape(-1, shape[-1])[0, 3] = float("nan")
+    x.reshape(-1, shape[-1])[-1, -1] = float("-inf")
+    rows = x.reshape(-1, shape[-1])
+    for given in (float(nx.amax(x, Granularity.TENSOR)) * 0.5, 3.3, 0.0):
+        amax = torch.tensor(given)
+        scale = nx.compute_scale(amax, fmt, power_of_2)
+        for src, ref in ((x.to(device), x), (rows.to(device).t(), rows.t()),
+                         (torch.zeros(shape, device=device), torch.zeros(shape))):
+            q, s, own = quantize_from_amax(src, amax.to(device), fmt, power_of_2)
+            assert s.shape == () and own.shape == () and own.dtype == torch.float32
+            assert torch.equal(s.cpu(), scale), (s, scale)
+            assert torch.equal(own.cpu(), nx.amax(ref, Granularity.TENSOR).float())
+            want = nx.quantize_with_scale(ref, scale, Granularity.TENSOR, fmt)
+            nan = q.float().isnan().cpu()
+            assert torch.equal(nan, want.float().isnan())
+            assert torch.equal(q.view(torch.uint8).cpu()[~nan], want.view(torch.uint8)[~nan])
+    with pytest.raises(ValueError, match="one amax"):
+        quantize_from_amax(x.to(device), torch.ones(2, device=device), fmt)
+
+
+@pytest.mark.parametrize("shape", [(1, 200), (3, 16500), (40, 3000)])
+def test_amax_unless_history_skips_on_the_device(device, shape):
+    # Delayed scaling's first-step amax: taken while the history is all zero, else the launch
+    # returns 0 at once (the amax of this x is not 0, so a launch that read x would show).
+    from fp8compile.kernels.quant import amax_tensor
+
+    x = (torch.randn(shape) * 3).to(device)
+    want = nx.amax(x.cpu(), Granularity.TENSOR).float()
+    empty = torch.zeros(16, device=device)
+    assert torch.equal(amax_tensor(x, unless=empty).cpu(), want)
+    seen = empty.clone()
+    seen[11] = 0.5
+    assert float(amax_tensor(x, unless=seen)) == 0.0
+    assert torch.equal(amax_tensor(x).cpu(), want)
+
+
 # Tensorwise amax routes: one launch of one program holding all of x (as far as it fits in
 # the elements limit); two launches with one amax slot per program; two launches folding into
 # one zeroed cell (large grids).  (elements limit, slots limit).

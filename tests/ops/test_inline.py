@@ -11,6 +11,7 @@ from functorch.compile import make_boxed_func
 from torch._functorch.aot_autograd import aot_module_simplified
 
 import fp8compile  # noqa: F401
+from fp8compile import numerics as nx
 from fp8compile.ops import _common, _inline
 
 OPS = torch.ops.fp8compile
@@ -146,6 +147,68 @@ def test_gpu_dual_and_requantize_inlined_equal_eager():
     for a, b in zip(_compiled(f)(x), f(x)):
         a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
         assert torch.equal(a, b)
+
+
+@needs_gpu
+def test_gpu_linear_delayed_inlined_matches_eager_over_steps():
+    """linear_delayed compiles to kernels (forward and backward), and over three steps its
+    outputs, gradients and both amax histories equal eager mode's: the first step takes the
+    amaxes ahead of the casts, the later ones from them."""
+    def run(fn):
+        torch.manual_seed(0)
+        x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        h, gh = torch.zeros(2, 4, device="cuda"), torch.zeros(1, 4, device="cuda")
+        out = []
+        for step in range(3):
+            y = fn(x * (1 + step), w, h, gh)
+            y.float().pow(2).sum().backward()
+            out += [y.detach(), x.grad.clone(), w.grad.clone(), h.clone(), gh.clone()]
+            x.grad = w.grad = None
+        return out
+
+    def f(a, b, h, gh):
+        y, _, _, _, amax = OPS.linear_delayed(a, b, None, h, gh, "e4m3", "e4m3", "e5m2", False,
+                                              "precise")
+        OPS.push_amax(h, amax)
+        return y
+
+    for got, want in zip(run(_compiled(f)), run(f)):
+        assert torch.equal(got, want)
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(768, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out, codes = _graphs(f, x, w, torch.zeros(2, 4, device="cuda"),
+                         torch.zeros(1, 4, device="cuda"))
+    out.float().sum().backward()
+    for code in codes:
+        for op in ("linear_delayed", "quantize_from_amax", "amax_unless", "quantize_scaled"):
+            assert f"fp8compile.{op}." not in code, code
+
+
+@needs_gpu
+def test_gpu_delayed_scaling_ops_inlined_equal_eager():
+    """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
+    returns 0 on the device once the history holds a value, compiled as in eager mode."""
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    # An amax whose scale amax / 448 is not exact in fp32: compiled code must still give
+    # the IEEE quotient (Inductor's own division is approximate).
+    amax = torch.tensor(3.3, device="cuda")
+    empty, seen = torch.zeros(8, device="cuda"), torch.full((8,), 2.0, device="cuda")
+
+    def f(t):
+        return (*OPS.quantize_from_amax(t * 2, amax, "e5m2", False),
+                OPS.amax_unless(t * 2, empty), OPS.amax_unless(t * 2, seen))
+
+    got, want = _compiled(f)(x), f(x)
+    assert float(want[3]) > 0 and float(want[4]) == 0.0
+    assert torch.equal(want[2], want[3])
+    assert torch.equal(want[1].cpu(), nx.compute_scale(amax.cpu(), nx.Fp8Format.E5M2))
+    for a, b in zip(got, want):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+    _, codes = _graphs(f, x)
+    assert "fp8compile.quantize_from_amax." not in codes[0], codes[0]
+    assert "fp8compile.amax_unless." not in codes[0], codes[0]
 
 
 @needs_gpu
