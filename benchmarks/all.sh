@@ -45,7 +45,7 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 
 for stage in "${stages[@]}"; do
     case $stage in
-        check) run check 330 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
+        check) run check 420 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         quant)
