@@ -32,7 +32,7 @@ import torch
 
 from ._cache_key import keyed_patches
 from .config import Fp8Config
-from .passes import CompileContext, PassManager, analysis_passes, default_passes
+from .passes import CompileContext, PassManager, default_passes
 from .plan import Plan
 
 __all__ = ["Fp8Backend", "backend", "fp8hpf", "last_plan"]
@@ -107,9 +107,10 @@ class Fp8Backend:
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         )
         ctx = CompileContext(cfg, list(example_inputs), inference, graph_index=len(self.plans))
-        passes = default_passes(ctx) if self.compile else analysis_passes(ctx)
         gm = _copy_graph_module(gm)
-        PassManager(passes)(gm)
+        # A plan-only backend rewrites a copy, so that its plan says what a compile would do
+        # (shared and fused quantizations included), and runs the graph as it came.
+        PassManager(default_passes(ctx))(gm if self.compile else _copy_graph_module(gm))
         plan = Plan(ctx.plan_entries, cfg, ctx.stats)
         plan.stats["inference"] = inference
         plan.stats["frame"] = _frame_id()

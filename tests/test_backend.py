@@ -199,6 +199,73 @@ def test_weights_requantized_only_when_they_change():
         assert rel_err(y, model(x)) < 0.06
 
 
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.head = nn.Linear(256, 256), nn.Linear(256, 64)
+
+    def forward(self, x, z):
+        return self.head(self.proj(x) + self.proj(z))
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_module_called_twice_quantizes_its_weight_once(inference):
+    # Two calls of one linear used to hoist its weight twice under one input name, and the
+    # compiled graph's forward failed to build (duplicate argument).  Now the weight is
+    # quantized (and in inference cached) once, and both calls are FP8.
+    model = CalledTwice()
+    cm, be = _compile(model, {"rules": ["norm"]})
+    x, z = torch.randn(4, 256), torch.randn(4, 256)
+    with torch.set_grad_enabled(not inference):
+        y = cm(x, z)
+        assert rel_err(y, model(x, z)) < 0.06
+    assert [e.module for e in be.plan.fp8].count("proj") == 2
+    if inference:
+        assert [c.quantizations for c in be.contexts[-1].weight_caches] == [1, 1]
+    else:
+        y.sum().backward()
+        assert model.proj.weight.grad is not None
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_linear_fed_by_a_linear_and_bmm_of_a_linear(inference):
+    # A GEMM whose operand is another rewritten GEMM's output: the rewrite used to read the
+    # erased node and Dynamo's compile failed ("used before it has been defined").
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(256, 256), nn.Linear(256, 256)
+            self.head = nn.Linear(256, 64)
+
+        def forward(self, x):
+            h = self.b(self.a(x))
+            s = torch.bmm(h, h.transpose(1, 2)) / 16.0
+            return self.head(torch.relu(torch.bmm(s, h)))
+
+    model = Chain()
+    cm, be = _compile(model, {"rules": ["norm"], "min_weight_numel": 1024})
+    x = torch.randn(2, 32, 256)
+    with torch.set_grad_enabled(not inference):
+        y = cm(x)
+        assert rel_err(y, model(x)) < 0.15
+    assert {e.module or e.op for e in be.plan.fp8} >= {"a", "b"}
+    assert len([e for e in be.plan.fp8 if e.gemm != "linear"]) == 2  # both bmms
+    if not inference:
+        y.sum().backward()
+        assert model.a.weight.grad is not None
+
+
+def test_add_input_names_stay_unique():
+    from fp8compile.passes import CompileContext
+
+    g = torch.fx.Graph()
+    g.placeholder("x")
+    ctx = CompileContext(fp8compile.Fp8Config(), [torch.zeros(1)], True)
+    a = ctx.add_input(g, "w_fp8", lambda args: torch.zeros(1))
+    b = ctx.add_input(g, "w_fp8", lambda args: torch.zeros(1))
+    assert (a.target, b.target) == ("w_fp8", "w_fp8_1")
+
+
 def test_training_graph_backward():
     model = LlamaBlock()
     cm, be = _compile(model)

@@ -39,7 +39,15 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from .manager import Fp8Pass, PassResult, dtype_of, eliminate_dead_code, info
+from .manager import (
+    Fp8Pass,
+    PassResult,
+    add_note,
+    dtype_of,
+    eliminate_dead_code,
+    info,
+    plan_entries_of,
+)
 from .scales import ScalesPass
 
 OPS = torch.ops.fp8compile
@@ -90,6 +98,7 @@ class FusePass(Fp8Pass):
         self.ctx.stats["fused_quantizations"] = sum(
             1 for n in graph.nodes if info(n).get("role") == "fused_quant"
         )
+        _note_shared_and_fused(graph)
         return PassResult(gm, modified)
 
     @staticmethod
@@ -143,6 +152,31 @@ class FusePass(Fp8Pass):
             ):
                 return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul"
         return None
+
+
+def _note_shared_and_fused(graph: torch.fx.Graph) -> None:
+    """Say in the plan which FP8 linears share one quantization of their input (ScalesPass)
+    and which quantizations sit in their producer (this pass)."""
+    for n in graph.nodes:
+        role = info(n).get("role")
+        if role not in ("act_quant", "act_quant_delayed", "fused_quant"):
+            continue
+        found = (e for g in n.users if g.target is operator.getitem for c in g.users
+                 for e in plan_entries_of(c))
+        entries = list({id(e): e for e in found}.values())
+        for e in entries:
+            others = [_label(o, e) for o in entries if o is not e]
+            if others:
+                add_note(e, "input quantized once, shared with " + ", ".join(others))
+            if role == "fused_quant":
+                add_note(e, f"input quantization fused into its {info(n)['fused_from']}")
+
+
+def _label(entry, seen_from) -> str:
+    """A linear's name in another's plan reason: its module, and its node where both are
+    calls of one module."""
+    name = entry.module or entry.name
+    return f"{name} ({entry.name})" if entry.module == seen_from.module else name
 
 
 def fusable_producer(src: torch.fx.Node):

@@ -77,9 +77,16 @@ class CompileContext:
         The new placeholder goes after every existing one, so the compiled graph takes
         ``(*dynamo_args, *extra_inputs)``.
         """
-        last = list(graph.find_nodes(op="placeholder"))[-1]
-        with graph.inserting_after(last):
-            node = graph.placeholder(name)
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        # A placeholder's target is its argument name in the generated code: keep it unique
+        # (two inputs named alike made the graph's forward a SyntaxError).
+        taken = {p.target for p in placeholders}
+        unique, i = name, 0
+        while unique in taken:
+            i += 1
+            unique = f"{name}_{i}"
+        with graph.inserting_after(placeholders[-1]):
+            node = graph.placeholder(unique)
         example = provider(self.example_inputs)
         node.meta["example_value"] = example
         # AOTAutograd reads Dynamo's per-placeholder source; None marks an input that no user
@@ -225,6 +232,19 @@ def eliminate_dead_code(graph: torch.fx.Graph) -> None:
 def info(node: torch.fx.Node) -> dict[str, Any]:
     """The node's ``meta["fp8compile"]`` dict, created on first use."""
     return node.meta.setdefault(META, {})
+
+
+def plan_entries_of(node: torch.fx.Node) -> list:
+    """The plan entries of the linears an FP8 op ``node`` computes: its ``entry`` (handed on
+    from RewritePass), or ``entries`` for one GEMM that serves several."""
+    i = info(node)
+    return [e for e in i.get("entries", [i.get("entry")]) if e is not None]
+
+
+def add_note(entry, text: str) -> None:
+    """Append ``text`` to a plan entry's reason, once."""
+    if text not in entry.reason:
+        entry.reason = f"{entry.reason}; {text}"
 
 
 def _value(node: Any):

@@ -67,7 +67,7 @@ class RewritePass(Fp8Pass):
     def _fp8(self, graph: torch.fx.Graph, node: torch.fx.Node, meta: dict) -> None:
         cfg = self.ctx.config
         ops = meta["operands"]
-        x, w, bias = ops["x"], ops["w"], ops["bias"]
+        x, w, bias = (_live(ops[k]) for k in ("x", "w", "bias"))
         xg = cfg.recipe.activation_granularity.value
         wg = cfg.recipe.weight_granularity.value
         act, wfmt = cfg.activation_format.value, cfg.weight_format.value
@@ -89,6 +89,10 @@ class RewritePass(Fp8Pass):
                 else:
                     new = self._training_linear(graph, node, meta, (x, w, bias), fmts)
         new.meta.update({k: v for k, v in node.meta.items() if k != "fp8compile"})
+        # The plan entry travels with the op (a training op's output is a getitem of it), so
+        # later passes can say what they did to it (add_note).
+        op = new.args[0] if new.target is operator.getitem else new
+        info(op)["entry"] = info(new)["entry"] = meta.get("entry")
         info(new).setdefault("role", "fp8_gemm")
         if meta.get("module"):
             info(new).setdefault("module", meta["module"])
@@ -181,6 +185,15 @@ class RewritePass(Fp8Pass):
             back = graph.call_method("to", (node, orig))
         node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         info(node)["rewritten"] = back
+
+
+def _live(a):
+    """``a``, or what replaced it: an operand recorded by PrecisionPass may be a GEMM that
+    this pass rewrote (and erased) before reaching its consumer, as in a linear fed by a
+    linear, or a high-precision node whose users now read its cast back."""
+    while isinstance(a, torch.fx.Node) and info(a).get("rewritten") is not None:
+        a = info(a)["rewritten"]
+    return a
 
 
 def _is_float_node(a) -> bool:

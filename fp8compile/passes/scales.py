@@ -66,7 +66,16 @@ from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
 from ..ops.linear import weight_quants
-from .manager import Fp8Pass, PassResult, eliminate_dead_code, info, mutates, target_name
+from .manager import (
+    Fp8Pass,
+    PassResult,
+    add_note,
+    eliminate_dead_code,
+    info,
+    mutates,
+    plan_entries_of,
+    target_name,
+)
 from .rewrite import RewritePass
 
 OPS = torch.ops.fp8compile
@@ -152,10 +161,13 @@ class ScalesPass(Fp8Pass):
         return PassResult(gm, modified)
 
     def _share_activation_quant(self, graph: torch.fx.Graph) -> bool:
+        # Weights too: a module called twice quantizes its weight twice (and would cache it
+        # twice in inference).
         seen: dict[tuple, torch.fx.Node] = {}
         modified = False
         for node in list(graph.nodes):
-            if node.target is not OPS.quantize.default or info(node).get("role") != "act_quant":
+            if node.target is not OPS.quantize.default or \
+                    info(node).get("role") not in ("act_quant", "weight_quant"):
                 continue
             key = (node.args, tuple(sorted(node.kwargs.items())))
             first = seen.setdefault(key, node)
@@ -281,7 +293,11 @@ class ScalesPass(Fp8Pass):
         xq, xs, xg, _, _, wg, *rest = first.args
         with graph.inserting_before(first):
             fused = graph.call_function(OPS.scaled_mm.default, (xq, xs, xg, wq, ws, wg, *rest))
-        info(fused).update(role="fp8_gemm", fused_from=names)
+        entries = [e for mm, _ in members for e in plan_entries_of(mm)]
+        info(fused).update(role="fp8_gemm", fused_from=names, entries=entries)
+        for e in entries:
+            add_note(e, "one GEMM with " + ", ".join(
+                o.module or o.name for o in entries if o is not e) + " (stacked weights)")
         fused.meta.update({k: v for k, v in first.meta.items() if k not in ("fp8compile", "val",
                                                                           "example_value")})
         for (mm, wqs), lo, hi in zip(members, offsets, offsets[1:]):

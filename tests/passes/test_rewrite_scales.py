@@ -304,3 +304,18 @@ def test_projections_fused_with_dynamic_shapes(merge):
             assert rel_err(compiled(x), model(x)) < 0.06
     assert len(be.plans) == 1  # one compile serves both shapes
     assert bool(be.plan.stats.get("fused_gemms")) is not merge
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_plan_says_which_inputs_are_shared_fused_and_stacked(passes, inference):
+    # The plan's reason for each FP8 linear says what ScalesPass and FusePass did to it.
+    gm, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), inference=inference)
+    why = {e.module: e.reason for e in ctx.plan_entries if e.is_fp8}
+    assert "input quantized once, shared with k_proj, v_proj" in why["q_proj"]
+    assert "input quantized once, shared with gate_proj" in why["up_proj"]
+    for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+        assert "input quantization fused into its rms_norm" in why[m], why[m]
+    assert "input quantization fused into its silu*mul" in why["down_proj"]
+    assert "shared" not in why["o_proj"] and "fused" not in why["o_proj"]
+    stacked = "one GEMM with q_proj, k_proj (stacked weights)" in why["v_proj"]
+    assert stacked == inference  # projections are stacked in inference only
