@@ -107,10 +107,11 @@ class Fp8Backend:
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         )
         ctx = CompileContext(cfg, list(example_inputs), inference, graph_index=len(self.plans))
-        gm = _copy_graph_module(gm)
-        # A plan-only backend rewrites a copy, so that its plan says what a compile would do
-        # (shared and fused quantizations included), and runs the graph as it came.
-        PassManager(default_passes(ctx))(gm if self.compile else _copy_graph_module(gm))
+        # The passes rewrite a copy.  A plan-only backend rewrites it too, so that its plan
+        # says what a compile would do (shared and fused quantizations included), and runs
+        # Dynamo's graph as it came.
+        work = _copy_graph_module(gm)
+        PassManager(default_passes(ctx))(work)
         plan = Plan(ctx.plan_entries, cfg, ctx.stats)
         plan.stats["inference"] = inference
         plan.stats["frame"] = _frame_id()
@@ -120,7 +121,7 @@ class Fp8Backend:
         if not self.compile:
             return gm.forward
         _take_traced_gemms()  # drop what an earlier compile left
-        compiled = self._inductor(gm, list(example_inputs) + _static_fakes(example_inputs, ctx),
+        compiled = self._inductor(work, list(example_inputs) + _static_fakes(example_inputs, ctx),
                                   plan)
         plan.stats["compile_s"] = time.perf_counter() - t0
         backends = _describe_gemms(_take_traced_gemms())

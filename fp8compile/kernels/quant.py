@@ -557,9 +557,10 @@ def quantize_rows(
         return q, scale.reshape(())
     if given_amax is not None:
         # The scale of an amax computed elsewhere (delayed scaling's history), derived in the
-        # kernel as from launch 1's cell: the same IEEE quotient in eager and compiled code.
+        # kernel as from launch 1's cell (AMAX_AT == 0, as own_amax is False): the same IEEE
+        # quotient in eager and compiled code.
         launch(_quantize_kernel)[grid](amax_ptr=given_amax, AMAX_ONLY=False, GIVEN_SCALE=False,
-                                       **{**common, "AMAX_AT": 0, "SLOTS": 1})
+                                       **common)
         return q, scale.reshape(())
     if granularity is Granularity.TENSOR and not whole:
         if amax_at == 1:

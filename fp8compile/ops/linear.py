@@ -366,6 +366,12 @@ def linear_w(
     ``(wq, ws, wq_t, ws_t) = weight_quants(weight, ...)`` (a cache holds them per parameter
     version).  ``x`` and ``weight`` carry the gradients (dX, dW are returned for them) and
     are not read otherwise; dX uses ``wq_t``, dW the saved ``xq``."""
+    _check_linear_w(x, xq, weight, wq, wq_t, bias)
+    xg, wg = _recipe_grans(recipe)
+    return scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
+
+
+def _check_linear_w(x, xq, weight, wq, wq_t, bias) -> None:
     _check_linear(x, weight, bias)
     for name, q, shape in (("wq", wq, weight.shape), ("wq_t", wq_t, weight.shape[::-1]),
                            ("xq", xq, x.shape)):
@@ -374,8 +380,6 @@ def linear_w(
                 f"linear_w: {name} must be an FP8 tensor of shape {tuple(shape)} (see "
                 f"fp8compile.ops.linear.weight_quants), got {q.dtype} {tuple(q.shape)}"
             )
-    xg, wg = _recipe_grans(recipe)
-    return scaled_mm_impl(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation, "none", None)
 
 
 @linear_w.register_fake
@@ -424,7 +428,7 @@ def _linear_q_traced(x, xq, xs, weight, bias, recipe, act_fmt, weight_fmt, grad_
 
 def _linear_w_traced(x, xq, xs, weight, wq, ws, wq_t, ws_t, bias, recipe, act_fmt,
                      weight_fmt, grad_fmt, power_of_2, accumulation, grad_accumulation="precise"):
-    _check_linear(x, weight, bias)
+    _check_linear_w(x, xq, weight, wq, wq_t, bias)
     xg, wg = _recipe_grans(recipe)
     return torch.ops.fp8compile.scaled_mm(xq, xs, xg, wq, ws, wg, bias, x.dtype, accumulation,
                                           "none", None)

@@ -150,6 +150,13 @@ def amax_impl(x: Tensor, unless: Optional[Tensor] = None) -> Tensor:
     return nx.amax(x, Granularity.TENSOR).float()
 
 
+def delayed_amax(history: Tensor, current: Tensor) -> Tensor:
+    """The amax a delayed scale comes from: the max over ``history``'s last dim, ``current``
+    where that max is 0 (exact in any graph: no division)."""
+    past = history.amax(dim=-1)
+    return torch.where(past > 0, past, current)
+
+
 def quantize_from_amax_impl(x: Tensor, amax: Tensor, fmt: nx.Fp8Format, power_of_2: bool
                             ) -> tuple[Tensor, Tensor, Tensor]:
     """``(q, scale, amax(x))``: ``x`` quantized with the tensorwise scale of ``amax`` and its
@@ -250,8 +257,7 @@ def quantize_delayed(
     # This call's amax ahead of the cast only while the history is all zero (the GPU launch
     # checks that itself); the cast records it from the same read of x.
     first = amax_impl(x, unless=amax_history).to(amax_history.dtype)
-    past = amax_history.max()
-    q, scale, cur = quantize_from_amax_impl(x, torch.where(past > 0, past, first), f, power_of_2)
+    q, scale, cur = quantize_from_amax_impl(x, delayed_amax(amax_history, first), f, power_of_2)
     amax_history.copy_(torch.cat([cur.to(amax_history.dtype).reshape(1), amax_history[:-1]]))
     return q, scale
 

@@ -48,18 +48,11 @@ from ._common import as_fmt, device_of, empty_scale
 from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
-from .quant import amax_impl, quantize_from_amax_impl
+from .quant import amax_impl, delayed_amax, quantize_from_amax_impl
 
 __all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed", "push_amax"]
 
 _T = Granularity.TENSOR
-
-
-def delayed_amax(history: Tensor, current: Tensor) -> Tensor:
-    """The amax a delayed scale comes from: the max over ``history``'s last dim, ``current``
-    where that max is 0 (exact in any graph: no division)."""
-    past = history.amax(dim=-1)
-    return torch.where(past > 0, past, current)
 
 
 def delayed_scale(history: Tensor, current: Tensor, fmt: nx.Fp8Format, power_of_2: bool):
