@@ -25,6 +25,10 @@ op                                         meaning
                                            (shared by q/k/v or gate/up); ``(y, ws)``
 ``fp8compile::linear_w``                   the same with the weight's FP8 ``W`` and ``Wᵀ``
                                            given too (training weight cache)
+``fp8compile::linear_delayed``             tensorwise ``linear`` with delayed scales: x, W
+                                           and dY from amax histories the graph updates
+``fp8compile::linear_delayed_q``           the same for an input quantized once elsewhere
+``fp8compile::push_amax``                  shift an amax history and write the newest amax
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
 ``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in

@@ -50,7 +50,8 @@ from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
 from .quant import amax_impl, delayed_amax, quantize_from_amax_impl
 
-__all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed", "push_amax"]
+__all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed",
+           "linear_delayed_q", "push_amax"]
 
 _T = Granularity.TENSOR
 
@@ -143,9 +144,14 @@ def _delayed_setup(ctx, inputs, output):
 
 
 def _delayed_backward(ctx, grad_y, *_unused):
+    return (*_delayed_grads(ctx, grad_y, *ctx.needs_input_grad[:3]),
+            None, None, None, None, None, None, None, None)
+
+
+def _delayed_grads(ctx, grad_y, need_x, need_w, need_b):
+    """``(dx, dw, db)`` of both delayed linear ops; dY's history is pushed on the way."""
     xq, xs, ws, weight, grad_history = ctx.saved_tensors
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
     dy = grad_y.reshape(-1, weight.shape[0])
     # As in the forward: one pass over dY quantizes it and records its amax.
     ops = torch.ops.fp8compile  # ops, not their bodies: compiled graphs trace this formula
@@ -154,8 +160,7 @@ def _delayed_backward(ctx, grad_y, *_unused):
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
                                   x_dtype, need_x, need_w, grad_scale=gs, dyq=dyq)
-    return (*_input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype),
-            None, None, None, None, None, None, None, None)
+    return _input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype)
 
 
 linear_delayed.register_autograd(_delayed_backward, setup_context=_delayed_setup)
@@ -176,6 +181,86 @@ def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weig
 
 
 inline_on_gpu(linear_delayed, _linear_delayed_traced)
+
+
+@torch.library.custom_op("fp8compile::linear_delayed_q", mutates_args=())
+def linear_delayed_q(
+    x: Tensor,
+    xq: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    history: Tensor,
+    grad_history: Tensor,
+    act_fmt: str,
+    weight_fmt: str,
+    grad_fmt: str,
+    power_of_2: bool,
+    accumulation: str,
+    grad_accumulation: str = "precise",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, ws, w_amax)`` of ``fp8compile::linear_delayed`` for an input quantized elsewhere:
+    ``(xq, xs)`` is ``x`` quantized with its delayed scale, shared by every linear that reads
+    ``x`` (q/k/v, gate/up; the graph pushes ``[x_amax, w_amax]`` into each one's ``history``).
+    ``x`` carries the gradient and is not read otherwise; ``history[1]`` gives the weight's
+    scale and ``grad_history`` dY's, as for ``linear_delayed``.
+    """
+    _check_linear(x, weight, bias)
+    _check_shared_input(x, xq)
+    w_amax_in = delayed_amax(history[1], amax_impl(weight, unless=history[1]))
+    wq, ws, w_amax = quantize_from_amax_impl(weight, w_amax_in, as_fmt(weight_fmt), power_of_2)
+    y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
+                       None)
+    return y, ws, w_amax
+
+
+def _check_shared_input(x: Tensor, xq: Tensor) -> None:
+    if xq.shape != x.shape or xq.dtype not in nx.FP8_FORMATS:
+        raise ValueError(
+            f"linear_delayed_q: xq must be the FP8 quantization of x {tuple(x.shape)}, got "
+            f"{xq.dtype} {tuple(xq.shape)}"
+        )
+
+
+@linear_delayed_q.register_fake
+def _(x, xq, xs, weight, bias, history, grad_history, act_fmt, weight_fmt, grad_fmt,
+      power_of_2, accumulation, grad_accumulation="precise"):
+    y = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return y, empty_scale(x, _T), x.new_empty((), dtype=torch.float32)
+
+
+def _delayed_q_setup(ctx, inputs, output):
+    (x, xq, xs, weight, bias, _history, grad_history, _act_fmt, weight_fmt, grad_fmt, p2, _,
+     acc) = inputs
+    _, ws, w_amax = output
+    ctx.save_for_backward(xq, xs, ws, weight, grad_history)
+    ctx.meta = (weight_fmt, grad_fmt, p2, acc, x.dtype, bias.dtype if bias is not None else None)
+    ctx.mark_non_differentiable(ws, w_amax)
+
+
+def _delayed_q_backward(ctx, grad_y, *_unused):
+    need = ctx.needs_input_grad
+    dx, dw, db = _delayed_grads(ctx, grad_y, need[0], need[3], need[4])
+    return dx, None, None, dw, db, None, None, None, None, None, None, None, None
+
+
+linear_delayed_q.register_autograd(_delayed_q_backward, setup_context=_delayed_q_setup)
+
+
+def _linear_delayed_q_traced(x, xq, xs, weight, bias, history, grad_history, act_fmt,
+                             weight_fmt, grad_fmt, power_of_2, accumulation,
+                             grad_accumulation="precise"):
+    _check_linear(x, weight, bias)
+    _check_shared_input(x, xq)
+    ops = torch.ops.fp8compile
+    w_amax_in = delayed_amax(history[1], ops.amax_unless(weight, history[1]))
+    wq, ws, w_amax = ops.quantize_from_amax(weight, w_amax_in, weight_fmt, power_of_2)
+    y = ops.scaled_mm(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
+                      None)
+    return y, ws, w_amax
+
+
+inline_on_gpu(linear_delayed_q, _linear_delayed_q_traced)
 
 
 class AmaxHistory:

@@ -21,6 +21,10 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
        linear(h, Wk)  ├─  ⇒                               ├→ linear_q(h, hq, hs, Wk)
        linear(h, Wv) ─┘                                   └→ linear_q(h, hq, hs, Wv)
 
+   Delayed scaling shares too: ``quantize_from_amax`` of ``x`` with the scale of the first
+   linear's activation history (every member's holds the same values), and
+   ``fp8compile::linear_delayed_q`` per member, each still pushing into its own histories.
+
 2. Projections fused (inference, ``fuse_projections``).  FP8 GEMMs that read one quantized
    input with the same recipe and output dtype, have no bias and take parameters as weights
    run as one GEMM over their concatenated FP8 weights, and each takes its columns of the
@@ -152,6 +156,7 @@ class ScalesPass(Fp8Pass):
             modified |= self._hoist_weights(graph)
         else:
             modified |= self._share_training_quant(graph)
+            modified |= self._share_delayed_quant(graph)
             if self.ctx.config.cache_training_weights:
                 modified |= self._cache_training_weights(graph)
         if modified:
@@ -210,6 +215,56 @@ class ScalesPass(Fp8Pass):
                     )
                     y = graph.call_function(operator.getitem, (new, 0))
                 info(new).update(info(node))
+                _replace_output(graph, node, y)
+            modified = True
+        return modified
+
+    def _share_delayed_quant(self, graph: torch.fx.Graph) -> bool:
+        """Delayed scaling: linears that read one tensor (q/k/v, gate/up) quantize it once.
+
+        Each ``linear_delayed`` keeps its own histories.  Their activation rows hold the same
+        values (every call pushes the same ``amax(x)`` into each), so the first member's row
+        gives the shared scale, and every member still gets ``x``'s amax pushed::
+
+            linear_delayed(x, W_i, h_i, g_i)       quantize_from_amax(x, amax of h_1[0])
+            push_amax(h_i, [ax_i, aw_i])     ⇒     linear_delayed_q(x, xq, xs, W_i, h_i, g_i)
+                                                   push_amax(h_i, [ax, aw_i])
+        """
+        groups: dict[tuple, list[torch.fx.Node]] = {}
+        for node in graph.nodes:
+            if node.target is OPS.linear_delayed.default and _delayed_users_known(node):
+                x, _w, _b, _h, _g, act_fmt, _wf, _gf, p2, *_acc = node.args
+                groups.setdefault((x, act_fmt, p2), []).append(node)
+        modified = False
+        for (x, act_fmt, p2), nodes in groups.items():
+            if len(nodes) < 2:
+                continue
+            with graph.inserting_before(nodes[0]):
+                xd = graph.call_method("detach", (x,))
+                row = graph.call_function(operator.getitem, (nodes[0].args[3], 0))
+                first = graph.call_function(OPS.amax_unless.default, (xd, row))
+                past = graph.call_method("amax", (row, -1))
+                use = graph.call_function(torch.where,
+                                          (graph.call_function(operator.gt, (past, 0)), past,
+                                           first))
+                q = graph.call_function(OPS.quantize_from_amax.default, (xd, use, act_fmt, p2))
+                xq, xs, x_amax = (graph.call_function(operator.getitem, (q, i))
+                                  for i in range(3))
+            info(q)["role"] = "act_quant_delayed"
+            for node in nodes:
+                _, w, b, hist, ghist, _, wf, gf, _, *accs = node.args
+                with graph.inserting_before(node):
+                    new = graph.call_function(
+                        OPS.linear_delayed_q.default,
+                        (x, xq, xs, w, b, hist, ghist, act_fmt, wf, gf, p2, *accs))
+                    y = graph.call_function(operator.getitem, (new, 0))
+                    w_amax = graph.call_function(operator.getitem, (new, 2))
+                    amax = graph.call_function(torch.stack, ([x_amax, w_amax],))
+                info(new).update(info(node), shared_input=True)
+                for user in list(node.users):
+                    if user.args[1] == 4:
+                        user.replace_all_uses_with(amax)
+                        graph.erase_node(user)
                 _replace_output(graph, node, y)
             modified = True
         return modified
@@ -469,6 +524,18 @@ def _replace_output(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node
         user.replace_all_uses_with(y)
         graph.erase_node(user)
     graph.erase_node(node)
+
+
+def _delayed_users_known(node: torch.fx.Node) -> bool:
+    """A ``linear_delayed`` whose users take its output (index 0) or pass its amax (index 4)
+    to ``push_amax`` of its own history, as RewritePass wrote it."""
+    for u in node.users:
+        if u.target is not operator.getitem or u.args[1] not in (0, 4):
+            return False
+        if u.args[1] == 4 and not all(p.target is OPS.push_amax.default
+                                      and p.args[0] is node.args[3] for p in u.users):
+            return False
+    return True
 
 
 def _only_output_used(node: torch.fx.Node) -> bool:

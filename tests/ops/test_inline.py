@@ -186,6 +186,54 @@ def test_gpu_linear_delayed_inlined_matches_eager_over_steps():
 
 
 @needs_gpu
+def test_gpu_linear_delayed_q_inlined_matches_eager_over_steps():
+    """The shared-input form (q/k/v): x quantized once with its delayed scale, two
+    linear_delayed_q, compiled to kernels and equal to eager mode over three steps."""
+    def run(fn):
+        torch.manual_seed(0)
+        x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        ws = [torch.randn(n, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+              for n in (768, 512)]
+        hs = [torch.zeros(2, 4, device="cuda") for _ in ws]
+        ghs = [torch.zeros(1, 4, device="cuda") for _ in ws]
+        out = []
+        for step in range(3):
+            y = fn(x * (1 + step), *ws, *hs, *ghs)
+            y.float().pow(2).sum().backward()
+            out += [y.detach(), x.grad.clone(), *(w.grad.clone() for w in ws),
+                    *(h.clone() for h in (*hs, *ghs))]
+            x.grad = None
+            for w in ws:
+                w.grad = None
+        return out
+
+    def f(a, w1, w2, h1, h2, g1, g2):
+        ad = a.detach()
+        row = h1[0]
+        use = torch.where(row.amax(-1) > 0, row.amax(-1), OPS.amax_unless(ad, row))
+        xq, xs, xa = OPS.quantize_from_amax(ad, use, "e4m3", False)
+        ys = []
+        for w, h, g in ((w1, h1, g1), (w2, h2, g2)):
+            y, _, wa = OPS.linear_delayed_q(a, xq, xs, w, None, h, g, "e4m3", "e4m3", "e5m2",
+                                            False, "precise")
+            OPS.push_amax(h, torch.stack([xa, wa]))
+            ys.append(y)
+        return torch.cat(ys, -1)
+
+    for got, want in zip(run(_compiled(f)), run(f)):
+        assert torch.equal(got, want)
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ws = [torch.randn(n, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+          for n in (768, 512)]
+    out, codes = _graphs(f, x, *ws, *(torch.zeros(2, 4, device="cuda") for _ in ws),
+                         *(torch.zeros(1, 4, device="cuda") for _ in ws))
+    out.float().sum().backward()
+    for code in codes:
+        for op in ("linear_delayed_q", "quantize_from_amax", "amax_unless"):
+            assert f"fp8compile.{op}." not in code, code
+
+
+@needs_gpu
 def test_gpu_delayed_scaling_ops_inlined_equal_eager():
     """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
     returns 0 on the device once the history holds a value, compiled as in eager mode."""

@@ -352,6 +352,52 @@ def test_delayed_grads_within_fp8_bound():
     assert _rel(w.grad, dw) < _bound(U["e5m2"], U["e4m3"])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_delayed_q_equals_delayed_over_steps(bias):
+    # linear_delayed_q with x quantized outside (as the shared q/k/v input is) gives
+    # linear_delayed's outputs, gradients and histories, bit for bit, over three steps: the
+    # first with empty histories, the next two from them (growing inputs saturate).
+    x0, w0, b0, gy = _inputs((2, 5), 130, 200, bias)
+    runs = []
+    for shared in (False, True):
+        x, w = x0.detach().clone().requires_grad_(), w0.detach().clone().requires_grad_()
+        b = b0.detach().clone().requires_grad_() if bias else None
+        h, gh = torch.zeros(2, 4), torch.zeros(1, 4)
+        out = []
+        for step in range(3):
+            xi = x * (1 + step)
+            if shared:
+                row = h[0]
+                first = OPS.amax_unless(xi.detach(), row)
+                use = torch.where(row.amax(-1) > 0, row.amax(-1), first)
+                xq, xs, xa = OPS.quantize_from_amax(xi.detach(), use, "e4m3", False)
+                y, ws, wa = OPS.linear_delayed_q(xi, xq, xs, w, b, h, gh, "e4m3", "e4m3",
+                                                 "e5m2", False, "precise")
+                OPS.push_amax(h, torch.stack([xa, wa]))
+            else:
+                y, _, _, _, amax = OPS.linear_delayed(xi, w, b, h, gh, "e4m3", "e4m3", "e5m2",
+                                                      False, "precise")
+                OPS.push_amax(h, amax)
+            y.backward(gy * (1 + step))
+            out += [y.detach(), x.grad.clone(), w.grad.clone(), h.clone(), gh.clone()]
+            if bias:
+                out.append(b.grad.clone())
+            x.grad = w.grad = None
+            if bias:
+                b.grad = None
+        runs.append(out)
+    for got, want in zip(*runs):
+        assert torch.equal(got, want)
+
+
+def test_delayed_q_rejects_a_mismatched_fp8_input():
+    x, w, _, _ = _inputs(4, 64, 128, False)
+    with pytest.raises(ValueError, match="xq must be the FP8 quantization of x"):
+        OPS.linear_delayed_q(x, torch.zeros(4, 127, dtype=torch.float8_e4m3fn),
+                             torch.ones(()), w, None, torch.zeros(2, 4), torch.zeros(1, 4),
+                             "e4m3", "e4m3", "e4m3", False, "precise")
+
+
 def test_push_amax_checks_shapes():
     with pytest.raises(ValueError, match="must be"):
         OPS.push_amax(torch.zeros(2, 4), torch.zeros(3))

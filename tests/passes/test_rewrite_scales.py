@@ -54,6 +54,60 @@ def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
             assert n.args[0].target not in fused and n.args[1].args[0].target in fused
 
 
+def test_delayed_training_shares_each_input_quantization(passes):
+    # Delayed scaling: q/k/v quantize their normed input once, gate/up theirs; o_proj and
+    # down_proj (one reader each) keep linear_delayed.  Each linear still pushes into its
+    # own history, the shared x amax included.
+    cfg = {"recipe": "tensorwise", "scaling": "delayed"}
+    gm, _, _ = passes(LlamaBlock(), torch.randn(2, 8, 256), config=cfg, inference=False)
+    assert _count(gm, OPS.quantize_from_amax.default) == 2
+    assert _count(gm, OPS.linear_delayed_q.default) == 5
+    assert _count(gm, OPS.linear_delayed.default) == 2
+    assert _count(gm, OPS.push_amax.default) == 7
+    for n in gm.graph.nodes:
+        if n.target is OPS.linear_delayed_q.default:
+            pushes = [p for u in n.users for s in u.users if s.target is torch.stack
+                      for p in s.users]
+            assert [p.target for p in pushes] == [OPS.push_amax.default]
+            assert pushes[0].args[0] is n.args[5]  # its own history
+            assert n.args[1].args[0].target is OPS.quantize_from_amax.default
+
+
+def test_delayed_shared_training_equals_unshared(monkeypatch):
+    # Compiled LLaMA block, delayed scaling, three optimizer-free steps with growing inputs:
+    # sharing the q/k/v and gate/up quantizations changes no output, gradient or history.
+    import fp8compile
+    from fp8compile.passes.scales import ScalesPass
+    from fp8compile.training import amax_histories
+
+    def run(shared):
+        if not shared:
+            monkeypatch.setattr(ScalesPass, "_share_delayed_quant", lambda self, g: False)
+        torch.manual_seed(0)
+        model = LlamaBlock()
+        be = fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed",
+                                 "amax_history_len": 3})
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=be)
+        x = torch.randn(2, 8, 256)
+        out = []
+        for step in range(3):
+            y = compiled(x * (1 + step))
+            y.float().pow(2).sum().backward()
+            out += [y.detach()] + [p.grad.clone() for p in model.parameters()]
+            model.zero_grad(set_to_none=True)
+        hist = amax_histories(be)
+        out += [h[k] for name in sorted(hist) for k, h in [(k, hist[name]) for k in
+                                                            sorted(hist[name])]]
+        monkeypatch.undo()
+        return out
+
+    want, got = run(False), run(True)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
 def test_training_fusion_needs_the_producer_read_by_linears_only(passes):
     """A normed input that something else also reads (here a residual add) keeps its bf16
     value and an unfused quantization."""
