@@ -338,11 +338,14 @@ def rmsnorm_quantize(
     The fused producer of the blockwise recipe: the normed activation is never rounded to the
     model dtype before quantization.
     """
+    return quantize(rmsnorm_fp32(x, weight, eps), granularity, fmt, power_of_2)
+
+
+def rmsnorm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``x * rsqrt(mean(x², -1) + eps) * weight`` in fp32: what the fused producer quantizes."""
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if weight is not None:
-        y = y * weight.float()
-    return quantize(y, granularity, fmt, power_of_2)
+    return y * weight.float() if weight is not None else y
 
 
 def silu_mul_quantize(

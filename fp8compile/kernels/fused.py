@@ -19,6 +19,7 @@ import torch
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 from .quant import (
+    PRODUCER_NONE,
     PRODUCER_RMSNORM,
     PRODUCER_SILU_MUL,
     check_quantize_args,
@@ -26,9 +27,12 @@ from .quant import (
 )
 
 __all__ = [
+    "quantize_history",
     "rmsnorm_quantize",
     "silu_mul_quantize",
 ]
+
+PRODUCERS = {"none": PRODUCER_NONE, "rmsnorm": PRODUCER_RMSNORM, "silu_mul": PRODUCER_SILU_MUL}
 
 
 def _check_activation_gran(granularity: Granularity, what: str) -> None:
@@ -83,3 +87,34 @@ def silu_mul_quantize(
     if gate.dim() == 0 or gate.numel() == 0:
         return nx.silu_mul_quantize(gate, up, granularity, fmt, power_of_2)
     return quantize_rows(gate, granularity, fmt, power_of_2, producer=PRODUCER_SILU_MUL, x2=up)
+
+
+def quantize_history(
+    x: torch.Tensor, x2: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+    producer: str, history: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Delayed scaling's tensorwise cast of ``x`` or of its producer's output (``producer``
+    ``"none"``, ``"rmsnorm"`` with ``norm_weight`` and ``eps``, ``"silu_mul"`` with ``x2`` as
+    up): ``(q, scale, amax)`` with the scale of ``history``'s max (this call's amax while
+    the history is all zero) and the finite amax of what was cast.
+
+    Two launches: the amax, which returns at once on the device once the history holds a
+    value, and the cast, which derives the scale and records the amax as it goes.
+    """
+    fmt = Fp8Format(fmt)
+    check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_history input")
+    code = PRODUCERS[producer]
+    kw = dict(producer=code, x2=x2, eps=eps,
+              norm_weight=(None if code != PRODUCER_RMSNORM else
+                           norm_weight.contiguous() if norm_weight is not None
+                           else x.new_ones(x.shape[-1])))
+    hist = history.reshape(-1).to(torch.float32).contiguous()
+    first = quantize_rows(x, Granularity.TENSOR, fmt, False, amax_only=True, skip_if=hist,
+                          **kw)[0]
+    past = hist.amax()
+    use = torch.where(past > 0, past, first).reshape(1)
+    out = torch.zeros(1, dtype=torch.float32, device=x.device)
+    q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, given_amax=use, amax_out=out,
+                         **kw)
+    return q, s, out.reshape(())

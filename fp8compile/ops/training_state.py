@@ -44,14 +44,14 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ..numerics import Granularity
-from ._common import as_fmt, device_of, empty_scale
+from ._common import as_fmt, check_fp8_input, device_of, empty_scale
 from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
 from .quant import amax_impl, delayed_amax, quantize_from_amax_impl
 
 __all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed",
-           "linear_delayed_q", "push_amax"]
+           "linear_delayed_q", "push_amax", "quantize_history"]
 
 _T = Granularity.TENSOR
 
@@ -181,6 +181,92 @@ def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weig
 
 
 inline_on_gpu(linear_delayed, _linear_delayed_traced)
+
+
+_PRODUCERS = ("none", "rmsnorm", "silu_mul")
+
+
+@torch.library.custom_op("fp8compile::quantize_history", mutates_args=())
+def quantize_history(
+    x: Tensor,
+    x2: Optional[Tensor],
+    norm_weight: Optional[Tensor],
+    eps: float,
+    producer: str,
+    history: Tensor,
+    fmt: str,
+    power_of_2: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax)``: delayed scaling's shared cast of a linear's input.
+
+    What is cast is ``x`` (``producer="none"``), ``RMSNorm(x) * norm_weight`` (``"rmsnorm"``,
+    with ``eps``) or ``silu(x) * x2`` (``"silu_mul"``), computed in fp32 as the fused
+    producers do.  The scale is ``history``'s max (1-D, the activation row of a linear's
+    history), or this call's amax while the history is all zero; ``amax`` is the finite
+    amax of what was cast, for the graph to push into the histories.  On the GPU: one pass
+    over the inputs, plus an amax pass that returns at once once the history holds a value.
+    """
+    _check_history_args(x, x2, norm_weight, producer, history)
+    return _quantize_history_ref(x, x2, norm_weight, eps, producer, history, as_fmt(fmt),
+                                 power_of_2)
+
+
+def _check_history_args(x, x2, norm_weight, producer, history) -> None:
+    check_fp8_input(x, "quantize_history input")
+    if producer not in _PRODUCERS:
+        raise ValueError(
+            f"quantize_history: producer {producer!r} is not one of {_PRODUCERS}"
+        )
+    if producer == "silu_mul" and (x2 is None or x2.shape != x.shape):
+        raise ValueError(
+            f"quantize_history: silu_mul needs up (x2) with x's shape {tuple(x.shape)}, got "
+            f"{None if x2 is None else tuple(x2.shape)}"
+        )
+    if producer == "rmsnorm" and norm_weight is not None and \
+            tuple(norm_weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"quantize_history: norm_weight {tuple(norm_weight.shape)} must be "
+            f"({x.shape[-1]},), the last dim of x"
+        )
+    if history.dim() != 1:
+        raise ValueError(
+            f"quantize_history: history must be one 1-D amax history (a row of a linear's "
+            f"(2, L) history), got shape {tuple(history.shape)}"
+        )
+
+
+def _quantize_history_ref(x, x2, norm_weight, eps, producer, history, fmt, power_of_2):
+    if producer == "rmsnorm":
+        y = nx.rmsnorm_fp32(x, norm_weight, eps)
+    elif producer == "silu_mul":
+        y = torch.nn.functional.silu(x.float()) * x2.float()
+    else:
+        y = x
+    cur = nx.amax(y, _T).float()
+    scale = nx.compute_scale(delayed_amax(history, cur), fmt, power_of_2)
+    return nx.quantize_with_scale(y, scale, _T, fmt), scale, cur
+
+
+@quantize_history.register_fake
+def _(x, x2, norm_weight, eps, producer, history, fmt, power_of_2):
+    return (x.new_empty(x.shape, dtype=as_fmt(fmt).dtype),
+            x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+@quantize_history.register_kernel("cuda")
+def _quantize_history_cuda(x, x2, norm_weight, eps, producer, history, fmt, power_of_2):
+    from .. import kernels
+
+    _check_history_args(x, x2, norm_weight, producer, history)
+    if kernels.available(x) and x.numel() > 0 and x.dim() > 0:
+        from ..kernels.fused import quantize_history as _kernel
+
+        return _kernel(x, x2, norm_weight, eps, producer, history, as_fmt(fmt), power_of_2)
+    return _quantize_history_ref(x, x2, norm_weight, eps, producer, history, as_fmt(fmt),
+                                 power_of_2)
+
+
+inline_on_gpu(quantize_history, _quantize_history_cuda)
 
 
 @torch.library.custom_op("fp8compile::linear_delayed_q", mutates_args=())

@@ -30,6 +30,11 @@ autograd: nothing reads it in the forward, so the compiled forward does not writ
     h = rms_norm(x, (d,), w, eps)               h = rms_norm(x, (d,), w, eps)
     q, s = quantize(h.detach(), ...)       ⇒    q, s = rmsnorm_quantize(x.detach(), w.detach(), ..)
     y = linear_q(h, q, s, W, ...)               y = linear_q(h, q, s, W, ...)
+
+Delayed scaling's shared cast (``fp8compile::quantize_history``, ScalesPass) is fused the same
+way, by naming its producer: ``quantize_history(h.detach(), ..., "none", row)`` becomes
+``quantize_history(x.detach(), None, w.detach(), eps, "rmsnorm", row)`` or
+``quantize_history(gate.detach(), up.detach(), None, 0.0, "silu_mul", row)``.
 """
 
 from __future__ import annotations
@@ -69,6 +74,9 @@ class FusePass(Fp8Pass):
         graph = gm.graph
         modified = False
         for node in list(graph.nodes):
+            if node.target is OPS.quantize_history.default:
+                modified |= self._fuse_history(graph, node)
+                continue
             if node.target is not OPS.quantize.default or info(node).get("role") != "act_quant":
                 continue
             src, gran, fmt, p2 = node.args
@@ -100,6 +108,35 @@ class FusePass(Fp8Pass):
         )
         _note_shared_and_fused(graph)
         return PassResult(gm, modified)
+
+    def _fuse_history(self, graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+        """Delayed scaling's shared cast (``quantize_history`` of ``h.detach()``, ScalesPass)
+        takes the producer of ``h`` in: ``producer="rmsnorm"`` or ``"silu_mul"``."""
+        src, x2, norm_weight, eps, producer, row, fmt, p2 = node.args
+        if producer != "none" or not _is_method(src, "detach") or set(src.users) != {node}:
+            return False
+        h = src.args[0]
+        if not isinstance(h, torch.fx.Node) or not only_carried(h, src):
+            return False
+        fused = fusable_producer(h)
+        if fused is None:
+            return False
+        target, args, name = fused
+        if target is OPS.rmsnorm_quantize.default:
+            x, weight, eps = args
+            new_args = (x, None, weight, eps, "rmsnorm")
+        else:
+            gate, up = args
+            new_args = (gate, up, None, 0.0, "silu_mul")
+        with graph.inserting_before(node):
+            new_args = tuple(graph.call_method("detach", (a,))
+                             if isinstance(a, torch.fx.Node) else a for a in new_args)
+            new = graph.call_function(OPS.quantize_history.default,
+                                      (*new_args, row, fmt, p2))
+        info(new).update(role="fused_quant", fused_from=name)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        return True
 
     @staticmethod
     def _rms_norm(src: torch.fx.Node):
@@ -191,7 +228,8 @@ def only_carried(h: torch.fx.Node, detached: torch.fx.Node) -> bool:
     its gradient (``linear_q``'s or ``linear_w``'s first argument, not read in the
     forward)."""
     return all(
-        u is detached or (u.target in (OPS.linear_q.default, OPS.linear_w.default)
+        u is detached or (u.target in (OPS.linear_q.default, OPS.linear_w.default,
+                                       OPS.linear_delayed_q.default)
                           and u.args[0] is h and h not in u.args[1:]
                           and h not in u.kwargs.values())
         for u in h.users

@@ -21,7 +21,7 @@ Reads ``role`` (RewritePass).  Writes ``role="weight_input"`` on the placeholder
        linear(h, Wk)  ├─  ⇒                               ├→ linear_q(h, hq, hs, Wk)
        linear(h, Wv) ─┘                                   └→ linear_q(h, hq, hs, Wv)
 
-   Delayed scaling shares too: ``quantize_from_amax`` of ``x`` with the scale of the first
+   Delayed scaling shares too: ``quantize_history`` of ``x`` with the scale of the first
    linear's activation history (every member's holds the same values), and
    ``fp8compile::linear_delayed_q`` per member, each still pushing into its own histories.
 
@@ -226,9 +226,12 @@ class ScalesPass(Fp8Pass):
         values (every call pushes the same ``amax(x)`` into each), so the first member's row
         gives the shared scale, and every member still gets ``x``'s amax pushed::
 
-            linear_delayed(x, W_i, h_i, g_i)       quantize_from_amax(x, amax of h_1[0])
+            linear_delayed(x, W_i, h_i, g_i)       xq, xs, ax = quantize_history(x, h_1[0])
             push_amax(h_i, [ax_i, aw_i])     ⇒     linear_delayed_q(x, xq, xs, W_i, h_i, g_i)
                                                    push_amax(h_i, [ax, aw_i])
+
+        A lone linear whose input is an RMSNorm or SiLU·mul output takes this form too, so
+        that FusePass fuses the cast into the producer.
         """
         groups: dict[tuple, list[torch.fx.Node]] = {}
         for node in graph.nodes:
@@ -237,17 +240,14 @@ class ScalesPass(Fp8Pass):
                 groups.setdefault((x, act_fmt, p2), []).append(node)
         modified = False
         for (x, act_fmt, p2), nodes in groups.items():
-            if len(nodes) < 2:
+            # A lone linear too where FusePass can then fuse the cast into x's producer.
+            if len(nodes) < 2 and not _fusable_lone_input(x, nodes[0]):
                 continue
             with graph.inserting_before(nodes[0]):
                 xd = graph.call_method("detach", (x,))
                 row = graph.call_function(operator.getitem, (nodes[0].args[3], 0))
-                first = graph.call_function(OPS.amax_unless.default, (xd, row))
-                past = graph.call_method("amax", (row, -1))
-                use = graph.call_function(torch.where,
-                                          (graph.call_function(operator.gt, (past, 0)), past,
-                                           first))
-                q = graph.call_function(OPS.quantize_from_amax.default, (xd, use, act_fmt, p2))
+                q = graph.call_function(OPS.quantize_history.default,
+                                        (xd, None, None, 0.0, "none", row, act_fmt, p2))
                 xq, xs, x_amax = (graph.call_function(operator.getitem, (q, i))
                                   for i in range(3))
             info(q)["role"] = "act_quant_delayed"

@@ -87,3 +87,34 @@ def test_fused_rejects_bad_inputs(device):
         silu_mul_quantize(x, x, Granularity.BLOCK, Fp8Format.E4M3, False)
     with pytest.raises(ValueError, match="dtype"):
         silu_mul_quantize(x.int(), x, Granularity.ROW, Fp8Format.E4M3, False)
+
+
+@pytest.mark.parametrize("producer", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("shape", [(1, 200), (3, 5, 300), (2, 16500)])
+@pytest.mark.parametrize("seen", [False, True])
+def test_quantize_history_matches_reference(device, producer, shape, seen):
+    # Delayed scaling's cast, alone or fused into its producer: the scale of the history's
+    # max (or, while it is all zero, of this call's amax), the amax of what was cast, and
+    # the payload; against the op's reference (the producer in fp32, then numerics).
+    from fp8compile.kernels.fused import quantize_history
+    from fp8compile.ops.training_state import _quantize_history_ref
+
+    x = torch.randn(shape) * 3
+    if producer != "rmsnorm":  # (a NaN poisons a whole row after RMSNorm)
+        x.view(-1, shape[-1])[0, 3] = float("nan")
+    x2 = torch.randn(shape) if producer == "silu_mul" else None
+    w = 1 + 0.1 * torch.randn(shape[-1]) if producer == "rmsnorm" else None
+    hist = torch.tensor([0.0, 2.5, 1.0, 0.0]) if seen else torch.zeros(4)
+    fmt = Fp8Format.E4M3
+    on = [t.to(device) if t is not None else None for t in (x, x2, w, hist)]
+    q, s, amax = quantize_history(on[0], on[1], on[2], 1e-6, producer, on[3], fmt)
+    qr, sr, ar = _quantize_history_ref(x, x2, w, 1e-6, producer, hist, fmt, False)
+    if seen:  # the history decides: 2.5 / 448, exactly
+        assert torch.equal(s.cpu(), nx.compute_scale(torch.tensor(2.5)))
+    torch.testing.assert_close(amax.cpu(), ar, rtol=1e-6, atol=0)
+    if producer == "none":
+        assert torch.equal(s.cpu(), sr) and torch.equal(amax.cpu(), ar)
+        nan = q.float().isnan().cpu()
+        assert torch.equal(q.view(torch.uint8).cpu()[~nan], qr.view(torch.uint8)[~nan])
+    else:
+        assert_close_quant((q, s), (qr, sr), fmt)

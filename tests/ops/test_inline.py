@@ -234,6 +234,31 @@ def test_gpu_linear_delayed_q_inlined_matches_eager_over_steps():
 
 
 @needs_gpu
+@pytest.mark.parametrize("producer", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("seen", [False, True])
+def test_gpu_quantize_history_inlined_equals_eager(producer, seen):
+    """Delayed scaling's shared cast, plain or fused into its producer, compiled to its
+    kernels (no opaque op left) and equal to eager mode, scale and amax included."""
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16) * 3
+    up = torch.randn_like(x)
+    w = torch.rand(4096, device="cuda", dtype=torch.bfloat16) + 0.5
+    hist = torch.tensor([0.0, 7.5, 1.0], device="cuda") if seen else torch.zeros(3,
+                                                                                 device="cuda")
+
+    def f(t):
+        args = {"none": (t * 2, None, None), "rmsnorm": (t * 2, None, w),
+                "silu_mul": (t * 2, up, None)}[producer]
+        return OPS.quantize_history(*args, 1e-6, producer, hist, "e4m3", False)
+
+    got, want = _compiled(f)(x), f(x)
+    for a, b in zip(got, want):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+    _, codes = _graphs(f, x)
+    assert "fp8compile.quantize_history." not in codes[0], codes[0]
+
+
+@needs_gpu
 def test_gpu_delayed_scaling_ops_inlined_equal_eager():
     """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
     returns 0 on the device once the history holds a value, compiled as in eager mode."""

@@ -401,3 +401,17 @@ def test_delayed_q_rejects_a_mismatched_fp8_input():
 def test_push_amax_checks_shapes():
     with pytest.raises(ValueError, match="must be"):
         OPS.push_amax(torch.zeros(2, 4), torch.zeros(3))
+
+
+@pytest.mark.parametrize("args, match", [
+    ({"producer": "gelu"}, "producer 'gelu'"),
+    ({"producer": "silu_mul"}, "needs up"),
+    ({"producer": "rmsnorm", "norm_weight": torch.ones(5)}, "norm_weight"),
+    ({"history": torch.zeros(2, 4)}, "1-D amax history"),
+])
+def test_quantize_history_rejects_bad_arguments(args, match):
+    a = {"x": torch.randn(4, 64), "x2": None, "norm_weight": None, "eps": 1e-6,
+         "producer": "none", "history": torch.zeros(4), "fmt": "e4m3", "power_of_2": False}
+    a.update(args)
+    with pytest.raises(ValueError, match=match):
+        OPS.quantize_history(*a.values())

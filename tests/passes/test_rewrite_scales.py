@@ -54,15 +54,19 @@ def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
             assert n.args[0].target not in fused and n.args[1].args[0].target in fused
 
 
-def test_delayed_training_shares_each_input_quantization(passes):
-    # Delayed scaling: q/k/v quantize their normed input once, gate/up theirs; o_proj and
-    # down_proj (one reader each) keep linear_delayed.  Each linear still pushes into its
-    # own history, the shared x amax included.
+def test_delayed_training_shares_and_fuses_each_input_quantization(passes):
+    # Delayed scaling: q/k/v cast their normed input once and gate/up theirs, both fused
+    # into the RMSNorm; down_proj (alone) has its cast fused into the SiLU·mul; o_proj
+    # (attention output) keeps linear_delayed.  Each linear still pushes into its own
+    # history, the shared x amax included.
     cfg = {"recipe": "tensorwise", "scaling": "delayed"}
     gm, _, _ = passes(LlamaBlock(), torch.randn(2, 8, 256), config=cfg, inference=False)
-    assert _count(gm, OPS.quantize_from_amax.default) == 2
-    assert _count(gm, OPS.linear_delayed_q.default) == 5
-    assert _count(gm, OPS.linear_delayed.default) == 2
+    casts = [n for n in gm.graph.nodes if n.target is OPS.quantize_history.default]
+    assert sorted(n.args[4] for n in casts) == ["rmsnorm", "rmsnorm", "silu_mul"]
+    for n in casts:  # detached inputs: the gradient flows through linear_delayed_q's x
+        assert all(a.target == "detach" for a in n.args[:3] if isinstance(a, torch.fx.Node))
+    assert _count(gm, OPS.linear_delayed_q.default) == 6
+    assert _count(gm, OPS.linear_delayed.default) == 1
     assert _count(gm, OPS.push_amax.default) == 7
     for n in gm.graph.nodes:
         if n.target is OPS.linear_delayed_q.default:
@@ -70,42 +74,57 @@ def test_delayed_training_shares_each_input_quantization(passes):
                       for p in s.users]
             assert [p.target for p in pushes] == [OPS.push_amax.default]
             assert pushes[0].args[0] is n.args[5]  # its own history
-            assert n.args[1].args[0].target is OPS.quantize_from_amax.default
+            assert n.args[1].args[0].target is OPS.quantize_history.default
 
 
-def test_delayed_shared_training_equals_unshared(monkeypatch):
-    # Compiled LLaMA block, delayed scaling, three optimizer-free steps with growing inputs:
-    # sharing the q/k/v and gate/up quantizations changes no output, gradient or history.
+def _delayed_block_run(monkeypatch, share=True, fuse=True):
+    """Outputs, gradients and amax histories of a compiled LLaMA block over three steps of
+    growing inputs, delayed scaling, with the sharing and the fusion on or off."""
     import fp8compile
+    from fp8compile.passes.fuse import FusePass
     from fp8compile.passes.scales import ScalesPass
     from fp8compile.training import amax_histories
 
-    def run(shared):
-        if not shared:
-            monkeypatch.setattr(ScalesPass, "_share_delayed_quant", lambda self, g: False)
-        torch.manual_seed(0)
-        model = LlamaBlock()
-        be = fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed",
-                                 "amax_history_len": 3})
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend=be)
-        x = torch.randn(2, 8, 256)
-        out = []
-        for step in range(3):
-            y = compiled(x * (1 + step))
-            y.float().pow(2).sum().backward()
-            out += [y.detach()] + [p.grad.clone() for p in model.parameters()]
-            model.zero_grad(set_to_none=True)
-        hist = amax_histories(be)
-        out += [h[k] for name in sorted(hist) for k, h in [(k, hist[name]) for k in
-                                                            sorted(hist[name])]]
-        monkeypatch.undo()
-        return out
+    if not share:
+        monkeypatch.setattr(ScalesPass, "_share_delayed_quant", lambda self, g: False)
+    if not fuse:
+        monkeypatch.setattr(FusePass, "_fuse_history", lambda self, g, n: False)
+    torch.manual_seed(0)
+    model = LlamaBlock()
+    be = fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed",
+                             "amax_history_len": 3})
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(2, 8, 256)
+    out = []
+    for step in range(3):
+        y = compiled(x * (1 + step))
+        y.float().pow(2).sum().backward()
+        out += [y.detach()] + [p.grad.clone() for p in model.parameters()]
+        model.zero_grad(set_to_none=True)
+    hist = amax_histories(be)
+    out += [hist[name][k] for name in sorted(hist) for k in sorted(hist[name])]
+    monkeypatch.undo()
+    return out
 
-    want, got = run(False), run(True)
+
+def test_delayed_shared_training_equals_unshared(monkeypatch):
+    # Sharing the q/k/v and gate/up casts changes no output, gradient or history.
+    want = _delayed_block_run(monkeypatch, share=False, fuse=False)
+    got = _delayed_block_run(monkeypatch, share=True, fuse=False)
     assert len(got) == len(want)
     for a, b in zip(got, want):
         assert torch.equal(a, b)
+
+
+def test_delayed_fused_training_close_to_unfused(monkeypatch):
+    # Fused into the producers, the cast takes the norm and SiLU·mul computed in fp32 by
+    # the fused reference instead of torch's own ops: rounding differences only.
+    want = _delayed_block_run(monkeypatch, share=True, fuse=False)
+    got = _delayed_block_run(monkeypatch, share=True, fuse=True)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 2e-2, rel_err(a, b)
 
 
 def test_training_fusion_needs_the_producer_read_by_linears_only(passes):
