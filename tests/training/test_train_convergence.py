@@ -3,7 +3,8 @@
 Short version of examples/train_tiny.py (1 block, 150 steps, batch 8 x 32 tokens; 10-15 s
 per recipe on two CPU cores, most of it compilation).  Measured final loss (mean of the last
 20 steps): FP32 1.3441; FP8 blockwise 1.3444 (0.02% apart, worst step 0.25% apart); FP8
-tensorwise delayed with E5M2 gradients 1.3442 (0.001%, with the shared, fused casts).  The task's entropy is 1.3117.
+tensorwise delayed with E5M2 gradients 1.3442 (0.001%, with the shared, fused casts).  The
+task's entropy is 1.3117.
 """
 
 import importlib.util
