@@ -25,14 +25,15 @@ E4M3 = {"IS_E4M3": True, "FMAX": 448.0, "POW2": False, "HW_CAST": True}
 
 
 def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warps: int,
-                    transposed: bool = False, block_slice: int = quant._BLOCK_SLICE):
+                    transposed: bool = False, block_slice: int = quant._BLOCK_SLICE,
+                    producer: int = 0, amax_out: bool = False):
     sig = {"x_ptr": "*bf16", "x2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*u8",
            "s_ptr": "*fp32", "amax_ptr": "*fp32", "amax_out_ptr": "*fp32", "skip_ptr": "*fp32",
            "M": "i32", "K": "i32", "k_per_prog": "i32", "eps": "fp32", "n_slots": "i32",
            "skip_n": "i32", "stride_xm": "i32", "stride_x2m": "i32",
            "stride_qm": "i32", "stride_sm": "i32", "stride_sk": "i32"}
-    consts = {"stride_x2k": 1, "GRAN": gran, "PRODUCER": 0, "AMAX_ONLY": False,
-              "GIVEN_SCALE": False, "AMAX_OUT": False, "SKIP_BLOCK": 0, "AMAX_AT": 0,
+    consts = {"stride_x2k": 1, "GRAN": gran, "PRODUCER": producer, "AMAX_ONLY": False,
+              "GIVEN_SCALE": False, "AMAX_OUT": amax_out, "SKIP_BLOCK": 0, "AMAX_AT": 0,
               "SLOTS": 1,
               "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
               "BLOCK_SLICE": block_slice, **E4M3}
@@ -62,6 +63,18 @@ def quantize_blocks():
 def quantize_blocks_transposed():
     """128x128 blocks of a transposed view (the backward's weight.t()): the whole tile."""
     return quantize_kernel(3, 128, 128, False, 8, transposed=True, block_slice=128)
+
+
+def delayed_rmsnorm_cast():
+    """Delayed scaling's cast fused into RMSNorm at d=4096 (2x4096, 8 warps), the scale from
+    a given amax and x's amax recorded (``quantize_history``)."""
+    return quantize_kernel(0, 2, 4096, True, 8, producer=quant.PRODUCER_RMSNORM, amax_out=True)
+
+
+def delayed_silu_mul_cast():
+    """The same fused into SiLU·mul at 14336 wide (1x16384, 8 warps)."""
+    return quantize_kernel(0, 1, 16384, True, 8, producer=quant.PRODUCER_SILU_MUL,
+                           amax_out=True)
 
 
 def quantize_dual(fixup: bool = False):
@@ -103,6 +116,8 @@ KERNELS = {
     "quantize, rows (2x4096, 8 warps)": quantize_rows,
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
+    "delayed cast fused into RMSNorm (2x4096, 8 warps)": delayed_rmsnorm_cast,
+    "delayed cast fused into SiLU·mul (1x16384, 8 warps)": delayed_silu_mul_cast,
     f"quantize_dual (whole 128x128 tile, {_W['quantize_dual']} warps)": quantize_dual,
     "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
     f"requantize_t (whole 128x128 tile, {_W['requantize_t']} warps)": requantize_t,
