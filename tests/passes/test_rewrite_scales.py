@@ -60,7 +60,11 @@ def test_delayed_training_shares_and_fuses_each_input_quantization(passes):
     # (attention output) keeps linear_delayed.  Each linear still pushes into its own
     # history, the shared x amax included.
     cfg = {"recipe": "tensorwise", "scaling": "delayed"}
-    gm, _, _ = passes(LlamaBlock(), torch.randn(2, 8, 256), config=cfg, inference=False)
+    gm, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), config=cfg, inference=False)
+    why = {e.module: e.reason for e in ctx.plan_entries if e.is_fp8}
+    assert "input quantized once, shared with q_proj, k_proj" in why["v_proj"]
+    assert "input quantization fused into its silu*mul" in why["down_proj"]
+    assert "shared" not in why["o_proj"]
     casts = [n for n in gm.graph.nodes if n.target is OPS.quantize_history.default]
     assert sorted(n.args[4] for n in casts) == ["rmsnorm", "rmsnorm", "silu_mul"]
     for n in casts:  # detached inputs: the gradient flows through linear_delayed_q's x
