@@ -18,6 +18,7 @@ import torch
 
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
+from ..ops.quant import delayed_amax
 from .quant import (
     PRODUCER_NONE,
     PRODUCER_RMSNORM,
@@ -112,8 +113,7 @@ def quantize_history(
     hist = history.reshape(-1).to(torch.float32).contiguous()
     first = quantize_rows(x, Granularity.TENSOR, fmt, False, amax_only=True, skip_if=hist,
                           **kw)[0]
-    past = hist.amax()
-    use = torch.where(past > 0, past, first).reshape(1)
+    use = delayed_amax(hist, first).reshape(1)
     out = torch.zeros(1, dtype=torch.float32, device=x.device)
     q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, given_amax=use, amax_out=out,
                          **kw)
