@@ -130,11 +130,15 @@ def _tensors(args) -> list[Tensor]:
     return [a for a in args if isinstance(a, Tensor)]
 
 
-def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None) -> None:
+def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None, *,
+                  pin_strides: bool = True) -> None:
     """Trace ``body`` (the op's CUDA implementation, written with :func:`launch`) in place of
     ``op`` when AOTAutograd functionalizes a graph on a GPU the kernels serve; see the module
     docstring for when the op stays opaque.  ``when(*args, **kwargs)`` is the op's own extra
-    condition; it runs on the traced (fake) tensors and may take decisions it caches."""
+    condition; it runs on the traced (fake) tensors and may take decisions it caches.
+
+    ``pin_strides=False`` hands the body its arguments as they are (see :func:`_realized`):
+    needed by an op that mutates an argument in place, which a pinned copy would hide."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
@@ -153,7 +157,10 @@ def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None) -
             and (when is None or when(*args, **kwargs))
         ):
             with mode, _tracing():
-                return body(*_realized(args), **dict(zip(kwargs, _realized(kwargs.values()))))
+                if pin_strides:
+                    args = _realized(args)
+                    kwargs = dict(zip(kwargs, _realized(kwargs.values())))
+                return body(*args, **kwargs)
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
     op.register_torch_dispatch(FunctionalTensorMode, rule)

@@ -64,6 +64,10 @@ def delayed_scale(history: Tensor, current: Tensor, fmt: nx.Fp8Format, power_of_
 @torch.library.custom_op("fp8compile::push_amax", mutates_args=("history",))
 def push_amax(history: Tensor, amax: Tensor) -> None:
     """Shift ``history (R, L)`` one step older and write ``amax (R,)`` as the newest entry."""
+    _push_amax_body(history, amax)
+
+
+def _push_amax_body(history: Tensor, amax: Tensor) -> None:
     if history.dim() != 2 or amax.shape != history.shape[:1]:
         raise ValueError(
             f"push_amax: history {tuple(history.shape)} must be (R, L) and amax "
@@ -76,6 +80,12 @@ def push_amax(history: Tensor, amax: Tensor) -> None:
 @push_amax.register_fake
 def _(history, amax):
     return None
+
+
+# In a compiled graph the push is plain tensor code, which Inductor fuses with the stacking
+# of the amaxes; as an opaque call it ran a cat and a copy kernel of its own.  The mutation
+# of the history stays: AOTAutograd writes it back to the graph input, as it did for the op.
+inline_on_gpu(push_amax, _push_amax_body, pin_strides=False)
 
 
 @torch.library.custom_op("fp8compile::linear_delayed", mutates_args=())
