@@ -1,5 +1,13 @@
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run under the interpreter.  TRITON_INTERPRET must be set
+# before ``triton.jit`` decorates them (at the first import of fp8compile.kernels), and any
+# test module may import them first, so it is set here rather than in tests/kernels.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 @pytest.fixture(autouse=True)

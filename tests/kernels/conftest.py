@@ -1,17 +1,12 @@
 """Kernel tests run compiled on a CUDA machine and under Triton's interpreter elsewhere.
 
-TRITON_INTERPRET must be set before ``triton.jit`` decorates the kernels (at import of
-``fp8compile.kernels.quant`` / ``gemm``), so it is set here, at collection time.
+TRITON_INTERPRET is set by tests/conftest.py, before any test module imports the kernels.
 """
-
-import os
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available()
-if not ON_GPU:
-    os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
 
