@@ -69,7 +69,11 @@ def variants(names: list[str], mode: str | None = None):
 
     def fp8hpf(options):
         # The backend object, not the string "fp8hpf": the entry point needs a pip install.
-        return lambda m: torch.compile(m, backend=fp8compile.backend(options, mode=mode))
+        def make(m):
+            return torch.compile(m, backend=fp8compile.backend(options, mode=mode))
+
+        make.options, make.mode = options, mode  # for with_combo_kernels
+        return make
 
     for recipe in ("blockwise", "rowwise", "tensorwise"):
         out[f"fp8hpf {recipe}"] = fp8hpf({"recipe": recipe})
@@ -100,7 +104,40 @@ def variants(names: list[str], mode: str | None = None):
         out["torchao rowwise"] = ao("rowwise")
     except Exception as e:  # torchao absent or its API changed
         log(f"torchao not used: {type(e).__name__}: {e}")
+    for name in names:
+        base = name[:-len(COMBO)] if name.endswith(COMBO) else None
+        if base in out and base != "bf16 eager":
+            out[name] = with_combo_kernels(out[base])
     return {n: out[n] for n in names if n in out}
+
+
+COMBO = " combo"  # suffix: the variant compiled with Inductor's combo kernels
+
+
+class _InductorPatched(torch.nn.Module):
+    """A compiled model whose compilation (on the first call) runs under Inductor config
+    patches; ``_orig_mod`` stays the eager module."""
+
+    def __init__(self, compiled, patches):
+        super().__init__()
+        self.compiled, self.patches = compiled, patches
+        self._orig_mod = getattr(compiled, "_orig_mod", compiled)
+
+    def forward(self, *args):
+        with torch._inductor.config.patch(self.patches):
+            return self.compiled(*args)
+
+
+def with_combo_kernels(make):
+    """``make`` with Inductor's combo kernels (independent kernels launched together): an
+    fp8hpf variant through its ``inductor`` option, any other compiled one by patching
+    Inductor's config while it compiles."""
+    options = getattr(make, "options", None)
+    if options is not None:
+        patched = {**options, "inductor": {**options.get("inductor", {}), "combo_kernels": True}}
+        return lambda m: torch.compile(m, backend=fp8compile.backend(patched,
+                                                                     mode=make.mode))
+    return lambda m: _InductorPatched(make(m), {"combo_kernels": True})
 
 
 def profile_step(step, path: str, top: int = 30) -> None:
@@ -227,13 +264,15 @@ DEFAULT = ["bf16 Inductor", "fp8hpf blockwise", "fp8hpf rowwise", "fp8hpf tensor
 ALL = ["bf16 eager", *DEFAULT, "fp8hpf rowwise fast", "fp8hpf tensorwise delayed",
        "fp8hpf tensorwise delayed fast", "fp8hpf blockwise e5m2",
        "fp8hpf tensorwise fast cached", "fp8hpf blockwise cached"]
+# Any compiled variant + COMBO (e.g. "bf16 Inductor combo") is also known.
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny dims (CPU smoke run)")
     ap.add_argument("--variants", default=",".join(DEFAULT),
-                    help=f"comma list or 'all'; known: {', '.join(ALL)}")
+                    help=f"comma list or 'all'; known: {', '.join(ALL)}; a compiled "
+                         f"variant's name + '{COMBO}' compiles it with Inductor's combo kernels")
     ap.add_argument("--out", default=None, help="folder for train.json")
     ap.add_argument("--mode", default=None,
                     help="torch.compile mode for every compiled variant (e.g. reduce-overhead)")
