@@ -80,24 +80,11 @@ class FusePass(Fp8Pass):
             if node.target is not OPS.quantize.default or info(node).get("role") != "act_quant":
                 continue
             src, gran, fmt, p2 = node.args
-            if not isinstance(src, torch.fx.Node) or set(src.users) != {node}:
+            found = self._producer(src, node)
+            if found is None:
                 continue
-            carried = not self.ctx.inference and _is_method(src, "detach") and \
-                only_carried(src.args[0], src)
-            if carried:
-                src = src.args[0]
-            fused = fusable_producer(src)
-            if fused is None:
-                continue
-            target, args, name = fused
-            with graph.inserting_before(node):
-                if carried:
-                    args = tuple(graph.call_method("detach", (a,))
-                                 if isinstance(a, torch.fx.Node) else a for a in args)
-                new = graph.call_function(target, (*args, gran, fmt, p2))
-            info(new).update(role="fused_quant", fused_from=name)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
+            target, args, name, carried = found
+            _replace(graph, node, target, args, (gran, fmt, p2), carried, name)
             modified = True
         if modified:
             eliminate_dead_code(graph)
@@ -109,33 +96,34 @@ class FusePass(Fp8Pass):
         _note_shared_and_fused(graph)
         return PassResult(gm, modified)
 
+    def _producer(self, src, node: torch.fx.Node):
+        """``(fused op, its leading args, name, carried)`` for the quantization ``node`` of
+        ``src``, when ``src`` is read by ``node`` only and is (the detached copy of) a
+        fusable producer's output; ``carried``: the producer's output only carries the
+        gradient (training), so the fused op reads detached inputs."""
+        if not isinstance(src, torch.fx.Node) or set(src.users) != {node}:
+            return None
+        carried = not self.ctx.inference and _is_method(src, "detach") and \
+            only_carried(src.args[0], src)
+        fused = fusable_producer(src.args[0] if carried else src)
+        return None if fused is None else (*fused, carried)
+
     def _fuse_history(self, graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         """Delayed scaling's shared cast (``quantize_history`` of ``h.detach()``, ScalesPass)
         takes the producer of ``h`` in: ``producer="rmsnorm"`` or ``"silu_mul"``."""
-        src, x2, norm_weight, eps, producer, row, fmt, p2 = node.args
-        if producer != "none" or not _is_method(src, "detach") or set(src.users) != {node}:
+        src, _x2, _norm_weight, _eps, producer, row, fmt, p2 = node.args
+        found = self._producer(src, node) if producer == "none" else None
+        if found is None or not found[3]:
             return False
-        h = src.args[0]
-        if not isinstance(h, torch.fx.Node) or not only_carried(h, src):
-            return False
-        fused = fusable_producer(h)
-        if fused is None:
-            return False
-        target, args, name = fused
+        target, args, name, carried = found
         if target is OPS.rmsnorm_quantize.default:
             x, weight, eps = args
-            new_args = (x, None, weight, eps, "rmsnorm")
+            args = (x, None, weight, eps, "rmsnorm")
         else:
             gate, up = args
-            new_args = (gate, up, None, 0.0, "silu_mul")
-        with graph.inserting_before(node):
-            new_args = tuple(graph.call_method("detach", (a,))
-                             if isinstance(a, torch.fx.Node) else a for a in new_args)
-            new = graph.call_function(OPS.quantize_history.default,
-                                      (*new_args, row, fmt, p2))
-        info(new).update(role="fused_quant", fused_from=name)
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
+            args = (gate, up, None, 0.0, "silu_mul")
+        _replace(graph, node, OPS.quantize_history.default, args, (row, fmt, p2), carried,
+                 name)
         return True
 
     @staticmethod
@@ -189,6 +177,20 @@ class FusePass(Fp8Pass):
             ):
                 return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul"
         return None
+
+
+def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple, rest: tuple,
+             carried: bool, name: str) -> None:
+    """Put ``target(*args, *rest)`` in place of the quantization ``node`` (``args`` detached
+    where ``carried``), marked as a quantization fused into ``name``."""
+    with graph.inserting_before(node):
+        if carried:
+            args = tuple(graph.call_method("detach", (a,))
+                         if isinstance(a, torch.fx.Node) else a for a in args)
+        new = graph.call_function(target, (*args, *rest))
+    info(new).update(role="fused_quant", fused_from=name)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
 
 
 def _note_shared_and_fused(graph: torch.fx.Graph) -> None:
