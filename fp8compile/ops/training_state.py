@@ -88,6 +88,23 @@ def _(history, amax):
 inline_on_gpu(push_amax, _push_amax_body, pin_strides=False)
 
 
+def _delayed_cast_impl(t: Tensor, history: Tensor, fmt: str, power_of_2: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, scale, amax(t))``: ``t`` cast with the delayed scale of ``history`` (a 1-D row),
+    or of its own amax while the history is all zero; the ops' bodies, for op bodies."""
+    amax = delayed_amax(history, amax_impl(t, unless=history))
+    return quantize_from_amax_impl(t, amax, as_fmt(fmt), power_of_2)
+
+
+def _delayed_cast(t: Tensor, history: Tensor, fmt: str, power_of_2: bool
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_delayed_cast_impl` through the ops, for code that compiled graphs trace (each
+    op then inlines its own kernels)."""
+    ops = torch.ops.fp8compile
+    return ops.quantize_from_amax(t, delayed_amax(history, ops.amax_unless(t, history)), fmt,
+                                  power_of_2)
+
+
 @torch.library.custom_op("fp8compile::linear_delayed", mutates_args=())
 def linear_delayed(
     x: Tensor,
@@ -127,10 +144,8 @@ def linear_delayed(
     # the cast records this call's amax for the history as it goes.  Only while a history is
     # all zero (the first step) is the amax taken ahead of the cast (the GPU launch returns
     # at once otherwise, decided on the device).
-    (xq, xs, x_amax), (wq, ws, w_amax) = (
-        quantize_from_amax_impl(t, delayed_amax(h, amax_impl(t, unless=h)), as_fmt(f),
-                                power_of_2)
-        for h, t, f in ((history[0], x, act_fmt), (history[1], weight, weight_fmt)))
+    xq, xs, x_amax = _delayed_cast_impl(x, history[0], act_fmt, power_of_2)
+    wq, ws, w_amax = _delayed_cast_impl(weight, history[1], weight_fmt, power_of_2)
     y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                        None)
     return y, xq, xs, ws, torch.stack([x_amax, w_amax])
@@ -164,9 +179,8 @@ def _delayed_grads(ctx, grad_y, need_x, need_w, need_b):
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
     dy = grad_y.reshape(-1, weight.shape[0])
     # As in the forward: one pass over dY quantizes it and records its amax.
-    ops = torch.ops.fp8compile  # ops, not their bodies: compiled graphs trace this formula
-    use = delayed_amax(grad_history[0], ops.amax_unless(dy, grad_history[0]))
-    dyq, gs, current = ops.quantize_from_amax(dy, use, grad_fmt, p2)
+    # (Ops, not their bodies: compiled graphs trace this formula.)
+    dyq, gs, current = _delayed_cast(dy, grad_history[0], grad_fmt, p2)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
                                   x_dtype, need_x, need_w, grad_scale=gs, dyq=dyq)
@@ -182,9 +196,8 @@ def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weig
     the same kernels as the eager body, launched by Inductor's generated code."""
     _check_linear(x, weight, bias)
     ops = torch.ops.fp8compile
-    (xq, xs, x_amax), (wq, ws, w_amax) = (
-        ops.quantize_from_amax(t, delayed_amax(h, ops.amax_unless(t, h)), f, power_of_2)
-        for h, t, f in ((history[0], x, act_fmt), (history[1], weight, weight_fmt)))
+    xq, xs, x_amax = _delayed_cast(x, history[0], act_fmt, power_of_2)
+    wq, ws, w_amax = _delayed_cast(weight, history[1], weight_fmt, power_of_2)
     y = ops.scaled_mm(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                       None)
     return y, xq, xs, ws, torch.stack([x_amax, w_amax])
@@ -303,8 +316,7 @@ def linear_delayed_q(
     """
     _check_linear(x, weight, bias)
     _check_shared_input(x, xq)
-    w_amax_in = delayed_amax(history[1], amax_impl(weight, unless=history[1]))
-    wq, ws, w_amax = quantize_from_amax_impl(weight, w_amax_in, as_fmt(weight_fmt), power_of_2)
+    wq, ws, w_amax = _delayed_cast_impl(weight, history[1], weight_fmt, power_of_2)
     y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                        None)
     return y, ws, w_amax
@@ -349,8 +361,7 @@ def _linear_delayed_q_traced(x, xq, xs, weight, bias, history, grad_history, act
     _check_linear(x, weight, bias)
     _check_shared_input(x, xq)
     ops = torch.ops.fp8compile
-    w_amax_in = delayed_amax(history[1], ops.amax_unless(weight, history[1]))
-    wq, ws, w_amax = ops.quantize_from_amax(weight, w_amax_in, weight_fmt, power_of_2)
+    wq, ws, w_amax = _delayed_cast(weight, history[1], weight_fmt, power_of_2)
     y = ops.scaled_mm(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                       None)
     return y, ws, w_amax
