@@ -18,7 +18,6 @@ import torch
 
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
-from ..ops.quant import delayed_amax
 from .quant import (
     PRODUCER_NONE,
     PRODUCER_RMSNORM,
@@ -100,8 +99,9 @@ def quantize_history(
     up): ``(q, scale, amax)`` with the scale of ``history``'s max (this call's amax while
     the history is all zero) and the finite amax of what was cast.
 
-    Two launches: the amax, which returns at once on the device once the history holds a
-    value, and the cast, which derives the scale and records the amax as it goes.
+    Two launches and no others (``quantize_rows(history=...)``): the amax, which returns at
+    once on the device once the history holds a value, and the cast, which takes the scale
+    from the history's max (or that amax) and records x's amax as it goes.
     """
     fmt = Fp8Format(fmt)
     check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_history input")
@@ -111,10 +111,7 @@ def quantize_history(
                            norm_weight.contiguous() if norm_weight is not None
                            else x.new_ones(x.shape[-1])))
     hist = history.reshape(-1).to(torch.float32).contiguous()
-    first = quantize_rows(x, Granularity.TENSOR, fmt, False, amax_only=True, skip_if=hist,
-                          **kw)[0]
-    use = delayed_amax(hist, first).reshape(1)
-    out = torch.zeros(1, dtype=torch.float32, device=x.device)
-    q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, given_amax=use, amax_out=out,
+    out = torch.empty(1, dtype=torch.float32, device=x.device)
+    q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, history=hist, amax_out=out,
                          **kw)
     return q, s, out.reshape(())

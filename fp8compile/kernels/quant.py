@@ -197,27 +197,33 @@ def _fold_amax(amax_ptr, amax, pid_m, pid_k, AMAX_AT: tl.constexpr):
 
 @triton.jit
 def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k, n_slots,
-                         GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr, AMAX_AT: tl.constexpr,
-                         SLOTS: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
+                         hist_max, GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr,
+                         AMAX_AT: tl.constexpr, SLOTS: tl.constexpr, HISTORY: tl.constexpr,
+                         FMAX: tl.constexpr, POW2: tl.constexpr, BLOCK_M: tl.constexpr):
     """The ``[BLOCK_M]`` scales of a row/tensor program, stored as they are computed: per row
     from the rows' amax ``a`` (ROW), or one for the tensor (program (0, 0) stores it): the
     ``GIVEN_SCALE`` in ``amax_ptr``, or from the amax launch 1 left there (the cell, or the
-    max of its ``n_slots`` slots), or from ``a`` itself (``AMAX_AT == 2``)."""
+    max of its ``n_slots`` slots), or from ``a`` itself (``AMAX_AT == 2``).  ``HISTORY``
+    (delayed scaling): ``hist_max``, the history's max, replaces that amax when non-zero."""
     if GRAN == 1:
         s = _scale_from_amax(a, FMAX, POW2)
         tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
     else:
         if GIVEN_SCALE:
             s1 = tl.load(amax_ptr)
-        elif AMAX_AT == 2:
-            s1 = _scale_from_amax(tl.max(a, axis=0), FMAX, POW2)
-        elif AMAX_AT == 1:
-            slots = tl.arange(0, SLOTS)
-            part = tl.load(amax_ptr + slots, mask=slots < n_slots, other=0.0)
-            s1 = _scale_from_amax(tl.max(part, axis=0), FMAX, POW2)
         else:
-            s1 = _scale_from_amax(tl.load(amax_ptr), FMAX, POW2)
+            if AMAX_AT == 2:
+                am = tl.max(a, axis=0)
+            elif AMAX_AT == 1:
+                slots = tl.arange(0, SLOTS)
+                am = tl.max(tl.load(amax_ptr + slots, mask=slots < n_slots, other=0.0), axis=0)
+            else:
+                am = tl.load(amax_ptr)
+            if HISTORY:
+                # Once the history holds a value, launch 1 returned without writing its
+                # slots: they are not read then.
+                am = tl.where(hist_max > 0, hist_max, am)
+            s1 = _scale_from_amax(am, FMAX, POW2)
         if (pid_m == 0) & (pid_k == 0):
             tl.store(s_ptr, s1)
         s = tl.zeros([BLOCK_M], dtype=tl.float32) + s1
@@ -261,7 +267,9 @@ def _quantize_kernel(
     x_ptr, x2_ptr, nw_ptr,
     # pointers: payload (uint8 view), scales, tensorwise amax (see AMAX_AT) or given scale,
     # a zeroed cell for the amax of x (AMAX_OUT), an amax history that makes an AMAX_ONLY
-    # launch return at once when it holds a non-zero value (SKIP_N > 0)
+    # launch return at once when it holds a non-zero value (SKIP_BLOCK > 0); with HISTORY the
+    # cast takes its scale from that history's max (see _row_or_tensor_scale), and the
+    # AMAX_ONLY launch before it zeroes the AMAX_OUT cell, which needs no fill kernel then
     q_ptr, s_ptr, amax_ptr, amax_out_ptr, skip_ptr,
     # sizes: rows, columns, columns per program along axis 1, RMSNorm epsilon, amax slots,
     # the skip history's length
@@ -275,6 +283,7 @@ def _quantize_kernel(
     GIVEN_SCALE: tl.constexpr,  # tensorwise: amax_ptr holds the scale itself (static/delayed)
     AMAX_OUT: tl.constexpr,  # tensorwise cast: also fold x's finite amax into amax_out_ptr
     SKIP_BLOCK: tl.constexpr,  # > 0: AMAX_ONLY checks skip_ptr's skip_n values first
+    HISTORY: tl.constexpr,  # delayed scaling in two launches (SKIP_BLOCK > 0, see above)
     # tensorwise amax: 0 one zeroed fp32 cell (atomic max), 1 one slot per program of the
     # AMAX_ONLY launch (SLOTS >= n_slots, a power of two), 2 none: a single program holds all
     # of x in one tile (ONE_CHUNK) and computes the amax itself, in a single launch
@@ -287,12 +296,18 @@ def _quantize_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
+    hist_max = tl.full([], 0.0, tl.float32)
+    if SKIP_BLOCK > 0:
+        hist = tl.load(skip_ptr + tl.arange(0, SKIP_BLOCK), mask=tl.arange(0, SKIP_BLOCK) < skip_n,
+                       other=0.0)
+        hist_max = tl.max(hist, axis=0)
+    if AMAX_ONLY and HISTORY:
+        if (pid_m == 0) & (pid_k == 0):
+            tl.store(amax_out_ptr, 0.0)  # the cast launch's atomic max starts from it
     if AMAX_ONLY and SKIP_BLOCK > 0:
         # Delayed scaling needs this amax only while its history is all zero (the first
         # step); later the cast launch reports the amax as it goes (AMAX_OUT).
-        hist = tl.load(skip_ptr + tl.arange(0, SKIP_BLOCK), mask=tl.arange(0, SKIP_BLOCK) < skip_n,
-                       other=0.0)
-        if tl.max(hist, axis=0) > 0:
+        if hist_max > 0:
             return
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < M
@@ -369,8 +384,8 @@ def _quantize_kernel(
             _fold_amax(amax_ptr, tl.max(a, axis=0), pid_m, pid_k, AMAX_AT)
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
-                                     n_slots, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS, FMAX, POW2,
-                                     BLOCK_M)
+                                     n_slots, hist_max, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS,
+                                     HISTORY, FMAX, POW2, BLOCK_M)
             inv = tl.math.div_rn(1.0, s)
             tl.store(q_ptr + rows[:, None] * stride_qm + cols[None, :],
                      _quantize_bits(x, s[:, None], inv[:, None], FMAX, IS_E4M3, HW_CAST,
@@ -389,8 +404,8 @@ def _quantize_kernel(
             _fold_amax(amax_ptr, tl.max(a, axis=0), pid_m, pid_k, AMAX_AT)
         else:
             s = _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k,
-                                     n_slots, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS, FMAX, POW2,
-                                     BLOCK_M)
+                                     n_slots, hist_max, GRAN, GIVEN_SCALE, AMAX_AT, SLOTS,
+                                     HISTORY, FMAX, POW2, BLOCK_M)
             inv = tl.math.div_rn(1.0, s)
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 cols = k0 + offs_k
@@ -470,6 +485,7 @@ def quantize_rows(
     amax_out: torch.Tensor | None = None,
     given_amax: torch.Tensor | None = None,
     skip_if: torch.Tensor | None = None,
+    history: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_quantize_kernel` for ``x (..., K)``; shared by quantize() and fused.py.
 
@@ -478,7 +494,23 @@ def quantize_rows(
     launch, and folds x's finite amax into ``amax_out`` (a zeroed fp32 cell) when given;
     ``amax_only`` returns ``(amax, _)`` after the first launch (the finite amax), or 0 without
     reading x when ``skip_if`` (an fp32 amax history) holds a non-zero value.
+
+    ``history`` (a contiguous 1-D fp32 amax history, tensorwise; delayed scaling): the scale
+    comes from the history's max, or from x's amax while the history is all zero, and x's
+    finite amax goes into ``amax_out`` (any fp32 cell: the first launch zeroes it).  Two
+    launches, as for a dynamic scale, and no others: the first returns at once on the device
+    once the history holds a value, and neither the cell nor the choice between the history
+    and this call's amax needs a kernel of its own.
     """
+    if history is not None and (granularity is not Granularity.TENSOR or amax_out is None
+                                or given_scale is not None or given_amax is not None
+                                or amax_only or skip_if is not None):
+        raise ValueError(
+            "quantize_rows: history takes a tensorwise cast with amax_out, and none of "
+            "given_scale, given_amax, amax_only, skip_if"
+        )
+    if history is not None:
+        skip_if = history
     k = x.shape[-1]
     x2d = _as_rows(x)
     m = x2d.shape[0]
@@ -511,7 +543,8 @@ def quantize_rows(
     own_amax = (granularity is Granularity.TENSOR and given_scale is None
                 and given_amax is None and not amax_only)
     block_m, block_k = next_pow2(m), max(16, next_pow2(k))
-    whole = own_amax and not column_major and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS
+    whole = (own_amax and history is None and not column_major
+             and block_m * block_k <= _WHOLE_AMAX_MAX_ELEMS)
     if whole:
         k_per_prog, num_warps = k, max(4, min(32, block_m * block_k // 2048))
     else:
@@ -542,6 +575,7 @@ def quantize_rows(
         stride_qm=k, stride_sm=stride_sm, stride_sk=stride_sk,
         GRAN=GRAN_CODE[granularity], PRODUCER=producer, AMAX_OUT=amax_out is not None,
         SKIP_BLOCK=next_pow2(skip_if.numel()) if skip_if is not None else 0,
+        HISTORY=history is not None,
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         ONE_CHUNK=(granularity in (Granularity.TENSOR, Granularity.ROW)
                    and k <= k_per_prog <= block_k),

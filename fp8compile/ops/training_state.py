@@ -27,11 +27,12 @@ history can hold, and one scale serves a tensor and its transpose, so each backw
 reuses the forward's FP8 ``xq`` and the weight scale as they are.
 
 Each of x, W and dY is read once: the cast with the history's scale records the tensor's
-amax for the history in the same pass (``quantize_from_amax``, which also derives the scale
+amax for the history in the same pass (``quantize_history``, which also derives the scale
 in the kernel: an IEEE quotient in compiled graphs as in eager mode).  Only on the first step,
-while a history is all zero, is the amax taken ahead of the cast (``amax_unless``; on the GPU
-its launch returns at once once the history holds a value).  Dynamic scaling reads each
-tensor twice (amax, then cast).
+while a history is all zero, is the amax taken ahead of the cast (on the GPU that launch
+returns at once once the history holds a value, and it zeroes the cell the cast records
+the amax in: two launches per tensor and no fill or selection kernel).  Dynamic scaling
+reads each tensor twice (amax, then cast).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from ._common import as_fmt, check_fp8_input, device_of, empty_scale
 from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
-from .quant import amax_impl, delayed_amax, quantize_from_amax_impl
+from .quant import delayed_amax
 
 __all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed",
            "linear_delayed_q", "push_amax", "quantize_history"]
@@ -88,21 +89,14 @@ def _(history, amax):
 inline_on_gpu(push_amax, _push_amax_body, pin_strides=False)
 
 
-def _delayed_cast_impl(t: Tensor, history: Tensor, fmt: str, power_of_2: bool
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, scale, amax(t))``: ``t`` cast with the delayed scale of ``history`` (a 1-D row),
-    or of its own amax while the history is all zero; the ops' bodies, for op bodies."""
-    amax = delayed_amax(history, amax_impl(t, unless=history))
-    return quantize_from_amax_impl(t, amax, as_fmt(fmt), power_of_2)
-
-
 def _delayed_cast(t: Tensor, history: Tensor, fmt: str, power_of_2: bool
                   ) -> tuple[Tensor, Tensor, Tensor]:
-    """:func:`_delayed_cast_impl` through the ops, for code that compiled graphs trace (each
-    op then inlines its own kernels)."""
-    ops = torch.ops.fp8compile
-    return ops.quantize_from_amax(t, delayed_amax(history, ops.amax_unless(t, history)), fmt,
-                                  power_of_2)
+    """``(q, scale, amax(t))``: ``t`` cast with the delayed scale of ``history`` (a 1-D row),
+    or of its own amax while the history is all zero.  The op, not its body, so that compiled
+    graphs trace it as its own op (on the GPU: its two launches inlined, with no fill or
+    selection kernel between them; see ``kernels.quant.quantize_rows``)."""
+    return torch.ops.fp8compile.quantize_history(t, None, None, 0.0, "none", history, fmt,
+                                                 power_of_2)
 
 
 @torch.library.custom_op("fp8compile::linear_delayed", mutates_args=())
@@ -141,11 +135,9 @@ def linear_delayed(
     """
     _check_linear(x, weight, bias)
     # One pass over x and one over the weight: each is quantized with its history's scale and
-    # the cast records this call's amax for the history as it goes.  Only while a history is
-    # all zero (the first step) is the amax taken ahead of the cast (the GPU launch returns
-    # at once otherwise, decided on the device).
-    xq, xs, x_amax = _delayed_cast_impl(x, history[0], act_fmt, power_of_2)
-    wq, ws, w_amax = _delayed_cast_impl(weight, history[1], weight_fmt, power_of_2)
+    # the cast records this call's amax for the history as it goes (_delayed_cast).
+    xq, xs, x_amax = _delayed_cast(x, history[0], act_fmt, power_of_2)
+    wq, ws, w_amax = _delayed_cast(weight, history[1], weight_fmt, power_of_2)
     y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                        None)
     return y, xq, xs, ws, torch.stack([x_amax, w_amax])
@@ -179,7 +171,6 @@ def _delayed_grads(ctx, grad_y, need_x, need_w, need_b):
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
     dy = grad_y.reshape(-1, weight.shape[0])
     # As in the forward: one pass over dY quantizes it and records its amax.
-    # (Ops, not their bodies: compiled graphs trace this formula.)
     dyq, gs, current = _delayed_cast(dy, grad_history[0], grad_fmt, p2)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
@@ -316,7 +307,7 @@ def linear_delayed_q(
     """
     _check_linear(x, weight, bias)
     _check_shared_input(x, xq)
-    wq, ws, w_amax = _delayed_cast_impl(weight, history[1], weight_fmt, power_of_2)
+    wq, ws, w_amax = _delayed_cast(weight, history[1], weight_fmt, power_of_2)
     y = scaled_mm_impl(xq, xs, "tensor", wq, ws, "tensor", bias, x.dtype, accumulation, "none",
                        None)
     return y, ws, w_amax

@@ -118,3 +118,34 @@ def test_quantize_history_matches_reference(device, producer, shape, seen):
         assert torch.equal(q.view(torch.uint8).cpu()[~nan], qr.view(torch.uint8)[~nan])
     else:
         assert_close_quant((q, s), (qr, sr), fmt)
+
+
+@pytest.mark.parametrize("seen", [False, True])
+@pytest.mark.parametrize("shape", [(5, 300), (2, 20000)])
+def test_history_cast_zeroes_its_amax_cell_itself(device, seen, shape):
+    # The history form of the cast takes any cell for x's amax (no fill kernel): the first
+    # launch zeroes it, also when it returns at once because the history holds a value.
+    from fp8compile.kernels.quant import quantize_rows
+    from fp8compile.ops.training_state import _quantize_history_ref
+
+    x = torch.randn(shape) * 2
+    hist = torch.tensor([0.0, 9.0, 1.0]) if seen else torch.zeros(3)
+    cell = torch.full((1,), 1e30, device=device)
+    q, s = quantize_rows(x.to(device), Granularity.TENSOR, Fp8Format.E4M3, False,
+                         history=hist.to(device), amax_out=cell)
+    qr, sr, ar = _quantize_history_ref(x, None, None, 0.0, "none", hist, Fp8Format.E4M3,
+                                       False)
+    assert torch.equal(cell.reshape(()).cpu(), ar)
+    assert torch.equal(s.cpu(), sr)
+    assert torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8))
+
+
+def test_history_cast_rejects_other_modes(device):
+    from fp8compile.kernels.quant import quantize_rows
+
+    x, hist = torch.randn(4, 64, device=device), torch.zeros(3, device=device)
+    with pytest.raises(ValueError, match="history takes a tensorwise cast with amax_out"):
+        quantize_rows(x, Granularity.ROW, Fp8Format.E4M3, False, history=hist,
+                      amax_out=torch.empty(1, device=device))
+    with pytest.raises(ValueError, match="history takes"):
+        quantize_rows(x, Granularity.TENSOR, Fp8Format.E4M3, False, history=hist)

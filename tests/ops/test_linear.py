@@ -149,7 +149,7 @@ def test_tensorwise_backward_quantizes_wt_with_the_forward_scale(scaling):
     assert names["quantize_scaled"] == 1, names  # Wᵀ
     assert names["quantize"] == (scaling == "dynamic"), names  # dY, dynamic
     # dY, delayed: quantized with its history's scale, its amax recorded in the same pass.
-    assert names["quantize_from_amax"] == (scaling == "delayed"), names
+    assert names["quantize_history"] == (scaling == "delayed"), names
     (s,) = [a[1] for n, a in log.calls if n == "quantize_scaled" and a[0].shape == (200, 130)]
     assert torch.equal(s, ws)
     G = nx.Granularity
