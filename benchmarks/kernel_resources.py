@@ -26,15 +26,16 @@ E4M3 = {"IS_E4M3": True, "FMAX": 448.0, "POW2": False, "HW_CAST": True}
 
 def quantize_kernel(gran: int, block_m: int, block_k: int, one_chunk: bool, warps: int,
                     transposed: bool = False, block_slice: int = quant._BLOCK_SLICE,
-                    producer: int = 0, amax_out: bool = False):
+                    producer: int = 0, amax_out: bool = False, history: bool = False):
     sig = {"x_ptr": "*bf16", "x2_ptr": "*bf16", "nw_ptr": "*bf16", "q_ptr": "*u8",
            "s_ptr": "*fp32", "amax_ptr": "*fp32", "amax_out_ptr": "*fp32", "skip_ptr": "*fp32",
            "M": "i32", "K": "i32", "k_per_prog": "i32", "eps": "fp32", "n_slots": "i32",
            "skip_n": "i32", "stride_xm": "i32", "stride_x2m": "i32",
            "stride_qm": "i32", "stride_sm": "i32", "stride_sk": "i32"}
     consts = {"stride_x2k": 1, "GRAN": gran, "PRODUCER": producer, "AMAX_ONLY": False,
-              "GIVEN_SCALE": False, "AMAX_OUT": amax_out, "SKIP_BLOCK": 0, "AMAX_AT": 0,
-              "SLOTS": 1,
+              "GIVEN_SCALE": False, "AMAX_OUT": amax_out, "SKIP_BLOCK": 16 if history else 0,
+              "HISTORY": history, "AMAX_AT": 1 if history else 0,
+              "SLOTS": quant._AMAX_SLOTS_MAX if history else 1,
               "ONE_CHUNK": one_chunk, "BLOCK_M": block_m, "BLOCK_K": block_k,
               "BLOCK_SLICE": block_slice, **E4M3}
     if transposed:  # a transposed view: unit row stride, strided K
@@ -67,14 +68,21 @@ def quantize_blocks_transposed():
 
 def delayed_rmsnorm_cast():
     """Delayed scaling's cast fused into RMSNorm at d=4096 (2x4096, 8 warps), the scale from
-    a given amax and x's amax recorded (``quantize_history``)."""
-    return quantize_kernel(0, 2, 4096, True, 8, producer=quant.PRODUCER_RMSNORM, amax_out=True)
+    a 16-long history (or the first step's amax slots) and x's amax recorded
+    (``quantize_history``)."""
+    return quantize_kernel(0, 2, 4096, True, 8, producer=quant.PRODUCER_RMSNORM, amax_out=True,
+                           history=True)
 
 
 def delayed_silu_mul_cast():
     """The same fused into SiLU·mul at 14336 wide (1x16384, 8 warps)."""
     return quantize_kernel(0, 1, 16384, True, 8, producer=quant.PRODUCER_SILU_MUL,
-                           amax_out=True)
+                           amax_out=True, history=True)
+
+
+def delayed_cast():
+    """The same cast of a weight or dY, no producer (2x4096, 8 warps)."""
+    return quantize_kernel(0, 2, 4096, True, 8, amax_out=True, history=True)
 
 
 def quantize_dual(fixup: bool = False):
@@ -118,6 +126,7 @@ KERNELS = {
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
     "delayed cast fused into RMSNorm (2x4096, 8 warps)": delayed_rmsnorm_cast,
     "delayed cast fused into SiLU·mul (1x16384, 8 warps)": delayed_silu_mul_cast,
+    "delayed cast, no producer (2x4096, 8 warps)": delayed_cast,
     f"quantize_dual (whole 128x128 tile, {_W['quantize_dual']} warps)": quantize_dual,
     "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
     f"requantize_t (whole 128x128 tile, {_W['requantize_t']} warps)": requantize_t,

@@ -204,7 +204,8 @@ def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_
     from the rows' amax ``a`` (ROW), or one for the tensor (program (0, 0) stores it): the
     ``GIVEN_SCALE`` in ``amax_ptr``, or from the amax launch 1 left there (the cell, or the
     max of its ``n_slots`` slots), or from ``a`` itself (``AMAX_AT == 2``).  ``HISTORY``
-    (delayed scaling): ``hist_max``, the history's max, replaces that amax when non-zero."""
+    (delayed scaling): ``hist_max``, the history's max, when non-zero, else the slots' max,
+    read ``SLOTS`` at a time (only then: launch 1 wrote them only then)."""
     if GRAN == 1:
         s = _scale_from_amax(a, FMAX, POW2)
         tl.store(s_ptr + rows * stride_sm, s, mask=rmask)
@@ -212,17 +213,22 @@ def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_
         if GIVEN_SCALE:
             s1 = tl.load(amax_ptr)
         else:
-            if AMAX_AT == 2:
+            if HISTORY:
+                am = hist_max
+                if hist_max <= 0:  # the first step: launch 1 wrote its slots
+                    part = tl.zeros([SLOTS], dtype=tl.float32)
+                    for i in range(0, n_slots, SLOTS):
+                        idx = i + tl.arange(0, SLOTS)
+                        part = tl.maximum(part, tl.load(amax_ptr + idx, mask=idx < n_slots,
+                                                        other=0.0))
+                    am = tl.max(part, axis=0)
+            elif AMAX_AT == 2:
                 am = tl.max(a, axis=0)
             elif AMAX_AT == 1:
                 slots = tl.arange(0, SLOTS)
                 am = tl.max(tl.load(amax_ptr + slots, mask=slots < n_slots, other=0.0), axis=0)
             else:
                 am = tl.load(amax_ptr)
-            if HISTORY:
-                # Once the history holds a value, launch 1 returned without writing its
-                # slots: they are not read then.
-                am = tl.where(hist_max > 0, hist_max, am)
             s1 = _scale_from_amax(am, FMAX, POW2)
         if (pid_m == 0) & (pid_k == 0):
             tl.store(s_ptr, s1)
@@ -555,9 +561,10 @@ def quantize_rows(
     # Where the tensorwise amax goes between the launches: one slot per program needs no
     # zeroed cell (a fill kernel before every quantization); past _AMAX_SLOTS_MAX programs,
     # the second launch's reading of every slot would cost more than the fill.
+    # With a history, the cast reads the slots only on the first step, so any count will do.
     if whole:
         amax_at = 2
-    elif own_amax and n_slots <= _AMAX_SLOTS_MAX:
+    elif own_amax and (n_slots <= _AMAX_SLOTS_MAX or history is not None):
         amax_at = 1
     else:
         amax_at = 0
@@ -579,7 +586,8 @@ def quantize_rows(
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         ONE_CHUNK=(granularity in (Granularity.TENSOR, Granularity.ROW)
                    and k <= k_per_prog <= block_k),
-        AMAX_AT=amax_at, SLOTS=next_pow2(n_slots) if amax_at == 1 else 1,
+        AMAX_AT=amax_at,
+        SLOTS=min(next_pow2(n_slots), _AMAX_SLOTS_MAX) if amax_at == 1 else 1,
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1",
         BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
         BLOCK_SLICE=block_m if column_major and granularity is Granularity.BLOCK

@@ -121,14 +121,17 @@ def test_quantize_history_matches_reference(device, producer, shape, seen):
 
 
 @pytest.mark.parametrize("seen", [False, True])
-@pytest.mark.parametrize("shape", [(5, 300), (2, 20000)])
+@pytest.mark.parametrize("shape", [(5, 300), (2, 20000), (1100, 8192)])
 def test_history_cast_zeroes_its_amax_cell_itself(device, seen, shape):
     # The history form of the cast takes any cell for x's amax (no fill kernel): the first
     # launch zeroes it, also when it returns at once because the history holds a value.
+    # (1100, 8192) runs 1100 programs, one amax slot each: the first step's cast reads them
+    # 1024 at a time.
     from fp8compile.kernels.quant import quantize_rows
     from fp8compile.ops.training_state import _quantize_history_ref
 
     x = torch.randn(shape) * 2
+    x[-1, -1] = 30.0  # x's amax in the last program's slot
     hist = torch.tensor([0.0, 9.0, 1.0]) if seen else torch.zeros(3)
     cell = torch.full((1,), 1e30, device=device)
     q, s = quantize_rows(x.to(device), Granularity.TENSOR, Fp8Format.E4M3, False,
