@@ -252,12 +252,22 @@ def quantize_delayed(
     the scale uses the history *before* this call (TransformerEngine's DelayedScaling), except
     on the first call, when the history is still all zero and this call's amax is used.
     """
+    return _quantize_delayed_body(x, amax_history, fmt, power_of_2)
+
+
+def _quantize_delayed_body(x, amax_history, fmt, power_of_2):
     check_fp8_input(x, "quantize_delayed input")
-    f = as_fmt(fmt)
-    # This call's amax ahead of the cast only while the history is all zero (the GPU launch
-    # checks that itself); the cast records it from the same read of x.
-    first = amax_impl(x, unless=amax_history).to(amax_history.dtype)
-    q, scale, cur = quantize_from_amax_impl(x, delayed_amax(amax_history, first), f, power_of_2)
+    as_fmt(fmt)
+    if amax_history.dim() != 1:
+        raise ValueError(
+            f"quantize_delayed: amax_history must be 1-D (newest first), got shape "
+            f"{tuple(amax_history.shape)}"
+        )
+    # The cast with the history's scale records this call's amax from the same read of x
+    # (fp8compile::quantize_history: on the GPU two launches, the first of which returns
+    # at once once the history holds a value); then the history takes it, newest first.
+    q, scale, cur = torch.ops.fp8compile.quantize_history(x, None, None, 0.0, "none",
+                                                          amax_history, fmt, power_of_2)
     amax_history.copy_(torch.cat([cur.to(amax_history.dtype).reshape(1), amax_history[:-1]]))
     return q, scale
 
@@ -265,5 +275,10 @@ def quantize_delayed(
 @quantize_delayed.register_fake
 def _(x, amax_history, fmt, power_of_2):
     return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype), x.new_empty((), dtype=torch.float32)
+
+
+# In compiled graphs: the cast's two launches and the history update as graph code (one
+# small fused kernel), not an opaque call; the history's mutation is kept (see push_amax).
+inline_on_gpu(quantize_delayed, _quantize_delayed_body, pin_strides=False)
 
 

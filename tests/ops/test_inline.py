@@ -126,6 +126,25 @@ def test_push_amax_inlined_keeps_its_mutation(gpu_everywhere):
     assert "push_amax" not in codes[0] and "aten.copy" in codes[0], codes[0]
 
 
+def test_quantize_delayed_inlined_matches_eager(gpu_everywhere):
+    """Inference's delayed cast traced as graph code (the shared cast op and the history
+    update): the payload, scale and history equal eager mode's over calls."""
+    hist, want = torch.zeros(4), torch.zeros(4)
+
+    def f(h, x):
+        return OPS.quantize_delayed(x * 1, h, "e4m3", False)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="aot_eager")
+    for scale in (1.0, 3.0, 0.5):
+        x = torch.randn(6, 40) * scale
+        (q, s), (qw, sw) = compiled(hist, x), f(want, x)
+        assert torch.equal(q.view(torch.uint8), qw.view(torch.uint8)) and torch.equal(s, sw)
+        assert torch.equal(hist, want), (hist, want)
+    _, codes = _graphs(f, torch.zeros(4), torch.randn(6, 40))
+    assert "quantize_delayed" not in codes[0] and "aten.copy" in codes[0], codes[0]
+
+
 OPS_T = torch.ops.fp8compile_test
 
 
@@ -282,6 +301,27 @@ def test_gpu_quantize_history_inlined_equals_eager(producer, seen):
         assert torch.equal(a, b)
     _, codes = _graphs(f, x)
     assert "fp8compile.quantize_history." not in codes[0], codes[0]
+
+
+@needs_gpu
+def test_gpu_quantize_delayed_inlined_matches_eager_over_calls():
+    """Inference's delayed cast compiled to its two launches and a fused history update:
+    payload, scale and history equal eager mode's over calls; no opaque op left."""
+    hist, want = torch.zeros(8, device="cuda"), torch.zeros(8, device="cuda")
+
+    def f(h, x):
+        return OPS.quantize_delayed(x * 2, h, "e4m3", False)
+
+    compiled = _compiled(f)
+    for scale in (1.0, 3.0, 0.5):
+        x = torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16) * scale
+        (q, s), (qw, sw) = compiled(hist, x), f(want, x)
+        assert torch.equal(q.view(torch.uint8), qw.view(torch.uint8)) and torch.equal(s, sw)
+        assert torch.equal(hist, want)
+    _, codes = _graphs(f, torch.zeros(8, device="cuda"),
+                       torch.randn(512, 4096, device="cuda", dtype=torch.bfloat16))
+    for op in ("quantize_delayed", "quantize_history"):
+        assert f"fp8compile.{op}." not in codes[0], codes[0]
 
 
 @needs_gpu
