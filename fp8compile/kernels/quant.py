@@ -43,8 +43,8 @@ from ..ops import check_fp8_input
 from ..ops._inline import launch
 from .tuning import cdiv, next_pow2, num_sms
 
-__all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_rows", "quantize_with_scale",
-           "quantize_from_amax", "requantize_t"]
+__all__ = ["amax_tensor", "quantize", "quantize_dual", "quantize_history_t", "quantize_rows",
+           "quantize_with_scale", "quantize_from_amax", "requantize_t"]
 
 # Granularity codes of the GRAN / A_GRAN / W_GRAN constexpr switches (shared with gemm.py).
 GRAN_CODE = {
@@ -908,3 +908,100 @@ def quantize_dual(
             num_warps=_TILE_WARPS["quantize_dual_fixup" if fixup else "quantize_dual"],
         )
     return q, s, qt, st
+
+
+@triton.jit
+def _history_cast_t_kernel(
+    x_ptr, q_ptr, qt_ptr, s_ptr, slots_ptr, amax_out_ptr, hist_ptr,
+    M, N, n_slots, hist_n, stride_xm, stride_xn,
+    AMAX_ONLY: tl.constexpr,  # launch 1: this tile's finite amax into its slot (first step)
+    HIST_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
+    IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Delayed scaling's tensorwise cast of ``x (M, N)`` into ``q (M, N)`` and its transpose
+    ``qt (N, M)`` in one pass, by ``BLOCK x BLOCK`` tiles (the backward's dY: dX reads q,
+    dW reads qt).  Launch 1 (``AMAX_ONLY``) writes each tile's finite amax into its slot while
+    the history ``hist_ptr`` is all zero, and returns at once otherwise; it also zeroes the
+    ``amax_out`` cell.  Launch 2 takes the scale from the history's max (or, on the first
+    step, the slots' max), stores it, casts, and folds x's finite amax into ``amax_out``."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    h = tl.arange(0, HIST_BLOCK)
+    hist_max = tl.max(tl.load(hist_ptr + h, mask=h < hist_n, other=0.0), axis=0)
+    if AMAX_ONLY:
+        if (pid_m == 0) & (pid_n == 0):
+            tl.store(amax_out_ptr, 0.0)
+        if hist_max > 0:
+            return
+    rows = (pid_m * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    cols = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
+    mask = (rows[:, None] < M) & (cols[None, :] < N)
+    x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :] * stride_xn, mask=mask,
+                other=0.0).to(tl.float32)
+    a = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
+    if AMAX_ONLY:
+        tl.store(slots_ptr + pid_m * tl.num_programs(1) + pid_n, a)
+    else:
+        am = hist_max
+        if hist_max <= 0:  # the first step: launch 1 wrote the slots
+            part = tl.zeros([SLOTS], dtype=tl.float32)
+            for i in range(0, n_slots, SLOTS):
+                idx = i + tl.arange(0, SLOTS)
+                part = tl.maximum(part, tl.load(slots_ptr + idx, mask=idx < n_slots, other=0.0))
+            am = tl.max(part, axis=0)
+        s = _scale_from_amax(am, FMAX, POW2)
+        if (pid_m == 0) & (pid_n == 0):
+            tl.store(s_ptr, s)
+        bits = _quantize_bits(x, s, tl.math.div_rn(1.0, s), FMAX, IS_E4M3, HW_CAST)
+        tl.store(q_ptr + rows[:, None] * N + cols[None, :], bits, mask=mask)
+        # Through tl.trans, each row of qt is written as BLOCK contiguous bytes.
+        tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(bits),
+                 mask=(cols[:, None] < N) & (rows[None, :] < M))
+        tl.atomic_max(amax_out_ptr, a)
+
+
+_CAST_T_BLOCK = 64
+
+
+def quantize_history_t(
+    x: torch.Tensor, history: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, qt, scale, amax)``: delayed scaling's tensorwise cast of a 2-D ``x`` and of its
+    transpose in one read (``qt == q.t().contiguous()``), with the scale of ``history``'s
+    max (of x's amax while the history is all zero) and x's finite amax recorded.
+
+    Two launches and no fill: as ``quantize_rows(history=...)``, by 64x64 tiles, so that the
+    backward's dW GEMM gets dYᵀ without a transpose pass (1 byte read and written per
+    element, and a launch, less per linear)."""
+    fmt = Fp8Format(fmt)
+    check_fp8_input(x, "quantize_history_t input")
+    if x.dim() != 2:
+        raise ValueError(
+            f"quantize_history_t: x must be 2-D (M, N), got shape {tuple(x.shape)}; reshape "
+            "it to (tokens, features) first"
+        )
+    m, n = x.shape
+    hist = history.reshape(-1).to(torch.float32).contiguous()
+    q = torch.empty((m, n), dtype=fmt.dtype, device=x.device)
+    qt = torch.empty((n, m), dtype=fmt.dtype, device=x.device)
+    scale = torch.empty(1, dtype=torch.float32, device=x.device)
+    out = torch.empty(1, dtype=torch.float32, device=x.device)
+    grid = (cdiv(m, _CAST_T_BLOCK), cdiv(n, _CAST_T_BLOCK))
+    n_slots = grid[0] * grid[1]
+    slots = torch.empty(n_slots, dtype=torch.float32, device=x.device)
+    common = dict(
+        x_ptr=x, q_ptr=q.view(torch.uint8), qt_ptr=qt.view(torch.uint8), s_ptr=scale,
+        slots_ptr=slots, amax_out_ptr=out, hist_ptr=hist, M=m, N=n, n_slots=n_slots,
+        hist_n=hist.numel(), stride_xm=x.stride(0), stride_xn=x.stride(1),
+        HIST_BLOCK=next_pow2(max(hist.numel(), 1)),
+        SLOTS=min(next_pow2(n_slots), _AMAX_SLOTS_MAX),
+        IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
+        HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=_CAST_T_BLOCK, num_warps=4,
+    )
+    if m == 0 or n == 0:
+        raise ValueError("quantize_history_t: x is empty; the op's reference serves it")
+    launch(_history_cast_t_kernel)[grid](AMAX_ONLY=True, **common)
+    launch(_history_cast_t_kernel)[grid](AMAX_ONLY=False, **common)
+    return q, qt, scale.reshape(()), out.reshape(())

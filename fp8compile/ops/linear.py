@@ -302,13 +302,13 @@ def _dequantize_rows(xq: Tensor, xs: Tensor, gran: nx.Granularity, dtype) -> Ten
 
 
 def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, x_dtype,
-                         need_x, need_w, grad_scale=None, w_t=None, dyq=None):
+                         need_x, need_w, grad_scale=None, w_t=None, dyq=None, dyq_t=None):
     """Both backward GEMMs with one scale per tensor: dY is quantized once, the saved ``xq``
     is used transposed as is (no second rounding of X), and ``Wᵀ`` is quantized with the
     forward's weight scale ``ws`` (amax(Wᵀ) = amax(W): the same FP8 values as a fresh
     quantization, without its amax pass), unless ``w_t`` gives it.  ``grad_scale`` (delayed
     scaling) replaces dY's dynamic scale when given, and ``dyq`` is then dY quantized with
-    it, when the caller has it already."""
+    it, when the caller has it already (``dyq_t``: also its transpose, contiguous, for dW)."""
     ops = torch.ops.fp8compile
     k = weight.shape[1]
     if grad_scale is None:
@@ -325,7 +325,8 @@ def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, 
     if need_w:
         # Transposed FP8 views: the GEMM makes them K-major itself (1 byte per element).
         x_t = xq.reshape(-1, k).t()
-        dw = ops.scaled_mm(dyq.t(), gs, "tensor", x_t, xs, "tensor", None, _dw_dtype(weight),
+        dy_t = dyq_t if dyq_t is not None else dyq.t()
+        dw = ops.scaled_mm(dy_t, gs, "tensor", x_t, xs, "tensor", None, _dw_dtype(weight),
                            acc, "none", None)
     return dx, dw
 

@@ -52,7 +52,7 @@ from .linear import _check_linear, _input_grads, _tensorwise_backward
 from .quant import delayed_amax
 
 __all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed",
-           "linear_delayed_q", "push_amax", "quantize_history"]
+           "linear_delayed_q", "push_amax", "quantize_history", "quantize_history_t"]
 
 _T = Granularity.TENSOR
 
@@ -170,11 +170,14 @@ def _delayed_grads(ctx, grad_y, need_x, need_w, need_b):
     xq, xs, ws, weight, grad_history = ctx.saved_tensors
     weight_fmt, grad_fmt, p2, acc, x_dtype, bias_dtype = ctx.meta
     dy = grad_y.reshape(-1, weight.shape[0])
-    # As in the forward: one pass over dY quantizes it and records its amax.
-    dyq, gs, current = _delayed_cast(dy, grad_history[0], grad_fmt, p2)
+    # As in the forward: one pass over dY quantizes it (and its transpose, for dW) and
+    # records its amax.
+    dyq, dyq_t, gs, current = torch.ops.fp8compile.quantize_history_t(dy, grad_history[0],
+                                                                      grad_fmt, p2)
     torch.ops.fp8compile.push_amax(grad_history, current.reshape(1))
     dx, dw = _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc,
-                                  x_dtype, need_x, need_w, grad_scale=gs, dyq=dyq)
+                                  x_dtype, need_x, need_w, grad_scale=gs, dyq=dyq,
+                                  dyq_t=dyq_t)
     return _input_grads(grad_y, dy, dx, dw, weight, need_b, bias_dtype)
 
 
@@ -281,6 +284,52 @@ def _quantize_history_cuda(x, x2, norm_weight, eps, producer, history, fmt, powe
 
 
 inline_on_gpu(quantize_history, _quantize_history_cuda)
+
+
+@torch.library.custom_op("fp8compile::quantize_history_t", mutates_args=())
+def quantize_history_t(
+    x: Tensor, history: Tensor, fmt: str, power_of_2: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(q, q_t, scale, amax)``: ``quantize_history(x, ..., "none", history, ...)`` of a 2-D
+    ``x`` plus ``q_t == q.t().contiguous()``, the layout the backward's dW GEMM reads.  On
+    the GPU one read of x writes both (64x64 tiles), in two launches as quantize_history."""
+    _check_history_t_args(x, history)
+    q, scale, amax = _quantize_history_ref(x, None, None, 0.0, "none", history, as_fmt(fmt),
+                                           power_of_2)
+    return q, q.t().contiguous(), scale, amax
+
+
+def _check_history_t_args(x: Tensor, history: Tensor) -> None:
+    _check_history_args(x, None, None, "none", history)
+    if x.dim() != 2:
+        raise ValueError(
+            f"quantize_history_t: x must be 2-D (M, N), got shape {tuple(x.shape)}; reshape "
+            "it to (tokens, features) first"
+        )
+
+
+@quantize_history_t.register_fake
+def _(x, history, fmt, power_of_2):
+    dtype = as_fmt(fmt).dtype
+    return (x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype),
+            x.new_empty((), dtype=torch.float32), x.new_empty((), dtype=torch.float32))
+
+
+@quantize_history_t.register_kernel("cuda")
+def _quantize_history_t_cuda(x, history, fmt, power_of_2):
+    from .. import kernels
+
+    _check_history_t_args(x, history)
+    if kernels.available(x) and x.numel() > 0:
+        from ..kernels.quant import quantize_history_t as _kernel
+
+        return _kernel(x, history, as_fmt(fmt), power_of_2)
+    q, scale, amax = _quantize_history_ref(x, None, None, 0.0, "none", history, as_fmt(fmt),
+                                           power_of_2)
+    return q, q.t().contiguous(), scale, amax
+
+
+inline_on_gpu(quantize_history_t, _quantize_history_t_cuda)
 
 
 @torch.library.custom_op("fp8compile::linear_delayed_q", mutates_args=())

@@ -152,3 +152,37 @@ def test_history_cast_rejects_other_modes(device):
                       amax_out=torch.empty(1, device=device))
     with pytest.raises(ValueError, match="history takes"):
         quantize_rows(x, Granularity.TENSOR, Fp8Format.E4M3, False, history=hist)
+
+
+@pytest.mark.parametrize("seen", [False, True])
+@pytest.mark.parametrize("shape, transposed", [((1, 5), False), ((70, 130), False),
+                                               ((130, 70), True), ((65920, 1), False)])
+def test_history_cast_t_matches_reference(device, seen, shape, transposed):
+    # dY's delayed cast with its transpose from the same read, by 64x64 tiles: both payloads,
+    # the scale and the amax against the op's reference; NaN, Inf and an all-zero tile in x.
+    # (65920, 1) runs 1030 tiles: the first step's cast reads their slots 1024 at a time.
+    from fp8compile.kernels.quant import quantize_history_t
+    from fp8compile.ops.training_state import _quantize_history_ref
+
+    x = torch.randn(shape) * 3
+    x.view(-1)[0] = float("nan")
+    x.view(-1)[1 % x.numel()] = float("-inf")
+    x[-1, -1] = 40.0  # x's amax in the last tile
+    if transposed:  # a non-contiguous view
+        x = x.t().contiguous().t()
+    hist = torch.tensor([0.0, 2.5, 1.0]) if seen else torch.zeros(3)
+    q, qt, s, amax = quantize_history_t(x.to(device), hist.to(device), Fp8Format.E4M3)
+    qr, sr, ar = _quantize_history_ref(x, None, None, 0.0, "none", hist, Fp8Format.E4M3, False)
+    assert torch.equal(s.cpu(), sr) and torch.equal(amax.cpu(), ar)
+    assert torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8).cpu(), qr.view(torch.uint8).t().contiguous())
+
+
+def test_history_cast_t_rejects_bad_input(device):
+    from fp8compile.kernels.quant import quantize_history_t
+
+    with pytest.raises(ValueError, match="must be 2-D"):
+        quantize_history_t(torch.randn(2, 3, 4, device=device), torch.zeros(3, device=device))
+    with pytest.raises(ValueError, match="dtype"):
+        quantize_history_t(torch.ones(4, 4, dtype=torch.int32, device=device),
+                           torch.zeros(3, device=device))

@@ -325,6 +325,30 @@ def test_gpu_quantize_delayed_inlined_matches_eager_over_calls():
 
 
 @needs_gpu
+@pytest.mark.parametrize("seen", [False, True])
+def test_gpu_quantize_history_t_inlined_equals_eager(seen):
+    """dY's delayed cast with its transpose, compiled to its two launches and equal to eager
+    mode (both payloads, scale, amax), and to the reference."""
+    x = torch.randn(4096, 1000, device="cuda", dtype=torch.bfloat16) * 3
+    hist = torch.tensor([0.0, 7.5, 1.0], device="cuda") if seen else torch.zeros(3,
+                                                                                 device="cuda")
+
+    def f(t):
+        return OPS.quantize_history_t(t * 2, hist, "e5m2", False)
+
+    got, want = _compiled(f)(x), f(x)
+    for a, b in zip(got, want):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+    assert torch.equal(want[1], want[0].t().contiguous())
+    ref = nx.quantize_with_scale((x * 2).cpu(), want[2].cpu(), nx.Granularity.TENSOR,
+                                 nx.Fp8Format.E5M2)
+    assert torch.equal(want[0].view(torch.uint8).cpu(), ref.view(torch.uint8))
+    _, codes = _graphs(f, x)
+    assert "fp8compile.quantize_history_t." not in codes[0], codes[0]
+
+
+@needs_gpu
 def test_gpu_delayed_scaling_ops_inlined_equal_eager():
     """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
     returns 0 on the device once the history holds a value, compiled as in eager mode."""

@@ -148,8 +148,9 @@ def test_tensorwise_backward_quantizes_wt_with_the_forward_scale(scaling):
     names = log.names()
     assert names["quantize_scaled"] == 1, names  # Wᵀ
     assert names["quantize"] == (scaling == "dynamic"), names  # dY, dynamic
-    # dY, delayed: quantized with its history's scale, its amax recorded in the same pass.
-    assert names["quantize_history"] == (scaling == "delayed"), names
+    # dY, delayed: quantized with its history's scale (and transposed, for dW), its amax
+    # recorded in the same pass.
+    assert names["quantize_history_t"] == (scaling == "delayed"), names
     (s,) = [a[1] for n, a in log.calls if n == "quantize_scaled" and a[0].shape == (200, 130)]
     assert torch.equal(s, ws)
     G = nx.Granularity
@@ -415,3 +416,18 @@ def test_quantize_history_rejects_bad_arguments(args, match):
     a.update(args)
     with pytest.raises(ValueError, match=match):
         OPS.quantize_history(*a.values())
+
+
+def test_quantize_history_t_is_quantize_history_and_its_transpose():
+    x = torch.randn(33, 70) * 4
+    for hist in (torch.zeros(4), torch.tensor([0.0, 3.0, 1.0, 0.0])):
+        q, qt, s, a = OPS.quantize_history_t(x, hist, "e5m2", False)
+        qr, sr, ar = OPS.quantize_history(x, None, None, 0.0, "none", hist, "e5m2", False)
+        assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+        assert torch.equal(qt.view(torch.uint8), qr.view(torch.uint8).t().contiguous())
+        assert torch.equal(s, sr) and torch.equal(a, ar)
+    torch.library.opcheck(OPS.quantize_history_t.default, (x, torch.zeros(4), "e4m3", False))
+    with pytest.raises(ValueError, match="must be 2-D"):
+        OPS.quantize_history_t(torch.randn(2, 3, 4), torch.zeros(4), "e4m3", False)
+    with pytest.raises(ValueError, match="1-D amax history"):
+        OPS.quantize_history_t(x, torch.zeros(2, 4), "e4m3", False)
