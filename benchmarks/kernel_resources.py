@@ -85,15 +85,20 @@ def delayed_cast():
     return quantize_kernel(0, 2, 4096, True, 8, amax_out=True, history=True)
 
 
-def delayed_cast_t():
+def delayed_cast_t(history: bool = True):
     """dY's delayed cast with its transpose (``quantize_history_t``): 64x64 tiles, 4 warps."""
     return sm90_resources(
         quant._history_cast_t_kernel,
         {"x_ptr": "*bf16", "q_ptr": "*u8", "qt_ptr": "*u8", "s_ptr": "*fp32",
          "slots_ptr": "*fp32", "amax_out_ptr": "*fp32", "hist_ptr": "*fp32", "M": "i32",
          "N": "i32", "n_slots": "i32", "hist_n": "i32", "stride_xm": "i32"},
-        {"stride_xn": 1, "AMAX_ONLY": False, "HIST_BLOCK": 16, "SLOTS": quant._AMAX_SLOTS_MAX,
-         "BLOCK": quant._CAST_T_BLOCK, **E4M3}, 4)
+        {"stride_xn": 1, "AMAX_ONLY": False, "HISTORY": history, "HIST_BLOCK": 16,
+         "SLOTS": quant._AMAX_SLOTS_MAX, "BLOCK": quant._CAST_T_BLOCK, **E4M3}, 4)
+
+
+def dynamic_cast_t():
+    """The same with a dynamic scale (``quantize_tensor_t``)."""
+    return delayed_cast_t(history=False)
 
 
 def quantize_dual(fixup: bool = False):
@@ -139,6 +144,7 @@ KERNELS = {
     "delayed cast fused into SiLU·mul (1x16384, 8 warps)": delayed_silu_mul_cast,
     "delayed cast, no producer (2x4096, 8 warps)": delayed_cast,
     "delayed cast of dY with its transpose (64x64, 4 warps)": delayed_cast_t,
+    "dynamic cast of dY with its transpose (64x64, 4 warps)": dynamic_cast_t,
     f"quantize_dual (whole 128x128 tile, {_W['quantize_dual']} warps)": quantize_dual,
     "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
     f"requantize_t (whole 128x128 tile, {_W['requantize_t']} warps)": requantize_t,

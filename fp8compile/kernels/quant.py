@@ -915,6 +915,7 @@ def _history_cast_t_kernel(
     x_ptr, q_ptr, qt_ptr, s_ptr, slots_ptr, amax_out_ptr, hist_ptr,
     M, N, n_slots, hist_n, stride_xm, stride_xn,
     AMAX_ONLY: tl.constexpr,  # launch 1: this tile's finite amax into its slot (first step)
+    HISTORY: tl.constexpr,  # False: dynamic scaling, the amax folded into a zeroed cell
     HIST_BLOCK: tl.constexpr, SLOTS: tl.constexpr,
     IS_E4M3: tl.constexpr, FMAX: tl.constexpr, POW2: tl.constexpr, HW_CAST: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -924,16 +925,21 @@ def _history_cast_t_kernel(
     dW reads qt).  Launch 1 (``AMAX_ONLY``) writes each tile's finite amax into its slot while
     the history ``hist_ptr`` is all zero, and returns at once otherwise; it also zeroes the
     ``amax_out`` cell.  Launch 2 takes the scale from the history's max (or, on the first
-    step, the slots' max), stores it, casts, and folds x's finite amax into ``amax_out``."""
+    step, the slots' max), stores it, casts, and folds x's finite amax into ``amax_out``.
+
+    Without ``HISTORY`` (dynamic scaling) launch 1 folds every tile's amax into the zeroed
+    cell ``slots_ptr`` and launch 2 takes the scale from it (no ``amax_out``)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    h = tl.arange(0, HIST_BLOCK)
-    hist_max = tl.max(tl.load(hist_ptr + h, mask=h < hist_n, other=0.0), axis=0)
-    if AMAX_ONLY:
-        if (pid_m == 0) & (pid_n == 0):
-            tl.store(amax_out_ptr, 0.0)
-        if hist_max > 0:
-            return
+    hist_max = tl.full([], 0.0, tl.float32)
+    if HISTORY:
+        h = tl.arange(0, HIST_BLOCK)
+        hist_max = tl.max(tl.load(hist_ptr + h, mask=h < hist_n, other=0.0), axis=0)
+        if AMAX_ONLY:
+            if (pid_m == 0) & (pid_n == 0):
+                tl.store(amax_out_ptr, 0.0)
+            if hist_max > 0:
+                return
     rows = (pid_m * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     cols = (pid_n * BLOCK + tl.arange(0, BLOCK)).to(tl.int64)
     mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -941,15 +947,22 @@ def _history_cast_t_kernel(
                 other=0.0).to(tl.float32)
     a = tl.max(tl.max(_finite_abs(x), axis=1), axis=0)
     if AMAX_ONLY:
-        tl.store(slots_ptr + pid_m * tl.num_programs(1) + pid_n, a)
+        if HISTORY:
+            tl.store(slots_ptr + pid_m * tl.num_programs(1) + pid_n, a)
+        else:
+            tl.atomic_max(slots_ptr, a)  # a >= 0: exact and order-independent
     else:
-        am = hist_max
-        if hist_max <= 0:  # the first step: launch 1 wrote the slots
-            part = tl.zeros([SLOTS], dtype=tl.float32)
-            for i in range(0, n_slots, SLOTS):
-                idx = i + tl.arange(0, SLOTS)
-                part = tl.maximum(part, tl.load(slots_ptr + idx, mask=idx < n_slots, other=0.0))
-            am = tl.max(part, axis=0)
+        if HISTORY:
+            am = hist_max
+            if hist_max <= 0:  # the first step: launch 1 wrote the slots
+                part = tl.zeros([SLOTS], dtype=tl.float32)
+                for i in range(0, n_slots, SLOTS):
+                    idx = i + tl.arange(0, SLOTS)
+                    part = tl.maximum(part, tl.load(slots_ptr + idx, mask=idx < n_slots,
+                                                    other=0.0))
+                am = tl.max(part, axis=0)
+        else:
+            am = tl.load(slots_ptr)
         s = _scale_from_amax(am, FMAX, POW2)
         if (pid_m == 0) & (pid_n == 0):
             tl.store(s_ptr, s)
@@ -958,14 +971,15 @@ def _history_cast_t_kernel(
         # Through tl.trans, each row of qt is written as BLOCK contiguous bytes.
         tl.store(qt_ptr + cols[:, None] * M + rows[None, :], tl.trans(bits),
                  mask=(cols[:, None] < N) & (rows[None, :] < M))
-        tl.atomic_max(amax_out_ptr, a)
+        if HISTORY:
+            tl.atomic_max(amax_out_ptr, a)
 
 
 _CAST_T_BLOCK = 64
 
 
 def quantize_history_t(
-    x: torch.Tensor, history: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3,
+    x: torch.Tensor, history: torch.Tensor | None, fmt: Fp8Format = Fp8Format.E4M3,
     power_of_2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, qt, scale, amax)``: delayed scaling's tensorwise cast of a 2-D ``x`` and of its
@@ -974,7 +988,10 @@ def quantize_history_t(
 
     Two launches and no fill: as ``quantize_rows(history=...)``, by 64x64 tiles, so that the
     backward's dW GEMM gets dYᵀ without a transpose pass (1 byte read and written per
-    element, and a launch, less per linear)."""
+    element, and a launch, less per linear).
+
+    ``history=None``: dynamic scaling (the scale of x's own amax, folded into a zeroed cell
+    by launch 1); the returned amax is then that amax."""
     fmt = Fp8Format(fmt)
     check_fp8_input(x, "quantize_history_t input")
     if x.dim() != 2:
@@ -983,18 +1000,21 @@ def quantize_history_t(
             "it to (tokens, features) first"
         )
     m, n = x.shape
-    hist = history.reshape(-1).to(torch.float32).contiguous()
+    dynamic = history is None
+    hist = (torch.zeros(1, dtype=torch.float32, device=x.device) if dynamic
+            else history.reshape(-1).to(torch.float32).contiguous())
     q = torch.empty((m, n), dtype=fmt.dtype, device=x.device)
     qt = torch.empty((n, m), dtype=fmt.dtype, device=x.device)
     scale = torch.empty(1, dtype=torch.float32, device=x.device)
     out = torch.empty(1, dtype=torch.float32, device=x.device)
     grid = (cdiv(m, _CAST_T_BLOCK), cdiv(n, _CAST_T_BLOCK))
     n_slots = grid[0] * grid[1]
-    slots = torch.empty(n_slots, dtype=torch.float32, device=x.device)
+    slots = (torch.zeros(1, dtype=torch.float32, device=x.device) if dynamic
+             else torch.empty(n_slots, dtype=torch.float32, device=x.device))
     common = dict(
         x_ptr=x, q_ptr=q.view(torch.uint8), qt_ptr=qt.view(torch.uint8), s_ptr=scale,
         slots_ptr=slots, amax_out_ptr=out, hist_ptr=hist, M=m, N=n, n_slots=n_slots,
-        hist_n=hist.numel(), stride_xm=x.stride(0), stride_xn=x.stride(1),
+        hist_n=hist.numel(), stride_xm=x.stride(0), stride_xn=x.stride(1), HISTORY=not dynamic,
         HIST_BLOCK=next_pow2(max(hist.numel(), 1)),
         SLOTS=min(next_pow2(n_slots), _AMAX_SLOTS_MAX),
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
@@ -1004,4 +1024,4 @@ def quantize_history_t(
         raise ValueError("quantize_history_t: x is empty; the op's reference serves it")
     launch(_history_cast_t_kernel)[grid](AMAX_ONLY=True, **common)
     launch(_history_cast_t_kernel)[grid](AMAX_ONLY=False, **common)
-    return q, qt, scale.reshape(()), out.reshape(())
+    return q, qt, scale.reshape(()), (slots if dynamic else out).reshape(())

@@ -17,6 +17,7 @@ op                                         meaning
 ``fp8compile::quantize_delayed``           tensorwise, scale from an amax history it updates
 ``fp8compile::requantize_t``               FP8 ``(M, K)`` → FP8 of its transpose, rescaled
 ``fp8compile::quantize_dual``              1x128 groups of ``x`` and of ``x.t()``, one read
+``fp8compile::quantize_tensor_t``          tensorwise ``x`` and its transpose, one read
 ``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs);

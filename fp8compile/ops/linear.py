@@ -311,7 +311,10 @@ def _tensorwise_backward(dy, xq, xs, weight, ws, weight_fmt, grad_fmt, p2, acc, 
     it, when the caller has it already (``dyq_t``: also its transpose, contiguous, for dW)."""
     ops = torch.ops.fp8compile
     k = weight.shape[1]
-    if grad_scale is None:
+    if grad_scale is None and need_w:
+        # dY and its transpose from one read: dW reads dYᵀ K-major.
+        dyq, dyq_t, gs = ops.quantize_tensor_t(dy, grad_fmt, p2)
+    elif grad_scale is None:
         dyq, gs = ops.quantize(dy, "tensor", grad_fmt, p2)
     else:
         gs = grad_scale

@@ -87,6 +87,53 @@ def _quantize_dual_cuda(x, fmt, power_of_2):
 inline_on_gpu(quantize_dual, _quantize_dual_cuda)
 
 
+@torch.library.custom_op("fp8compile::quantize_tensor_t", mutates_args=())
+def quantize_tensor_t(x: Tensor, fmt: str, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(q, q_t, scale)``: dynamic tensorwise quantization of a 2-D ``x`` (as
+    ``quantize(x, "tensor", ...)``) and ``q_t``, ``q.t()`` in its own storage, the layout the
+    backward's dW GEMM reads; on the GPU one read of ``x`` writes both (64x64 tiles)."""
+    _check_tensor_t(x)
+    q, scale = nx.quantize(x, Granularity.TENSOR, as_fmt(fmt), power_of_2)
+    return q, _transposed(q), scale
+
+
+def _transposed(q: Tensor) -> Tensor:
+    """``q.t()`` in its own contiguous storage (``.contiguous()`` returns a view, aliasing
+    ``q``, when a dim is 1, and an op's outputs may not alias each other)."""
+    return q.t().clone(memory_format=torch.contiguous_format)
+
+
+def _check_tensor_t(x: Tensor) -> None:
+    check_fp8_input(x, "quantize_tensor_t input")
+    if x.dim() != 2:
+        raise ValueError(
+            f"quantize_tensor_t takes a 2-D tensor, got shape {tuple(x.shape)}; "
+            "reshape it to (rows, columns) first"
+        )
+
+
+@quantize_tensor_t.register_fake
+def _(x, fmt, power_of_2):
+    dtype = as_fmt(fmt).dtype
+    q, qt = x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype)
+    return q, qt, empty_scale(x, Granularity.TENSOR)
+
+
+@quantize_tensor_t.register_kernel("cuda")
+def _quantize_tensor_t_cuda(x, fmt, power_of_2):
+    _check_tensor_t(x)
+    if triton_available(x) and x.numel() > 0:
+        from ..kernels.quant import quantize_history_t as _kernel
+
+        q, qt, scale, _ = _kernel(x, None, as_fmt(fmt), power_of_2)
+        return q, qt, scale
+    q, scale = nx.quantize(x, Granularity.TENSOR, as_fmt(fmt), power_of_2)
+    return q, _transposed(q), scale
+
+
+inline_on_gpu(quantize_tensor_t, _quantize_tensor_t_cuda)
+
+
 @torch.library.custom_op("fp8compile::requantize_t", mutates_args=())
 def requantize_t(
     q: Tensor, scale: Tensor, granularity: str, to: str, fmt: str, power_of_2: bool

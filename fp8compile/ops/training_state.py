@@ -49,7 +49,7 @@ from ._common import as_fmt, check_fp8_input, device_of, empty_scale
 from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
-from .quant import delayed_amax
+from .quant import _transposed, delayed_amax
 
 __all__ = ["AmaxHistory", "delayed_amax", "delayed_scale", "linear_delayed",
            "linear_delayed_q", "push_amax", "quantize_history", "quantize_history_t"]
@@ -291,12 +291,12 @@ def quantize_history_t(
     x: Tensor, history: Tensor, fmt: str, power_of_2: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(q, q_t, scale, amax)``: ``quantize_history(x, ..., "none", history, ...)`` of a 2-D
-    ``x`` plus ``q_t == q.t().contiguous()``, the layout the backward's dW GEMM reads.  On
+    ``x`` plus ``q_t``, ``q.t()`` in its own storage, the layout the dW GEMM reads.  On
     the GPU one read of x writes both (64x64 tiles), in two launches as quantize_history."""
     _check_history_t_args(x, history)
     q, scale, amax = _quantize_history_ref(x, None, None, 0.0, "none", history, as_fmt(fmt),
                                            power_of_2)
-    return q, q.t().contiguous(), scale, amax
+    return q, _transposed(q), scale, amax
 
 
 def _check_history_t_args(x: Tensor, history: Tensor) -> None:
@@ -326,7 +326,7 @@ def _quantize_history_t_cuda(x, history, fmt, power_of_2):
         return _kernel(x, history, as_fmt(fmt), power_of_2)
     q, scale, amax = _quantize_history_ref(x, None, None, 0.0, "none", history, as_fmt(fmt),
                                            power_of_2)
-    return q, q.t().contiguous(), scale, amax
+    return q, _transposed(q), scale, amax
 
 
 inline_on_gpu(quantize_history_t, _quantize_history_t_cuda)

@@ -186,3 +186,20 @@ def test_history_cast_t_rejects_bad_input(device):
     with pytest.raises(ValueError, match="dtype"):
         quantize_history_t(torch.ones(4, 4, dtype=torch.int32, device=device),
                            torch.zeros(3, device=device))
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (70, 130), (130, 1)])
+def test_dynamic_cast_t_matches_quantize(device, shape):
+    # Dynamic tensorwise dY and its transpose from one read: as quantize(x, TENSOR) and
+    # its transpose, amax returned; NaN and -Inf in x.
+    from fp8compile.kernels.quant import quantize_history_t
+
+    x = torch.randn(shape) * 3
+    x.view(-1)[0] = float("nan")
+    x.view(-1)[-1] = float("-inf")
+    q, qt, s, amax = quantize_history_t(x.to(device), None, Fp8Format.E5M2)
+    qr, sr = nx.quantize(x, Granularity.TENSOR, Fp8Format.E5M2)
+    assert torch.equal(s.cpu(), sr)
+    assert torch.equal(amax.cpu(), nx.amax(x, Granularity.TENSOR).float())
+    assert torch.equal(q.view(torch.uint8).cpu(), qr.view(torch.uint8))
+    assert torch.equal(qt.view(torch.uint8).cpu(), qr.view(torch.uint8).t().contiguous())

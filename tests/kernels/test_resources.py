@@ -26,7 +26,8 @@ pytestmark = pytest.mark.skipif(not tools_available(),
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_blocks_transposed",
          "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy",
-         "delayed_rmsnorm_cast", "delayed_silu_mul_cast", "delayed_cast", "delayed_cast_t"]
+         "delayed_rmsnorm_cast", "delayed_silu_mul_cast", "delayed_cast", "delayed_cast_t",
+         "dynamic_cast_t"]
 # Bytes of stack a kernel may use (see the module docstring); 0 for every other kernel.
 ALLOWED_STACK = {"quantize_dual": 64}
 SNIPPET = f"""

@@ -349,6 +349,26 @@ def test_gpu_quantize_history_t_inlined_equals_eager(seen):
 
 
 @needs_gpu
+def test_gpu_quantize_tensor_t_inlined_equals_eager():
+    """Dynamic tensorwise dY and its transpose, compiled to its launches, equal to eager
+    mode and to quantize(x, "tensor")."""
+    x = torch.randn(4096, 1000, device="cuda", dtype=torch.bfloat16) * 3
+
+    def f(t):
+        return OPS.quantize_tensor_t(t * 2, "e5m2", False)
+
+    got, want = _compiled(f)(x), f(x)
+    for a, b in zip(got, want):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+    q, s = OPS.quantize(x * 2, "tensor", "e5m2", False)
+    assert torch.equal(want[2], s) and torch.equal(want[0].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(want[1], want[0].t().contiguous())
+    _, codes = _graphs(f, x)
+    assert "fp8compile.quantize_tensor_t." not in codes[0], codes[0]
+
+
+@needs_gpu
 def test_gpu_delayed_scaling_ops_inlined_equal_eager():
     """Delayed scaling's one-pass cast (payload and amax) and its first-step amax, which
     returns 0 on the device once the history holds a value, compiled as in eager mode."""

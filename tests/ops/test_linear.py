@@ -147,7 +147,8 @@ def test_tensorwise_backward_quantizes_wt_with_the_forward_scale(scaling):
         y.backward(gy)
     names = log.names()
     assert names["quantize_scaled"] == 1, names  # Wᵀ
-    assert names["quantize"] == (scaling == "dynamic"), names  # dY, dynamic
+    # dY, dynamic: quantized with its transpose (for dW) from one read.
+    assert names["quantize_tensor_t"] == (scaling == "dynamic"), names
     # dY, delayed: quantized with its history's scale (and transposed, for dW), its amax
     # recorded in the same pass.
     assert names["quantize_history_t"] == (scaling == "delayed"), names
@@ -431,3 +432,16 @@ def test_quantize_history_t_is_quantize_history_and_its_transpose():
         OPS.quantize_history_t(torch.randn(2, 3, 4), torch.zeros(4), "e4m3", False)
     with pytest.raises(ValueError, match="1-D amax history"):
         OPS.quantize_history_t(x, torch.zeros(2, 4), "e4m3", False)
+
+
+@pytest.mark.parametrize("shape", [(33, 70), (1, 128), (128, 1)])
+def test_quantize_tensor_t_is_quantize_and_its_transpose(shape):
+    x = torch.randn(shape) * 4
+    q, qt, s = OPS.quantize_tensor_t(x, "e4m3", False)
+    qr, sr = OPS.quantize(x, "tensor", "e4m3", False)
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8)) and torch.equal(s, sr)
+    assert torch.equal(qt.view(torch.uint8), qr.view(torch.uint8).t().contiguous())
+    assert qt.untyped_storage().data_ptr() != q.untyped_storage().data_ptr()
+    torch.library.opcheck(OPS.quantize_tensor_t.default, (x, "e4m3", False))
+    with pytest.raises(ValueError, match="2-D"):
+        OPS.quantize_tensor_t(torch.randn(2, 3, 4), "e4m3", False)
