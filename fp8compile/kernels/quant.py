@@ -196,6 +196,20 @@ def _fold_amax(amax_ptr, amax, pid_m, pid_k, AMAX_AT: tl.constexpr):
 
 
 @triton.jit
+def _history_or_slots_max(hist_max, slots_ptr, n_slots, SLOTS: tl.constexpr):
+    """Delayed scaling's amax: the history's max once it holds a value, else (the first
+    step, when launch 1 wrote them) the max of the ``n_slots`` slots, ``SLOTS`` at a time."""
+    am = hist_max
+    if hist_max <= 0:
+        part = tl.zeros([SLOTS], dtype=tl.float32)
+        for i in range(0, n_slots, SLOTS):
+            idx = i + tl.arange(0, SLOTS)
+            part = tl.maximum(part, tl.load(slots_ptr + idx, mask=idx < n_slots, other=0.0))
+        am = tl.max(part, axis=0)
+    return am
+
+
+@triton.jit
 def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_k, n_slots,
                          hist_max, GRAN: tl.constexpr, GIVEN_SCALE: tl.constexpr,
                          AMAX_AT: tl.constexpr, SLOTS: tl.constexpr, HISTORY: tl.constexpr,
@@ -214,14 +228,7 @@ def _row_or_tensor_scale(a, amax_ptr, s_ptr, rows, rmask, stride_sm, pid_m, pid_
             s1 = tl.load(amax_ptr)
         else:
             if HISTORY:
-                am = hist_max
-                if hist_max <= 0:  # the first step: launch 1 wrote its slots
-                    part = tl.zeros([SLOTS], dtype=tl.float32)
-                    for i in range(0, n_slots, SLOTS):
-                        idx = i + tl.arange(0, SLOTS)
-                        part = tl.maximum(part, tl.load(amax_ptr + idx, mask=idx < n_slots,
-                                                        other=0.0))
-                    am = tl.max(part, axis=0)
+                am = _history_or_slots_max(hist_max, amax_ptr, n_slots, SLOTS)
             elif AMAX_AT == 2:
                 am = tl.max(a, axis=0)
             elif AMAX_AT == 1:
@@ -953,14 +960,7 @@ def _history_cast_t_kernel(
             tl.atomic_max(slots_ptr, a)  # a >= 0: exact and order-independent
     else:
         if HISTORY:
-            am = hist_max
-            if hist_max <= 0:  # the first step: launch 1 wrote the slots
-                part = tl.zeros([SLOTS], dtype=tl.float32)
-                for i in range(0, n_slots, SLOTS):
-                    idx = i + tl.arange(0, SLOTS)
-                    part = tl.maximum(part, tl.load(slots_ptr + idx, mask=idx < n_slots,
-                                                    other=0.0))
-                am = tl.max(part, axis=0)
+            am = _history_or_slots_max(hist_max, slots_ptr, n_slots, SLOTS)
         else:
             am = tl.load(slots_ptr)
         s = _scale_from_amax(am, FMAX, POW2)

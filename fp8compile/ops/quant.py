@@ -54,29 +54,34 @@ inline_on_gpu(quantize, quantize_impl)
 def quantize_dual(x: Tensor, fmt: str, power_of_2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(q, s, qt, st)``: 1x128-group quantization of a 2-D ``x`` and of ``x.t()``, from one
     read of ``x`` on the GPU (see :func:`fp8compile.numerics.quantize_dual`)."""
-    _check_dual(x)
+    _check_2d(x, "quantize_dual")
     return nx.quantize_dual(x, as_fmt(fmt), power_of_2)
 
 
-def _check_dual(x: Tensor) -> None:
-    check_fp8_input(x, "quantize_dual input")
+def _check_2d(x: Tensor, op: str) -> None:
+    check_fp8_input(x, f"{op} input")
     if x.dim() != 2:
         raise ValueError(
-            f"quantize_dual takes a 2-D tensor, got shape {tuple(x.shape)}; "
+            f"{op} takes a 2-D tensor, got shape {tuple(x.shape)}; "
             "reshape it to (rows, columns) first"
         )
 
 
+def _empty_pair(x: Tensor, fmt: str) -> tuple[Tensor, Tensor]:
+    """Fake ``(q, qt)`` of a 2-D ``x``: its FP8 copy and its transpose's."""
+    dtype = as_fmt(fmt).dtype
+    return x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype)
+
+
 @quantize_dual.register_fake
 def _(x, fmt, power_of_2):
-    dtype = as_fmt(fmt).dtype
-    q, qt = x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype)
+    q, qt = _empty_pair(x, fmt)
     return q, empty_scale(q, Granularity.GROUP), qt, empty_scale(qt, Granularity.GROUP)
 
 
 @quantize_dual.register_kernel("cuda")
 def _quantize_dual_cuda(x, fmt, power_of_2):
-    _check_dual(x)
+    _check_2d(x, "quantize_dual")
     if triton_available(x):
         from ..kernels.quant import quantize_dual as _kernel
 
@@ -92,7 +97,7 @@ def quantize_tensor_t(x: Tensor, fmt: str, power_of_2: bool) -> tuple[Tensor, Te
     """``(q, q_t, scale)``: dynamic tensorwise quantization of a 2-D ``x`` (as
     ``quantize(x, "tensor", ...)``) and ``q_t``, ``q.t()`` in its own storage, the layout the
     backward's dW GEMM reads; on the GPU one read of ``x`` writes both (64x64 tiles)."""
-    _check_tensor_t(x)
+    _check_2d(x, "quantize_tensor_t")
     q, scale = nx.quantize(x, Granularity.TENSOR, as_fmt(fmt), power_of_2)
     return q, _transposed(q), scale
 
@@ -103,25 +108,14 @@ def _transposed(q: Tensor) -> Tensor:
     return q.t().clone(memory_format=torch.contiguous_format)
 
 
-def _check_tensor_t(x: Tensor) -> None:
-    check_fp8_input(x, "quantize_tensor_t input")
-    if x.dim() != 2:
-        raise ValueError(
-            f"quantize_tensor_t takes a 2-D tensor, got shape {tuple(x.shape)}; "
-            "reshape it to (rows, columns) first"
-        )
-
-
 @quantize_tensor_t.register_fake
 def _(x, fmt, power_of_2):
-    dtype = as_fmt(fmt).dtype
-    q, qt = x.new_empty(x.shape, dtype=dtype), x.new_empty((x.shape[1], x.shape[0]), dtype=dtype)
-    return q, qt, empty_scale(x, Granularity.TENSOR)
+    return (*_empty_pair(x, fmt), empty_scale(x, Granularity.TENSOR))
 
 
 @quantize_tensor_t.register_kernel("cuda")
 def _quantize_tensor_t_cuda(x, fmt, power_of_2):
-    _check_tensor_t(x)
+    _check_2d(x, "quantize_tensor_t")
     if triton_available(x) and x.numel() > 0:
         from ..kernels.quant import quantize_history_t as _kernel
 
