@@ -1,5 +1,11 @@
 """FP8 GEMM benchmark on LLaMA shapes: fp8compile's Triton kernels vs cuBLAS and torchao.
 
+``ours`` is what ``fp8compile.kernels.scaled_mm`` runs: the faster of cuBLAS and our kernel
+for that shape (``kernels/select.py``).  For blockwise, ``glu`` forces our kernel
+(``FP8COMPILE_GEMM_BACKEND=triton``), which at M > 256 on Hopper is the warp-specialized
+Gluon kernel (``kernels/blockwise_ws.py``), and ``trit`` the Triton kernel it replaces
+(``FP8COMPILE_GLUON=0`` as well).
+
 Run on a CUDA machine (Hopper for FP8)::
 
     PYTHONUNBUFFERED=1 python benchmarks/gemm.py --check --out out/
@@ -207,6 +213,20 @@ def run_bench(out_dir, shapes):
                                        "none", None)
                 return f
 
+            def with_env(fn, **env):  # a kernel forced by fp8compile's switches
+                def f(*a):
+                    old = {key: os.environ.get(key) for key in env}
+                    os.environ.update(env)
+                    try:
+                        return fn(*a)
+                    finally:
+                        for key, v in old.items():
+                            if v is None:
+                                del os.environ[key]
+                            else:
+                                os.environ[key] = v
+                return f
+
             def cub_tensor(fast):
                 return lambda xq, xs, wq, ws: torch._scaled_mm(
                     xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
@@ -219,6 +239,11 @@ def run_bench(out_dir, shapes):
                 ("bf16", lambda x, w: F.linear(x, w), "hp", None),
                 ("cublas_block", blk_fn, "block", None),
                 ("ours_block", ours(G.GROUP, G.BLOCK, "precise"), "block", None),
+                ("gluon_block", with_env(ours(G.GROUP, G.BLOCK, "precise"),
+                                         FP8COMPILE_GEMM_BACKEND="triton"), "block", None),
+                ("triton_block", with_env(ours(G.GROUP, G.BLOCK, "precise"),
+                                          FP8COMPILE_GEMM_BACKEND="triton",
+                                          FP8COMPILE_GLUON="0"), "block", None),
                 ("cublas_row_fast", cub_row(True), "row", None),
                 ("ours_row_fast", ours(G.ROW, G.ROW, "fast"), "row", None),
                 ("cublas_row_precise", cub_row(False), "row", None),
@@ -334,26 +359,29 @@ def _ratio(t, a, b):
 def print_tables(rows):
     log("\nTFLOP/s (median, CUDA-graph replay, bf16 out); "
         "x = speedup of ours over the baseline (time ratio)")
-    hdr = ("   M     N     K | bf16 | blk cuBL  ours  ao |  row fast cuBL ours | row prec cuBL ours"
-           " | tens fast cuBL ours | q+blk q+row | xblk xrow xtns | q+blk/bf16 q+row/bf16 "
-           "| err blk ours/cuBL")
+    hdr = ("   M     N     K | bf16 | blk cuBL  ours   glu  trit  ao |  row fast cuBL ours"
+           " | row prec cuBL ours | tens fast cuBL ours | q+blk q+row | xblk xrow xtns"
+           " | q+blk/bf16 q+row/bf16 "
+           "| err blk glu/cuBL")
     log(hdr)
     for r in rows:
         f, t, e = r["tflops"], r["ms"], r["err"]
 
         def g(key):
             return f"{f[key]:5.0f}" if key in f else "    -"
-        eb = e.get("ours_block", float("nan")) / e.get("cublas_block", float("nan"))
+        eb = e.get("gluon_block", float("nan")) / e.get("cublas_block", float("nan"))
         log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |{g('bf16')} | {g('cublas_block')} "
-            f"{g('ours_block')} {g('torchao_block')} |       {g('cublas_row_fast')} "
+            f"{g('ours_block')} {g('gluon_block')} {g('triton_block')} {g('torchao_block')} |"
+            "       "
+            f"{g('cublas_row_fast')} "
             f"{g('ours_row_fast')} |      {g('cublas_row_precise')} {g('ours_row_precise')} |"
             f"       {g('cublas_tensor_fast')} {g('ours_tensor_fast')} | {g('ours_q+block')} "
-            f"{g('ours_q+row_fast')} | {_ratio(t, 'ours_block', 'cublas_block'):4.2f} "
+            f"{g('ours_q+row_fast')} | {_ratio(t, 'gluon_block', 'cublas_block'):4.2f} "
             f"{_ratio(t, 'ours_row_fast', 'cublas_row_fast'):4.2f} "
             f"{_ratio(t, 'ours_tensor_fast', 'cublas_tensor_fast'):4.2f} | "
             f"{_ratio(t, 'ours_q+block', 'bf16'):10.2f} "
             f"{_ratio(t, 'ours_q+row_fast', 'bf16'):10.2f}"
-            f" | {e.get('ours_block', float('nan')):.1e}/{e.get('cublas_block', float('nan')):.1e}"
+            f" | {e.get('gluon_block', float('nan')):.1e}/{e.get('cublas_block', float('nan')):.1e}"
             f"={eb:.2f}")
 
 

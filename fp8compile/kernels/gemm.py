@@ -18,6 +18,11 @@ row-major; the weight tile is loaded as ``[BLOCK_K, BLOCK_N]`` with K contiguous
 When the output tiles alone leave SMs idle (decode, M <= 256), K is split across programs
 that write fp32 partial sums; :func:`_splitk_epilogue_kernel` adds them up and runs the
 same epilogue.
+
+On Hopper, eager blockwise GEMMs (1x128 x 128x128 scales, M > 256, no activation or
+residual) go to the warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which
+overlaps the promotion with the tensor cores (1.5x this kernel); ``config=...`` or
+``FP8COMPILE_GLUON=0`` keeps them here.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity
 from ..ops._inline import launch, outside_tracing, random_like, tracing
-from . import tuning
+from . import blockwise_ws, tuning
 from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv
@@ -287,6 +292,10 @@ def scaled_mm(
     else:
         res, stride_rm, stride_rn = out, 0, 0
 
+    if config is None and not tracing() and not _interpreting() and blockwise_ws.unsupported(
+            a, xs2, x_granularity, w, ws2, w_granularity, out_dtype, activation,
+            residual is not None) is None:
+        return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out).reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)

@@ -1,0 +1,274 @@
+"""Blockwise FP8 GEMM for Hopper, warp-specialized (Gluon): ``(xq·s_x) @ (wq·s_w)ᵀ + bias``.
+
+The recipe is DeepSeek-V3's: 1x128 activation groups times 128x128 weight blocks, each
+128-wide K block multiplied on the tensor cores and then promoted into an fp32 accumulator
+with its two scales.  :mod:`.gemm`'s Triton kernel computes the same thing, but Triton lowers
+a dot whose result is not the next dot's accumulator with a full ``wgmma`` wait right after
+it, so the tensor cores idle while each warpgroup promotes (0.60-0.65x cuBLAS).  Here the
+schedule is written out in Gluon, Triton's lower-level dialect:
+
+* one 1-warp **loader** partition streams ``A`` (BM x 128) and ``B`` (BN x 128) tiles through
+  a ring of ``STAGES`` shared-memory buffers with TMA, one ``ready`` mbarrier per stage;
+* two 4-warp **math** partitions each own half of the BM=128 rows (one ``m64`` wgmma
+  warpgroup each) and release a stage through its ``empty`` mbarrier (count 2);
+* each math warpgroup takes the K blocks in pairs: it issues both blocks' wgmma into two
+  partial tiles, waits for the first only (``num_outstanding=1``), and promotes it while the
+  second runs on the tensor cores.  Nothing is in flight across the loop's back edge: a
+  loop-carried in-flight accumulator makes ptxas serialize every wgmma of the loop (C7514);
+  and a four-block trip needs a fifth 64-register tile and spills;
+* the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
+  fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
+
+Registers: 64 fp32 per thread for the accumulator and for each partial tile (128x128 tile,
+two warpgroups); the math partitions ask for 232 registers, the loader 40.  Offline
+compilation for sm_90a checks the absence of spills and of ptxas' serialization warnings
+(``tests/kernels/test_blockwise_ws.py``).
+
+Only Hopper (sm_90) and only eager launches: Gluon kernels cannot be traced into an
+Inductor graph, so compiled graphs keep the Triton kernel / cuBLAS choice of :mod:`.select`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..numerics import FP8_FORMATS, Granularity
+
+try:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    HAVE_GLUON = True
+except ImportError:  # a Triton without Gluon's Hopper API
+    HAVE_GLUON = False
+
+__all__ = ["HAVE_GLUON", "blockwise_mm", "unsupported"]
+
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
+STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
+MATH_REGS, LOAD_REGS = 232, 40
+MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
+
+
+def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
+                w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool
+                ) -> str | None:
+    """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is 2-D.  The
+    shape and format rules come first, so each can be checked without a GPU."""
+    if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
+        return "disabled by FP8COMPILE_GLUON=0"
+    if Granularity(x_gran) is not Granularity.GROUP or Granularity(w_gran) is not Granularity.BLOCK:
+        return "only 1x128 activation groups x 128x128 weight blocks"
+    if activation != "none" or has_residual:
+        return "no activation or residual epilogue"
+    if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
+        return "both operands in one FP8 format"
+    if xs.dtype != torch.float32 or ws.dtype != torch.float32:
+        return "fp32 scales"
+    m, k = xq.shape
+    n = wq.shape[0]
+    if m < MIN_M:
+        return f"M={m} < {MIN_M}: the split-K kernel serves small M"
+    out_bytes = torch.empty((), dtype=out_dtype).element_size()
+    if k % 16 or (n * out_bytes) % 16:
+        return "TMA needs 16-byte rows: K % 16 == 0 and N * out bytes % 16 == 0"
+    if xq.stride() != (k, 1) or wq.stride() != (k, 1):
+        return "operands must be contiguous and K-major"
+    if any(t.data_ptr() % 16 for t in (xq, wq)):
+        return "operands must be 16-byte aligned"
+    if not HAVE_GLUON:
+        return "this Triton has no Gluon Hopper API"
+    if xq.device.type != "cuda" or torch.cuda.get_device_capability(xq.device) != (9, 0):
+        return "needs a Hopper GPU (sm_90)"
+    return None
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _tile_coords(tile, num_pid_m, num_pid_n):
+        GROUP_M: gl.constexpr = 8  # row tiles sharing each weight column tile in L2
+        in_group = GROUP_M * num_pid_n
+        first_m = (tile // in_group) * GROUP_M
+        size_m = gl.minimum(num_pid_m - first_m, GROUP_M)
+        return first_m + ((tile % in_group) % size_m), (tile % in_group) // size_m
+
+    @gluon.jit
+    def _loader(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, a_desc, b_desc):
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        BM: gl.constexpr = a_bufs.shape[1]
+        BK: gl.constexpr = a_bufs.shape[2]
+        BN: gl.constexpr = b_bufs.shape[1]
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        it = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n)
+            for ki in range(gl.cdiv(K, BK)):
+                s = it % STAGES_
+                # a fresh barrier passes a wait on parity 1: the first lap finds every stage free
+                mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
+                mbarrier.expect(ready.index(s),
+                                a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(s),
+                                               a_bufs.index(s))
+                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(s),
+                                               b_bufs.index(s))
+                it += 1
+
+    @gluon.jit
+    def _issue(a_bufs, b_bufs, ready, it, half_rows, into):
+        """Wait for stage ``it``'s tiles and start its wgmma for this warpgroup's rows."""
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        HM: gl.constexpr = into.shape[0]
+        s = it % STAGES_
+        mbarrier.wait(ready.index(s), (it // STAGES_) & 1)
+        return warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
+                             b_bufs.index(s).permute((1, 0)), into, use_acc=False,
+                             is_async=True)
+
+    @gluon.jit
+    def _factor(s_row_ptrs, rmask, w_ptr, kb, stride_ask, stride_wsk):
+        """Row scales times the weight block's scale, for K block ``kb``."""
+        return (gl.load(s_row_ptrs + kb * stride_ask, mask=rmask, other=0.0)
+                * gl.load(w_ptr + kb * stride_wsk))
+
+    @gluon.jit
+    def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        BM: gl.constexpr = a_bufs.shape[1]
+        BK: gl.constexpr = a_bufs.shape[2]
+        BN: gl.constexpr = b_bufs.shape[1]
+        HM: gl.constexpr = BM // 2
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                          instr_shape=[16, BN, 32])
+        num_pid_m = gl.cdiv(M, BM)
+        num_pid_n = gl.cdiv(N, BN)
+        k_tiles = gl.cdiv(K, BK)
+        pa = gl.zeros([HM, BN], gl.float32, layout)
+        pb = gl.zeros([HM, BN], gl.float32, layout)
+        it = 0
+        for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
+            pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n)
+            rows = (pid_m * BM + HALF * HM
+                    + gl.arange(0, HM, layout=gl.SliceLayout(1, layout)))
+            rmask = rows < M
+            s_rows = as_ptr + rows * stride_asm
+            w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
+            acc = gl.zeros([HM, BN], gl.float32, layout)
+            for j in range(k_tiles // 2):
+                ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
+                tb = _issue(a_bufs, b_bufs, ready, it + 1, HALF * HM, pb)
+                fa = _factor(s_rows, rmask, w_ptr, 2 * j, stride_ask, stride_wsk)
+                fb = _factor(s_rows, rmask, w_ptr, 2 * j + 1, stride_ask, stride_wsk)
+                pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
+                mbarrier.arrive(empty.index(it % STAGES_), count=1)
+                acc += pa * fa[:, None]  # runs while block 2j+1's wgmma does
+                pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
+                mbarrier.arrive(empty.index((it + 1) % STAGES_), count=1)
+                acc += pb * fb[:, None]
+                it += 2
+            if k_tiles % 2 == 1:
+                ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
+                fa = _factor(s_rows, rmask, w_ptr, k_tiles - 1, stride_ask, stride_wsk)
+                pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
+                mbarrier.arrive(empty.index(it % STAGES_), count=1)
+                acc += pa * fa[:, None]
+                it += 1
+            cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            acc += bias[None, :]  # a zero vector when the GEMM has no bias
+            tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+            c_smem.store(acc.to(c_desc.dtype))
+            fence_async_shared()
+            tma.async_copy_shared_to_global(c_desc, [pid_m * BM + HALF * HM, pid_n * BN],
+                                            c_smem)
+        tma.store_wait(pendings=0)
+
+    # Partition entry points: Gluon passes worker arguments as IR values, so each half is a
+    # function of its own and the shapes come from the buffers' types, not constexpr args.
+    @gluon.jit
+    def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                 M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, 0)
+
+    @gluon.jit
+    def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                 M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, 1)
+
+    @gluon.jit
+    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+                             stride_asm, stride_ask, stride_wsn, stride_wsk,
+                             STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
+                             LOAD_REGS: gl.constexpr):
+        BM: gl.constexpr = a_desc.block_type.shape[0]
+        BK: gl.constexpr = a_desc.block_type.shape[1]
+        BN: gl.constexpr = b_desc.block_type.shape[0]
+        a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
+        b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
+        c_lo = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        c_hi = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # one arrive per math warpgroup
+        fence_async_shared()
+        args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk)
+        gl.warp_specialize([(_math_lo, args), (_math_hi, args),
+                            (_loader, args + (a_desc, b_desc))],
+                           [4, 1], [MATH_REGS, LOAD_REGS])
+
+    def _gl_dtype(dtype: torch.dtype):
+        return {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5,
+                torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
+                torch.float32: gl.float32}[dtype]
+
+    def layouts(in_dtype: torch.dtype, out_dtype: torch.dtype):
+        """Shared-memory layouts of the A, B and output tiles (128-byte swizzles)."""
+        gin, gout = _gl_dtype(in_dtype), _gl_dtype(out_dtype)
+        return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gin),
+                gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gin),
+                gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], gout))
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
+                 bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+    """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
+    :func:`unsupported` returns ``None``.  ``xs`` is (M, ceil(K/128)), ``ws``
+    (ceil(N/128), ceil(K/128)), any strides."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    a_l, b_l, c_l = layouts(xq.dtype, out.dtype)
+    a_d = TensorDescriptor(xq, [m, k], [k, 1], [BLOCK_M, BLOCK_K], a_l)
+    b_d = TensorDescriptor(wq, [n, k], [k, 1], [BLOCK_N, BLOCK_K], b_l)
+    c_d = TensorDescriptor(out, [m, n], [out.stride(0), 1], [BLOCK_M // 2, BLOCK_N], c_l)
+    tiles = -(-m // BLOCK_M) * -(-n // BLOCK_N)
+    index = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
+    grid = (min(_num_sms(index), tiles),)
+    _blockwise_ws_kernel[grid](
+        a_d, b_d, c_d, xs, ws, bias if bias is not None else torch.zeros(n, device=out.device),
+        m, n, k, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        STAGES=STAGES, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, num_warps=4)
+    return out
