@@ -79,7 +79,7 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     n = wq.shape[0]
     if m < MIN_M:
         return f"M={m} < {MIN_M}: the split-K kernel serves small M"
-    out_bytes = torch.empty((), dtype=out_dtype).element_size()
+    out_bytes = torch.finfo(out_dtype).bits // 8
     if k % 16 or (n * out_bytes) % 16:
         return "TMA needs 16-byte rows: K % 16 == 0 and N * out bytes % 16 == 0"
     if xq.stride() != (k, 1) or wq.stride() != (k, 1):
@@ -105,7 +105,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _loader(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, a_desc, b_desc):
+                has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, a_desc,
+                b_desc):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -145,8 +146,8 @@ if HAVE_GLUON:
                 * gl.load(w_ptr + kb * stride_wsk))
 
     @gluon.jit
-    def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
-              stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
+    def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -188,8 +189,9 @@ if HAVE_GLUON:
                 acc += pa * fa[:, None]
                 it += 1
             cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
-            bias = gl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
-            acc += bias[None, :]  # a zero vector when the GEMM has no bias
+            # without a bias (has_bias == 0) nothing is read and zeros are added
+            bias = gl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0)
+            acc += bias.to(gl.float32)[None, :]
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
@@ -201,18 +203,18 @@ if HAVE_GLUON:
     # function of its own and the shapes come from the buffers' types, not constexpr args.
     @gluon.jit
     def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
-              stride_asm, stride_ask, stride_wsn, stride_wsk, 0)
+                 has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, 0)
 
     @gluon.jit
     def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
-              stride_asm, stride_ask, stride_wsn, stride_wsk, 1)
+                 has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, 1)
 
     @gluon.jit
-    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, M, N, K,
+    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
                              LOAD_REGS: gl.constexpr):
@@ -230,7 +232,7 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrive per math warpgroup
         fence_async_shared()
         args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk)
+                has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk)
         gl.warp_specialize([(_math_lo, args), (_math_hi, args),
                             (_loader, args + (a_desc, b_desc))],
                            [4, 1], [MATH_REGS, LOAD_REGS])
@@ -268,7 +270,7 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     index = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
     grid = (min(_num_sms(index), tiles),)
     _blockwise_ws_kernel[grid](
-        a_d, b_d, c_d, xs, ws, bias if bias is not None else torch.zeros(n, device=out.device),
+        a_d, b_d, c_d, xs, ws, bias if bias is not None else out, int(bias is not None),
         m, n, k, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
         STAGES=STAGES, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, num_warps=4)
     return out

@@ -74,7 +74,7 @@ def _ptxas_report() -> str:
     sig = {"a_desc": f"tensordesc<fp8e4nv[128, 128],{a_l!r}>",
            "b_desc": f"tensordesc<fp8e4nv[128, 128],{b_l!r}>",
            "c_desc": f"tensordesc<bf16[64, 128],{c_l!r}>",
-           "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16",
+           "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
            "M": "i32", "N": "i32", "K": "i32", "stride_asm": "i32", "stride_ask": "i32",
            "stride_wsn": "i32", "stride_wsk": "i32"}
     consts = dict(STAGES=bw.STAGES, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS)
