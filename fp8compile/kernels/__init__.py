@@ -79,7 +79,7 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
     Cases the kernel does not serve (mixed E4M3 x E5M2 operands, K == 0) fall back to the
     reference.
     """
-    from . import select
+    from . import gemm, select
     from .gemm import scaled_mm as _scaled_mm
 
     xg, wg = Granularity(x_granularity), Granularity(w_granularity)
@@ -94,7 +94,8 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
             return select.cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype,
                                            accumulation)
     try:
-        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype)
+        gluon = gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual)
+        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, gluon)
         if select.choose(key, triton_fn, cublas_fn) == "cublas":
             return cublas_fn()
         return triton_fn()

@@ -61,10 +61,12 @@ MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
 
 
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
-                w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool
-                ) -> str | None:
+                w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool,
+                layout: bool = True) -> str | None:
     """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is 2-D.  The
-    shape and format rules come first, so each can be checked without a GPU."""
+    shape and format rules come first, so each can be checked without a GPU.
+    ``layout=False`` skips the stride and alignment rules, which :func:`.gemm.scaled_mm`
+    meets by copying an operand."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
     if Granularity(x_gran) is not Granularity.GROUP or Granularity(w_gran) is not Granularity.BLOCK:
@@ -82,9 +84,9 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     out_bytes = torch.finfo(out_dtype).bits // 8
     if k % 16 or (n * out_bytes) % 16:
         return "TMA needs 16-byte rows: K % 16 == 0 and N * out bytes % 16 == 0"
-    if xq.stride() != (k, 1) or wq.stride() != (k, 1):
+    if layout and (xq.stride() != (k, 1) or wq.stride() != (k, 1)):
         return "operands must be contiguous and K-major"
-    if any(t.data_ptr() % 16 for t in (xq, wq)):
+    if layout and any(t.data_ptr() % 16 for t in (xq, wq)):
         return "operands must be 16-byte aligned"
     if not HAVE_GLUON:
         return "this Triton has no Gluon Hopper API"

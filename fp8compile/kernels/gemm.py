@@ -40,7 +40,7 @@ from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv
 
-__all__ = ["ACT_CODE", "scaled_mm"]
+__all__ = ["ACT_CODE", "gluon_serves", "scaled_mm"]
 
 ACT_CODE = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -232,7 +232,7 @@ def scaled_mm(
     wq: torch.Tensor, ws: torch.Tensor, w_granularity: Granularity,
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
     accumulation: str = "precise", activation: str = "none",
-    residual: torch.Tensor | None = None, config: dict | None = None,
+    residual: torch.Tensor | None = None, config: dict | None = None, gluon: bool = True,
 ) -> torch.Tensor:
     """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
 
@@ -240,7 +240,9 @@ def scaled_mm(
     (``precise``) or Hopper's reduced-precision FP8 accumulation (``fast`` with tensor/row
     scales; blockwise scales are always promoted every 128 of K).  ``config`` forces a tile
     config (keys of :func:`tuning.default_config` plus optional ``SPLIT_K``) instead of the
-    autotuned one.
+    autotuned one.  ``gluon=False`` keeps a blockwise GEMM on the Triton kernel where the
+    Gluon kernel would serve it (see :func:`gluon_serves`): the compile-time decisions time
+    and tune what a traced graph will launch.
 
     Example::
 
@@ -292,9 +294,9 @@ def scaled_mm(
     else:
         res, stride_rm, stride_rn = out, 0, 0
 
-    if config is None and not tracing() and not _interpreting() and blockwise_ws.unsupported(
-            a, xs2, x_granularity, w, ws2, w_granularity, out_dtype, activation,
-            residual is not None) is None:
+    if gluon and config is None and not tracing() and not _interpreting() and (
+            blockwise_ws.unsupported(a, xs2, x_granularity, w, ws2, w_granularity, out_dtype,
+                                     activation, residual is not None) is None):
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out).reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
@@ -359,6 +361,22 @@ def scaled_mm(
     return out.reshape(*lead, n)
 
 
+def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
+                 residual) -> bool:
+    """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
+    :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
+    The backend choice keys on it, so that a choice timed against the Gluon kernel is never
+    applied to a traced graph, which launches the Triton kernel."""
+    if (tracing() or _interpreting() or xq.dim() < 1 or wq.dim() != 2
+            or Granularity(x_granularity) is not Granularity.GROUP
+            or Granularity(w_granularity) is not Granularity.BLOCK):
+        return False
+    k = xq.shape[-1]
+    return blockwise_ws.unsupported(
+        xq.reshape(-1, k), xs.reshape(-1, xs.shape[-1]), x_granularity, wq, ws, w_granularity,
+        out_dtype, activation, residual is not None, layout=False) is None
+
+
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.
 _COMPILE_TIME_CONFIGS: dict[tuple, dict] = {}
 
@@ -377,7 +395,7 @@ def _compile_time_config(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, 
         with outside_tracing():
             real = [random_like(t) for t in (xq, xs, wq, ws, bias, residual)]
             scaled_mm(real[0], real[1], xg, real[2], real[3], wg, real[4], out_dtype,
-                      accumulation, activation, real[5])
+                      accumulation, activation, real[5], gluon=False)
         best = _tuned.best_config
         _COMPILE_TIME_CONFIGS[key] = {**best.kwargs, "num_warps": best.num_warps,
                                       "num_stages": best.num_stages}

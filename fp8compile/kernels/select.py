@@ -199,7 +199,7 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -
         def triton_fn():
             a, sa, b, sb, bb = next(triton_sets)
             return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                    "none", None)
+                                    "none", None, gluon=False)  # what the graph launches
 
         def cublas_fn():
             a, sa, b, sb, bb = next(cublas_sets)
@@ -216,17 +216,21 @@ def _never() -> torch.Tensor:  # a candidate that a cached or forced choice neve
     raise AssertionError("not timed")
 
 
-def gemm_key(xq, xg, wq, accumulation, out_dtype) -> tuple:
-    """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype and
-    whether each operand arrives K-major (a transposed one costs both backends a copy)."""
+def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False) -> tuple:
+    """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype,
+    whether each operand arrives K-major (a transposed one costs both backends a copy), and
+    whether "triton" stands for the Gluon kernel (eager blockwise calls on Hopper; traced
+    graphs launch the Triton kernel, so their choices are kept apart)."""
     m = xq.numel() // max(1, xq.shape[-1])
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
-    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout)
+    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
+            bool(gluon))
 
 
 def describe_key(key: tuple) -> str:
     """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``."""
-    bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor) = key
+    bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor), gluon = key
     layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
     dtype = str(out_dtype).replace("torch.", "")
-    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{layout}"
+    kernel = " (Gluon kernel)" if gluon else ""
+    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{layout}{kernel}"

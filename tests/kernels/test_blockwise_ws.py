@@ -154,3 +154,77 @@ def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch):
     y_triton = gemm.scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK)
     assert calls == [1]
     torch.testing.assert_close(y.float(), y_triton.float(), atol=2e-2, rtol=1.6e-2)
+
+
+def _blockwise_eager(monkeypatch):
+    """CPU stand-ins for a Hopper GPU: the kernel 'serves' every rule-abiding GEMM."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    real = bw.unsupported
+
+    def on_hopper(*args, **kwargs):
+        why = real(*args, **kwargs)
+        return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
+    monkeypatch.setattr(bw, "unsupported", on_hopper)
+    xq, wq = _fp8(512, 256), _fp8(384, 256)
+    return xq, torch.ones(512, 2), wq, torch.ones(3, 2)
+
+
+def test_gluon_serves_eager_blockwise_only(monkeypatch):
+    from fp8compile.ops._inline import _tracing
+
+    xq, xs, wq, ws = _blockwise_eager(monkeypatch)
+    args = (torch.bfloat16, "none", None)
+    assert gemm.gluon_serves(xq, xs, G.GROUP, wq, ws, G.BLOCK, *args)
+    # a transposed x is copied K-major first, so the layout does not decide
+    assert gemm.gluon_serves(xq.t().contiguous().t(), xs, G.GROUP, wq, ws, G.BLOCK, *args)
+    assert not gemm.gluon_serves(xq, xs, G.ROW, wq, ws, G.ROW, *args)
+    assert not gemm.gluon_serves(xq[:200], xs[:200], G.GROUP, wq, ws, G.BLOCK, *args)
+    assert not gemm.gluon_serves(xq, xs, G.GROUP, wq, ws, G.BLOCK, torch.bfloat16, "silu", None)
+    with _tracing():  # a graph being traced launches the Triton kernel
+        assert not gemm.gluon_serves(xq, xs, G.GROUP, wq, ws, G.BLOCK, *args)
+
+
+def test_choices_timed_on_the_gluon_kernel_have_their_own_key(monkeypatch):
+    """An eager choice timed against the Gluon kernel must not decide a traced graph's GEMM
+    of the same shape, which launches the Triton kernel."""
+    from fp8compile import kernels
+    from fp8compile.kernels import select
+
+    xq, xs, wq, ws = _blockwise_eager(monkeypatch)
+    keys = []
+    monkeypatch.setattr(select, "choose", lambda key, t, c: keys.append(key) or "triton")
+    monkeypatch.setattr(gemm, "scaled_mm", lambda *a, **k: None)
+    kernels.scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16, "precise",
+                      "none", None)
+    traced = select.gemm_key(xq, G.GROUP, wq, "precise", torch.bfloat16)
+    assert keys == [traced[:-1] + (True,)] and traced[-1] is False
+    assert select.describe_key(keys[0]).endswith("(Gluon kernel)")
+    assert not select.describe_key(traced).endswith("(Gluon kernel)")
+
+
+def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
+    """The traced choice and the traced tile config come from runs of the kernel the graph
+    will launch: gluon=False, wherever the Gluon kernel would take an eager call."""
+    from fp8compile.kernels import select
+
+    xq, xs, wq, ws = _blockwise_eager(monkeypatch)
+    seen = []
+
+    def fake_mm(*args, gluon=True, **kwargs):
+        seen.append(gluon)
+        return torch.zeros(())
+    monkeypatch.setattr(gemm, "scaled_mm", fake_mm)
+    monkeypatch.setattr(select, "choose", lambda key, t, c: t() is not None and "triton")
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    select._CHOICES.clear()
+    select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
+                          "precise")
+
+    class Tuned:
+        best_config = type("C", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128},
+                                     "num_warps": 8, "num_stages": 3})()
+    monkeypatch.setattr(gemm, "_tuned", Tuned)
+    gemm._COMPILE_TIME_CONFIGS.clear()
+    gemm._compile_time_config(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
+                              "precise", "none", None)
+    assert seen == [False, False]
