@@ -30,12 +30,12 @@ Inductor graph, so compiled graphs keep the Triton kernel / cuBLAS choice of :mo
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 
 from ..numerics import FP8_FORMATS, Granularity
+from . import tuning
 
 try:
     from triton.experimental import gluon
@@ -252,11 +252,6 @@ if HAVE_GLUON:
                 gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], gout))
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
@@ -269,8 +264,7 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     b_d = TensorDescriptor(wq, [n, k], [k, 1], [BLOCK_N, BLOCK_K], b_l)
     c_d = TensorDescriptor(out, [m, n], [out.stride(0), 1], [BLOCK_M // 2, BLOCK_N], c_l)
     tiles = -(-m // BLOCK_M) * -(-n // BLOCK_N)
-    index = xq.device.index if xq.device.index is not None else torch.cuda.current_device()
-    grid = (min(_num_sms(index), tiles),)
+    grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](
         a_d, b_d, c_d, xs, ws, bias if bias is not None else out, int(bias is not None),
         m, n, k, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),

@@ -294,9 +294,8 @@ def scaled_mm(
     else:
         res, stride_rm, stride_rn = out, 0, 0
 
-    if gluon and config is None and not tracing() and not _interpreting() and (
-            blockwise_ws.unsupported(a, xs2, x_granularity, w, ws2, w_granularity, out_dtype,
-                                     activation, residual is not None) is None):
+    if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
+                                                 out_dtype, activation, residual):
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out).reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
@@ -367,14 +366,22 @@ def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activa
     :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
     applied to a traced graph, which launches the Triton kernel."""
-    if (tracing() or _interpreting() or xq.dim() < 1 or wq.dim() != 2
-            or Granularity(x_granularity) is not Granularity.GROUP
+    # The recipe first: only a blockwise x is worth reshaping to 2-D for the check.
+    if (xq.dim() < 1 or wq.dim() != 2 or Granularity(x_granularity) is not Granularity.GROUP
             or Granularity(w_granularity) is not Granularity.BLOCK):
         return False
     k = xq.shape[-1]
-    return blockwise_ws.unsupported(
-        xq.reshape(-1, k), xs.reshape(-1, xs.shape[-1]), x_granularity, wq, ws, w_granularity,
-        out_dtype, activation, residual is not None, layout=False) is None
+    return _gluon_takes(xq.reshape(-1, k), xs.reshape(-1, xs.shape[-1]), x_granularity, wq, ws,
+                        w_granularity, out_dtype, activation, residual, layout=False)
+
+
+def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation, residual,
+                 layout: bool = True) -> bool:
+    """The one rule for both callers: eager, compiled (not interpreted), and every rule of
+    :func:`.blockwise_ws.unsupported` met for the 2-D operands."""
+    return not tracing() and not _interpreting() and blockwise_ws.unsupported(
+        a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation,
+        residual is not None, layout=layout) is None
 
 
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.

@@ -1000,6 +1000,8 @@ def quantize_history_t(
             "it to (tokens, features) first"
         )
     m, n = x.shape
+    if m == 0 or n == 0:
+        raise ValueError("quantize_history_t: x is empty; the op's reference serves it")
     dynamic = history is None
     hist = (torch.zeros(1, dtype=torch.float32, device=x.device) if dynamic
             else history.reshape(-1).to(torch.float32).contiguous())
@@ -1020,8 +1022,6 @@ def quantize_history_t(
         IS_E4M3=fmt is Fp8Format.E4M3, FMAX=fmt.max, POW2=bool(power_of_2),
         HW_CAST=os.environ.get("TRITON_INTERPRET") != "1", BLOCK=_CAST_T_BLOCK, num_warps=4,
     )
-    if m == 0 or n == 0:
-        raise ValueError("quantize_history_t: x is empty; the op's reference serves it")
     launch(_history_cast_t_kernel)[grid](AMAX_ONLY=True, **common)
     launch(_history_cast_t_kernel)[grid](AMAX_ONLY=False, **common)
     return q, qt, scale.reshape(()), (slots if dynamic else out).reshape(())
