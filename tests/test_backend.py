@@ -82,8 +82,11 @@ def test_transformers_models(factory):
     assert rel_err(y, ref) < 0.12
     agree = (y.argmax(-1) == ref.argmax(-1)).float().mean()
     assert agree > 0.8, f"top-1 agreement {agree:.2f}"
-    gemms = be.plan.gemms
-    assert sum(e.is_fp8 for e in gemms) == len(gemms) - 1
+    # Some transformers versions trace the rotary embedding's K=1 matmul (inv_freq x
+    # positions): the shape rule keeps it. Every other GEMM but the head runs in FP8.
+    gemms = [e for e in be.plan.gemms if e.rule != "shape"]
+    assert all(e.module.endswith("rotary_emb") for e in be.plan.gemms if e.rule == "shape")
+    assert sum(e.is_fp8 for e in gemms) == len(gemms) - 1 > 4
     (head,) = [e for e in gemms if not e.is_fp8]
     assert head.module == "lm_head" and head.rule == "rule:output_head"
 
