@@ -193,9 +193,12 @@ def _bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+# What the autotuner keys on; _precompile_configs keys on the same.
+_TUNING_KEY = ("M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K")
+
 _tuned = triton.autotune(
     configs=tuning.configs(),
-    key=["M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K"],  # _TUNING_KEY
+    key=list(_TUNING_KEY),
     prune_configs_by={"early_config_prune": tuning.prune},
     do_bench=_bench,
 )(_kernel)
@@ -246,7 +249,6 @@ def _precompile_configs(args: dict, extra_key: tuple) -> None:
         return
 
 
-_TUNING_KEY = ("M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K")
 _MAX_COMPILE_THREADS = 8
 
 
