@@ -193,9 +193,12 @@ def _bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
+# What the autotuner keys on; _precompile_configs keys on the same.
+_TUNING_KEY = ("M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K")
+
 _tuned = triton.autotune(
     configs=tuning.configs(),
-    key=["M_BUCKET", "N", "K", "A_GRAN", "W_GRAN", "PRECISE", "SPLIT_K"],
+    key=list(_TUNING_KEY),
     prune_configs_by={"early_config_prune": tuning.prune},
     do_bench=_bench,
 )(_kernel)
@@ -203,6 +206,50 @@ _tuned = triton.autotune(
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Autotuning keys whose tile configs have been compiled (see _precompile_configs).
+_PRECOMPILED: set[tuple] = set()
+
+
+def _precompile_configs(args: dict, extra_key: tuple) -> None:
+    """Compile the tile configs the autotuner is about to time, all at once in threads.
+
+    The autotuner compiles one config after another before timing each: seven configs of
+    the large-M fast path took ~4.5 s of a prefill block's first call, more than the rest
+    of its compile (docs/performance.md).  Triton's async-compile mode runs ``warmup``
+    compiles on an executor and files each kernel in the JIT's cache, where the autotuner's
+    launches then find it.  A config that fails to compile is left to the autotuner, which
+    reports or skips it as before; so is everything if the mode is missing or fails.
+    """
+    key = (tuple(args[name] for name in _TUNING_KEY), *extra_key)
+    if key in _PRECOMPILED:
+        return
+    _PRECOMPILED.add(key)
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from triton.runtime._async_compile import AsyncCompileMode
+    except ImportError:
+        return
+    configs = tuning.prune(tuning.configs(), args)
+    workers = min(len(configs), os.cpu_count() or 1, _MAX_COMPILE_THREADS)
+    if workers < 2:
+        return
+    # The autotuner compiles whatever is missing, as before: a config that fails here, or all
+    # of them if the mode itself fails.
+    try:
+        with ThreadPoolExecutor(workers) as pool, AsyncCompileMode(pool, ignore_errors=True):
+            for config in configs:
+                try:
+                    _kernel.warmup(**args, **config.all_kwargs(), grid=(1,))
+                except Exception:  # noqa: BLE001, S112
+                    continue
+    except Exception:  # noqa: BLE001
+        return
+
+
+_MAX_COMPILE_THREADS = 8
 
 
 def _scale_strides(s: torch.Tensor) -> tuple[int, int]:
@@ -348,6 +395,8 @@ def scaled_mm(
         even_k = k % meta["BLOCK_K"] == 0 and k_per_split % meta["BLOCK_K"] == 0
         launch(_scaled_mm_kernel)[grid(meta)](**args, **meta, EVEN_K=even_k)
     else:
+        _precompile_configs(args, (xq.dtype, out_dtype, None if bias is None else bias.dtype,
+                                   activation, residual is not None))
         _tuned[grid](**args)
     if split > 1:
         sbm, sbn = 16, 128

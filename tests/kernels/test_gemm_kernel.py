@@ -124,3 +124,46 @@ def test_transposed_operands(device, recipe):
     ref = scaled_mm_reference(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32,
                               "none", None)
     _check(y, ref)
+
+
+def _tuning_args(precise):
+    return {"M_BUCKET": 4096, "N": 4096, "K": 4096, "A_GRAN": 1, "W_GRAN": 1,
+            "PRECISE": precise, "SPLIT_K": 1, "M": 4096}
+
+
+def test_autotune_configs_compile_together_once_per_key(monkeypatch):
+    """Before the autotuner times a new key, every config it will time is compiled through
+    Triton's async-compile mode (threads), once; a compile error is left to the autotuner."""
+    from triton.runtime import _async_compile
+
+    from fp8compile.kernels import gemm, tuning
+
+    calls = []
+
+    class FakeKernel:
+        def warmup(self, grid, **kwargs):
+            assert _async_compile.active_mode.get() is not None  # compiles go to the pool
+            calls.append((kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["num_warps"],
+                          kwargs["num_stages"]))
+            if kwargs["BLOCK_M"] == 256:
+                raise RuntimeError("out of resources")  # the autotuner's problem, not ours
+
+    monkeypatch.setattr(gemm, "_kernel", FakeKernel())
+    monkeypatch.setattr(gemm.os, "cpu_count", lambda: 16)
+    gemm._PRECOMPILED.clear()
+    fast = _tuning_args(precise=False)
+    gemm._precompile_configs(fast, (torch.float8_e4m3fn, torch.bfloat16, None, "none", False))
+    want = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in tuning.prune(tuning.configs(), fast)]
+    assert sorted(calls) == sorted(want) and len(want) >= 2
+    calls.clear()
+    gemm._precompile_configs(fast, (torch.float8_e4m3fn, torch.bfloat16, None, "none", False))
+    assert calls == []  # tuned key: nothing to compile
+    gemm._precompile_configs(_tuning_args(precise=True),
+                             (torch.float8_e4m3fn, torch.bfloat16, None, "none", False))
+    assert len(calls) == len(tuning.prune(tuning.configs(), _tuning_args(precise=True)))
+    monkeypatch.setattr(gemm.os, "cpu_count", lambda: 1)
+    calls.clear()
+    gemm._precompile_configs(_tuning_args(precise=True),
+                             (torch.float8_e4m3fn, torch.float32, None, "none", False))
+    assert calls == []  # one core: the autotuner compiles as before
