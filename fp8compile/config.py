@@ -163,6 +163,10 @@ class Fp8Config:
             bias run as one GEMM over their stacked weights.  Exact for ``rowwise`` and for
             ``blockwise`` (where each N is a multiple of 128); ``tensorwise`` then quantizes
             the stack with one scale, the largest member's.  The plan lists the groups.
+        fuse_epilogues: inference: an FP8 linear's activation (exact GELU, SiLU, ReLU) and
+            the residual add of its output run in the GEMM's epilogue, in fp32 with one
+            rounding, where nothing else reads the intermediate values.  The GEMM backend
+            is then timed with its epilogue: cuBLAS runs it as pointwise ops after the GEMM.
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
             version counter: an optimizer step, an in-place update under ``no_grad``), as
@@ -189,6 +193,7 @@ class Fp8Config:
     calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
     fuse_projections: bool = True
+    fuse_epilogues: bool = True
     cache_training_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -203,7 +208,7 @@ class Fp8Config:
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))
         set_(self, "calibration", self._check_calibration(self.calibration))
-        for name in ("power_of_2_scales", "matmul", "fuse_projections",
+        for name in ("power_of_2_scales", "matmul", "fuse_projections", "fuse_epilogues",
                      "cache_training_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")

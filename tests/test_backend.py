@@ -387,13 +387,14 @@ def test_plan_lists_the_gemm_backends_traced_into_the_graph(monkeypatch):
     from fp8compile.kernels import select
 
     real = cfx.compile_fx
-    key = (4096, 512, 256, "group", "precise", torch.bfloat16, (True, True), False)
+    key = (4096, 512, 256, "group", "precise", torch.bfloat16, (True, True), False,
+           ("none", False))
 
     def compile_fx(gm, inputs, **kwargs):
         select.note_traced(key, "cublas")
         return real(gm, inputs, **kwargs)
 
-    select.note_traced(("stale",) * 8, "triton")
+    select.note_traced(("stale",) * 9, "triton")
     monkeypatch.setattr(cfx, "compile_fx", compile_fx)
     be = fp8compile.backend()
     torch._dynamo.reset()

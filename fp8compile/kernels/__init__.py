@@ -92,10 +92,11 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
     if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:
         def cublas_fn():
             return select.cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype,
-                                           accumulation)
+                                           accumulation, activation, residual)
     try:
         gluon = gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual)
-        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, gluon)
+        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, gluon, activation,
+                              residual)
         if select.choose(key, triton_fn, cublas_fn) == "cublas":
             return cublas_fn()
         return triton_fn()

@@ -53,11 +53,11 @@ def backend_choices() -> dict[tuple, str]:
 
 
 def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str | None:
-    """Why cuBLAS cannot serve this GEMM, or None when it can."""
+    """Why cuBLAS cannot serve this GEMM, or None when it can.  An epilogue (activation,
+    residual) runs after a cuBLAS GEMM as separate pointwise ops, which Inductor fuses into
+    one kernel in a compiled graph; the Triton kernel runs it in its own epilogue."""
     m, k = xq.numel() // max(1, xq.shape[-1]), xq.shape[-1]
     n = wq.shape[0]
-    if activation != "none" or residual is not None:
-        return "fused epilogue"
     if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
         return "not e4m3 x e4m3"
     if m < 16 or k % 16 or n % 16:
@@ -77,8 +77,11 @@ def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str |
     return None
 
 
-def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> torch.Tensor:
-    """The same GEMM through cuBLAS (``torch._scaled_mm`` / ``F.scaled_mm``)."""
+def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
+                     activation: str = "none", residual: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """The same GEMM through cuBLAS (``torch._scaled_mm`` / ``F.scaled_mm``); bias,
+    activation and residual follow as pointwise ops on the ``out_dtype`` product."""
     k, n = xq.shape[-1], wq.shape[0]
     # cuBLAS's FP8 GEMMs take both operands K-major: transposed views (the backward GEMMs'
     # dy_q.t(), x_q.t()) are copied by a tiled transpose first.
@@ -100,7 +103,12 @@ def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> t
                              use_fast_accum=fast)
     if bias is not None:
         y = y + bias.to(y.dtype)
-    return y.reshape(*xq.shape[:-1], n)
+    y = y.reshape(*xq.shape[:-1], n)
+    if activation == "none" and residual is None:
+        return y
+    from ..ops.gemm import epilogue
+
+    return epilogue(y, activation, residual).to(out_dtype)
 
 
 def _time_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
@@ -167,7 +175,8 @@ def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
     return got
 
 
-def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
+def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation="none",
+                  residual=None) -> str:
     """:func:`choose` for a GEMM that ``torch.compile`` is tracing (compile-time decision).
 
     The operands are fake tensors, so on first sight of a key both candidates are timed on
@@ -175,21 +184,25 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
     does).  Successive calls cycle through copies of the operands that together exceed the
     L2 cache: in a model the weights come from HBM, and a decode-sized GEMM timed on one
     L2-resident weight ranks the backends as they do not run there.  Returns ``"cublas"`` or
-    ``"triton"``.
+    ``"triton"``.  With an epilogue, cuBLAS is timed with it as separate eager ops (one
+    kernel each; a compiled graph fuses them into one), the Triton kernel with it fused.
     """
-    key = gemm_key(xq, xg, wq, accumulation, out_dtype)
-    got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+    key = gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
+                   residual=residual)
+    got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
+                         activation, residual)
     note_traced(key, got)
     return got
 
 
-def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -> str:
+def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
+                   residual) -> str:
     from ..ops._inline import outside_tracing, random_like
     from .gemm import scaled_mm as triton_scaled_mm
 
     if key in _CHOICES or os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
         return choose(key, _never, _never)
-    operands = (xq, xs, wq, ws, bias)
+    operands = (xq, xs, wq, ws, bias, residual)
     size = sum(t.numel() * t.element_size() for t in operands if t is not None)
     copies = max(1, min(8, -(-_COLD_BYTES // max(1, size))))
     with outside_tracing():
@@ -197,13 +210,14 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation) -
         triton_sets, cublas_sets = itertools.cycle(sets), itertools.cycle(sets)
 
         def triton_fn():
-            a, sa, b, sb, bb = next(triton_sets)
+            a, sa, b, sb, bb, r = next(triton_sets)
             return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                    "none", None, gluon=False)  # what the graph launches
+                                    activation, r, gluon=False)  # what the graph launches
 
         def cublas_fn():
-            a, sa, b, sb, bb = next(cublas_sets)
-            return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation)
+            a, sa, b, sb, bb, r = next(cublas_sets)
+            return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
+                                    activation, r)
 
         return choose(key, triton_fn, cublas_fn)
 
@@ -216,21 +230,27 @@ def _never() -> torch.Tensor:  # a candidate that a cached or forced choice neve
     raise AssertionError("not timed")
 
 
-def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False) -> tuple:
+def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
+             activation: str = "none", residual: torch.Tensor | None = None) -> tuple:
     """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype,
-    whether each operand arrives K-major (a transposed one costs both backends a copy), and
+    whether each operand arrives K-major (a transposed one costs both backends a copy),
     whether "triton" stands for the Gluon kernel (eager blockwise calls on Hopper; traced
-    graphs launch the Triton kernel, so their choices are kept apart)."""
+    graphs launch the Triton kernel, so their choices are kept apart), and the epilogue
+    (which the Triton kernel fuses and cuBLAS follows with pointwise ops)."""
     m = xq.numel() // max(1, xq.shape[-1])
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
     return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
-            bool(gluon))
+            bool(gluon), (activation, residual is not None))
 
 
 def describe_key(key: tuple) -> str:
-    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``."""
-    bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor), gluon = key
+    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``, then
+    `` + gelu``, `` + residual`` for an epilogue."""
+    bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor), gluon, epi = key
     layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
     dtype = str(out_dtype).replace("torch.", "")
     kernel = " (Gluon kernel)" if gluon else ""
-    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{layout}{kernel}"
+    activation, has_residual = epi
+    tail = (f" + {activation}" if activation != "none" else "") + \
+        (" + residual" if has_residual else "")
+    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{tail}{layout}{kernel}"

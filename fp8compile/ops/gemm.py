@@ -32,7 +32,9 @@ def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -
         raise ValueError(f"scaled_mm: activation={activation!r} is not one of {ACTIVATIONS}")
 
 
-def _epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
+def epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
+    """``act(y) + residual`` in the promoted dtype of ``y`` and ``residual`` (fp32 for the
+    reference's fp32 product; the output dtype after a cuBLAS GEMM)."""
     if activation == "gelu":
         y = torch.nn.functional.gelu(y)
     elif activation == "silu":
@@ -40,7 +42,7 @@ def _epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
     elif activation == "relu":
         y = torch.relu(y)
     if residual is not None:
-        y = y + residual.float()
+        y = y + residual
     return y
 
 
@@ -50,7 +52,7 @@ def scaled_mm_reference(
     y = nx.fp8_linear_reference(
         xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, torch.float32
     )
-    return _epilogue(y, activation, residual).to(out_dtype)
+    return epilogue(y, activation, residual).to(out_dtype)
 
 
 @torch.library.custom_op("fp8compile::scaled_mm", mutates_args=())
@@ -118,10 +120,12 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
     xg, wg = as_gran(x_granularity), as_gran(w_granularity)
     why = select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
     if why is None:
-        select.choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+        select.choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
+                             residual)
     else:
-        select.note_traced(select.gemm_key(xq, xg, wq, accumulation, out_dtype),
-                           f"triton (cuBLAS: {why})")
+        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
+                              residual=residual)
+        select.note_traced(key, f"triton (cuBLAS: {why})")
     return True
 
 

@@ -1,10 +1,11 @@
 """FX passes of the fp8hpf backend, in the order the pipeline runs them.
 
 ``analysis_passes`` decide (sensitivity → precision) and change nothing;
-``default_passes`` also rewrite (rewrite → scales → fuse).  See README.md for the
+``default_passes`` also rewrite (rewrite → scales → fuse → epilogue).  See README.md for the
 ``node.meta["fp8compile"]`` keys each reads and writes.
 """
 
+from .epilogue import EpiloguePass
 from .fuse import FusePass
 from .manager import META, CompileContext, Fp8Pass, PassManager, PassResult
 from .precision import PrecisionPass
@@ -15,6 +16,7 @@ from .sensitivity import SensitivityPass
 __all__ = [
     "META",
     "CompileContext",
+    "EpiloguePass",
     "Fp8Pass",
     "FusePass",
     "PassManager",
@@ -34,4 +36,5 @@ def analysis_passes(ctx: CompileContext) -> list[Fp8Pass]:
 
 
 def default_passes(ctx: CompileContext) -> list[Fp8Pass]:
-    return analysis_passes(ctx) + [RewritePass(ctx), ScalesPass(ctx), FusePass(ctx)]
+    return analysis_passes(ctx) + [RewritePass(ctx), ScalesPass(ctx), FusePass(ctx),
+                                   EpiloguePass(ctx)]

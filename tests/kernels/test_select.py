@@ -22,7 +22,7 @@ def _q(m, k, n, dtype=E4):
         (8, 256, 256, G.ROW, G.ROW, torch.bfloat16, "none", "M < 16"),
         (64, 208, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", None),
         (64, 200, 256, G.TENSOR, G.TENSOR, torch.bfloat16, "none", "multiples of 16"),
-        (64, 256, 256, G.ROW, G.ROW, torch.bfloat16, "silu", "fused epilogue"),
+        (64, 256, 256, G.ROW, G.ROW, torch.bfloat16, "silu", None),
         (64, 208, 256, G.GROUP, G.BLOCK, torch.bfloat16, "none", "K % 512"),
         (64, 1408, 512, G.GROUP, G.BLOCK, torch.bfloat16, "none", "K % 512"),
         (33, 4096, 512, G.GROUP, G.BLOCK, torch.bfloat16, "none", "M % 4"),
@@ -38,13 +38,43 @@ def test_cublas_only_where_it_computes_the_same_function(m, k, n, xg, wg, out, a
         assert why in got
 
 
-def test_e5m2_and_residual_stay_on_triton():
+def test_e5m2_stays_on_triton_and_an_epilogue_does_not():
     xq, wq = _q(64, 256, 256, torch.float8_e5m2)
     assert "e4m3" in select.cublas_unsupported(xq, G.ROW, wq, G.ROW, torch.bfloat16, "none",
                                                None)
     xq, wq = _q(64, 256, 256)
-    assert select.cublas_unsupported(xq, G.ROW, wq, G.ROW, torch.bfloat16, "none",
-                                     torch.zeros(64, 256)) == "fused epilogue"
+    assert select.cublas_unsupported(xq, G.ROW, wq, G.ROW, torch.bfloat16, "gelu",
+                                     torch.zeros(64, 256)) is None
+
+
+@pytest.mark.parametrize("gran", [G.TENSOR, G.ROW])
+@pytest.mark.parametrize("activation", ["none", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("res_dtype", [None, torch.bfloat16, torch.float32])
+def test_cublas_epilogue_matches_the_reference(gran, activation, res_dtype):
+    """cuBLAS's product rounded to the output dtype, then act and residual: within one
+    bf16 rounding of the reference (fp32 epilogue, one rounding). torch._scaled_mm runs on
+    CPU too, so this runs everywhere."""
+    from fp8compile.kernels.quant import quantize
+    from fp8compile.numerics import Fp8Format
+    from fp8compile.ops import scaled_mm_reference
+
+    m, k, n = 33, 256, 144
+    xq, xs = quantize(torch.randn(m, k), gran, Fp8Format.E4M3, False)
+    wq, ws = quantize(torch.randn(n, k), gran, Fp8Format.E4M3, False)
+    bias = torch.randn(n)
+    res = None if res_dtype is None else torch.randn(m, n).to(res_dtype) * 4
+    got = select.cublas_scaled_mm(xq, xs, gran, wq, ws, gran, bias, torch.bfloat16, "precise",
+                                  activation, res)
+    want = scaled_mm_reference(xq, xs, str(gran), wq, ws, str(gran), bias, torch.float32,
+                               activation, res)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # Two bf16 roundings (product, then epilogue) against none: a few bf16 ulps of |want|.
+    err = (got.float() - want).abs().max() / want.abs().max()
+    assert err < 2e-2, err
+    unfused = select.cublas_scaled_mm(xq, xs, gran, wq, ws, gran, bias, torch.bfloat16,
+                                      "precise")
+    if activation != "none" or res is not None:
+        assert not torch.equal(got, unfused), "the epilogue was dropped"
 
 
 def test_forced_choices(monkeypatch):
@@ -144,10 +174,17 @@ def test_traced_choices_are_logged_for_the_plan(monkeypatch):
     assert select.choose_traced(xq, xs, G.TENSOR, wq, xs, G.TENSOR, None, torch.bfloat16,
                                 "fast") == "cublas"
     key = select.gemm_key(xq, G.TENSOR, wq, "fast", torch.bfloat16)
-    select.note_traced(key, "triton (cuBLAS: fused epilogue)")
+    select.note_traced(key, "triton (cuBLAS: not e4m3 x e4m3)")
     assert select.take_traced_choices() == [(key, "cublas"),
-                                            (key, "triton (cuBLAS: fused epilogue)")]
+                                            (key, "triton (cuBLAS: not e4m3 x e4m3)")]
     assert select.take_traced_choices() == []
     assert select.describe_key(key) == "M~4096 N=1024 K=512 tensor fast bfloat16"
+    res = torch.zeros(4096, 1024, dtype=torch.bfloat16)
+    assert select.choose_traced(xq, xs, G.TENSOR, wq, xs, G.TENSOR, None, torch.bfloat16,
+                                "fast", "gelu", res) == "cublas"
+    ((e_key, _),) = select.take_traced_choices()
+    assert e_key != key, "an epilogue is timed apart"
+    assert select.describe_key(e_key) == "M~4096 N=1024 K=512 tensor fast bfloat16 + gelu" \
+        " + residual"
     t_key = select.gemm_key(xq.t().contiguous().t(), G.TENSOR, wq, "fast", torch.bfloat16)
     assert select.describe_key(t_key).endswith("(transposed operand)")

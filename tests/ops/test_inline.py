@@ -484,6 +484,36 @@ def test_gpu_triton_gemm_inlined_equals_eager(m, recipe, monkeypatch):
 
 
 @needs_gpu
+@pytest.mark.parametrize("backend", ["triton", "cublas"])
+@pytest.mark.parametrize("recipe", [("row", "row"), ("tensor", "tensor")])
+def test_gpu_gemm_epilogue_inlined_matches_eager(backend, recipe, monkeypatch):
+    """An activation and residual add (EpiloguePass) inlined: in the Triton GEMM's epilogue
+    (eager's bits), or after cuBLAS's GEMM as pointwise ops Inductor fuses (one rounding
+    fewer than eager's ops: within bf16 rounding of the fp32 reference, as eager)."""
+    from fp8compile.ops import scaled_mm_reference
+    from tests.models import rel_err
+
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", backend)
+    xg, wg = recipe
+    xq, xs = OPS.quantize(torch.randn(300, 1024, device="cuda"), xg, "e4m3", False)
+    wq, ws = OPS.quantize(torch.randn(768, 1024, device="cuda"), wg, "e4m3", False)
+    res = torch.randn(300, 768, device="cuda", dtype=torch.bfloat16) * 8
+
+    def f(a, sa, r):
+        return OPS.scaled_mm(a, sa, xg, wq, ws, wg, None, torch.bfloat16, "fast", "gelu", r)
+
+    _, codes = _graphs(f, xq, xs, res)
+    assert "fp8compile.scaled_mm" not in codes[0]
+    assert ("_scaled_mm" in codes[0]) == (backend == "cublas")
+    got, eager = _compiled(f)(xq, xs, res), f(xq, xs, res)
+    ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, None, torch.float32, "gelu", res)
+    if backend == "triton":
+        assert torch.equal(got, eager)
+    assert rel_err(got, ref) < 4e-3 and rel_err(eager, ref) < 4e-3
+    assert rel_err(got, res) > 0.05, "the GEMM's share is in the result"
+
+
+@needs_gpu
 @pytest.mark.parametrize("gran", ["tensor", "row", "group"])
 def test_gpu_fused_producers_inlined_equal_eager(gran):
     """RMSNorm→FP8 and SiLU·mul→FP8 inlined (RMSNorm's eps reaches an inlined kernel as

@@ -8,6 +8,7 @@ from torch import nn
 from fp8compile import Fp8Config
 from fp8compile.passes import (
     CompileContext,
+    EpiloguePass,
     Fp8Pass,
     FusePass,
     PassManager,
@@ -33,7 +34,7 @@ def test_order_follows_constraints_not_list_order():
         "SensitivityPass", "PrecisionPass", "RewritePass", "ScalesPass"
     ]
     assert [type(p) for p in PassManager(default_passes(ctx)).passes] == [
-        SensitivityPass, PrecisionPass, RewritePass, ScalesPass, FusePass
+        SensitivityPass, PrecisionPass, RewritePass, ScalesPass, FusePass, EpiloguePass
     ]
 
 

@@ -1,0 +1,141 @@
+"""EpiloguePass: activations and residual adds folded into the FP8 GEMMs that produce them."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fp8compile.passes.manager import info
+from tests.models import LlamaBlock, rel_err
+
+OPS = torch.ops.fp8compile
+
+
+def _gemms(gm):
+    return [n for n in gm.graph.nodes if n.target is OPS.scaled_mm.default]
+
+
+def _epilogues(gm):
+    return sorted((n.args[9], n.args[10] is not None) for n in _gemms(gm))
+
+
+def _run(gm, inputs, ctx):
+    with torch.no_grad():
+        return gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+
+
+def test_llama_block_adds_its_residuals_in_the_o_and_down_gemms(passes):
+    x = torch.randn(2, 8, 256)
+    model = LlamaBlock()
+    gm, inputs, ctx = passes(model, x)
+    fused = [n for n in _gemms(gm) if n.args[10] is not None]
+    assert sorted(info(n)["module"] for n in fused) == ["down_proj", "o_proj"]
+    assert all(info(n)["epilogue"] == ["residual"] for n in fused)
+    assert not any(n.target in (operator.add, torch.add) for n in gm.graph.nodes)
+    assert ctx.stats["fused_epilogues"] == 2
+    # The reference computes the product and the add in fp32 either way: the same values.
+    gm0, inputs0, ctx0 = passes(model, x, config={"fuse_epilogues": False})
+    assert _epilogues(gm0) == [("none", False)] * 4
+    assert torch.equal(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0])
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+    entries = {e.module: e for e in ctx.plan_entries if e.gemm}
+    assert "residual add in the GEMM epilogue" in entries["o_proj"].reason
+    adds = [e for e in ctx.plan_entries if e.op == "add"]
+    assert len(adds) == 2 and all("epilogue of the FP8 GEMM of" in e.reason for e in adds)
+
+
+class Mlp(nn.Module):
+    def __init__(self, act: nn.Module, residual: bool = True):
+        super().__init__()
+        self.fc, self.proj, self.act, self.residual = (
+            nn.Linear(256, 512), nn.Linear(512, 256), act, residual)
+
+    def forward(self, x):
+        y = self.proj(self.act(self.fc(x)))
+        return x + y if self.residual else y
+
+
+@pytest.mark.parametrize("act, want", [
+    (nn.GELU(), "gelu"), (nn.SiLU(), "silu"), (nn.ReLU(), "relu"),
+    (nn.GELU(approximate="tanh"), "none"),  # the kernel computes the erf form only
+    (nn.ReLU(inplace=True), "none"), (nn.Tanh(), "none"),
+])
+def test_activation_folded_where_the_kernel_computes_it(passes, act, want):
+    x = torch.randn(3, 5, 256)
+    model = Mlp(act)
+    gm, inputs, ctx = passes(model, x)
+    assert _epilogues(gm) == sorted([(want, False), ("none", True)])
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+
+
+def test_bf16_model_matches_the_unfused_graph_within_one_rounding(passes):
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    model = Mlp(nn.GELU()).to(torch.bfloat16)
+    gm, inputs, ctx = passes(model, x)
+    gm0, inputs0, ctx0 = passes(model, x, config={"fuse_epilogues": False})
+    (y,), (y0,) = _run(gm, inputs, ctx), _run(gm0, inputs0, ctx0)
+    assert y.dtype == torch.bfloat16 and _epilogues(gm) == [("gelu", False), ("none", True)]
+    # Unfused rounds the product, the GELU and the sum to bf16; fused rounds once.
+    assert rel_err(y, y0) < 1e-2
+    assert rel_err(y, model(x)) < 0.03
+
+
+class Unfusable(nn.Module):
+    """Every way a GEMM's output or its add can rule the fold out."""
+
+    def __init__(self, case: str):
+        super().__init__()
+        self.case, self.fc = case, nn.Linear(256, 256)
+
+    def forward(self, x, r):
+        y = self.fc(x)
+        if self.case == "read_twice":
+            return x + y, y
+        if self.case == "alpha":
+            return torch.add(x, y, alpha=2.0)
+        if self.case == "promotes":  # fp32 residual + bf16 product: an fp32 result
+            return y + r
+        if self.case == "broadcasts_y":  # y (1, 256) grows to r's (4, 256)
+            return self.fc(x[:1]) + x
+        if self.case == "self":
+            return y + y
+        if self.case == "activation_read_twice":
+            a = F.relu(y)
+            return a + x, a
+        raise AssertionError(self.case)
+
+
+@pytest.mark.parametrize("case", ["read_twice", "alpha", "promotes", "broadcasts_y", "self",
+                                  "activation_read_twice"])
+def test_no_fold_where_the_values_would_change(passes, case):
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    r = torch.randn(4, 256)
+    model = Unfusable(case).to(torch.bfloat16)
+    gm, inputs, ctx = passes(model, x, r, config={"rules": []})
+    assert all(n.args[10] is None for n in _gemms(gm))
+    if case != "activation_read_twice":
+        assert _epilogues(gm) == [("none", False)] * len(_gemms(gm))
+    out = _run(gm, inputs, ctx)
+    ref = model(x, r)
+    for got, want in zip(out, ref if isinstance(ref, tuple) else (ref,)):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert rel_err(got.float(), want.float()) < 0.06  # FP8 GEMM alone: ~3.7%
+
+
+def test_residual_that_broadcasts_into_the_product_is_folded(passes):
+    class Bias2(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 256)
+            self.shift = nn.Parameter(torch.randn(256))
+
+        def forward(self, x):
+            return self.fc(x) + self.shift
+
+    x = torch.randn(3, 7, 256)
+    model = Bias2()
+    gm, inputs, ctx = passes(model, x, config={"rules": []})
+    assert _epilogues(gm) == [("none", True)]
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
