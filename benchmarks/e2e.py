@@ -163,8 +163,9 @@ def own_copy(base: nn.Module) -> nn.Module:
     return model
 
 
-def variants(base: Block, mode: str | None):
-    """name -> (factory returning a callable, note)."""
+def variants(base: Block, mode: str | None, options: dict | None = None):
+    """name -> (factory returning a callable, note); ``options`` go into every fp8hpf
+    variant's config."""
     def inductor():
         return torch.compile(own_copy(base), mode=mode)
 
@@ -173,7 +174,7 @@ def variants(base: Block, mode: str | None):
             # The backend object (not backend="fp8hpf") so the script runs from a checkout too,
             # where the entry point is not installed.
             be = fp8compile.backend({"recipe": recipe, "accumulation": accumulation,
-                                     "fuse_projections": fuse}, mode=mode)
+                                     "fuse_projections": fuse, **(options or {})}, mode=mode)
             return torch.compile(own_copy(base), backend=be)
         return make
 
@@ -332,6 +333,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-variant", default="fp8hpf blockwise")
     ap.add_argument("--small", action="store_true", help="d=256 smoke run (runs on CPU)")
+    ap.add_argument("--options", type=json.loads, default=None,
+                    help='fp8hpf config entries for every fp8hpf variant, as JSON: '
+                         '\'{"fuse_epilogues": true}\'')
     ap.add_argument("--check", action="store_true", help="check the dispatched GEMMs first")
     args = ap.parse_args()
     global D, HEADS, FFN
@@ -365,7 +369,7 @@ def main() -> None:
             # timing every variant once; the median over the rounds is kept.
             decode = dev == "cuda" and t <= 64
             timed = []
-            for name, (make, _) in variants(base, args.mode).items():
+            for name, (make, _) in variants(base, args.mode, args.options).items():
                 if args.only and name not in args.only.split(","):
                     continue
                 if not decode:

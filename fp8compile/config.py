@@ -164,9 +164,12 @@ class Fp8Config:
             ``blockwise`` (where each N is a multiple of 128); ``tensorwise`` then quantizes
             the stack with one scale, the largest member's.  The plan lists the groups.
         fuse_epilogues: inference: an FP8 linear's activation (exact GELU, SiLU, ReLU) and
-            the residual add of its output run in the GEMM's epilogue, in fp32 with one
-            rounding, where nothing else reads the intermediate values.  The GEMM backend
-            is then timed with its epilogue: cuBLAS runs it as pointwise ops after the GEMM.
+            the residual add of its output run in the Triton GEMM's epilogue, in fp32 with
+            one rounding, where nothing else reads the intermediate values.  The GEMM
+            backend is then timed with the epilogue; where cuBLAS wins, the epilogue runs
+            after it as pointwise ops and the compiled graph is the unfused one.  Off by
+            default: on an H100 the LLaMA block's GEMMs keep cuBLAS with it on, so it only
+            adds compile time there (docs/performance.md).
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
             version counter: an optimizer step, an in-place update under ``no_grad``), as
@@ -193,7 +196,7 @@ class Fp8Config:
     calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
     fuse_projections: bool = True
-    fuse_epilogues: bool = True
+    fuse_epilogues: bool = False
     cache_training_weights: bool = False
 
     def __post_init__(self) -> None:

@@ -85,8 +85,10 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
     xg, wg = Granularity(x_granularity), Granularity(w_granularity)
 
     def triton_fn():
+        from ..ops._inline import pinned
+
         return _scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
-                          residual)
+                          pinned(residual))
 
     cublas_fn = None
     if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["concrete", "inline_enabled", "inline_on_gpu", "launch", "opaque_ops",
-           "outside_tracing", "random_like", "tracing"]
+           "outside_tracing", "pinned", "random_like", "tracing"]
 
 _STATE = threading.local()
 
@@ -131,18 +131,28 @@ def _tensors(args) -> list[Tensor]:
 
 
 def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None, *,
-                  pin_strides: bool = True) -> None:
+                  pin_strides: bool = True, unpinned: tuple[str, ...] = ()) -> None:
     """Trace ``body`` (the op's CUDA implementation, written with :func:`launch`) in place of
     ``op`` when AOTAutograd functionalizes a graph on a GPU the kernels serve; see the module
     docstring for when the op stays opaque.  ``when(*args, **kwargs)`` is the op's own extra
     condition; it runs on the traced (fake) tensors and may take decisions it caches.
 
     ``pin_strides=False`` hands the body its arguments as they are (see :func:`_realized`):
-    needed by an op that mutates an argument in place, which a pinned copy would hide."""
+    needed by an op that mutates an argument in place, which a pinned copy would hide.
+    ``unpinned`` names arguments handed over as they are while the others are pinned: ones
+    the body may read with pointwise ops only, which Inductor can then fuse with (and
+    recompute from) their producer; the body pins them itself (:func:`pinned`) where it
+    passes them to a kernel."""
     from torch._subclasses.fake_tensor import FakeTensor
     from torch._subclasses.functional_tensor import FunctionalTensor, FunctionalTensorMode
 
     from . import _common
+
+    names = [a.name for a in op._opoverload._schema.arguments]
+    unknown = set(unpinned) - set(names)
+    if unknown:
+        raise ValueError(f"inline_on_gpu: unpinned={sorted(unknown)} are not arguments of "
+                         f"{op._opoverload}: {names}")
 
     def rule(mode, func, types, args, kwargs):
         tensors = _tensors((*args, *kwargs.values()))
@@ -158,8 +168,10 @@ def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None, *
         ):
             with mode, _tracing():
                 if pin_strides:
-                    args = _realized(args)
-                    kwargs = dict(zip(kwargs, _realized(kwargs.values())))
+                    args = [a if n in unpinned else p
+                            for n, a, p in zip(names, args, _realized(args))]
+                    kwargs = {n: a if n in unpinned else p
+                              for (n, a), p in zip(kwargs.items(), _realized(kwargs.values()))}
                 return body(*args, **kwargs)
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
@@ -180,6 +192,14 @@ def _realized(values) -> list:
 
     force = torch.ops.prims.inductor_force_stride_order
     return [force(v, v.stride()) if isinstance(v, Tensor) else v for v in values]
+
+
+def pinned(t: Tensor | None) -> Tensor | None:
+    """``t`` pinned to its strides while a rule traces (see :func:`_realized`), for an
+    argument of ``inline_on_gpu(..., unpinned=...)`` that reaches a kernel; else ``t``."""
+    if t is None or not tracing():
+        return t
+    return _realized([t])[0]
 
 
 def _export_tracing() -> bool:

@@ -129,4 +129,8 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
     return True
 
 
-inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend)
+# The residual stays unpinned: after a cuBLAS GEMM it is read by a pointwise add, and
+# Inductor then computes it where it is read, as without the fold (a residual stream
+# ``x + o`` recomputed in fp32 by the next add instead of read back rounded to bf16).
+# The Triton GEMM pins it where it passes it to its kernel.
+inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend, unpinned=("residual",))

@@ -13,8 +13,14 @@ output's dtype and broadcasts into it, and the add has no ``alpha``::
 The Triton GEMM then adds the residual to its fp32 accumulator and rounds once, and the
 product is never written in the model dtype and read back: for 4096 tokens × 4096 features
 in bf16, 64 MiB of traffic per residual add.  Where cuBLAS times faster for the shape
-(``kernels.select``, the choice now made *with* the epilogue), the op runs cuBLAS and the
-epilogue as pointwise ops, which Inductor fuses into one kernel as it did before.
+(``kernels.select``, the choice made *with* the epilogue), the op runs cuBLAS and the
+epilogue as pointwise ops, and the compiled graph is the unfused one: the residual is not
+pinned (``ops/gemm.py``), so Inductor still computes a residual stream ``x + o`` in fp32
+where the next add reads it, instead of reading it back rounded to bf16.
+
+Off by default (``Fp8Config.fuse_epilogues``): on an H100, cuBLAS plus a separate add still
+times faster than the Triton GEMM with the residual fused for the LLaMA block's o/down
+projections (docs/performance.md), so there the fold only adds compile-time tuning.
 
 Activations taken: exact GELU (``approximate="none"``), SiLU and ReLU; ``F.silu(gate) * up``
 was already fused into the next quantization by FusePass, which runs first.

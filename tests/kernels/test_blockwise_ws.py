@@ -197,7 +197,7 @@ def test_choices_timed_on_the_gluon_kernel_have_their_own_key(monkeypatch):
     kernels.scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16, "precise",
                       "none", None)
     traced = select.gemm_key(xq, G.GROUP, wq, "precise", torch.bfloat16)
-    assert keys == [traced[:-1] + (True,)] and traced[-1] is False
+    assert keys == [traced[:7] + (True,) + traced[8:]] and traced[7] is False
     assert select.describe_key(keys[0]).endswith("(Gluon kernel)")
     assert not select.describe_key(traced).endswith("(Gluon kernel)")
 
@@ -218,7 +218,7 @@ def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
     monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
     select._CHOICES.clear()
     select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
-                          "precise")
+                          "precise", "none", None)
 
     class Tuned:
         best_config = type("C", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128},

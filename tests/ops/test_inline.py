@@ -58,6 +58,31 @@ def _graphs(fn, *args, **compile_kwargs):
     return out, codes
 
 
+@torch.library.custom_op("fp8compile_test::scaled_add", mutates_args=())
+def scaled_add(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    return 2 * x + r
+
+
+@scaled_add.register_fake
+def _(x, r):
+    return torch.empty_like(x)
+
+
+_inline.inline_on_gpu(scaled_add, lambda x, r: 2 * x + r, unpinned=("r",))
+
+
+def test_unpinned_argument_is_handed_over_as_it_is(gpu_everywhere):
+    """Every argument but ``r`` is pinned to its strides (one force_stride_order each);
+    ``r`` reaches the body's pointwise add as its producer's value. A name that is not an
+    argument is refused when the op is registered."""
+    x, r = torch.randn(4, 8), torch.randn(4, 8)
+    out, codes = _graphs(lambda a, b: OPS_T.scaled_add(a.sin(), b.cos()), x, r)
+    torch.testing.assert_close(out, 2 * x.sin() + r.cos())
+    assert codes[0].count("prims.inductor_force_stride_order.default(") == 1, codes[0]
+    with pytest.raises(ValueError, match=r"unpinned=\['res'\] are not arguments"):
+        _inline.inline_on_gpu(scaled_add, lambda x, r: x, unpinned=("res",))
+
+
 @pytest.fixture
 def gpu_everywhere(monkeypatch):
     """Pretend the kernels serve CPU tensors (only the test op's body runs)."""

@@ -21,6 +21,9 @@ def _epilogues(gm):
     return sorted((n.args[9], n.args[10] is not None) for n in _gemms(gm))
 
 
+ON = {"fuse_epilogues": True}
+
+
 def _run(gm, inputs, ctx):
     with torch.no_grad():
         return gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
@@ -29,15 +32,15 @@ def _run(gm, inputs, ctx):
 def test_llama_block_adds_its_residuals_in_the_o_and_down_gemms(passes):
     x = torch.randn(2, 8, 256)
     model = LlamaBlock()
-    gm, inputs, ctx = passes(model, x)
+    gm, inputs, ctx = passes(model, x, config=ON)
     fused = [n for n in _gemms(gm) if n.args[10] is not None]
     assert sorted(info(n)["module"] for n in fused) == ["down_proj", "o_proj"]
     assert all(info(n)["epilogue"] == ["residual"] for n in fused)
     assert not any(n.target in (operator.add, torch.add) for n in gm.graph.nodes)
     assert ctx.stats["fused_epilogues"] == 2
     # The reference computes the product and the add in fp32 either way: the same values.
-    gm0, inputs0, ctx0 = passes(model, x, config={"fuse_epilogues": False})
-    assert _epilogues(gm0) == [("none", False)] * 4
+    gm0, inputs0, ctx0 = passes(model, x)  # off by default
+    assert _epilogues(gm0) == [("none", False)] * 4 and ctx0.stats["fused_epilogues"] == 0
     assert torch.equal(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0])
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
     entries = {e.module: e for e in ctx.plan_entries if e.gemm}
@@ -65,7 +68,7 @@ class Mlp(nn.Module):
 def test_activation_folded_where_the_kernel_computes_it(passes, act, want):
     x = torch.randn(3, 5, 256)
     model = Mlp(act)
-    gm, inputs, ctx = passes(model, x)
+    gm, inputs, ctx = passes(model, x, config=ON)
     assert _epilogues(gm) == sorted([(want, False), ("none", True)])
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
 
@@ -73,8 +76,8 @@ def test_activation_folded_where_the_kernel_computes_it(passes, act, want):
 def test_bf16_model_matches_the_unfused_graph_within_one_rounding(passes):
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
     model = Mlp(nn.GELU()).to(torch.bfloat16)
-    gm, inputs, ctx = passes(model, x)
-    gm0, inputs0, ctx0 = passes(model, x, config={"fuse_epilogues": False})
+    gm, inputs, ctx = passes(model, x, config=ON)
+    gm0, inputs0, ctx0 = passes(model, x)
     (y,), (y0,) = _run(gm, inputs, ctx), _run(gm0, inputs0, ctx0)
     assert y.dtype == torch.bfloat16 and _epilogues(gm) == [("gelu", False), ("none", True)]
     # Unfused rounds the product, the GELU and the sum to bf16; fused rounds once.
@@ -113,7 +116,7 @@ def test_no_fold_where_the_values_would_change(passes, case):
     x = torch.randn(4, 256, dtype=torch.bfloat16)
     r = torch.randn(4, 256)
     model = Unfusable(case).to(torch.bfloat16)
-    gm, inputs, ctx = passes(model, x, r, config={"rules": []})
+    gm, inputs, ctx = passes(model, x, r, config={"rules": [], **ON})
     assert all(n.args[10] is None for n in _gemms(gm))
     if case != "activation_read_twice":
         assert _epilogues(gm) == [("none", False)] * len(_gemms(gm))
@@ -136,6 +139,6 @@ def test_residual_that_broadcasts_into_the_product_is_folded(passes):
 
     x = torch.randn(3, 7, 256)
     model = Bias2()
-    gm, inputs, ctx = passes(model, x, config={"rules": []})
+    gm, inputs, ctx = passes(model, x, config={"rules": [], **ON})
     assert _epilogues(gm) == [("none", True)]
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
