@@ -137,7 +137,7 @@ def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None, *
     docstring for when the op stays opaque.  ``when(*args, **kwargs)`` is the op's own extra
     condition; it runs on the traced (fake) tensors and may take decisions it caches.
 
-    ``pin_strides=False`` hands the body its arguments as they are (see :func:`_realized`):
+    ``pin_strides=False`` hands the body its arguments as they are (see :func:`_pin`):
     needed by an op that mutates an argument in place, which a pinned copy would hide.
     ``unpinned`` names arguments handed over as they are while the others are pinned: ones
     the body may read with pointwise ops only, which Inductor can then fuse with (and
@@ -168,19 +168,17 @@ def inline_on_gpu(op, body: Callable, when: Callable[..., bool] | None = None, *
         ):
             with mode, _tracing():
                 if pin_strides:
-                    args = [a if n in unpinned else p
-                            for n, a, p in zip(names, args, _realized(args))]
-                    kwargs = {n: a if n in unpinned else p
-                              for (n, a), p in zip(kwargs.items(), _realized(kwargs.values()))}
+                    args = [a if n in unpinned else _pin(a) for n, a in zip(names, args)]
+                    kwargs = {n: a if n in unpinned else _pin(a) for n, a in kwargs.items()}
                 return body(*args, **kwargs)
         return mode.__torch_dispatch__(func, types, args, kwargs)
 
     op.register_torch_dispatch(FunctionalTensorMode, rule)
 
 
-def _realized(values) -> list:
-    """``values`` with each tensor pinned to its own strides by Inductor's
-    ``force_stride_order`` (a no-op in eager mode).
+def _pin(v):
+    """``v`` pinned to its own strides by Inductor's ``force_stride_order`` when it is a
+    tensor (a no-op in eager mode).
 
     Inductor realizes each tensor argument of an inlined kernel on its own: a tensor that is
     still an unmaterialized view of a fused computation (the SiLU·mul backward's output,
@@ -188,18 +186,17 @@ def _realized(values) -> list:
     read it, 12 outputs instead of 2 for one kernel of the training step.  Pinned once here,
     every launch of the op reads the same buffer.
     """
+    if not isinstance(v, Tensor):
+        return v
     import torch._inductor.inductor_prims  # noqa: F401  (registers the prim)
 
-    force = torch.ops.prims.inductor_force_stride_order
-    return [force(v, v.stride()) if isinstance(v, Tensor) else v for v in values]
+    return torch.ops.prims.inductor_force_stride_order(v, v.stride())
 
 
 def pinned(t: Tensor | None) -> Tensor | None:
-    """``t`` pinned to its strides while a rule traces (see :func:`_realized`), for an
+    """``t`` pinned to its strides while a rule traces (see :func:`_pin`), for an
     argument of ``inline_on_gpu(..., unpinned=...)`` that reaches a kernel; else ``t``."""
-    if t is None or not tracing():
-        return t
-    return _realized([t])[0]
+    return _pin(t) if tracing() else t
 
 
 def _export_tracing() -> bool:

@@ -84,8 +84,7 @@ class EpiloguePass(Fp8Pass):
                 OPS.scaled_mm.default, (*mm.args[:_ACT], activation, residual))
         new.meta.update({k: v for k, v in last.meta.items() if k != "fp8compile"})
         parts = [activation] * (activation != "none") + ["residual"] * (residual is not None)
-        info(new).update({k: v for k, v in info(mm).items() if k != "epilogue"})
-        info(new)["epilogue"] = parts
+        info(new).update(info(mm), epilogue=parts)
         last.replace_all_uses_with(new)
         for n in reversed([mm, *absorbed]):
             graph.erase_node(n)
