@@ -52,8 +52,18 @@ def quantize_groups():
 
 
 def quantize_rows():
-    """Per-row scaling of a 4096-wide row held in registers (2x4096, 8 warps)."""
-    return quantize_kernel(1, 2, 4096, True, 8)
+    """Per-row scaling of a 4096-wide row held in registers (1x4096, 4 warps)."""
+    return quantize_kernel(1, 1, 4096, True, 4)
+
+
+def rmsnorm_groups():
+    """1x128 groups fused into RMSNorm, the 4096-wide row read once (1x4096, 4 warps)."""
+    return quantize_kernel(2, 1, 4096, True, 4, producer=quant.PRODUCER_RMSNORM)
+
+
+def silu_mul_rows():
+    """Per-row scaling fused into SiLU·mul at 14336 wide (1x16384, 16 warps)."""
+    return quantize_kernel(1, 1, 16384, True, 16, producer=quant.PRODUCER_SILU_MUL)
 
 
 def quantize_blocks():
@@ -137,7 +147,9 @@ def transpose_copy():
 _W = quant._TILE_WARPS
 KERNELS = {
     "quantize, 1x128 groups (32x128, 4 warps)": quantize_groups,
-    "quantize, rows (2x4096, 8 warps)": quantize_rows,
+    "quantize, rows (1x4096, 4 warps)": quantize_rows,
+    "quantize, 1x128 groups fused into RMSNorm (1x4096, 4 warps)": rmsnorm_groups,
+    "quantize, rows fused into SiLU·mul (1x16384, 16 warps)": silu_mul_rows,
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
     "delayed cast fused into RMSNorm (2x4096, 8 warps)": delayed_rmsnorm_cast,

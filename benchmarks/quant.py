@@ -26,6 +26,13 @@ with one amax slot per program, and two launches around a zeroed amax cell (a fi
 more).  The routes are forced through the module's
 thresholds, so their figures come from one run.
 
+``--prefill`` times the activation quantizations of an inference prefill step instead (4096
+tokens of the LLaMA block: per row and in 1x128 groups; plain, fused with RMSNorm, and fused
+with SiLU·mul reading gate and up as the two halves of one fused gate_up output), each at
+the launcher's launch shape and, with ``--sweep``, at every candidate of :data:`SWEEP`: the
+rows per program, columns per tile, columns per program and warps the launcher would
+otherwise pick.
+
 ``--tile-warps 4 8 16`` times only the two 128x128-tile kernels (``quantize_dual``,
 ``requantize_t``) at each of those warp counts (``quant._TILE_WARPS``), in one run.
 """
@@ -106,6 +113,74 @@ def decode(median_us, out: list) -> None:
             print("  ".join(line) + f"  (clone {copy_us:.2f} us)")
 
 
+PREFILL_TOKENS = 4096
+# (granularity, producer) -> candidate launch shapes (BLOCK_M, BLOCK_K, k_per_prog, warps);
+# K is the one of the case (None: all of K in one tile, BLOCK_K = next_pow2(K)).
+SWEEP = {
+    ("row", "none"): [(1, None, None, 4), (1, None, None, 8), (2, None, None, 4),
+                      (2, None, None, 8), (4, None, None, 8), (4, None, None, 16),
+                      (1, 1024, None, 4), (2, 1024, None, 4), (4, 1024, None, 8)],
+    ("row", "rmsnorm"): [(1, None, None, 4), (1, None, None, 8), (2, None, None, 4),
+                         (2, None, None, 8), (4, None, None, 8), (4, None, None, 16)],
+    ("row", "silu_mul"): [(1, None, None, 4), (1, None, None, 8), (1, None, None, 16),
+                          (2, None, None, 16), (1, 2048, None, 4), (1, 4096, None, 8),
+                          (2, 2048, None, 8)],
+    ("group", "none"): [(16, 128, 128, 4), (32, 128, 128, 4), (64, 128, 128, 4),
+                        (32, 128, 512, 4), (16, 128, 1024, 4), (64, 128, 128, 8)],
+    ("group", "rmsnorm"): [(1, 128, None, 4), (2, 128, None, 4), (4, 128, None, 4),
+                           (8, 128, None, 4), (4, 128, None, 8), (8, 128, None, 8)],
+    ("group", "silu_mul"): [(16, 128, 128, 4), (32, 128, 128, 4), (64, 128, 128, 4),
+                            (32, 128, 512, 4), (16, 128, 1024, 4), (64, 128, 128, 8)],
+}
+
+
+def prefill(median_us, out: list, sweep: bool) -> None:
+    """The prefill step's activation quantizations, at the launcher's launch shape and (with
+    ``sweep``) at each candidate of :data:`SWEEP`."""
+    from fp8compile.kernels import fused, quant
+    from fp8compile.kernels.tuning import next_pow2
+
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    m, d, ffn = PREFILL_TOKENS, 4096, 14336
+    e4 = Fp8Format.E4M3
+    cases = [("none", d, 3), ("rmsnorm", d, 3), ("silu_mul", ffn, 5)]
+    for gran in ("row", "group"):
+        g = Granularity(gran)
+        for producer, k, bpe in cases:
+            sets = -(-3 * l2 // (bpe * m * k))
+            if producer == "silu_mul":  # gate and up: the halves of one gate_up output
+                inputs = [torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
+                          for _ in range(sets)]
+                fn = lambda t: fused.silu_mul_quantize(t[:, :k], t[:, k:], g, e4)  # noqa: E731
+            else:
+                inputs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                          for _ in range(sets)]
+                w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+                fn = (lambda t: fused.rmsnorm_quantize(t, w, 1e-5, g, e4)) \
+                    if producer == "rmsnorm" else (lambda t: quant.quantize(t, g, e4, False))
+            copy_us = median_us(torch.clone, [torch.empty(m, k * bpe // 4, device="cuda",
+                                                          dtype=torch.bfloat16)
+                                              for _ in range(sets)])
+            shapes = [None] + (SWEEP[(gran, producer)] if sweep else [])
+            saved = quant._launch_shape
+            for shape in shapes:
+                if shape is not None:
+                    bm, bk, kpp, warps = shape
+                    bk = bk or next_pow2(k)
+                    forced = (bm, bk, kpp or k, warps)
+                    quant._launch_shape = lambda *a, forced=forced, **kw: forced
+                try:
+                    us = median_us(fn, inputs)
+                finally:
+                    quant._launch_shape = saved
+                label = "launcher" if shape is None else "x".join(
+                    "K" if v is None else str(v) for v in shape[:3]) + f" w{shape[3]}"
+                out.append({"granularity": gran, "producer": producer, "shape": [m, k],
+                            "launch": label, "us": us, "copy_us_same_bytes": copy_us})
+                print(f"{gran:5s} {producer:8s} {m}x{k:<6d} {label:18s} {us:7.1f} us  "
+                      f"vs copy {copy_us / us:.2f}  ({bpe * m * k / us / 1e6:.2f} TB/s)")
+
+
 def _with_warps(kernels, warp_counts):
     """The cases as (name, bytes, FP8 input?, fn, warps): all of them at the launchers'
     settings (warps None), or only the 128x128-tile kernels once per warp count."""
@@ -121,6 +196,10 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="folder for quant_bench.json")
     ap.add_argument("--decode", action="store_true",
                     help="tensorwise quantization at decode sizes, by amax route")
+    ap.add_argument("--prefill", action="store_true",
+                    help="the activation quantizations of an inference prefill step")
+    ap.add_argument("--sweep", action="store_true",
+                    help="with --prefill: also every candidate launch shape of SWEEP")
     ap.add_argument("--tile-warps", type=int, nargs="+", default=None, metavar="W",
                     help="time the 128x128-tile kernels at each of these warp counts")
     args = ap.parse_args()
@@ -148,7 +227,9 @@ def main() -> None:
     torch.manual_seed(0)
     if args.decode:
         decode(median_us, rows)
-    for m, n in [] if args.decode else SHAPES:
+    if args.prefill:
+        prefill(median_us, rows, args.sweep)
+    for m, n in [] if args.decode or args.prefill else SHAPES:
         sets = -(-3 * l2 // (2 * m * n))
         xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]
         fp8 = [quant.quantize(x, G.GROUP, Fp8Format.E4M3, False) for x in xs]
@@ -168,7 +249,8 @@ def main() -> None:
                   f"  copy {ideal:6.1f} us  vs copy {row['vs_copy']:.2f}")
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        name = "quant_decode.json" if args.decode else "quant_bench.json"
+        name = ("quant_decode.json" if args.decode else
+                "quant_prefill.json" if args.prefill else "quant_bench.json")
         with open(os.path.join(args.out, name), "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=1)
 

@@ -332,12 +332,17 @@ def rmsnorm_quantize(
     granularity: Granularity,
     fmt: Fp8Format = Fp8Format.E4M3,
     power_of_2: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize(x * rsqrt(mean(x², -1) + eps) * weight)`` with the norm in fp32.
 
     The fused producer of the blockwise recipe: the normed activation is never rounded to the
-    model dtype before quantization.
+    model dtype before quantization.  With ``residual`` (x's shape) the norm is of
+    ``x + residual``, added in fp32 (a residual stream's add fused in, as Inductor fuses it
+    into a norm: the sum is not rounded to the model dtype either).
     """
+    if residual is not None:
+        x = x.float() + residual.float()
     return quantize(rmsnorm_fp32(x, weight, eps), granularity, fmt, power_of_2)
 
 

@@ -109,11 +109,12 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
                                    bias, out_dtype, activation, residual)
 
 
-def rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2):
-    """FP8 ``(q, scale)`` of RMSNorm(x) (fp32 inside); see :mod:`.fused`."""
+def rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2, residual=None):
+    """FP8 ``(q, scale)`` of RMSNorm(x) or RMSNorm(x + residual) (fp32 inside); see
+    :mod:`.fused`."""
     from .fused import rmsnorm_quantize as _f
 
-    return _f(x, weight, eps, granularity, fmt, power_of_2)
+    return _f(x, weight, eps, granularity, fmt, power_of_2, residual)
 
 
 def silu_mul_quantize(gate, up, granularity, fmt, power_of_2):

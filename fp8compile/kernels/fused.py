@@ -19,6 +19,7 @@ import torch
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 from .quant import (
+    PRODUCER_ADD_RMSNORM,
     PRODUCER_NONE,
     PRODUCER_RMSNORM,
     PRODUCER_SILU_MUL,
@@ -32,7 +33,8 @@ __all__ = [
     "silu_mul_quantize",
 ]
 
-PRODUCERS = {"none": PRODUCER_NONE, "rmsnorm": PRODUCER_RMSNORM, "silu_mul": PRODUCER_SILU_MUL}
+PRODUCERS = {"none": PRODUCER_NONE, "rmsnorm": PRODUCER_RMSNORM, "silu_mul": PRODUCER_SILU_MUL,
+             "add_rmsnorm": PRODUCER_ADD_RMSNORM}
 
 
 def _check_activation_gran(granularity: Granularity, what: str) -> None:
@@ -46,8 +48,11 @@ def _check_activation_gran(granularity: Granularity, what: str) -> None:
 def rmsnorm_quantize(
     x: torch.Tensor, weight: torch.Tensor, eps: float, granularity: Granularity,
     fmt: Fp8Format = Fp8Format.E4M3, power_of_2: bool = False,
+    residual: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FP8 ``(q, scale)`` of ``x * rsqrt(mean(x², -1) + eps) * weight``, computed in fp32.
+    """FP8 ``(q, scale)`` of ``x * rsqrt(mean(x², -1) + eps) * weight``, computed in fp32;
+    with ``residual`` (x's shape), of the norm of ``x + residual`` added in fp32, so a
+    residual stream's add costs no pass of its own.
 
     Example::
 
@@ -60,10 +65,18 @@ def rmsnorm_quantize(
             f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
             "the last dim of x"
         )
+    if residual is not None:
+        check_quantize_args(residual, granularity, fmt, "rmsnorm_quantize residual")
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"rmsnorm_quantize: residual {tuple(residual.shape)} must have x's shape "
+                f"{tuple(x.shape)} (broadcast it first)"
+            )
     if x.dim() == 0 or x.numel() == 0:
-        return nx.rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2)
-    return quantize_rows(x, granularity, fmt, power_of_2, producer=PRODUCER_RMSNORM,
-                         norm_weight=weight.contiguous(), eps=eps)
+        return nx.rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2, residual)
+    return quantize_rows(x, granularity, fmt, power_of_2,
+                         producer=PRODUCER_RMSNORM if residual is None else PRODUCER_ADD_RMSNORM,
+                         x2=residual, norm_weight=weight.contiguous(), eps=eps)
 
 
 def silu_mul_quantize(
@@ -95,9 +108,10 @@ def quantize_history(
     power_of_2: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Delayed scaling's tensorwise cast of ``x`` or of its producer's output (``producer``
-    ``"none"``, ``"rmsnorm"`` with ``norm_weight`` and ``eps``, ``"silu_mul"`` with ``x2`` as
-    up): ``(q, scale, amax)`` with the scale of ``history``'s max (this call's amax while
-    the history is all zero) and the finite amax of what was cast.
+    ``"none"``, ``"rmsnorm"`` with ``norm_weight`` and ``eps``, ``"add_rmsnorm"`` the same of
+    ``x + x2``, ``"silu_mul"`` with ``x2`` as up): ``(q, scale, amax)`` with the scale of
+    ``history``'s max (this call's amax while the history is all zero) and the finite amax
+    of what was cast.
 
     Two launches and no others (``quantize_rows(history=...)``): the amax, which returns at
     once on the device once the history holds a value, and the cast, which takes the scale
@@ -107,7 +121,7 @@ def quantize_history(
     check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_history input")
     code = PRODUCERS[producer]
     kw = dict(producer=code, x2=x2, eps=eps,
-              norm_weight=(None if code != PRODUCER_RMSNORM else
+              norm_weight=(None if code not in (PRODUCER_RMSNORM, PRODUCER_ADD_RMSNORM) else
                            norm_weight.contiguous() if norm_weight is not None
                            else x.new_ones(x.shape[-1])))
     hist = history.reshape(-1).to(torch.float32).contiguous()

@@ -27,42 +27,51 @@ def _check_gran(granularity: str, what: str) -> nx.Granularity:
     return g
 
 
-def _check_norm(x: Tensor, weight: Optional[Tensor]) -> None:
+def _check_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor]) -> None:
     check_fp8_input(x, "rmsnorm_quantize input")
     if weight is not None and tuple(weight.shape) != (x.shape[-1],):
         raise ValueError(
             f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
             "the last dim of x"
         )
+    if residual is not None:
+        check_fp8_input(residual, "rmsnorm_quantize residual")
+        if residual.shape != x.shape:
+            raise ValueError(
+                f"rmsnorm_quantize: residual {tuple(residual.shape)} must have x's shape "
+                f"{tuple(x.shape)} (broadcast it first)"
+            )
 
 
 @torch.library.custom_op("fp8compile::rmsnorm_quantize", mutates_args=())
 def rmsnorm_quantize(
     x: Tensor, weight: Optional[Tensor], eps: float, granularity: str, fmt: str,
-    power_of_2: bool,
+    power_of_2: bool, residual: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
-    """FP8 ``(q, scale)`` of RMSNorm(x) over the last dim, the norm computed in fp32."""
-    _check_norm(x, weight)
+    """FP8 ``(q, scale)`` of RMSNorm(x) over the last dim, the norm computed in fp32; with
+    ``residual`` (x's shape), of RMSNorm(x + residual), the sum also in fp32 (a residual
+    stream's add fused in)."""
+    _check_norm(x, weight, residual)
     g = _check_gran(granularity, "rmsnorm_quantize")
-    return nx.rmsnorm_quantize(x, weight, eps, g, as_fmt(fmt), power_of_2)
+    return nx.rmsnorm_quantize(x, weight, eps, g, as_fmt(fmt), power_of_2, residual)
 
 
 @rmsnorm_quantize.register_fake
-def _(x, weight, eps, granularity, fmt, power_of_2):
+def _(x, weight, eps, granularity, fmt, power_of_2, residual=None):
     g = _check_gran(granularity, "rmsnorm_quantize")
     return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype), empty_scale(x, g)
 
 
 @rmsnorm_quantize.register_kernel("cuda")
-def _rmsnorm_quantize_cuda(x, weight, eps, granularity, fmt, power_of_2):
+def _rmsnorm_quantize_cuda(x, weight, eps, granularity, fmt, power_of_2, residual=None):
     from .. import kernels
 
-    _check_norm(x, weight)
+    _check_norm(x, weight, residual)
     g, f = _check_gran(granularity, "rmsnorm_quantize"), as_fmt(fmt)
     if kernels.available(x):
         w = weight if weight is not None else x.new_ones(x.shape[-1])
-        return kernels.rmsnorm_quantize(x, w, eps, g, f, power_of_2)
-    return nx.rmsnorm_quantize(x, weight, eps, g, f, power_of_2)
+        return kernels.rmsnorm_quantize(x, w, eps, g, f, power_of_2, residual)
+    return nx.rmsnorm_quantize(x, weight, eps, g, f, power_of_2, residual)
 
 
 def _check_swiglu(gate: Tensor, up: Tensor) -> None:

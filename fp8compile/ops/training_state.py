@@ -200,7 +200,7 @@ def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weig
 inline_on_gpu(linear_delayed, _linear_delayed_traced)
 
 
-_PRODUCERS = ("none", "rmsnorm", "silu_mul")
+_PRODUCERS = ("none", "rmsnorm", "add_rmsnorm", "silu_mul")
 
 
 @torch.library.custom_op("fp8compile::quantize_history", mutates_args=())
@@ -217,10 +217,11 @@ def quantize_history(
     """``(q, scale, amax)``: delayed scaling's shared cast of a linear's input.
 
     What is cast is ``x`` (``producer="none"``), ``RMSNorm(x) * norm_weight`` (``"rmsnorm"``,
-    with ``eps``) or ``silu(x) * x2`` (``"silu_mul"``), computed in fp32 as the fused
-    producers do.  The scale is ``history``'s max (1-D, the activation row of a linear's
-    history), or this call's amax while the history is all zero; ``amax`` is the finite
-    amax of what was cast, for the graph to push into the histories.  On the GPU: one pass
+    with ``eps``), the same of ``x + x2`` (``"add_rmsnorm"``) or ``silu(x) * x2``
+    (``"silu_mul"``), computed in fp32 as the fused producers do.  The scale is
+    ``history``'s max (1-D, the activation row of a linear's history), or this call's amax
+    while the history is all zero; ``amax`` is the finite amax of what was cast, for the
+    graph to push into the histories.  On the GPU: one pass
     over the inputs, plus an amax pass that returns at once once the history holds a value.
     """
     _check_history_args(x, x2, norm_weight, producer, history)
@@ -234,12 +235,12 @@ def _check_history_args(x, x2, norm_weight, producer, history) -> None:
         raise ValueError(
             f"quantize_history: producer {producer!r} is not one of {_PRODUCERS}"
         )
-    if producer == "silu_mul" and (x2 is None or x2.shape != x.shape):
+    if producer in ("silu_mul", "add_rmsnorm") and (x2 is None or x2.shape != x.shape):
         raise ValueError(
-            f"quantize_history: silu_mul needs up (x2) with x's shape {tuple(x.shape)}, got "
-            f"{None if x2 is None else tuple(x2.shape)}"
+            f"quantize_history: {producer} needs x2 (up, or the residual) with x's shape "
+            f"{tuple(x.shape)}, got {None if x2 is None else tuple(x2.shape)}"
         )
-    if producer == "rmsnorm" and norm_weight is not None and \
+    if producer in ("rmsnorm", "add_rmsnorm") and norm_weight is not None and \
             tuple(norm_weight.shape) != (x.shape[-1],):
         raise ValueError(
             f"quantize_history: norm_weight {tuple(norm_weight.shape)} must be "
@@ -255,6 +256,8 @@ def _check_history_args(x, x2, norm_weight, producer, history) -> None:
 def _quantize_history_ref(x, x2, norm_weight, eps, producer, history, fmt, power_of_2):
     if producer == "rmsnorm":
         y = nx.rmsnorm_fp32(x, norm_weight, eps)
+    elif producer == "add_rmsnorm":
+        y = nx.rmsnorm_fp32(x.float() + x2.float(), norm_weight, eps)
     elif producer == "silu_mul":
         y = torch.nn.functional.silu(x.float()) * x2.float()
     else:

@@ -22,6 +22,14 @@ in Mistral, Qwen, ...)::
 The activation is then written once, in FP8, instead of in the model dtype and again in FP8
 (for d=4096 and 4096 tokens in bf16: 32 MiB written and read back per norm saved).
 
+When the norm's input is a residual stream's add of two tensors of one shape and dtype, the
+add moves into the fused op too (``residual=``), added in fp32 as Inductor adds it inside a
+fused norm.  The add stays in the graph for its other readers (the next residual add), where
+Inductor fuses it as before; the norm no longer needs its sum written out::
+
+    x = a + b; h = rms_norm(x, ...)             x = a + b   (for x's other users)
+    q, s = fp8compile.quantize(h, ...)     ⇒    q, s = rmsnorm_quantize(a, w, eps, ..., residual=b)
+
 In training graphs the linears quantize ``h.detach()`` (ScalesPass) and take ``h`` itself only
 to carry its gradient (``fp8compile::linear_q`` never reads its value).  The quantization is
 then fused the same way, from detached producer inputs, and ``h`` stays in the graph for
@@ -83,8 +91,8 @@ class FusePass(Fp8Pass):
             found = self._producer(src, node)
             if found is None:
                 continue
-            target, args, name, carried = found
-            _replace(graph, node, target, args, (gran, fmt, p2), carried, name)
+            target, args, name, kwargs, carried = found
+            _replace(graph, node, target, args, (gran, fmt, p2), carried, name, kwargs)
             modified = True
         if modified:
             eliminate_dead_code(graph)
@@ -97,7 +105,7 @@ class FusePass(Fp8Pass):
         return PassResult(gm, modified)
 
     def _producer(self, src, node: torch.fx.Node):
-        """``(fused op, its leading args, name, carried)`` for the quantization ``node`` of
+        """``(fused op, its leading args, name, kwargs, carried)`` for the quantization ``node`` of
         ``src``, when ``src`` is read by ``node`` only and is (the detached copy of) a
         fusable producer's output; ``carried``: the producer's output only carries the
         gradient (training), so the fused op reads detached inputs."""
@@ -110,15 +118,17 @@ class FusePass(Fp8Pass):
 
     def _fuse_history(self, graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
         """Delayed scaling's shared cast (``quantize_history`` of ``h.detach()``, ScalesPass)
-        takes the producer of ``h`` in: ``producer="rmsnorm"`` or ``"silu_mul"``."""
+        takes the producer of ``h`` in: ``producer="rmsnorm"``, ``"add_rmsnorm"`` or
+        ``"silu_mul"``."""
         src, _x2, _norm_weight, _eps, producer, row, fmt, p2 = node.args
         found = self._producer(src, node) if producer == "none" else None
-        if found is None or not found[3]:
+        if found is None or not found[4]:
             return False
-        target, args, name, carried = found
+        target, args, name, kwargs, carried = found
         if target is OPS.rmsnorm_quantize.default:
             x, weight, eps = args
-            args = (x, None, weight, eps, "rmsnorm")
+            residual = kwargs.get("residual")
+            args = (x, residual, weight, eps, "rmsnorm" if residual is None else "add_rmsnorm")
         else:
             gate, up = args
             args = (gate, up, None, 0.0, "silu_mul")
@@ -140,7 +150,7 @@ class FusePass(Fp8Pass):
             eps = torch.finfo(dt).eps if dt is not None else None
         if not isinstance(eps, float):
             return None
-        return OPS.rmsnorm_quantize.default, (x, weight, eps), "rms_norm"
+        return _norm_of(x, weight, eps)
 
     @staticmethod
     def _written_rms_norm(src: torch.fx.Node):
@@ -160,7 +170,7 @@ class FusePass(Fp8Pass):
                 if eps is not None:
                     x = hs.args[0] if _is_method(hs, "to", "float") else hs
                     if _shape(x) and _shape(weight)[0] == _shape(x)[-1]:
-                        return OPS.rmsnorm_quantize.default, (x, weight, eps), "rms_norm"
+                        return _norm_of(x, weight, eps)
         return None
 
     @staticmethod
@@ -175,19 +185,49 @@ class FusePass(Fp8Pass):
                 and set(act.users) == {src} and not act.kwargs.get("inplace", False)
                 and dtype_of(act) == dtype_of(other)
             ):
-                return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul"
+                return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul", {}
         return None
 
 
+def _norm_of(x, weight, eps):
+    """The fused RMSNorm of ``x``, taking in ``x = a + b`` as ``residual=b`` where it can."""
+    add = _residual_add(x)
+    if add is None:
+        return OPS.rmsnorm_quantize.default, (x, weight, eps), "rms_norm", {}
+    a, b = add
+    return (OPS.rmsnorm_quantize.default, (a, weight, eps), "residual add + rms_norm",
+            {"residual": b})
+
+
+def _residual_add(x):
+    """``(a, b)`` when ``x = a + b`` adds two tensors of x's shape and floating dtype (no
+    ``alpha``, no broadcast, no type promotion), else None."""
+    if not ((_is_call(x, {operator.add, torch.add}) or _is_method(x, "add"))
+            and len(x.args) == 2 and not x.kwargs):
+        return None
+    a, b = x.args
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
+        return None
+    shape, dt = _shape(x), dtype_of(x)
+    if shape is None or dt is None or not dt.is_floating_point:
+        return None
+    if any(_shape(t) != shape or dtype_of(t) != dt for t in (a, b)):
+        return None
+    return a, b
+
+
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple, rest: tuple,
-             carried: bool, name: str) -> None:
-    """Put ``target(*args, *rest)`` in place of the quantization ``node`` (``args`` detached
-    where ``carried``), marked as a quantization fused into ``name``."""
+             carried: bool, name: str, kwargs: dict | None = None) -> None:
+    """Put ``target(*args, *rest, **kwargs)`` in place of the quantization ``node`` (tensor
+    arguments detached where ``carried``), marked as a quantization fused into ``name``."""
+    kwargs = kwargs or {}
     with graph.inserting_before(node):
         if carried:
             args = tuple(graph.call_method("detach", (a,))
                          if isinstance(a, torch.fx.Node) else a for a in args)
-        new = graph.call_function(target, (*args, *rest))
+            kwargs = {k: graph.call_method("detach", (a,)) if isinstance(a, torch.fx.Node)
+                      else a for k, a in kwargs.items()}
+        new = graph.call_function(target, (*args, *rest), kwargs)
     info(new).update(role="fused_quant", fused_from=name)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
@@ -219,8 +259,8 @@ def _label(entry, seen_from) -> str:
 
 
 def fusable_producer(src: torch.fx.Node):
-    """``(fused op, its leading args, name)`` when ``src`` is an RMSNorm or a SiLU·mul whose
-    quantization :class:`FusePass` can fuse, else None."""
+    """``(fused op, its leading args, name, its kwargs)`` when ``src`` is an RMSNorm or a
+    SiLU·mul whose quantization :class:`FusePass` can fuse, else None."""
     return (FusePass._rms_norm(src) or FusePass._written_rms_norm(src)
             or FusePass._silu_mul(src))
 

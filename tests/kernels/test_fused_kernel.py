@@ -76,11 +76,37 @@ def test_long_rows(device):
                            nx.silu_mul_quantize(x, x.flip(-1), g), Fp8Format.E4M3)
 
 
+@pytest.mark.parametrize("granularity", GRANS)
+@pytest.mark.parametrize("shape", [(1, 300), (2, 3, 128), (3, 4100), (2, 16500)])
+def test_rmsnorm_of_a_residual_add(device, granularity, shape):
+    # RMSNorm(x + residual), the sum in fp32: one row (M=1), K within a power of two, past
+    # one, and past one tile (the looping path); the residual non-contiguous, in bf16 where
+    # x is fp32, with a NaN that poisons its own row only.
+    x = (torch.randn(shape) * 2).to(device)
+    r = (torch.randn(tuple(reversed(shape))) * 2).to(device, torch.bfloat16).permute(
+        *reversed(range(len(shape))))
+    if len(shape) > 2 or shape[0] > 1:
+        r[(-1,) * (r.dim() - 1) + (7,)] = float("nan")
+    w = (torch.rand(shape[-1]) + 0.5).to(device)
+    got = rmsnorm_quantize(x, w, 1e-6, granularity, Fp8Format.E4M3, False, residual=r)
+    want = nx.rmsnorm_quantize(x, w, 1e-6, granularity, Fp8Format.E4M3, False, residual=r)
+    assert_close_quant(got, want, Fp8Format.E4M3)
+    # Not the norm of x alone, nor of a sum rounded to bf16 first (payloads differ).
+    alone = nx.rmsnorm_quantize(x, w, 1e-6, granularity)
+    assert not torch.equal(got[0].cpu().view(torch.uint8), alone[0].cpu().view(torch.uint8))
+
+
 def test_fused_rejects_bad_inputs(device):
     x = torch.randn(4, 64, device=device)
     with pytest.raises(ValueError, match="weight shape"):
         rmsnorm_quantize(x, torch.ones(32, device=device), 1e-6, Granularity.ROW,
                          Fp8Format.E4M3, False)
+    with pytest.raises(ValueError, match="residual .* must have x's shape"):
+        rmsnorm_quantize(x, torch.ones(64, device=device), 1e-6, Granularity.ROW,
+                         Fp8Format.E4M3, False, residual=x[0])
+    with pytest.raises(ValueError, match="residual has dtype"):
+        rmsnorm_quantize(x, torch.ones(64, device=device), 1e-6, Granularity.ROW,
+                         Fp8Format.E4M3, False, residual=x.int())
     with pytest.raises(ValueError, match="same shape"):
         silu_mul_quantize(x, x[:, :32], Granularity.ROW, Fp8Format.E4M3, False)
     with pytest.raises(ValueError, match="weights"):
@@ -89,7 +115,7 @@ def test_fused_rejects_bad_inputs(device):
         silu_mul_quantize(x.int(), x, Granularity.ROW, Fp8Format.E4M3, False)
 
 
-@pytest.mark.parametrize("producer", ["none", "rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("producer", ["none", "rmsnorm", "add_rmsnorm", "silu_mul"])
 @pytest.mark.parametrize("shape", [(1, 200), (3, 5, 300), (2, 16500)])
 @pytest.mark.parametrize("seen", [False, True])
 def test_quantize_history_matches_reference(device, producer, shape, seen):
@@ -100,10 +126,10 @@ def test_quantize_history_matches_reference(device, producer, shape, seen):
     from fp8compile.ops.training_state import _quantize_history_ref
 
     x = torch.randn(shape) * 3
-    if producer != "rmsnorm":  # (a NaN poisons a whole row after RMSNorm)
+    if "rmsnorm" not in producer:  # (a NaN poisons a whole row after RMSNorm)
         x.view(-1, shape[-1])[0, 3] = float("nan")
-    x2 = torch.randn(shape) if producer == "silu_mul" else None
-    w = 1 + 0.1 * torch.randn(shape[-1]) if producer == "rmsnorm" else None
+    x2 = torch.randn(shape) if producer in ("silu_mul", "add_rmsnorm") else None
+    w = 1 + 0.1 * torch.randn(shape[-1]) if "rmsnorm" in producer else None
     hist = torch.tensor([0.0, 2.5, 1.0, 0.0]) if seen else torch.zeros(4)
     fmt = Fp8Format.E4M3
     on = [t.to(device) if t is not None else None for t in (x, x2, w, hist)]

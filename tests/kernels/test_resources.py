@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(not tools_available(),
                                 reason="Triton's NVIDIA tools (ptxas, cuobjdump) not installed")
 
 ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
-NAMES = ["quantize_groups", "quantize_rows", "quantize_blocks", "quantize_blocks_transposed",
+NAMES = ["quantize_groups", "quantize_rows", "rmsnorm_groups", "silu_mul_rows",
+         "quantize_blocks", "quantize_blocks_transposed",
          "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy",
          "delayed_rmsnorm_cast", "delayed_silu_mul_cast", "delayed_cast", "delayed_cast_t",
          "dynamic_cast_t"]

@@ -541,13 +541,15 @@ def test_gpu_gemm_epilogue_inlined_matches_eager(backend, recipe, monkeypatch):
 @needs_gpu
 @pytest.mark.parametrize("gran", ["tensor", "row", "group"])
 def test_gpu_fused_producers_inlined_equal_eager(gran):
-    """RMSNorm→FP8 and SiLU·mul→FP8 inlined (RMSNorm's eps reaches an inlined kernel as
-    fp64; the kernel rounds it to fp32 as the eager launch does)."""
+    """RMSNorm→FP8 (alone and of a residual add) and SiLU·mul→FP8 inlined (RMSNorm's eps
+    reaches an inlined kernel as fp64; the kernel rounds it to fp32 as the eager launch
+    does)."""
     x = torch.randn(16, 4096, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
 
     def f(t):
         return (*OPS.rmsnorm_quantize(t * 1, w, 1e-5, gran, "e4m3", False),
+                *OPS.rmsnorm_quantize(t * 1, w, 1e-5, gran, "e4m3", False, residual=t * 3),
                 *OPS.silu_mul_quantize(t * 1, t * 2, gran, "e4m3", False))
 
     for a, b in zip(_compiled(f)(x), f(x)):

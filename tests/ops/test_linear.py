@@ -407,7 +407,8 @@ def test_push_amax_checks_shapes():
 
 @pytest.mark.parametrize("args, match", [
     ({"producer": "gelu"}, "producer 'gelu'"),
-    ({"producer": "silu_mul"}, "needs up"),
+    ({"producer": "silu_mul"}, "silu_mul needs x2"),
+    ({"producer": "add_rmsnorm", "x2": torch.randn(4, 32)}, "add_rmsnorm needs x2"),
     ({"producer": "rmsnorm", "norm_weight": torch.ones(5)}, "norm_weight"),
     ({"history": torch.zeros(2, 4)}, "1-D amax history"),
 ])

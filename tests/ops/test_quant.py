@@ -115,3 +115,17 @@ def test_quantize_dual_needs_2d_float_input():
         OPS.quantize_dual(torch.randn(2, 3, 4), "e4m3", False)
     with pytest.raises(ValueError, match="quantize_dual input has dtype"):
         OPS.quantize_dual(torch.zeros(4, 4, dtype=torch.int32), "e4m3", False)
+
+
+@pytest.mark.parametrize("gran", ["tensor", "row", "group"])
+def test_rmsnorm_quantize_with_residual_op(gran):
+    # The op's residual argument: the norm of x + residual (in fp32), fake and real agree.
+    x, r = torch.randn(3, 5, 200), torch.randn(3, 5, 200, dtype=torch.bfloat16)
+    w = torch.rand(200) + 0.5
+    q, s = OPS.rmsnorm_quantize(x, w, 1e-6, gran, "e4m3", False, residual=r)
+    qr, sr = nx.rmsnorm_quantize(x + r.float(), w, 1e-6, nx.Granularity(gran))
+    assert torch.equal(s, sr) and torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    torch.library.opcheck(OPS.rmsnorm_quantize.default, (x, w, 1e-6, gran, "e4m3", False),
+                          {"residual": r})
+    with pytest.raises(ValueError, match="residual .* must have x's shape"):
+        OPS.rmsnorm_quantize(x, w, 1e-6, gran, "e4m3", False, residual=r[0])

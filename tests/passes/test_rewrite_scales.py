@@ -56,7 +56,8 @@ def test_training_rewrite_keeps_weights_in_the_graph_and_shares_inputs(passes):
 
 def test_delayed_training_shares_and_fuses_each_input_quantization(passes):
     # Delayed scaling: q/k/v cast their normed input once and gate/up theirs, both fused
-    # into the RMSNorm; down_proj (alone) has its cast fused into the SiLU·mul; o_proj
+    # into the RMSNorm (gate/up's with the residual add before it); down_proj (alone) has its
+    # cast fused into the SiLU·mul; o_proj
     # (attention output) keeps linear_delayed.  Each linear still pushes into its own
     # history, the shared x amax included.
     cfg = {"recipe": "tensorwise", "scaling": "delayed"}
@@ -66,7 +67,7 @@ def test_delayed_training_shares_and_fuses_each_input_quantization(passes):
     assert "input quantization fused into its silu*mul" in why["down_proj"]
     assert "shared" not in why["o_proj"]
     casts = [n for n in gm.graph.nodes if n.target is OPS.quantize_history.default]
-    assert sorted(n.args[4] for n in casts) == ["rmsnorm", "rmsnorm", "silu_mul"]
+    assert sorted(n.args[4] for n in casts) == ["add_rmsnorm", "rmsnorm", "silu_mul"]
     for n in casts:  # detached inputs: the gradient flows through linear_delayed_q's x
         assert all(a.target == "detach" for a in n.args[:3] if isinstance(a, torch.fx.Node))
     assert _count(gm, OPS.linear_delayed_q.default) == 6
@@ -222,6 +223,51 @@ def test_no_fusion_when_the_activation_is_needed_elsewhere(passes):
                         config={"rules": ["norm", "residual"]})
     assert _count(gm, OPS.rmsnorm_quantize.default) == 0
     assert _count(gm, OPS.quantize.default) == 1
+
+
+class AddNorm(nn.Module):
+    """``h = x + y`` normed into a linear and read again by the output's residual add."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.norm = nn.RMSNorm(256)
+        self.proj = nn.Linear(256, 256, bias=False)
+
+    def forward(self, x, y):
+        if self.how == "alpha":
+            h = torch.add(x, y, alpha=2.0)
+        elif self.how == "promoted":
+            h = x.to(torch.bfloat16) + y  # bf16 + fp32: the sum is fp32, x is not
+        else:
+            h = x + y
+        return self.proj(self.norm(h)) + h
+
+
+@pytest.mark.parametrize("how, y_shape, taken", [
+    ("plain", (4, 256), True),
+    ("broadcast", (256,), False),  # y is not x's shape
+    ("alpha", (4, 256), False),
+    ("promoted", (4, 256), False),
+])
+def test_residual_add_moves_into_the_fused_norm(passes, monkeypatch, how, y_shape, taken):
+    from fp8compile.passes import fuse
+
+    model, x, y = AddNorm(how), torch.randn(4, 256), torch.randn(y_shape)
+    gm, inputs, ctx = passes(model, x, y)
+    (norm,) = [n for n in gm.graph.nodes if n.target is OPS.rmsnorm_quantize.default]
+    assert ("residual" in norm.kwargs) == taken
+    adds = [n for n in gm.graph.nodes if n.target in (operator.add, torch.add)]
+    assert len(adds) == 2  # h stays for the output's residual add
+    if taken:
+        assert {norm.args[0], norm.kwargs["residual"]} == set(adds[0].args)
+        why = {e.module: e.reason for e in ctx.plan_entries if e.is_fp8}
+        assert "input quantization fused into its residual add + rms_norm" in why["proj"]
+    # The reference adds in fp32 either way (the model is fp32): the same output unfused.
+    monkeypatch.setattr(fuse, "_residual_add", lambda x: None)
+    gm0, inputs0, ctx0 = passes(model, x, y)
+    assert torch.equal(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0])
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x, y)) < 0.03
 
 
 def test_transformers_written_out_rmsnorm_is_fused(passes):
@@ -390,8 +436,10 @@ def test_plan_says_which_inputs_are_shared_fused_and_stacked(passes, inference):
     why = {e.module: e.reason for e in ctx.plan_entries if e.is_fp8}
     assert "input quantized once, shared with k_proj, v_proj" in why["q_proj"]
     assert "input quantized once, shared with gate_proj" in why["up_proj"]
-    for m in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+    for m in ("q_proj", "k_proj", "v_proj"):
         assert "input quantization fused into its rms_norm" in why[m], why[m]
+    for m in ("gate_proj", "up_proj"):  # the MLP norm reads the residual stream's add
+        assert "input quantization fused into its residual add + rms_norm" in why[m], why[m]
     assert "input quantization fused into its silu*mul" in why["down_proj"]
     assert "shared" not in why["o_proj"] and "fused" not in why["o_proj"]
     stacked = "one GEMM with q_proj, k_proj (stacked weights)" in why["v_proj"]
