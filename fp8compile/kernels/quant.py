@@ -292,7 +292,8 @@ def _produce(x_ptr, x2_ptr, nw_ptr, rows, cols, rmask, K, rstd,
 
 @triton.jit
 def _quantize_kernel(
-    # pointers: input, second input (SiLU*mul "up"), RMSNorm weight
+    # pointers: input, second input (SiLU*mul "up", or the residual added before RMSNorm),
+    # RMSNorm weight
     x_ptr, x2_ptr, nw_ptr,
     # pointers: payload (uint8 view), scales, tensorwise amax (see AMAX_AT) or given scale,
     # a zeroed cell for the amax of x (AMAX_OUT), an amax history that makes an AMAX_ONLY
