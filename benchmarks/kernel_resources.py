@@ -85,8 +85,8 @@ def delayed_rmsnorm_cast():
 
 
 def delayed_silu_mul_cast():
-    """The same fused into SiLU·mul at 14336 wide (1x16384, 8 warps)."""
-    return quantize_kernel(0, 1, 16384, True, 8, producer=quant.PRODUCER_SILU_MUL,
+    """The same fused into SiLU·mul at 14336 wide (1x16384, 16 warps)."""
+    return quantize_kernel(0, 1, 16384, True, 16, producer=quant.PRODUCER_SILU_MUL,
                            amax_out=True, history=True)
 
 
@@ -153,7 +153,7 @@ KERNELS = {
     "quantize, 128x128 blocks (32-row slices, 8 warps)": quantize_blocks,
     "quantize, 128x128 blocks of a transposed view (whole)": quantize_blocks_transposed,
     "delayed cast fused into RMSNorm (2x4096, 8 warps)": delayed_rmsnorm_cast,
-    "delayed cast fused into SiLU·mul (1x16384, 8 warps)": delayed_silu_mul_cast,
+    "delayed cast fused into SiLU·mul (1x16384, 16 warps)": delayed_silu_mul_cast,
     "delayed cast, no producer (2x4096, 8 warps)": delayed_cast,
     "delayed cast of dY with its transpose (64x64, 4 warps)": delayed_cast_t,
     "dynamic cast of dY with its transpose (64x64, 4 warps)": dynamic_cast_t,
