@@ -27,8 +27,9 @@ more).  The routes are forced through the module's
 thresholds, so their figures come from one run.
 
 ``--prefill`` times the activation quantizations of an inference prefill step instead (4096
-tokens of the LLaMA block: per row and in 1x128 groups; plain, fused with RMSNorm, and fused
-with SiLU·mul reading gate and up as the two halves of one fused gate_up output), each at
+tokens of the LLaMA block: per row and in 1x128 groups; plain, fused with RMSNorm, with the
+residual add and RMSNorm, and with SiLU·mul reading gate and up as the two halves of one
+fused gate_up output), and delayed scaling's tensorwise casts of the same inputs, each at
 the launcher's launch shape and, with ``--sweep``, at every candidate of :data:`SWEEP`: the
 rows per program, columns per tile, columns per program and warps the launcher would
 otherwise pick.
@@ -131,37 +132,61 @@ SWEEP = {
                            (8, 128, None, 4), (4, 128, None, 8), (8, 128, None, 8)],
     ("group", "silu_mul"): [(16, 128, 128, 4), (32, 128, 128, 4), (64, 128, 128, 4),
                             (32, 128, 512, 4), (16, 128, 1024, 4), (64, 128, 128, 8)],
+    # Delayed scaling's tensorwise casts: one tile holds whole rows (16384 wide: 1 row only).
+    **{("tensor", p): [(1, None, None, 4), (1, None, None, 8), (1, None, None, 16),
+                       (2, None, None, 8), (2, None, None, 16)]
+       for p in ("none", "rmsnorm", "silu_mul")},
 }
 
 
-def prefill(median_us, out: list, sweep: bool) -> None:
-    """The prefill step's activation quantizations, at the launcher's launch shape and (with
-    ``sweep``) at each candidate of :data:`SWEEP`."""
+def _producer_fn(gran: str, producer: str, k: int):
+    """The quantization of one input tensor: ``(m, k)``, or ``(m, 2k)`` holding two inputs
+    side by side (SiLU·mul's gate and up, as one gate_up output; RMSNorm's x and residual).
+    ``"tensor"`` is delayed scaling's cast (``quantize_history``, its history set)."""
     from fp8compile.kernels import fused, quant
+
+    e4 = Fp8Format.E4M3
+    w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    if gran == "tensor":
+        hist = torch.tensor([3.0, 2.0, 0.0, 0.0], device="cuda")
+
+        def fn(t):
+            a, b = (t[:, :k], t[:, k:]) if t.shape[1] == 2 * k else (t, None)
+            return fused.quantize_history(a, b, w if "rmsnorm" in producer else None, 1e-5,
+                                          producer, hist, e4)
+        return fn
+    g = Granularity(gran)
+    return {
+        "none": lambda t: quant.quantize(t, g, e4, False),
+        "rmsnorm": lambda t: fused.rmsnorm_quantize(t, w, 1e-5, g, e4),
+        "add_rmsnorm": lambda t: fused.rmsnorm_quantize(t[:, :k], w, 1e-5, g, e4,
+                                                       residual=t[:, k:]),
+        "silu_mul": lambda t: fused.silu_mul_quantize(t[:, :k], t[:, k:], g, e4),
+    }[producer]
+
+
+def prefill(median_us, out: list, sweep: bool) -> None:
+    """The prefill step's activation quantizations (and delayed scaling's tensorwise casts
+    of the same inputs), at the launcher's launch shape and (with ``sweep``) at each
+    candidate of :data:`SWEEP`."""
+    from fp8compile.kernels import quant
     from fp8compile.kernels.tuning import next_pow2
 
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     m, d, ffn = PREFILL_TOKENS, 4096, 14336
-    e4 = Fp8Format.E4M3
-    cases = [("none", d, 3), ("rmsnorm", d, 3), ("silu_mul", ffn, 5)]
-    for gran in ("row", "group"):
-        g = Granularity(gran)
+    # (producer, K, bytes moved per element: 2 per bf16 input, 1 per FP8 output)
+    cases = [("none", d, 3), ("rmsnorm", d, 3), ("add_rmsnorm", d, 5), ("silu_mul", ffn, 5)]
+    for gran in ("row", "group", "tensor"):
         for producer, k, bpe in cases:
             sets = -(-3 * l2 // (bpe * m * k))
-            if producer == "silu_mul":  # gate and up: the halves of one gate_up output
-                inputs = [torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)
-                          for _ in range(sets)]
-                fn = lambda t: fused.silu_mul_quantize(t[:, :k], t[:, k:], g, e4)  # noqa: E731
-            else:
-                inputs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                          for _ in range(sets)]
-                w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
-                fn = (lambda t: fused.rmsnorm_quantize(t, w, 1e-5, g, e4)) \
-                    if producer == "rmsnorm" else (lambda t: quant.quantize(t, g, e4, False))
+            width = k if bpe == 3 else 2 * k
+            inputs = [torch.randn(m, width, device="cuda", dtype=torch.bfloat16)
+                      for _ in range(sets)]
+            fn = _producer_fn(gran, producer, k)
             copy_us = median_us(torch.clone, [torch.empty(m, k * bpe // 4, device="cuda",
                                                           dtype=torch.bfloat16)
                                               for _ in range(sets)])
-            shapes = [None] + (SWEEP[(gran, producer)] if sweep else [])
+            shapes = [None] + (SWEEP[(gran, producer.replace("add_", ""))] if sweep else [])
             saved = quant._launch_shape
             for shape in shapes:
                 if shape is not None:
@@ -177,7 +202,7 @@ def prefill(median_us, out: list, sweep: bool) -> None:
                     "K" if v is None else str(v) for v in shape[:3]) + f" w{shape[3]}"
                 out.append({"granularity": gran, "producer": producer, "shape": [m, k],
                             "launch": label, "us": us, "copy_us_same_bytes": copy_us})
-                print(f"{gran:5s} {producer:8s} {m}x{k:<6d} {label:18s} {us:7.1f} us  "
+                print(f"{gran:6s} {producer:11s} {m}x{k:<6d} {label:18s} {us:7.1f} us  "
                       f"vs copy {copy_us / us:.2f}  ({bpe * m * k / us / 1e6:.2f} TB/s)")
 
 
