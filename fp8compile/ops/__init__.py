@@ -31,12 +31,13 @@ op                                         meaning
 ``fp8compile::linear_delayed_q``           the same for an input quantized once elsewhere
 ``fp8compile::push_amax``                  shift an amax history and write the newest amax
 ``fp8compile::quantize_history``           delayed scaling's cast (every x, W and dY; a
-                                           shared input's optionally fused into RMSNorm or
-                                           SiLU·mul)
+                                           shared input's optionally fused into RMSNorm,
+                                           residual add + RMSNorm, or SiLU·mul)
 ``fp8compile::quantize_history_t``         the same of a 2-D dY, with its transpose for dW
                                            from the same read
 ``fp8compile::matmul``                     ``a @ b`` of two activations, both quantized
-``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in
+``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in (and,
+                                           with ``residual=``, the residual add before it)
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in
 ========================================  ==================================================
 
