@@ -163,6 +163,12 @@ class Fp8Config:
             bias run as one GEMM over their stacked weights.  Exact for ``rowwise`` and for
             ``blockwise`` (where each N is a multiple of 128); ``tensorwise`` then quantizes
             the stack with one scale, the largest member's.  The plan lists the groups.
+        fuse_producers: an FP8 linear's input quantization runs inside the RMSNorm (with
+            the residual add before it, where the norm reads one), or the SiLU·mul, that
+            produces the input, where nothing else reads the high-precision activation: it is
+            then written once, in FP8, and the producer computes in fp32.  ``False`` keeps the
+            producer as the model wrote it (its output rounded to the model dtype, then
+            quantized), at the cost of that round trip through memory.
         fuse_epilogues: inference: an FP8 linear's activation (exact GELU, SiLU, ReLU) and
             the residual add of its output run in the Triton GEMM's epilogue, in fp32 with
             one rounding, where nothing else reads the intermediate values.  The GEMM
@@ -196,6 +202,7 @@ class Fp8Config:
     calibration: tuple[tuple[str, float, float], ...] = ()
     inference: bool | None = None
     fuse_projections: bool = True
+    fuse_producers: bool = True
     fuse_epilogues: bool = False
     cache_training_weights: bool = False
 
@@ -211,8 +218,8 @@ class Fp8Config:
         set_(self, "rules", frozenset(_enum(Rule, "rules", r) for r in self.rules))
         set_(self, "static_scales", self._check_static(self.static_scales))
         set_(self, "calibration", self._check_calibration(self.calibration))
-        for name in ("power_of_2_scales", "matmul", "fuse_projections", "fuse_epilogues",
-                     "cache_training_weights"):
+        for name in ("power_of_2_scales", "matmul", "fuse_projections", "fuse_producers",
+                     "fuse_epilogues", "cache_training_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
         if self.inference is not None and not isinstance(self.inference, bool):

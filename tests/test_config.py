@@ -33,6 +33,7 @@ def test_strings_become_enums():
         ({"amax_history_len": 0}, "amax_history_len"),
         ({"power_of_2_scales": "yes"}, "power_of_2_scales"),
         ({"fuse_projections": 1}, "fuse_projections"),
+        ({"fuse_producers": "no"}, "fuse_producers"),
         ({"grad_accumulation": "fastest"}, "grad_accumulation"),
         ({"static_scales": {"a": -1.0}}, "static_scales"),
         ({"rules": ["norm", "nope"]}, "rules"),

@@ -81,7 +81,7 @@ class FusePass(Fp8Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         modified = False
-        for node in list(graph.nodes):
+        for node in list(graph.nodes) if self.ctx.config.fuse_producers else ():
             if node.target is OPS.quantize_history.default:
                 modified |= self._fuse_history(graph, node)
                 continue

@@ -165,6 +165,10 @@ class ScalesPass(Fp8Pass):
             gm.recompile()
         return PassResult(gm, modified)
 
+    def _fusable_lone_input(self, x: Any, linear: torch.fx.Node) -> bool:
+        """A lone linear's input that FusePass will fuse into its producer."""
+        return self.ctx.config.fuse_producers and _fusable_lone_input(x, linear)
+
     def _share_activation_quant(self, graph: torch.fx.Graph) -> bool:
         # Weights too: a module called twice quantizes its weight twice (and would cache it
         # twice in inference).
@@ -194,7 +198,7 @@ class ScalesPass(Fp8Pass):
             # A lone linear keeps the single op, unless its input comes from an RMSNorm or a
             # SiLU·mul that reads nothing else: FusePass then fuses the quantization there.
             # With cached weights every linear takes this form (linear_w follows from it).
-            alone_ok = len(nodes) == 1 and (_fusable_lone_input(x, nodes[0])
+            alone_ok = len(nodes) == 1 and (self._fusable_lone_input(x, nodes[0])
                                             or self.ctx.config.cache_training_weights)
             if (len(nodes) < 2 and not alone_ok) or \
                     not all(_only_output_used(n) for n in nodes):
@@ -241,7 +245,7 @@ class ScalesPass(Fp8Pass):
         modified = False
         for (x, act_fmt, p2), nodes in groups.items():
             # A lone linear too where FusePass can then fuse the cast into x's producer.
-            if len(nodes) < 2 and not _fusable_lone_input(x, nodes[0]):
+            if len(nodes) < 2 and not self._fusable_lone_input(x, nodes[0]):
                 continue
             with graph.inserting_before(nodes[0]):
                 xd = graph.call_method("detach", (x,))

@@ -444,3 +444,19 @@ def test_plan_says_which_inputs_are_shared_fused_and_stacked(passes, inference):
     assert "shared" not in why["o_proj"] and "fused" not in why["o_proj"]
     stacked = "one GEMM with q_proj, k_proj (stacked weights)" in why["v_proj"]
     assert stacked == inference  # projections are stacked in inference only
+
+
+@pytest.mark.parametrize("inference", [False, True])
+def test_producer_fusion_can_be_turned_off(passes, inference):
+    # fuse_producers=False: every quantization reads the producer's output as the model
+    # wrote it, in inference and in training (where lone linears then keep their own cast).
+    model, x = LlamaBlock(), torch.randn(2, 8, 256)
+    gm, inputs, ctx = passes(model, x, config={"fuse_producers": False}, inference=inference)
+    fused = (OPS.rmsnorm_quantize.default, OPS.silu_mul_quantize.default)
+    assert not any(n.target in fused for n in gm.graph.nodes)
+    assert ctx.stats["fused_quantizations"] == 0
+    assert not any("fused into" in e.reason for e in ctx.plan_entries if e.is_fp8)
+    if inference:
+        assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+    else:  # down_proj alone keeps the self-quantizing linear
+        assert _count(gm, OPS.linear.default) == 2 and _count(gm, OPS.linear_q.default) == 5

@@ -189,11 +189,10 @@ def test_shared_input_is_saved_once_in_fp8(recipe):
     assert saved.fp8 == 64 * 256 + 64 * 128, str(saved)
 
 
-def test_fused_producers_give_the_unfused_gradients(monkeypatch):
+def test_fused_producers_give_the_unfused_gradients():
     """Training graphs fuse the quantization into RMSNorm and SiLU·mul (the high-precision
     output only carries the gradient); every gradient, the norms' weights included, matches
-    the graph whose quantizations read that output."""
-    from fp8compile.passes import fuse
+    the graph whose quantizations read that output (``fuse_producers=False``)."""
     from tests.models import LlamaBlock
 
     model = LlamaBlock()
@@ -202,10 +201,10 @@ def test_fused_producers_give_the_unfused_gradients(monkeypatch):
     got = _grads_of(torch.compile(model, backend=be, fullgraph=True), model, x)
     assert be.plan.stats["fused_quantizations"] == 3
     torch._dynamo.reset()
-    monkeypatch.setattr(fuse, "fusable_producer", lambda node: None)
-    unfused = fp8compile.backend()
+    unfused = fp8compile.backend({"fuse_producers": False})
     want = _grads_of(torch.compile(model, backend=unfused, fullgraph=True), model, x)
     assert unfused.plan.stats["fused_quantizations"] == 0
+    assert not any("fused into" in e.reason for e in unfused.plan if e.is_fp8)
     assert set(got) == set(want) and any("norm" in name for name in got)
     for name in want:
         # fp32 model: both quantize the same fp32 values up to the norm's evaluation order.
