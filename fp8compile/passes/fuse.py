@@ -21,6 +21,7 @@ in Mistral, Qwen, ...)::
 
 The activation is then written once, in FP8, instead of in the model dtype and again in FP8
 (for d=4096 and 4096 tokens in bf16: 32 MiB written and read back per norm saved).
+``Fp8Config(fuse_producers=False)`` turns the pass off.
 
 When the norm's input is a residual stream's add of two tensors of one shape and dtype, the
 add moves into the fused op too (``residual=``), added in fp32 as Inductor adds it inside a
@@ -81,7 +82,9 @@ class FusePass(Fp8Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         modified = False
-        for node in list(graph.nodes) if self.ctx.config.fuse_producers else ():
+        # Fp8Config.fuse_producers=False: nothing is fused (the stats and notes still run).
+        candidates = list(graph.nodes) if self.ctx.config.fuse_producers else []
+        for node in candidates:
             if node.target is OPS.quantize_history.default:
                 modified |= self._fuse_history(graph, node)
                 continue
