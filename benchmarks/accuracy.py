@@ -11,6 +11,10 @@ Same block as benchmarks/e2e.py (RMSNorm, causal SDPA, SwiGLU; PyTorch's default
 ‖y − y_fp32‖ / ‖y_fp32‖ on the same inputs.  Several seeds are run, because the differences
 between recipes are a few percent and one draw can mislead; the table shows the mean and the
 spread.  torchao is eager here (its numerics do not depend on compiling).
+
+``--unfused-producers`` adds each fp8hpf recipe with ``fuse_producers=False``: its
+quantizations then read the RMSNorm and SiLU·mul outputs (and the residual sum before the
+MLP norm) as the model computes them, rounded to bf16, instead of the fused producers' fp32.
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ from e2e import Block, rel_err  # noqa: E402
 import fp8compile  # noqa: E402
 
 
-def variants():
+def variants(unfused_producers: bool = False):
     out = {"bf16 eager": lambda m: m}
     for recipe in ("blockwise", "rowwise", "tensorwise"):
         out[f"fp8hpf {recipe}"] = lambda m, r=recipe: torch.compile(
             m, backend=fp8compile.backend({"recipe": r}))
+        if unfused_producers:
+            out[f"fp8hpf {recipe}, unfused"] = lambda m, r=recipe: torch.compile(
+                m, backend=fp8compile.backend({"recipe": r, "fuse_producers": False}))
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -60,6 +67,8 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=2816)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--unfused-producers", action="store_true",
+                    help="also each fp8hpf recipe with fuse_producers=False")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     errors: dict[str, list[float]] = {}
@@ -70,15 +79,15 @@ def main() -> None:
         with torch.no_grad():
             ref = base32(x)
             base = copy.deepcopy(base32).bfloat16()
-            for name, make in variants().items():
+            for name, make in variants(args.unfused_producers).items():
                 torch._dynamo.reset()
                 y = make(copy.deepcopy(base))(x.bfloat16())
                 errors.setdefault(name, []).append(rel_err(y, ref))
     print(f"block d={args.d} heads={args.heads} ffn={args.ffn}, {args.tokens} tokens, {dev}, "
           f"torch {torch.__version__}, {args.seeds} seeds")
-    print(f"{'variant':20s} {'mean error':>11s} {'min':>9s} {'max':>9s}")
+    print(f"{'variant':28s} {'mean error':>11s} {'min':>9s} {'max':>9s}")
     for name, errs in errors.items():
-        print(f"{name:20s} {statistics.mean(errs):11.3e} {min(errs):9.3e} {max(errs):9.3e}")
+        print(f"{name:28s} {statistics.mean(errs):11.3e} {min(errs):9.3e} {max(errs):9.3e}")
 
 
 if __name__ == "__main__":
