@@ -28,16 +28,13 @@ was already fused into the next quantization by FusePass, which runs first.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.nn.functional as F
 
-from .fuse import FusePass
+from .fuse import FusePass, is_add
 from .manager import Fp8Pass, PassResult, add_note, dtype_of, info, plan_entries_of
 
 OPS = torch.ops.fp8compile
-_ADD = {operator.add, torch.add}
 _ACTIVATION = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu"}
 # Positions in fp8compile::scaled_mm's arguments.
 _OUT_DTYPE, _ACT, _RES = 7, 9, 10
@@ -135,10 +132,7 @@ def _activation(node: torch.fx.Node | None) -> str | None:
 def _residual(add: torch.fx.Node | None, y: torch.fx.Node, out_dtype) -> torch.fx.Node | None:
     """The other operand of ``add = y + r`` when the GEMM can add it instead: a tensor of a
     floating dtype that broadcasts into ``y`` without changing its shape or dtype."""
-    if add is None or add.kwargs or len(add.args) != 2:
-        return None
-    if not ((add.op == "call_function" and add.target in _ADD)
-            or (add.op == "call_method" and add.target == "add")):
+    if add is None or not is_add(add) or add.kwargs:
         return None
     a, b = add.args
     r = b if a is y else a if b is y else None

@@ -68,6 +68,7 @@ OPS = torch.ops.fp8compile
 _RMS_NORM = {F.rms_norm, torch.rms_norm}
 _SILU = {F.silu}
 _MUL = {operator.mul, torch.mul}
+_ADD = {operator.add, torch.add}
 
 
 def _arg(node: torch.fx.Node, i: int, name: str, default=None):
@@ -205,8 +206,7 @@ def _norm_of(x, weight, eps):
 def _residual_add(x):
     """``(a, b)`` when ``x = a + b`` adds two tensors of x's shape and floating dtype (no
     ``alpha``, no broadcast, no type promotion), else None."""
-    if not ((_is_call(x, {operator.add, torch.add}) or _is_method(x, "add"))
-            and len(x.args) == 2 and not x.kwargs):
+    if not is_add(x) or x.kwargs:
         return None
     a, b = x.args
     if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)):
@@ -226,10 +226,11 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple, re
     kwargs = kwargs or {}
     with graph.inserting_before(node):
         if carried:
-            args = tuple(graph.call_method("detach", (a,))
-                         if isinstance(a, torch.fx.Node) else a for a in args)
-            kwargs = {k: graph.call_method("detach", (a,)) if isinstance(a, torch.fx.Node)
-                      else a for k, a in kwargs.items()}
+            def detached(a):
+                return graph.call_method("detach", (a,)) if isinstance(a, torch.fx.Node) else a
+
+            args = tuple(detached(a) for a in args)
+            kwargs = {k: detached(a) for k, a in kwargs.items()}
         new = graph.call_function(target, (*args, *rest), kwargs)
     info(new).update(role="fused_quant", fused_from=name)
     node.replace_all_uses_with(new)
@@ -293,6 +294,12 @@ def _is_mul(n) -> bool:
     return (_is_call(n, _MUL) or _is_method(n, "mul")) and len(n.args) == 2
 
 
+def is_add(n) -> bool:
+    """``n`` is a binary add: ``a + b``, ``torch.add(a, b)`` or ``a.add(b)`` (any kwargs, such
+    as ``alpha``, are the caller's to check)."""
+    return (_is_call(n, _ADD) or _is_method(n, "add")) and len(n.args) == 2
+
+
 def _skip_casts(n):
     while _is_method(n, "to", "float", "bfloat16", "half", "type_as"):
         n = n.args[0]
@@ -310,8 +317,7 @@ def _rsqrt_mean_square_eps(r, hs) -> float | None:
     if not (_is_call(r, {torch.rsqrt}) or _is_method(r, "rsqrt")):
         return None
     add = r.args[0]
-    if not ((_is_call(add, {operator.add, torch.add}) or _is_method(add, "add"))
-            and len(add.args) == 2 and isinstance(add.args[1], float)):
+    if not (is_add(add) and isinstance(add.args[1], float)):
         return None
     mean = add.args[0]
     if not _is_method(mean, "mean"):
@@ -329,4 +335,4 @@ def _rsqrt_mean_square_eps(r, hs) -> float | None:
     return add.args[1]
 
 
-__all__ = ["FusePass", "fusable_producer", "only_carried"]
+__all__ = ["FusePass", "fusable_producer", "is_add", "only_carried"]

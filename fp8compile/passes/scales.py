@@ -166,8 +166,12 @@ class ScalesPass(Fp8Pass):
         return PassResult(gm, modified)
 
     def _fusable_lone_input(self, x: Any, linear: torch.fx.Node) -> bool:
-        """A lone linear's input that FusePass will fuse into its producer."""
-        return self.ctx.config.fuse_producers and _fusable_lone_input(x, linear)
+        """A lone linear's input that FusePass will fuse into its producer: read by that
+        linear alone, the output of a fusable producer, and producer fusion on."""
+        from .fuse import fusable_producer
+
+        return (self.ctx.config.fuse_producers and isinstance(x, torch.fx.Node)
+                and set(x.users) == {linear} and fusable_producer(x) is not None)
 
     def _share_activation_quant(self, graph: torch.fx.Graph) -> bool:
         # Weights too: a module called twice quantizes its weight twice (and would cache it
@@ -510,13 +514,6 @@ class _GenericSizes:
                 self.subs[sym] = sympy.Integer(self.PRIMES[len(self.subs)])
         value = sympy.sympify(expr.xreplace(self.subs))
         return int(value) if value.is_Integer else None
-
-
-def _fusable_lone_input(x: Any, linear: torch.fx.Node) -> bool:
-    from .fuse import fusable_producer
-
-    return (isinstance(x, torch.fx.Node) and set(x.users) == {linear}
-            and fusable_producer(x) is not None)
 
 
 def _replace_output(graph: torch.fx.Graph, node: torch.fx.Node, y: torch.fx.Node) -> None:
