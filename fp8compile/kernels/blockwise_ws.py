@@ -16,6 +16,8 @@ schedule is written out in Gluon, Triton's lower-level dialect:
   second runs on the tensor cores.  Nothing is in flight across the loop's back edge: a
   loop-carried in-flight accumulator makes ptxas serialize every wgmma of the loop (C7514);
   and a four-block trip needs a fifth 64-register tile and spills;
+* the scales of the next pair are loaded during the current one, so their global-memory
+  latency is hidden under two blocks of wgmma;
 * the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
   fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
 
@@ -171,21 +173,29 @@ if HAVE_GLUON:
             s_rows = as_ptr + rows * stride_asm
             w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
             acc = gl.zeros([HM, BN], gl.float32, layout)
+            # Scales are loaded one pair of K blocks ahead: loaded next to their own wgmma,
+            # their latency showed in the promotion's first multiply (ncu stall samples).
+            last = k_tiles - 1
+            fa = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk)
+            fb = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask, stride_wsk)
             for j in range(k_tiles // 2):
                 ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
                 tb = _issue(a_bufs, b_bufs, ready, it + 1, HALF * HM, pb)
-                fa = _factor(s_rows, rmask, w_ptr, 2 * j, stride_ask, stride_wsk)
-                fb = _factor(s_rows, rmask, w_ptr, 2 * j + 1, stride_ask, stride_wsk)
+                fa_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 2, last), stride_ask,
+                                  stride_wsk)
+                fb_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 3, last), stride_ask,
+                                  stride_wsk)
                 pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
                 mbarrier.arrive(empty.index(it % STAGES_), count=1)
                 acc += pa * fa[:, None]  # runs while block 2j+1's wgmma does
                 pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
                 mbarrier.arrive(empty.index((it + 1) % STAGES_), count=1)
                 acc += pb * fb[:, None]
+                fa = fa_next
+                fb = fb_next
                 it += 2
-            if k_tiles % 2 == 1:
+            if k_tiles % 2 == 1:  # the last block; fa holds its factor
                 ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
-                fa = _factor(s_rows, rmask, w_ptr, k_tiles - 1, stride_ask, stride_wsk)
                 pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
                 mbarrier.arrive(empty.index(it % STAGES_), count=1)
                 acc += pa * fa[:, None]

@@ -115,7 +115,10 @@ def _operands(m, n, k, fmt=Fp8Format.E4M3, nan_row=None):
 
 
 @needs_hopper
-@pytest.mark.parametrize("m, n, k", [(257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528)])
+# K blocks: 1, 2 (the second partial), 3 (a pair and a lone block), 9, 32 and 5; the scales
+# are loaded a pair ahead, so each count checks which block's factor each promotion takes.
+@pytest.mark.parametrize("m, n, k", [(300, 256, 96), (512, 256, 208), (384, 128, 384),
+                                     (257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_matches_reference(m, n, k, out_dtype):
     xq, xs, wq, ws = _operands(m, n, k)
