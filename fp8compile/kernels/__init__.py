@@ -96,7 +96,8 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
             return select.cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype,
                                            accumulation, activation, residual)
     try:
-        gluon = gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual)
+        gluon = gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual,
+                                  accumulation)
         key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, gluon, activation,
                               residual)
         if select.choose(key, triton_fn, cublas_fn) == "cublas":

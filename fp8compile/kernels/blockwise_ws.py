@@ -1,4 +1,6 @@
-"""Blockwise FP8 GEMM for Hopper, warp-specialized (Gluon): ``(xq·s_x) @ (wq·s_w)ᵀ + bias``.
+"""Warp-specialized FP8 GEMM with promoted accumulation for Hopper (Gluon).
+
+``(xq·s_x) @ (wq·s_w)ᵀ + bias``, blockwise scales first of all.
 
 The recipe is DeepSeek-V3's: 1x128 activation groups times 128x128 weight blocks, each
 128-wide K block multiplied on the tensor cores and then promoted into an fp32 accumulator
@@ -20,6 +22,11 @@ schedule is written out in Gluon, Triton's lower-level dialect:
   latency is hidden under two blocks of wgmma;
 * the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
   fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
+
+The same kernel serves per-row and per-tensor scales (on both operands) with ``precise``
+accumulation, where the Triton kernel has the same promotion problem: each K block is
+promoted with the row scale alone (a weight factor of one), and the finished tile is
+multiplied by the per-column weight scales before the bias.
 
 Registers: 64 fp32 per thread for the accumulator and for each partial tile (128x128 tile,
 two warpgroups); the math partitions ask for 232 registers, the loader 40.  Offline
@@ -62,17 +69,27 @@ MATH_REGS, LOAD_REGS = 232, 40
 MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
 
 
+_OUTER = (Granularity.ROW, Granularity.TENSOR)
+
+
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
                 w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool,
-                layout: bool = True) -> str | None:
+                layout: bool = True, accumulation: str = "precise") -> str | None:
     """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is 2-D.  The
     shape and format rules come first, so each can be checked without a GPU.
     ``layout=False`` skips the stride and alignment rules, which :func:`.gemm.scaled_mm`
-    meets by copying an operand."""
+    meets by copying an operand.  Blockwise scales are always promoted; row and tensor
+    scales are served with ``precise`` accumulation only."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
-    if Granularity(x_gran) is not Granularity.GROUP or Granularity(w_gran) is not Granularity.BLOCK:
-        return "only 1x128 activation groups x 128x128 weight blocks"
+    xg, wg = Granularity(x_gran), Granularity(w_gran)
+    outer = xg in _OUTER and wg in _OUTER
+    if not (outer or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
+        return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
+                "on both operands")
+    if outer and accumulation != "precise":
+        return ("row/tensor scales with fast accumulation keep one tensor-core accumulator "
+                "(the Triton kernel and cuBLAS serve them)")
     if activation != "none" or has_residual:
         return "no activation or residual epilogue"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
@@ -109,8 +126,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _loader(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, a_desc,
-                b_desc):
+                has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                stride_wsn, stride_wsk, a_desc, b_desc):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -151,7 +168,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
+              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              stride_wsk, HALF: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -201,6 +219,11 @@ if HAVE_GLUON:
                 acc += pa * fa[:, None]
                 it += 1
             cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+            # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
+            # (has_cs == 0) for blockwise scales, which the promotion applied
+            col_scale = gl.load(cs_ptr + cols * stride_cs, mask=(cols < N) & (has_cs != 0),
+                                other=1.0)
+            acc = acc * col_scale[None, :]
             # without a bias (has_bias == 0) nothing is read and zeros are added
             bias = gl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0)
             acc += bias.to(gl.float32)[None, :]
@@ -215,18 +238,23 @@ if HAVE_GLUON:
     # function of its own and the shapes come from the buffers' types, not constexpr args.
     @gluon.jit
     def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                 stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, 0)
+              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              stride_wsk, 0)
 
     @gluon.jit
     def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk):
+                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                 stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk, 1)
+              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              stride_wsk, 1)
 
     @gluon.jit
-    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias, M, N, K,
+    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+                             cs_ptr, stride_cs, has_cs, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
                              LOAD_REGS: gl.constexpr):
@@ -244,7 +272,8 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrive per math warpgroup
         fence_async_shared()
         args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                has_bias, M, N, K, stride_asm, stride_ask, stride_wsn, stride_wsk)
+                has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                stride_wsn, stride_wsk)
         gl.warp_specialize([(_math_lo, args), (_math_hi, args),
                             (_loader, args + (a_desc, b_desc))],
                            [4, 1], [MATH_REGS, LOAD_REGS])
@@ -262,13 +291,31 @@ if HAVE_GLUON:
                 gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], gout))
 
 
+_ONES: dict[torch.device, torch.Tensor] = {}
+
+
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
-                 bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
+                 bias: torch.Tensor | None, out: torch.Tensor,
+                 x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK) -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
-    :func:`unsupported` returns ``None``.  ``xs`` is (M, ceil(K/128)), ``ws``
-    (ceil(N/128), ceil(K/128)), any strides."""
+    :func:`unsupported` returns ``None``.  Blockwise: ``xs`` is (M, ceil(K/128)), ``ws``
+    (ceil(N/128), ceil(K/128)).  Row/tensor scales (``x_gran``, ``w_gran``): ``xs`` has M
+    elements or one, ``ws`` N or one; the K blocks are promoted with the row scale alone and
+    the column scale multiplies the finished tile.  Scales may have any strides."""
     m, k = xq.shape
     n = wq.shape[0]
+    xg, wg = Granularity(x_gran), Granularity(w_gran)
+    if xg is Granularity.GROUP:
+        row = (xs, xs.stride(0), xs.stride(1))
+        block = (ws, ws.stride(0), ws.stride(1))
+        column = (out, 0, 0)  # unread
+    else:
+        ones = _ONES.get(xq.device)
+        if ones is None:
+            ones = _ONES[xq.device] = torch.ones(1, dtype=torch.float32, device=xq.device)
+        row = (xs, xs.stride(0) if xg is Granularity.ROW else 0, 0)
+        block = (ones, 0, 0)
+        column = (ws, ws.stride(0) if wg is Granularity.ROW else 0, 1)
     a_l, b_l, c_l = layouts(xq.dtype, out.dtype)
     a_d = TensorDescriptor(xq, [m, k], [k, 1], [BLOCK_M, BLOCK_K], a_l)
     b_d = TensorDescriptor(wq, [n, k], [k, 1], [BLOCK_N, BLOCK_K], b_l)
@@ -276,7 +323,7 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     tiles = -(-m // BLOCK_M) * -(-n // BLOCK_N)
     grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](
-        a_d, b_d, c_d, xs, ws, bias if bias is not None else out, int(bias is not None),
-        m, n, k, xs.stride(0), xs.stride(1), ws.stride(0), ws.stride(1),
+        a_d, b_d, c_d, row[0], block[0], bias if bias is not None else out, int(bias is not None),
+        column[0], column[1], column[2], m, n, k, row[1], row[2], block[1], block[2],
         STAGES=STAGES, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, num_warps=4)
     return out

@@ -19,9 +19,10 @@ When the output tiles alone leave SMs idle (decode, M <= 256), K is split across
 that write fp32 partial sums; :func:`_splitk_epilogue_kernel` adds them up and runs the
 same epilogue.
 
-On Hopper, eager blockwise GEMMs (1x128 x 128x128 scales, M > 256, no activation or
-residual) go to the warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which
-overlaps the promotion with the tensor cores (1.5x this kernel); ``config=...`` or
+On Hopper, eager GEMMs with promoted accumulation (blockwise 1x128 x 128x128 scales, or row/
+tensor scales with ``precise`` accumulation; M > 256, no activation or residual) go to the
+warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which overlaps the promotion
+with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
 ``FP8COMPILE_GLUON=0`` keeps them here.
 """
 
@@ -342,8 +343,9 @@ def scaled_mm(
         res, stride_rm, stride_rn = out, 0, 0
 
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
-                                                 out_dtype, activation, residual):
-        return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out).reshape(*lead, n)
+                                                 out_dtype, activation, residual, accumulation):
+        return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
+                                         w_granularity).reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
@@ -410,27 +412,27 @@ def scaled_mm(
 
 
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
-                 residual) -> bool:
+                 residual, accumulation: str = "precise") -> bool:
     """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
     :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
     applied to a traced graph, which launches the Triton kernel."""
-    # The recipe first: only a blockwise x is worth reshaping to 2-D for the check.
-    if (xq.dim() < 1 or wq.dim() != 2 or Granularity(x_granularity) is not Granularity.GROUP
-            or Granularity(w_granularity) is not Granularity.BLOCK):
+    if xq.dim() < 1 or wq.dim() != 2:
         return False
     k = xq.shape[-1]
-    return _gluon_takes(xq.reshape(-1, k), xs.reshape(-1, xs.shape[-1]), x_granularity, wq, ws,
-                        w_granularity, out_dtype, activation, residual, layout=False)
+    group = Granularity(x_granularity) is Granularity.GROUP
+    xs2 = xs.reshape(-1, xs.shape[-1]) if group else xs
+    return _gluon_takes(xq.reshape(-1, k), xs2, x_granularity, wq, ws, w_granularity, out_dtype,
+                        activation, residual, accumulation, layout=False)
 
 
 def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation, residual,
-                 layout: bool = True) -> bool:
+                 accumulation, layout: bool = True) -> bool:
     """The one rule for both callers: eager, compiled (not interpreted), and every rule of
     :func:`.blockwise_ws.unsupported` met for the 2-D operands."""
     return not tracing() and not _interpreting() and blockwise_ws.unsupported(
         a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation,
-        residual is not None, layout=layout) is None
+        residual is not None, layout=layout, accumulation=accumulation) is None
 
 
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.

@@ -25,17 +25,20 @@ def _fp8(*shape, device="cpu"):
 
 
 def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="none",
-         res=False, xq=None, wq=None, xs=None):
+         res=False, xq=None, wq=None, xs=None, acc="precise"):
     xq = _fp8(m, k) if xq is None else xq
     wq = _fp8(n, k) if wq is None else wq
     xs = torch.ones(m, -(-k // 128)) if xs is None else xs
     ws = torch.ones(-(-n // 128), -(-k // 128))
-    return bw.unsupported(xq, xs, xg, wq, ws, wg, out, act, res)
+    return bw.unsupported(xq, xs, xg, wq, ws, wg, out, act, res, accumulation=acc)
 
 
 @pytest.mark.parametrize("case, reason", [
-    (dict(xg=G.ROW, wg=G.ROW), "only 1x128 activation groups"),
     (dict(xg=G.GROUP, wg=G.ROW), "only 1x128 activation groups"),
+    (dict(xg=G.ROW, wg=G.BLOCK), "only 1x128 activation groups"),
+    (dict(xg=G.TENSOR, wg=G.GROUP), "or row/tensor scales on both operands"),
+    (dict(xg=G.ROW, wg=G.ROW, acc="fast"), "fast accumulation"),
+    (dict(xg=G.TENSOR, wg=G.ROW, acc="fast"), "fast accumulation"),
     (dict(act="silu"), "no activation or residual"),
     (dict(res=True), "no activation or residual"),
     (dict(wq=_fp8(256, 512).to(torch.float8_e5m2)), "one FP8 format"),
@@ -51,6 +54,13 @@ def test_unsupported_names_the_rule(case, reason):
     if HOPPER and not case:
         pytest.skip("on a Hopper GPU the plain case is supported")
     assert reason in _why(**case)
+
+
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR),
+                                    (G.TENSOR, G.ROW)])
+def test_unsupported_takes_row_and_tensor_scales_with_precise_accumulation(xg, wg):
+    why = _why(xg=xg, wg=wg)
+    assert why is None or "Hopper" in why or "Gluon" in why
 
 
 def test_unsupported_accepts_n_with_fp32_rows_and_odd_k():
@@ -75,8 +85,9 @@ def _ptxas_report() -> str:
            "b_desc": f"tensordesc<fp8e4nv[128, 128],{b_l!r}>",
            "c_desc": f"tensordesc<bf16[64, 128],{c_l!r}>",
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
-           "M": "i32", "N": "i32", "K": "i32", "stride_asm": "i32", "stride_ask": "i32",
-           "stride_wsn": "i32", "stride_wsk": "i32"}
+           "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
+           "stride_wsk": "i32"}
     consts = dict(STAGES=bw.STAGES, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(
@@ -121,12 +132,31 @@ def _operands(m, n, k, fmt=Fp8Format.E4M3, nan_row=None):
                                      (257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_matches_reference(m, n, k, out_dtype):
-    xq, xs, wq, ws = _operands(m, n, k)
+    _check_against_reference(*_operands(m, n, k), G.GROUP, G.BLOCK, out_dtype)
+
+
+@needs_hopper
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR),
+                                    (G.TENSOR, G.ROW)])
+@pytest.mark.parametrize("m, n, k", [(300, 256, 96), (384, 136, 384), (1000, 384, 4096)])
+def test_row_and_tensor_scales_match_reference(xg, wg, m, n, k):
+    """Precise row/tensor GEMMs: unit factors in the promotion, weight scales per column
+    in the epilogue (a column scale applied to the wrong column fails here: the weight's
+    rows are scaled apart)."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 3  # every row scale differs
+    w = torch.randn(n, k) * 0.05 * torch.rand(n, 1) * 2  # and every column scale
+    xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
+    wq, ws = nx.quantize(w.cuda(), wg, Fp8Format.E4M3)
+    _check_against_reference(xq, xs, wq, ws, xg, wg, torch.bfloat16)
+
+
+def _check_against_reference(xq, xs, wq, ws, xg, wg, out_dtype):
+    m, n = xq.shape[0], wq.shape[0]
     bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    assert bw.unsupported(xq, xs, G.GROUP, wq, ws, G.BLOCK, out_dtype, "none", False) is None
+    assert bw.unsupported(xq, xs, xg, wq, ws, wg, out_dtype, "none", False) is None
     out = torch.empty(m, n, device="cuda", dtype=out_dtype)
-    y = bw.blockwise_mm(xq, xs, wq, ws, bias, out)
-    ref = scaled_mm_reference(xq, xs, G.GROUP, wq, ws, G.BLOCK, bias, out_dtype, "none", None)
+    y = bw.blockwise_mm(xq, xs, wq, ws, bias, out, xg, wg)
+    ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, bias, out_dtype, "none", None)
     # Promoted to fp32 every 128 of K like the reference, but inside a block the tensor core
     # adds FP8 products with its reduced-precision accumulator (SPEC §4): ~1e-3 relative
     # at these sizes (measured up to 4e-3 absolute on outputs of a few units).
@@ -146,16 +176,20 @@ def test_e5m2_nan_rows_and_no_bias():
 
 
 @needs_hopper
-def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch):
-    xq, xs, wq, ws = _operands(512, 256, 512)
+@pytest.mark.parametrize("xg, wg", [(G.GROUP, G.BLOCK), (G.ROW, G.ROW)])
+def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch, xg, wg):
+    x, w = torch.randn(512, 512).cuda(), (torch.randn(256, 512) * 0.05).cuda()
+    (xq, xs), (wq, ws) = nx.quantize(x, xg), nx.quantize(w, wg)
     calls = []
     real = bw.blockwise_mm
     monkeypatch.setattr(bw, "blockwise_mm", lambda *a: calls.append(1) or real(*a))
-    y = gemm.scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK)
+    y = gemm.scaled_mm(xq, xs, xg, wq, ws, wg)
     assert calls == [1]
+    gemm.scaled_mm(xq, xs, xg, wq, ws, wg, accumulation="fast")
+    assert calls == ([1, 1] if xg is G.GROUP else [1])  # blockwise is promoted either way
     monkeypatch.setenv("FP8COMPILE_GLUON", "0")
-    y_triton = gemm.scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK)
-    assert calls == [1]
+    y_triton = gemm.scaled_mm(xq, xs, xg, wq, ws, wg)
+    assert calls == ([1, 1] if xg is G.GROUP else [1])
     torch.testing.assert_close(y.float(), y_triton.float(), atol=2e-2, rtol=1.6e-2)
 
 
@@ -172,7 +206,7 @@ def _blockwise_eager(monkeypatch):
     return xq, torch.ones(512, 2), wq, torch.ones(3, 2)
 
 
-def test_gluon_serves_eager_blockwise_only(monkeypatch):
+def test_gluon_serves_eager_promoted_gemms_only(monkeypatch):
     from fp8compile.ops._inline import _tracing
 
     xq, xs, wq, ws = _blockwise_eager(monkeypatch)
@@ -180,7 +214,11 @@ def test_gluon_serves_eager_blockwise_only(monkeypatch):
     assert gemm.gluon_serves(xq, xs, G.GROUP, wq, ws, G.BLOCK, *args)
     # a transposed x is copied K-major first, so the layout does not decide
     assert gemm.gluon_serves(xq.t().contiguous().t(), xs, G.GROUP, wq, ws, G.BLOCK, *args)
-    assert not gemm.gluon_serves(xq, xs, G.ROW, wq, ws, G.ROW, *args)
+    rs, cs = torch.ones(512, 1), torch.ones(384, 1)
+    assert gemm.gluon_serves(xq, rs, G.ROW, wq, cs, G.ROW, *args, "precise")
+    assert gemm.gluon_serves(xq, torch.ones(()), G.TENSOR, wq, cs, G.ROW, *args, "precise")
+    assert not gemm.gluon_serves(xq, rs, G.ROW, wq, cs, G.ROW, *args, "fast")
+    assert not gemm.gluon_serves(xq, xs, G.GROUP, wq, cs, G.ROW, *args)
     assert not gemm.gluon_serves(xq[:200], xs[:200], G.GROUP, wq, ws, G.BLOCK, *args)
     assert not gemm.gluon_serves(xq, xs, G.GROUP, wq, ws, G.BLOCK, torch.bfloat16, "silu", None)
     with _tracing():  # a graph being traced launches the Triton kernel
