@@ -125,6 +125,49 @@ def _operands(m, n, k, fmt=Fp8Format.E4M3, nan_row=None):
     return xq, xs, wq, ws
 
 
+class _Launch:
+    """Stands in for the Gluon kernel: records the launch instead of running it."""
+
+    def __init__(self):
+        self.args = None
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.args = args
+        return launch
+
+
+@pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
+@pytest.mark.parametrize("xg, wg", [(G.GROUP, G.BLOCK), (G.ROW, G.ROW), (G.TENSOR, G.TENSOR),
+                                    (G.ROW, G.TENSOR), (G.TENSOR, G.ROW)])
+def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg):
+    """Which tensor each scale argument points at, with which strides (no GPU needed): the
+    promotion factor reads the row scale (and the weight block's, blockwise only); the
+    epilogue multiplies by the column scales of the row/tensor recipes only."""
+    m, n, k = 512, 384, 256
+    xq, wq = _fp8(m, k), _fp8(n, k)
+    scale_x = {G.GROUP: torch.ones(m, 2), G.ROW: torch.ones(m, 1), G.TENSOR: torch.ones(())}[xg]
+    scale_w = {G.BLOCK: torch.ones(3, 2), G.ROW: torch.ones(n, 1), G.TENSOR: torch.ones(())}[wg]
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    bw.blockwise_mm(xq, scale_x, wq, scale_w, None, out, xg, wg)
+    (_, _, _, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, mm, nn, kk,
+     stride_asm, stride_ask, stride_wsn, stride_wsk) = launch.args
+    assert (mm, nn, kk, has_bias) == (m, n, k, 0)
+    assert as_ptr is scale_x
+    if xg is G.GROUP:
+        assert (stride_asm, stride_ask) == scale_x.stride()
+        assert ws_ptr is scale_w and (stride_wsn, stride_wsk) == scale_w.stride()
+        assert has_cs == 0
+        return
+    assert (stride_asm, stride_ask) == ((1 if xg is G.ROW else 0), 0)
+    # a one, whatever the block: the weight scale is not the promotion's
+    assert ws_ptr.tolist() == [1.0] and (stride_wsn, stride_wsk) == (0, 0)
+    assert cs_ptr is scale_w and has_cs == 1
+    assert stride_cs == (1 if wg is G.ROW else 0)
+
+
 @needs_hopper
 # K blocks: 1, 2 (the second partial), 3 (a pair and a lone block), 9, 32 and 5; the scales
 # are loaded a pair ahead, so each count checks which block's factor each promotion takes.
