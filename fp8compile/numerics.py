@@ -346,6 +346,22 @@ def rmsnorm_quantize(
     return quantize(rmsnorm_fp32(x, weight, eps), granularity, fmt, power_of_2)
 
 
+def check_norm_shapes(x: torch.Tensor, weight: torch.Tensor | None,
+                      residual: torch.Tensor | None) -> None:
+    """The shapes a fused RMSNorm takes: ``weight`` (when given) of x's last dim, and
+    ``residual`` (when given) of x's own shape."""
+    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
+            "the last dim of x"
+        )
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(
+            f"rmsnorm_quantize: residual {tuple(residual.shape)} must have x's shape "
+            f"{tuple(x.shape)} (broadcast it first)"
+        )
+
+
 def rmsnorm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``x * rsqrt(mean(x², -1) + eps) * weight`` in fp32: what the fused producer quantizes."""
     xf = x.float()

@@ -19,6 +19,7 @@ import torch
 from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 from .quant import (
+    NORM_PRODUCERS,
     PRODUCER_ADD_RMSNORM,
     PRODUCER_NONE,
     PRODUCER_RMSNORM,
@@ -60,18 +61,9 @@ def rmsnorm_quantize(
     """
     granularity, fmt = check_quantize_args(x, granularity, fmt, "rmsnorm_quantize input")
     _check_activation_gran(granularity, "rmsnorm_quantize")
-    if weight.shape != (x.shape[-1],):
-        raise ValueError(
-            f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
-            "the last dim of x"
-        )
     if residual is not None:
         check_quantize_args(residual, granularity, fmt, "rmsnorm_quantize residual")
-        if residual.shape != x.shape:
-            raise ValueError(
-                f"rmsnorm_quantize: residual {tuple(residual.shape)} must have x's shape "
-                f"{tuple(x.shape)} (broadcast it first)"
-            )
+    nx.check_norm_shapes(x, weight, residual)
     if x.dim() == 0 or x.numel() == 0:
         return nx.rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2, residual)
     return quantize_rows(x, granularity, fmt, power_of_2,
@@ -121,7 +113,7 @@ def quantize_history(
     check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_history input")
     code = PRODUCERS[producer]
     kw = dict(producer=code, x2=x2, eps=eps,
-              norm_weight=(None if code not in (PRODUCER_RMSNORM, PRODUCER_ADD_RMSNORM) else
+              norm_weight=(None if code not in NORM_PRODUCERS else
                            norm_weight.contiguous() if norm_weight is not None
                            else x.new_ones(x.shape[-1])))
     hist = history.reshape(-1).to(torch.float32).contiguous()

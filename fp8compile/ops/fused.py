@@ -29,18 +29,9 @@ def _check_gran(granularity: str, what: str) -> nx.Granularity:
 
 def _check_norm(x: Tensor, weight: Optional[Tensor], residual: Optional[Tensor]) -> None:
     check_fp8_input(x, "rmsnorm_quantize input")
-    if weight is not None and tuple(weight.shape) != (x.shape[-1],):
-        raise ValueError(
-            f"rmsnorm_quantize: weight shape {tuple(weight.shape)} must be ({x.shape[-1]},), "
-            "the last dim of x"
-        )
     if residual is not None:
         check_fp8_input(residual, "rmsnorm_quantize residual")
-        if residual.shape != x.shape:
-            raise ValueError(
-                f"rmsnorm_quantize: residual {tuple(residual.shape)} must have x's shape "
-                f"{tuple(x.shape)} (broadcast it first)"
-            )
+    nx.check_norm_shapes(x, weight, residual)
 
 
 @torch.library.custom_op("fp8compile::rmsnorm_quantize", mutates_args=())
