@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from .fuse import FusePass, is_add
-from .manager import Fp8Pass, PassResult, add_note, dtype_of, info, plan_entries_of
+from .manager import Fp8Pass, PassResult, add_note, dtype_of, info, plan_entries_of, value_of
 
 OPS = torch.ops.fp8compile
 _ACTIVATION = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu"}
@@ -138,7 +138,7 @@ def _residual(add: torch.fx.Node | None, y: torch.fx.Node, out_dtype) -> torch.f
     r = b if a is y else a if b is y else None
     if not isinstance(r, torch.fx.Node) or r is y:
         return None
-    ry, rr, ra = (_value(n) for n in (y, r, add))
+    ry, rr, ra = (value_of(n) for n in (y, r, add))
     if not all(isinstance(v, torch.Tensor) for v in (ry, rr, ra)):
         return None
     if not rr.dtype.is_floating_point or ra.dtype != out_dtype or dtype_of(y) != out_dtype:
@@ -146,10 +146,6 @@ def _residual(add: torch.fx.Node | None, y: torch.fx.Node, out_dtype) -> torch.f
     if _dims(ra.shape) != _dims(ry.shape) or rr.dim() > ry.dim():
         return None
     return r
-
-
-def _value(node: torch.fx.Node):
-    return node.meta.get("example_value", node.meta.get("val"))
 
 
 def _dims(shape) -> list[str]:

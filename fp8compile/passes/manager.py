@@ -33,6 +33,7 @@ __all__ = [
     "module_of",
     "shape_of",
     "dtype_of",
+    "value_of",
 ]
 
 META = "fp8compile"
@@ -247,21 +248,23 @@ def add_note(entry, text: str) -> None:
         entry.reason = f"{entry.reason}; {text}"
 
 
-def _value(node: Any):
+def value_of(node: Any):
+    """The example value Dynamo (``example_value``) or a trace (``val``) left on ``node``:
+    a (fake) tensor, a SymInt, ...; None for anything that is not a node."""
     if not isinstance(node, torch.fx.Node):
         return None
     return node.meta.get("example_value", node.meta.get("val"))
 
 
 def shape_of(node: Any) -> tuple | None:
-    v = _value(node)
+    v = value_of(node)
     if isinstance(v, torch.Tensor):
         return tuple(_hint(s) for s in v.shape)
     return None
 
 
 def dtype_of(node: Any) -> torch.dtype | None:
-    v = _value(node)
+    v = value_of(node)
     return v.dtype if isinstance(v, torch.Tensor) else None
 
 

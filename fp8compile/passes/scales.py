@@ -79,6 +79,7 @@ from .manager import (
     mutates,
     plan_entries_of,
     target_name,
+    value_of,
 )
 from .rewrite import RewritePass
 
@@ -465,7 +466,7 @@ def _columns_usable(mm: torch.fx.Node, n_total: int, offset: int) -> bool:
     Symbolic sizes (a dynamic batch or sequence) are tried with a distinct prime for each
     symbol: Dynamo specializes sizes 0 and 1, so a symbol stands for sizes >= 2, and a view
     of narrowed columns that works for those works for every such size."""
-    val = mm.meta.get("example_value", mm.meta.get("val"))
+    val = value_of(mm)
     if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return False
     sizes = _GenericSizes()
@@ -501,7 +502,7 @@ class _GenericSizes:
 
     def __call__(self, d: Any) -> int | None:
         if isinstance(d, torch.fx.Node):
-            d = d.meta.get("example_value", d.meta.get("val"))
+            d = value_of(d)
         if isinstance(d, int):
             return d
         if not isinstance(d, torch.SymInt):
