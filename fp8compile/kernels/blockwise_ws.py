@@ -23,14 +23,23 @@ schedule is written out in Gluon, Triton's lower-level dialect:
 * the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
   fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
 
-The same kernel serves per-row and per-tensor scales (on both operands) with ``precise``
-accumulation, where the Triton kernel has the same promotion problem: each K block is
-promoted with the row scale alone (a weight factor of one), and the finished tile is
-multiplied by the per-column weight scales before the bias.
+The same kernel serves per-row and per-tensor scales (on both operands):
 
-Registers: 64 fp32 per thread for the accumulator and for each partial tile (128x128 tile,
-two warpgroups); the math partitions ask for 232 registers, the loader 40.  Offline
-compilation for sm_90a checks the absence of spills and of ptxas' serialization warnings
+* with ``precise`` accumulation, where the Triton kernel has the same promotion problem:
+  each K block is promoted with the row scale alone (the weight factor's load is masked to
+  one), and the finished tile is multiplied by the per-column weight scales before the bias;
+* with ``fast`` accumulation (``FAST``): no promotion, so each warpgroup chains its wgmma on
+  one accumulator over all of K, and a stage is released as soon as the wgmma reading it
+  has retired.  The tile is 128x256 (:data:`FAST_TILE`), three 48 KB stages: the wider
+  wgmma reads less shared memory per FLOP, and it runs at cuBLAS's speed where the
+  128x128 tile ran at 0.92-0.97x (docs/performance.md).  The epilogue's column vectors are
+  loaded before the K loop, a few elements per thread, and spread to the accumulator's
+  layout after it.
+
+Registers: 64 fp32 per thread for the accumulator and for each partial tile (promoted,
+128x128 tile, two warpgroups), 128 for the fast path's 64x256 accumulator; the math
+partitions ask for 232 registers, the loader 40.  Offline compilation for sm_90a checks the
+absence of spills and of ptxas' serialization warnings for both paths
 (``tests/kernels/test_blockwise_ws.py``).
 
 Only Hopper (sm_90) and only eager launches: Gluon kernels cannot be traced into an
@@ -65,6 +74,10 @@ __all__ = ["HAVE_GLUON", "blockwise_mm", "unsupported"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
 STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
+PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+# Fast accumulation: one accumulator of 64x256 per math warpgroup (128 registers) and three
+# 48 KB stages; the output tiles take 64 KB of shared memory.
+FAST_TILE = (128, 256, 128, 3)
 MATH_REGS, LOAD_REGS = 232, 40
 MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
 
@@ -75,11 +88,14 @@ _OUTER = (Granularity.ROW, Granularity.TENSOR)
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
                 w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool,
                 layout: bool = True, accumulation: str = "precise") -> str | None:
-    """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is 2-D.  The
-    shape and format rules come first, so each can be checked without a GPU.
+    """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is (M, K), or
+    (..., K) with ``layout=False``.  Only sizes, dtypes and (with ``layout``) strides are
+    read, so traced tensors may be asked.  The shape and format rules come first, so each
+    can be checked without a GPU.
     ``layout=False`` skips the stride and alignment rules, which :func:`.gemm.scaled_mm`
     meets by copying an operand.  Blockwise scales are always promoted; row and tensor
-    scales are served with ``precise`` accumulation only."""
+    scales are served with either accumulation: ``precise`` promotes every K block,
+    ``fast`` keeps one tensor-core accumulator over all of K (:data:`FAST_TILE`)."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
     xg, wg = Granularity(x_gran), Granularity(w_gran)
@@ -87,17 +103,16 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     if not (outer or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
         return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
                 "on both operands")
-    if outer and accumulation != "precise":
-        return ("row/tensor scales with fast accumulation keep one tensor-core accumulator "
-                "(the Triton kernel and cuBLAS serve them)")
     if activation != "none" or has_residual:
         return "no activation or residual epilogue"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
         return "both operands in one FP8 format"
     if xs.dtype != torch.float32 or ws.dtype != torch.float32:
         return "fp32 scales"
-    m, k = xq.shape
-    n = wq.shape[0]
+    k, n = xq.shape[-1], wq.shape[0]
+    m = xq.numel() // max(1, k)  # (..., K) inputs count as (M, K): no reshape of a traced x
+    if k == 0:
+        return "K == 0: nothing to multiply"
     if m < MIN_M:
         return f"M={m} < {MIN_M}: the split-K kernel serves small M"
     out_bytes = torch.finfo(out_dtype).bits // 8
@@ -161,15 +176,65 @@ if HAVE_GLUON:
                              is_async=True)
 
     @gluon.jit
-    def _factor(s_row_ptrs, rmask, w_ptr, kb, stride_ask, stride_wsk):
-        """Row scales times the weight block's scale, for K block ``kb``."""
+    def _factor(s_row_ptrs, rmask, w_ptr, kb, stride_ask, stride_wsk, has_cs):
+        """Row scales times the weight block's scale, for K block ``kb``; the row scales
+        alone for the outer recipes (``has_cs``: their weight scales are per column)."""
         return (gl.load(s_row_ptrs + kb * stride_ask, mask=rmask, other=0.0)
-                * gl.load(w_ptr + kb * stride_wsk))
+                * gl.load(w_ptr + kb * stride_wsk, mask=has_cs == 0, other=1.0))
+
+    @gluon.jit
+    def _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc):
+        """One tile's K loop with one accumulator: each wgmma chains on the one before, which
+        may still run; once it has retired its stage is released."""
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        HM: gl.constexpr = acc.shape[0]
+        s = it % STAGES_
+        mbarrier.wait(ready.index(s), (it // STAGES_) & 1)
+        acc = warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
+                            b_bufs.index(s).permute((1, 0)), acc, use_acc=False,
+                            is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # a no-op: types the loop
+        for _ in range(1, k_tiles):
+            s = (it + 1) % STAGES_
+            mbarrier.wait(ready.index(s), ((it + 1) // STAGES_) & 1)
+            acc = warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
+                                b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(empty.index(it % STAGES_), count=1)  # block it has retired
+            it += 1
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index(it % STAGES_), count=1)
+        return acc, it + 1
+
+    @gluon.jit
+    def _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias, first, N, layout:
+                      gl.constexpr, BN: gl.constexpr):
+        """The tile's column scales and bias as loaded: per-column (or, stride 0, per-tensor)
+        weight scales of the outer recipes, ones for blockwise scales (has_cs == 0), which
+        the promotion applied; zeros without a bias.  At BN = 256 they are loaded a few
+        elements per thread (:func:`_spread` moves them to the accumulator's columns):
+        loaded in that layout, each thread computes 64-bit addresses for its 64 columns and
+        the epilogue spills."""
+        if BN > 128:
+            load_layout: gl.constexpr = gl.BlockedLayout([BN // 128], [32], [4], [0])
+        else:
+            load_layout: gl.constexpr = gl.SliceLayout(0, layout)
+        cols = first + gl.arange(0, BN, layout=load_layout)
+        scale = gl.load(cs_ptr + cols * stride_cs, mask=(cols < N) & (has_cs != 0), other=1.0)
+        bias = gl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0)
+        return scale, bias
+
+    @gluon.jit
+    def _spread(scale, bias, layout: gl.constexpr):
+        """Column scales and fp32 bias in the accumulator's column layout."""
+        cols_layout: gl.constexpr = gl.SliceLayout(0, layout)
+        return (gl.convert_layout(scale, cols_layout),
+                gl.convert_layout(bias.to(gl.float32), cols_layout))
 
     @gluon.jit
     def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, HALF: gl.constexpr):
+              stride_wsk, HALF: gl.constexpr, FAST: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -180,8 +245,9 @@ if HAVE_GLUON:
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         k_tiles = gl.cdiv(K, BK)
-        pa = gl.zeros([HM, BN], gl.float32, layout)
-        pb = gl.zeros([HM, BN], gl.float32, layout)
+        if not FAST:
+            pa = gl.zeros([HM, BN], gl.float32, layout)
+            pb = gl.zeros([HM, BN], gl.float32, layout)
         it = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n)
@@ -189,44 +255,54 @@ if HAVE_GLUON:
                     + gl.arange(0, HM, layout=gl.SliceLayout(1, layout)))
             rmask = rows < M
             s_rows = as_ptr + rows * stride_asm
-            w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
             acc = gl.zeros([HM, BN], gl.float32, layout)
-            # Scales are loaded one pair of K blocks ahead: loaded next to their own wgmma,
-            # their latency showed in the promotion's first multiply (ncu stall samples).
-            last = k_tiles - 1
-            fa = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk)
-            fb = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask, stride_wsk)
-            for j in range(k_tiles // 2):
-                ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
-                tb = _issue(a_bufs, b_bufs, ready, it + 1, HALF * HM, pb)
-                fa_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 2, last), stride_ask,
-                                  stride_wsk)
-                fb_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 3, last), stride_ask,
-                                  stride_wsk)
-                pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
-                mbarrier.arrive(empty.index(it % STAGES_), count=1)
-                acc += pa * fa[:, None]  # runs while block 2j+1's wgmma does
-                pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
-                mbarrier.arrive(empty.index((it + 1) % STAGES_), count=1)
-                acc += pb * fb[:, None]
-                fa = fa_next
-                fb = fb_next
-                it += 2
-            if k_tiles % 2 == 1:  # the last block; fa holds its factor
-                ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
-                pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
-                mbarrier.arrive(empty.index(it % STAGES_), count=1)
-                acc += pa * fa[:, None]
-                it += 1
-            cols = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+            if FAST:  # row/tensor scales: one accumulator, the row scale in the epilogue
+                # The epilogue's vectors are loaded before the K loop (a few registers each),
+                # so that their latency does not hold the tensor cores after it.
+                col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
+                                                pid_n * BN, N, layout, BN)
+                row_scale = gl.load(s_rows, mask=rmask, other=0.0)
+                acc, it = _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, HALF * HM,
+                                     acc)
+                acc = acc * row_scale[:, None]
+            else:
+                w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
+                # Scales are loaded one pair of K blocks ahead: loaded next to their own wgmma,
+                # their latency showed in the promotion's first multiply (ncu stall samples).
+                last = k_tiles - 1
+                fa = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk, has_cs)
+                fb = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask,
+                             stride_wsk, has_cs)
+                for j in range(k_tiles // 2):
+                    ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
+                    tb = _issue(a_bufs, b_bufs, ready, it + 1, HALF * HM, pb)
+                    fa_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 2, last),
+                                      stride_ask, stride_wsk, has_cs)
+                    fb_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 3, last),
+                                      stride_ask, stride_wsk, has_cs)
+                    pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
+                    mbarrier.arrive(empty.index(it % STAGES_), count=1)
+                    acc += pa * fa[:, None]  # runs while block 2j+1's wgmma does
+                    pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
+                    mbarrier.arrive(empty.index((it + 1) % STAGES_), count=1)
+                    acc += pb * fb[:, None]
+                    fa = fa_next
+                    fb = fb_next
+                    it += 2
+                if k_tiles % 2 == 1:  # the last block; fa holds its factor
+                    ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
+                    pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
+                    mbarrier.arrive(empty.index(it % STAGES_), count=1)
+                    acc += pa * fa[:, None]
+                    it += 1
             # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
-            # (has_cs == 0) for blockwise scales, which the promotion applied
-            col_scale = gl.load(cs_ptr + cols * stride_cs, mask=(cols < N) & (has_cs != 0),
-                                other=1.0)
-            acc = acc * col_scale[None, :]
-            # without a bias (has_bias == 0) nothing is read and zeros are added
-            bias = gl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0)
-            acc += bias.to(gl.float32)[None, :]
+            # (has_cs == 0) for blockwise scales, which the promotion applied; then the bias
+            # (none when has_bias == 0: nothing is read and zeros are added)
+            if not FAST:  # after the loop: the partial tiles leave no registers for them
+                col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
+                                                pid_n * BN, N, layout, BN)
+            col_scale, bias = _spread(col_scale, bias, layout)
+            acc = acc * col_scale[None, :] + bias[None, :]
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
             c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
@@ -242,7 +318,7 @@ if HAVE_GLUON:
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 0)
+              stride_wsk, 0, False)
 
     @gluon.jit
     def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
@@ -250,14 +326,30 @@ if HAVE_GLUON:
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 1)
+              stride_wsk, 1, False)
+
+    @gluon.jit
+    def _math_fast_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                      has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                      stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              stride_wsk, 0, True)
+
+    @gluon.jit
+    def _math_fast_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
+                      has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                      stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
+              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              stride_wsk, 1, True)
 
     @gluon.jit
     def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
                              cs_ptr, stride_cs, has_cs, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
-                             LOAD_REGS: gl.constexpr):
+                             LOAD_REGS: gl.constexpr, FAST: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -274,56 +366,64 @@ if HAVE_GLUON:
         args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
                 stride_wsn, stride_wsk)
-        gl.warp_specialize([(_math_lo, args), (_math_hi, args),
-                            (_loader, args + (a_desc, b_desc))],
-                           [4, 1], [MATH_REGS, LOAD_REGS])
+        if FAST:
+            gl.warp_specialize([(_math_fast_lo, args), (_math_fast_hi, args),
+                                (_loader, args + (a_desc, b_desc))],
+                               [4, 1], [MATH_REGS, LOAD_REGS])
+        else:
+            gl.warp_specialize([(_math_lo, args), (_math_hi, args),
+                                (_loader, args + (a_desc, b_desc))],
+                               [4, 1], [MATH_REGS, LOAD_REGS])
 
     def _gl_dtype(dtype: torch.dtype):
         return {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5,
                 torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
                 torch.float32: gl.float32}[dtype]
 
-    def layouts(in_dtype: torch.dtype, out_dtype: torch.dtype):
-        """Shared-memory layouts of the A, B and output tiles (128-byte swizzles)."""
+    def layouts(in_dtype: torch.dtype, out_dtype: torch.dtype, tile=PROMOTED_TILE):
+        """Shared-memory layouts of the A, B and output tiles (128-byte swizzles) for
+        ``tile = (BM, BN, BK, stages)``."""
+        bm, bn, bk, _ = tile
         gin, gout = _gl_dtype(in_dtype), _gl_dtype(out_dtype)
-        return (gl.NVMMASharedLayout.get_default_for([BLOCK_M, BLOCK_K], gin),
-                gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_K], gin),
-                gl.NVMMASharedLayout.get_default_for([BLOCK_M // 2, BLOCK_N], gout))
-
-
-_ONES: dict[torch.device, torch.Tensor] = {}
+        return (gl.NVMMASharedLayout.get_default_for([bm, bk], gin),
+                gl.NVMMASharedLayout.get_default_for([bn, bk], gin),
+                gl.NVMMASharedLayout.get_default_for([bm // 2, bn], gout))
 
 
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor,
-                 x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK) -> torch.Tensor:
+                 x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK,
+                 accumulation: str = "precise") -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
     :func:`unsupported` returns ``None``.  Blockwise: ``xs`` is (M, ceil(K/128)), ``ws``
     (ceil(N/128), ceil(K/128)).  Row/tensor scales (``x_gran``, ``w_gran``): ``xs`` has M
-    elements or one, ``ws`` N or one; the K blocks are promoted with the row scale alone and
-    the column scale multiplies the finished tile.  Scales may have any strides."""
+    elements or one, ``ws`` N or one; with ``precise`` accumulation the K blocks are promoted
+    with the row scale alone, with ``fast`` one accumulator takes all of K and the row scale
+    multiplies the finished tile; the column scale follows.  Scales may have any strides.
+    Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
     m, k = xq.shape
     n = wq.shape[0]
     xg, wg = Granularity(x_gran), Granularity(w_gran)
+    fast = False
     if xg is Granularity.GROUP:
         row = (xs, xs.stride(0), xs.stride(1))
         block = (ws, ws.stride(0), ws.stride(1))
         column = (out, 0, 0)  # unread
     else:
-        ones = _ONES.get(xq.device)
-        if ones is None:
-            ones = _ONES[xq.device] = torch.ones(1, dtype=torch.float32, device=xq.device)
         row = (xs, xs.stride(0) if xg is Granularity.ROW else 0, 0)
-        block = (ones, 0, 0)
+        block = (ws, 0, 0)  # unread: has_cs masks the weight factor's load off
         column = (ws, ws.stride(0) if wg is Granularity.ROW else 0, 1)
-    a_l, b_l, c_l = layouts(xq.dtype, out.dtype)
-    a_d = TensorDescriptor(xq, [m, k], [k, 1], [BLOCK_M, BLOCK_K], a_l)
-    b_d = TensorDescriptor(wq, [n, k], [k, 1], [BLOCK_N, BLOCK_K], b_l)
-    c_d = TensorDescriptor(out, [m, n], [out.stride(0), 1], [BLOCK_M // 2, BLOCK_N], c_l)
-    tiles = -(-m // BLOCK_M) * -(-n // BLOCK_N)
+        fast = accumulation == "fast"
+    tile = FAST_TILE if fast else PROMOTED_TILE
+    bm, bn, bk, stages = tile
+    a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile)
+    a_d = TensorDescriptor(xq, [m, k], [k, 1], [bm, bk], a_l)
+    b_d = TensorDescriptor(wq, [n, k], [k, 1], [bn, bk], b_l)
+    c_d = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm // 2, bn], c_l)
+    tiles = -(-m // bm) * -(-n // bn)
     grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](
         a_d, b_d, c_d, row[0], block[0], bias if bias is not None else out, int(bias is not None),
         column[0], column[1], column[2], m, n, k, row[1], row[2], block[1], block[2],
-        STAGES=STAGES, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, num_warps=4)
+        STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, FAST=fast, num_warps=4)
     return out

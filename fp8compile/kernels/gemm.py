@@ -345,7 +345,7 @@ def scaled_mm(
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation):
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
-                                         w_granularity).reshape(*lead, n)
+                                         w_granularity, accumulation).reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
@@ -416,14 +416,13 @@ def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activa
     """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
     :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
-    applied to a traced graph, which launches the Triton kernel."""
+    applied to a traced graph, which launches the Triton kernel.  Reads sizes and dtypes
+    only: the compile-time choice asks it about traced operands."""
     if xq.dim() < 1 or wq.dim() != 2:
         return False
-    k = xq.shape[-1]
-    group = Granularity(x_granularity) is Granularity.GROUP
-    xs2 = xs.reshape(-1, xs.shape[-1]) if group else xs
-    return _gluon_takes(xq.reshape(-1, k), xs2, x_granularity, wq, ws, w_granularity, out_dtype,
-                        activation, residual, accumulation, layout=False)
+    # no reshape: at compile time the operands are functional tensors, outside their mode
+    return _gluon_takes(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
+                        residual, accumulation, layout=False)
 
 
 def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation, residual,
