@@ -48,7 +48,8 @@ def take_traced_choices() -> list[tuple[tuple, str]]:
 
 
 def backend_choices() -> dict[tuple, str]:
-    """The decisions taken so far: ``{key: "triton" | "cublas"}`` (for reports)."""
+    """The decisions taken so far: ``{key: "triton" | "cublas" | "gluon"}`` (for reports;
+    ``"gluon"``: a traced GEMM left as an opaque call, which runs the Gluon kernel)."""
     return dict(_CHOICES)
 
 
@@ -179,47 +180,76 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
                   residual=None) -> str:
     """:func:`choose` for a GEMM that ``torch.compile`` is tracing (compile-time decision).
 
-    The operands are fake tensors, so on first sight of a key both candidates are timed on
+    The operands are fake tensors, so on first sight of a key the candidates are timed on
     real random operands with the same sizes, strides and dtypes (as Inductor's autotuning
     does).  Successive calls cycle through copies of the operands that together exceed the
     L2 cache: in a model the weights come from HBM, and a decode-sized GEMM timed on one
-    L2-resident weight ranks the backends as they do not run there.  Returns ``"cublas"`` or
-    ``"triton"``.  With an epilogue, cuBLAS is timed with it as separate eager ops (one
-    kernel each; a compiled graph fuses them into one), the Triton kernel with it fused.
+    L2-resident weight ranks the backends as they do not run there.  With an epilogue,
+    cuBLAS is timed with it as separate eager ops (one kernel each; a compiled graph fuses
+    them into one), the Triton kernel with it fused.
+
+    Where cuBLAS cannot compute the GEMM (:func:`cublas_unsupported`) but the Gluon kernel
+    of :mod:`.blockwise_ws` would serve the eager call, the Gluon kernel is timed against
+    the Triton kernel instead, by the same margin.  Gluon kernels cannot be traced into
+    Inductor's graph, so where it wins (``"gluon"``) the caller keeps the op opaque; under
+    CUDA graphs its launch then costs nothing more.  Where cuBLAS serves, the Gluon kernel
+    is not timed: it runs at cuBLAS's speed (docs/performance.md), and timing it adds
+    seconds of compilation per shape.  Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
     """
     key = gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
                    residual=residual)
+    why = cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
     got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
-                         activation, residual)
-    note_traced(key, got)
+                         activation, residual, why)
+    note_traced(key, got if why is None else f"{got} (cuBLAS: {why})")
     return got
 
 
 def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
-                   residual) -> str:
+                   residual, cublas_why: str | None) -> str:
     from ..ops._inline import outside_tracing, random_like
+    from .gemm import gluon_serves
     from .gemm import scaled_mm as triton_scaled_mm
 
-    if key in _CHOICES or os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
-        return choose(key, _never, _never)
+    if os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
+        return choose(key, _never, _never if cublas_why is None else None)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    if cublas_why is not None and not gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype,
+                                                   activation, residual, accumulation):
+        return "triton"  # the one candidate
     operands = (xq, xs, wq, ws, bias, residual)
     size = sum(t.numel() * t.element_size() for t in operands if t is not None)
     copies = max(1, min(8, -(-_COLD_BYTES // max(1, size))))
     with outside_tracing():
         sets = [tuple(random_like(t) for t in operands) for _ in range(copies)]
-        triton_sets, cublas_sets = itertools.cycle(sets), itertools.cycle(sets)
 
-        def triton_fn():
-            a, sa, b, sb, bb, r = next(triton_sets)
-            return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                    activation, r, gluon=False)  # what the graph launches
+        def run(backend: str) -> Callable[[], torch.Tensor]:
+            cycle = itertools.cycle(sets)
 
-        def cublas_fn():
-            a, sa, b, sb, bb, r = next(cublas_sets)
-            return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                    activation, r)
+            def fn():
+                a, sa, b, sb, bb, r = next(cycle)
+                if backend == "cublas":
+                    return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
+                                            activation, r)
+                return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
+                                        activation, r, gluon=backend == "gluon")
+            return fn
 
-        return choose(key, triton_fn, cublas_fn)
+        if cublas_why is None:  # "triton": the Triton kernel, which the graph launches
+            return choose(key, run("triton"), run("cublas"))
+        got = _CHOICES[key] = "gluon" if _gluon_faster(run("gluon"), run("triton")) else "triton"
+        return got
+
+
+def _gluon_faster(gluon_fn: Callable[[], torch.Tensor],
+                  best_fn: Callable[[], torch.Tensor]) -> bool:
+    """Whether the Gluon kernel beats the best inlinable backend by the margin; not when it
+    fails to build or launch here (the graph then keeps the inlinable one)."""
+    try:
+        return _faster(gluon_fn, best_fn) == "triton"
+    except (RuntimeError, ValueError):
+        return False
 
 
 # Bytes of operands a compile-time timing cycles through: more than an H100/H200's 50 MB L2.

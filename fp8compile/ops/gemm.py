@@ -112,21 +112,15 @@ def scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype
 def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
                     accumulation, activation, residual) -> bool:
     """Before a GEMM is traced into a compiled graph (see ``_inline``), take the choice of
-    backend that eager mode takes on the first call: where cuBLAS computes the same function,
-    time both on real random operands of the same shapes.  Always inlines."""
+    backend that eager mode takes on the first call, by timing the candidates on real
+    random operands of the same shapes (:func:`fp8compile.kernels.select.choose_traced`).
+    Inlines unless the Gluon kernel won: it cannot be traced, so the op then stays an
+    opaque call, whose body runs it."""
     from ..kernels import select
 
     _check_mm(xq, wq, bias, activation)
-    xg, wg = as_gran(x_granularity), as_gran(w_granularity)
-    why = select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
-    if why is None:
-        select.choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
-                             residual)
-    else:
-        key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
-                              residual=residual)
-        select.note_traced(key, f"triton (cuBLAS: {why})")
-    return True
+    return select.choose_traced(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),
+                                bias, out_dtype, accumulation, activation, residual) != "gluon"
 
 
 # The residual stays unpinned: after a cuBLAS GEMM it is read by a pointwise add, and

@@ -331,7 +331,7 @@ def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
     monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
     select._CHOICES.clear()
     select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
-                          "precise", "none", None)
+                          "precise", "none", None, None)  # as if cuBLAS served it
 
     class Tuned:
         best_config = type("C", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128},
@@ -342,3 +342,46 @@ def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
                               "precise", "none", None)
     assert seen == [False, False]
 
+
+@pytest.mark.parametrize("gluon_ms, want", [(0.90, "gluon"), (0.99, "triton")])
+def test_traced_gemm_stays_an_opaque_call_where_the_gluon_kernel_wins(monkeypatch, gluon_ms,
+                                                                      want):
+    """Compile time: where cuBLAS cannot compute a GEMM that the Gluon kernel would serve
+    eagerly (blockwise, K=256 here), the Gluon kernel is timed against the Triton kernel by
+    the same margin.  Where it wins, the op is left opaque (it cannot be inlined) and its
+    eager body runs it; where cuBLAS serves, the Gluon kernel is not timed."""
+    from fp8compile.kernels import select
+    from fp8compile.ops import gemm as ops_gemm
+
+    xq, xs, wq, ws = _blockwise_eager(monkeypatch)
+    ran = []
+    monkeypatch.setattr(gemm, "scaled_mm",
+                        lambda *a, gluon=True, **k: ran.append("gluon" if gluon else "triton"))
+    monkeypatch.setattr(select, "cublas_scaled_mm", lambda *a, **k: ran.append("cublas"))
+    ms = {"triton": 1.0, "cublas": 0.5, "gluon": gluon_ms}
+
+    def faster(first, second):  # times by what each candidate ran; the module's margin
+        first(), second()
+        return "triton" if ms[ran[-2]] < (1 - select._TRITON_MARGIN) * ms[ran[-1]] else "cublas"
+    monkeypatch.setattr(select, "_faster", faster)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(select, "_CHOICES", {})
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    select.take_traced_choices()
+
+    inlined = ops_gemm._decide_backend(xq, xs, "group", wq, ws, "block", None, torch.bfloat16,
+                                       "precise", "none", None)
+    assert inlined is (want != "gluon")
+    key = select.gemm_key(xq, G.GROUP, wq, "precise", torch.bfloat16)
+    assert select._CHOICES[key] == want and ran == ["gluon", "triton"]
+    (noted, how), = select.take_traced_choices()
+    assert noted == key and how.startswith(f"{want} (cuBLAS: blockwise cuBLAS needs K % 512")
+    # a second graph with the same GEMM takes the choice without timing
+    assert ops_gemm._decide_backend(xq, xs, "group", wq, ws, "block", None, torch.bfloat16,
+                                    "precise", "none", None) is inlined
+    assert ran == ["gluon", "triton"]
+    # rowwise: cuBLAS computes it, and the Gluon kernel (at cuBLAS's speed) is not timed
+    rs, cs = torch.ones(512, 1), torch.ones(384, 1)
+    assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                    "fast", "none", None)
+    assert ran[2:] == ["triton", "cublas"]

@@ -555,3 +555,40 @@ def test_gpu_fused_producers_inlined_equal_eager(gran):
     for a, b in zip(_compiled(f)(x), f(x)):
         a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
         assert torch.equal(a, b)
+
+
+@needs_gpu
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_gemm_left_opaque_where_the_gluon_kernel_wins(mode, monkeypatch):
+    """A blockwise GEMM that cuBLAS cannot compute (K=640, not a multiple of 512), where
+    the Gluon kernel wins the compile-time timing against the Triton kernel (made to win
+    here): not inlined (Gluon kernels cannot be traced) but left an opaque call of the op,
+    whose body runs it, in default mode and under CUDA graphs, where its warm-up call must
+    allocate nothing that outlives the graph's memory pool."""
+    from fp8compile.kernels import blockwise_ws as bw
+    from fp8compile.kernels import select
+
+    if not (bw.HAVE_GLUON and torch.cuda.get_device_capability() == (9, 0)):
+        pytest.skip("the Gluon kernel runs on a Hopper GPU (sm_90) only")
+    monkeypatch.setattr(select, "_gluon_faster", lambda gluon_fn, best_fn: True)
+    monkeypatch.setattr(select, "_CHOICES", {})
+    calls = []
+    real = bw.blockwise_mm
+    monkeypatch.setattr(bw, "blockwise_mm", lambda *a: calls.append(a[-1]) or real(*a))
+    xq, xs = OPS.quantize(torch.randn(512, 640, device="cuda"), "group", "e4m3", False)
+    wq, ws = OPS.quantize(torch.randn(768, 640, device="cuda"), "block", "e4m3", False)
+
+    def f(a, sa):
+        return OPS.scaled_mm(a, sa, "group", wq, ws, "block", None, torch.bfloat16, "precise",
+                             "none", None) * 2
+
+    _, codes = _graphs(f, xq, xs)
+    assert "fp8compile.scaled_mm" in codes[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="inductor", mode=mode)
+    calls.clear()
+    got = [compiled(xq, xs).clone() for _ in range(3)]  # warm-up, record, replay
+    assert calls and set(calls) == {"precise"}
+    eager = f(xq, xs)
+    for y in got:
+        assert torch.equal(y, eager)
