@@ -1,10 +1,10 @@
 """FP8 GEMM benchmark on LLaMA shapes: fp8compile's Triton kernels vs cuBLAS and torchao.
 
 ``ours`` is what ``fp8compile.kernels.scaled_mm`` runs: the faster of cuBLAS and our kernel
-for that shape (``kernels/select.py``).  For blockwise and for precise row/tensor
-accumulation, ``glu`` forces our kernel (``FP8COMPILE_GEMM_BACKEND=triton``), which at
-M > 256 on Hopper is the warp-specialized Gluon kernel (``kernels/blockwise_ws.py``), and
-``trit`` the Triton kernel it replaces (``FP8COMPILE_GLUON=0`` as well).
+for that shape (``kernels/select.py``).  For every recipe and accumulation, ``glu`` forces
+our kernel (``FP8COMPILE_GEMM_BACKEND=triton``), which at M > 256 on Hopper is the
+warp-specialized Gluon kernel (``kernels/blockwise_ws.py``), and ``trit`` the Triton kernel
+it replaces (``FP8COMPILE_GLUON=0`` as well).
 
 Run on a CUDA machine (Hopper for FP8)::
 
@@ -246,6 +246,11 @@ def run_bench(out_dir, shapes):
                                           FP8COMPILE_GLUON="0"), "block", None),
                 ("cublas_row_fast", cub_row(True), "row", None),
                 ("ours_row_fast", ours(G.ROW, G.ROW, "fast"), "row", None),
+                ("gluon_row_fast", with_env(ours(G.ROW, G.ROW, "fast"),
+                                            FP8COMPILE_GEMM_BACKEND="triton"), "row", None),
+                ("triton_row_fast", with_env(ours(G.ROW, G.ROW, "fast"),
+                                             FP8COMPILE_GEMM_BACKEND="triton",
+                                             FP8COMPILE_GLUON="0"), "row", None),
                 ("cublas_row_precise", cub_row(False), "row", None),
                 ("ours_row_precise", ours(G.ROW, G.ROW, "precise"), "row", None),
                 ("gluon_row_precise", with_env(ours(G.ROW, G.ROW, "precise"),
@@ -255,6 +260,12 @@ def run_bench(out_dir, shapes):
                                                 FP8COMPILE_GLUON="0"), "row", None),
                 ("cublas_tensor_fast", cub_tensor(True), "tensor", None),
                 ("ours_tensor_fast", ours(G.TENSOR, G.TENSOR, "fast"), "tensor", None),
+                ("gluon_tensor_fast", with_env(ours(G.TENSOR, G.TENSOR, "fast"),
+                                               FP8COMPILE_GEMM_BACKEND="triton"),
+                 "tensor", None),
+                ("triton_tensor_fast", with_env(ours(G.TENSOR, G.TENSOR, "fast"),
+                                                FP8COMPILE_GEMM_BACKEND="triton",
+                                                FP8COMPILE_GLUON="0"), "tensor", None),
                 ("cublas_tensor_precise", cub_tensor(False), "tensor", None),
                 ("ours_tensor_precise", ours(G.TENSOR, G.TENSOR, "precise"), "tensor", None),
                 ("gluon_tensor_precise", with_env(ours(G.TENSOR, G.TENSOR, "precise"),
@@ -394,20 +405,22 @@ def print_tables(rows):
             f"{_ratio(t, 'ours_q+row_fast', 'bf16'):10.2f}"
             f" | {e.get('gluon_block', float('nan')):.1e}/{e.get('cublas_block', float('nan')):.1e}"
             f"={eb:.2f}")
-    log("\nPrecise (promoted) accumulation, TFLOP/s: cuBLAS (use_fast_accum=False), the Gluon "
-        "kernel (glu) and the Triton kernel (trit); x = glu over cuBLAS (time ratio)")
-    log("   M     N     K |  row cuBL   glu  trit     x | tens cuBL   glu  trit     x")
-    for r in rows:
-        f, t = r["tflops"], r["ms"]
+    for acc, title in (("precise", "Precise (promoted) accumulation"),
+                       ("fast", "Fast accumulation (one tensor-core accumulator)")):
+        log(f"\n{title}, TFLOP/s: cuBLAS (use_fast_accum={acc == 'fast'}), the Gluon kernel "
+            "(glu) and the Triton kernel (trit); x = glu over cuBLAS (time ratio)")
+        log("   M     N     K |  row cuBL   glu  trit     x | tens cuBL   glu  trit     x")
+        for r in rows:
+            f, t = r["tflops"], r["ms"]
 
-        def g(key):
-            return f"{f[key]:5.0f}" if key in f else "    -"
-        log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |      {g('cublas_row_precise')} "
-            f"{g('gluon_row_precise')} {g('triton_row_precise')} "
-            f"{_ratio(t, 'gluon_row_precise', 'cublas_row_precise'):5.2f} |      "
-            f"{g('cublas_tensor_precise')} {g('gluon_tensor_precise')} "
-            f"{g('triton_tensor_precise')} "
-            f"{_ratio(t, 'gluon_tensor_precise', 'cublas_tensor_precise'):5.2f}")
+            def g(key):
+                return f"{f[key]:5.0f}" if key in f else "    -"
+            cells = []
+            for recipe in ("row", "tensor"):
+                names = [f"{who}_{recipe}_{acc}" for who in ("cublas", "gluon", "triton")]
+                cells.append(" ".join(g(name) for name in names)
+                             + f" {_ratio(t, names[1], names[0]):5.2f}")
+            log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |      {cells[0]} |      {cells[1]}")
 
 
 def main():
