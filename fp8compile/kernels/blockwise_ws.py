@@ -165,14 +165,15 @@ if HAVE_GLUON:
                 it += 1
 
     @gluon.jit
-    def _issue(a_bufs, b_bufs, ready, it, half_rows, into):
-        """Wait for stage ``it``'s tiles and start its wgmma for this warpgroup's rows."""
+    def _issue(a_bufs, b_bufs, ready, it, half_rows, into, use_acc: gl.constexpr = False):
+        """Wait for stage ``it``'s tiles and start its wgmma for this warpgroup's rows, into
+        ``into`` (added to it with ``use_acc``)."""
         STAGES_: gl.constexpr = a_bufs.shape[0]
         HM: gl.constexpr = into.shape[0]
         s = it % STAGES_
         mbarrier.wait(ready.index(s), (it // STAGES_) & 1)
         return warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
-                             b_bufs.index(s).permute((1, 0)), into, use_acc=False,
+                             b_bufs.index(s).permute((1, 0)), into, use_acc=use_acc,
                              is_async=True)
 
     @gluon.jit
@@ -187,18 +188,10 @@ if HAVE_GLUON:
         """One tile's K loop with one accumulator: each wgmma chains on the one before, which
         may still run; once it has retired its stage is released."""
         STAGES_: gl.constexpr = a_bufs.shape[0]
-        HM: gl.constexpr = acc.shape[0]
-        s = it % STAGES_
-        mbarrier.wait(ready.index(s), (it // STAGES_) & 1)
-        acc = warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
-                            b_bufs.index(s).permute((1, 0)), acc, use_acc=False,
-                            is_async=True)
+        acc = _issue(a_bufs, b_bufs, ready, it, half_rows, acc)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # a no-op: types the loop
         for _ in range(1, k_tiles):
-            s = (it + 1) % STAGES_
-            mbarrier.wait(ready.index(s), ((it + 1) // STAGES_) & 1)
-            acc = warpgroup_mma(a_bufs.index(s).slice(half_rows, HM),
-                                b_bufs.index(s).permute((1, 0)), acc, is_async=True)
+            acc = _issue(a_bufs, b_bufs, ready, it + 1, half_rows, acc, True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(empty.index(it % STAGES_), count=1)  # block it has retired
             it += 1

@@ -8,6 +8,9 @@ epilogue.  As Inductor does between ATen and its own templates, each
 ``(M bucket, N, K, recipe, accumulation, out dtype, layout)`` times both candidates once and
 keeps the faster for the process: when ``torch.compile`` traces the GEMM into a graph
 (:func:`choose_traced`, on random operands), or else on the first eager call's real inputs.
+On Hopper, "Triton" includes the warp-specialized Gluon kernel of :mod:`.blockwise_ws` for
+the eager calls it serves, and for traced GEMMs that cuBLAS cannot compute, which it then
+runs from an opaque call.
 
 ``FP8COMPILE_GEMM_BACKEND=triton|cublas|auto`` (default ``auto``) forces a choice; cuBLAS is
 only ever used where it can compute the same function (:func:`cublas_unsupported`).
@@ -244,8 +247,8 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
 
 def _gluon_faster(gluon_fn: Callable[[], torch.Tensor],
                   best_fn: Callable[[], torch.Tensor]) -> bool:
-    """Whether the Gluon kernel beats the best inlinable backend by the margin; not when it
-    fails to build or launch here (the graph then keeps the inlinable one)."""
+    """Whether the Gluon kernel beats the Triton kernel (``best_fn``) by the margin; not
+    when it fails to build or launch here (the graph then inlines the Triton kernel)."""
     try:
         return _faster(gluon_fn, best_fn) == "triton"
     except (RuntimeError, ValueError):
@@ -264,7 +267,7 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
              activation: str = "none", residual: torch.Tensor | None = None) -> tuple:
     """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype,
     whether each operand arrives K-major (a transposed one costs both backends a copy),
-    whether "triton" stands for the Gluon kernel (eager blockwise calls on Hopper; traced
+    whether "triton" stands for the Gluon kernel (eager calls it serves on Hopper; traced
     graphs launch the Triton kernel, so their choices are kept apart), and the epilogue
     (which the Triton kernel fuses and cuBLAS follows with pointwise ops)."""
     m = xq.numel() // max(1, xq.shape[-1])
