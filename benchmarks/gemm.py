@@ -227,6 +227,12 @@ def run_bench(out_dir, shapes):
                                 os.environ[key] = v
                 return f
 
+            def forced(xg, wg, acc, gluon):  # our kernel alone: the Gluon or the Triton one
+                env = {"FP8COMPILE_GEMM_BACKEND": "triton"}
+                if not gluon:
+                    env["FP8COMPILE_GLUON"] = "0"
+                return with_env(ours(xg, wg, acc), **env)
+
             def cub_tensor(fast):
                 return lambda xq, xs, wq, ws: torch._scaled_mm(
                     xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
@@ -239,41 +245,26 @@ def run_bench(out_dir, shapes):
                 ("bf16", lambda x, w: F.linear(x, w), "hp", None),
                 ("cublas_block", blk_fn, "block", None),
                 ("ours_block", ours(G.GROUP, G.BLOCK, "precise"), "block", None),
-                ("gluon_block", with_env(ours(G.GROUP, G.BLOCK, "precise"),
-                                         FP8COMPILE_GEMM_BACKEND="triton"), "block", None),
-                ("triton_block", with_env(ours(G.GROUP, G.BLOCK, "precise"),
-                                          FP8COMPILE_GEMM_BACKEND="triton",
-                                          FP8COMPILE_GLUON="0"), "block", None),
+                ("gluon_block", forced(G.GROUP, G.BLOCK, "precise", True), "block", None),
+                ("triton_block", forced(G.GROUP, G.BLOCK, "precise", False), "block", None),
                 ("cublas_row_fast", cub_row(True), "row", None),
                 ("ours_row_fast", ours(G.ROW, G.ROW, "fast"), "row", None),
-                ("gluon_row_fast", with_env(ours(G.ROW, G.ROW, "fast"),
-                                            FP8COMPILE_GEMM_BACKEND="triton"), "row", None),
-                ("triton_row_fast", with_env(ours(G.ROW, G.ROW, "fast"),
-                                             FP8COMPILE_GEMM_BACKEND="triton",
-                                             FP8COMPILE_GLUON="0"), "row", None),
+                ("gluon_row_fast", forced(G.ROW, G.ROW, "fast", True), "row", None),
+                ("triton_row_fast", forced(G.ROW, G.ROW, "fast", False), "row", None),
                 ("cublas_row_precise", cub_row(False), "row", None),
                 ("ours_row_precise", ours(G.ROW, G.ROW, "precise"), "row", None),
-                ("gluon_row_precise", with_env(ours(G.ROW, G.ROW, "precise"),
-                                               FP8COMPILE_GEMM_BACKEND="triton"), "row", None),
-                ("triton_row_precise", with_env(ours(G.ROW, G.ROW, "precise"),
-                                                FP8COMPILE_GEMM_BACKEND="triton",
-                                                FP8COMPILE_GLUON="0"), "row", None),
+                ("gluon_row_precise", forced(G.ROW, G.ROW, "precise", True), "row", None),
+                ("triton_row_precise", forced(G.ROW, G.ROW, "precise", False), "row", None),
                 ("cublas_tensor_fast", cub_tensor(True), "tensor", None),
                 ("ours_tensor_fast", ours(G.TENSOR, G.TENSOR, "fast"), "tensor", None),
-                ("gluon_tensor_fast", with_env(ours(G.TENSOR, G.TENSOR, "fast"),
-                                               FP8COMPILE_GEMM_BACKEND="triton"),
-                 "tensor", None),
-                ("triton_tensor_fast", with_env(ours(G.TENSOR, G.TENSOR, "fast"),
-                                                FP8COMPILE_GEMM_BACKEND="triton",
-                                                FP8COMPILE_GLUON="0"), "tensor", None),
+                ("gluon_tensor_fast", forced(G.TENSOR, G.TENSOR, "fast", True), "tensor", None),
+                ("triton_tensor_fast", forced(G.TENSOR, G.TENSOR, "fast", False), "tensor", None),
                 ("cublas_tensor_precise", cub_tensor(False), "tensor", None),
                 ("ours_tensor_precise", ours(G.TENSOR, G.TENSOR, "precise"), "tensor", None),
-                ("gluon_tensor_precise", with_env(ours(G.TENSOR, G.TENSOR, "precise"),
-                                                  FP8COMPILE_GEMM_BACKEND="triton"),
+                ("gluon_tensor_precise", forced(G.TENSOR, G.TENSOR, "precise", True),
                  "tensor", None),
-                ("triton_tensor_precise", with_env(ours(G.TENSOR, G.TENSOR, "precise"),
-                                                   FP8COMPILE_GEMM_BACKEND="triton",
-                                                   FP8COMPILE_GLUON="0"), "tensor", None),
+                ("triton_tensor_precise", forced(G.TENSOR, G.TENSOR, "precise", False),
+                 "tensor", None),
                 ("ours_q+block", ours_q(G.GROUP, G.BLOCK, "precise"), "hpq", "block"),
                 ("ours_q+row_fast", ours_q(G.ROW, G.ROW, "fast"), "hpq", "row"),
                 ("ours_q+tensor_fast", ours_q(G.TENSOR, G.TENSOR, "fast"), "hpq", "tensor"),
