@@ -85,28 +85,37 @@ class FusePass(Fp8Pass):
         modified = False
         # Fp8Config.fuse_producers=False: nothing is fused (the stats and notes still run).
         candidates = list(graph.nodes) if self.ctx.config.fuse_producers else []
+        absorbed = []  # (producer nodes the fused op computes, the fused op) of each fusion
         for node in candidates:
+            src = node.args[0] if node.args else None
             if node.target is OPS.quantize_history.default:
-                modified |= self._fuse_history(graph, node)
+                new = self._fuse_history(graph, node)
+            elif node.target is OPS.quantize.default and info(node).get("role") == "act_quant":
+                new = self._fuse(graph, node)
+            else:
                 continue
-            if node.target is not OPS.quantize.default or info(node).get("role") != "act_quant":
-                continue
-            src, gran, fmt, p2 = node.args
-            found = self._producer(src, node)
-            if found is None:
-                continue
-            target, args, name, kwargs, carried = found
-            _replace(graph, node, target, args, (gran, fmt, p2), carried, name, kwargs)
+            if new is not None:
+                absorbed.append((_upstream(src), new))
+        if absorbed:
             modified = True
-        if modified:
             eliminate_dead_code(graph)
             graph.lint()
             gm.recompile()
+            _note_absorbed(graph, absorbed)
         self.ctx.stats["fused_quantizations"] = sum(
             1 for n in graph.nodes if info(n).get("role") == "fused_quant"
         )
         _note_shared_and_fused(graph)
         return PassResult(gm, modified)
+
+    def _fuse(self, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
+        """The fused op put in place of the activation quantization ``node``, or None."""
+        src, gran, fmt, p2 = node.args
+        found = self._producer(src, node)
+        if found is None:
+            return None
+        target, args, name, kwargs, carried = found
+        return _replace(graph, node, target, args, (gran, fmt, p2), carried, name, kwargs)
 
     def _producer(self, src, node: torch.fx.Node):
         """``(fused op, its leading args, name, kwargs, carried)`` for the quantization ``node`` of
@@ -120,15 +129,17 @@ class FusePass(Fp8Pass):
         fused = fusable_producer(src.args[0] if carried else src)
         return None if fused is None else (*fused, carried)
 
-    def _fuse_history(self, graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+    def _fuse_history(self, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
         """Delayed scaling's shared cast (``quantize_history`` of ``h.detach()``, ScalesPass)
         takes the producer of ``h`` in: ``producer="rmsnorm"``, ``"add_rmsnorm"`` or
-        ``"silu_mul"``."""
+        ``"silu_mul"``.  Returns the new cast, or None."""
         src, _x2, _norm_weight, _eps, producer, row, fmt, p2 = node.args
         found = self._producer(src, node) if producer == "none" else None
-        if found is None or not found[4]:
-            return False
+        if found is None:
+            return None
         target, args, name, kwargs, carried = found
+        if not carried:
+            return None
         if target is OPS.rmsnorm_quantize.default:
             x, weight, eps = args
             residual = kwargs.get("residual")
@@ -136,9 +147,8 @@ class FusePass(Fp8Pass):
         else:
             gate, up = args
             args = (gate, up, None, 0.0, "silu_mul")
-        _replace(graph, node, OPS.quantize_history.default, args, (row, fmt, p2), carried,
-                 name)
-        return True
+        return _replace(graph, node, OPS.quantize_history.default, args, (row, fmt, p2),
+                        carried, name)
 
     @staticmethod
     def _rms_norm(src: torch.fx.Node):
@@ -220,9 +230,10 @@ def _residual_add(x):
 
 
 def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple, rest: tuple,
-             carried: bool, name: str, kwargs: dict | None = None) -> None:
+             carried: bool, name: str, kwargs: dict | None = None) -> torch.fx.Node:
     """Put ``target(*args, *rest, **kwargs)`` in place of the quantization ``node`` (tensor
-    arguments detached where ``carried``), marked as a quantization fused into ``name``."""
+    arguments detached where ``carried``), marked as a quantization fused into ``name``;
+    returns the new node."""
     kwargs = kwargs or {}
     with graph.inserting_before(node):
         if carried:
@@ -235,6 +246,65 @@ def _replace(graph: torch.fx.Graph, node: torch.fx.Node, target, args: tuple, re
     info(new).update(role="fused_quant", fused_from=name)
     node.replace_all_uses_with(new)
     graph.erase_node(node)
+    return new
+
+
+# How far above a fused quantization's input its producer's nodes can sit: a norm written
+# out in torch ops is ~7 nodes deep (casts, pow, mean, add eps, rsqrt, two muls), and its
+# residual add one more.
+_PRODUCER_DEPTH = 10
+
+
+def _upstream(src) -> list[torch.fx.Node]:
+    """``src`` and the nodes above it, to :data:`_PRODUCER_DEPTH` levels: a superset of the
+    producer nodes that a fused op computes in place of ``src``."""
+    if not isinstance(src, torch.fx.Node):
+        return []
+    found, seen, level = [src], {src}, [src]
+    for _ in range(_PRODUCER_DEPTH):
+        above = []
+        for n in level:
+            for a in n.all_input_nodes:
+                if a.op in ("call_function", "call_method") and a not in seen:
+                    seen.add(a)
+                    above.append(a)
+        found += above
+        level = above
+    return found
+
+
+def _residual_pair(fused: torch.fx.Node) -> set | None:
+    """The two inputs of the residual add a fused norm computes (detaches looked through),
+    or None when it reads no residual."""
+    if fused.target is OPS.quantize_history.default:
+        pair = fused.args[:2] if fused.args[4] == "add_rmsnorm" else None
+    else:
+        residual = fused.kwargs.get("residual")
+        pair = None if residual is None else (fused.args[0], residual)
+    if pair is None:
+        return None
+    return {a.args[0] if _is_method(a, "detach") else a for a in pair}
+
+
+def _note_absorbed(graph: torch.fx.Graph, absorbed) -> None:
+    """Say in the plan which producer nodes now run inside a fused op: those the fusion left
+    without users (gone from the graph), and the residual add a fused norm reads, which also
+    stays in the graph where the residual stream goes on."""
+    alive = set(graph.nodes)
+    for nodes, fused in absorbed:
+        what = f"the fused {info(fused)['fused_from']} -> FP8 op"
+        pair = _residual_pair(fused)
+        for n in nodes:
+            entry = info(n).get("entry")
+            if entry is None:
+                continue
+            if n not in alive and entry.rule == "as-is":
+                # no longer "runs in its input dtype, fused by Inductor"
+                entry.reason = f"no GEMM: runs inside {what} (fp32 inside)"
+            elif n not in alive:
+                add_note(entry, f"runs inside {what}")
+            elif pair is not None and is_add(n) and set(n.args[:2]) == pair:
+                add_note(entry, f"also computed inside {what}")
 
 
 def _note_shared_and_fused(graph: torch.fx.Graph) -> None:

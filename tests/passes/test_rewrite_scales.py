@@ -93,7 +93,7 @@ def _delayed_block_run(monkeypatch, share=True, fuse=True):
     if not share:
         monkeypatch.setattr(ScalesPass, "_share_delayed_quant", lambda self, g: False)
     if not fuse:
-        monkeypatch.setattr(FusePass, "_fuse_history", lambda self, g, n: False)
+        monkeypatch.setattr(FusePass, "_fuse_history", lambda self, g, n: None)
     torch.manual_seed(0)
     model = LlamaBlock()
     be = fp8compile.backend({"recipe": "tensorwise", "scaling": "delayed",
@@ -460,3 +460,42 @@ def test_producer_fusion_can_be_turned_off(passes, inference):
         assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
     else:  # down_proj alone keeps the self-quantizing linear
         assert _count(gm, OPS.linear.default) == 2 and _count(gm, OPS.linear_q.default) == 5
+
+
+def test_plan_says_which_producers_run_inside_the_fused_ops(passes):
+    # Inference: the norms and the SiLU·mul whose output a fused op quantizes no longer run
+    # on their own, and their rows say where they run.  The residual add the MLP norm reads
+    # runs inside its fused op and stays in the graph for the block's last add; that add
+    # does not.
+    _, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256))
+    why = {e.name: e.reason for e in ctx.plan_entries}
+    op = {e.name: e.op for e in ctx.plan_entries}
+    norms = [n for n in why if op[n] == "rms_norm"]  # in graph order
+    adds = [n for n in why if op[n] == "add"]
+    assert len(norms) == 2 and len(adds) == 2
+    assert why[norms[0]].endswith("; runs inside the fused rms_norm -> FP8 op"), why
+    assert why[norms[1]].endswith("; runs inside the fused residual add + rms_norm -> FP8 op")
+    assert why[adds[0]].endswith("; also computed inside the fused residual add + rms_norm"
+                                 " -> FP8 op")
+    assert "inside" not in why[adds[1]]
+    silu_mul = [n for n in why if op[n] in ("silu", "mul")]
+    assert len(silu_mul) == 2
+    for name in silu_mul:
+        assert why[name] == "no GEMM: runs inside the fused silu*mul -> FP8 op (fp32 inside)"
+
+
+@pytest.mark.parametrize("config", [{}, {"recipe": "tensorwise", "scaling": "delayed"}])
+def test_plan_says_runs_inside_only_of_nodes_the_graph_dropped(passes, config):
+    # Training: the producers stay in the graph (linear_q carries their output for the
+    # gradient), so their rows keep their reasons; the residual add is still noted.
+    gm, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), config=config, inference=False)
+    names = {n.name for n in gm.graph.nodes}
+    inside = [e for e in ctx.plan_entries if "runs inside the fused" in e.reason]
+    assert all(e.name not in names for e in inside)
+    assert any("also computed inside the fused residual add + rms_norm" in e.reason
+               for e in ctx.plan_entries if e.op == "add")
+
+
+def test_plan_keeps_producers_as_they_are_without_fusion(passes):
+    _, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), config={"fuse_producers": False})
+    assert not any("inside the fused" in e.reason for e in ctx.plan_entries)
