@@ -140,9 +140,7 @@ if HAVE_GLUON:
         return first_m + ((tile % in_group) % size_m), (tile % in_group) // size_m
 
     @gluon.jit
-    def _loader(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
-                stride_wsn, stride_wsk, a_desc, b_desc):
+    def _loader(a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -303,8 +301,10 @@ if HAVE_GLUON:
                                             c_smem)
         tma.store_wait(pendings=0)
 
-    # Partition entry points: Gluon passes worker arguments as IR values, so each half is a
-    # function of its own and the shapes come from the buffers' types, not constexpr args.
+    # Partition entry points: Gluon passes worker arguments as IR values, so each half and
+    # mode (promoted / fast) is a function of its own, and the shapes come from the buffers'
+    # types, not constexpr args (a constexpr in a partition's argument tuple reaches
+    # warp_specialize as a plain int and fails to lower, Triton 3.6).
     @gluon.jit
     def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
                  has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
@@ -361,11 +361,11 @@ if HAVE_GLUON:
                 stride_wsn, stride_wsk)
         if FAST:
             gl.warp_specialize([(_math_fast_lo, args), (_math_fast_hi, args),
-                                (_loader, args + (a_desc, b_desc))],
+                                (_loader, (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc))],
                                [4, 1], [MATH_REGS, LOAD_REGS])
         else:
             gl.warp_specialize([(_math_lo, args), (_math_hi, args),
-                                (_loader, args + (a_desc, b_desc))],
+                                (_loader, (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc))],
                                [4, 1], [MATH_REGS, LOAD_REGS])
 
     def _gl_dtype(dtype: torch.dtype):
