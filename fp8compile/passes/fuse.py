@@ -82,22 +82,22 @@ class FusePass(Fp8Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
-        modified = False
         # Fp8Config.fuse_producers=False: nothing is fused (the stats and notes still run).
         candidates = list(graph.nodes) if self.ctx.config.fuse_producers else []
         absorbed = []  # (producer nodes the fused op computes, the fused op) of each fusion
         for node in candidates:
-            src = node.args[0] if node.args else None
             if node.target is OPS.quantize_history.default:
-                new = self._fuse_history(graph, node)
+                fuse = self._fuse_history
             elif node.target is OPS.quantize.default and info(node).get("role") == "act_quant":
-                new = self._fuse(graph, node)
+                fuse = self._fuse
             else:
                 continue
+            src = node.args[0]
+            new = fuse(graph, node)
             if new is not None:
                 absorbed.append((_upstream(src), new))
-        if absorbed:
-            modified = True
+        modified = bool(absorbed)
+        if modified:
             eliminate_dead_code(graph)
             graph.lint()
             gm.recompile()
