@@ -6,8 +6,9 @@ tensor cores) and for several rowwise/tensorwise shapes, while the Triton kernel
 decode sizes (M <= 16, split-K), take any M/N/K, and fuse activations and residuals into the
 epilogue.  As Inductor does between ATen and its own templates, each
 ``(M bucket, N, K, recipe, accumulation, out dtype, layout)`` times both candidates once and
-keeps the faster for the process: when ``torch.compile`` traces the GEMM into a graph
-(:func:`choose_traced`, on random operands), or else on the first eager call's real inputs.
+keeps the one with less GPU time for the process (host launch time left out, see
+:func:`_gpu_ms`): when ``torch.compile`` traces the GEMM into a graph (:func:`choose_traced`,
+on random operands), or else on the first eager call's real inputs.
 On Hopper, "Triton" includes the warp-specialized Gluon kernel of :mod:`.blockwise_ws` for
 the eager calls it serves, and for traced GEMMs that cuBLAS cannot compute, which it then
 runs from an opaque call.
@@ -125,8 +126,43 @@ def _time_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
     return start.elapsed_time(end) / reps
 
 
+def _gpu_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
+    """Milliseconds per call of ``fn`` on the GPU alone, the host's launch time left out.
+
+    Called back to back from Python (:func:`_time_ms`), a decode-sized GEMM times at its
+    launcher's host time: the Triton launcher spends tens of microseconds of Python per call
+    on ~10 us of GPU work, cuBLAS's launcher less, so cuBLAS was chosen at decode sizes
+    where its kernel is up to 1.8x slower (H200, docs/performance.md).  A compiled graph
+    launches the kernel from Inductor's code, and a CUDA graph replays it with no host work
+    at all, so the backends are ranked by GPU time: a sleep kernel holds the stream while
+    the host queues all ``reps`` calls, and the events then bracket the GPU's work only.
+    If the sleep ended before the host had queued them, it is lengthened and the timing
+    redone.
+    """
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    cycles = _HOLD_CYCLES
+    for _ in range(_HOLD_TRIES):
+        torch.cuda._sleep(cycles)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        held = not start.query()  # the GPU was still asleep when the last call was queued
+        end.synchronize()
+        if held:
+            break
+        cycles *= 4
+    return start.elapsed_time(end) / reps
+
+
+# The first hold of _gpu_ms: ~1 ms at an H100/H200's clocks, ten calls of 100 us of Python;
+# each retry holds 4x longer.
+_HOLD_CYCLES = 2_000_000
+_HOLD_TRIES = 4
+
+
 def _faster(triton_fn: Callable[[], torch.Tensor], cublas_fn: Callable[[], torch.Tensor],
-            rounds: int = 3, timer: Callable[[Callable[[], torch.Tensor]], float] = _time_ms
+            rounds: int = 3, timer: Callable[[Callable[[], torch.Tensor]], float] | None = None
             ) -> str:
     """``"cublas"`` or ``"triton"``: the median of ``rounds`` alternating timings of each.
 
@@ -135,7 +171,9 @@ def _faster(triton_fn: Callable[[], torch.Tensor], cublas_fn: Callable[[], torch
     taking medians makes one noisy timing unable to decide.  Triton must also be faster by
     :data:`_TRITON_MARGIN`: near a tie the choice would otherwise follow the timing noise of
     the moment of compiling, and differ from one process (or machine) to the next.
+    ``timer`` (default :func:`_gpu_ms`) returns milliseconds per call.
     """
+    timer = timer or _gpu_ms
     for fn in (triton_fn, cublas_fn):  # warm-up: compile, autotune, cuBLAS heuristics
         for _ in range(3):
             fn()

@@ -145,6 +145,50 @@ def test_choice_takes_medians_of_alternating_timings():
     assert select._faster(tri, cub, timer=lambda fn: (fn(), next(even[calls[-1]]))[1]) == "cublas"
 
 
+def test_choices_are_timed_on_the_gpu_by_default(monkeypatch):
+    """Without a timer, _faster ranks by _gpu_ms (GPU time, host launch time left out)."""
+    timed = []
+
+    def gpu_ms(fn):
+        timed.append(fn)
+        return {tri: 1.0, cub: 2.0}[fn]
+
+    def tri():
+        pass
+
+    def cub():
+        pass
+
+    monkeypatch.setattr(select, "_gpu_ms", gpu_ms)
+    assert select._faster(tri, cub) == "triton"
+    assert timed == [tri, cub] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times kernels on a CUDA GPU")
+def test_gpu_time_leaves_the_host_launch_time_out():
+    """A call with 0.3 ms of Python before a tiny kernel is host-bound back to back, yet
+    ranks below a ~0.2 ms GEMM by GPU time; its ten calls outlast the first ~1 ms hold, so
+    the hold is lengthened."""
+    import time
+
+    small = torch.zeros(1024, device="cuda")
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+
+    def host_bound():
+        time.sleep(3e-4)
+        small.add_(1.0)
+
+    def gpu_bound():
+        a @ a
+
+    for fn in (host_bound, gpu_bound):
+        fn()
+    torch.cuda.synchronize()
+    assert select._time_ms(host_bound) > select._time_ms(gpu_bound)
+    assert select._gpu_ms(host_bound) < 0.2 * select._gpu_ms(gpu_bound)
+    assert select._gpu_ms(host_bound) < 0.05
+
+
 @pytest.mark.parametrize("t_triton, want", [(0.98, "cublas"), (0.971, "cublas"),
                                             (0.969, "triton"), (0.5, "triton")])
 def test_triton_must_beat_cublas_by_the_margin(t_triton, want):
