@@ -361,7 +361,8 @@ def scaled_mm(
     if config is not None and "SPLIT_K" in config:
         split = int(config["SPLIT_K"])
     elif bucket in tuning.SMALL_TILES:
-        split = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device))
+        split = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device),
+                               blockwise=max(a_gran, w_gran) >= 2)
     else:
         split = 1
     # Each split covers whole 128-groups (and whole BLOCK_K steps; 256 covers both).
@@ -459,7 +460,9 @@ def _compile_time_config(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, 
     config = dict(_COMPILE_TIME_CONFIGS[key])
     if bucket in tuning.SMALL_TILES:
         bm, bn = tuning.SMALL_TILES[bucket]
-        config["SPLIT_K"] = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device))
+        config["SPLIT_K"] = tuning.split_k(
+            m, n, k, bm, bn, tuning.num_sms(xq.device),
+            blockwise=max(GRAN_CODE[Granularity(xg)], GRAN_CODE[Granularity(wg)]) >= 2)
     else:
         config["SPLIT_K"] = 1
     return config

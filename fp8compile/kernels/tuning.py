@@ -6,7 +6,8 @@ shape once per bucket and reuses the choice for every M in the bucket.
 * M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket, so the
   launcher knows the tile count and can pick split-K before launching; only ``BLOCK_K``,
   warps and stages are tuned.  At M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs,
-  and the GEMM is bound by reading the weight: split-K brings it to ~2 programs per SM.
+  and the GEMM is bound by reading the weight: split-K brings it to ~2 programs per SM
+  (~4 with blockwise scales, see :func:`split_k`).
 * M > 256: compute bound; 128x256x128 with 8 warps (two consumer warpgroups) and 3 stages
   (144 KB of shared memory) is the workhorse of the single-accumulator path, 128x128 and
   64x128 that of the promoted path (register counts below, from ptxas for sm_90a).
@@ -125,13 +126,21 @@ def num_sms(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int) -> int:
-    """Split K so that ~2 programs run per SM when the output tiles alone leave SMs idle.
+def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int,
+            blockwise: bool = False) -> int:
+    """Split K so that ~2 programs run per SM when the output tiles alone leave SMs idle,
+    ~4 for ``blockwise`` scales (1x128 activations or 128x128 weights).
 
-    Each split keeps at least 512 of K (4 steps of 128) so the pipeline fills; the partial
-    sums cost one extra fp32 pass over M x N, small next to the weight at M <= 256.
+    Each split keeps at least 512 of K (4 steps of 128; 1024 for ``blockwise``) so the
+    pipeline fills; the partial sums cost one extra fp32 pass over M x N, small next to the
+    weight at M <= 256.  A blockwise K step is at most 128 wide and loads its scales before
+    its promotion, and more programs per SM keep the weight stream busy.  H200, 16x64 tiles,
+    one process (docs/performance.md): blockwise 1x12288x4096 took 20.3 us at split 2
+    against 24.3 at split 1, 16x4096x14336 22.8 at split 8 against 25.1 at 4; 4096x4096
+    stays at split 4 (11.0 us at 8 against 9.5).  Rowwise precise GEMMs lost 7-10% at 16
+    tokens with the same rule (and gained 3-13% at one token), so they keep ~2.
     """
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
-    want = max(1, (2 * sms) // tiles)
-    most = max(1, k // 512)
+    want = max(1, ((4 if blockwise else 2) * sms) // tiles)
+    most = max(1, k // (1024 if blockwise else 512))
     return int(min(want, most, 16))

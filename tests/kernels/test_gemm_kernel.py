@@ -167,3 +167,38 @@ def test_autotune_configs_compile_together_once_per_key(monkeypatch):
     gemm._precompile_configs(_tuning_args(precise=True),
                              (torch.float8_e4m3fn, torch.float32, None, "none", False))
     assert calls == []  # one core: the autotuner compiles as before
+
+
+@pytest.mark.parametrize("n, k, row_split, block_split", [
+    (4096, 4096, 4, 4),    # 64 tiles of 16x64; blockwise: at least 1024 of K per split
+    (14336, 4096, 1, 2),   # 224 tiles: ~2 (or ~4) programs per SM on 132 SMs
+    (4096, 14336, 4, 8),
+    (4096, 1024, 2, 1),    # at least 512 (1024) of K per split
+    (57344, 4096, 1, 1),   # the tiles alone fill the SMs
+])
+def test_split_k_keeps_more_programs_in_flight_for_blockwise_scales(n, k, row_split,
+                                                                    block_split):
+    from fp8compile.kernels import tuning
+
+    assert tuning.split_k(16, n, k, 16, 64, 132) == row_split
+    assert tuning.split_k(16, n, k, 16, 64, 132, blockwise=True) == block_split
+
+
+def test_traced_and_eager_launches_split_k_alike(monkeypatch):
+    """The config a traced decode GEMM is launched with splits K as the eager launcher
+    does for the same recipe: twice the programs for blockwise scales."""
+    from fp8compile.kernels import gemm, tuning
+
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
+    for (xg, wg), acc in [((G.GROUP, G.BLOCK), "precise"), ((G.ROW, G.ROW), "fast"),
+                          ((G.ROW, G.ROW), "precise")]:
+        key = (16, 14336, 4096, xg, wg, acc, torch.float8_e4m3fn, torch.bfloat16, "none",
+               False, False)
+        monkeypatch.setitem(gemm._COMPILE_TIME_CONFIGS, key, {"BLOCK_M": 16, "BLOCK_N": 64})
+        xq = torch.zeros(16, 4096, dtype=torch.float8_e4m3fn)
+        wq = torch.zeros(14336, 4096, dtype=torch.float8_e4m3fn)
+        got = gemm._compile_time_config(xq, None, xg, wq, None, wg, None, torch.bfloat16, acc,
+                                        "none", None)
+        blockwise = xg is G.GROUP
+        assert got["SPLIT_K"] == tuning.split_k(16, 14336, 4096, 16, 64, 132, blockwise)
+        assert got["SPLIT_K"] == (2 if blockwise else 1)
