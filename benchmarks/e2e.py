@@ -13,10 +13,13 @@ inputs; speedups are against bf16 Inductor measured in the same run.  ``do_bench
 the L2 cache before each call and times it alone, so where the host takes longer to issue a
 step than the GPU to run it, the figure holds host time too.  Decode rows therefore also give
 ``steady``: the time per step over 20 steps issued back to back (the median of 15 such runs),
-what a decoding loop sees.  Decode variants are all compiled first, then timed in three
-rounds, each timing every variant once (the median over the rounds is kept): timed one after
-another, right after each compile, the same variant's decode step moved by up to 2x between
-runs.
+what a decoding loop sees; ``GPU``: the same 20 steps queued behind a sleep kernel, so the
+GPU runs them back to back whatever the host's pace (the GPU's own time per step); and
+``host``: the time the host takes to issue one step.  Where the host time nears the GPU
+time, ``steady`` measures the host.  Decode variants are all compiled first, then timed in
+three rounds, each timing every variant once (the median over the rounds is kept): timed one
+after another, right after each compile, the same variant's decode step moved by up to 2x
+between runs.
 
 The error is ‖y − y_fp32‖ / ‖y_fp32‖ with y_fp32 the same block and inputs in fp32.  Compile
 time is the wall time of the first call (compile + run) with Dynamo's caches reset.  With
@@ -107,6 +110,23 @@ def steady_ms(fn, steps: int = 20, runs: int = 15) -> float:
     return sorted(_time_ms(fn, steps) for _ in range(runs))[runs // 2]
 
 
+def gpu_and_host_ms(fn, steps: int = 20) -> tuple[float, float]:
+    """(GPU ms per call with the host's time hidden, host ms to issue one call): ``steps``
+    calls are queued behind a sleep kernel, so the GPU runs them back to back (the timing
+    the GEMM backend choice uses, ``select._gpu_ms``), then timed on the host alone."""
+    from fp8compile.kernels import select
+
+    gpu = select._gpu_ms(fn, steps)
+    torch.cuda.synchronize()
+    torch.cuda._sleep(select._HOLD_CYCLES * 64)  # ~60 ms: longer than the host's queueing
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    host = (time.perf_counter() - t0) / steps * 1e3
+    torch.cuda.synchronize()
+    return gpu, host
+
+
 ROUNDS = 3
 
 
@@ -128,12 +148,16 @@ def build(make, x, mode):
     return fn, y, time.perf_counter() - t0
 
 
-def report(results, args, shape_name, name, tokens, ms, steady, first, err) -> None:
+def report(results, args, shape_name, name, tokens, ms, steady, first, err,
+           gpu=float("nan"), host=float("nan")) -> None:
     results.append(dict(shape=shape_name, variant=name, ms=ms, steady_ms=steady,
-                        first_call_s=first, err=err, tflops=gemm_flops(tokens) / ms / 1e9))
+                        gpu_ms=gpu, host_ms=host, first_call_s=first, err=err,
+                        tflops=gemm_flops(tokens) / ms / 1e9))
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
     steady_txt = "" if steady != steady else f" (steady {steady:.3f} ms)"
+    if gpu == gpu:
+        steady_txt += f" (GPU {gpu:.3f} ms, host {host:.3f} ms per step)"
     print(f"{shape_name:15s} {name:20s} {ms:8.3f} ms{steady_txt}  first call "
           f"{first:6.1f} s  err {err:.2e}", flush=True)
 
@@ -391,11 +415,13 @@ def main() -> None:
             rounds = {name: [] for name, *_ in timed}
             for _ in range(ROUNDS if timed else 0):
                 for name, fn, *_ in timed:
-                    rounds[name].append((median_ms(lambda: fn(x)), steady_ms(lambda: fn(x))))
+                    rounds[name].append((median_ms(lambda: fn(x)), steady_ms(lambda: fn(x)),
+                                         *gpu_and_host_ms(lambda: fn(x))))
             for name, fn, first, err in timed:
-                ms = sorted(r[0] for r in rounds[name])[ROUNDS // 2]
-                steady = sorted(r[1] for r in rounds[name])[ROUNDS // 2]
-                report(results, args, shape_name, name, b * t, ms, steady, first, err)
+                ms, steady, gpu, host = (sorted(r[i] for r in rounds[name])[ROUNDS // 2]
+                                         for i in range(4))
+                report(results, args, shape_name, name, b * t, ms, steady, first, err, gpu,
+                       host)
                 if args.profile and name == args.profile_variant:
                     show_profile(lambda: fn(x), args.out, shape_name)
             timed = rounds = fn = None
@@ -407,7 +433,7 @@ def main() -> None:
         for key, got in sorted(backend_choices().items(), key=str):
             print(f"  {got:6s} {describe_key(key)}")
     print("\nshape            variant               ms      vs Inductor  err      compile vs Ind."
-          "  steady ms (vs Ind.)")
+          "  steady ms (vs Ind.)  GPU ms (vs Ind.)  host ms")
     for shape_name in shapes:
         rows = [r for r in results if r["shape"] == shape_name]
         ind = next((r for r in rows if r["variant"] == "bf16 Inductor"), None)
@@ -418,6 +444,9 @@ def main() -> None:
             if r["steady_ms"] == r["steady_ms"]:
                 st_sp = ind["steady_ms"] / r["steady_ms"] if ind else float("nan")
                 st = f"  {r['steady_ms']:7.3f} ({st_sp:.2f}x)"
+            if r["gpu_ms"] == r["gpu_ms"]:
+                g_sp = ind["gpu_ms"] / r["gpu_ms"] if ind else float("nan")
+                st += f"  {r['gpu_ms']:7.3f} ({g_sp:.2f}x)  {r['host_ms']:7.3f}"
             print(f"{shape_name:16s} {r['variant']:20s} {r['ms']:7.3f}  {sp:6.2f}x      "
                   f"{r['err']:.2e}  {ct:5.2f}x{st}")
 
