@@ -15,6 +15,7 @@ numerics, every recipe vs the reference, odd shapes) and a few large-shape check
 are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so that Python
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
+``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes.
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -414,12 +415,55 @@ def print_tables(rows):
             log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |      {cells[0]} |      {cells[1]}")
 
 
+def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
+    """Decode-sized GEMMs on the Triton kernel at each split of K (``config={"SPLIT_K": s}``,
+    the tile autotuned per split) against the launcher's own split (``*``) and bf16."""
+    from fp8compile import kernels as K
+    from fp8compile.kernels import tuning
+    from fp8compile.kernels.gemm import scaled_mm as triton_mm
+
+    log("\nSplit-K on the Triton kernel, us per GEMM (CUDA-graph replays, L2-exceeding "
+        "operand sets); * = the launcher's split")
+    for (n, k) in NK:
+        for m in shapes:
+            if tuning.m_bucket(m) not in tuning.SMALL_TILES:
+                continue
+            torch.manual_seed(0)
+            nsets = max(1, min(8, math.ceil(3 * L2_BYTES / (n * k))))
+            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nsets)]
+            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+                  for _ in range(nsets)]
+            t_bf = bench(lambda x, w: F.linear(x, w), list(zip(xs, ws)))
+            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
+                                      ("row fast", G.ROW, G.ROW, "fast"),
+                                      ("row precise", G.ROW, G.ROW, "precise")]:
+                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
+                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
+                bm, bn = tuning.SMALL_TILES[tuning.m_bucket(m)]
+                mine = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(torch.device("cuda")),
+                                      blockwise=xg is G.GROUP)
+                cells = []
+                for split in splits:
+                    if split > 1 and k // split < 256:
+                        continue
+
+                    def f(xq, xs_, wq, ws_, split=split):
+                        return triton_mm(xq, xs_, xg, wq, ws_, wg, None, torch.bfloat16, acc,
+                                         config={"SPLIT_K": split})
+                    t = bench(f, sets)
+                    cells.append(f"{split}{'*' if split == mine else ' '} {t * 1e3:6.1f}")
+                log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:6.1f} | {name:11s} | " + " | ".join(cells))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
     ap.add_argument("--no-bench", action="store_true", help="checks only")
     ap.add_argument("--m", type=int, nargs="*", default=MS, help="M values (default: %(default)s)")
     ap.add_argument("--out", default=os.environ.get("OUT", "out"), help="where logs/JSON go")
+    ap.add_argument("--splits", action="store_true",
+                    help="only time the Triton kernel at each split of K, for the M <= 256 "
+                         "of --m")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -429,6 +473,9 @@ def main():
     import triton
     log(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  "
         f"triton {triton.__version__}  cuda {torch.version.cuda}")
+    if args.splits:
+        run_splits(args.m)
+        return 0
     ok = True
     if args.check:
         ok = run_checks(args.out)

@@ -288,9 +288,11 @@ def scaled_mm(
     (``precise``) or Hopper's reduced-precision FP8 accumulation (``fast`` with tensor/row
     scales; blockwise scales are always promoted every 128 of K).  ``config`` forces a tile
     config (keys of :func:`tuning.default_config` plus optional ``SPLIT_K``) instead of the
-    autotuned one.  ``gluon=False`` keeps a blockwise GEMM on the Triton kernel where the
-    Gluon kernel would serve it (see :func:`gluon_serves`): the compile-time decisions time
-    and tune what a traced graph will launch.
+    autotuned one; ``{"SPLIT_K": s}`` alone forces the split of an M <= 256 GEMM and keeps
+    the autotuned tile (``benchmarks/gemm.py --splits``).  ``gluon=False`` keeps a blockwise
+    GEMM on the Triton kernel where the Gluon kernel would serve it (see
+    :func:`gluon_serves`): the compile-time decisions time and tune what a traced graph
+    will launch.
 
     Example::
 
@@ -349,6 +351,14 @@ def scaled_mm(
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
+    forced_split = None
+    if config is not None and set(config) == {"SPLIT_K"}:
+        if bucket not in tuning.SMALL_TILES:
+            raise ValueError(f"scaled_mm: SPLIT_K alone forces a split for M <= 256 only, "
+                             f"got M={m}; give a whole tile config to split a larger GEMM")
+        forced_split, config = int(config["SPLIT_K"]), None
+        if forced_split < 1:
+            raise ValueError(f"scaled_mm: SPLIT_K={forced_split} must be at least 1")
     if config is None and _interpreting():
         config = tuning.default_config(bucket)
     if config is None and tracing():
@@ -358,7 +368,9 @@ def scaled_mm(
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     else:
         bm, bn = tuning.SMALL_TILES.get(bucket, (128, 128))
-    if config is not None and "SPLIT_K" in config:
+    if forced_split is not None:
+        split = forced_split
+    elif config is not None and "SPLIT_K" in config:
         split = int(config["SPLIT_K"])
     elif bucket in tuning.SMALL_TILES:
         split = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device),

@@ -70,6 +70,35 @@ def test_split_k(device, split):
         _check(y, scaled_mm_reference(*args, "silu", res))
 
 
+def test_split_k_alone_keeps_the_tile(device, monkeypatch):
+    """``{"SPLIT_K": s}`` forces the split of a small-M GEMM, tile left to the launcher; a
+    split of a large GEMM or below 1 is refused."""
+    from fp8compile.kernels import gemm
+
+    launched = []
+
+    def launch(fn):
+        launched.append(getattr(fn, "__name__", None) or fn.fn.__name__)
+        return real_launch(fn)
+
+    real_launch = gemm.launch
+    monkeypatch.setattr(gemm, "launch", launch)
+    recipe = RECIPES[0]
+    xq, xs, wq, ws = _operands(device, (5, 1024), 96, recipe)
+    args = (xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32)
+    ref = scaled_mm_reference(*args, "none", None)
+    for split in (1, 2, 4):
+        launched.clear()
+        _check(scaled_mm(*args, "precise", config={"SPLIT_K": split}), ref)
+        assert ("_splitk_epilogue_kernel" in launched) is (split > 1), (split, launched)
+    with pytest.raises(ValueError, match="at least 1"):
+        scaled_mm(*args, "precise", config={"SPLIT_K": 0})
+    xq, xs, wq, ws = _operands(device, (300, 256), 32, recipe)
+    with pytest.raises(ValueError, match="M <= 256 only"):
+        scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, "precise",
+                  config={"SPLIT_K": 2})
+
+
 def test_tiles_and_mixed_recipes(device):
     """Edge tiles in M and N, a 64-wide K step, and recipe mixes the ops never pick."""
     for xg, wg in [(G.GROUP, G.ROW), (G.ROW, G.BLOCK), (G.TENSOR, G.BLOCK)]:
