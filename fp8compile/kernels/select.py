@@ -1,10 +1,11 @@
 """Choosing the GEMM backend per shape: the Triton kernel family or cuBLAS FP8.
 
-On an H100 (docs/performance.md) cuBLAS's FP8 GEMMs are faster than our Triton kernels for
-large-M blockwise GEMMs (1.6x: Triton cannot yet overlap the per-128-K promotion with the
-tensor cores) and for several rowwise/tensorwise shapes, while the Triton kernels win at
-decode sizes (M <= 16, split-K), take any M/N/K, and fuse activations and residuals into the
-epilogue.  As Inductor does between ATen and its own templates, each
+On Hopper (docs/performance.md) cuBLAS's FP8 GEMMs are faster than the Triton kernel for
+large-M GEMMs with promotion (blockwise, precise: 1.4-1.6x, Triton cannot overlap the
+per-128-K promotion with the tensor cores) and within a few percent of it, or of the Gluon
+kernel, elsewhere at M >= 2048; the Triton kernel wins at decode sizes for row scales
+(M <= 16, split-K: up to 1.9x on an H200), takes any M/N/K, and fuses activations and
+residuals into its epilogue.  As Inductor does between ATen and its own templates, each
 ``(M bucket, N, K, recipe, accumulation, out dtype, layout)`` times both candidates once and
 keeps the one with less GPU time for the process (host launch time left out, see
 :func:`_gpu_ms`): when ``torch.compile`` traces the GEMM into a graph (:func:`choose_traced`,
