@@ -1,7 +1,7 @@
 """Choosing the GEMM backend per shape: the Triton kernel family or cuBLAS FP8.
 
 On Hopper (docs/performance.md) cuBLAS's FP8 GEMMs are faster than the Triton kernel for
-large-M GEMMs with promotion (blockwise, precise: 1.4-1.6x, Triton cannot overlap the
+large-M GEMMs with promotion (blockwise, precise: 1.3-1.7x, Triton cannot overlap the
 per-128-K promotion with the tensor cores) and within a few percent of it, or of the Gluon
 kernel, elsewhere at M >= 2048; the Triton kernel wins at decode sizes for row scales
 (M <= 16, split-K: up to 1.9x on an H200), takes any M/N/K, and fuses activations and
