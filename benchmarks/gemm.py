@@ -420,6 +420,7 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
     the tile autotuned per split) against the launcher's own split (``*``) and bf16."""
     from fp8compile import kernels as K
     from fp8compile.kernels import tuning
+    from fp8compile.kernels.gemm import launch_split
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     log("\nSplit-K on the Triton kernel, us per GEMM (CUDA-graph replays, L2-exceeding "
@@ -439,9 +440,8 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
                                       ("row precise", G.ROW, G.ROW, "precise")]:
                 sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
                          *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
-                bm, bn = tuning.SMALL_TILES[tuning.m_bucket(m)]
-                mine = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(torch.device("cuda")),
-                                      blockwise=xg is G.GROUP)
+                mine = launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
+                                    torch.device("cuda"))
                 cells = []
                 for split in splits:
                     if split > 1 and k // split < 256:

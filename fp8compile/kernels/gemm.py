@@ -372,11 +372,8 @@ def scaled_mm(
         split = forced_split
     elif config is not None and "SPLIT_K" in config:
         split = int(config["SPLIT_K"])
-    elif bucket in tuning.SMALL_TILES:
-        split = tuning.split_k(m, n, k, bm, bn, tuning.num_sms(xq.device),
-                               blockwise=max(a_gran, w_gran) >= 2)
     else:
-        split = 1
+        split = launch_split(m, n, k, bm, bn, x_granularity, w_granularity, xq.device)
     # Each split covers whole 128-groups (and whole BLOCK_K steps; 256 covers both).
     step = 256
     k_per_split = cdiv(cdiv(k, split), step) * step
@@ -470,11 +467,19 @@ def _compile_time_config(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, 
         _COMPILE_TIME_CONFIGS[key] = {**best.kwargs, "num_warps": best.num_warps,
                                       "num_stages": best.num_stages}
     config = dict(_COMPILE_TIME_CONFIGS[key])
-    if bucket in tuning.SMALL_TILES:
-        bm, bn = tuning.SMALL_TILES[bucket]
-        config["SPLIT_K"] = tuning.split_k(
-            m, n, k, bm, bn, tuning.num_sms(xq.device),
-            blockwise=max(GRAN_CODE[Granularity(xg)], GRAN_CODE[Granularity(wg)]) >= 2)
-    else:
-        config["SPLIT_K"] = 1
+    config["SPLIT_K"] = launch_split(m, n, k, *tuning.SMALL_TILES.get(bucket, (128, 128)),
+                                     xg, wg, xq.device)
     return config
+
+
+def launch_split(m: int, n: int, k: int, block_m: int, block_n: int, x_granularity,
+                 w_granularity, device: torch.device) -> int:
+    """The split of K the launcher picks when none is forced: :func:`tuning.split_k` for
+    ``block_m x block_n`` tiles at M <= 256 (more programs with blockwise scales), none
+    above."""
+    if tuning.m_bucket(m) not in tuning.SMALL_TILES:
+        return 1
+    blockwise = max(GRAN_CODE[Granularity(x_granularity)],
+                    GRAN_CODE[Granularity(w_granularity)]) >= 2
+    return tuning.split_k(m, n, k, block_m, block_n, tuning.num_sms(device),
+                          blockwise=blockwise)
