@@ -359,13 +359,13 @@ if HAVE_GLUON:
         args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
                 stride_wsn, stride_wsk)
+        loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
+        # (a conditional expression cannot pick the partitions: Gluon takes it for a tensor)
         if FAST:
-            gl.warp_specialize([(_math_fast_lo, args), (_math_fast_hi, args),
-                                (_loader, (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc))],
+            gl.warp_specialize([(_math_fast_lo, args), (_math_fast_hi, args), (_loader, loads)],
                                [4, 1], [MATH_REGS, LOAD_REGS])
         else:
-            gl.warp_specialize([(_math_lo, args), (_math_hi, args),
-                                (_loader, (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc))],
+            gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
                                [4, 1], [MATH_REGS, LOAD_REGS])
 
     def _gl_dtype(dtype: torch.dtype):
