@@ -50,12 +50,14 @@ __all__ = [
     "BLOCK",
     "FP8_FORMATS",
     "Fp8Format",
+    "SWIGLU_RUN",
     "Granularity",
     "amax",
     "cast_to_fp8",
     "compute_scale",
     "dequantize",
     "fp8_linear_reference",
+    "interleave_gate_up",
     "m_contiguous",
     "quantize",
     "quantize_dual",
@@ -65,6 +67,7 @@ __all__ = [
     "scaled",
     "silu_mul_quantize",
     "sqnr",
+    "swiglu",
 ]
 
 BLOCK = 128
@@ -379,6 +382,41 @@ def silu_mul_quantize(
     """``quantize(silu(gate) * up)`` computed in fp32 (the SwiGLU producer of down_proj)."""
     y = torch.nn.functional.silu(gate.float()) * up.float()
     return quantize(y, granularity, fmt, power_of_2)
+
+
+# The SwiGLU GEMM's weight layout: gate and up rows alternate in runs of this many, so each
+# 256-wide output tile of the GEMM holds a gate tile and the matching up tile.
+SWIGLU_RUN = 128
+
+
+def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, run: int = SWIGLU_RUN
+                       ) -> torch.Tensor:
+    """The rows of ``gate`` and ``up`` (each ``(F, ...)``, F a multiple of ``run``) in the
+    order the SwiGLU GEMM reads them: ``gate[0:run], up[0:run], gate[run:2 run], ...``.
+
+    A permutation of rows, so per-row (and per-tensor) weight scales are the stacked
+    weight's, permuted the same way; 128x128 blocks too, with ``run`` = 128."""
+    if gate.shape != up.shape or gate.dim() < 1 or gate.shape[0] % run:
+        raise ValueError(
+            f"interleave_gate_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have "
+            f"one shape whose first dim is a multiple of {run}"
+        )
+    f, rest = gate.shape[0], gate.shape[1:]
+    runs = (gate.reshape(f // run, run, *rest), up.reshape(f // run, run, *rest))
+    return torch.stack(runs, 1).reshape(2 * f, *rest)
+
+
+def swiglu(y: torch.Tensor, run: int = SWIGLU_RUN) -> torch.Tensor:
+    """``silu(gate) * up`` of a GEMM output ``y`` (..., 2F) whose columns alternate between
+    gate and up in runs of ``run`` (the weight of :func:`interleave_gate_up`): (..., F),
+    computed in ``y``'s dtype."""
+    n = y.shape[-1]
+    if n % (2 * run):
+        raise ValueError(f"swiglu: the last dim {n} must be a multiple of {2 * run} "
+                         f"(gate and up interleaved in runs of {run})")
+    pairs = y.reshape(*y.shape[:-1], n // (2 * run), 2, run)
+    gate, up = pairs.select(-2, 0), pairs.select(-2, 1)
+    return (torch.nn.functional.silu(gate) * up).reshape(*y.shape[:-1], n // 2)
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -176,3 +176,28 @@ def test_sqnr():
     assert abs(nx.sqnr(x, x * 1.01) - 40.0) < 1e-3
     with pytest.raises(ValueError, match="not an FP8 format"):
         Fp8Format.from_dtype(torch.float16)
+
+
+def test_interleave_gate_up_and_swiglu_pair_each_gate_with_its_up():
+    f, k = 384, 8
+    gate, up = torch.randn(f, k), torch.randn(f, k)
+    w = nx.interleave_gate_up(gate, up)
+    assert w.shape == (2 * f, k)
+    for r in range(3):  # runs of 128: gate, up, gate, up, ...
+        assert torch.equal(w[256 * r:256 * r + 128], gate[128 * r:128 * r + 128])
+        assert torch.equal(w[256 * r + 128:256 * (r + 1)], up[128 * r:128 * r + 128])
+    x = torch.randn(2, 3, k)
+    want = torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())
+    torch.testing.assert_close(nx.swiglu(x @ w.t()), want)
+    # 1-D (scales, bias) interleave the same way
+    s = nx.interleave_gate_up(torch.arange(f), torch.arange(f) + 1000)
+    assert s[127].item() == 127 and s[128].item() == 1000 and s[256].item() == 128
+
+
+def test_interleave_gate_up_and_swiglu_reject_unpaired_shapes():
+    with pytest.raises(ValueError, match="multiple of 128"):
+        nx.interleave_gate_up(torch.randn(320, 4), torch.randn(320, 4))
+    with pytest.raises(ValueError, match="one shape"):
+        nx.interleave_gate_up(torch.randn(128, 4), torch.randn(256, 4))
+    with pytest.raises(ValueError, match="multiple of 256"):
+        nx.swiglu(torch.randn(2, 384))

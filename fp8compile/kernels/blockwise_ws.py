@@ -34,7 +34,11 @@ The same kernel serves per-row and per-tensor scales (on both operands):
   wgmma reads less shared memory per FLOP, and it runs at cuBLAS's speed where the
   128x128 tile ran at 0.92-0.97x (docs/performance.md).  The epilogue's column vectors are
   loaded before the K loop, a few elements per thread, and spread to the accumulator's
-  layout after it.
+  layout after it.  With a half-width output descriptor the fast path's epilogue is SwiGLU:
+  the weight's rows interleave gate and up in runs of 128
+  (:func:`fp8compile.numerics.interleave_gate_up`), so each 256-wide tile holds a gate tile
+  and its up tile, both halves of every thread's registers, and ``silu(gate) * up`` leaves
+  as a 128-wide tile.
 
 Registers: 64 fp32 per thread for the accumulator and for each partial tile (promoted,
 128x128 tile, two warpgroups), 128 for the fast path's 64x256 accumulator; the math
@@ -103,8 +107,10 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     if not (outer or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
         return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
                 "on both operands")
-    if activation != "none" or has_residual:
-        return "no activation or residual epilogue"
+    if has_residual or activation not in ("none", "swiglu"):
+        return "no residual or activation epilogue other than SwiGLU"
+    if activation == "swiglu" and not (outer and accumulation == "fast"):
+        return "the SwiGLU epilogue needs fast accumulation with row/tensor scales"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
         return "both operands in one FP8 format"
     if xs.dtype != torch.float32 or ws.dtype != torch.float32:
@@ -113,6 +119,9 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     m = xq.numel() // max(1, k)  # (..., K) inputs count as (M, K): no reshape of a traced x
     if k == 0:
         return "K == 0: nothing to multiply"
+    if activation == "swiglu" and n % FAST_TILE[1]:
+        return (f"the SwiGLU epilogue needs N % {FAST_TILE[1]} == 0 (a gate tile and its up "
+                "tile in each output tile)")
     if m < MIN_M:
         return f"M={m} < {MIN_M}: the split-K kernel serves small M"
     out_bytes = torch.finfo(out_dtype).bits // 8
@@ -231,6 +240,9 @@ if HAVE_GLUON:
         BK: gl.constexpr = a_bufs.shape[2]
         BN: gl.constexpr = b_bufs.shape[1]
         HM: gl.constexpr = BM // 2
+        # A half-width output tile: the SwiGLU epilogue, silu(gate) * up of the two halves.
+        CN: gl.constexpr = c_smem.shape[1]
+        SWIGLU: gl.constexpr = CN != BN
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BN, 32])
         num_pid_m = gl.cdiv(M, BM)
@@ -295,9 +307,20 @@ if HAVE_GLUON:
             col_scale, bias = _spread(col_scale, bias, layout)
             acc = acc * col_scale[None, :] + bias[None, :]
             tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-            c_smem.store(acc.to(c_desc.dtype))
+            if SWIGLU:
+                # columns c and c + CN hold gate and up of one output (interleaved weight);
+                # the accumulator layout keeps both in one thread, so this moves no data
+                gate, up = acc.reshape([HM, 2, CN]).permute((0, 2, 1)).split()
+                # silu(gate) * up = gate * up / (1 + exp(-gate)), the division approximate
+                # (2 ulp): a reciprocal and a multiply.  The exp and the reciprocal (two
+                # special-function ops per output) are what the epilogue adds: ~1 us per
+                # 128x256 tile on an H200, while the tensor cores wait (docs/performance.md).
+                h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
+                c_smem.store(h.to(c_desc.dtype))
+            else:
+                c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [pid_m * BM + HALF * HM, pid_n * BN],
+            tma.async_copy_shared_to_global(c_desc, [pid_m * BM + HALF * HM, pid_n * CN],
                                             c_smem)
         tma.store_wait(pendings=0)
 
@@ -373,26 +396,31 @@ if HAVE_GLUON:
                 torch.bfloat16: gl.bfloat16, torch.float16: gl.float16,
                 torch.float32: gl.float32}[dtype]
 
-    def layouts(in_dtype: torch.dtype, out_dtype: torch.dtype, tile=PROMOTED_TILE):
+    def layouts(in_dtype: torch.dtype, out_dtype: torch.dtype, tile=PROMOTED_TILE,
+                out_n: int | None = None):
         """Shared-memory layouts of the A, B and output tiles (128-byte swizzles) for
-        ``tile = (BM, BN, BK, stages)``."""
+        ``tile = (BM, BN, BK, stages)``; the output tile is ``out_n`` wide (default BN;
+        BN/2 for the SwiGLU epilogue)."""
         bm, bn, bk, _ = tile
         gin, gout = _gl_dtype(in_dtype), _gl_dtype(out_dtype)
         return (gl.NVMMASharedLayout.get_default_for([bm, bk], gin),
                 gl.NVMMASharedLayout.get_default_for([bn, bk], gin),
-                gl.NVMMASharedLayout.get_default_for([bm // 2, bn], gout))
+                gl.NVMMASharedLayout.get_default_for([bm // 2, out_n or bn], gout))
 
 
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor,
                  x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK,
-                 accumulation: str = "precise") -> torch.Tensor:
+                 accumulation: str = "precise", swiglu: bool = False) -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
     :func:`unsupported` returns ``None``.  Blockwise: ``xs`` is (M, ceil(K/128)), ``ws``
     (ceil(N/128), ceil(K/128)).  Row/tensor scales (``x_gran``, ``w_gran``): ``xs`` has M
     elements or one, ``ws`` N or one; with ``precise`` accumulation the K blocks are promoted
     with the row scale alone, with ``fast`` one accumulator takes all of K and the row scale
     multiplies the finished tile; the column scale follows.  Scales may have any strides.
+    With ``swiglu`` (fast row/tensor only) ``wq``'s rows interleave gate and up in runs of
+    128 (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
+    ``silu(gate) * up`` of the scaled fp32 tile.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
     m, k = xq.shape
     n = wq.shape[0]
@@ -407,12 +435,15 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
         block = (ws, 0, 0)  # unread: has_cs masks the weight factor's load off
         column = (ws, ws.stride(0) if wg is Granularity.ROW else 0, 1)
         fast = accumulation == "fast"
+    if swiglu and not fast:
+        raise ValueError("blockwise_mm: swiglu needs fast accumulation with row/tensor scales")
     tile = FAST_TILE if fast else PROMOTED_TILE
     bm, bn, bk, stages = tile
-    a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile)
+    cn = bn // 2 if swiglu else bn
+    a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile, cn)
     a_d = TensorDescriptor(xq, [m, k], [k, 1], [bm, bk], a_l)
     b_d = TensorDescriptor(wq, [n, k], [k, 1], [bn, bk], b_l)
-    c_d = TensorDescriptor(out, [m, n], [out.stride(0), 1], [bm // 2, bn], c_l)
+    c_d = TensorDescriptor(out, [m, out.shape[1]], [out.stride(0), 1], [bm // 2, cn], c_l)
     tiles = -(-m // bm) * -(-n // bn)
     grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](

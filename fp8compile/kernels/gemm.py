@@ -23,7 +23,9 @@ On Hopper, eager GEMMs with promoted accumulation (blockwise 1x128 x 128x128 sca
 tensor scales with ``precise`` accumulation; M > 256, no activation or residual) go to the
 warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which overlaps the promotion
 with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
-``FP8COMPILE_GLUON=0`` keeps them here.
+``FP8COMPILE_GLUON=0`` keeps them here.  The SwiGLU epilogue (``activation="swiglu"``, gate
+and up rows interleaved) is fused by that kernel only (fast accumulation, row/tensor
+scales); here the fp32 product goes through it as pointwise ops.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics import FP8_FORMATS, Granularity
+from ..numerics import FP8_FORMATS, SWIGLU_RUN, Granularity
+from ..numerics import swiglu as swiglu_of
 from ..ops._inline import launch, outside_tracing, random_like, tracing
 from . import blockwise_ws, tuning
 from .layout import contiguous_2d
@@ -311,8 +314,13 @@ def scaled_mm(
         )
     if accumulation not in ("precise", "fast"):
         raise ValueError(f"scaled_mm: accumulation={accumulation!r} is not 'precise' or 'fast'")
-    if activation not in ACT_CODE:
-        raise ValueError(f"scaled_mm: activation={activation!r} is not one of {list(ACT_CODE)}")
+    swiglu = activation == "swiglu"
+    if activation not in ACT_CODE and not swiglu:
+        raise ValueError(f"scaled_mm: activation={activation!r} is not one of "
+                         f"{[*ACT_CODE, 'swiglu']}")
+    if swiglu and wq.shape[0] % (2 * SWIGLU_RUN):
+        raise ValueError(f"scaled_mm: activation='swiglu' needs N % {2 * SWIGLU_RUN} == 0 "
+                         f"(numerics.interleave_gate_up), got N={wq.shape[0]}")
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"scaled_mm: out_dtype={out_dtype} is not one of {_OUT_DTYPES}")
     k = xq.shape[-1]
@@ -324,9 +332,10 @@ def scaled_mm(
         raise NotImplementedError("128x128 activation scales need a 2-D x")
     _check_scale(xs, x_granularity, m, k, "x")
     _check_scale(ws, w_granularity, n, k, "w")
-    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    out_n = n // 2 if swiglu else n
+    out = torch.empty((m, out_n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
-        return out.reshape(*lead, n)
+        return out.reshape(*lead, out_n)
     if k == 0:
         raise NotImplementedError("K == 0")
     # K-major operands (SPEC §4): anything else is copied once (a tiled transpose).
@@ -339,7 +348,7 @@ def scaled_mm(
     xs2 = xs.reshape(m, -1) if x_granularity in (Granularity.ROW, Granularity.GROUP) else xs
     ws2 = ws.reshape(n, -1) if w_granularity in (Granularity.ROW, Granularity.GROUP) else ws
     if residual is not None:
-        res = residual.expand(*lead, n).reshape(m, n)
+        res = residual.expand(*lead, out_n).reshape(m, out_n)
         stride_rm, stride_rn = res.stride()
     else:
         res, stride_rm, stride_rn = out, 0, 0
@@ -347,7 +356,15 @@ def scaled_mm(
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation):
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
-                                         w_granularity, accumulation).reshape(*lead, n)
+                                         w_granularity, accumulation,
+                                         swiglu=swiglu).reshape(*lead, out_n)
+    if swiglu:
+        # The Triton kernel has no SwiGLU epilogue: its fp32 product, then the epilogue as
+        # the reference computes it (Inductor fuses these ops in a compiled graph).
+        y = scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, torch.float32,
+                      accumulation, "none", None, config, gluon=False)
+        h = swiglu_of(y)
+        return (h if residual is None else h + residual).to(out_dtype)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)

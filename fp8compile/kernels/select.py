@@ -33,7 +33,8 @@ from .layout import contiguous_2d
 from .tuning import m_bucket
 
 __all__ = ["backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
-           "cublas_unsupported", "describe_key", "note_traced", "take_traced_choices"]
+           "cublas_unsupported", "describe_key", "note_traced", "swiglu_epilogue_ms",
+           "take_traced_choices"]
 
 _CHOICES: dict[tuple, str] = {}
 _TRACED: list[tuple[tuple, str]] = []  # (key, choice) of each GEMM traced since the last take
@@ -174,16 +175,25 @@ def _faster(triton_fn: Callable[[], torch.Tensor], cublas_fn: Callable[[], torch
     the moment of compiling, and differ from one process (or machine) to the next.
     ``timer`` (default :func:`_gpu_ms`) returns milliseconds per call.
     """
+    t_tri, t_cub = _medians(triton_fn, cublas_fn, rounds, timer)
+    return "triton" if t_tri < (1.0 - _TRITON_MARGIN) * t_cub else "cublas"
+
+
+def _medians(first: Callable[[], object], second: Callable[[], object], rounds: int = 3,
+             timer: Callable[[Callable[[], object]], float] | None = None
+             ) -> tuple[float, float]:
+    """Median milliseconds per call of ``first`` and ``second``, after a warm-up (compile,
+    autotune, cuBLAS heuristics), from ``rounds`` alternating timings of each (``timer``,
+    default :func:`_gpu_ms`)."""
     timer = timer or _gpu_ms
-    for fn in (triton_fn, cublas_fn):  # warm-up: compile, autotune, cuBLAS heuristics
+    for fn in (first, second):
         for _ in range(3):
             fn()
-    t_tri, t_cub = [], []
+    t_first, t_second = [], []
     for _ in range(rounds):
-        t_tri.append(timer(triton_fn))
-        t_cub.append(timer(cublas_fn))
-    faster = statistics.median(t_tri) < (1.0 - _TRITON_MARGIN) * statistics.median(t_cub)
-    return "triton" if faster else "cublas"
+        t_first.append(timer(first))
+        t_second.append(timer(second))
+    return statistics.median(t_first), statistics.median(t_second)
 
 
 # How much faster than cuBLAS the Triton GEMM must time to be chosen.  Without a margin, two
@@ -232,9 +242,11 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
 
     Where cuBLAS cannot compute the GEMM (:func:`cublas_unsupported`) but the Gluon kernel
     of :mod:`.blockwise_ws` would serve the eager call, the Gluon kernel is timed against
-    the Triton kernel instead, by the same margin.  Gluon kernels cannot be traced into
-    Inductor's graph, so where it wins (``"gluon"``) the caller keeps the op opaque; under
-    CUDA graphs its launch then costs nothing more.  Where cuBLAS serves, the Gluon kernel
+    the Triton kernel instead, by the same margin; with a SwiGLU epilogue, which only the
+    Gluon kernel fuses, against cuBLAS followed by the SwiGLU's pointwise ops.  Gluon
+    kernels cannot be traced into Inductor's graph, so where it wins (``"gluon"``) the
+    caller keeps the op opaque; under CUDA graphs its launch then costs nothing more.
+    Elsewhere, where cuBLAS serves, the Gluon kernel
     is not timed: it runs at cuBLAS's speed (docs/performance.md), and timing it adds
     seconds of compilation per shape.  Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
     """
@@ -257,8 +269,8 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
         return choose(key, _never, _never if cublas_why is None else None)
     if key in _CHOICES:
         return _CHOICES[key]
-    if cublas_why is not None and not gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype,
-                                                   activation, residual, accumulation):
+    gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation)
+    if cublas_why is not None and not gluon:
         return "triton"  # the one candidate
     operands = (xq, xs, wq, ws, bias, residual)
     size = sum(t.numel() * t.element_size() for t in operands if t is not None)
@@ -278,10 +290,58 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
                                         activation, r, gluon=backend == "gluon")
             return fn
 
-        if cublas_why is None:  # "triton": the Triton kernel, which the graph launches
+        if cublas_why is not None:
+            got = "gluon" if _gluon_faster(run("gluon"), run("triton")) else "triton"
+        elif gluon and activation == "swiglu":
+            # The one fused SwiGLU epilogue, against cuBLAS with the SwiGLU as pointwise ops
+            # (the Triton kernel computes it the same way, after its fp32 product).
+            got = "gluon" if _gluon_faster(run("gluon"), run("cublas")) else "cublas"
+        else:  # "triton": the Triton kernel, which the graph launches
             return choose(key, run("triton"), run("cublas"))
-        got = _CHOICES[key] = "gluon" if _gluon_faster(run("gluon"), run("triton")) else "triton"
+        _CHOICES[key] = got
         return got
+
+
+_SWIGLU_TIMES: dict[tuple, tuple[float, float]] = {}
+
+
+def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
+                       x_dtype: torch.dtype, out_dtype: torch.dtype, quant: tuple,
+                       device: torch.device) -> tuple[float, float]:
+    """``(fused, unfused)`` GPU milliseconds of a SwiGLU MLP's gate/up step at compile time,
+    on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows, fast
+    accumulation) followed by a plain quantization of its output, against the GEMM the graph
+    runs otherwise (the backend :func:`choose` picks) followed by the SiLU·mul quantization of
+    its two halves.  ``quant`` is that quantization's ``(granularity, format, power_of_2)``.
+    Cached per (M bucket, sizes, recipe, dtypes, quantization)."""
+    from ..numerics import Fp8Format
+    from ..ops._inline import outside_tracing
+    from . import fused
+    from . import quant as q
+    from . import scaled_mm as dispatched
+    from .gemm import scaled_mm as launcher
+
+    key = (m_bucket(m), n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(map(str, quant)))
+    if key in _SWIGLU_TIMES:
+        return _SWIGLU_TIMES[key]
+    gran, fmt, p2 = Granularity(quant[0]), Fp8Format(quant[1]), bool(quant[2])
+    x_fmt, f = Fp8Format.from_dtype(x_dtype), n // 2
+    with outside_tracing():
+        xq, xs = q.quantize(torch.randn(m, k, device=device, dtype=torch.bfloat16), xg,
+                            x_fmt, False)
+        wq, ws = q.quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16), wg,
+                            x_fmt, False)
+
+        def with_epilogue():
+            h = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "swiglu")
+            return q.quantize(h, gran, fmt, p2)
+
+        def without():
+            y = dispatched(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", None)
+            return fused.silu_mul_quantize(y[..., :f], y[..., f:], gran, fmt, p2)
+
+        _SWIGLU_TIMES[key] = _medians(with_epilogue, without)
+    return _SWIGLU_TIMES[key]
 
 
 def _gluon_faster(gluon_fn: Callable[[], torch.Tensor],

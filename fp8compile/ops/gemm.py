@@ -30,12 +30,21 @@ def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -
         raise ValueError(f"scaled_mm: bias shape {tuple(bias.shape)} must be ({wq.shape[0]},)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"scaled_mm: activation={activation!r} is not one of {ACTIVATIONS}")
+    if activation == "swiglu" and wq.shape[0] % (2 * nx.SWIGLU_RUN):
+        raise ValueError(
+            f"scaled_mm: activation='swiglu' needs N % {2 * nx.SWIGLU_RUN} == 0 (gate and up "
+            f"rows interleaved in runs of {nx.SWIGLU_RUN}, numerics.interleave_gate_up), got "
+            f"N={wq.shape[0]}"
+        )
 
 
 def epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
     """``act(y) + residual`` in the promoted dtype of ``y`` and ``residual`` (fp32 for the
-    reference's fp32 product; the output dtype after a cuBLAS GEMM)."""
-    if activation == "gelu":
+    reference's fp32 product; the output dtype after a cuBLAS GEMM).  ``swiglu`` halves the
+    last dim (:func:`fp8compile.numerics.swiglu`)."""
+    if activation == "swiglu":
+        y = nx.swiglu(y)
+    elif activation == "gelu":
         y = torch.nn.functional.gelu(y)
     elif activation == "silu":
         y = torch.nn.functional.silu(y)
@@ -72,7 +81,10 @@ def scaled_mm(
     """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
 
     ``xq`` is ``(..., K)``, ``wq`` is ``(N, K)``; ``accumulation`` is ``precise`` or ``fast``
-    (the reference is always exact fp32; kernels honour the choice).
+    (the reference is always exact fp32; kernels honour the choice).  ``activation="swiglu"``
+    takes ``wq`` (and its scales, bias) with gate and up rows interleaved
+    (:func:`fp8compile.numerics.interleave_gate_up`) and returns ``silu(gate) * up`` of the
+    fp32 product, ``(..., N/2)``; a residual then has that shape.
     """
     _check_mm(xq, wq, bias, activation)
     return scaled_mm_reference(
@@ -83,7 +95,8 @@ def scaled_mm(
 @scaled_mm.register_fake
 def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
       residual):
-    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+    n = wq.shape[0] // 2 if activation == "swiglu" else wq.shape[0]
+    return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
 
 
 @scaled_mm.register_kernel("cuda")

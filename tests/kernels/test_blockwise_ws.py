@@ -37,8 +37,11 @@ def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="n
     (dict(xg=G.GROUP, wg=G.ROW), "only 1x128 activation groups"),
     (dict(xg=G.ROW, wg=G.BLOCK), "only 1x128 activation groups"),
     (dict(xg=G.TENSOR, wg=G.GROUP), "or row/tensor scales on both operands"),
-    (dict(act="silu"), "no activation or residual"),
-    (dict(res=True), "no activation or residual"),
+    (dict(act="silu"), "no residual or activation epilogue other than SwiGLU"),
+    (dict(res=True), "no residual or activation"),
+    (dict(act="swiglu"), "SwiGLU epilogue needs fast accumulation with row/tensor scales"),
+    (dict(act="swiglu", xg=G.ROW, wg=G.ROW), "needs fast accumulation"),
+    (dict(act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast", n=384), "N % 256 == 0"),
     (dict(wq=_fp8(256, 512).to(torch.float8_e5m2)), "one FP8 format"),
     (dict(xs=torch.ones(512, 4, dtype=torch.float64)), "fp32 scales"),
     (dict(m=256), "M=256 < 257"),
@@ -63,6 +66,12 @@ def test_unsupported_takes_row_and_tensor_scales_with_either_accumulation(xg, wg
     assert why is None or "Hopper" in why or "Gluon" in why
 
 
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR)])
+def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg):
+    why = _why(n=512, xg=xg, wg=wg, act="swiglu", acc="fast")
+    assert why is None or "Hopper" in why or "Gluon" in why
+
+
 def test_unsupported_accepts_n_with_fp32_rows_and_odd_k():
     # N=132 is fine for fp32 output (528-byte rows), and K=1040 is not a multiple of 128.
     why = _why(n=132, k=1040, out=torch.float32)
@@ -74,18 +83,20 @@ def test_disabled_by_environment(monkeypatch):
     assert "FP8COMPILE_GLUON=0" in _why()
 
 
-def _ptxas_report(fast: bool) -> str:
-    """ptxas -v on the kernel compiled for sm_90a, as the GPU would build it."""
+def _ptxas_report(fast: bool, swiglu: bool = False) -> str:
+    """ptxas -v on the kernel compiled for sm_90a, as the GPU would build it (``swiglu``:
+    the half-width output tile of the SwiGLU epilogue)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     tile = bw.FAST_TILE if fast else bw.PROMOTED_TILE
     bm, bn, bk, stages = tile
-    a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, torch.bfloat16, tile)
+    cn = bn // 2 if swiglu else bn
+    a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, torch.bfloat16, tile, cn)
     sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}],{a_l!r}>",
            "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}],{b_l!r}>",
-           "c_desc": f"tensordesc<bf16[{bm // 2}, {bn}],{c_l!r}>",
+           "c_desc": f"tensordesc<bf16[{bm // 2}, {cn}],{c_l!r}>",
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
            "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "M": "i32", "N": "i32",
            "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
@@ -106,16 +117,17 @@ def _ptxas_report(fast: bool) -> str:
 
 
 @pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
-@pytest.mark.parametrize("fast", [False, True], ids=["promoted", "fast"])
-def test_wgmma_pipelined_without_spills(fast):
+@pytest.mark.parametrize("fast, swiglu", [(False, False), (True, False), (True, True)],
+                         ids=["promoted", "fast", "fast-swiglu"])
+def test_wgmma_pipelined_without_spills(fast, swiglu):
     """The schedule's point: ptxas keeps the wgmma asynchronous (no C7510-C7517 notice that
     it serialized them or injected a wait) and nothing spills at 232 registers, with the
-    promoted partial tiles or the fast path's 64x256 accumulator."""
+    promoted partial tiles or the fast path's 64x256 accumulator (and its SwiGLU)."""
     from fp8compile.kernels.resources import tools_available
 
     if not tools_available():
         pytest.skip("Triton's NVIDIA tools (ptxas) are not installed")
-    report = _ptxas_report(fast)
+    report = _ptxas_report(fast, swiglu)
     assert "serialized" not in report and "is injected" not in report, report
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
@@ -236,6 +248,56 @@ def _check_against_reference(xq, xs, wq, ws, xg, wg, out_dtype, acc="precise"):
     torch.testing.assert_close(y.float(), ref.float(), atol=atol, rtol=rtol)
 
 
+def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
+    """No GPU needed: the SwiGLU launch keeps the fast tile for the weight and gives the
+    output descriptor half its width, over an (M, N/2) output."""
+    m, n, k = 512, 512, 256
+    xq, wq = _fp8(m, k), _fp8(n, k)
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    out = torch.empty(m, n // 2, dtype=torch.bfloat16)
+    bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
+                    "fast", swiglu=True)
+    a_desc, b_desc, c_desc = launch.args[:3]
+    bm, bn, bk, _ = bw.FAST_TILE
+    assert launch.meta["FAST"] is True
+    assert (b_desc.block_shape, c_desc.block_shape) == ([bn, bk], [bm // 2, bn // 2])
+    assert list(c_desc.shape) == [m, n // 2] and launch.args[11] == n  # N: the weight's rows
+    with pytest.raises(ValueError, match="swiglu needs fast accumulation"):
+        bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
+                        "precise", swiglu=True)
+
+
+@needs_hopper
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR)])
+@pytest.mark.parametrize("m, n, k, bias", [(300, 256, 96, True), (1000, 768, 4096, False),
+                                           (4100, 1024, 528, True)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_swiglu_epilogue_matches_reference(xg, wg, m, n, k, bias, out_dtype):
+    """silu(gate) * up in the fast kernel's epilogue: gate and up tiles are the two halves of
+    each 256-wide tile of the interleaved weight (a gate tile paired with the wrong up tile,
+    or gate and up swapped, fails here: every weight row's scale differs)."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 3
+    gate = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
+    up = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
+    xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
+    wq, ws = nx.quantize(nx.interleave_gate_up(gate, up).cuda(), wg, Fp8Format.E4M3)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
+    assert bw.unsupported(xq, xs, xg, wq, ws, wg, out_dtype, "swiglu", False, True,
+                          "fast") is None
+    y = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, b, out_dtype, "fast", "swiglu")
+    assert y.shape == (m, n // 2)
+    ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, b, out_dtype, "swiglu", None)
+    # the Triton kernel's fast product accumulates as the Gluon kernel does
+    triton = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, b, out_dtype, "fast", "swiglu",
+                            gluon=False)
+    torch.testing.assert_close(y.float(), triton.float(), atol=2e-2, rtol=1.6e-2)
+
+    def err(t):
+        return ((t.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err(y) <= 1.25 * err(triton) + 1e-4, (err(y), err(triton))
+
+
 @needs_hopper
 def test_e5m2_nan_rows_and_no_bias():
     xq, xs, wq, ws = _operands(384, 256, 640, Fp8Format.E5M2, nan_row=300)
@@ -254,7 +316,7 @@ def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch, xg, wg):
     (xq, xs), (wq, ws) = nx.quantize(x, xg), nx.quantize(w, wg)
     calls = []
     real = bw.blockwise_mm
-    monkeypatch.setattr(bw, "blockwise_mm", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(bw, "blockwise_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
     y = gemm.scaled_mm(xq, xs, xg, wq, ws, wg)
     assert calls == [1]
     gemm.scaled_mm(xq, xs, xg, wq, ws, wg, accumulation="fast")
@@ -385,3 +447,36 @@ def test_traced_gemm_stays_an_opaque_call_where_the_gluon_kernel_wins(monkeypatc
     assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
                                     "fast", "none", None)
     assert ran[2:] == ["triton", "cublas"]
+
+
+@pytest.mark.parametrize("gluon_ms, want", [(0.40, "gluon"), (0.49, "cublas")])
+def test_traced_swiglu_times_the_fused_kernel_against_cublas(monkeypatch, gluon_ms, want):
+    """Compile time, SwiGLU epilogue: only the Gluon kernel fuses it, so it is timed against
+    cuBLAS followed by the SwiGLU's pointwise ops (the Triton kernel would compute those the
+    same way after its product); the op stays opaque where the Gluon kernel wins."""
+    from fp8compile.kernels import select
+    from fp8compile.ops import gemm as ops_gemm
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    real = bw.unsupported
+    monkeypatch.setattr(bw, "unsupported", lambda *a, **k: (
+        None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
+    xq, wq = _fp8(512, 256), _fp8(512, 256)
+    rs, cs = torch.ones(512, 1), torch.ones(512, 1)
+    ran = []
+    monkeypatch.setattr(gemm, "scaled_mm",
+                        lambda *a, gluon=True, **k: ran.append("gluon" if gluon else "triton"))
+    monkeypatch.setattr(select, "cublas_scaled_mm", lambda *a, **k: ran.append("cublas"))
+    ms = {"triton": 1.0, "cublas": 0.5, "gluon": gluon_ms}
+
+    def faster(first, second):
+        first(), second()
+        return "triton" if ms[ran[-2]] < (1 - select._TRITON_MARGIN) * ms[ran[-1]] else "cublas"
+    monkeypatch.setattr(select, "_faster", faster)
+    monkeypatch.setattr(select, "_CHOICES", {})
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    inlined = ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                       "fast", "swiglu", None)
+    assert inlined is (want != "gluon") and ran == ["gluon", "cublas"]
+    key = select.gemm_key(xq, G.ROW, wq, "fast", torch.bfloat16, activation="swiglu")
+    assert select._CHOICES[key] == want

@@ -57,6 +57,34 @@ def test_fused_epilogue(device, activation, out_dtype):
     _check(y, scaled_mm_reference(*args, activation, res))
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("x_shape", [(1, 200), (3, 100, 144)], ids=["decode", "3d"])
+def test_swiglu_epilogue(device, recipe, x_shape):
+    """silu(gate) * up of an interleaved gate/up weight, with a bias and a residual: the
+    Triton kernel's fp32 product and the SwiGLU after it, against the reference."""
+    xq, xs, wq, ws = _operands(device, x_shape, 512, recipe)
+    bias = torch.randn(512, device=device, dtype=torch.bfloat16)
+    res = torch.randn(*x_shape[:-1], 256, device=device, dtype=torch.bfloat16)
+    args = (xq, xs, recipe[0], wq, ws, recipe[1], bias, torch.bfloat16)
+    y = scaled_mm(*args, "fast", "swiglu", res)
+    ref = scaled_mm_reference(*args, "swiglu", res)
+    assert y.shape == (*x_shape[:-1], 256)
+    _check(y, ref)
+    # which is silu(gate) * up of the plain GEMM's columns
+    full = scaled_mm_reference(*args[:-1], torch.float32, "none", None)
+    pairs = full.reshape(*x_shape[:-1], 2, 2, 128)
+    want = torch.nn.functional.silu(pairs[..., 0, :]) * pairs[..., 1, :]
+    _check(y, (want.reshape(*x_shape[:-1], 256) + res.float()).to(torch.bfloat16))
+
+
+def test_swiglu_rejects_widths_that_do_not_pair(device):
+    xq, xs, wq, ws = _operands(device, (4, 128), 384, RECIPES[1])
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        scaled_mm(xq, xs, G.ROW, wq, ws, G.ROW, activation="swiglu")
+    with pytest.raises(ValueError, match="activation='tanh'"):
+        scaled_mm(xq, xs, G.ROW, wq, ws, G.ROW, activation="tanh")
+
+
 @pytest.mark.parametrize("split", [2, 3])
 def test_split_k(device, split):
     for recipe in RECIPES:

@@ -53,6 +53,24 @@ def test_opcheck():
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 
+@pytest.mark.parametrize("xg, wg", RECIPES)
+def test_swiglu_epilogue_is_silu_gate_times_up(xg, wg):
+    x, r = torch.randn(3, 5, 256), torch.randn(3, 5, 384)
+    gate, up = torch.randn(384, 256) * 0.1, torch.randn(384, 256) * 0.1
+    w = nx.interleave_gate_up(gate, up)
+    xq, xs, wq, ws = _operands(x, w, xg, wg)
+    plain = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float32, "precise", "none", None)
+    y = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast", "swiglu", r)
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 5, 384)
+    torch.testing.assert_close(y, (nx.swiglu(plain) + r).bfloat16())
+    sqnr = nx.sqnr(F.silu(x @ gate.t()) * (x @ up.t()), y.float() - r)
+    assert sqnr >= 20.0, f"{sqnr=}"
+    # the fake kernel gives the half-width shape too
+    args = (xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast", "swiglu", r)
+    torch.library.opcheck(OPS.scaled_mm.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
 def test_bad_inputs_are_named():
     x, w = torch.randn(4, 256), torch.randn(128, 256)
     xq, xs, wq, ws = _operands(x, w, "row", "row")
@@ -66,6 +84,9 @@ def test_bad_inputs_are_named():
                       "none", None)
     with pytest.raises(ValueError, match="activation='tanh'"):
         OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "precise", "tanh",
+                      None)
+    with pytest.raises(ValueError, match="N % 256 == 0.*interleave_gate_up.*N=128"):
+        OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "fast", "swiglu",
                       None)
 
 
