@@ -176,6 +176,16 @@ class Fp8Config:
             after it as pointwise ops and the compiled graph is the unfused one.  Off by
             default: on an H100 the LLaMA block's GEMMs keep cuBLAS with it on, so it only
             adds compile time there (docs/performance.md).
+        fuse_swiglu: inference: the gate/up GEMM of a SwiGLU MLP (``silu(gate(x)) * up(x)``
+            as one fused projection, ``fuse_projections``) computes ``silu(gate) * up`` in
+            its epilogue, from the fp32 product, and writes that one half-width tensor
+            instead of gate and up; its quantization for the down projection is then a
+            plain pass over it.  The stacked weight's rows interleave gate and up in runs
+            of 128.  ``None`` (default): where the warp-specialized Hopper kernel serves
+            the GEMM (fast accumulation with row/tensor scales, M > 256, static shapes);
+            ``True``: wherever the pattern is found (elsewhere the GEMM's fp32 product then
+            goes through the SwiGLU as pointwise ops); ``False``: never.  The plan says
+            where it was used and why not elsewhere.
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
             version counter: an optimizer step, an in-place update under ``no_grad``), as
@@ -204,6 +214,7 @@ class Fp8Config:
     fuse_projections: bool = True
     fuse_producers: bool = True
     fuse_epilogues: bool = False
+    fuse_swiglu: bool | None = None
     cache_training_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -222,8 +233,10 @@ class Fp8Config:
                      "fuse_epilogues", "cache_training_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
-        if self.inference is not None and not isinstance(self.inference, bool):
-            raise ValueError(f"Fp8Config.inference={self.inference!r} must be True, False or None")
+        for name in ("inference", "fuse_swiglu"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"Fp8Config.{name}={v!r} must be True, False or None")
         for name, low in (("min_weight_numel", 0), ("amax_history_len", 1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:

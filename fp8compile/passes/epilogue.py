@@ -24,13 +24,35 @@ projections (docs/performance.md), so there the fold only adds compile-time tuni
 
 Activations taken: exact GELU (``approximate="none"``), SiLU and ReLU; ``F.silu(gate) * up``
 was already fused into the next quantization by FusePass, which runs first.
+
+**SwiGLU** (``Fp8Config.fuse_swiglu``, on by default where the GPU kernel serves it).  A
+gate/up pair fused into one GEMM (ScalesPass) whose two halves only feed FusePass's SiLU·mul
+quantization becomes one GEMM with the SwiGLU in its epilogue, and a plain quantization of
+its output::
+
+    y = scaled_mm(xq, xs, Wgu)                       h = scaled_mm(xq, xs, Wgu', "swiglu")
+    g = y[..., :F]; u = y[..., F:]             ⇒     q, s = quantize(h)
+    q, s = silu_mul_quantize(g, u)
+
+``Wgu'`` interleaves gate and up rows in runs of 128 (the weight cache reorders them; scales
+follow exactly), so each 256-wide output tile holds a gate tile and its up tile and the
+epilogue computes ``silu(gate) * up`` from the fp32 product.  For 4096 tokens of a 14336-wide
+MLP in bf16, the GEMM writes 112 MiB instead of 224, and the quantization reads 112 MiB
+instead of 224.  Only the warp-specialized kernel (:mod:`fp8compile.kernels.blockwise_ws`,
+fast accumulation with row/tensor scales) has the epilogue; elsewhere the GEMM's fp32 product
+would go through the SwiGLU as pointwise ops, which moves more bytes than the unfused graph,
+so by default the fold is made where that kernel serves the GEMM, and the plan says why not
+elsewhere.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from .. import numerics as nx
 from .fuse import FusePass, is_add
 from .manager import Fp8Pass, PassResult, add_note, dtype_of, info, plan_entries_of, value_of
 
@@ -48,6 +70,12 @@ class EpiloguePass(Fp8Pass):
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
         modified = False
+        if self.ctx.inference and self.ctx.config.fuse_swiglu is not False:
+            for node in list(graph.nodes):
+                if node.target is OPS.silu_mul_quantize.default:
+                    modified |= self._fold_swiglu(graph, node)
+        self.ctx.stats["swiglu_epilogues"] = sum(
+            1 for n in graph.nodes if info(n).get("epilogue") == ["swiglu"])
         if self.ctx.config.fuse_epilogues:
             for node in list(graph.nodes):
                 if node.target is OPS.scaled_mm.default and info(node).get("role") == "fp8_gemm":
@@ -88,6 +116,80 @@ class EpiloguePass(Fp8Pass):
         self._note(new, parts, absorbed)
         return True
 
+    def _fold_swiglu(self, graph: torch.fx.Graph, quant: torch.fx.Node) -> bool:
+        """``silu_mul_quantize`` of the two halves of one stacked gate/up GEMM → that GEMM
+        with the SwiGLU epilogue, then ``quantize``; False (with the reason in the plan where
+        a gate/up GEMM was found) when it is not made."""
+        found = _gate_up_gemm(quant)
+        if found is None:
+            return False
+        mm, cache = found
+        why, timed = self._swiglu_unsupported(mm, cache, quant.args[2:])
+        if why is not None:
+            for e in plan_entries_of(mm):
+                add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
+            return False
+        gate, up, gran, fmt, p2 = quant.args
+        cache.set_interleave()
+        with graph.inserting_before(quant):
+            h = graph.call_function(OPS.scaled_mm.default,
+                                    (*mm.args[:_ACT], "swiglu", None))
+            new = graph.call_function(OPS.quantize.default, (h, gran, fmt, p2))
+        val = value_of(gate)
+        h.meta["val"] = val.new_empty(val.shape)  # the halves' shape, contiguous
+        new.meta.update({k: v for k, v in quant.meta.items() if k != "fp8compile"})
+        info(h).update(info(mm), epilogue=["swiglu"])
+        info(new).update(role="act_quant")
+        quant.replace_all_uses_with(new)
+        for n in (quant, gate, up, mm):
+            graph.erase_node(n)
+        for e in plan_entries_of(h):
+            add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32; gate/up rows interleaved "
+                        f"in runs of {nx.SWIGLU_RUN}); its output quantized by a plain pass"
+                        + timed)
+        return True
+
+    def _swiglu_unsupported(self, mm: torch.fx.Node, cache, quant: tuple
+                            ) -> tuple[str | None, str]:
+        """``(why not, "")`` when the SwiGLU fold is not made for the gate/up GEMM ``mm``,
+        ``(None, how it timed)`` when it is; ``quant``: the SiLU·mul quantization's
+        ``(granularity, format, power_of_2)``."""
+        xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, act, residual = mm.args
+        n = cache.member_rows
+        if len(n) != 2 or n[0] != n[1] or n[0] % nx.SWIGLU_RUN:
+            return f"gate and up need one width, a multiple of {nx.SWIGLU_RUN} (got {n})", ""
+        if bias is not None or act != "none" or residual is not None:
+            return "the GEMM already has an epilogue", ""
+        if self.ctx.config.fuse_swiglu:
+            return None, ""
+        w, w_scale, y = (value_of(a) for a in (wq, ws, next(iter(mm.users))))
+        if not all(isinstance(v, torch.Tensor) for v in (w, w_scale, y)):
+            return "operand shapes unknown", ""
+        if not all(isinstance(d, int) for d in y.shape):
+            return "dynamic shapes (the kernel is chosen by M)", ""
+        from ..kernels import select
+        from ..kernels.blockwise_ws import unsupported
+
+        # Stand-ins with the activation's size, dtype and device (one element, expanded):
+        # the kernel's rules read no values and, here, no strides.
+        m = math.prod(y.shape[:-1])
+        fmt = self.ctx.config.activation_format
+        x = torch.empty(1, dtype=fmt.dtype, device=w.device).expand(m, w.shape[1])
+        x_scale = torch.empty(1, dtype=torch.float32, device=w.device)
+        why = unsupported(x, x_scale, xg, w, w_scale, wg, out_dtype, "swiglu", False,
+                          layout=False, accumulation=accumulation)
+        if why is not None:
+            return f"no fused kernel here ({why})", ""
+        # The fused kernel serves it: fold where it times faster than the GEMM and the
+        # SiLU·mul quantization apart, by the margin the GEMM backend choice uses.
+        fused, apart = select.swiglu_epilogue_ms(
+            m, w.shape[0], w.shape[1], nx.Granularity(xg), nx.Granularity(wg), fmt.dtype,
+            out_dtype, quant, w.device)
+        times = f"{fused * 1e3:.0f} us against {apart * 1e3:.0f} us apart, timed at compile time"
+        if fused >= (1.0 - select._TRITON_MARGIN) * apart:
+            return f"the GEMM with it and a plain quantization took {times}", ""
+        return None, f" ({times})"
+
     @staticmethod
     def _note(mm: torch.fx.Node, parts: list[str], absorbed: list[torch.fx.Node]) -> None:
         text = " and ".join(_WORDS[p] for p in parts)
@@ -102,6 +204,28 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
+
+
+def _gate_up_gemm(quant: torch.fx.Node):
+    """``(GEMM node, its weight cache)`` when the SiLU·mul quantization ``quant`` reads
+    ``narrow(y, -1, 0, F)`` as gate and ``narrow(y, -1, F, F)`` as up of one stacked FP8 GEMM
+    ``y`` over a cached weight, and nothing else reads ``y`` or its halves; else None."""
+    gate, up = quant.args[:2]
+    if not all(isinstance(n, torch.fx.Node) and n.target is torch.narrow and len(n.args) == 4
+               and set(n.users) == {quant} for n in (gate, up)):
+        return None
+    mm = gate.args[0]
+    if up.args[0] is not mm or mm.target is not OPS.scaled_mm.default or \
+            set(mm.users) != {gate, up} or info(mm).get("role") != "fp8_gemm":
+        return None
+    f = gate.args[3]
+    if gate.args[1:] != (-1, 0, f) or up.args[1:] != (-1, f, f):
+        return None
+    cache = info(mm.args[3]).get("weight_cache") if isinstance(mm.args[3], torch.fx.Node) \
+        else None
+    if cache is None or len(cache.indices) != 2:
+        return None
+    return mm, cache
 
 
 def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:

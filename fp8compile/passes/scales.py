@@ -100,6 +100,10 @@ class WeightCache:
                  fmt: str, p2: bool):
         self.indices, self.transposed = tuple(indices), tuple(transposed)
         self.args = (granularity, fmt, p2)
+        # Two stacked weights (gate, up) read by a SwiGLU GEMM epilogue: their rows are
+        # interleaved in runs of numerics.SWIGLU_RUN instead (EpiloguePass sets it).
+        self.interleave = False
+        self.member_rows: tuple[int, ...] = ()  # each stacked weight's N
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
@@ -110,7 +114,10 @@ class WeightCache:
         if key != self.key:
             with torch.no_grad():
                 srcs = [w.detach().t() if t else w.detach() for w, t in zip(ws, self.transposed)]
-                src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
+                if self.interleave:
+                    src = nx.interleave_gate_up(*srcs)
+                else:
+                    src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
                 value = tuple(self._quantize(src))
                 old = self.value
                 if old is not None and all(
@@ -129,6 +136,12 @@ class WeightCache:
 
     def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return OPS.quantize(src, *self.args)
+
+    def set_interleave(self) -> None:
+        """Serve the two stacked weights' rows interleaved (a SwiGLU epilogue's layout);
+        a copy made at compile time, for the example inputs, is dropped."""
+        self.interleave = True
+        self.key = self.value = None
 
 
 class TrainingWeightCache(WeightCache):
@@ -352,6 +365,7 @@ class ScalesPass(Fp8Pass):
         names = [str(info(mm).get("module") or mm.name) for mm, _ in members]
         cache = WeightCache([self.ctx.placeholder_index(p) for p, _ in sources],
                             [t for _, t in sources], *qargs)
+        cache.member_rows = tuple(b - a for a, b in zip(offsets, offsets[1:]))
         wq, ws = self._cache_inputs(graph, "_".join(p.name for p, _ in sources), cache,
                                     (offsets[-1], k_dim), qargs[0])
         xq, xs, xg, _, _, wg, *rest = first.args
@@ -416,7 +430,7 @@ class ScalesPass(Fp8Pass):
             nodes.append(self.ctx.add_input(graph, f"{stem}_{name}",
                                             lambda a, c=cache, i=i: c.value[i]))
         for node in nodes:
-            info(node)["role"] = "weight_input"
+            info(node).update(role="weight_input", weight_cache=cache)
         self._count_weights(cache, shape, granularity, len(names) // 2)
         self.ctx.weight_caches.append(cache)
         return nodes

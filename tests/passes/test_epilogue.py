@@ -147,3 +147,130 @@ def test_residual_that_broadcasts_into_the_product_is_folded(passes):
     gm, inputs, ctx = passes(model, x, config={"rules": [], **ON})
     assert _epilogues(gm) == [("none", True)]
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+
+
+# --------------------------------------------------------------------------------------
+# SwiGLU: silu(gate) * up in the stacked gate/up GEMM's epilogue
+
+
+SWIGLU = {"recipe": "rowwise", "accumulation": "fast", "fuse_swiglu": True}
+
+
+def _swiglu_gemms(gm):
+    return [n for n in _gemms(gm) if n.args[9] == "swiglu"]
+
+
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise", "blockwise"])
+def test_swiglu_folded_into_the_gate_up_gemm(passes, recipe):
+    x = torch.randn(2, 40, 256)
+    model = LlamaBlock(ffn=384)  # 3 runs of 128 each for gate and up
+    cfg = {**SWIGLU, "recipe": recipe}
+    gm, inputs, ctx = passes(model, x, config=cfg)
+    (mm,) = _swiglu_gemms(gm)
+    assert info(mm)["epilogue"] == ["swiglu"] and ctx.stats["swiglu_epilogues"] == 1
+    assert not any(n.target is OPS.silu_mul_quantize.default for n in gm.graph.nodes)
+    assert not any(n.target is torch.narrow and n.args[0] is mm for n in gm.graph.nodes)
+    # the GEMM's output goes through one plain quantization, read by down_proj alone
+    (quant,) = mm.users
+    assert quant.target is OPS.quantize.default
+    # the weight cache serves gate and up interleaved in runs of 128
+    cache = info(mm.args[3])["weight_cache"]
+    assert cache.interleave and cache.member_rows == (384, 384)
+    wq = _run_provider(ctx, inputs, mm.args[3])
+    w = torch.cat([model.gate_proj.weight, model.up_proj.weight]).detach()
+    from fp8compile import numerics as nx
+    want = OPS.quantize(nx.interleave_gate_up(w[:384], w[384:]), *cache.args)[0]
+    assert torch.equal(wq.view(torch.uint8), want.view(torch.uint8))
+    # same function as the unfused graph, up to the bf16 rounding of silu(gate) * up
+    gm0, inputs0, ctx0 = passes(model, x, config={**cfg, "fuse_swiglu": False})
+    assert not _swiglu_gemms(gm0) and ctx0.stats["swiglu_epilogues"] == 0
+    y, y0 = _run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]
+    assert rel_err(y, y0) < 5e-3
+    assert rel_err(y, model(x)) < 0.03
+    entries = {e.module: e for e in ctx.plan_entries if e.gemm}
+    for name in ("gate_proj", "up_proj"):
+        assert "SiLU(gate)·up in the GEMM epilogue" in entries[name].reason
+
+
+def _run_provider(ctx, inputs, placeholder):
+    """The value the compiled graph's added input ``placeholder`` gets for ``inputs``."""
+    phs = list(placeholder.graph.find_nodes(op="placeholder"))
+    with torch.no_grad():
+        return ctx.extra_inputs[phs.index(placeholder) - len(inputs)](inputs)
+
+
+@pytest.mark.parametrize("cfg, ffn, why", [
+    # default: only where the warp-specialized Hopper kernel serves the GEMM
+    ({"fuse_swiglu": None}, 384, "needs a Hopper GPU"),
+    ({"fuse_swiglu": None, "accumulation": "precise"}, 384, "needs fast accumulation"),
+    ({"fuse_swiglu": None, "recipe": "blockwise"}, 384, "needs fast accumulation"),
+    ({}, 320, "a multiple of 128"),
+])
+def test_swiglu_not_folded_says_why(passes, cfg, ffn, why):
+    x = torch.randn(2, 160, 256)  # M = 320: above the kernel's smallest M
+    gm, _, ctx = passes(LlamaBlock(ffn=ffn), x, config={**SWIGLU, **cfg})
+    assert not _swiglu_gemms(gm) and ctx.stats["swiglu_epilogues"] == 0
+    assert any(n.target is OPS.silu_mul_quantize.default for n in gm.graph.nodes)
+    entries = {e.module: e for e in ctx.plan_entries if e.gemm}
+    for name in ("gate_proj", "up_proj"):
+        assert "SiLU·mul not in the GEMM epilogue" in entries[name].reason
+        assert why in entries[name].reason, entries[name].reason
+
+
+def test_swiglu_needs_the_stacked_projection(passes):
+    x = torch.randn(2, 40, 256)
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**SWIGLU, "fuse_projections": False})
+    assert not _swiglu_gemms(gm) and ctx.stats["swiglu_epilogues"] == 0
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=SWIGLU, inference=False)
+    assert not _swiglu_gemms(gm)
+
+
+def test_swiglu_weights_requantized_interleaved_when_a_parameter_changes(passes):
+    x = torch.randn(2, 40, 256)
+    model = LlamaBlock(ffn=384)
+    gm, inputs, ctx = passes(model, x, config=SWIGLU)
+    (mm,) = _swiglu_gemms(gm)
+    y0 = _run(gm, inputs, ctx)[0]
+    with torch.no_grad():
+        model.up_proj.weight[:128] *= -1  # the first up run: rows 128-255 of the stack
+    wq = _run_provider(ctx, inputs, mm.args[3])
+    from fp8compile import numerics as nx
+    want = OPS.quantize(nx.interleave_gate_up(model.gate_proj.weight.detach(),
+                                              model.up_proj.weight.detach()),
+                        *info(mm.args[3])["weight_cache"].args)[0]
+    assert torch.equal(wq.view(torch.uint8), want.view(torch.uint8))
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+    assert rel_err(_run(gm, inputs, ctx)[0], y0) > 0.01
+
+
+@pytest.mark.parametrize("fused_ms, folded", [(0.80, True), (0.99, False)])
+def test_swiglu_by_default_where_the_kernel_serves_it_and_times_faster(
+        passes, monkeypatch, fused_ms, folded):
+    """Default (``fuse_swiglu=None``): where the kernel serves the GEMM, the fused step (GEMM
+    with the epilogue + plain quantization) is timed against the GEMM and the SiLU·mul
+    quantization apart, and folded only where it is faster by the backend choice's margin;
+    the plan gives both times."""
+    from fp8compile.kernels import blockwise_ws as bw
+    from fp8compile.kernels import select
+
+    real = bw.unsupported
+    monkeypatch.setattr(bw, "unsupported", lambda *a, **k: (
+        None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
+    asked = []
+
+    def timed(m, n, k, xg, wg, x_dtype, out_dtype, quant, device):
+        asked.append((m, n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(quant)))
+        return fused_ms, 1.0
+    monkeypatch.setattr(select, "swiglu_epilogue_ms", timed)
+    x = torch.randn(2, 160, 256)
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**SWIGLU, "fuse_swiglu": None})
+    assert asked == [(320, 768, 256, "row", "row", torch.float8_e4m3fn, torch.float32,
+                      ("row", "e4m3", False))]
+    assert bool(_swiglu_gemms(gm)) is folded
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+    us = f"{fused_ms * 1e3:.0f} us against 1000 us apart"
+    if folded:
+        assert "SiLU(gate)·up in the GEMM epilogue" in reason and us in reason
+    else:
+        assert "SiLU·mul not in the GEMM epilogue: the GEMM with it and a plain " \
+               f"quantization took {us}" in reason
