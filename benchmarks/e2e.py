@@ -6,7 +6,9 @@ Run on a CUDA (Hopper) machine::
 
 The block: d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16, forward only, at
 2x2048 tokens and 1x16 tokens (decode-like).  Each fp8hpf variant also runs as
-``... unfused``: without ``fuse_projections`` (q/k/v and gate/up as separate GEMMs).
+``... unfused``: without ``fuse_projections`` (q/k/v and gate/up as separate GEMMs); the
+fast ones also as ``... no-swiglu``: without ``fuse_swiglu`` (SiLU·mul outside the gate/up
+GEMM's epilogue).
 
 Each variant is timed as the median of ``triton.testing.do_bench`` (CUDA events) on the same
 inputs; speedups are against bf16 Inductor measured in the same run.  ``do_bench`` flushes
@@ -193,12 +195,13 @@ def variants(base: Block, mode: str | None, options: dict | None = None):
     def inductor():
         return torch.compile(own_copy(base), mode=mode)
 
-    def fp8(recipe, accumulation="precise", fuse=True):
+    def fp8(recipe, accumulation="precise", fuse=True, **extra):
         def make():
             # The backend object (not backend="fp8hpf") so the script runs from a checkout too,
             # where the entry point is not installed.
             be = fp8compile.backend({"recipe": recipe, "accumulation": accumulation,
-                                     "fuse_projections": fuse, **(options or {})}, mode=mode)
+                                     "fuse_projections": fuse, **extra, **(options or {})},
+                                    mode=mode)
             return torch.compile(own_copy(base), backend=be)
         return make
 
@@ -228,6 +231,10 @@ def variants(base: Block, mode: str | None, options: dict | None = None):
     for name in [n for n in out if n.startswith("fp8hpf")]:
         recipe, *fast = name.split()[1:]
         out[f"{name} unfused"] = (fp8(recipe, "fast" if fast else "precise", fuse=False), "")
+    # The fast variants without the SwiGLU epilogue: the gate/up GEMM writes gate and up,
+    # and SiLU·mul runs in the down projection's input quantization.
+    for recipe in ("rowwise", "tensorwise"):
+        out[f"fp8hpf {recipe} fast no-swiglu"] = (fp8(recipe, "fast", fuse_swiglu=False), "")
     return out
 
 
