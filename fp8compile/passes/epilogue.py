@@ -123,14 +123,14 @@ class EpiloguePass(Fp8Pass):
         found = _gate_up_gemm(quant)
         if found is None:
             return False
-        mm, cache = found
+        mm, cache, gate_first = found
         why, timed = self._swiglu_unsupported(mm, cache, quant.args[2:])
         if why is not None:
             for e in plan_entries_of(mm):
                 add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
             return False
         gate, up, gran, fmt, p2 = quant.args
-        cache.set_interleave()
+        cache.set_interleave(0 if gate_first else 1)
         with graph.inserting_before(quant):
             h = graph.call_function(OPS.scaled_mm.default,
                                     (*mm.args[:_ACT], "swiglu", None))
@@ -144,8 +144,8 @@ class EpiloguePass(Fp8Pass):
         for n in (quant, gate, up, mm):
             graph.erase_node(n)
         for e in plan_entries_of(h):
-            add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32; gate/up rows interleaved "
-                        f"in runs of {nx.SWIGLU_RUN}); its output quantized by a plain pass"
+            add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32, gate/up rows interleaved "
+                        f"in runs of {nx.SWIGLU_RUN}), its output quantized by a plain pass"
                         + timed)
         return True
 
@@ -207,9 +207,10 @@ _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual 
 
 
 def _gate_up_gemm(quant: torch.fx.Node):
-    """``(GEMM node, its weight cache)`` when the SiLU·mul quantization ``quant`` reads
-    ``narrow(y, -1, 0, F)`` as gate and ``narrow(y, -1, F, F)`` as up of one stacked FP8 GEMM
-    ``y`` over a cached weight, and nothing else reads ``y`` or its halves; else None."""
+    """``(GEMM node, its weight cache, gate first)`` when the SiLU·mul quantization ``quant``
+    reads the two halves ``narrow(y, -1, 0, F)`` and ``narrow(y, -1, F, F)`` of one stacked
+    FP8 GEMM ``y`` over a cached weight, as gate and up in either order, and nothing else
+    reads ``y`` or its halves; else None."""
     gate, up = quant.args[:2]
     if not all(isinstance(n, torch.fx.Node) and n.target is torch.narrow and len(n.args) == 4
                and set(n.users) == {quant} for n in (gate, up)):
@@ -219,13 +220,14 @@ def _gate_up_gemm(quant: torch.fx.Node):
             set(mm.users) != {gate, up} or info(mm).get("role") != "fp8_gemm":
         return None
     f = gate.args[3]
-    if gate.args[1:] != (-1, 0, f) or up.args[1:] != (-1, f, f):
+    halves = (gate.args[1:], up.args[1:])
+    if halves not in (((-1, 0, f), (-1, f, f)), ((-1, f, f), (-1, 0, f))):
         return None
     cache = info(mm.args[3]).get("weight_cache") if isinstance(mm.args[3], torch.fx.Node) \
         else None
     if cache is None or len(cache.indices) != 2:
         return None
-    return mm, cache
+    return mm, cache, gate.args[2] == 0
 
 
 def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:

@@ -100,9 +100,10 @@ class WeightCache:
                  fmt: str, p2: bool):
         self.indices, self.transposed = tuple(indices), tuple(transposed)
         self.args = (granularity, fmt, p2)
-        # Two stacked weights (gate, up) read by a SwiGLU GEMM epilogue: their rows are
-        # interleaved in runs of numerics.SWIGLU_RUN instead (EpiloguePass sets it).
-        self.interleave = False
+        # Two stacked weights read by a SwiGLU GEMM epilogue: their rows are interleaved in
+        # runs of numerics.SWIGLU_RUN instead, gate first (EpiloguePass sets it to the gate's
+        # position among the two; None: stacked).
+        self.interleave: int | None = None
         self.member_rows: tuple[int, ...] = ()  # each stacked weight's N
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -114,8 +115,8 @@ class WeightCache:
         if key != self.key:
             with torch.no_grad():
                 srcs = [w.detach().t() if t else w.detach() for w, t in zip(ws, self.transposed)]
-                if self.interleave:
-                    src = nx.interleave_gate_up(*srcs)
+                if self.interleave is not None:
+                    src = nx.interleave_gate_up(srcs[self.interleave], srcs[1 - self.interleave])
                 else:
                     src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
                 value = tuple(self._quantize(src))
@@ -137,10 +138,11 @@ class WeightCache:
     def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return OPS.quantize(src, *self.args)
 
-    def set_interleave(self) -> None:
-        """Serve the two stacked weights' rows interleaved (a SwiGLU epilogue's layout);
-        a copy made at compile time, for the example inputs, is dropped."""
-        self.interleave = True
+    def set_interleave(self, gate: int) -> None:
+        """Serve the two stacked weights' rows interleaved, the ``gate``-th (0 or 1) first (a
+        SwiGLU epilogue's layout); a copy made at compile time, for the example inputs, is
+        dropped."""
+        self.interleave = gate
         self.key = self.value = None
 
 

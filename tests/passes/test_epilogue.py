@@ -175,7 +175,7 @@ def test_swiglu_folded_into_the_gate_up_gemm(passes, recipe):
     assert quant.target is OPS.quantize.default
     # the weight cache serves gate and up interleaved in runs of 128
     cache = info(mm.args[3])["weight_cache"]
-    assert cache.interleave and cache.member_rows == (384, 384)
+    assert cache.interleave == 0 and cache.member_rows == (384, 384)  # gate first
     wq = _run_provider(ctx, inputs, mm.args[3])
     w = torch.cat([model.gate_proj.weight, model.up_proj.weight]).detach()
     from fp8compile import numerics as nx
@@ -274,3 +274,28 @@ def test_swiglu_by_default_where_the_kernel_serves_it_and_times_faster(
     else:
         assert "SiLU·mul not in the GEMM epilogue: the GEMM with it and a plain " \
                f"quantization took {us}" in reason
+
+
+class UpFirst(nn.Module):
+    """A SwiGLU MLP that calls up before gate (the stack is (up, gate)), then a head (the
+    last linear stays in high precision, so down_proj is not the last)."""
+
+    def __init__(self, d=256, f=256):
+        super().__init__()
+        self.gate, self.up, self.down = (nn.Linear(d, f, bias=False), nn.Linear(d, f, bias=False),
+                                         nn.Linear(f, d, bias=False))
+        self.head = nn.Linear(d, d)
+
+    def forward(self, x):
+        return self.head(x + self.down(self.up(x) * F.silu(self.gate(x))))
+
+
+def test_swiglu_folded_when_up_is_stacked_first(passes):
+    x = torch.randn(3, 50, 256)
+    model = UpFirst()
+    gm, inputs, ctx = passes(model, x, config=SWIGLU)
+    (mm,) = _swiglu_gemms(gm)
+    assert info(mm.args[3])["weight_cache"].interleave == 1  # the gate is the second member
+    gm0, inputs0, ctx0 = passes(model, x, config={**SWIGLU, "fuse_swiglu": False})
+    assert rel_err(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]) < 5e-3
+    assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
