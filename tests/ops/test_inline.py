@@ -574,7 +574,7 @@ def test_gpu_gemm_left_opaque_where_the_gluon_kernel_wins(mode, monkeypatch):
     monkeypatch.setattr(select, "_CHOICES", {})
     calls = []
     real = bw.blockwise_mm
-    monkeypatch.setattr(bw, "blockwise_mm", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(bw, "blockwise_mm", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     xq, xs = OPS.quantize(torch.randn(512, 640, device="cuda"), "group", "e4m3", False)
     wq, ws = OPS.quantize(torch.randn(768, 640, device="cuda"), "block", "e4m3", False)
 
