@@ -435,9 +435,10 @@ def test_gpu_swiglu_epilogue_compiled(mode, monkeypatch):
     for fs in (True, False, None):
         torch._dynamo.reset()
         compiled, be = _compile(model, {**cfg, "fuse_swiglu": fs}, mode=mode)
-        swiglu.clear()
         with torch.no_grad():
-            outs[fs] = [compiled(x).clone() for _ in range(3)][-1].float()
+            compiled(x)  # compiles (the fold's timing runs the fused kernel too)
+            swiglu.clear()
+            outs[fs] = [compiled(x).clone() for _ in range(2)][-1].float()  # record, replay
         reason = next(e.reason for e in be.plan.entries if e.module == "gate_proj")
         folded = be.plan.stats["swiglu_epilogues"] == 1
         if fs is True:
