@@ -111,9 +111,10 @@ def _ptxas_report(fast: bool, swiglu: bool = False) -> str:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
             f.write(kernel.asm["ptx"])
-        return subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o",
-                               os.path.join(tmp, "k.cubin")],
-                              capture_output=True, text=True, check=True).stderr
+        done = subprocess.run([ptxas, "-arch=sm_90a", "-v", src, "-o",
+                               os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
+    assert done.returncode == 0, f"ptxas exit {done.returncode}: {done.stderr[-2000:]}"
+    return done.stderr
 
 
 @pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
