@@ -246,9 +246,9 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
     Gluon kernel fuses, against cuBLAS followed by the SwiGLU's pointwise ops.  Gluon
     kernels cannot be traced into Inductor's graph, so where it wins (``"gluon"``) the
     caller keeps the op opaque; under CUDA graphs its launch then costs nothing more.
-    Elsewhere, where cuBLAS serves, the Gluon kernel
-    is not timed: it runs at cuBLAS's speed (docs/performance.md), and timing it adds
-    seconds of compilation per shape.  Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
+    Elsewhere, where cuBLAS serves, the Gluon kernel is not timed: it runs at cuBLAS's
+    speed (docs/performance.md), and timing it adds seconds of compilation per shape.
+    Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
     """
     key = gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
                    residual=residual)
