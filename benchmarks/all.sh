@@ -8,6 +8,7 @@
 #   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
 #             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
+#   swiglu    benchmarks/swiglu.py: the gate/up step with SiLU·mul in the GEMM epilogue or not
 #   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes,
 #             and tensorwise quantization at decode sizes by amax route (--decode)
 #   decode    benchmarks/e2e.py at 16 tokens with CUDA graphs, profile of fp8hpf tensorwise fast
@@ -48,6 +49,7 @@ for stage in "${stages[@]}"; do
         check) run check 420 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
                    tests/kernels ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
+        swiglu) run swiglu 150 python benchmarks/swiglu.py ;;
         quant)
             run quant 90 python benchmarks/quant.py --out "$out"
             run quant_decode 60 python benchmarks/quant.py --decode --out "$out" ;;
@@ -60,7 +62,7 @@ for stage in "${stages[@]}"; do
             main="$main,fp8hpf rowwise,fp8hpf tensorwise,fp8hpf rowwise fast,fp8hpf tensorwise fast"
             run e2e_default 150 python benchmarks/e2e.py --only "$main" --out "$out/e2e_default"
             run e2e 240 python benchmarks/e2e.py --mode reduce-overhead --profile \
-                --only "$main,fp8hpf blockwise unfused,fp8hpf rowwise fast unfused" \
+                --only "$main,fp8hpf blockwise unfused,fp8hpf rowwise fast unfused,fp8hpf tensorwise fast no-swiglu" \
                 --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
         train)
             run train_default 150 python benchmarks/train.py --out "$out/train_default"
@@ -68,6 +70,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gemm quant decode e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gemm swiglu quant decode e2e train accuracy)"; exit 2 ;;
     esac
 done
