@@ -239,3 +239,26 @@ def test_traced_choices_are_logged_for_the_plan(monkeypatch):
         " + residual"
     t_key = select.gemm_key(xq.t().contiguous().t(), G.TENSOR, wq, "fast", torch.bfloat16)
     assert select.describe_key(t_key).endswith("(transposed operand)")
+
+
+def test_swiglu_step_timing_runs_both_graphs_once_per_key(monkeypatch, device):
+    """``swiglu_epilogue_ms`` times the GEMM with the SwiGLU epilogue + a plain quantization
+    against the plain GEMM + the SiLU·mul quantization (both quantizing (M, N/2) for the down
+    projection), once per key."""
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "triton")  # no cuBLAS timing on a CPU
+    monkeypatch.setattr(select, "_SWIGLU_TIMES", {})
+    ran = []
+
+    def medians(first, second, rounds=3, timer=None):
+        ran.append((first(), second()))
+        return 0.5, 0.75
+    monkeypatch.setattr(select, "_medians", medians)
+    args = (48, 512, 256, G.ROW, G.ROW, torch.float8_e4m3fn, torch.bfloat16,
+            ("row", "e4m3", False), torch.device(device))
+    assert select.swiglu_epilogue_ms(*args) == (0.5, 0.75)
+    ((q1, s1), (q0, s0)), = ran
+    for q, s in ((q1, s1), (q0, s0)):
+        assert q.shape == (48, 256) and q.dtype == torch.float8_e4m3fn and s.shape == (48, 1)
+    assert select.swiglu_epilogue_ms(*args) == (0.5, 0.75) and len(ran) == 1  # cached
+    assert select.swiglu_epilogue_ms(*args[:6], torch.float16, *args[7:]) == (0.5, 0.75)
+    assert len(ran) == 2  # another output dtype, another timing
