@@ -311,14 +311,17 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
     """``(fused, unfused)`` GPU milliseconds of a SwiGLU MLP's gate/up step at compile time,
     on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows, fast
     accumulation) followed by a plain quantization of its output, against the GEMM the graph
-    runs otherwise (the backend :func:`choose` picks) followed by the SiLU·mul quantization of
-    its two halves.  ``quant`` is that quantization's ``(granularity, format, power_of_2)``.
-    Cached per (M bucket, sizes, recipe, dtypes, quantization)."""
+    runs otherwise followed by the SiLU·mul quantization of its two halves.  That GEMM is
+    timed on cuBLAS where cuBLAS computes it (the compile-time choice keeps cuBLAS for these
+    large fast GEMMs, docs/performance.md) and ``FP8COMPILE_GEMM_BACKEND`` does not force
+    Triton, else on the Triton kernel: timing it through the eager dispatch would also build
+    and time the Gluon kernel's plain variant, seconds of compile time for a kernel the
+    compiled graph does not run.  ``quant`` is that quantization's ``(granularity, format,
+    power_of_2)``.  Cached per (M bucket, sizes, recipe, dtypes, quantization)."""
     from ..numerics import Fp8Format
     from ..ops._inline import outside_tracing
     from . import fused
     from . import quant as q
-    from . import scaled_mm as dispatched
     from .gemm import scaled_mm as launcher
 
     key = (m_bucket(m), n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(map(str, quant)))
@@ -336,8 +339,14 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
             h = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "swiglu")
             return q.quantize(h, gran, fmt, p2)
 
+        on_cublas = (os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "triton" and
+                     cublas_unsupported(xq, xg, wq, wg, out_dtype, "none", None) is None)
+
         def without():
-            y = dispatched(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", None)
+            if on_cublas:
+                y = cublas_scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast")
+            else:
+                y = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", gluon=False)
             return fused.silu_mul_quantize(y[..., :f], y[..., f:], gran, fmt, p2)
 
         _SWIGLU_TIMES[key] = _medians(with_epilogue, without)

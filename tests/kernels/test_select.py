@@ -262,3 +262,27 @@ def test_swiglu_step_timing_runs_both_graphs_once_per_key(monkeypatch, device):
     assert select.swiglu_epilogue_ms(*args) == (0.5, 0.75) and len(ran) == 1  # cached
     assert select.swiglu_epilogue_ms(*args[:6], torch.float16, *args[7:]) == (0.5, 0.75)
     assert len(ran) == 2  # another output dtype, another timing
+
+
+def test_swiglu_step_timing_times_the_unfused_gemm_on_cublas(monkeypatch, device):
+    """The unfused step's GEMM is timed on cuBLAS where it computes it (what the compiled
+    graph keeps at these sizes), not through the eager dispatch, which would also build and
+    time the Gluon kernel's plain variant."""
+    from fp8compile.kernels import gemm
+
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    monkeypatch.setattr(select, "_SWIGLU_TIMES", {})
+    used = []
+
+    def cublas(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation):
+        used.append("cublas")
+        return gemm.scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation)
+    monkeypatch.setattr(select, "cublas_scaled_mm", cublas)
+    monkeypatch.setattr(select, "choose", lambda *a: pytest.fail("eager dispatch timed"))
+    monkeypatch.setattr(select, "_medians", lambda first, second: (first(), second(), 1, 2)[2:])
+    args = (48, 512, 256, G.ROW, G.ROW, torch.float8_e4m3fn, torch.bfloat16,
+            ("row", "e4m3", False), torch.device(device))
+    assert select.swiglu_epilogue_ms(*args) == (1, 2) and used == ["cublas"]
+    # an output dtype rowwise cuBLAS does not take: the Triton kernel
+    assert select.swiglu_epilogue_ms(*args[:6], torch.float16, *args[7:]) == (1, 2)
+    assert used == ["cublas"]
