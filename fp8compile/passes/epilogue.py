@@ -52,6 +52,7 @@ not with row scales.  The plan gives both times, or the rule that stopped the fo
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +167,9 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
+        forced = os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto")
+        if forced != "auto":  # the fused kernel is chosen by timing, which this overrides
+            return f"GEMM backend forced (FP8COMPILE_GEMM_BACKEND={forced})", ""
         w, w_scale, y = (value_of(a) for a in (wq, ws, next(iter(mm.users))))
         if not all(isinstance(v, torch.Tensor) for v in (w, w_scale, y)):
             return "operand shapes unknown", ""
