@@ -234,12 +234,14 @@ if HAVE_GLUON:
     @gluon.jit
     def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, HALF: gl.constexpr, FAST: gl.constexpr):
+              stride_wsk, HALF: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
         BN: gl.constexpr = b_bufs.shape[1]
         HM: gl.constexpr = BM // 2
+        # Fast accumulation has the wide tile (FAST_TILE), promotion the square one.
+        FAST: gl.constexpr = BN > BM
         # A half-width output tile: the SwiGLU epilogue, silu(gate) * up of the two halves.
         CN: gl.constexpr = c_smem.shape[1]
         SWIGLU: gl.constexpr = CN != BN
@@ -324,17 +326,17 @@ if HAVE_GLUON:
                                             c_smem)
         tma.store_wait(pendings=0)
 
-    # Partition entry points: Gluon passes worker arguments as IR values, so each half and
-    # mode (promoted / fast) is a function of its own, and the shapes come from the buffers'
-    # types, not constexpr args (a constexpr in a partition's argument tuple reaches
-    # warp_specialize as a plain int and fails to lower, Triton 3.6).
+    # Partition entry points: Gluon passes worker arguments as IR values, so each half is a
+    # function of its own, and the mode (promoted / fast, SwiGLU) and shapes come from the
+    # buffers' types, not constexpr args (a constexpr in a partition's argument tuple
+    # reaches warp_specialize as a plain int and fails to lower, Triton 3.6).
     @gluon.jit
     def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
                  has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 0, False)
+              stride_wsk, 0)
 
     @gluon.jit
     def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
@@ -342,23 +344,7 @@ if HAVE_GLUON:
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
               cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 1, False)
-
-    @gluon.jit
-    def _math_fast_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                      has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
-                      stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 0, True)
-
-    @gluon.jit
-    def _math_fast_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                      has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
-                      stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 1, True)
+              stride_wsk, 1)
 
     @gluon.jit
     def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
@@ -383,13 +369,10 @@ if HAVE_GLUON:
                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
                 stride_wsn, stride_wsk)
         loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
-        # (a conditional expression cannot pick the partitions: Gluon takes it for a tensor)
-        if FAST:
-            gl.warp_specialize([(_math_fast_lo, args), (_math_fast_hi, args), (_loader, loads)],
-                               [4, 1], [MATH_REGS, LOAD_REGS])
-        else:
-            gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
-                               [4, 1], [MATH_REGS, LOAD_REGS])
+        # the math partitions tell the modes apart by the tile: FAST is its wide one
+        gl.static_assert(FAST == (BN > BM), "FAST goes with FAST_TILE, promotion with BN == BM")
+        gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
+                           [4, 1], [MATH_REGS, LOAD_REGS])
 
     def _gl_dtype(dtype: torch.dtype):
         return {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5,
