@@ -128,8 +128,8 @@ class EpiloguePass(Fp8Pass):
         found = _gate_up_gemm(quant)
         if found is None:
             return False
-        mm, cache, gate_first = found
-        why, timed = self._swiglu_unsupported(mm, cache, quant.args[2:])
+        mm, cache, gate_first, width = found
+        why, timed = self._swiglu_unsupported(mm, width, quant.args[2:])
         if why is not None:
             for e in plan_entries_of(mm):
                 add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
@@ -154,15 +154,14 @@ class EpiloguePass(Fp8Pass):
                         + timed)
         return True
 
-    def _swiglu_unsupported(self, mm: torch.fx.Node, cache, quant: tuple
+    def _swiglu_unsupported(self, mm: torch.fx.Node, width: int, quant: tuple
                             ) -> tuple[str | None, str]:
-        """``(why not, "")`` when the SwiGLU fold is not made for the gate/up GEMM ``mm``,
-        ``(None, how it timed)`` when it is; ``quant``: the SiLU·mul quantization's
-        ``(granularity, format, power_of_2)``."""
+        """``(why not, "")`` when the SwiGLU fold is not made for the gate/up GEMM ``mm``
+        (gate and up each ``width`` wide), ``(None, how it timed)`` when it is; ``quant``:
+        the SiLU·mul quantization's ``(granularity, format, power_of_2)``."""
         xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, act, residual = mm.args
-        n = cache.member_rows
-        if len(n) != 2 or n[0] != n[1] or n[0] % nx.SWIGLU_RUN:
-            return f"gate and up need one width, a multiple of {nx.SWIGLU_RUN} (got {n})", ""
+        if width % nx.SWIGLU_RUN:
+            return (f"gate and up are {width} wide, not a multiple of {nx.SWIGLU_RUN}", "")
         if bias is not None or act != "none" or residual is not None:
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
@@ -215,10 +214,10 @@ _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual 
 
 
 def _gate_up_gemm(quant: torch.fx.Node):
-    """``(GEMM node, its weight cache, gate first)`` when the SiLU·mul quantization ``quant``
-    reads the two halves ``narrow(y, -1, 0, F)`` and ``narrow(y, -1, F, F)`` of one stacked
-    FP8 GEMM ``y`` over a cached weight, as gate and up in either order, and nothing else
-    reads ``y`` or its halves; else None."""
+    """``(GEMM node, its weight cache, gate first, F)`` when the SiLU·mul quantization
+    ``quant`` reads the two halves ``narrow(y, -1, 0, F)`` and ``narrow(y, -1, F, F)`` of one
+    FP8 GEMM ``y`` over two stacked cached weights (so each is F wide), as gate and up in
+    either order, and nothing else reads ``y`` or its halves; else None."""
     gate, up = quant.args[:2]
     if not all(isinstance(n, torch.fx.Node) and n.target is torch.narrow and len(n.args) == 4
                and set(n.users) == {quant} for n in (gate, up)):
@@ -235,7 +234,7 @@ def _gate_up_gemm(quant: torch.fx.Node):
         else None
     if cache is None or len(cache.indices) != 2:
         return None
-    return mm, cache, gate.args[2] == 0
+    return mm, cache, gate.args[2] == 0, f
 
 
 def _sole_user(node: torch.fx.Node) -> torch.fx.Node | None:

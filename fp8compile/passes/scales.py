@@ -104,7 +104,6 @@ class WeightCache:
         # runs of numerics.SWIGLU_RUN instead, gate first (EpiloguePass sets it to the gate's
         # position among the two; None: stacked).
         self.interleave: int | None = None
-        self.member_rows: tuple[int, ...] = ()  # each stacked weight's N
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
@@ -367,7 +366,6 @@ class ScalesPass(Fp8Pass):
         names = [str(info(mm).get("module") or mm.name) for mm, _ in members]
         cache = WeightCache([self.ctx.placeholder_index(p) for p, _ in sources],
                             [t for _, t in sources], *qargs)
-        cache.member_rows = tuple(b - a for a, b in zip(offsets, offsets[1:]))
         wq, ws = self._cache_inputs(graph, "_".join(p.name for p, _ in sources), cache,
                                     (offsets[-1], k_dim), qargs[0])
         xq, xs, xg, _, _, wg, *rest = first.args
