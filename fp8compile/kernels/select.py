@@ -355,8 +355,9 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
 
 def _gluon_faster(gluon_fn: Callable[[], torch.Tensor],
                   best_fn: Callable[[], torch.Tensor]) -> bool:
-    """Whether the Gluon kernel beats the Triton kernel (``best_fn``) by the margin; not
-    when it fails to build or launch here (the graph then inlines the Triton kernel)."""
+    """Whether the Gluon kernel beats the other candidate (``best_fn``: the Triton kernel,
+    or cuBLAS for the SwiGLU epilogue) by the margin; not when it fails to build or launch
+    here (the graph then inlines the other candidate)."""
     try:
         return _faster(gluon_fn, best_fn) == "triton"
     except (RuntimeError, ValueError):
