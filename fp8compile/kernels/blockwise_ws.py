@@ -70,6 +70,10 @@ try:
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    # TMA copies: async_load / async_store from Triton 3.7 on, which removed the older names
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+    _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
     HAVE_GLUON = True
 except ImportError:  # a Triton without Gluon's Hopper API
     HAVE_GLUON = False
@@ -165,9 +169,9 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
                 mbarrier.expect(ready.index(s),
                                 a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                tma.async_copy_global_to_shared(a_desc, [pid_m * BM, ki * BK], ready.index(s),
+                _tma_load(a_desc, [pid_m * BM, ki * BK], ready.index(s),
                                                a_bufs.index(s))
-                tma.async_copy_global_to_shared(b_desc, [pid_n * BN, ki * BK], ready.index(s),
+                _tma_load(b_desc, [pid_n * BN, ki * BK], ready.index(s),
                                                b_bufs.index(s))
                 it += 1
 
@@ -322,7 +326,7 @@ if HAVE_GLUON:
             else:
                 c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            tma.async_copy_shared_to_global(c_desc, [pid_m * BM + HALF * HM, pid_n * CN],
+            _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN],
                                             c_smem)
         tma.store_wait(pendings=0)
 

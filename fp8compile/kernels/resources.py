@@ -33,6 +33,17 @@ def _cuobjdump() -> str:
                         "cuobjdump")
 
 
+def ptxas_sm90() -> str:
+    """The ptxas Triton itself runs for sm_90: from Triton 3.7 on the newer bundled one
+    (``ptxas-blackwell``), whose PTX version the older ``ptxas`` does not read."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+    except ImportError:  # Triton <= 3.6: one bundled ptxas
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                            "ptxas")
+    return get_ptxas(90).path
+
+
 def tools_available() -> bool:
     """True when Triton's NVIDIA backend tools (ptxas, cuobjdump) are installed."""
     return os.access(_cuobjdump(), os.X_OK)

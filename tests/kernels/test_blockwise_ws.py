@@ -106,7 +106,9 @@ def _ptxas_report(fast: bool, swiglu: bool = False) -> str:
     kernel = triton.compile(
         GluonASTSource(fn=bw._blockwise_ws_kernel, signature=sig, constexprs=consts),
         target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    from fp8compile.kernels.resources import ptxas_sm90
+
+    ptxas = ptxas_sm90()
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "k.ptx")
         with open(src, "w") as f:
