@@ -111,7 +111,11 @@ class Fp8Backend:
         # says what a compile would do (shared and fused quantizations included), and runs
         # Dynamo's graph as it came.
         work = _copy_graph_module(gm)
-        PassManager(default_passes(ctx))(work)
+        # The passes' compile-time decisions time candidates only where Inductor autotunes
+        # (kernels.select.autotuning): they see this compile's mode and patches.
+        tuning = {k: v for k, v in self._patches().items() if k in _AUTOTUNE_KEYS}
+        with torch._inductor.config.patch(tuning):
+            PassManager(default_passes(ctx))(work)
         plan = Plan(ctx.plan_entries, cfg, ctx.stats)
         plan.stats["inference"] = inference
         plan.stats["frame"] = _frame_id()
@@ -131,6 +135,13 @@ class Fp8Backend:
             return compiled
         return _with_extra_inputs(compiled, ctx.extra_inputs)
 
+    def _patches(self) -> dict[str, Any]:
+        """Inductor config patches of this backend: its mode's options, then its own."""
+        patches = dict(self.inductor)
+        if self.mode:
+            patches = {**torch._inductor.list_mode_options(self.mode), **patches}
+        return patches
+
     def _inductor(self, gm: torch.fx.GraphModule, inputs: list, plan: Plan) -> Callable:
         """Inductor with the ops' kernels inlined (``fp8compile.ops._inline``); if that compile
         fails, once more with every op opaque, the reason kept in ``plan.stats``."""
@@ -138,9 +149,7 @@ class Fp8Backend:
 
         from .ops._inline import inline_enabled, opaque_ops
 
-        patches = dict(self.inductor)
-        if self.mode:
-            patches = {**torch._inductor.list_mode_options(self.mode), **patches}
+        patches = self._patches()
         if not inline_enabled():
             return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
         spare = _copy_graph_module(gm)  # Inductor's pre-grad passes edit the graph in place
@@ -157,6 +166,9 @@ class Fp8Backend:
             plan.stats["inline_failed"] = reason
             with opaque_ops():
                 return compile_fx(spare, inputs, config_patches=keyed_patches(patches))
+
+
+_AUTOTUNE_KEYS = ("max_autotune", "max_autotune_gemm")
 
 
 def _take_traced_gemms() -> list[tuple[tuple, str]]:

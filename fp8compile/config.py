@@ -183,10 +183,12 @@ class Fp8Config:
             plain pass over it.  The stacked weight's rows interleave gate and up in runs
             of 128.  ``None`` (default): where the warp-specialized Hopper kernel serves
             the GEMM (fast accumulation with row/tensor scales, M > 256, static shapes) and
-            the fused step times faster at compile time than the unfused one (3% margin);
-            ``True``: wherever the pattern is found (elsewhere the GEMM's fp32 product then
-            goes through the SwiGLU as pointwise ops); ``False``: never.  The plan says
-            where it was used, with both times, and why not elsewhere.
+            the fused step is faster: at M >= 2048, by rule, with tensor scales and not with
+            row scales (measured); below, or under ``mode="max-autotune"``, where it times
+            faster at compile time than the unfused one (3% margin); ``True``: wherever
+            the pattern is found (elsewhere the GEMM's fp32 product then goes through the
+            SwiGLU as pointwise ops); ``False``: never.  The plan says where it was used,
+            with both times or the rule, and why not elsewhere.
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
             version counter: an optimizer step, an in-place update under ``no_grad``), as

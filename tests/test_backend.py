@@ -452,3 +452,25 @@ def test_gpu_swiglu_epilogue_compiled(mode, monkeypatch):
         ref = model.float()(x.float())
     assert rel_err(outs[True], outs[False]) < 1e-2
     assert rel_err(outs[True], ref) < 3e-2
+
+
+@pytest.mark.parametrize("mode, timed", [(None, False), ("max-autotune", True)])
+def test_passes_time_their_choices_only_where_inductor_autotunes(monkeypatch, mode, timed):
+    """The backend's mode reaches the passes: from 2048 tokens the SwiGLU fold is a rule
+    unless the compile autotunes (``mode="max-autotune"``), where both steps are timed."""
+    from fp8compile.kernels import blockwise_ws as bw
+    from fp8compile.kernels import select
+
+    real = bw.unsupported
+    monkeypatch.setattr(bw, "unsupported", lambda *a, **k: (
+        None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
+    asked = []
+    monkeypatch.setattr(select, "swiglu_epilogue_ms", lambda *a: asked.append(a) or (1.0, 1.0))
+    torch._dynamo.reset()
+    be = fp8compile.backend({"recipe": "tensorwise", "accumulation": "fast"}, mode=mode,
+                            compile=False)
+    with torch.no_grad():
+        torch.compile(LlamaBlock(ffn=384), backend=be)(torch.randn(2, 1024, 256))
+    assert bool(asked) is timed
+    gate = {e.module: e for e in be.plan.entries if e.gemm}["gate_proj"].reason
+    assert ("took 1000 us against 1000 us apart" in gate) if timed else ("by rule" in gate)

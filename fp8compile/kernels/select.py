@@ -32,7 +32,7 @@ from ..numerics import Granularity
 from .layout import contiguous_2d
 from .tuning import m_bucket
 
-__all__ = ["backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
+__all__ = ["autotuning", "backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
            "cublas_unsupported", "describe_key", "note_traced", "swiglu_epilogue_ms",
            "take_traced_choices"]
 
@@ -55,7 +55,8 @@ def take_traced_choices() -> list[tuple[tuple, str]]:
 
 def backend_choices() -> dict[tuple, str]:
     """The decisions taken so far: ``{key: "triton" | "cublas" | "gluon"}`` (for reports;
-    ``"gluon"``: a traced GEMM left as an opaque call, which runs the Gluon kernel)."""
+    ``"gluon"``: a traced GEMM left as an opaque call, which runs the Gluon kernel), those
+    taken by rule (:func:`autotuning`) included."""
     return dict(_CHOICES)
 
 
@@ -248,6 +249,9 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
     caller keeps the op opaque; under CUDA graphs its launch then costs nothing more.
     Elsewhere, where cuBLAS serves, the Gluon kernel is not timed: it runs at cuBLAS's
     speed (docs/performance.md), and timing it adds seconds of compilation per shape.
+
+    Above the split-K sizes (M > 256) the choice is made by rule unless Inductor autotunes
+    (:func:`autotuning`, ``mode="max-autotune"``): see :func:`_by_rule`.
     Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
     """
     key = gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
@@ -255,8 +259,53 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
     why = cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
     got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
                          activation, residual, why)
-    note_traced(key, got if why is None else f"{got} (cuBLAS: {why})")
+    note = got if why is None else f"{got} (cuBLAS: {why})"
+    note_traced(key, f"{note} (by rule)" if key in _RULED else note)
+    if got == "gluon":
+        # The opaque op's body dispatches eagerly, where the Gluon kernel is "triton": the
+        # compile-time choice stands there too, not timed a second time at the first call.
+        _CHOICES[gemm_key(xq, xg, wq, accumulation, out_dtype, True, activation,
+                          residual)] = "triton"
     return got
+
+
+def autotuning() -> bool:
+    """Whether compile-time GEMM decisions time every candidate: under Inductor's
+    ``max_autotune`` or ``max_autotune_gemm`` (``torch.compile(..., mode="max-autotune")``),
+    when Inductor also benchmarks its own GEMM templates against ATen's.  Otherwise the
+    large GEMMs are decided by rule (:func:`_by_rule`), as Inductor then calls ATen's GEMM
+    untimed: each timing compiles and tunes a kernel, seconds of compile time per shape."""
+    cfg = torch._inductor.config
+    return bool(cfg.max_autotune or cfg.max_autotune_gemm)
+
+
+# Keys of _CHOICES decided by _by_rule, not timed: an autotuning compile times them after all.
+_RULED: set[tuple] = set()
+
+
+def _by_rule(xq, activation: str, residual, cublas_why: str | None, gluon: bool) -> str | None:
+    """The backend of a traced GEMM taken without timing, or None to time it.
+
+    Only above the split-K sizes (M > 256) and only where cuBLAS computes the GEMM:
+
+    * no epilogue: cuBLAS.  At M >= 2048 on an H100 the Triton kernel ran at 0.58-0.73x
+      cuBLAS with promoted accumulation and 0.76-1.07x with fast accumulation, and on an
+      H200 the compile-time timing kept cuBLAS for every GEMM of the LLaMA block
+      (docs/performance.md);
+    * the SwiGLU epilogue where the Gluon kernel serves it: the Gluon kernel, which is what
+      the fold into that epilogue was made for (:mod:`fp8compile.passes.epilogue`).
+
+    Residual and activation epilogues (``fuse_epilogues``) stay timed: there the fused
+    Triton epilogue can beat cuBLAS and a separate pointwise kernel, by shape.
+    """
+    m = xq.numel() // max(1, xq.shape[-1])
+    if autotuning() or m <= 256 or cublas_why is not None or residual is not None:
+        return None
+    if activation == "none":
+        return "cublas"
+    if activation == "swiglu" and gluon:
+        return "gluon"
+    return None
 
 
 def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
@@ -267,9 +316,19 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
 
     if os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
         return choose(key, _never, _never if cublas_why is None else None)
+    gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation)
+    ruled = _by_rule(xq, activation, residual, cublas_why, gluon)
+    if ruled is not None:
+        # Filed like a timed choice: the traced body's own dispatch (kernels.scaled_mm)
+        # looks it up, and would otherwise time the candidates inside the trace.
+        _CHOICES[key] = ruled
+        _RULED.add(key)
+        return ruled
+    if key in _RULED:  # an autotuning compile times what a rule decided before
+        _RULED.discard(key)
+        del _CHOICES[key]
     if key in _CHOICES:
         return _CHOICES[key]
-    gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation)
     if cublas_why is not None and not gluon:
         return "triton"  # the one candidate
     operands = (xq, xs, wq, ws, bias, residual)

@@ -43,10 +43,13 @@ instead of 224.  Only the warp-specialized kernel (:mod:`fp8compile.kernels.bloc
 fast accumulation with row/tensor scales) has the epilogue; elsewhere the GEMM's fp32 product
 would go through the SwiGLU as pointwise ops, which moves more bytes than the unfused graph.
 So by default the fold is made where that kernel serves the GEMM and the fused step (GEMM +
-plain quantization) times faster at compile time than the unfused one
-(:func:`fp8compile.kernels.select.swiglu_epilogue_ms`): the epilogue's exp and reciprocal
-cost the GEMM ~4% on an H200, which the smaller quantization repays with tensor scales but
-not with row scales.  The plan gives both times, or the rule that stopped the fold.
+plain quantization) is faster: the epilogue's exp and reciprocal cost the GEMM ~4% on an
+H200, which the smaller quantization repays with tensor scales (whose unfused quantization
+reads gate and up twice) but not with row scales.  From :data:`SWIGLU_RULE_M` tokens, the
+sizes measured, that is the rule; below, or where Inductor autotunes
+(``mode="max-autotune"``), the two steps are timed at compile time
+(:func:`fp8compile.kernels.select.swiglu_epilogue_ms`).  The plan gives both times, or the
+rule that made or stopped the fold.
 """
 
 from __future__ import annotations
@@ -187,6 +190,15 @@ class EpiloguePass(Fp8Pass):
                           layout=False, accumulation=accumulation)
         if why is not None:
             return f"no fused kernel here ({why})", ""
+        if m >= SWIGLU_RULE_M and not select.autotuning():
+            # Measured at 2048-8192 tokens: decided without timing, as Inductor decides
+            # its GEMMs outside max-autotune (the timing compiles and runs both steps).
+            if nx.Granularity(quant[0]) is nx.Granularity.TENSOR:
+                return None, (" (by rule: with tensor scales the SiLU·mul quantization reads "
+                              "gate and up twice, 1.07-1.09x the step on an H200)")
+            return ("by rule, the quantization it saves costs what the epilogue adds with "
+                    f"{nx.Granularity(quant[0]).value} scales (0.99-1.01x the step on an "
+                    "H200; mode='max-autotune' times it)"), ""
         # The fused kernel serves it: fold where it times faster than the GEMM and the
         # SiLU·mul quantization apart, by the margin the GEMM backend choice uses.
         fused, apart = select.swiglu_epilogue_ms(
@@ -211,6 +223,11 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
+
+
+# From this M on the SwiGLU fold is decided by rule, not timed (outside max-autotune): the
+# sizes benchmarks/swiglu.py measured (2048-8192 tokens).
+SWIGLU_RULE_M = 2048
 
 
 def _gate_up_gemm(quant: torch.fx.Node):

@@ -330,7 +330,7 @@ def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch, xg, wg):
     torch.testing.assert_close(y.float(), y_triton.float(), atol=2e-2, rtol=1.6e-2)
 
 
-def _blockwise_eager(monkeypatch):
+def _on_hopper(monkeypatch):
     """CPU stand-ins for a Hopper GPU: the kernel 'serves' every rule-abiding GEMM."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     real = bw.unsupported
@@ -339,6 +339,11 @@ def _blockwise_eager(monkeypatch):
         why = real(*args, **kwargs)
         return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
     monkeypatch.setattr(bw, "unsupported", on_hopper)
+
+
+def _blockwise_eager(monkeypatch):
+    """Blockwise operands the Gluon kernel 'serves' on the CPU (:func:`_on_hopper`)."""
+    _on_hopper(monkeypatch)
     xq, wq = _fp8(512, 256), _fp8(384, 256)
     return xq, torch.ones(512, 2), wq, torch.ones(3, 2)
 
@@ -395,8 +400,10 @@ def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
     monkeypatch.setattr(select, "choose", lambda key, t, c: t() is not None and "triton")
     monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
     select._CHOICES.clear()
-    select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
-                          "precise", "none", None, None)  # as if cuBLAS served it
+    monkeypatch.setattr(select, "_RULED", set())
+    with torch._inductor.config.patch(max_autotune=True):  # M > 256: else cuBLAS by rule
+        select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
+                              "precise", "none", None, None)  # as if cuBLAS served it
 
     class Tuned:
         best_config = type("C", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128},
@@ -445,11 +452,26 @@ def test_traced_gemm_stays_an_opaque_call_where_the_gluon_kernel_wins(monkeypatc
     assert ops_gemm._decide_backend(xq, xs, "group", wq, ws, "block", None, torch.bfloat16,
                                     "precise", "none", None) is inlined
     assert ran == ["gluon", "triton"]
-    # rowwise: cuBLAS computes it, and the Gluon kernel (at cuBLAS's speed) is not timed
+    # rowwise: cuBLAS computes it, and the Gluon kernel (at cuBLAS's speed) is not timed;
+    # at M > 256 outside max-autotune nothing is: cuBLAS by rule
     rs, cs = torch.ones(512, 1), torch.ones(384, 1)
+    monkeypatch.setattr(select, "_RULED", set())
+    select.take_traced_choices()
     assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
                                     "fast", "none", None)
+    assert ran[2:] == []
+    (noted, how), = select.take_traced_choices()
+    assert how == "cublas (by rule)"
+    # the traced body dispatches through select.choose: it finds the rule's choice, and
+    # times nothing inside the trace
+    assert select.choose(noted, lambda: pytest.fail("timed"),
+                         lambda: pytest.fail("timed")) == "cublas"
+    with torch._inductor.config.patch(max_autotune=True):
+        assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                        "fast", "none", None)
     assert ran[2:] == ["triton", "cublas"]
+    (noted, how), = select.take_traced_choices()
+    assert how == "cublas"
 
 
 @pytest.mark.parametrize("gluon_ms, want", [(0.40, "gluon"), (0.49, "cublas")])
@@ -460,10 +482,7 @@ def test_traced_swiglu_times_the_fused_kernel_against_cublas(monkeypatch, gluon_
     from fp8compile.kernels import select
     from fp8compile.ops import gemm as ops_gemm
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    real = bw.unsupported
-    monkeypatch.setattr(bw, "unsupported", lambda *a, **k: (
-        None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
+    _on_hopper(monkeypatch)
     xq, wq = _fp8(512, 256), _fp8(512, 256)
     rs, cs = torch.ones(512, 1), torch.ones(512, 1)
     ran = []
@@ -477,9 +496,50 @@ def test_traced_swiglu_times_the_fused_kernel_against_cublas(monkeypatch, gluon_
         return "triton" if ms[ran[-2]] < (1 - select._TRITON_MARGIN) * ms[ran[-1]] else "cublas"
     monkeypatch.setattr(select, "_faster", faster)
     monkeypatch.setattr(select, "_CHOICES", {})
+    monkeypatch.setattr(select, "_RULED", set())
     monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
-    inlined = ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
-                                       "fast", "swiglu", None)
+    with torch._inductor.config.patch(max_autotune=True):  # M > 256: timed when autotuning
+        inlined = ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                           "fast", "swiglu", None)
     assert inlined is (want != "gluon") and ran == ["gluon", "cublas"]
     key = select.gemm_key(xq, G.ROW, wq, "fast", torch.bfloat16, activation="swiglu")
     assert select._CHOICES[key] == want
+    # where the Gluon kernel won, the op's eager body (which runs it) takes the same choice
+    eager = select.gemm_key(xq, G.ROW, wq, "fast", torch.bfloat16, True, "swiglu")
+    assert select._CHOICES.get(eager) == ("triton" if want == "gluon" else None)
+
+
+def test_traced_swiglu_takes_the_fused_kernel_by_rule_outside_max_autotune(monkeypatch):
+    """M > 256 outside max-autotune: the SwiGLU GEMM the fold made runs the Gluon kernel,
+    untimed; the plan says it was a rule; the eager body takes the Gluon kernel untimed."""
+    from fp8compile.kernels import select
+    from fp8compile.ops import gemm as ops_gemm
+
+    _on_hopper(monkeypatch)
+    xq, wq = _fp8(512, 256), _fp8(512, 256)
+    rs, cs = torch.ones(512, 1), torch.ones(512, 1)
+    monkeypatch.setattr(select, "_faster", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(select, "_CHOICES", {})
+    monkeypatch.setattr(select, "_RULED", set())
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    select.take_traced_choices()
+    assert not ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                        "fast", "swiglu", None)
+    (_, how), = select.take_traced_choices()
+    assert how == "gluon (by rule)"
+    eager = select.gemm_key(xq, G.ROW, wq, "fast", torch.bfloat16, True, "swiglu")
+    assert select.choose(eager, lambda: pytest.fail("timed"),
+                         lambda: pytest.fail("timed")) == "triton"
+    key = select.gemm_key(xq, G.ROW, wq, "fast", torch.bfloat16, activation="swiglu")
+    assert select.backend_choices()[key] == "gluon"
+    # at M <= 256 (the split-K sizes) the choice is timed: the Gluon kernel does not serve
+    # there, so it is the Triton kernel against cuBLAS
+    monkeypatch.setattr(select, "_faster", lambda t, c: "triton")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gemm, "scaled_mm", lambda *a, **k: None)
+    monkeypatch.setattr(select, "cublas_scaled_mm", lambda *a, **k: None)
+    small = _fp8(64, 256)
+    assert ops_gemm._decide_backend(small, torch.ones(64, 1), "row", wq, cs, "row", None,
+                                    torch.bfloat16, "fast", "none", None)
+    (_, how), = select.take_traced_choices()
+    assert how == "triton"

@@ -281,6 +281,36 @@ def test_swiglu_by_default_where_the_kernel_serves_it_and_times_faster(
                f"quantization took {us}" in reason
 
 
+@pytest.mark.parametrize("recipe, folded", [("tensorwise", True), ("rowwise", False)])
+def test_swiglu_by_rule_from_2048_tokens_and_timed_under_max_autotune(
+        passes, monkeypatch, recipe, folded):
+    """From 2048 tokens (the sizes measured) the default fold is a rule, not a timing: made
+    with tensor scales, not with row scales, and the plan says so; under max-autotune the two
+    steps are timed as below 2048 tokens."""
+    from fp8compile.kernels import blockwise_ws as bw
+    from fp8compile.kernels import select
+
+    real = bw.unsupported
+    monkeypatch.setattr(bw, "unsupported", lambda *a, **k: (
+        None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
+    asked = []
+    monkeypatch.setattr(select, "swiglu_epilogue_ms", lambda *a: asked.append(a) or (0.5, 1.0))
+    x = torch.randn(2, 1024, 256)
+    config = {**SWIGLU, "recipe": recipe, "fuse_swiglu": None}
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=config)
+    assert asked == [] and bool(_swiglu_gemms(gm)) is folded
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+    if folded:
+        assert "SiLU(gate)·up in the GEMM epilogue" in reason and "by rule" in reason
+    else:
+        assert "SiLU·mul not in the GEMM epilogue: by rule" in reason and "row scales" in reason
+    with torch._inductor.config.patch(max_autotune=True):
+        gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=config)
+    assert len(asked) == 1 and _swiglu_gemms(gm)  # timed 0.5 against 1.0 ms: folded
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+    assert "500 us against 1000 us apart" in reason
+
+
 class UpFirst(nn.Module):
     """A SwiGLU MLP that calls up before gate (the stack is (up, gate)), then a head (the
     last linear stays in high precision, so down_proj is not the last)."""
