@@ -9,6 +9,7 @@
 #             into compiled graphs, bit-exact quantization, every GEMM recipe)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
 #   swiglu    benchmarks/swiglu.py: the gate/up step with SiLU·mul in the GEMM epilogue or not
+#   compile   benchmarks/compile_time.py: prefill compile time, each variant in a fresh process
 #   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes,
 #             and tensorwise quantization at decode sizes by amax route (--decode)
 #   decode    benchmarks/e2e.py at 16 tokens with CUDA graphs, profile of fp8hpf tensorwise fast
@@ -50,6 +51,7 @@ for stage in "${stages[@]}"; do
                    tests/kernels ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         swiglu) run swiglu 150 python benchmarks/swiglu.py ;;
+        compile) run compile 300 python benchmarks/compile_time.py ;;
         quant)
             run quant 90 python benchmarks/quant.py --out "$out"
             run quant_decode 60 python benchmarks/quant.py --decode --out "$out" ;;
@@ -70,6 +72,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gemm swiglu quant decode e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gemm swiglu compile quant decode e2e train accuracy)"; exit 2 ;;
     esac
 done

@@ -15,7 +15,8 @@ numerics, every recipe vs the reference, odd shapes) and a few large-shape check
 are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so that Python
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
-``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes.
+``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes, and
+``--tiles --m 16`` sweeps its whole tile configs there.
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -415,6 +416,15 @@ def print_tables(rows):
             log(f"{r['M']:>5} {r['N']:>5} {r['K']:>5} |      {cells[0]} |      {cells[1]}")
 
 
+def _decode_operands(m, n, k):
+    """bf16 operand sets of one decode-sized GEMM that together exceed L2, and bf16's ms."""
+    torch.manual_seed(0)
+    nsets = max(1, min(8, math.ceil(3 * L2_BYTES / (n * k))))
+    xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nsets)]
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(nsets)]
+    return xs, ws, bench(lambda x, w: F.linear(x, w), list(zip(xs, ws)))
+
+
 def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
     """Decode-sized GEMMs on the Triton kernel at each split of K (``config={"SPLIT_K": s}``,
     the tile autotuned per split) against the launcher's own split (``*``) and bf16."""
@@ -429,12 +439,7 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
         for m in shapes:
             if tuning.m_bucket(m) not in tuning.SMALL_TILES:
                 continue
-            torch.manual_seed(0)
-            nsets = max(1, min(8, math.ceil(3 * L2_BYTES / (n * k))))
-            xs = [torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _ in range(nsets)]
-            ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-                  for _ in range(nsets)]
-            t_bf = bench(lambda x, w: F.linear(x, w), list(zip(xs, ws)))
+            xs, ws, t_bf = _decode_operands(m, n, k)
             for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
                                       ("row fast", G.ROW, G.ROW, "fast"),
                                       ("row precise", G.ROW, G.ROW, "precise")]:
@@ -455,6 +460,66 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
                 log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:6.1f} | {name:11s} | " + " | ".join(cells))
 
 
+def run_tiles(shapes):
+    """Decode-sized GEMMs on the Triton kernel over a sweep of whole tile configs (BLOCK_N,
+    BLOCK_K, stages, warps, split of K; BLOCK_M = 16) against the launcher's own choice and
+    bf16; also the split-K reduction kernel alone at the launcher's split."""
+    import itertools
+
+    from fp8compile import kernels as K
+    from fp8compile.kernels import tuning
+    from fp8compile.kernels.gemm import _splitk_epilogue_kernel, launch_split
+    from fp8compile.kernels.gemm import scaled_mm as triton_mm
+
+    log("\nTile sweep of the Triton kernel at decode sizes, us per GEMM (CUDA-graph replays, "
+        "L2-exceeding operand sets); the five fastest configs and the fastest without split")
+    for (n, k) in NK:
+        for m in shapes:
+            if tuning.m_bucket(m) > 16:
+                continue
+            xs, ws, t_bf = _decode_operands(m, n, k)
+            log(f"  {m}x{n}x{k}: bf16 {t_bf * 1e3:.1f} us (1.5x bf16: {t_bf * 1e3 / 1.5:.1f})")
+            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
+                                      ("row fast", G.ROW, G.ROW, "fast")]:
+                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
+                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
+                t_now = bench(lambda a, sa, b, sb: triton_mm(a, sa, xg, b, sb, wg, None,
+                                                             torch.bfloat16, acc), sets)
+                found = []
+                bks = (128,) if name == "blockwise" else (128, 256)
+                for bn, bk, stages, warps, split in itertools.product(
+                        (16, 32, 64), bks, (4, 6), (2, 4), (1, 2, 4, 8)):
+                    if k // split < 512 or (bn == 64 and warps == 2):
+                        continue
+                    cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                           "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
+                    t = bench(lambda a, sa, b, sb, cfg=cfg: triton_mm(
+                        a, sa, xg, b, sb, wg, None, torch.bfloat16, acc, config=cfg), sets)
+                    found.append((t, f"BN {bn} BK {bk} stages {stages} warps {warps} "
+                                     f"split {split}"))
+                found.sort()
+                split = launch_split(m, n, k, *tuning.SMALL_TILES[16], xg, wg,
+                                     torch.device("cuda"))
+                log(f"    {name}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16, "
+                    f"split {split})")
+                for t, what in found[:5]:
+                    log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what}")
+                t1 = next(((t, w) for t, w in found if w.endswith("split 1")), None)
+                if t1:
+                    log(f"      no split: {t1[0] * 1e3:.1f} us  {t1[1]}")
+                if split > 1:
+                    part = torch.randn(split, m, n, device="cuda")
+                    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+                    def reduce(p, o, split=split):
+                        _splitk_epilogue_kernel[(math.ceil(m / 16), math.ceil(n / 128))](
+                            p, o, o, o, m, n, m * n, 0, 0, n, 1, SPLIT_K=split,
+                            HAS_BIAS=False, ACTIVATION=0, HAS_RES=False, BLOCK_M=16,
+                            BLOCK_N=128, num_warps=4)
+                    log(f"      the split-K reduction alone: "
+                        f"{bench(reduce, [(part, out)]) * 1e3:.1f} us")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="GPU correctness checks first")
@@ -464,6 +529,8 @@ def main():
     ap.add_argument("--splits", action="store_true",
                     help="only time the Triton kernel at each split of K, for the M <= 256 "
                          "of --m")
+    ap.add_argument("--tiles", action="store_true",
+                    help="only sweep the Triton kernel's tile configs at M <= 16 of --m")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -475,6 +542,9 @@ def main():
         f"triton {triton.__version__}  cuda {torch.version.cuda}")
     if args.splits:
         run_splits(args.m)
+        return 0
+    if args.tiles:
+        run_tiles(args.m)
         return 0
     ok = True
     if args.check:

@@ -1,0 +1,141 @@
+"""Compile time of the LLaMA block of ``e2e.py``, each variant in a fresh process.
+
+``e2e.py`` compiles its variants one after another in one process, so each one after the
+first finds the Triton kernels, the C launchers and the CUDA libraries the variants before it
+loaded.  Here every variant's first call (compile + run, CUDA graphs, 2x2048 tokens) runs in
+a process of its own, twice:
+
+* ``cold``: an empty Triton cache (``TRITON_CACHE_DIR``), what a first compile on a machine
+  costs;
+* ``warm``: the same cache again, what every later compile of the same model costs (the
+  compile-time GEMM decisions are not cached across processes: they run again).
+
+Inductor's own caches are disabled in both (``force_disable_caches``), as in ``e2e.py``.  The
+ratio is to bf16 Inductor's time in the same column.  For the fp8hpf variants the time spent
+in the compile-time GEMM decisions (``kernels.select``: timing backends, tuning tiles, the
+SwiGLU step) and in Triton's compiler and launcher builds inside the process is given too
+(Inductor compiles its own kernels in worker processes).
+
+Run on a CUDA (Hopper) machine::
+
+    python benchmarks/compile_time.py
+    python benchmarks/compile_time.py --variants "bf16 Inductor,fp8hpf rowwise fast" \\
+        --mode max-autotune-no-cudagraphs
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+DEFAULT = "bf16 Inductor,fp8hpf blockwise,fp8hpf rowwise fast,fp8hpf tensorwise fast"
+
+
+def _timers() -> dict[str, list]:
+    """Wall-clock totals of the compile-time work named here (patched in place)."""
+    import triton
+    import triton.runtime.build as build
+
+    from fp8compile.kernels import select
+
+    totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
+
+    def wrap(owner, name, label):
+        f = getattr(owner, name, None)
+        if f is None:  # another Triton: that timer is left out
+            return
+
+        @functools.wraps(f)
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return f(*args, **kwargs)
+            finally:
+                totals[label][0] += time.perf_counter() - t0
+                totals[label][1] += 1
+        setattr(owner, name, timed)
+
+    wrap(select, "_choose_traced", "GEMM backend choices")
+    wrap(select, "swiglu_epilogue_ms", "SwiGLU step timing")
+    wrap(triton.compiler, "compile", "Triton compiles in this process")
+    wrap(build, "_build", "Triton C launcher builds")
+    return totals
+
+
+def child(variant: str, mode: str) -> None:
+    import torch
+
+    sys.path.insert(0, HERE)
+    import e2e
+
+    totals = _timers()
+    torch._inductor.config.force_disable_caches = True
+    torch.manual_seed(0)
+    base = e2e.Block(e2e.D, e2e.HEADS, e2e.FFN).cuda().to(torch.bfloat16).eval()
+    x = torch.randn(2, 2048, e2e.D, device="cuda", dtype=torch.bfloat16)
+    make = e2e.variants(base, mode)[variant][0]
+    with torch.no_grad():
+        _, _, first = e2e.build(make, x, mode)
+    print("RESULT " + json.dumps({"first": first, "parts": dict(totals)}))
+
+
+def run(variant: str, mode: str, cache: str) -> dict:
+    env = {**os.environ, "TRITON_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
+    out = subprocess.run([sys.executable, __file__, "--child", variant, "--mode", mode],
+                         env=env, capture_output=True, text=True, timeout=600)
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    raise RuntimeError(f"{variant}: no result\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default=DEFAULT, help="comma-separated e2e.py variants")
+    ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.mode)
+        return
+    import torch
+    import triton
+
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure")
+        return
+    print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
+          f"triton {triton.__version__}, mode={args.mode}, 2x2048 tokens, one process each")
+    names = args.variants.split(",")
+    if "bf16 Inductor" not in names:
+        names.insert(0, "bf16 Inductor")  # the baseline of the ratios
+    with tempfile.TemporaryDirectory() as root:
+        res = {}
+        for temp in ("cold", "warm"):
+            for name in names:
+                cache = os.path.join(root, name.replace(" ", "_"))
+                res[temp, name] = run(name, args.mode, cache)
+                r = res[temp, name]
+                parts = "; ".join(f"{k} {v[0]:.2f} s ({v[1]}x)" for k, v in r["parts"].items()
+                                  if v[1])
+                print(f"  {temp:4s} {name:24s} {r['first']:6.2f} s  {parts}", flush=True)
+    print("\nvariant                    cold s (x bf16)    warm s (x bf16)")
+    for name in names:
+        cells = []
+        for temp in ("cold", "warm"):
+            t, ref = res[temp, name]["first"], res[temp, "bf16 Inductor"]["first"]
+            cells.append(f"{t:6.2f} ({t / ref:.2f}x)")
+        print(f"{name:24s} {cells[0]:>18s} {cells[1]:>18s}")
+
+
+if __name__ == "__main__":
+    main()
