@@ -85,6 +85,16 @@ def child(variant: str, mode: str) -> None:
     make = e2e.variants(base, mode)[variant][0]
     with torch.no_grad():
         _, _, first = e2e.build(make, x, mode)
+    # Dynamo's own phase timers: tracing, the backend (fp8hpf's passes, AOT tracing with the
+    # compile-time decisions, Inductor), Inductor's codegen and compile; the first call's
+    # remainder is running it (weight quantization, CUDA-graph recording, launcher builds).
+    phases = getattr(torch._dynamo.utils, "compilation_time_metrics", {})
+    for key, label in (("bytecode_tracing", "Dynamo tracing"),
+                       ("OutputGraph.call_user_compiler", "backend"),
+                       ("create_aot_dispatcher_function", "  AOT tracing (decisions)"),
+                       ("compile_fx_inner", "  Inductor codegen + compile")):
+        if phases.get(key):
+            totals[label] = [float(sum(phases[key])), len(phases[key])]
     print("RESULT " + json.dumps({"first": first, "parts": dict(totals)}))
 
 

@@ -64,6 +64,10 @@ from .. import numerics as nx
 from .fuse import FusePass, is_add
 from .manager import Fp8Pass, PassResult, add_note, dtype_of, info, plan_entries_of, value_of
 
+# From this M on the SwiGLU fold is decided by rule, not timed (outside max-autotune): the
+# sizes benchmarks/swiglu.py measured (2048-8192 tokens).
+SWIGLU_RULE_M = 2048
+
 OPS = torch.ops.fp8compile
 _ACTIVATION = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu"}
 # Positions in fp8compile::scaled_mm's arguments.
@@ -223,11 +227,6 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
-
-
-# From this M on the SwiGLU fold is decided by rule, not timed (outside max-autotune): the
-# sizes benchmarks/swiglu.py measured (2048-8192 tokens).
-SWIGLU_RULE_M = 2048
 
 
 def _gate_up_gemm(quant: torch.fx.Node):
