@@ -3,6 +3,7 @@ it, and its results against ops.scaled_mm_reference on the GPU."""
 
 import os
 import subprocess
+import sys
 import tempfile
 
 import pytest
@@ -85,7 +86,21 @@ def test_disabled_by_environment(monkeypatch):
 
 def _ptxas_report(fast: bool, swiglu: bool = False) -> str:
     """ptxas -v on the kernel compiled for sm_90a, as the GPU would build it (``swiglu``:
-    the half-width output tile of the SwiGLU epilogue)."""
+    the half-width output tile of the SwiGLU epilogue), in a fresh process: once a kernel
+    has run under the interpreter in this one (TRITON_INTERPRET=1, the CPU tests), Triton's
+    language is patched for it and the Gluon compile fails ("'block_argument' object has
+    no attribute 'dtype'"), whatever the order of the tests."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import sys; from tests.kernels.test_blockwise_ws import _ptxas_in_process as r; "
+            f"sys.stdout.write(r({fast}, {swiglu}))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _ptxas_in_process(fast: bool, swiglu: bool) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
