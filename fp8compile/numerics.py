@@ -54,6 +54,7 @@ __all__ = [
     "Granularity",
     "amax",
     "cast_to_fp8",
+    "check_swiglu_rows",
     "compute_scale",
     "dequantize",
     "fp8_linear_reference",
@@ -387,6 +388,16 @@ def silu_mul_quantize(
 # The SwiGLU GEMM's weight layout: gate and up rows alternate in runs of this many, so each
 # 256-wide output tile of the GEMM holds a gate tile and the matching up tile.
 SWIGLU_RUN = 128
+
+
+def check_swiglu_rows(n: int, who: str = "scaled_mm") -> None:
+    """Raise unless ``n`` weight rows can hold gate and up interleaved in runs of
+    :data:`SWIGLU_RUN` (what a GEMM with the SwiGLU epilogue reads)."""
+    if n % (2 * SWIGLU_RUN):
+        raise ValueError(
+            f"{who}: activation='swiglu' needs N % {2 * SWIGLU_RUN} == 0 (gate and up rows "
+            f"interleaved in runs of {SWIGLU_RUN}, numerics.interleave_gate_up), got N={n}"
+        )
 
 
 def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, run: int = SWIGLU_RUN

@@ -169,10 +169,8 @@ if HAVE_GLUON:
                 mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
                 mbarrier.expect(ready.index(s),
                                 a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-                _tma_load(a_desc, [pid_m * BM, ki * BK], ready.index(s),
-                                               a_bufs.index(s))
-                _tma_load(b_desc, [pid_n * BN, ki * BK], ready.index(s),
-                                               b_bufs.index(s))
+                _tma_load(a_desc, [pid_m * BM, ki * BK], ready.index(s), a_bufs.index(s))
+                _tma_load(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
                 it += 1
 
     @gluon.jit
@@ -326,8 +324,7 @@ if HAVE_GLUON:
             else:
                 c_smem.store(acc.to(c_desc.dtype))
             fence_async_shared()
-            _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN],
-                                            c_smem)
+            _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN], c_smem)
         tma.store_wait(pendings=0)
 
     # Partition entry points: Gluon passes worker arguments as IR values, so each half is a

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics import FP8_FORMATS, SWIGLU_RUN, Granularity
+from ..numerics import FP8_FORMATS, Granularity, check_swiglu_rows
 from ..numerics import swiglu as swiglu_of
 from ..ops._inline import launch, outside_tracing, random_like, tracing
 from . import blockwise_ws, tuning
@@ -318,9 +318,8 @@ def scaled_mm(
     if activation not in ACT_CODE and not swiglu:
         raise ValueError(f"scaled_mm: activation={activation!r} is not one of "
                          f"{[*ACT_CODE, 'swiglu']}")
-    if swiglu and wq.shape[0] % (2 * SWIGLU_RUN):
-        raise ValueError(f"scaled_mm: activation='swiglu' needs N % {2 * SWIGLU_RUN} == 0 "
-                         f"(numerics.interleave_gate_up), got N={wq.shape[0]}")
+    if swiglu:
+        check_swiglu_rows(wq.shape[0])
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"scaled_mm: out_dtype={out_dtype} is not one of {_OUT_DTYPES}")
     k = xq.shape[-1]

@@ -30,12 +30,8 @@ def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -
         raise ValueError(f"scaled_mm: bias shape {tuple(bias.shape)} must be ({wq.shape[0]},)")
     if activation not in ACTIVATIONS:
         raise ValueError(f"scaled_mm: activation={activation!r} is not one of {ACTIVATIONS}")
-    if activation == "swiglu" and wq.shape[0] % (2 * nx.SWIGLU_RUN):
-        raise ValueError(
-            f"scaled_mm: activation='swiglu' needs N % {2 * nx.SWIGLU_RUN} == 0 (gate and up "
-            f"rows interleaved in runs of {nx.SWIGLU_RUN}, numerics.interleave_gate_up), got "
-            f"N={wq.shape[0]}"
-        )
+    if activation == "swiglu":
+        nx.check_swiglu_rows(wq.shape[0])
 
 
 def epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
