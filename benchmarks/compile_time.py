@@ -71,7 +71,9 @@ def _timers() -> dict[str, list]:
     return totals
 
 
-def child(variant: str, mode: str) -> None:
+def child(variant: str, mode: str, profile: str | None) -> None:
+    import cProfile
+
     import torch
 
     sys.path.insert(0, HERE)
@@ -83,8 +85,14 @@ def child(variant: str, mode: str) -> None:
     base = e2e.Block(e2e.D, e2e.HEADS, e2e.FFN).cuda().to(torch.bfloat16).eval()
     x = torch.randn(2, 2048, e2e.D, device="cuda", dtype=torch.bfloat16)
     make = e2e.variants(base, mode)[variant][0]
+    prof = cProfile.Profile() if profile else None
     with torch.no_grad():
+        if prof:
+            prof.enable()
         _, _, first = e2e.build(make, x, mode)
+        if prof:
+            prof.disable()
+            prof.dump_stats(profile)
     # Dynamo's own phase timers: tracing, the backend (fp8hpf's passes, AOT tracing with the
     # compile-time decisions, Inductor), Inductor's codegen and compile; the first call's
     # remainder is running it (weight quantization, CUDA-graph recording, launcher builds).
@@ -98,9 +106,10 @@ def child(variant: str, mode: str) -> None:
     print("RESULT " + json.dumps({"first": first, "parts": dict(totals)}))
 
 
-def run(variant: str, mode: str, cache: str) -> dict:
+def run(variant: str, mode: str, cache: str, profile: str | None = None) -> dict:
     env = {**os.environ, "TRITON_CACHE_DIR": cache, "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, __file__, "--child", variant, "--mode", mode],
+    cmd = [sys.executable, __file__, "--child", variant, "--mode", mode]
+    out = subprocess.run(cmd + (["--profile", profile] if profile else []),
                          env=env, capture_output=True, text=True, timeout=600)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -112,10 +121,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default=DEFAULT, help="comma-separated e2e.py variants")
     ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
+    ap.add_argument("--profile-dir", default=None,
+                    help="after the timed runs, one more warm run of each variant under "
+                         "cProfile (slower; not in the table), its stats written here as "
+                         "<variant>.prof; read them with python -m pstats")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.mode)
+        child(args.child, args.mode, args.profile)
         return
     import torch
     import triton
@@ -138,6 +152,13 @@ def main() -> None:
                 parts = "; ".join(f"{k} {v[0]:.2f} s ({v[1]}x)" for k, v in r["parts"].items()
                                   if v[1])
                 print(f"  {temp:4s} {name:24s} {r['first']:6.2f} s  {parts}", flush=True)
+        if args.profile_dir:
+            os.makedirs(args.profile_dir, exist_ok=True)
+            for name in names:
+                path = os.path.join(args.profile_dir, name.replace(" ", "_") + ".prof")
+                r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")), path)
+                print(f"  warm under cProfile {name:24s} {r['first']:6.2f} s -> {path}",
+                      flush=True)
     print("\nvariant                    cold s (x bf16)    warm s (x bf16)")
     for name in names:
         cells = []

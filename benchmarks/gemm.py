@@ -460,6 +460,42 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
                 log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:6.1f} | {name:11s} | " + " | ".join(cells))
 
 
+def run_fold(shapes):
+    """Decode-sized GEMMs on the Triton kernel with the split-K sum folded into the GEMM (the
+    last program of each tile adds the partials) against the two-kernel split (a second
+    launch adds them), at the launcher's own split and tile; bf16 alongside."""
+    from fp8compile import kernels as K
+    from fp8compile.kernels import gemm, tuning
+    from fp8compile.kernels.gemm import launch_split
+    from fp8compile.kernels.gemm import scaled_mm as triton_mm
+
+    log("\nSplit-K summed in the GEMM (fold) or by a second kernel, us per GEMM (CUDA-graph "
+        "replays, L2-exceeding operand sets)")
+    for (n, k) in NK:
+        for m in shapes:
+            if tuning.m_bucket(m) not in tuning.SMALL_TILES:
+                continue
+            xs, ws, t_bf = _decode_operands(m, n, k)
+            cells = []
+            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
+                                      ("row fast", G.ROW, G.ROW, "fast"),
+                                      ("row precise", G.ROW, G.ROW, "precise"),
+                                      ("tensor fast", G.TENSOR, G.TENSOR, "fast")]:
+                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
+                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
+                split = launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
+                                     torch.device("cuda"))
+                t = {}
+                for fold in (False, True):
+                    gemm.FOLD_SPLIT = fold
+                    t[fold] = bench(lambda a, sa, b, sb: triton_mm(
+                        a, sa, xg, b, sb, wg, None, torch.bfloat16, acc), sets)
+                gemm.FOLD_SPLIT = True
+                cells.append(f"{name} split {split}: {t[False] * 1e3:5.1f} -> "
+                             f"{t[True] * 1e3:5.1f} ({t_bf / t[True]:.2f}x bf16)")
+            log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
+
+
 def run_tiles(shapes):
     """Decode-sized GEMMs on the Triton kernel over a sweep of whole tile configs (BLOCK_N,
     BLOCK_K, stages, warps, split of K; BLOCK_M = 16) against the launcher's own choice and
@@ -542,6 +578,9 @@ def main():
                          "of --m")
     ap.add_argument("--tiles", action="store_true",
                     help="only sweep the Triton kernel's tile configs at M <= 16 of --m")
+    ap.add_argument("--fold", action="store_true",
+                    help="only time the split-K sum in the GEMM kernel against a second "
+                         "kernel, at the M <= 256 of --m")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -556,6 +595,9 @@ def main():
         return 0
     if args.tiles:
         run_tiles(args.m)
+        return 0
+    if args.fold:
+        run_fold(args.m)
         return 0
     ok = True
     if args.check:

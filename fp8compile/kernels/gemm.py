@@ -16,8 +16,10 @@ Both operands are K-major, as Hopper's FP8 ``wgmma`` needs: ``xq (M, K)`` and ``
 row-major; the weight tile is loaded as ``[BLOCK_K, BLOCK_N]`` with K contiguous.
 
 When the output tiles alone leave SMs idle (decode, M <= 256), K is split across programs
-that write fp32 partial sums; :func:`_splitk_epilogue_kernel` adds them up and runs the
-same epilogue.
+that write fp32 partial sums.  With 16-row tiles (M <= 16) the last program of each output
+tile to finish (a per-tile arrival counter) adds them up and runs the epilogue; otherwise,
+and in graphs being traced, which cannot carry the counters,
+:func:`_splitk_epilogue_kernel` does, as a second launch.
 
 On Hopper, eager GEMMs with promoted accumulation (blockwise 1x128 x 128x128 scales, or row/
 tensor scales with ``precise`` accumulation; M > 256, no activation or residual) go to the
@@ -73,8 +75,9 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
 
 @triton.jit
 def _scaled_mm_kernel(
-    # pointers: FP8 operands, their fp32 scales, epilogue operands, output (or fp32 partials)
-    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr,
+    # pointers: FP8 operands, their fp32 scales, epilogue operands, output, fp32 partials
+    # and per-tile arrival counters (split-K only)
+    a_ptr, w_ptr, as_ptr, ws_ptr, bias_ptr, res_ptr, out_ptr, part_ptr, cnt_ptr,
     # sizes; k_per_split is a multiple of BLOCK_K (and of 128 for blockwise scales)
     M, N, K, k_per_split,
     M_BUCKET,  # autotuning key only
@@ -85,7 +88,7 @@ def _scaled_mm_kernel(
     # recipe switches
     A_GRAN: tl.constexpr, W_GRAN: tl.constexpr, PRECISE: tl.constexpr,
     HAS_BIAS: tl.constexpr, ACTIVATION: tl.constexpr, HAS_RES: tl.constexpr,
-    SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    SPLIT_K: tl.constexpr, FOLD_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -161,9 +164,28 @@ def _scaled_mm_kernel(
         acc = acc * tl.load(ws_ptr)
 
     if SPLIT_K > 1:
-        p_ptrs = (out_ptr + pid_k * stride_split + offs_m[:, None].to(tl.int64) * N
-                  + offs_n[None, :])
-        tl.store(p_ptrs, acc, mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        p_ptrs = part_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(p_ptrs + pid_k * stride_split, acc, mask=mask)
+        if FOLD_SPLIT:
+            # The last program of the tile to arrive sums the partials and runs the
+            # epilogue, in place of a second kernel.  The barrier orders every thread's
+            # partial before the counter's release; the acquire, every read after it.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if arrived == SPLIT_K - 1:
+                # in split order, as _splitk_epilogue_kernel adds: the same bits
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in range(SPLIT_K):
+                    # (not mask & (pid_k != s): Triton 3.9's interpreter rejects that mask)
+                    other = tl.load(p_ptrs + s * stride_split,
+                                    mask=tl.where(pid_k != s, mask, False), other=0.0,
+                                    cache_modifier=".cg")
+                    total += tl.where(pid_k == s, acc, other)
+                tl.store(cnt_ptr + pid, 0)  # zero again for the next launch
+                _epilogue(total, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
+                          stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION,
+                          HAS_RES)
     else:
         _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
                   stride_rm, stride_rn, stride_om, stride_on, HAS_BIAS, ACTIVATION, HAS_RES)
@@ -394,13 +416,16 @@ def scaled_mm(
     step = 256
     k_per_split = cdiv(cdiv(k, split), step) * step
     split = cdiv(k, k_per_split)
-    dest = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
+    part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
                                               device=xq.device)
+    fold = split > 1 and bm <= FOLD_SPLIT_ROWS and FOLD_SPLIT and not tracing()
+    counters = _tile_counters(xq.device, cdiv(m, bm) * cdiv(n, bn)) if fold else part
     stride_as0, stride_as1 = _scale_strides(xs2)
     stride_ws0, stride_ws1 = _scale_strides(ws2)
     args = dict(
         a_ptr=a, w_ptr=w, as_ptr=xs2, ws_ptr=ws2,
-        bias_ptr=bias if bias is not None else out, res_ptr=res, out_ptr=dest,
+        bias_ptr=bias if bias is not None else out, res_ptr=res, out_ptr=out, part_ptr=part,
+        cnt_ptr=counters,
         M=m, N=n, K=k, k_per_split=k_per_split, M_BUCKET=bucket,
         stride_am=a.stride(0), stride_ak=a.stride(1), stride_wn=w.stride(0), stride_wk=w.stride(1),
         stride_as0=stride_as0, stride_as1=stride_as1, stride_ws0=stride_ws0, stride_ws1=stride_ws1,
@@ -408,7 +433,7 @@ def scaled_mm(
         stride_split=m * n,
         A_GRAN=a_gran, W_GRAN=w_gran, PRECISE=precise,
         HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],
-        HAS_RES=residual is not None, SPLIT_K=split,
+        HAS_RES=residual is not None, SPLIT_K=split, FOLD_SPLIT=fold,
     )
 
     def grid(meta):
@@ -426,15 +451,44 @@ def scaled_mm(
         _precompile_configs(args, (xq.dtype, out_dtype, None if bias is None else bias.dtype,
                                    activation, residual is not None))
         _tuned[grid](**args)
-    if split > 1:
+    if split > 1 and not fold:
         sbm, sbn = 16, 128
         launch(_splitk_epilogue_kernel)[(cdiv(m, sbm), cdiv(n, sbn))](
-            dest, args["bias_ptr"], res, out, m, n, m * n, stride_rm, stride_rn,
+            part, args["bias_ptr"], res, out, m, n, m * n, stride_rm, stride_rn,
             out.stride(0), out.stride(1),
             SPLIT_K=split, HAS_BIAS=bias is not None, ACTIVATION=ACT_CODE[activation],
             HAS_RES=residual is not None, BLOCK_M=sbm, BLOCK_N=sbn, num_warps=4,
         )
     return out.reshape(*lead, n)
+
+
+# Whether a split-K launch of tiles at most FOLD_SPLIT_ROWS tall sums its partials in the GEMM
+# kernel (the last program of each tile to finish) rather than in _splitk_epilogue_kernel.
+# H200, CUDA graphs, one process (docs/performance.md): 0-0.7 us faster at M <= 16 on
+# 4096x4096 (9-10 us GEMMs), up to 2 us on 4096x14336; at M = 64 (64x64 tiles) the one
+# program's serial sum of four 64x64 partials cost 1.1-1.7 us more than the second kernel,
+# which spreads it over 128 programs.  A graph being traced keeps the second kernel: the
+# counters below are state that outlives a launch, which Inductor's graph does not carry.
+# ``FP8COMPILE_FOLD_SPLIT_K=0`` keeps it everywhere.
+FOLD_SPLIT = os.environ.get("FP8COMPILE_FOLD_SPLIT_K", "1") != "0"
+FOLD_SPLIT_ROWS = 16
+
+# Per-tile arrival counters of folded split-K launches, by device and stream.  Zero between
+# launches: the last program of each tile zeroes its own.  Two launches on one stream run
+# one after the other; launches on two streams use two buffers.  A buffer first needed while
+# a CUDA graph is captured is allocated (and zeroed) in that graph, which then zeroes it
+# again at each replay.  A buffer that grew stays alive: a launch still in flight, or a
+# captured graph, may use it.
+_COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+
+
+def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    buffers = _COUNTERS.setdefault((device, stream), [])
+    if not buffers or buffers[-1].numel() < tiles:
+        size = max(tiles, 2 * buffers[-1].numel() if buffers else 1024)
+        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,

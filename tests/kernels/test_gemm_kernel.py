@@ -101,16 +101,7 @@ def test_split_k(device, split):
 def test_split_k_alone_keeps_the_tile(device, monkeypatch):
     """``{"SPLIT_K": s}`` forces the split of a small-M GEMM, tile left to the launcher; a
     split of a large GEMM or below 1 is refused."""
-    from fp8compile.kernels import gemm
-
-    launched = []
-
-    def launch(fn):
-        launched.append(getattr(fn, "__name__", None) or fn.fn.__name__)
-        return real_launch(fn)
-
-    real_launch = gemm.launch
-    monkeypatch.setattr(gemm, "launch", launch)
+    launched = _launched_kernels(monkeypatch)
     recipe = RECIPES[0]
     xq, xs, wq, ws = _operands(device, (5, 1024), 96, recipe)
     args = (xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32)
@@ -118,13 +109,145 @@ def test_split_k_alone_keeps_the_tile(device, monkeypatch):
     for split in (1, 2, 4):
         launched.clear()
         _check(scaled_mm(*args, "precise", config={"SPLIT_K": split}), ref)
-        assert ("_splitk_epilogue_kernel" in launched) is (split > 1), (split, launched)
+        assert "_splitk_epilogue_kernel" not in launched, (split, launched)  # folded
     with pytest.raises(ValueError, match="at least 1"):
         scaled_mm(*args, "precise", config={"SPLIT_K": 0})
     xq, xs, wq, ws = _operands(device, (300, 256), 32, recipe)
     with pytest.raises(ValueError, match="M <= 256 only"):
         scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, "precise",
                   config={"SPLIT_K": 2})
+
+
+def _launched_kernels(monkeypatch) -> list[str]:
+    from fp8compile.kernels import gemm
+
+    launched, real_launch = [], gemm.launch
+
+    def launch(fn):
+        launched.append(getattr(fn, "__name__", None) or fn.fn.__name__)
+        return real_launch(fn)
+
+    monkeypatch.setattr(gemm, "launch", launch)
+    return launched
+
+
+@pytest.mark.parametrize("split", [2, 3, 5])
+def test_folded_split_k_sums_as_the_second_kernel_does(device, monkeypatch, split):
+    """The last program of each tile sums the partials in the GEMM kernel: the same bits
+    as the split-K epilogue kernel (same summation order), NaN rows included, for every
+    recipe and epilogue; the tile counters are zero again after each launch."""
+    from fp8compile.kernels import gemm
+
+    launched = _launched_kernels(monkeypatch)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": split,
+           "num_warps": 4, "num_stages": 2}
+    for recipe in RECIPES:
+        xq, xs, wq, ws = _operands(device, (19, 1100), 70, recipe)
+        if recipe[0] is not G.TENSOR:  # a NaN in one partial sum of row 4
+            xs.view(19, -1)[4, 0] = float("nan")
+        bias = torch.randn(70, device=device)
+        bias[7] = float("nan")
+        res = torch.randn(19, 70, device=device, dtype=torch.bfloat16)
+        args = (xq, xs, recipe[0], wq, ws, recipe[1], bias, torch.bfloat16)
+        got = {}
+        for fold in (True, False, True):  # twice folded: counters reused
+            monkeypatch.setattr(gemm, "FOLD_SPLIT", fold)
+            launched.clear()
+            got[fold] = scaled_mm(*args, "precise", "gelu", res, config=cfg)
+            assert ("_splitk_epilogue_kernel" in launched) is not fold, launched
+        torch.testing.assert_close(got[True], got[False], atol=0, rtol=0, equal_nan=True)
+        nan_rows = [4] if recipe[0] is not G.TENSOR else []
+        assert got[True][:, 7].isnan().all() and got[True][nan_rows].isnan().all()
+        rows = [r for r in range(19) if r not in nan_rows]
+        cols = [c for c in range(70) if c != 7]
+        assert not got[True][rows][:, cols].isnan().any()
+        _check(got[True][rows][:, cols],
+               scaled_mm_reference(*args, "gelu", res)[rows][:, cols])
+    counters = gemm._COUNTERS[next(k for k in gemm._COUNTERS if k[0] == xq.device)]
+    assert all(int(c.count_nonzero()) == 0 for c in counters)
+
+
+def test_split_k_counters_grow_and_keep_the_old_buffer(device):
+    from fp8compile.kernels import gemm
+
+    dev = torch.device(device)
+    small = gemm._tile_counters(dev, 10)
+    assert gemm._tile_counters(dev, small.numel()) is small
+    big = gemm._tile_counters(dev, small.numel() + 1)
+    assert big.numel() >= 2 * small.numel() and big.dtype == torch.int32
+    assert not big.count_nonzero()
+    buffers = next(v for k, v in gemm._COUNTERS.items() if k[0] == dev)
+    assert buffers[-1] is big and any(b is small for b in buffers)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs and streams need a GPU")
+def test_folded_split_k_on_the_gpu(monkeypatch):
+    """The counters' ordering under load (many launches, every tile's programs racing), in a
+    CUDA graph replayed many times, and on a second stream (its own counters): the same bits
+    as the two-kernel split every time."""
+    from fp8compile.kernels import gemm
+
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 4,
+           "num_warps": 4, "num_stages": 4}
+    xq, xs, wq, ws = _operands("cuda", (16, 4096), 4096, RECIPES[0])
+
+    def run():
+        return scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32, "precise",
+                         config=cfg)
+
+    monkeypatch.setattr(gemm, "FOLD_SPLIT", False)
+    want = run()
+    monkeypatch.setattr(gemm, "FOLD_SPLIT", True)
+    for _ in range(200):
+        assert torch.equal(run(), want)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    for _ in range(200):
+        y.zero_()
+        graph.replay()
+        assert torch.equal(y, want)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        y2 = run()
+    torch.cuda.current_stream().wait_stream(side)
+    assert torch.equal(y2, want)
+    streams = {k[1] for k in gemm._COUNTERS if k[0] == xq.device}
+    assert side.cuda_stream in streams and len(streams) >= 3  # eager, capture, side
+    for buffers in gemm._COUNTERS.values():
+        assert all(int(b.count_nonzero()) == 0 for b in buffers)
+
+
+def test_traced_split_k_keeps_the_second_kernel(device, monkeypatch):
+    """A traced graph (Inductor's own launch) cannot carry the counters between launches:
+    there the split-K epilogue kernel sums the partials."""
+    from fp8compile.kernels import gemm
+
+    launched = _launched_kernels(monkeypatch)
+    monkeypatch.setattr(gemm, "tracing", lambda: True)
+    xq, xs, wq, ws = _operands(device, (5, 1024), 96, RECIPES[1])
+    args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
+    cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2,
+           "num_warps": 4, "num_stages": 2}
+    _check(scaled_mm(*args, "precise", config=cfg), scaled_mm_reference(*args, "none", None))
+    assert launched == ["_scaled_mm_kernel", "_splitk_epilogue_kernel"]
+
+
+def test_split_k_of_taller_tiles_keeps_the_second_kernel(device, monkeypatch):
+    """Above 16-row tiles one program's sum of the partials costs more than a second launch
+    (M = 64 on H200): the split-K epilogue kernel sums them."""
+    launched = _launched_kernels(monkeypatch)
+    xq, xs, wq, ws = _operands(device, (40, 1024), 96, RECIPES[1])
+    args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
+    ref = scaled_mm_reference(*args, "none", None)
+    for bm, kernels_launched in ((16, ["_scaled_mm_kernel"]),
+                                 (32, ["_scaled_mm_kernel", "_splitk_epilogue_kernel"])):
+        launched.clear()
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2,
+               "num_warps": 4, "num_stages": 2}
+        _check(scaled_mm(*args, "precise", config=cfg), ref)
+        assert launched == kernels_launched, bm
 
 
 def test_tiles_and_mixed_recipes(device):
