@@ -13,8 +13,9 @@ a process of its own, twice:
 Inductor's own caches are disabled in both (``force_disable_caches``), as in ``e2e.py``.  The
 ratio is to bf16 Inductor's time in the same column.  For the fp8hpf variants the time spent
 in the compile-time GEMM decisions (``kernels.select``: timing backends, tuning tiles, the
-SwiGLU step) and in Triton's compiler and launcher builds inside the process is given too
-(Inductor compiles its own kernels in worker processes).
+SwiGLU step), in quantizing the weights, and in Triton's compiler and launcher builds inside
+the process is given too (Inductor compiles its own kernels in worker processes), and so are
+Dynamo's phase timers.
 
 Run on a CUDA (Hopper) machine::
 
@@ -46,6 +47,7 @@ def _timers() -> dict[str, list]:
     import triton.runtime.build as build
 
     from fp8compile.kernels import select
+    from fp8compile.passes import scales
 
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
 
@@ -66,6 +68,7 @@ def _timers() -> dict[str, list]:
 
     wrap(select, "_choose_traced", "GEMM backend choices")
     wrap(select, "swiglu_epilogue_ms", "SwiGLU step timing")
+    wrap(scales.WeightCache, "_quantize", "weight quantization")
     wrap(triton.compiler, "compile", "Triton compiles in this process")
     wrap(build, "_build", "Triton C launcher builds")
     return totals

@@ -252,6 +252,31 @@ def quantize(
     return q, s
 
 
+def quantize_by_rows(
+    x: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+    rows: int = 8192,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize` of a 2-D ``x``, ``rows`` rows at a time (a multiple of 128): the same
+    bits, with the fp32 temporaries of one slice rather than of all of ``x``.  Tensor scaling
+    takes the largest of the slices' amaxes first."""
+    if rows <= 0 or rows % BLOCK:
+        raise ValueError(f"quantize_by_rows: rows={rows} must be a positive multiple of {BLOCK}")
+    if x.dim() != 2 or x.shape[0] <= rows:
+        return quantize(x, granularity, fmt, power_of_2)
+    slices = x.split(rows)
+    if granularity is Granularity.TENSOR:
+        top = torch.stack([amax(piece, granularity) for piece in slices]).amax()
+        s = compute_scale(top, fmt, power_of_2)
+        return torch.cat([quantize_with_scale(p, s, granularity, fmt) for p in slices]), s
+    parts = [quantize(piece, granularity, fmt, power_of_2) for piece in slices]
+    s = torch.cat([p[1] for p in parts])
+    return (torch.cat([p[0] for p in parts]),
+            m_contiguous(s) if granularity is Granularity.GROUP else s)
+
+
 def m_contiguous(s: torch.Tensor) -> torch.Tensor:
     """``s (M, KB)`` stored with strides ``(1, M)``, also when a dim is 1 (where
     ``.t().contiguous().t()`` would keep ``s``'s own strides)."""

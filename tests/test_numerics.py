@@ -201,3 +201,24 @@ def test_interleave_gate_up_and_swiglu_reject_unpaired_shapes():
         nx.interleave_gate_up(torch.randn(128, 4), torch.randn(256, 4))
     with pytest.raises(ValueError, match="multiple of 256"):
         nx.swiglu(torch.randn(2, 384))
+
+
+@pytest.mark.parametrize("g", list(Granularity))
+@pytest.mark.parametrize("p2", [False, True])
+def test_quantize_by_rows_gives_quantize_bits(g, p2):
+    """Slices of 128 rows (and a ragged last one) give quantize's payload and scales, scale
+    layout included; a NaN, an Inf and an all-zero slice stay where they are."""
+    x = torch.randn(300, 200) * torch.rand(300, 1) * 10
+    x[5, 3], x[140, 7] = float("nan"), float("inf")
+    x[256:] = 0
+    want = nx.quantize(x, g, Fp8Format.E4M3, p2)
+    got = nx.quantize_by_rows(x, g, Fp8Format.E4M3, p2, rows=128)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
+                           b.view(torch.uint8) if b.dtype != torch.float32 else b)
+
+
+def test_quantize_by_rows_rejects_slices_that_split_blocks():
+    with pytest.raises(ValueError, match="rows=100 must be a positive multiple of 128"):
+        nx.quantize_by_rows(torch.randn(300, 128), Granularity.BLOCK, rows=100)

@@ -69,6 +69,7 @@ import torch
 from .. import numerics as nx
 from ..config import Recipe
 from ..ops import scale_shape
+from ..ops._common import check_fp8_input
 from ..ops.linear import weight_quants
 from .manager import (
     Fp8Pass,
@@ -135,7 +136,13 @@ class WeightCache:
         return self.value
 
     def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return OPS.quantize(src, *self.args)
+        # The reference numerics, not the Triton kernel (the same bits, tested): an inference
+        # weight is quantized when the graph is compiled and again only if it changes, and
+        # a Triton kernel's first launch in a process costs ~0.1-0.3 s of JIT cache lookup
+        # and launcher build, which nothing else in the compile pays for.
+        check_fp8_input(src, "weight")
+        g, fmt, p2 = self.args
+        return nx.quantize_by_rows(src, nx.Granularity(g), nx.Fp8Format(fmt), p2)
 
     def set_interleave(self, gate: int) -> None:
         """Serve the two stacked weights' rows interleaved, the ``gate``-th (0 or 1) first (a

@@ -499,3 +499,34 @@ def test_plan_says_runs_inside_only_of_nodes_the_graph_dropped(passes, config):
 def test_plan_keeps_producers_as_they_are_without_fusion(passes):
     _, _, ctx = passes(LlamaBlock(), torch.randn(2, 8, 256), config={"fuse_producers": False})
     assert not any("inside the fused" in e.reason for e in ctx.plan_entries)
+
+
+@pytest.mark.parametrize("gran", ["block", "row", "tensor"])
+def test_weight_cache_quantizes_with_the_reference_numerics(gran, monkeypatch):
+    """An inference weight is quantized by numerics (no Triton kernel JIT-compiled for it
+    while compiling), with the bits the quantization op gives, in row slices."""
+    from fp8compile import numerics as nx
+    from fp8compile.kernels import quant
+    from fp8compile.passes.scales import WeightCache
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    w = torch.randn(400, 384, device=device, dtype=torch.bfloat16)
+    slices = []
+    real = nx.quantize
+
+    def spy(x, *args, **kwargs):
+        slices.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(nx, "quantize", spy)
+    monkeypatch.setattr(nx.quantize_by_rows, "__defaults__", (nx.Fp8Format.E4M3, False, 128))
+    monkeypatch.setattr(quant, "quantize", lambda *a, **k: pytest.fail("Triton kernel used"))
+    got = WeightCache([0], [False], gran, "e4m3", False).get([w])
+    if gran != "tensor":
+        assert slices == [128, 128, 128, 16]
+    monkeypatch.undo()
+    want = OPS.quantize(w, gran, "e4m3", False)  # the Triton kernel on a GPU
+    assert torch.equal(got[0].view(torch.uint8), want[0].view(torch.uint8))
+    assert torch.equal(got[1], want[1]) and got[1].stride() == want[1].stride()
+    with pytest.raises(ValueError, match="weight has dtype torch.int32"):
+        WeightCache([0], [False], gran, "e4m3", False).get([w.int()])
