@@ -257,14 +257,17 @@ def quantize_by_rows(
     granularity: Granularity,
     fmt: Fp8Format = Fp8Format.E4M3,
     power_of_2: bool = False,
-    rows: int = 8192,
+    rows: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize` of a 2-D ``x``, ``rows`` rows at a time (a multiple of 128): the same
-    bits, with the fp32 temporaries of one slice rather than of all of ``x``.  Tensor scaling
-    takes the largest of the slices' amaxes first."""
-    if rows <= 0 or rows % BLOCK:
+    """:func:`quantize` of a 2-D ``x``, ``rows`` rows at a time (a multiple of 128; by default
+    as many as hold ~2**25 elements): the same bits, with the fp32 temporaries of one slice
+    rather than of all of ``x``.  Tensor scaling takes the largest of the slices' amaxes
+    first."""
+    if rows is None and x.dim() == 2:
+        rows = max(BLOCK, (1 << 25) // max(1, x.shape[1]) // BLOCK * BLOCK)
+    if rows is not None and (rows <= 0 or rows % BLOCK):
         raise ValueError(f"quantize_by_rows: rows={rows} must be a positive multiple of {BLOCK}")
-    if x.dim() != 2 or x.shape[0] <= rows:
+    if rows is None or x.shape[0] <= rows:
         return quantize(x, granularity, fmt, power_of_2)
     slices = x.split(rows)
     if granularity is Granularity.TENSOR:

@@ -219,6 +219,24 @@ def test_quantize_by_rows_gives_quantize_bits(g, p2):
                            b.view(torch.uint8) if b.dtype != torch.float32 else b)
 
 
+def test_quantize_by_rows_slices_wide_weights_by_elements(monkeypatch):
+    """By default a slice holds ~2**25 elements, in whole 128-row blocks."""
+    sliced = []
+    real = nx.quantize
+
+    def spy(x, *args, **kwargs):
+        sliced.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(nx, "quantize", spy)
+    x = torch.randn(2 * 1024 + 5, 1 << 15, dtype=torch.bfloat16)  # 2**25 elements: 1024 rows
+    nx.quantize_by_rows(x, Granularity.ROW)
+    assert sliced == [1024, 1024, 5]
+    sliced.clear()
+    nx.quantize_by_rows(x[:, :128], Granularity.ROW)  # narrow: one slice
+    assert sliced == [2 * 1024 + 5]
+
+
 def test_quantize_by_rows_rejects_slices_that_split_blocks():
     with pytest.raises(ValueError, match="rows=100 must be a positive multiple of 128"):
         nx.quantize_by_rows(torch.randn(300, 128), Granularity.BLOCK, rows=100)
