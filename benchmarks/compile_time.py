@@ -31,6 +31,7 @@ import collections
 import functools
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,9 @@ def main() -> None:
                     help="after the timed runs, one more warm run of each variant under "
                          "cProfile (slower; not in the table), its stats written here as "
                          "<variant>.prof; read them with python -m pstats")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="warm runs per variant, the variants taking turns; the table gives "
+                         "the median (one process compiles bf16 Inductor in 3.4-5.0 s)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -146,15 +150,16 @@ def main() -> None:
     if "bf16 Inductor" not in names:
         names.insert(0, "bf16 Inductor")  # the baseline of the ratios
     with tempfile.TemporaryDirectory() as root:
-        res = {}
-        for temp in ("cold", "warm"):
+        times = collections.defaultdict(list)
+        for temp in ["cold"] + ["warm"] * max(1, args.repeat):
             for name in names:
                 cache = os.path.join(root, name.replace(" ", "_"))
-                res[temp, name] = run(name, args.mode, cache)
-                r = res[temp, name]
+                r = run(name, args.mode, cache)
+                times[temp, name].append(r["first"])
                 parts = "; ".join(f"{k} {v[0]:.2f} s ({v[1]}x)" for k, v in r["parts"].items()
                                   if v[1])
                 print(f"  {temp:4s} {name:24s} {r['first']:6.2f} s  {parts}", flush=True)
+        res = {key: statistics.median(v) for key, v in times.items()}
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
             for name in names:
@@ -162,13 +167,16 @@ def main() -> None:
                 r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")), path)
                 print(f"  warm under cProfile {name:24s} {r['first']:6.2f} s -> {path}",
                       flush=True)
-    print("\nvariant                    cold s (x bf16)    warm s (x bf16)")
+    warm = "warm s (x bf16)" + (f", median of {args.repeat} [range]" if args.repeat > 1 else "")
+    print(f"\nvariant                    cold s (x bf16)    {warm}")
     for name in names:
         cells = []
         for temp in ("cold", "warm"):
-            t, ref = res[temp, name]["first"], res[temp, "bf16 Inductor"]["first"]
+            t, ref = res[temp, name], res[temp, "bf16 Inductor"]
             cells.append(f"{t:6.2f} ({t / ref:.2f}x)")
-        print(f"{name:24s} {cells[0]:>18s} {cells[1]:>18s}")
+        spread = times["warm", name]
+        extra = f" [{min(spread):.2f}-{max(spread):.2f}]" if len(spread) > 1 else ""
+        print(f"{name:24s} {cells[0]:>18s} {cells[1]:>18s}{extra}")
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity, check_swiglu_rows
 from ..numerics import swiglu as swiglu_of
-from ..ops._inline import launch, outside_tracing, random_like, tracing
+from ..ops._inline import deciding, launch, outside_tracing, random_like, tracing
 from . import blockwise_ws, tuning
 from .layout import contiguous_2d
 from .quant import GRAN_CODE
@@ -418,7 +418,8 @@ def scaled_mm(
     split = cdiv(k, k_per_split)
     part = out if split == 1 else torch.empty((split, m, n), dtype=torch.float32,
                                               device=xq.device)
-    fold = split > 1 and bm <= FOLD_SPLIT_ROWS and FOLD_SPLIT and not tracing()
+    fold = (split > 1 and bm <= FOLD_SPLIT_ROWS and FOLD_SPLIT and not tracing()
+            and not deciding())
     counters = _tile_counters(xq.device, cdiv(m, bm) * cdiv(n, bn)) if fold else part
     stride_as0, stride_as1 = _scale_strides(xs2)
     stride_ws0, stride_ws1 = _scale_strides(ws2)
@@ -467,7 +468,8 @@ def scaled_mm(
 # H200, CUDA graphs, one process (docs/performance.md): 0-0.7 us faster at M <= 16 on
 # 4096x4096 (9-10 us GEMMs), up to 2 us on 4096x14336; at M = 64 (64x64 tiles) the one
 # program's serial sum of four 64x64 partials cost 1.1-1.7 us more than the second kernel,
-# which spreads it over 128 programs.  A graph being traced keeps the second kernel: the
+# which spreads it over 128 programs.  A graph being traced keeps the second kernel, and so do
+# the compile-time decisions for it (they time and tune what the graph launches): the
 # counters below are state that outlives a launch, which Inductor's graph does not carry.
 # ``FP8COMPILE_FOLD_SPLIT_K=0`` keeps it everywhere.
 FOLD_SPLIT = os.environ.get("FP8COMPILE_FOLD_SPLIT_K", "1") != "0"

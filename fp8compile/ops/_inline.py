@@ -42,7 +42,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["concrete", "inline_enabled", "inline_on_gpu", "launch", "opaque_ops",
+__all__ = ["concrete", "deciding", "inline_enabled", "inline_on_gpu", "launch", "opaque_ops",
            "outside_tracing", "pinned", "random_like", "tracing"]
 
 _STATE = threading.local()
@@ -84,16 +84,25 @@ def _tracing() -> Iterator[None]:
 @contextlib.contextmanager
 def outside_tracing() -> Iterator[None]:
     """Real tensors and eager launches again, inside a rule: for the decisions a body takes
-    by running kernels at compile time (GEMM backend, autotuned tile config)."""
+    by running kernels at compile time (GEMM backend, autotuned tile config).  Launchers
+    there run what a traced graph would (see :func:`deciding`)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
     from torch.utils._python_dispatch import _disable_current_modes
 
     depth, _STATE.depth = getattr(_STATE, "depth", 0), 0
+    deciding_before, _STATE.deciding = getattr(_STATE, "deciding", False), depth > 0
     try:
         with _disable_current_modes(), unset_fake_temporarily():
             yield
     finally:
-        _STATE.depth = depth
+        _STATE.depth, _STATE.deciding = depth, deciding_before
+
+
+def deciding() -> bool:
+    """True while a rule's body runs kernels eagerly to take a compile-time decision
+    (:func:`outside_tracing` inside a trace): a launcher then launches the kernels a traced
+    graph would, so that what is timed and tuned is what the graph runs."""
+    return getattr(_STATE, "deciding", False)
 
 
 def random_like(t: Tensor | None) -> Tensor | None:

@@ -219,19 +219,36 @@ def test_folded_split_k_on_the_gpu(monkeypatch):
         assert all(int(b.count_nonzero()) == 0 for b in buffers)
 
 
-def test_traced_split_k_keeps_the_second_kernel(device, monkeypatch):
+@pytest.mark.parametrize("where", ["traced", "deciding"])
+def test_traced_split_k_keeps_the_second_kernel(device, monkeypatch, where):
     """A traced graph (Inductor's own launch) cannot carry the counters between launches:
-    there the split-K epilogue kernel sums the partials."""
+    there the split-K epilogue kernel sums the partials, and so it does in the eager runs
+    that time and tune the graph's GEMM at compile time (what they measure is what the
+    graph launches)."""
+    import contextlib
+
     from fp8compile.kernels import gemm
+    from fp8compile.ops import _inline
 
     launched = _launched_kernels(monkeypatch)
-    monkeypatch.setattr(gemm, "tracing", lambda: True)
     xq, xs, wq, ws = _operands(device, (5, 1024), 96, RECIPES[1])
     args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
     cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2,
            "num_warps": 4, "num_stages": 2}
-    _check(scaled_mm(*args, "precise", config=cfg), scaled_mm_reference(*args, "none", None))
+    with contextlib.ExitStack() as context:
+        if where == "traced":
+            context.enter_context(monkeypatch.context()).setattr(gemm, "tracing", lambda: True)
+        else:
+            context.enter_context(_inline._tracing())
+            context.enter_context(_inline.outside_tracing())
+        y = scaled_mm(*args, "precise", config=cfg)
+    _check(y, scaled_mm_reference(*args, "none", None))
     assert launched == ["_scaled_mm_kernel", "_splitk_epilogue_kernel"]
+    assert not _inline.deciding() and not _inline.tracing()
+    launched.clear()
+    with _inline.outside_tracing():  # not inside a trace: an eager launch, folded
+        scaled_mm(*args, "precise", config=cfg)
+    assert launched == ["_scaled_mm_kernel"]
 
 
 def test_split_k_of_taller_tiles_keeps_the_second_kernel(device, monkeypatch):
