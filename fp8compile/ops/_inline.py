@@ -90,7 +90,8 @@ def outside_tracing() -> Iterator[None]:
     from torch.utils._python_dispatch import _disable_current_modes
 
     depth, _STATE.depth = getattr(_STATE, "depth", 0), 0
-    deciding_before, _STATE.deciding = getattr(_STATE, "deciding", False), depth > 0
+    deciding_before = getattr(_STATE, "deciding", False)
+    _STATE.deciding = deciding_before or depth > 0  # a nested call stays inside the decision
     try:
         with _disable_current_modes(), unset_fake_temporarily():
             yield

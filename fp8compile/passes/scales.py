@@ -138,8 +138,9 @@ class WeightCache:
     def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The reference numerics, not the Triton kernel (the same bits, tested): an inference
         # weight is quantized when the graph is compiled and again only if it changes, and
-        # a Triton kernel's first launch in a process costs ~0.1-0.3 s of JIT cache lookup
-        # and launcher build, which nothing else in the compile pays for.
+        # the kernel's first launches in a process (JIT cache lookup, launcher build) took
+        # 0.5 s of a warm compile and 1.4-1.6 s of a cold one on an H200, for nothing else
+        # the compile needs (docs/performance.md).
         check_fp8_input(src, "weight")
         g, fmt, p2 = self.args
         return nx.quantize_by_rows(src, nx.Granularity(g), nx.Fp8Format(fmt), p2)
