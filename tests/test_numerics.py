@@ -211,12 +211,13 @@ def test_quantize_by_rows_gives_quantize_bits(g, p2):
     x = torch.randn(300, 200) * torch.rand(300, 1) * 10
     x[5, 3], x[140, 7] = float("nan"), float("inf")
     x[256:] = 0
-    want = nx.quantize(x, g, Fp8Format.E4M3, p2)
-    got = nx.quantize_by_rows(x, g, Fp8Format.E4M3, p2, rows=128)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
-        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
-                           b.view(torch.uint8) if b.dtype != torch.float32 else b)
+    for x in (x, x.t().contiguous().t()):  # row-major, and a column-major view
+        want = nx.quantize(x, g, Fp8Format.E4M3, p2)
+        got = nx.quantize_by_rows(x, g, Fp8Format.E4M3, p2, rows=128)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+            assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a,
+                               b.view(torch.uint8) if b.dtype != torch.float32 else b)
 
 
 def test_quantize_by_rows_slices_wide_weights_by_elements(monkeypatch):
