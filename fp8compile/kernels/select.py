@@ -33,8 +33,8 @@ from .layout import contiguous_2d
 from .tuning import m_bucket
 
 __all__ = ["autotuning", "backend_choices", "choose", "choose_traced", "cublas_scaled_mm",
-           "cublas_unsupported", "describe_key", "note_traced", "swiglu_epilogue_ms",
-           "take_traced_choices"]
+           "cublas_unsupported", "describe_key", "forced_backend", "note_traced",
+           "swiglu_epilogue_ms", "take_traced_choices"]
 
 _CHOICES: dict[tuple, str] = {}
 _TRACED: list[tuple[tuple, str]] = []  # (key, choice) of each GEMM traced since the last take
@@ -205,10 +205,16 @@ def _medians(first: Callable[[], object], second: Callable[[], object], rounds: 
 _TRITON_MARGIN = 0.03
 
 
+def forced_backend() -> str:
+    """``FP8COMPILE_GEMM_BACKEND`` as set (``"auto"`` when unset); :func:`choose` rejects a
+    value other than ``auto``, ``triton`` or ``cublas``."""
+    return os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto")
+
+
 def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
            cublas_fn: Callable[[], torch.Tensor] | None) -> str:
     """``"triton"`` or ``"cublas"`` for ``key``; times both on first sight (see module doc)."""
-    forced = os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto")
+    forced = forced_backend()
     if forced not in ("auto", "triton", "cublas"):
         raise ValueError(
             f"FP8COMPILE_GEMM_BACKEND={forced!r} is not 'auto', 'triton' or 'cublas'"
@@ -314,7 +320,7 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
     from .gemm import gluon_serves
     from .gemm import scaled_mm as triton_scaled_mm
 
-    if os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "auto":
+    if forced_backend() != "auto":
         return choose(key, _never, _never if cublas_why is None else None)
     gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation)
     ruled = _by_rule(xq, activation, residual, cublas_why, gluon)
@@ -398,7 +404,7 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
             h = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "swiglu")
             return q.quantize(h, gran, fmt, p2)
 
-        on_cublas = (os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto") != "triton" and
+        on_cublas = (forced_backend() != "triton" and
                      cublas_unsupported(xq, xg, wq, wg, out_dtype, "none", None) is None)
 
         def without():

@@ -55,7 +55,6 @@ rule that made or stopped the fold.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -173,7 +172,10 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
-        forced = os.environ.get("FP8COMPILE_GEMM_BACKEND", "auto")
+        from ..kernels import select
+        from ..kernels.blockwise_ws import unsupported
+
+        forced = select.forced_backend()
         if forced != "auto":  # the fused kernel is chosen by timing, which this overrides
             return f"GEMM backend forced (FP8COMPILE_GEMM_BACKEND={forced})", ""
         w, w_scale, y = (value_of(a) for a in (wq, ws, next(iter(mm.users))))
@@ -181,9 +183,6 @@ class EpiloguePass(Fp8Pass):
             return "operand shapes unknown", ""
         if not all(isinstance(d, int) for d in y.shape):
             return "dynamic shapes (the kernel is chosen by M)", ""
-        from ..kernels import select
-        from ..kernels.blockwise_ws import unsupported
-
         # Stand-ins with the activation's size, dtype and device (one element, expanded):
         # the kernel's rules read no values and, here, no strides.
         m = math.prod(y.shape[:-1])
