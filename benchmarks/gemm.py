@@ -198,9 +198,7 @@ def run_bench(out_dir, shapes):
             q = {}
             for name, xg, wg in [("block", G.GROUP, G.BLOCK), ("row", G.ROW, G.ROW),
                                  ("tensor", G.TENSOR, G.TENSOR)]:
-                q[name] = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
-                            *K.quantize(w, wg, Fp8Format.E4M3, False))
-                           for x, w in zip(xs_hp, ws_hp)]
+                q[name] = _fp8_sets(xs_hp, ws_hp, xg, wg)
             r = {"M": m, "N": n, "K": k, "sets": nsets}
             t, err = {}, {}
 
@@ -425,12 +423,27 @@ def _decode_operands(m, n, k):
     return xs, ws, bench(lambda x, w: F.linear(x, w), list(zip(xs, ws)))
 
 
+def _fp8_sets(xs, ws, xg, wg):
+    """``(xq, xs, wq, ws)`` of each bf16 operand pair, E4M3, by fp8compile's quantization."""
+    from fp8compile import kernels as K
+
+    return [(*K.quantize(x, xg, Fp8Format.E4M3, False), *K.quantize(w, wg, Fp8Format.E4M3, False))
+            for x, w in zip(xs, ws)]
+
+
+def _launcher_split(m, n, k, xg, wg):
+    """The split of K the Triton launcher picks for a decode-sized M x N x K GEMM."""
+    from fp8compile.kernels import tuning
+    from fp8compile.kernels.gemm import launch_split
+
+    return launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
+                        torch.device("cuda"))
+
+
 def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
     """Decode-sized GEMMs on the Triton kernel at each split of K (``config={"SPLIT_K": s}``,
     the tile autotuned per split) against the launcher's own split (``*``) and bf16."""
-    from fp8compile import kernels as K
     from fp8compile.kernels import tuning
-    from fp8compile.kernels.gemm import launch_split
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     log("\nSplit-K on the Triton kernel, us per GEMM (CUDA-graph replays, L2-exceeding "
@@ -443,10 +456,8 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
             for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
                                       ("row fast", G.ROW, G.ROW, "fast"),
                                       ("row precise", G.ROW, G.ROW, "precise")]:
-                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
-                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
-                mine = launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
-                                    torch.device("cuda"))
+                sets = _fp8_sets(xs, ws, xg, wg)
+                mine = _launcher_split(m, n, k, xg, wg)
                 cells = []
                 for split in splits:
                     if split > 1 and k // split < 256:
@@ -464,9 +475,7 @@ def run_fold(shapes):
     """Decode-sized GEMMs on the Triton kernel with the split-K sum folded into the GEMM (the
     last program of each tile adds the partials) against the two-kernel split (a second
     launch adds them), at the launcher's own split and tile; bf16 alongside."""
-    from fp8compile import kernels as K
     from fp8compile.kernels import gemm, tuning
-    from fp8compile.kernels.gemm import launch_split
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     log("\nSplit-K summed in the GEMM (fold) or by a second kernel, us per GEMM (CUDA-graph "
@@ -481,10 +490,8 @@ def run_fold(shapes):
                                       ("row fast", G.ROW, G.ROW, "fast"),
                                       ("row precise", G.ROW, G.ROW, "precise"),
                                       ("tensor fast", G.TENSOR, G.TENSOR, "fast")]:
-                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
-                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
-                split = launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
-                                     torch.device("cuda"))
+                sets = _fp8_sets(xs, ws, xg, wg)
+                split = _launcher_split(m, n, k, xg, wg)
                 t = {}
                 for fold in (False, True):
                     gemm.FOLD_SPLIT = fold
@@ -502,9 +509,8 @@ def run_tiles(shapes):
     bf16; also the split-K reduction kernel alone at the launcher's split."""
     import itertools
 
-    from fp8compile import kernels as K
     from fp8compile.kernels import tuning
-    from fp8compile.kernels.gemm import _splitk_epilogue_kernel, launch_split
+    from fp8compile.kernels.gemm import _splitk_epilogue_kernel
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     log("\nTile sweep of the Triton kernel at decode sizes, us per GEMM (CUDA-graph replays, "
@@ -517,8 +523,7 @@ def run_tiles(shapes):
             log(f"  {m}x{n}x{k}: bf16 {t_bf * 1e3:.1f} us (1.5x bf16: {t_bf * 1e3 / 1.5:.1f})")
             for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
                                       ("row fast", G.ROW, G.ROW, "fast")]:
-                sets = [(*K.quantize(x, xg, Fp8Format.E4M3, False),
-                         *K.quantize(w, wg, Fp8Format.E4M3, False)) for x, w in zip(xs, ws)]
+                sets = _fp8_sets(xs, ws, xg, wg)
                 t_now = bench(lambda a, sa, b, sb: triton_mm(a, sa, xg, b, sb, wg, None,
                                                              torch.bfloat16, acc), sets)
                 ref = triton_mm(*sets[0][:2], xg, *sets[0][2:], wg, None, torch.float32, acc)
@@ -545,8 +550,7 @@ def run_tiles(shapes):
                     found.append((t, f"BN {bn} BK {bk} stages {stages} warps {warps} "
                                      f"split {split}"))
                 found.sort()
-                split = launch_split(m, n, k, *tuning.SMALL_TILES[16], xg, wg,
-                                     torch.device("cuda"))
+                split = _launcher_split(m, n, k, xg, wg)
                 log(f"    {name}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16, "
                     f"split {split})")
                 for t, what in found[:5]:
