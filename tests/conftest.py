@@ -21,3 +21,19 @@ def _fresh_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def quantize_rows_seen(monkeypatch) -> list[int]:
+    """The row count of each ``numerics.quantize`` call while the test runs (the calls
+    still go through): how a caller sliced its input."""
+    from fp8compile import numerics as nx
+
+    seen, real = [], nx.quantize
+
+    def spy(x, *args, **kwargs):
+        seen.append(x.shape[0])
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(nx, "quantize", spy)
+    return seen

@@ -220,16 +220,9 @@ def test_quantize_by_rows_gives_quantize_bits(g, p2):
                                b.view(torch.uint8) if b.dtype != torch.float32 else b)
 
 
-def test_quantize_by_rows_slices_wide_weights_by_elements(monkeypatch):
+def test_quantize_by_rows_slices_wide_weights_by_elements(quantize_rows_seen):
     """By default a slice holds ~2**25 elements, in whole 128-row blocks."""
-    sliced = []
-    real = nx.quantize
-
-    def spy(x, *args, **kwargs):
-        sliced.append(x.shape[0])
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(nx, "quantize", spy)
+    sliced = quantize_rows_seen
     x = torch.randn(2 * 1024 + 5, 1 << 15, dtype=torch.bfloat16)  # 2**25 elements: 1024 rows
     nx.quantize_by_rows(x, Granularity.ROW)
     assert sliced == [1024, 1024, 5]

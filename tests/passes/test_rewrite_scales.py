@@ -502,7 +502,8 @@ def test_plan_keeps_producers_as_they_are_without_fusion(passes):
 
 
 @pytest.mark.parametrize("gran", ["block", "row", "tensor"])
-def test_weight_cache_quantizes_with_the_reference_numerics(gran, monkeypatch):
+def test_weight_cache_quantizes_with_the_reference_numerics(gran, monkeypatch,
+                                                            quantize_rows_seen):
     """An inference weight is quantized by numerics (no Triton kernel JIT-compiled for it
     while compiling), with the bits the quantization op gives, in row slices."""
     from fp8compile import numerics as nx
@@ -511,14 +512,7 @@ def test_weight_cache_quantizes_with_the_reference_numerics(gran, monkeypatch):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = torch.randn(400, 384, device=device, dtype=torch.bfloat16)
-    slices = []
-    real = nx.quantize
-
-    def spy(x, *args, **kwargs):
-        slices.append(x.shape[0])
-        return real(x, *args, **kwargs)
-
-    monkeypatch.setattr(nx, "quantize", spy)
+    slices = quantize_rows_seen
     monkeypatch.setattr(nx.quantize_by_rows, "__defaults__", (nx.Fp8Format.E4M3, False, 128))
     monkeypatch.setattr(quant, "quantize", lambda *a, **k: pytest.fail("Triton kernel used"))
     got = WeightCache([0], [False], gran, "e4m3", False).get([w])
