@@ -50,6 +50,7 @@ __all__ = [
     "BLOCK",
     "FP8_FORMATS",
     "Fp8Format",
+    "PRODUCERS",
     "SWIGLU_RUN",
     "Granularity",
     "amax",
@@ -60,6 +61,7 @@ __all__ = [
     "fp8_linear_reference",
     "interleave_gate_up",
     "m_contiguous",
+    "produce",
     "quantize",
     "quantize_dual",
     "quantize_with_scale",
@@ -399,6 +401,27 @@ def rmsnorm_fp32(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> to
     xf = x.float()
     y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return y * weight.float() if weight is not None else y
+
+
+# What a fused quantization can cast besides its input itself (``produce``).
+PRODUCERS = ("none", "rmsnorm", "add_rmsnorm", "silu_mul")
+
+
+def produce(x: torch.Tensor, x2: torch.Tensor | None, norm_weight: torch.Tensor | None,
+            eps: float, producer: str) -> torch.Tensor:
+    """What a quantization fused into its producer casts, in fp32 as the fused kernels
+    compute it: ``x`` itself (``"none"``, in its own dtype), ``RMSNorm(x) * norm_weight``
+    (``"rmsnorm"``), the same of ``x + x2`` (``"add_rmsnorm"``) or ``silu(x) * x2``
+    (``"silu_mul"``)."""
+    if producer == "rmsnorm":
+        return rmsnorm_fp32(x, norm_weight, eps)
+    if producer == "add_rmsnorm":
+        return rmsnorm_fp32(x.float() + x2.float(), norm_weight, eps)
+    if producer == "silu_mul":
+        return torch.nn.functional.silu(x.float()) * x2.float()
+    if producer == "none":
+        return x
+    raise ValueError(f"produce: producer {producer!r} is not one of {PRODUCERS}")
 
 
 def silu_mul_quantize(

@@ -30,6 +30,7 @@ from .quant import (
 
 __all__ = [
     "quantize_history",
+    "quantize_static",
     "rmsnorm_quantize",
     "silu_mul_quantize",
 ]
@@ -94,6 +95,16 @@ def silu_mul_quantize(
     return quantize_rows(gate, granularity, fmt, power_of_2, producer=PRODUCER_SILU_MUL, x2=up)
 
 
+def _producer_args(x, x2, norm_weight, eps, producer) -> dict:
+    """``quantize_rows``'s producer arguments for a producer named as in
+    :func:`fp8compile.numerics.produce` (a norm without weight gets ones)."""
+    code = PRODUCERS[producer]
+    return dict(producer=code, x2=x2, eps=eps,
+                norm_weight=(None if code not in NORM_PRODUCERS else
+                             norm_weight.contiguous() if norm_weight is not None
+                             else x.new_ones(x.shape[-1])))
+
+
 def quantize_history(
     x: torch.Tensor, x2: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
     producer: str, history: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3,
@@ -111,13 +122,23 @@ def quantize_history(
     """
     fmt = Fp8Format(fmt)
     check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_history input")
-    code = PRODUCERS[producer]
-    kw = dict(producer=code, x2=x2, eps=eps,
-              norm_weight=(None if code not in NORM_PRODUCERS else
-                           norm_weight.contiguous() if norm_weight is not None
-                           else x.new_ones(x.shape[-1])))
+    kw = _producer_args(x, x2, norm_weight, eps, producer)
     hist = history.reshape(-1).to(torch.float32).contiguous()
     out = torch.empty(1, dtype=torch.float32, device=x.device)
     q, s = quantize_rows(x, Granularity.TENSOR, fmt, power_of_2, history=hist, amax_out=out,
                          **kw)
     return q, s, out.reshape(())
+
+
+def quantize_static(
+    x: torch.Tensor, x2: torch.Tensor | None, norm_weight: torch.Tensor | None, eps: float,
+    producer: str, scale: torch.Tensor, fmt: Fp8Format = Fp8Format.E4M3,
+) -> torch.Tensor:
+    """Static scaling's tensorwise cast of ``x`` or of its producer's output (``producer`` as
+    for :func:`quantize_history`) with the given ``scale`` (one fp32 element on x's device):
+    one launch, one pass over the inputs."""
+    fmt = Fp8Format(fmt)
+    check_quantize_args(x, Granularity.TENSOR, fmt, "quantize_static input")
+    s = scale.reshape(1).to(device=x.device, dtype=torch.float32)
+    return quantize_rows(x, Granularity.TENSOR, fmt, False, given_scale=s,
+                         **_producer_args(x, x2, norm_weight, eps, producer))[0]

@@ -12,9 +12,8 @@ from .. import numerics as nx
 from ..numerics import Fp8Format, Granularity
 
 __all__ = [
-    "ACTIVATIONS", "FLOAT_DTYPES", "as_fmt", "as_gran", "check_fp8_input", "device_of",
-    "empty_scale",
-    "scale_shape",
+    "ACTIVATIONS", "FLOAT_DTYPES", "as_fmt", "as_gran", "check_fp8_input",
+    "check_producer_args", "device_of", "empty_scale", "scale_shape",
 ]
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu", "swiglu")
@@ -46,6 +45,25 @@ def check_fp8_input(x: Tensor, what: str) -> None:
         raise ValueError(
             f"{what} has dtype {x.dtype}; FP8 quantization takes float32, bfloat16 or float16 "
             f"(cast it with .float() first)"
+        )
+
+
+def check_producer_args(x: Tensor, x2: Tensor | None, norm_weight: Tensor | None,
+                        producer: str, what: str) -> None:
+    """The inputs of a quantization fused into its producer (:func:`numerics.produce`)."""
+    check_fp8_input(x, f"{what} input")
+    if producer not in nx.PRODUCERS:
+        raise ValueError(f"{what}: producer {producer!r} is not one of {nx.PRODUCERS}")
+    if producer in ("silu_mul", "add_rmsnorm") and (x2 is None or x2.shape != x.shape):
+        raise ValueError(
+            f"{what}: {producer} needs x2 (up, or the residual) with x's shape "
+            f"{tuple(x.shape)}, got {None if x2 is None else tuple(x2.shape)}"
+        )
+    if producer in ("rmsnorm", "add_rmsnorm") and norm_weight is not None and \
+            tuple(norm_weight.shape) != (x.shape[-1],):
+        raise ValueError(
+            f"{what}: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[-1]},), the "
+            "last dim of x"
         )
 
 

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import as_fmt, as_gran, check_fp8_input, empty_scale
+from ._common import as_fmt, as_gran, check_fp8_input, check_producer_args, empty_scale
 from ._inline import inline_on_gpu
 
 
@@ -102,5 +102,52 @@ def _silu_mul_quantize_cuda(gate, up, granularity, fmt, power_of_2):
     return nx.silu_mul_quantize(gate, up, g, f, power_of_2)
 
 
+def _check_static(x, x2, norm_weight, producer, scale) -> None:
+    check_producer_args(x, x2, norm_weight, producer, "quantize_static")
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(
+            f"quantize_static: scale must be one fp32 element (a tensorwise static scale), "
+            f"got {scale.numel()} element(s) of {scale.dtype}; calibrated scales come from "
+            "numerics.compute_scale(amax)"
+        )
+
+
+@torch.library.custom_op("fp8compile::quantize_static", mutates_args=())
+def quantize_static(
+    x: Tensor, x2: Optional[Tensor], norm_weight: Optional[Tensor], eps: float, producer: str,
+    scale: Tensor, fmt: str,
+) -> Tensor:
+    """Static scaling's tensorwise cast of ``x`` or of its producer's output, with the given
+    (calibrated) ``scale``: ``producer`` ``"none"``, ``"rmsnorm"`` (``norm_weight``,
+    ``eps``), ``"add_rmsnorm"`` (of ``x + x2``) or ``"silu_mul"`` (``silu(x) * x2``), as
+    :func:`fp8compile.numerics.produce` computes them.  The scale is known, so on the GPU
+    this is one pass over the inputs: no amax to find first."""
+    _check_static(x, x2, norm_weight, producer, scale)
+    return _quantize_static_ref(x, x2, norm_weight, eps, producer, scale, as_fmt(fmt))
+
+
+def _quantize_static_ref(x, x2, norm_weight, eps, producer, scale, fmt):
+    y = nx.produce(x, x2, norm_weight, eps, producer)
+    return nx.quantize_with_scale(y, scale.reshape(()), nx.Granularity.TENSOR, fmt)
+
+
+@quantize_static.register_fake
+def _(x, x2, norm_weight, eps, producer, scale, fmt):
+    return x.new_empty(x.shape, dtype=as_fmt(fmt).dtype)
+
+
+@quantize_static.register_kernel("cuda")
+def _quantize_static_cuda(x, x2, norm_weight, eps, producer, scale, fmt):
+    from .. import kernels
+
+    _check_static(x, x2, norm_weight, producer, scale)
+    if kernels.available(x) and x.numel() > 0 and x.dim() > 0:
+        from ..kernels.fused import quantize_static as _kernel
+
+        return _kernel(x, x2, norm_weight, eps, producer, scale, as_fmt(fmt))
+    return _quantize_static_ref(x, x2, norm_weight, eps, producer, scale, as_fmt(fmt))
+
+
 inline_on_gpu(rmsnorm_quantize, _rmsnorm_quantize_cuda)
 inline_on_gpu(silu_mul_quantize, _silu_mul_quantize_cuda)
+inline_on_gpu(quantize_static, _quantize_static_cuda)

@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .. import numerics as nx
 from ..numerics import Granularity
-from ._common import as_fmt, check_fp8_input, device_of, empty_scale
+from ._common import as_fmt, check_producer_args, device_of, empty_scale
 from ._inline import inline_on_gpu
 from .gemm import scaled_mm_impl
 from .linear import _check_linear, _input_grads, _tensorwise_backward
@@ -200,9 +200,6 @@ def _linear_delayed_traced(x, weight, bias, history, grad_history, act_fmt, weig
 inline_on_gpu(linear_delayed, _linear_delayed_traced)
 
 
-_PRODUCERS = ("none", "rmsnorm", "add_rmsnorm", "silu_mul")
-
-
 @torch.library.custom_op("fp8compile::quantize_history", mutates_args=())
 def quantize_history(
     x: Tensor,
@@ -230,22 +227,7 @@ def quantize_history(
 
 
 def _check_history_args(x, x2, norm_weight, producer, history) -> None:
-    check_fp8_input(x, "quantize_history input")
-    if producer not in _PRODUCERS:
-        raise ValueError(
-            f"quantize_history: producer {producer!r} is not one of {_PRODUCERS}"
-        )
-    if producer in ("silu_mul", "add_rmsnorm") and (x2 is None or x2.shape != x.shape):
-        raise ValueError(
-            f"quantize_history: {producer} needs x2 (up, or the residual) with x's shape "
-            f"{tuple(x.shape)}, got {None if x2 is None else tuple(x2.shape)}"
-        )
-    if producer in ("rmsnorm", "add_rmsnorm") and norm_weight is not None and \
-            tuple(norm_weight.shape) != (x.shape[-1],):
-        raise ValueError(
-            f"quantize_history: norm_weight {tuple(norm_weight.shape)} must be "
-            f"({x.shape[-1]},), the last dim of x"
-        )
+    check_producer_args(x, x2, norm_weight, producer, "quantize_history")
     if history.dim() != 1:
         raise ValueError(
             f"quantize_history: history must be one 1-D amax history (a row of a linear's "
@@ -254,14 +236,7 @@ def _check_history_args(x, x2, norm_weight, producer, history) -> None:
 
 
 def _quantize_history_ref(x, x2, norm_weight, eps, producer, history, fmt, power_of_2):
-    if producer == "rmsnorm":
-        y = nx.rmsnorm_fp32(x, norm_weight, eps)
-    elif producer == "add_rmsnorm":
-        y = nx.rmsnorm_fp32(x.float() + x2.float(), norm_weight, eps)
-    elif producer == "silu_mul":
-        y = torch.nn.functional.silu(x.float()) * x2.float()
-    else:
-        y = x
+    y = nx.produce(x, x2, norm_weight, eps, producer)
     cur = nx.amax(y, _T).float()
     scale = nx.compute_scale(delayed_amax(history, cur), fmt, power_of_2)
     return nx.quantize_with_scale(y, scale, _T, fmt), scale, cur

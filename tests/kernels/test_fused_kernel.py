@@ -146,6 +146,56 @@ def test_quantize_history_matches_reference(device, producer, shape, seen):
         assert_close_quant((q, s), (qr, sr), fmt)
 
 
+@pytest.mark.parametrize("producer", ["none", "rmsnorm", "add_rmsnorm", "silu_mul"])
+@pytest.mark.parametrize("shape", [(1, 200), (3, 5, 300), (2, 16500)])
+@pytest.mark.parametrize("fmt", list(Fp8Format))
+def test_quantize_static_matches_reference(device, producer, shape, fmt):
+    # Static scaling's cast, alone or fused into its producer: one launch with the given
+    # scale, against the op's reference (the producer in fp32, then numerics).  The scale is
+    # below the data's amax, so values saturate; a NaN stays NaN.
+    from fp8compile.kernels.fused import quantize_static
+    from fp8compile.ops.fused import _quantize_static_ref
+
+    x = torch.randn(shape) * 3
+    if "rmsnorm" not in producer:  # (a NaN or Inf poisons a whole row after RMSNorm)
+        x.view(-1, shape[-1])[-1, 1] = float("nan")
+        x.view(-1, shape[-1])[0, 2] = float("inf")
+    x2 = torch.randn(shape) if producer in ("silu_mul", "add_rmsnorm") else None
+    w = 1 + 0.1 * torch.randn(shape[-1]) if "rmsnorm" in producer else None
+    scale = nx.compute_scale(torch.tensor(1.5), fmt).reshape(1)
+    on = [t.to(device) if t is not None else None for t in (x, x2, w, scale)]
+    q = quantize_static(on[0], on[1], on[2], 1e-6, producer, on[3], fmt)
+    qr = _quantize_static_ref(x, x2, w, 1e-6, producer, scale, fmt)
+    assert q.shape == qr.shape and q.dtype == qr.dtype == fmt.dtype
+    nan = qr.float().isnan()
+    assert torch.equal(q.float().isnan().cpu(), nan)
+    fmax = torch.finfo(fmt.dtype).max
+    assert (qr.float()[~nan].abs() == fmax).any()  # the test saturates some values
+    if producer == "none":
+        assert torch.equal(q.view(torch.uint8).cpu()[~nan], qr.view(torch.uint8)[~nan])
+    else:  # E5M2 keeps an Inf input (E4M3 saturates it): the same places, then the rest
+        inf = qr.float().isinf()
+        assert torch.equal(q.float().isinf().cpu(), inf)
+        keep = ~inf.reshape(-1)
+        assert_close_quant((q.reshape(-1)[keep.to(q.device)], scale),
+                           (qr.reshape(-1)[keep], scale), fmt)
+
+
+def test_quantize_static_rejects_bad_input(device):
+    x = torch.randn(4, 256, device=device)
+    op = torch.ops.fp8compile.quantize_static
+    with pytest.raises(ValueError, match="one fp32 element"):
+        op(x, None, None, 0.0, "none", torch.ones(2, device=device), "e4m3")
+    with pytest.raises(ValueError, match="one fp32 element"):
+        op(x, None, None, 0.0, "none", torch.ones(1, device=device, dtype=torch.float64), "e4m3")
+    with pytest.raises(ValueError, match="needs x2"):
+        op(x, None, None, 0.0, "silu_mul", torch.ones(1, device=device), "e4m3")
+    with pytest.raises(ValueError, match="producer 'gelu'"):
+        op(x, None, None, 0.0, "gelu", torch.ones(1, device=device), "e4m3")
+    with pytest.raises(ValueError, match="dtype"):
+        op(x.int(), None, None, 0.0, "none", torch.ones(1, device=device), "e4m3")
+
+
 @pytest.mark.parametrize("seen", [False, True])
 @pytest.mark.parametrize("shape", [(5, 300), (2, 20000), (1100, 8192)])
 def test_history_cast_zeroes_its_amax_cell_itself(device, seen, shape):
