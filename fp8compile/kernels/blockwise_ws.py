@@ -88,6 +88,17 @@ PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
 FAST_TILE = (128, 256, 128, 3)
 MATH_REGS, LOAD_REGS = 232, 40
 MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
+# Shared memory a Hopper block may take (227 KB), less what the barriers and the compiler's
+# scratch take besides the tiles (2 KB measured for the fast tile).
+SHARED_MEMORY = 232448 - 4096
+
+
+def _shared_bytes(tile, swiglu: bool, out_bytes: int) -> int:
+    """The A/B stages and the two output tiles (one per math warpgroup) of ``tile``: an
+    fp32 output of the fast tile (256 wide) does not fit beside its three stages."""
+    bm, bn, bk, stages = tile
+    out_n = bn // 2 if swiglu else bn
+    return stages * (bm + bn) * bk + 2 * (bm // 2) * out_n * out_bytes
 
 
 _OUTER = (Granularity.ROW, Granularity.TENSOR)
@@ -128,7 +139,14 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
                 "tile in each output tile)")
     if m < MIN_M:
         return f"M={m} < {MIN_M}: the split-K kernel serves small M"
+    if out_dtype == torch.float8_e5m2:
+        return "an E5M2 output (the epilogue's saturating cast would clip its Inf)"
     out_bytes = torch.finfo(out_dtype).bits // 8
+    fast = outer and accumulation == "fast"
+    if _shared_bytes(FAST_TILE if fast else PROMOTED_TILE, activation == "swiglu",
+                     out_bytes) > SHARED_MEMORY:
+        return (f"{out_dtype} output tiles of this tile shape need more shared memory than "
+                f"the {SHARED_MEMORY // 1024} KB an SM has")
     if k % 16 or (n * out_bytes) % 16:
         return "TMA needs 16-byte rows: K % 16 == 0 and N * out bytes % 16 == 0"
     if layout and (xq.stride() != (k, 1) or wq.stride() != (k, 1)):
@@ -235,7 +253,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
               stride_wsk, HALF: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
@@ -247,6 +265,8 @@ if HAVE_GLUON:
         # A half-width output tile: the SwiGLU epilogue, silu(gate) * up of the two halves.
         CN: gl.constexpr = c_smem.shape[1]
         SWIGLU: gl.constexpr = CN != BN
+        # An FP8 output tile: the tile is cast with the static scale at os_ptr.
+        QUANT_OUT: gl.constexpr = c_desc.dtype.is_fp8()
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BN, 32])
         num_pid_m = gl.cdiv(M, BM)
@@ -320,12 +340,24 @@ if HAVE_GLUON:
                 # special-function ops per output) are what the epilogue adds: ~1 us per
                 # 128x256 tile on an H200, while the tensor cores wait (docs/performance.md).
                 h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
-                c_smem.store(h.to(c_desc.dtype))
+                c_smem.store(_out_cast(h, os_ptr, c_desc.dtype, QUANT_OUT))
             else:
-                c_smem.store(acc.to(c_desc.dtype))
+                c_smem.store(_out_cast(acc, os_ptr, c_desc.dtype, QUANT_OUT))
             fence_async_shared()
             _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN], c_smem)
         tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _out_cast(y, os_ptr, dtype: gl.constexpr, QUANT_OUT: gl.constexpr):
+        """The output tile in ``dtype``; an FP8 one (E4M3) is ``saturate(rne(y / scale))``
+        as numerics.quantize_with_scale: an IEEE division, the saturating conversion, and
+        ±Inf made NaN first (E4M3FN has no Inf; the conversion would saturate it)."""
+        if QUANT_OUT:
+            q = gl.fdiv(y, gl.load(os_ptr), ieee_rounding=True)
+            q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
+            return q.to(dtype)
+        else:
+            return y.to(dtype)
 
     # Partition entry points: Gluon passes worker arguments as IR values, so each half is a
     # function of its own, and the mode (promoted / fast, SwiGLU) and shapes come from the
@@ -333,23 +365,23 @@ if HAVE_GLUON:
     # reaches warp_specialize as a plain int and fails to lower, Triton 3.6).
     @gluon.jit
     def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                 has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
               stride_wsk, 0)
 
     @gluon.jit
     def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                 has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
                  stride_wsn, stride_wsk):
         _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask, stride_wsn,
+              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
               stride_wsk, 1)
 
     @gluon.jit
     def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-                             cs_ptr, stride_cs, has_cs, M, N, K,
+                             cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
                              LOAD_REGS: gl.constexpr, FAST: gl.constexpr):
@@ -367,7 +399,7 @@ if HAVE_GLUON:
             mbarrier.init(empty.index(i), count=2)  # one arrive per math warpgroup
         fence_async_shared()
         args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                has_bias, cs_ptr, stride_cs, has_cs, M, N, K, stride_asm, stride_ask,
+                has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
                 stride_wsn, stride_wsk)
         loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
         # the math partitions tell the modes apart by the tile: FAST is its wide one
@@ -395,7 +427,8 @@ if HAVE_GLUON:
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor,
                  x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK,
-                 accumulation: str = "precise", swiglu: bool = False) -> torch.Tensor:
+                 accumulation: str = "precise", swiglu: bool = False,
+                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
     :func:`unsupported` returns ``None``.  Blockwise: ``xs`` is (M, ceil(K/128)), ``ws``
     (ceil(N/128), ceil(K/128)).  Row/tensor scales (``x_gran``, ``w_gran``): ``xs`` has M
@@ -404,7 +437,8 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     multiplies the finished tile; the column scale follows.  Scales may have any strides.
     With ``swiglu`` (fast row/tensor only) ``wq``'s rows interleave gate and up in runs of
     128 (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
-    ``silu(gate) * up`` of the scaled fp32 tile.
+    ``silu(gate) * up`` of the scaled fp32 tile.  An E4M3 ``out`` takes ``out_scale`` (one
+    fp32 element, a static scale) and receives the tile cast with it.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
     m, k = xq.shape
     n = wq.shape[0]
@@ -421,6 +455,9 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
         fast = accumulation == "fast"
     if swiglu and not fast:
         raise ValueError("blockwise_mm: swiglu needs fast accumulation with row/tensor scales")
+    if (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
+        raise ValueError(f"blockwise_mm: an E4M3 output goes with out_scale (got out "
+                         f"{out.dtype}, out_scale {'given' if out_scale is not None else 'None'})")
     tile = FAST_TILE if fast else PROMOTED_TILE
     bm, bn, bk, stages = tile
     cn = bn // 2 if swiglu else bn
@@ -432,6 +469,7 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](
         a_d, b_d, c_d, row[0], block[0], bias if bias is not None else out, int(bias is not None),
-        column[0], column[1], column[2], m, n, k, row[1], row[2], block[1], block[2],
+        column[0], column[1], column[2], out_scale if out_scale is not None else out,
+        m, n, k, row[1], row[2], block[1], block[2],
         STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, FAST=fast, num_warps=4)
     return out

@@ -306,6 +306,7 @@ def scaled_mm(
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
     accumulation: str = "precise", activation: str = "none",
     residual: torch.Tensor | None = None, config: dict | None = None, gluon: bool = True,
+    out_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
 
@@ -314,7 +315,10 @@ def scaled_mm(
     scales; blockwise scales are always promoted every 128 of K).  ``config`` forces a tile
     config (keys of :func:`tuning.default_config` plus optional ``SPLIT_K``) instead of the
     autotuned one; ``{"SPLIT_K": s}`` alone forces the split of an M <= 256 GEMM and keeps
-    the autotuned tile (``benchmarks/gemm.py --splits``).  ``gluon=False`` keeps a blockwise
+    the autotuned tile (``benchmarks/gemm.py --splits``).  An FP8 ``out_dtype`` takes
+    ``out_scale`` (one fp32 element, a static scale) and casts the output with it
+    (``ops.scaled_mm_quantized``): in the Gluon kernel's epilogue where it serves the GEMM,
+    else from an fp32 product in one more pass.  ``gluon=False`` keeps a blockwise
     GEMM on the Triton kernel where the Gluon kernel would serve it (see
     :func:`gluon_serves`): the compile-time decisions time and tune what a traced graph
     will launch.
@@ -342,8 +346,14 @@ def scaled_mm(
                          f"{[*ACT_CODE, 'swiglu']}")
     if swiglu:
         check_swiglu_rows(wq.shape[0])
-    if out_dtype not in _OUT_DTYPES:
-        raise ValueError(f"scaled_mm: out_dtype={out_dtype} is not one of {_OUT_DTYPES}")
+    if out_dtype in FP8_FORMATS and out_scale is None:
+        raise ValueError(f"scaled_mm: out_dtype={out_dtype} needs out_scale, the static scale "
+                         "of the FP8 output")
+    if out_dtype not in _OUT_DTYPES and out_dtype not in FP8_FORMATS:
+        raise ValueError(f"scaled_mm: out_dtype={out_dtype} is not one of {_OUT_DTYPES} or "
+                         "an FP8 format (with out_scale)")
+    if out_scale is not None and out_dtype not in FP8_FORMATS:
+        raise ValueError(f"scaled_mm: out_scale casts to FP8, but out_dtype={out_dtype}")
     k = xq.shape[-1]
     n = wq.shape[0]
     lead = xq.shape[:-1]
@@ -377,8 +387,15 @@ def scaled_mm(
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation):
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
-                                         w_granularity, accumulation,
-                                         swiglu=swiglu).reshape(*lead, out_n)
+                                         w_granularity, accumulation, swiglu=swiglu,
+                                         out_scale=out_scale).reshape(*lead, out_n)
+    if out_scale is not None:
+        # No FP8 cast in this epilogue: the fp32 product (with the epilogue), then one pass.
+        from .quant import quantize_with_scale
+
+        y = scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, torch.float32,
+                      accumulation, activation, residual, config, gluon)
+        return quantize_with_scale(y, out_scale, FP8_FORMATS[out_dtype])
     if swiglu:
         # The Triton kernel has no SwiGLU epilogue: its fp32 product, then the epilogue as
         # the reference computes it (Inductor fuses these ops in a compiled graph).

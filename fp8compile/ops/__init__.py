@@ -19,6 +19,8 @@ op                                         meaning
 ``fp8compile::quantize_dual``              1x128 groups of ``x`` and of ``x.t()``, one read
 ``fp8compile::quantize_tensor_t``          tensorwise ``x`` and its transpose, one read
 ``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
+``fp8compile::scaled_mm_quantized``        the same, cast to FP8 with a given scale (static
+                                           scaling; on Hopper in the GEMM's epilogue)
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs);
                                            also returns the FP8 input and the weight scale
@@ -39,6 +41,8 @@ op                                         meaning
 ``fp8compile::rmsnorm_quantize``           RMSNorm with the quantization fused in (and,
                                            with ``residual=``, the residual add before it)
 ``fp8compile::silu_mul_quantize``          ``silu(gate) * up`` with the quantization fused in
+``fp8compile::quantize_static``            static scaling's cast of ``x``, or fused into RMSNorm,
+                                           residual add + RMSNorm, or SiLU·mul; one pass
 ========================================  ==================================================
 
 Granularities and formats travel as strings (``"group"``, ``"e4m3"``...) because op schemas

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import ACTIVATIONS, as_gran, triton_available
+from ._common import ACTIVATIONS, as_fmt, as_gran, triton_available
 from ._inline import inline_on_gpu
+from .quant import quantize_with_scale_impl
 
 # --------------------------------------------------------------------------------------
 # GEMM
@@ -137,3 +138,95 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
 # ``x + o`` recomputed in fp32 by the next add instead of read back rounded to bf16).
 # The Triton GEMM pins it where it passes it to its kernel.
 inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend, unpinned=("residual",))
+
+
+# --------------------------------------------------------------------------------------
+# GEMM with its output quantized (static scaling)
+
+
+def _check_out_scale(out_scale: Tensor, fmt: str) -> None:
+    as_fmt(fmt)
+    if out_scale.numel() != 1 or out_scale.dtype != torch.float32:
+        raise ValueError(
+            f"scaled_mm_quantized: out_scale must be one fp32 element (the tensorwise static "
+            f"scale of the output), got {out_scale.numel()} element(s) of {out_scale.dtype}"
+        )
+
+
+@torch.library.custom_op("fp8compile::scaled_mm_quantized", mutates_args=())
+def scaled_mm_quantized(
+    xq: Tensor,
+    xs: Tensor,
+    x_granularity: str,
+    wq: Tensor,
+    ws: Tensor,
+    w_granularity: str,
+    bias: Optional[Tensor],
+    accumulation: str,
+    activation: str,
+    out_scale: Tensor,
+    fmt: str,
+) -> Tensor:
+    """``fp8compile::scaled_mm`` whose output is cast to FP8 with a given tensorwise scale:
+    ``saturate(rne(act(dequant(xq) @ dequant(wq).T + bias) / out_scale))`` from the fp32
+    product, what static scaling's next quantization would do, without the product ever
+    being written in high precision.  On Hopper the warp-specialized kernel casts in its
+    epilogue (E4M3; with ``activation="swiglu"`` the SwiGLU MLP's gate/up GEMM writes the
+    down projection's FP8 input); elsewhere the GEMM writes fp32 and one pass casts it."""
+    _check_mm(xq, wq, bias, activation)
+    _check_out_scale(out_scale, fmt)
+    return _scaled_mm_quantized_ref(xq, xs, x_granularity, wq, ws, w_granularity, bias,
+                                    activation, out_scale, fmt)
+
+
+def _scaled_mm_quantized_ref(xq, xs, x_granularity, wq, ws, w_granularity, bias, activation,
+                             out_scale, fmt):
+    y = scaled_mm_reference(xq, xs, x_granularity, wq, ws, w_granularity, bias, torch.float32,
+                            activation, None)
+    return nx.quantize_with_scale(y, out_scale.reshape(()), nx.Granularity.TENSOR, as_fmt(fmt))
+
+
+@scaled_mm_quantized.register_fake
+def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumulation, activation, out_scale,
+      fmt):
+    n = wq.shape[0] // 2 if activation == "swiglu" else wq.shape[0]
+    return xq.new_empty((*xq.shape[:-1], n), dtype=as_fmt(fmt).dtype)
+
+
+def _quantized_by_gluon(xq, xs, x_granularity, wq, ws, w_granularity, activation, accumulation,
+                        fmt) -> bool:
+    """Whether the warp-specialized kernel casts the output in its epilogue (eager calls)."""
+    if as_fmt(fmt) is not nx.Fp8Format.E4M3:  # its cast saturates an E5M2 Inf
+        return False
+    from ..kernels.gemm import gluon_serves
+
+    return gluon_serves(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),
+                        as_fmt(fmt).dtype, activation, None, accumulation)
+
+
+@scaled_mm_quantized.register_kernel("cuda")
+def _scaled_mm_quantized_cuda(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumulation,
+                              activation, out_scale, fmt):
+    _check_mm(xq, wq, bias, activation)
+    _check_out_scale(out_scale, fmt)
+    if triton_available(xq) and _quantized_by_gluon(xq, xs, x_granularity, wq, ws,
+                                                    w_granularity, activation, accumulation,
+                                                    fmt):
+        from ..kernels.gemm import scaled_mm as triton_mm
+
+        return triton_mm(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias,
+                         as_fmt(fmt).dtype, accumulation, activation, out_scale=out_scale)
+    y = scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, torch.float32,
+                       accumulation, activation, None)
+    return quantize_with_scale_impl(y, out_scale, nx.Granularity.TENSOR, as_fmt(fmt))
+
+
+def _inline_quantized(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumulation,
+                      activation, out_scale, fmt) -> bool:
+    """Inline (trace the fallback's kernels) unless the Gluon kernel serves the call: it
+    cannot be traced, so the op then stays an opaque call whose body runs it."""
+    return not _quantized_by_gluon(xq, xs, x_granularity, wq, ws, w_granularity, activation,
+                                   accumulation, fmt)
+
+
+inline_on_gpu(scaled_mm_quantized, _scaled_mm_quantized_cuda, when=_inline_quantized)

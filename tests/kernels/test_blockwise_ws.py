@@ -49,6 +49,8 @@ def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="n
     (dict(k=0), "K == 0"),
     (dict(k=520), "K % 16 == 0"),
     (dict(n=260), "N * out bytes % 16"),
+    (dict(xg=G.ROW, wg=G.ROW, acc="fast", out=torch.float32), "more shared memory"),
+    (dict(xg=G.ROW, wg=G.ROW, acc="fast", out=torch.float8_e5m2), "E5M2 output"),
     (dict(xq=_fp8(512, 1024)[:, :512]), "contiguous and K-major"),
     (dict(xq=_fp8(512, 512).t()), "contiguous and K-major"),
     (dict(), "Hopper GPU" if bw.HAVE_GLUON else "no Gluon"),
@@ -68,8 +70,9 @@ def test_unsupported_takes_row_and_tensor_scales_with_either_accumulation(xg, wg
 
 
 @pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR)])
-def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg):
-    why = _why(n=512, xg=xg, wg=wg, act="swiglu", acc="fast")
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float32, torch.float8_e4m3fn])
+def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg, out):
+    why = _why(n=512, xg=xg, wg=wg, act="swiglu", acc="fast", out=out)
     assert why is None or "Hopper" in why or "Gluon" in why
 
 
@@ -84,23 +87,24 @@ def test_disabled_by_environment(monkeypatch):
     assert "FP8COMPILE_GLUON=0" in _why()
 
 
-def _ptxas_report(fast: bool, swiglu: bool = False) -> str:
+def _ptxas_report(fast: bool, swiglu: bool = False, fp8_out: bool = False) -> str:
     """ptxas -v on the kernel compiled for sm_90a, as the GPU would build it (``swiglu``:
-    the half-width output tile of the SwiGLU epilogue), in a fresh process: once a kernel
+    the half-width output tile of the SwiGLU epilogue; ``fp8_out``: an E4M3 output tile cast
+    with a static scale), in a fresh process: once a kernel
     has run under the interpreter in this one (TRITON_INTERPRET=1, the CPU tests), Triton's
     language is patched for it and the Gluon compile fails ("'block_argument' object has
     no attribute 'dtype'"), whatever the order of the tests."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys; from tests.kernels.test_blockwise_ws import _ptxas_in_process as r; "
-            f"sys.stdout.write(r({fast}, {swiglu}))")
+            f"sys.stdout.write(r({fast}, {swiglu}, {fp8_out}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
-def _ptxas_in_process(fast: bool, swiglu: bool) -> str:
+def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -108,12 +112,14 @@ def _ptxas_in_process(fast: bool, swiglu: bool) -> str:
     tile = bw.FAST_TILE if fast else bw.PROMOTED_TILE
     bm, bn, bk, stages = tile
     cn = bn // 2 if swiglu else bn
-    a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, torch.bfloat16, tile, cn)
+    out_dtype, out_ty = (torch.float8_e4m3fn, "fp8e4nv") if fp8_out else (torch.bfloat16, "bf16")
+    a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, out_dtype, tile, cn)
     sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}],{a_l!r}>",
            "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}],{b_l!r}>",
-           "c_desc": f"tensordesc<bf16[{bm // 2}, {cn}],{c_l!r}>",
+           "c_desc": f"tensordesc<{out_ty}[{bm // 2}, {cn}],{c_l!r}>",
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
-           "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "M": "i32", "N": "i32",
+           "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "os_ptr": "*fp32",
+           "M": "i32", "N": "i32",
            "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
            "stride_wsk": "i32"}
     consts = dict(STAGES=stages, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS, FAST=fast)
@@ -135,17 +141,20 @@ def _ptxas_in_process(fast: bool, swiglu: bool) -> str:
 
 
 @pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
-@pytest.mark.parametrize("fast, swiglu", [(False, False), (True, False), (True, True)],
-                         ids=["promoted", "fast", "fast-swiglu"])
-def test_wgmma_pipelined_without_spills(fast, swiglu):
+@pytest.mark.parametrize("fast, swiglu, fp8_out",
+                         [(False, False, False), (True, False, False), (True, True, False),
+                          (True, True, True)],
+                         ids=["promoted", "fast", "fast-swiglu", "fast-swiglu-fp8-out"])
+def test_wgmma_pipelined_without_spills(fast, swiglu, fp8_out):
     """The schedule's point: ptxas keeps the wgmma asynchronous (no C7510-C7517 notice that
     it serialized them or injected a wait) and nothing spills at 232 registers, with the
-    promoted partial tiles or the fast path's 64x256 accumulator (and its SwiGLU)."""
+    promoted partial tiles or the fast path's 64x256 accumulator (and its SwiGLU, also with
+    the static FP8 cast of its output)."""
     from fp8compile.kernels.resources import tools_available
 
     if not tools_available():
         pytest.skip("Triton's NVIDIA tools (ptxas) are not installed")
-    report = _ptxas_report(fast, swiglu)
+    report = _ptxas_report(fast, swiglu, fp8_out)
     assert "serialized" not in report and "is injected" not in report, report
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
@@ -196,8 +205,9 @@ def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg, acc):
     assert launch.meta["STAGES"] == stages
     assert (a_desc.block_shape, b_desc.block_shape, c_desc.block_shape) == (
         [bm, bk], [bn, bk], [bm // 2, bn])
-    (_, _, _, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, mm, nn, kk,
+    (_, _, _, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, mm, nn, kk,
      stride_asm, stride_ask, stride_wsn, stride_wsk) = launch.args
+    assert os_ptr is out  # no output scale: unread
     assert (mm, nn, kk, has_bias) == (m, n, k, 0)
     assert as_ptr is scale_x
     if xg is G.GROUP:
@@ -280,7 +290,7 @@ def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
     bm, bn, bk, _ = bw.FAST_TILE
     assert launch.meta["FAST"] is True
     assert (b_desc.block_shape, c_desc.block_shape) == ([bn, bk], [bm // 2, bn // 2])
-    assert list(c_desc.shape) == [m, n // 2] and launch.args[11] == n  # N: the weight's rows
+    assert list(c_desc.shape) == [m, n // 2] and launch.args[12] == n  # N: the weight's rows
     with pytest.raises(ValueError, match="swiglu needs fast accumulation"):
         bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
                         "precise", swiglu=True)
@@ -558,3 +568,42 @@ def test_traced_swiglu_takes_the_fused_kernel_by_rule_outside_max_autotune(monke
                                     torch.bfloat16, "fast", "none", None)
     (_, how), = select.take_traced_choices()
     assert how == "triton"
+
+
+@needs_hopper
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR)])
+@pytest.mark.parametrize("swiglu", [False, True])
+@pytest.mark.parametrize("m, n, k", [(300, 256, 96), (4100, 1024, 528)])
+def test_fp8_output_is_the_static_cast_of_the_fp32_tile(xg, wg, swiglu, m, n, k):
+    """An E4M3 output tile cast with a static scale in the epilogue: bit for bit the cast
+    (numerics.quantize_with_scale) of the kernel's own fp32 output, saturation and a NaN
+    row included; the same through the op."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 3
+    x[7, 5] = float("nan")
+    w = torch.randn(n, k) * 0.05
+    xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
+    wq, ws = nx.quantize(w.cuda(), wg, Fp8Format.E4M3)
+    act = "swiglu" if swiglu else "none"
+    scale = torch.tensor([0.05 / 448], device="cuda")  # some outputs saturate
+    assert bw.unsupported(xq, xs, xg, wq, ws, wg, torch.float8_e4m3fn, act, False, True,
+                          "fast") is None
+    # The fp32 product of the same kernel where it can write one (its half-width SwiGLU
+    # tile; a full fp32 tile does not fit in shared memory), else of the Triton kernel.
+    y32 = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float32, "fast", act,
+                         gluon=swiglu)
+    q = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float8_e4m3fn, "fast", act,
+                       out_scale=scale)
+    want = nx.quantize_with_scale(y32, scale.reshape(()), G.TENSOR, Fp8Format.E4M3)
+    nan = want.float().isnan()
+    assert nan[7].all() and nan.sum() == want.shape[1]
+    assert torch.equal(q.float().isnan(), nan)
+    same = q.view(torch.uint8)[~nan] == want.view(torch.uint8)[~nan]
+    if swiglu:
+        assert same.all()
+    else:  # another summation order: at most one FP8 step apart, mostly equal
+        a, b = q.float()[~nan], want.float()[~nan]
+        assert ((a - b).abs() <= b.abs() / 8 + 2.0 ** -9).all() and same.float().mean() > 0.9
+    assert (q.float().abs() == 448).any()
+    op = torch.ops.fp8compile.scaled_mm_quantized(xq, xs, xg.value, wq, ws, wg.value, None,
+                                                  "fast", act, scale, "e4m3")
+    assert torch.equal(op.view(torch.uint8), q.view(torch.uint8))

@@ -400,3 +400,30 @@ def test_traced_and_eager_launches_split_k_alike(monkeypatch):
         blockwise = xg is G.GROUP
         assert got["SPLIT_K"] == tuning.split_k(16, 14336, 4096, 16, 64, 132, blockwise)
         assert got["SPLIT_K"] == (2 if blockwise else 1)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+def test_fp8_output_with_a_static_scale(device, recipe, activation):
+    # An FP8 out_dtype takes out_scale: the product (with its epilogue) cast with it.  Where
+    # the Gluon kernel does not serve the GEMM (here: the interpreter, or M <= 256), the fp32
+    # product then one cast: the bits of that cast of this kernel's fp32 output.
+    xq, xs, wq, ws = _operands(device, (5, 256), 512, recipe)
+    scale = torch.tensor([0.5 / 448], device=device)
+    q = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float8_e4m3fn, "fast",
+                  activation, out_scale=scale)
+    y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, "fast",
+                  activation)
+    want = nx.quantize_with_scale(y, scale.reshape(()), G.TENSOR, Fp8Format.E4M3)
+    assert q.dtype == torch.float8_e4m3fn and q.shape == y.shape
+    assert torch.equal(q.view(torch.uint8).cpu(), want.view(torch.uint8).cpu())
+    assert (q.float().abs() == 448).any()  # some values saturate
+
+
+def test_fp8_output_needs_its_scale(device):
+    xq, xs, wq, ws = _operands(device, (4, 128), 128, (G.ROW, G.ROW))
+    with pytest.raises(ValueError, match="needs out_scale"):
+        scaled_mm(xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float8_e4m3fn, "fast")
+    with pytest.raises(ValueError, match="out_scale casts to FP8"):
+        scaled_mm(xq, xs, G.ROW, wq, ws, G.ROW, None, torch.bfloat16, "fast",
+                  out_scale=torch.ones(1, device=device))

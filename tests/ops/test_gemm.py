@@ -100,3 +100,37 @@ def test_nan_row_stays_in_its_row_and_zeros_give_zeros():
         assert y[2].isnan().all()
         assert torch.isfinite(y[[0, 1, 3, 4, 5]]).all(), xg
         assert (y[4] == 0).all()
+
+
+@pytest.mark.parametrize("xg, wg", RECIPES)
+@pytest.mark.parametrize("activation", ["none", "swiglu"])
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_scaled_mm_quantized_is_the_static_cast_of_the_product(xg, wg, activation, fmt):
+    # The fp32 product (and its epilogue) cast with the given scale: saturating, NaN kept.
+    x = torch.randn(2, 7, 256)
+    x[1, 3, 5] = float("nan")
+    w = torch.randn(512, 256) * 0.1
+    b = torch.randn(512)
+    xq, xs, wq, ws = _operands(x, w, xg, wg)
+    fmax = nx.Fp8Format(fmt).max
+    scale = torch.tensor([0.25 / fmax])  # below the product's amax: some values saturate
+    q = OPS.scaled_mm_quantized(xq, xs, xg, wq, ws, wg, b, "fast", activation, scale, fmt)
+    y = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, b, torch.float32, "precise", activation, None)
+    want = nx.quantize_with_scale(y, scale.reshape(()), nx.Granularity.TENSOR, nx.Fp8Format(fmt))
+    assert q.dtype == nx.Fp8Format(fmt).dtype and q.shape == y.shape
+    assert torch.equal(q.view(torch.uint8), want.view(torch.uint8))
+    assert q.float().isnan()[1, 3].all() and not q.float().isnan()[0].any()
+    assert (q.float().abs() == fmax).any()
+
+
+def test_scaled_mm_quantized_rejects_bad_scales():
+    xq, xs, wq, ws = _operands(torch.randn(4, 128), torch.randn(128, 128), "row", "row")
+    with pytest.raises(ValueError, match="one fp32 element"):
+        OPS.scaled_mm_quantized(xq, xs, "row", wq, ws, "row", None, "fast", "none",
+                                torch.ones(2), "e4m3")
+    with pytest.raises(ValueError, match="one fp32 element"):
+        OPS.scaled_mm_quantized(xq, xs, "row", wq, ws, "row", None, "fast", "none",
+                                torch.ones(1, dtype=torch.bfloat16), "e4m3")
+    with pytest.raises(ValueError, match="format="):
+        OPS.scaled_mm_quantized(xq, xs, "row", wq, ws, "row", None, "fast", "none",
+                                torch.ones(1), "e3m4")
