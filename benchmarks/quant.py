@@ -29,10 +29,10 @@ thresholds, so their figures come from one run.
 ``--prefill`` times the activation quantizations of an inference prefill step instead (4096
 tokens of the LLaMA block: per row and in 1x128 groups; plain, fused with RMSNorm, with the
 residual add and RMSNorm, and with SiLU·mul reading gate and up as the two halves of one
-fused gate_up output), and delayed scaling's tensorwise casts of the same inputs, each at
-the launcher's launch shape and, with ``--sweep``, at every candidate of :data:`SWEEP`: the
-rows per program, columns per tile, columns per program and warps the launcher would
-otherwise pick.
+fused gate_up output), and delayed and static scaling's tensorwise casts of the same
+inputs, each at the launcher's launch shape and, with ``--sweep``, at every candidate of
+:data:`SWEEP`: the rows per program, columns per tile, columns per program and warps the
+launcher would otherwise pick.  ``--grans static,tensor`` keeps those two.
 
 ``--tile-warps 4 8 16`` times only the two 128x128-tile kernels (``quantize_dual``,
 ``requantize_t``) at each of those warp counts (``quant._TILE_WARPS``), in one run.
@@ -132,21 +132,32 @@ SWEEP = {
                            (8, 128, None, 4), (4, 128, None, 8), (8, 128, None, 8)],
     ("group", "silu_mul"): [(16, 128, 128, 4), (32, 128, 128, 4), (64, 128, 128, 4),
                             (32, 128, 512, 4), (16, 128, 1024, 4), (64, 128, 128, 8)],
-    # Delayed scaling's tensorwise casts: one tile holds whole rows (16384 wide: 1 row only).
-    **{("tensor", p): [(1, None, None, 4), (1, None, None, 8), (1, None, None, 16),
-                       (2, None, None, 8), (2, None, None, 16)]
-       for p in ("none", "rmsnorm", "silu_mul")},
+    # Delayed and static scaling's tensorwise casts: one tile holds whole rows (16384 wide:
+    # 1 row only).
+    **{(g, p): [(1, None, None, 4), (1, None, None, 8), (1, None, None, 16),
+                (2, None, None, 4), (2, None, None, 8), (2, None, None, 16),
+                (4, None, None, 8), (4, None, None, 16)]
+       for g in ("tensor", "static") for p in ("none", "rmsnorm", "silu_mul")},
 }
 
 
 def _producer_fn(gran: str, producer: str, k: int):
     """The quantization of one input tensor: ``(m, k)``, or ``(m, 2k)`` holding two inputs
     side by side (SiLU·mul's gate and up, as one gate_up output; RMSNorm's x and residual).
-    ``"tensor"`` is delayed scaling's cast (``quantize_history``, its history set)."""
+    ``"tensor"`` is delayed scaling's cast (``quantize_history``, its history set),
+    ``"static"`` static scaling's (``quantize_static``, one launch with a given scale)."""
     from fp8compile.kernels import fused, quant
 
     e4 = Fp8Format.E4M3
     w = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    if gran == "static":
+        scale = torch.tensor([3.0 / 448], device="cuda")
+
+        def fn(t):
+            a, b = (t[:, :k], t[:, k:]) if t.shape[1] == 2 * k else (t, None)
+            return fused.quantize_static(a, b, w if "rmsnorm" in producer else None, 1e-5,
+                                         producer, scale, e4)
+        return fn
     if gran == "tensor":
         hist = torch.tensor([3.0, 2.0, 0.0, 0.0], device="cuda")
 
@@ -165,7 +176,8 @@ def _producer_fn(gran: str, producer: str, k: int):
     }[producer]
 
 
-def prefill(median_us, out: list, sweep: bool) -> None:
+def prefill(median_us, out: list, sweep: bool,
+            grans: tuple[str, ...] = ("row", "group", "tensor", "static")) -> None:
     """The prefill step's activation quantizations (and delayed scaling's tensorwise casts
     of the same inputs), at the launcher's launch shape and (with ``sweep``) at each
     candidate of :data:`SWEEP`."""
@@ -176,7 +188,7 @@ def prefill(median_us, out: list, sweep: bool) -> None:
     m, d, ffn = PREFILL_TOKENS, 4096, 14336
     # (producer, K, bytes moved per element: 2 per bf16 input, 1 per FP8 output)
     cases = [("none", d, 3), ("rmsnorm", d, 3), ("add_rmsnorm", d, 5), ("silu_mul", ffn, 5)]
-    for gran in ("row", "group", "tensor"):
+    for gran in grans:
         for producer, k, bpe in cases:
             sets = -(-3 * l2 // (bpe * m * k))
             width = k if bpe == 3 else 2 * k
@@ -225,6 +237,9 @@ def main() -> None:
                     help="the activation quantizations of an inference prefill step")
     ap.add_argument("--sweep", action="store_true",
                     help="with --prefill: also every candidate launch shape of SWEEP")
+    ap.add_argument("--grans", default="row,group,tensor,static",
+                    help="with --prefill: the scales to time, comma-separated (tensor: "
+                         "delayed scaling's cast; static: static scaling's)")
     ap.add_argument("--tile-warps", type=int, nargs="+", default=None, metavar="W",
                     help="time the 128x128-tile kernels at each of these warp counts")
     args = ap.parse_args()
@@ -253,7 +268,7 @@ def main() -> None:
     if args.decode:
         decode(median_us, rows)
     if args.prefill:
-        prefill(median_us, rows, args.sweep)
+        prefill(median_us, rows, args.sweep, tuple(args.grans.split(",")))
     for m, n in [] if args.decode or args.prefill else SHAPES:
         sets = -(-3 * l2 // (2 * m * n))
         xs = [torch.randn(m, n, device="cuda", dtype=torch.bfloat16) for _ in range(sets)]

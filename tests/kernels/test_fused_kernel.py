@@ -147,7 +147,8 @@ def test_quantize_history_matches_reference(device, producer, shape, seen):
 
 
 @pytest.mark.parametrize("producer", ["none", "rmsnorm", "add_rmsnorm", "silu_mul"])
-@pytest.mark.parametrize("shape", [(1, 200), (3, 5, 300), (2, 16500)])
+# (3, 4000): rows of 4096 columns once rounded up, one row per program (cast_only)
+@pytest.mark.parametrize("shape", [(1, 200), (3, 5, 300), (3, 4000), (2, 16500)])
 @pytest.mark.parametrize("fmt", list(Fp8Format))
 def test_quantize_static_matches_reference(device, producer, shape, fmt):
     # Static scaling's cast, alone or fused into its producer: one launch with the given
