@@ -474,3 +474,44 @@ def test_passes_time_their_choices_only_where_inductor_autotunes(monkeypatch, mo
     assert bool(asked) is timed
     gate = {e.module: e for e in be.plan.entries if e.gemm}["gate_proj"].reason
     assert ("took 1000 us against 1000 us apart" in gate) if timed else ("by rule" in gate)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the SwiGLU epilogue's kernel runs on a Hopper GPU (sm_90) only")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_gpu_static_scaling_compiled(mode, monkeypatch):
+    """Static scaling on a Hopper GPU, compiled: the casts fused into the norms and SiLU·mul
+    run inlined, and by default (M > 256) the gate/up GEMM's epilogue writes the down
+    projection's FP8 input through the warp-specialized kernel, with CUDA graphs too; the
+    block's output is the graph's without the fold up to one FP8 rounding of h."""
+    from fp8compile.kernels import blockwise_ws as bw
+
+    out_dtypes = []
+    real = bw.blockwise_mm
+    monkeypatch.setattr(bw, "blockwise_mm", lambda *a, **k: out_dtypes.append(
+        a[5].dtype) or real(*a, **k))
+    torch.manual_seed(0)
+    model = LlamaBlock(d=256, heads=4, ffn=512).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+    amax = {"q_proj": 4.0, "k_proj": 4.0, "v_proj": 4.0, "o_proj": 2.0, "gate_proj": 4.0,
+            "up_proj": 4.0, "down_proj": 0.5}
+    cfg = {"recipe": "tensorwise", "accumulation": "fast", "scaling": "static",
+           "static_scales": amax}
+    outs = {}
+    for fs in (None, False):
+        torch._dynamo.reset()
+        compiled, be = _compile(model, {**cfg, "fuse_swiglu": fs}, mode=mode)
+        with torch.no_grad():
+            compiled(x)
+            out_dtypes.clear()
+            outs[fs] = [compiled(x).clone() for _ in range(2)][-1].float()
+        folded = be.plan.stats["swiglu_epilogues"] == 1
+        assert be.plan.stats["fused_quantizations"] == 3
+        assert folded is (fs is None)
+        if mode is None:  # under CUDA graphs the replays launch no Python
+            assert (torch.float8_e4m3fn in out_dtypes) is folded
+    with torch.no_grad():
+        ref = model.float()(x.float())
+    assert rel_err(outs[None], outs[False]) < 2e-2
+    assert rel_err(outs[None], ref) < 5e-2

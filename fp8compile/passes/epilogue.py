@@ -83,7 +83,8 @@ class EpiloguePass(Fp8Pass):
         modified = False
         if self.ctx.inference and self.ctx.config.fuse_swiglu is not False:
             for node in list(graph.nodes):
-                if node.target is OPS.silu_mul_quantize.default:
+                if node.target is OPS.silu_mul_quantize.default or (
+                        node.target is OPS.quantize_static.default and node.args[4] == "silu_mul"):
                     modified |= self._fold_swiglu(graph, node)
         self.ctx.stats["swiglu_epilogues"] = sum(
             1 for n in graph.nodes if info(n).get("epilogue") == ["swiglu"])
@@ -135,36 +136,53 @@ class EpiloguePass(Fp8Pass):
         if found is None:
             return False
         mm, cache, gate_first, width = found
-        why, timed = self._swiglu_unsupported(mm, width, quant.args[2:])
+        static = quant.target is OPS.quantize_static.default
+        if static:
+            gate, up, _w, _eps, _producer, scale, fmt = quant.args
+            why, timed = self._swiglu_unsupported(mm, width, None, nx.Fp8Format(fmt))
+        else:
+            gate, up, gran, fmt, p2 = quant.args
+            why, timed = self._swiglu_unsupported(mm, width, quant.args[2:])
         if why is not None:
             for e in plan_entries_of(mm):
                 add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
             return False
-        gate, up, gran, fmt, p2 = quant.args
         cache.set_interleave(0 if gate_first else 1)
+        xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
         with graph.inserting_before(quant):
-            h = graph.call_function(OPS.scaled_mm.default,
-                                    (*mm.args[:_ACT], "swiglu", None))
-            new = graph.call_function(OPS.quantize.default, (h, gran, fmt, p2))
+            if static:  # the epilogue casts with the static scale: no quantization pass
+                h = new = graph.call_function(OPS.scaled_mm_quantized.default,
+                                              (xq, xs, xg, wq, ws, wg, bias, acc, "swiglu",
+                                               scale, fmt))
+            else:
+                h = graph.call_function(OPS.scaled_mm.default,
+                                        (*mm.args[:_ACT], "swiglu", None))
+                new = graph.call_function(OPS.quantize.default, (h, gran, fmt, p2))
         val = value_of(gate)
-        h.meta["val"] = val.new_empty(val.shape)  # the halves' shape, contiguous
+        if not static:
+            h.meta["val"] = val.new_empty(val.shape)  # the halves' shape, contiguous
         new.meta.update({k: v for k, v in quant.meta.items() if k != "fp8compile"})
         info(h).update(info(mm), epilogue=["swiglu"])
-        info(new).update(role="act_quant")
+        if static:
+            info(h).update(fused_quant="static")
+        else:
+            info(new).update(role="act_quant")
         quant.replace_all_uses_with(new)
         for n in (quant, gate, up, mm):
             graph.erase_node(n)
+        what = ("cast to FP8 there with the static scale of the down projection's input"
+                if static else "its output quantized by a plain pass")
         for e in plan_entries_of(h):
             add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32, gate/up rows interleaved "
-                        f"in runs of {nx.SWIGLU_RUN}), its output quantized by a plain pass"
-                        + timed)
+                        f"in runs of {nx.SWIGLU_RUN}), {what}" + timed)
         return True
 
-    def _swiglu_unsupported(self, mm: torch.fx.Node, width: int, quant: tuple
-                            ) -> tuple[str | None, str]:
+    def _swiglu_unsupported(self, mm: torch.fx.Node, width: int, quant: tuple | None,
+                            static: nx.Fp8Format | None = None) -> tuple[str | None, str]:
         """``(why not, "")`` when the SwiGLU fold is not made for the gate/up GEMM ``mm``
         (gate and up each ``width`` wide), ``(None, how it timed)`` when it is; ``quant``:
-        the SiLU·mul quantization's ``(granularity, format, power_of_2)``."""
+        the SiLU·mul quantization's ``(granularity, format, power_of_2)``, or ``static``:
+        the format of static scaling's cast, which then moves into the epilogue too."""
         xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, act, residual = mm.args
         if width % nx.SWIGLU_RUN:
             return (f"gate and up are {width} wide, not a multiple of {nx.SWIGLU_RUN}", "")
@@ -172,6 +190,8 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
+        if static is not None and static is not nx.Fp8Format.E4M3:
+            return f"the epilogue casts to E4M3 only, and this cast is {static.value}", ""
         from ..kernels import select
         from ..kernels.blockwise_ws import unsupported
 
@@ -189,10 +209,15 @@ class EpiloguePass(Fp8Pass):
         fmt = self.ctx.config.activation_format
         x = torch.empty(1, dtype=fmt.dtype, device=w.device).expand(m, w.shape[1])
         x_scale = torch.empty(1, dtype=torch.float32, device=w.device)
-        why = unsupported(x, x_scale, xg, w, w_scale, wg, out_dtype, "swiglu", False,
+        why = unsupported(x, x_scale, xg, w, w_scale, wg,
+                          out_dtype if static is None else static.dtype, "swiglu", False,
                           layout=False, accumulation=accumulation)
         if why is not None:
             return f"no fused kernel here ({why})", ""
+        if static is not None:
+            # Not timed: besides gate and up, the fold saves the whole cast of h.
+            return None, (" (by rule: a static scale moves the cast into the epilogue, so "
+                          "gate, up and h are never written in high precision)")
         if m >= SWIGLU_RULE_M and not select.autotuning():
             # Measured at 2048-8192 tokens: decided without timing, as Inductor decides
             # its GEMMs outside max-autotune (the timing compiles and runs both steps).

@@ -88,6 +88,9 @@ class FusePass(Fp8Pass):
         for node in candidates:
             if node.target is OPS.quantize_history.default:
                 fuse = self._fuse_history
+            elif node.target is OPS.quantize_scaled.default and \
+                    info(node).get("role") == "act_quant" and node.args[2] == "tensor":
+                fuse = self._fuse_static
             elif node.target is OPS.quantize.default and info(node).get("role") == "act_quant":
                 fuse = self._fuse
             else:
@@ -140,15 +143,20 @@ class FusePass(Fp8Pass):
         target, args, name, kwargs, carried = found
         if not carried:
             return None
-        if target is OPS.rmsnorm_quantize.default:
-            x, weight, eps = args
-            residual = kwargs.get("residual")
-            args = (x, residual, weight, eps, "rmsnorm" if residual is None else "add_rmsnorm")
-        else:
-            gate, up = args
-            args = (gate, up, None, 0.0, "silu_mul")
-        return _replace(graph, node, OPS.quantize_history.default, args, (row, fmt, p2),
-                        carried, name)
+        return _replace(graph, node, OPS.quantize_history.default,
+                        _named_producer(target, args, kwargs), (row, fmt, p2), carried, name)
+
+    def _fuse_static(self, graph: torch.fx.Graph, node: torch.fx.Node) -> torch.fx.Node | None:
+        """Static scaling's cast (``quantize_scaled(h, scale, "tensor", fmt)``, inference)
+        becomes ``quantize_static`` of h's producer, with the same scale.  Returns the new
+        cast, or None."""
+        src, scale, _gran, fmt = node.args
+        found = self._producer(src, node)
+        if found is None:
+            return None
+        target, args, name, kwargs, carried = found
+        return _replace(graph, node, OPS.quantize_static.default,
+                        _named_producer(target, args, kwargs), (scale, fmt), carried, name)
 
     @staticmethod
     def _rms_norm(src: torch.fx.Node):
@@ -201,6 +209,18 @@ class FusePass(Fp8Pass):
             ):
                 return OPS.silu_mul_quantize.default, (act.args[0], other), "silu*mul", {}
         return None
+
+
+def _named_producer(target, args: tuple, kwargs: dict) -> tuple:
+    """The fused op ``target(*args, **kwargs)`` that :func:`fusable_producer` found, as the
+    leading arguments of the casts that name their producer (``quantize_history``,
+    ``quantize_static``): ``(x, x2, norm_weight, eps, producer)``."""
+    if target is OPS.rmsnorm_quantize.default:
+        x, weight, eps = args
+        residual = kwargs.get("residual")
+        return x, residual, weight, eps, "rmsnorm" if residual is None else "add_rmsnorm"
+    gate, up = args
+    return gate, up, None, 0.0, "silu_mul"
 
 
 def _norm_of(x, weight, eps):
@@ -276,7 +296,7 @@ def _upstream(src) -> list[torch.fx.Node]:
 def _residual_pair(fused: torch.fx.Node) -> set | None:
     """The two inputs of the residual add a fused norm computes (detaches looked through),
     or None when it reads no residual."""
-    if fused.target is OPS.quantize_history.default:
+    if fused.target in (OPS.quantize_history.default, OPS.quantize_static.default):
         pair = fused.args[:2] if fused.args[4] == "add_rmsnorm" else None
     else:
         residual = fused.kwargs.get("residual")
@@ -314,8 +334,11 @@ def _note_shared_and_fused(graph: torch.fx.Graph) -> None:
         role = info(n).get("role")
         if role not in ("act_quant", "act_quant_delayed", "fused_quant"):
             continue
-        found = (e for g in n.users if g.target is operator.getitem for c in g.users
-                 for e in plan_entries_of(c))
+        # Consumers of the payload: through getitem where the op also returns scales, else
+        # directly (static scaling's casts return the payload alone).
+        readers = [c for g in n.users if g.target is operator.getitem for c in g.users] \
+            or list(n.users)
+        found = (e for c in readers for e in plan_entries_of(c))
         entries = list({id(e): e for e in found}.values())
         for e in entries:
             others = [_label(o, e) for o in entries if o is not e]

@@ -46,6 +46,10 @@ class RewritePass(Fp8Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         modified = False
+        # Static scaling: one scale input per calibrated amax, so linears that read one
+        # tensor (q/k/v, gate/up: calibrated on the same input, so the same amax) quantize
+        # it with one scale node, which ScalesPass then shares.
+        self._static_scales: dict[float, torch.fx.Node] = {}
         for node in list(gm.graph.nodes):
             meta = node.meta.get("fp8compile", {})
             if "gemm" not in meta or "precision" not in meta:
@@ -113,7 +117,10 @@ class RewritePass(Fp8Pass):
             info(xqs)["role"] = "act_quant"
         elif cfg.scaling is Scaling.STATIC:
             amax = cfg.static_amax(meta["module"])
-            xs = self.ctx.add_input(graph, f"{node.name}_static_scale", _StaticScale(amax, cfg))
+            xs = self._static_scales.get(amax)
+            if xs is None:
+                xs = self._static_scales[amax] = self.ctx.add_input(
+                    graph, f"{node.name}_static_scale", _StaticScale(amax, cfg))
             xq = graph.call_function(OPS.quantize_scaled.default, (x, xs, xg, act))
             info(xq)["role"] = "act_quant"
         else:

@@ -202,10 +202,10 @@ class ScalesPass(Fp8Pass):
         seen: dict[tuple, torch.fx.Node] = {}
         modified = False
         for node in list(graph.nodes):
-            if node.target is not OPS.quantize.default or \
+            if node.target not in (OPS.quantize.default, OPS.quantize_scaled.default) or \
                     info(node).get("role") not in ("act_quant", "weight_quant"):
                 continue
-            key = (node.args, tuple(sorted(node.kwargs.items())))
+            key = (node.target, node.args, tuple(sorted(node.kwargs.items())))
             first = seen.setdefault(key, node)
             if first is not node:
                 node.replace_all_uses_with(first)

@@ -334,3 +334,95 @@ def test_swiglu_folded_when_up_is_stacked_first(passes):
     gm0, inputs0, ctx0 = passes(model, x, config={**SWIGLU, "fuse_swiglu": False})
     assert rel_err(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]) < 5e-3
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
+
+
+STATIC = {"recipe": "tensorwise", "scaling": "static", "accumulation": "fast",
+          "static_scales": {"q_proj": 4.0, "k_proj": 4.0, "v_proj": 4.0, "o_proj": 1.0,
+                            "gate_proj": 3.0, "up_proj": 3.0, "down_proj": 0.5}}
+
+
+def _static_casts(gm):
+    return [n for n in gm.graph.nodes
+            if n.target in (OPS.quantize_static.default, OPS.quantize_scaled.default)]
+
+
+def test_static_scaling_shares_fuses_and_stacks_like_dynamic(passes):
+    # One scale input per calibrated amax, so q/k/v and gate/up share one cast and run as one
+    # stacked GEMM each; the casts sit in the norms (one with the residual add) and SiLU·mul.
+    x = torch.randn(2, 40, 256)
+    model = LlamaBlock(ffn=384)
+    gm, inputs, ctx = passes(model, x, config={**STATIC, "fuse_swiglu": False})
+    casts = _static_casts(gm)
+    producers = sorted(n.args[4] for n in casts if n.target is OPS.quantize_static.default)
+    assert producers == ["add_rmsnorm", "rmsnorm", "silu_mul"]
+    assert [n.target for n in casts].count(OPS.quantize_scaled.default) == 1  # o_proj's input
+    assert len(_gemms(gm)) == 4 and len(ctx.stats["fused_gemms"]) == 2
+    assert ctx.stats["fused_quantizations"] == 3
+    scales = [n for n in gm.graph.find_nodes(op="placeholder") if "static_scale" in n.name]
+    assert len(scales) == 4  # 4.0, 1.0, 3.0, 0.5
+    y = _run(gm, inputs, ctx)[0]
+    assert rel_err(y, model(x).detach()) < 0.05
+    # the same function as the graph without producer fusion, which casts the rounded h
+    gm0, inputs0, ctx0 = passes(model, x, config={**STATIC, "fuse_swiglu": False,
+                                                  "fuse_producers": False})
+    assert not any(n.target is OPS.quantize_static.default for n in gm0.graph.nodes)
+    assert rel_err(y, _run(gm0, inputs0, ctx0)[0]) < 1e-2
+    entries = {e.module: e for e in ctx.plan_entries if e.gemm}
+    assert "input quantization fused into its rms_norm" in entries["q_proj"].reason
+    assert "shared with" in entries["k_proj"].reason
+
+
+def test_static_scales_that_differ_are_not_shared(passes):
+    x = torch.randn(2, 40, 256)
+    cfg = {**STATIC, "static_scales": {**STATIC["static_scales"], "k_proj": 5.0}}
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**cfg, "fuse_swiglu": False})
+    # q and v share one cast (4.0), k has its own (5.0): q/v stack, k stays apart
+    assert len(_gemms(gm)) == 5
+    assert any("q_proj" in g and "v_proj" in g and "k_proj" not in g
+               for g in ctx.stats["fused_gemms"])
+
+
+def test_static_swiglu_casts_in_the_gate_up_epilogue(passes):
+    # With a static scale the SiLU·mul cast moves into the gate/up GEMM's epilogue too: the
+    # GEMM writes the down projection's FP8 input, and no quantization pass is left for it.
+    x = torch.randn(2, 40, 256)
+    model = LlamaBlock(ffn=384)
+    gm, inputs, ctx = passes(model, x, config={**STATIC, "fuse_swiglu": True})
+    (mm,) = [n for n in gm.graph.nodes if n.target is OPS.scaled_mm_quantized.default]
+    assert mm.args[8] == "swiglu" and info(mm)["epilogue"] == ["swiglu"]
+    assert ctx.stats["swiglu_epilogues"] == 1
+    assert not any(n.target is OPS.quantize_static.default and n.args[4] == "silu_mul"
+                   for n in gm.graph.nodes)
+    (down,) = mm.users
+    assert down.target is OPS.scaled_mm.default and down.args[0] is mm
+    assert down.args[1] is mm.args[9]  # down reads it with the scale it was cast with
+    gm0, inputs0, ctx0 = passes(model, x, config={**STATIC, "fuse_swiglu": False})
+    y, y0 = _run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]
+    assert rel_err(y, y0) < 1e-2 and rel_err(y, model(x).detach()) < 0.05
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+    assert "cast to FP8 there with the static scale" in reason
+
+
+def test_static_swiglu_by_rule_where_the_kernel_serves_it(passes, monkeypatch):
+    from fp8compile.kernels import blockwise_ws as bw
+    from fp8compile.kernels import select
+
+    real = bw.unsupported
+    seen = []
+
+    def unsupported(*a, **k):
+        seen.append(a[6])
+        why = real(*a, **k)
+        return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
+    monkeypatch.setattr(bw, "unsupported", unsupported)
+    monkeypatch.setattr(select, "swiglu_epilogue_ms", lambda *a: pytest.fail("timed"))
+    x = torch.randn(2, 160, 256)  # M = 320: the kernel serves it
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**STATIC, "fuse_swiglu": None})
+    assert seen == [torch.float8_e4m3fn]  # asked about an E4M3 output
+    assert ctx.stats["swiglu_epilogues"] == 1
+    assert "by rule: a static scale" in \
+        {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+    e5m2 = {**STATIC, "fuse_swiglu": None, "activation_format": "e5m2"}
+    gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=e5m2)
+    assert ctx.stats["swiglu_epilogues"] == 0
+    assert "E4M3 only" in {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
