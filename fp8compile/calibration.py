@@ -208,7 +208,11 @@ def calibrate(
     if min_sqnr_db is None:
         min_sqnr_db = cfg.min_sqnr_db
     # Measure without earlier figures: a layer demoted last time must be a candidate again.
-    probe_cfg = cfg.replace(calibration=(), min_sqnr_db=None)
+    # The plan only names the candidates, which the epilogue folds do not change; without
+    # them it takes no compile-time timing (the SwiGLU fold's compiled and timed Hopper
+    # kernels for 4 s of a cold calibration on an H200).
+    probe_cfg = cfg.replace(calibration=(), min_sqnr_db=None, fuse_swiglu=False,
+                            fuse_epilogues=False)
     it = iter(batches)
     try:
         first = _args(next(it))

@@ -106,3 +106,20 @@ def test_calibrate_stays_callable_after_the_module_is_imported():
     assert callable(fp8compile.calibrate)
     cal = fp8compile.calibrate(LlamaBlock(), [torch.randn(1, 4, 256)], progress=False)
     assert isinstance(cal, Calibration)
+
+
+def test_calibration_plan_takes_no_epilogue_decisions(batches, monkeypatch):
+    # The plan only names the candidates: its compile-time epilogue folds (whose SwiGLU
+    # timing compiles and runs GPU kernels) are off for it, and the returned config keeps
+    # the caller's settings.
+    import sys
+
+    plan_mod = sys.modules["fp8compile.plan"]  # (fp8compile.plan is also the function)
+    seen = []
+    real = plan_mod.plan
+    monkeypatch.setattr(plan_mod, "plan", lambda *a, config=None, **k: seen.append(config)
+                        or real(*a, config=config, **k))
+    cal = fp8compile.calibrate(LlamaBlock(), batches, {"fuse_swiglu": True,
+                                                       "fuse_epilogues": True}, progress=False)
+    assert [(c.fuse_swiglu, c.fuse_epilogues) for c in seen] == [(False, False)]
+    assert cal.config.fuse_swiglu is True and cal.config.fuse_epilogues is True
