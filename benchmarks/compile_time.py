@@ -75,19 +75,38 @@ def _timers() -> dict[str, list]:
     return totals
 
 
-def child(variant: str, mode: str, profile: str | None) -> None:
-    import cProfile
-
+def _block():
+    """The timed block and input of ``e2e.py``'s prefill, the same in every process."""
     import torch
 
     sys.path.insert(0, HERE)
     import e2e
 
-    totals = _timers()
-    torch._inductor.config.force_disable_caches = True
     torch.manual_seed(0)
     base = e2e.Block(e2e.D, e2e.HEADS, e2e.FFN).cuda().to(torch.bfloat16).eval()
     x = torch.randn(2, 2048, e2e.D, device="cuda", dtype=torch.bfloat16)
+    return e2e, base, x
+
+
+def calibrate(path: str) -> None:
+    """Static scaling's calibration (``e2e.calibrate_static``), in a process of its own, its
+    figures written to ``path`` for the variants' processes to read."""
+    import torch
+
+    os.environ["FP8COMPILE_E2E_CALIBRATION"] = path
+    e2e, base, _ = _block()
+    with torch.no_grad():
+        e2e.calibrate_static(base)
+
+
+def child(variant: str, mode: str, profile: str | None) -> None:
+    import cProfile
+
+    import torch
+
+    totals = _timers()
+    torch._inductor.config.force_disable_caches = True
+    e2e, base, x = _block()
     make = e2e.variants(base, mode)[variant][0]
     prof = cProfile.Profile() if profile else None
     with torch.no_grad():
@@ -133,10 +152,14 @@ def main() -> None:
                     help="warm runs per variant, the variants taking turns; the table gives "
                          "the median (one process compiles bf16 Inductor in 3.4-5.0 s)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--calibrate", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args.child, args.mode, args.profile)
+        return
+    if args.calibrate:
+        calibrate(args.calibrate)
         return
     import torch
     import triton
@@ -150,6 +173,12 @@ def main() -> None:
     if "bf16 Inductor" not in names:
         names.insert(0, "bf16 Inductor")  # the baseline of the ratios
     with tempfile.TemporaryDirectory() as root:
+        if any("static" in name for name in names):
+            # Calibrated once, apart: the variant's process only reads the figures.
+            path = os.path.join(root, "calibration.json")
+            subprocess.run([sys.executable, __file__, "--calibrate", path], check=True,
+                           capture_output=True, timeout=600)
+            os.environ["FP8COMPILE_E2E_CALIBRATION"] = path
         times = collections.defaultdict(list)
         for temp in ["cold"] + ["warm"] * max(1, args.repeat):
             for name in names:

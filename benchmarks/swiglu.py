@@ -18,6 +18,11 @@ scales and fast accumulation, it times in one run (medians of CUDA-graph replays
 
 Each step is also given with its GEMM alone, and the relative error of the dequantized
 FP8 ``h`` of both graphs against ``h`` computed in fp32 from the bf16 operands.
+
+Then, for static scaling (tensor scales, ``h``'s scale calibrated from its amax): the
+cuBLAS GEMM followed by static scaling's SiLU·mul cast (one pass, ``quantize_static``)
+against the kernel whose SwiGLU epilogue casts ``h`` to FP8 itself
+(``scaled_mm_quantized``: no quantization pass at all).
 """
 
 from __future__ import annotations
@@ -108,6 +113,47 @@ def main() -> None:
                   f"{t['fused_q']:9.1f} {t['fused']:7.1f} | "
                   f"{t['cublas_q'] / t['fused_q']:10.2f}x {t['bf16'] / t['fused_q']:6.2f}x | "
                   f"{e0:.3e} / {e1:.3e}")
+    static(args.m, gate, up, stacked)
+
+
+def static(ms, gate, up, stacked) -> None:
+    """Static scaling's gate/up step: cuBLAS + the one-pass SiLU·mul cast, against the
+    SwiGLU epilogue that writes FP8 (tensor scales; h's scale from its fp32 amax)."""
+    from fp8compile.kernels.fused import quantize_static
+
+    bf16, f, k = torch.bfloat16, gate.shape[0], gate.shape[1]
+    print(f"\nstatic scale, tensor | {'bf16':>7} | {'cuBLAS+cast':>11} {'(GEMM)':>7} | "
+          f"{'SwiGLU->FP8':>11} | {'vs cuBLAS+cast':>14} {'vs bf16':>7} | err unfused / fused")
+    wq, ws = quantize(stacked, G.TENSOR, E4M3, False)
+    iq, is_ = quantize(nx.interleave_gate_up(gate, up), G.TENSOR, E4M3, False)
+    for m in ms:
+        x = torch.randn(m, k, device="cuda", dtype=bf16)
+        xq, xs = quantize(x, G.TENSOR, E4M3, False)
+        ref = F.silu(x.float() @ gate.float().t()) * (x.float() @ up.float().t())
+        hs = nx.compute_scale(nx.amax(ref, G.TENSOR), E4M3).reshape(1)
+
+        def cublas():
+            return select.cublas_scaled_mm(xq, xs, G.TENSOR, wq, ws, G.TENSOR, None, bf16,
+                                           "fast")
+
+        def unfused():
+            y = cublas()
+            return quantize_static(y[:, :f], y[:, f:], None, 0.0, "silu_mul", hs, E4M3)
+
+        def fused():
+            return gemm.scaled_mm(xq, xs, G.TENSOR, iq, is_, G.TENSOR, None,
+                                  torch.float8_e4m3fn, "fast", "swiglu", out_scale=hs)
+
+        assert gemm.gluon_serves(xq, xs, G.TENSOR, iq, is_, G.TENSOR, torch.float8_e4m3fn,
+                                 "swiglu", None, "fast")
+        t = {"bf16": us(lambda: F.linear(x, stacked)), "cublas": us(cublas),
+             "unfused": us(unfused), "fused": us(fused)}
+        e0 = rel_err(unfused().float() * hs, ref)
+        e1 = rel_err(fused().float() * hs, ref)
+        print(f"{m:5d}               | {t['bf16']:7.1f} | {t['unfused']:11.1f} "
+              f"{t['cublas']:7.1f} | {t['fused']:11.1f} | "
+              f"{t['unfused'] / t['fused']:13.2f}x {t['bf16'] / t['fused']:6.2f}x | "
+              f"{e0:.3e} / {e1:.3e}")
 
 
 if __name__ == "__main__":
