@@ -10,7 +10,9 @@ Same block as benchmarks/e2e.py (RMSNorm, causal SDPA, SwiGLU; PyTorch's default
 ``nn.Linear`` init), built in fp32, then copied to bf16 for every variant.  The error is
 ‖y − y_fp32‖ / ‖y_fp32‖ on the same inputs.  Several seeds are run, because the differences
 between recipes are a few percent and one draw can mislead; the table shows the mean and the
-spread.  torchao is eager here (its numerics do not depend on compiling).
+spread.  torchao is eager here (its numerics do not depend on compiling).  ``fp8hpf
+tensorwise static`` takes its activation scales from ``fp8compile.calibrate`` on two batches
+of 2x256 tokens drawn apart from the measured input.
 
 ``--unfused-producers`` adds each fp8hpf recipe with ``fuse_producers=False``: its
 quantizations then read the RMSNorm and SiLU·mul outputs (and the residual sum before the
@@ -31,7 +33,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from e2e import Block, rel_err  # noqa: E402
+from e2e import Block, calibrate_static, rel_err  # noqa: E402
 
 import fp8compile  # noqa: E402
 
@@ -44,6 +46,9 @@ def variants(unfused_producers: bool = False):
         if unfused_producers:
             out[f"fp8hpf {recipe}, unfused"] = lambda m, r=recipe: torch.compile(
                 m, backend=fp8compile.backend({"recipe": r, "fuse_producers": False}))
+    # Static scaling, calibrated on two batches of its own (e2e.calibrate_static).
+    out["fp8hpf tensorwise static"] = lambda m: torch.compile(
+        m, backend=fp8compile.backend({"recipe": "tensorwise", **calibrate_static(m)}))
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 

@@ -134,3 +134,12 @@ def test_scaled_mm_quantized_rejects_bad_scales():
     with pytest.raises(ValueError, match="format="):
         OPS.scaled_mm_quantized(xq, xs, "row", wq, ws, "row", None, "fast", "none",
                                 torch.ones(1), "e3m4")
+
+
+def test_scaled_mm_quantized_opcheck():
+    x, w = torch.randn(2, 3, 256), torch.randn(512, 256) * 0.1
+    xq, xs, wq, ws = _operands(x, w, "tensor", "tensor")
+    args = (xq, xs, "tensor", wq, ws, "tensor", torch.randn(512), "fast", "swiglu",
+            torch.tensor([0.01]), "e4m3")
+    torch.library.opcheck(OPS.scaled_mm_quantized.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))

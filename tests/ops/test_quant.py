@@ -129,3 +129,12 @@ def test_rmsnorm_quantize_with_residual_op(gran):
                           {"residual": r})
     with pytest.raises(ValueError, match="residual .* must have x's shape"):
         OPS.rmsnorm_quantize(x, w, 1e-6, gran, "e4m3", False, residual=r[0])
+
+
+def test_quantize_static_opcheck():
+    x, up = torch.randn(3, 5, 256), torch.randn(3, 5, 256)
+    for args in [(x, None, torch.rand(256), 1e-6, "rmsnorm", torch.tensor([0.01]), "e4m3"),
+                 (x, up, None, 0.0, "silu_mul", torch.tensor([0.01]), "e5m2")]:
+        torch.library.opcheck(OPS.quantize_static.default, args,
+                              test_utils=("test_schema", "test_faketensor",
+                                          "test_autograd_registration"))
