@@ -364,9 +364,8 @@ def scaled_mm(
     _check_scale(xs, x_granularity, m, k, "x")
     _check_scale(ws, w_granularity, n, k, "w")
     out_n = n // 2 if swiglu else n
-    out = torch.empty((m, out_n), dtype=out_dtype, device=xq.device)
     if m == 0 or n == 0:
-        return out.reshape(*lead, out_n)
+        return torch.empty((*lead, out_n), dtype=out_dtype, device=xq.device)
     if k == 0:
         raise NotImplementedError("K == 0")
     # K-major operands (SPEC §4): anything else is copied once (a tiled transpose).
@@ -378,14 +377,9 @@ def scaled_mm(
         raise NotImplementedError("mixed E4M3 x E5M2 operands")
     xs2 = xs.reshape(m, -1) if x_granularity in (Granularity.ROW, Granularity.GROUP) else xs
     ws2 = ws.reshape(n, -1) if w_granularity in (Granularity.ROW, Granularity.GROUP) else ws
-    if residual is not None:
-        res = residual.expand(*lead, out_n).reshape(m, out_n)
-        stride_rm, stride_rn = res.stride()
-    else:
-        res, stride_rm, stride_rn = out, 0, 0
-
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation):
+        out = torch.empty((m, out_n), dtype=out_dtype, device=xq.device)
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
                                          w_granularity, accumulation, swiglu=swiglu,
                                          out_scale=out_scale).reshape(*lead, out_n)
@@ -403,6 +397,12 @@ def scaled_mm(
                       accumulation, "none", None, config, gluon=False)
         h = swiglu_of(y)
         return (h if residual is None else h + residual).to(out_dtype)
+    out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    if residual is not None:
+        res = residual.expand(*lead, n).reshape(m, n)
+        stride_rm, stride_rn = res.stride()
+    else:
+        res, stride_rm, stride_rn = out, 0, 0
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
