@@ -13,7 +13,7 @@ from ..numerics import Fp8Format, Granularity
 
 __all__ = [
     "ACTIVATIONS", "FLOAT_DTYPES", "as_fmt", "as_gran", "check_fp8_input",
-    "check_producer_args", "device_of", "empty_scale", "scale_shape",
+    "check_producer_args", "check_static_scale", "device_of", "empty_scale", "scale_shape",
 ]
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu", "swiglu")
@@ -64,6 +64,16 @@ def check_producer_args(x: Tensor, x2: Tensor | None, norm_weight: Tensor | None
         raise ValueError(
             f"{what}: norm_weight {tuple(norm_weight.shape)} must be ({x.shape[-1]},), the "
             "last dim of x"
+        )
+
+
+def check_static_scale(scale: Tensor, what: str) -> None:
+    """A given tensorwise scale (static scaling): one fp32 element."""
+    if scale.numel() != 1 or scale.dtype != torch.float32:
+        raise ValueError(
+            f"{what} must be one fp32 element (a tensorwise static scale), got "
+            f"{scale.numel()} element(s) of {scale.dtype}; calibrated scales come from "
+            "numerics.compute_scale(amax)"
         )
 
 

@@ -13,7 +13,14 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import as_fmt, as_gran, check_fp8_input, check_producer_args, empty_scale
+from ._common import (
+    as_fmt,
+    as_gran,
+    check_fp8_input,
+    check_producer_args,
+    check_static_scale,
+    empty_scale,
+)
 from ._inline import inline_on_gpu
 
 
@@ -104,12 +111,7 @@ def _silu_mul_quantize_cuda(gate, up, granularity, fmt, power_of_2):
 
 def _check_static(x, x2, norm_weight, producer, scale) -> None:
     check_producer_args(x, x2, norm_weight, producer, "quantize_static")
-    if scale.numel() != 1 or scale.dtype != torch.float32:
-        raise ValueError(
-            f"quantize_static: scale must be one fp32 element (a tensorwise static scale), "
-            f"got {scale.numel()} element(s) of {scale.dtype}; calibrated scales come from "
-            "numerics.compute_scale(amax)"
-        )
+    check_static_scale(scale, "quantize_static: scale")
 
 
 @torch.library.custom_op("fp8compile::quantize_static", mutates_args=())

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import ACTIVATIONS, as_fmt, as_gran, triton_available
+from ._common import ACTIVATIONS, as_fmt, as_gran, check_static_scale, triton_available
 from ._inline import inline_on_gpu
 from .quant import quantize_with_scale_impl
 
@@ -146,11 +146,7 @@ inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend, unpinned=("residu
 
 def _check_out_scale(out_scale: Tensor, fmt: str) -> None:
     as_fmt(fmt)
-    if out_scale.numel() != 1 or out_scale.dtype != torch.float32:
-        raise ValueError(
-            f"scaled_mm_quantized: out_scale must be one fp32 element (the tensorwise static "
-            f"scale of the output), got {out_scale.numel()} element(s) of {out_scale.dtype}"
-        )
+    check_static_scale(out_scale, "scaled_mm_quantized: out_scale")
 
 
 @torch.library.custom_op("fp8compile::scaled_mm_quantized", mutates_args=())
@@ -195,9 +191,8 @@ def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumulation, activati
 
 def _quantized_by_gluon(xq, xs, x_granularity, wq, ws, w_granularity, activation, accumulation,
                         fmt) -> bool:
-    """Whether the warp-specialized kernel casts the output in its epilogue (eager calls)."""
-    if as_fmt(fmt) is not nx.Fp8Format.E4M3:  # its cast saturates an E5M2 Inf
-        return False
+    """Whether the warp-specialized kernel casts the output in its epilogue (eager calls;
+    E4M3 only, its rules say)."""
     from ..kernels.gemm import gluon_serves
 
     return gluon_serves(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),
