@@ -71,7 +71,7 @@ def quantize(
 
 
 def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation,
-              activation, residual):
+              activation, residual, residual2=None):
     """Same result as :func:`fp8compile.ops.scaled_mm_reference`, through the Triton GEMM or,
     where it is faster for the shape and computes the same function, cuBLAS (see
     :mod:`.select`).
@@ -88,18 +88,18 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
         from ..ops._inline import pinned
 
         return _scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
-                          pinned(residual))
+                          pinned(residual), residual2=pinned(residual2))
 
     cublas_fn = None
     if select.cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) is None:
         def cublas_fn():
             return select.cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype,
-                                           accumulation, activation, residual)
+                                           accumulation, activation, residual, residual2)
     try:
         gluon = gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual,
-                                  accumulation)
+                                  accumulation, residual2)
         key = select.gemm_key(xq, xg, wq, accumulation, out_dtype, gluon, activation,
-                              residual)
+                              residual, residual2)
         if select.choose(key, triton_fn, cublas_fn) == "cublas":
             return cublas_fn()
         return triton_fn()
@@ -107,7 +107,7 @@ def scaled_mm(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, acc
         from ..ops import scaled_mm_reference
 
         return scaled_mm_reference(xq, xs, str(x_granularity), wq, ws, str(w_granularity),
-                                   bias, out_dtype, activation, residual)
+                                   bias, out_dtype, activation, residual, residual2)
 
 
 def rmsnorm_quantize(x, weight, eps, granularity, fmt, power_of_2, residual=None):

@@ -38,7 +38,13 @@ The same kernel serves per-row and per-tensor scales (on both operands):
   the weight's rows interleave gate and up in runs of 128
   (:func:`fp8compile.numerics.interleave_gate_up`), so each 256-wide tile holds a gate tile
   and its up tile, both halves of every thread's registers, and ``silu(gate) * up`` leaves
-  as a 128-wide tile.
+  as a 128-wide tile.  With ``RES`` (one or two residuals: a transformer block's last add,
+  ``(x + o) + down``, takes x and o apart so that ``x + o`` is never rounded) the fast
+  path's epilogue adds residual tiles in fp32 before its one rounding.  The first comes by
+  TMA into the output tile's shared memory during the K loop, once the previous tile's
+  store has left it; a second follows it there after the K loop.  An opaque move first
+  fixes the scaled tile in registers: without it the compiler sinks the column scaling
+  below the loads, and the scales, the bias and the loaded tile together spill.
 
 Registers: 64 fp32 per thread for the accumulator and for each partial tile (promoted,
 128x128 tile, two warpgroups), 128 for the fast path's 64x256 accumulator; the math
@@ -74,6 +80,8 @@ try:
     # TMA copies: async_load / async_store from Triton 3.7 on, which removed the older names
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
+    # a barrier of the calling partition's warps: thread_barrier up to Triton 3.6, barrier on
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
 except ImportError:  # a Triton without Gluon's Hopper API
     HAVE_GLUON = False
@@ -105,7 +113,7 @@ _OUTER = (Granularity.ROW, Granularity.TENSOR)
 
 
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
-                w_gran, out_dtype: torch.dtype, activation: str, has_residual: bool,
+                w_gran, out_dtype: torch.dtype, activation: str, residuals: int,
                 layout: bool = True, accumulation: str = "precise") -> str | None:
     """Why this kernel cannot run the GEMM (``None`` when it can); ``xq`` is (M, K), or
     (..., K) with ``layout=False``.  Only sizes, dtypes and (with ``layout``) strides are
@@ -114,7 +122,9 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     ``layout=False`` skips the stride and alignment rules, which :func:`.gemm.scaled_mm`
     meets by copying an operand.  Blockwise scales are always promoted; row and tensor
     scales are served with either accumulation: ``precise`` promotes every K block,
-    ``fast`` keeps one tensor-core accumulator over all of K (:data:`FAST_TILE`)."""
+    ``fast`` keeps one tensor-core accumulator over all of K (:data:`FAST_TILE`).
+    ``residuals``: how many (M, N) tensors of the output's dtype are added to the product
+    (0-2; True counts one), with fast accumulation only."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
     xg, wg = Granularity(x_gran), Granularity(w_gran)
@@ -122,10 +132,17 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     if not (outer or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
         return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
                 "on both operands")
-    if has_residual or activation not in ("none", "swiglu"):
-        return "no residual or activation epilogue other than SwiGLU"
+    if activation not in ("none", "swiglu"):
+        return "no activation epilogue other than SwiGLU"
+    residuals = int(residuals)
+    if residuals > 2:
+        return f"{residuals} residuals: the epilogue adds two at most"
+    if residuals and activation != "none":
+        return "no residual after the SwiGLU epilogue"
     if activation == "swiglu" and not (outer and accumulation == "fast"):
         return "the SwiGLU epilogue needs fast accumulation with row/tensor scales"
+    if residuals and not (outer and accumulation == "fast"):
+        return "the residual epilogue needs fast accumulation with row/tensor scales"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
         return "both operands in one FP8 format"
     if xs.dtype != torch.float32 or ws.dtype != torch.float32:
@@ -141,6 +158,8 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
         return f"M={m} < {MIN_M}: the split-K kernel serves small M"
     if out_dtype == torch.float8_e5m2:
         return "an E5M2 output (the epilogue's saturating cast would clip its Inf)"
+    if residuals and out_dtype in FP8_FORMATS:
+        return "no residual with an FP8 output"
     out_bytes = torch.finfo(out_dtype).bits // 8
     fast = outer and accumulation == "fast"
     if _shared_bytes(FAST_TILE if fast else PROMOTED_TILE, activation == "swiglu",
@@ -211,12 +230,20 @@ if HAVE_GLUON:
                 * gl.load(w_ptr + kb * stride_wsk, mask=has_cs == 0, other=1.0))
 
     @gluon.jit
-    def _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc):
+    def _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc, c_smem, r_desc,
+                   r_bar, r_coords, PREFETCH: gl.constexpr):
         """One tile's K loop with one accumulator: each wgmma chains on the one before, which
-        may still run; once it has retired its stage is released."""
+        may still run; once it has retired its stage is released.  With ``PREFETCH``, once
+        the first wgmma runs, the previous tile's store is waited for and the residual tile
+        at ``r_coords`` is loaded into ``c_smem`` (TMA, arriving on ``r_bar``) under the
+        rest of the loop."""
         STAGES_: gl.constexpr = a_bufs.shape[0]
         acc = _issue(a_bufs, b_bufs, ready, it, half_rows, acc)
         acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))  # a no-op: types the loop
+        if PREFETCH:
+            tma.store_wait(pendings=0)
+            mbarrier.expect(r_bar, r_desc.block_type.nbytes)
+            _tma_load(r_desc, r_coords, r_bar, c_smem)
         for _ in range(1, k_tiles):
             acc = _issue(a_bufs, b_bufs, ready, it + 1, half_rows, acc, True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
@@ -252,9 +279,9 @@ if HAVE_GLUON:
                 gl.convert_layout(bias.to(gl.float32), cols_layout))
 
     @gluon.jit
-    def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, HALF: gl.constexpr):
+    def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, r1_desc, r2_desc, r_bars, as_ptr,
+              ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
         STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
@@ -267,6 +294,11 @@ if HAVE_GLUON:
         SWIGLU: gl.constexpr = CN != BN
         # An FP8 output tile: the tile is cast with the static scale at os_ptr.
         QUANT_OUT: gl.constexpr = c_desc.dtype.is_fp8()
+        # Residuals added to the tile (fast path only): one barrier per math warpgroup, and
+        # one more per residual (unused; the count carries the mode, see _blockwise_ws_kernel).
+        RES: gl.constexpr = r_bars.shape[0] - 2
+        r_bar = r_bars.index(HALF)
+        r_phase = 0
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                           instr_shape=[16, BN, 32])
         num_pid_m = gl.cdiv(M, BM)
@@ -278,8 +310,8 @@ if HAVE_GLUON:
         it = 0
         for tile in range(gl.program_id(0), num_pid_m * num_pid_n, gl.num_programs(0)):
             pid_m, pid_n = _tile_coords(tile, num_pid_m, num_pid_n)
-            rows = (pid_m * BM + HALF * HM
-                    + gl.arange(0, HM, layout=gl.SliceLayout(1, layout)))
+            row0 = pid_m * BM + HALF * HM
+            rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))
             rmask = rows < M
             s_rows = as_ptr + rows * stride_asm
             acc = gl.zeros([HM, BN], gl.float32, layout)
@@ -290,7 +322,7 @@ if HAVE_GLUON:
                                                 pid_n * BN, N, layout, BN)
                 row_scale = gl.load(s_rows, mask=rmask, other=0.0)
                 acc, it = _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, HALF * HM,
-                                     acc)
+                                     acc, c_smem, r1_desc, r_bar, (row0, pid_n * BN), RES > 0)
                 acc = acc * row_scale[:, None]
             else:
                 w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
@@ -330,7 +362,26 @@ if HAVE_GLUON:
                                                 pid_n * BN, N, layout, BN)
             col_scale, bias = _spread(col_scale, bias, layout)
             acc = acc * col_scale[None, :] + bias[None, :]
-            tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+            if RES > 0:
+                # The first residual came into c_smem under the K loop (after the previous
+                # tile's store had left it); a second one follows it there.  fp32 sums,
+                # (product + r1) + r2, then one rounding.
+                acc = _settled(acc)
+                mbarrier.wait(r_bar, r_phase)
+                r_phase ^= 1
+                acc = acc + c_smem.load(layout).to(gl.float32)
+                if RES > 1:
+                    acc = _settled(acc)
+                    _barrier()  # this warpgroup has read r1 before the TMA overwrites it
+                    fence_async_shared()
+                    mbarrier.expect(r_bar, r2_desc.block_type.nbytes)
+                    _tma_load(r2_desc, [row0, pid_n * BN], r_bar, c_smem)
+                    mbarrier.wait(r_bar, r_phase)
+                    r_phase ^= 1
+                    acc = acc + c_smem.load(layout).to(gl.float32)
+                _barrier()  # and the last residual before the output tile overwrites it
+            else:
+                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
             if SWIGLU:
                 # columns c and c + CN hold gate and up of one output (interleaved weight);
                 # the accumulator layout keeps both in one thread, so this moves no data
@@ -346,6 +397,15 @@ if HAVE_GLUON:
             fence_async_shared()
             _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN], c_smem)
         tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _settled(x):
+        """``x``, computed here: an opaque move keeps the compiler from sinking the arithmetic
+        that produced it below the shared-memory loads that follow, whose registers would
+        then be live with its operands' (the spread column scales and bias, 128 registers)
+        and spill."""
+        return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32,
+                                         is_pure=False, pack=1)
 
     @gluon.jit
     def _out_cast(y, os_ptr, dtype: gl.constexpr, QUANT_OUT: gl.constexpr):
@@ -364,27 +424,27 @@ if HAVE_GLUON:
     # buffers' types, not constexpr args (a constexpr in a partition's argument tuple
     # reaches warp_specialize as a plain int and fails to lower, Triton 3.6).
     @gluon.jit
-    def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
-                 stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 0)
+    def _math_lo(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, r1_desc, r2_desc, r_bars,
+                 as_ptr, ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+                 stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_lo, c_desc, r1_desc, r2_desc, r_bars, as_ptr,
+              ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, 0)
 
     @gluon.jit
-    def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                 has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
-                 stride_wsn, stride_wsk):
-        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-              cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask, stride_wsn,
-              stride_wsk, 1)
+    def _math_hi(a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, r1_desc, r2_desc, r_bars,
+                 as_ptr, ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+                 stride_asm, stride_ask, stride_wsn, stride_wsk):
+        _math(a_bufs, b_bufs, ready, empty, c_hi, c_desc, r1_desc, r2_desc, r_bars, as_ptr,
+              ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+              stride_asm, stride_ask, stride_wsn, stride_wsk, 1)
 
     @gluon.jit
-    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, as_ptr, ws_ptr, bias_ptr, has_bias,
-                             cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+    def _blockwise_ws_kernel(a_desc, b_desc, c_desc, r1_desc, r2_desc, as_ptr, ws_ptr,
+                             bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
-                             LOAD_REGS: gl.constexpr, FAST: gl.constexpr):
+                             LOAD_REGS: gl.constexpr, FAST: gl.constexpr, RES: gl.constexpr):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
@@ -394,16 +454,22 @@ if HAVE_GLUON:
         c_hi = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        # The residual loads' barriers, one per math warpgroup, and RES more that carry the
+        # number of residuals to the partitions in the buffer's shape.
+        r_bars = gl.allocate_shared_memory(gl.int64, [2 + RES, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # one arrive per math warpgroup
+        for i in gl.static_range(2):
+            mbarrier.init(r_bars.index(i), count=1)
         fence_async_shared()
-        args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, as_ptr, ws_ptr, bias_ptr,
-                has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K, stride_asm, stride_ask,
-                stride_wsn, stride_wsk)
+        args = (a_bufs, b_bufs, ready, empty, c_lo, c_hi, c_desc, r1_desc, r2_desc, r_bars,
+                as_ptr, ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
+                stride_asm, stride_ask, stride_wsn, stride_wsk)
         loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
         # the math partitions tell the modes apart by the tile: FAST is its wide one
         gl.static_assert(FAST == (BN > BM), "FAST goes with FAST_TILE, promotion with BN == BM")
+        gl.static_assert(RES == 0 or FAST, "residuals go with fast accumulation")
         gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
                            [4, 1], [MATH_REGS, LOAD_REGS])
 
@@ -428,7 +494,8 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
                  bias: torch.Tensor | None, out: torch.Tensor,
                  x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK,
                  accumulation: str = "precise", swiglu: bool = False,
-                 out_scale: torch.Tensor | None = None) -> torch.Tensor:
+                 out_scale: torch.Tensor | None = None,
+                 residuals: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """Write ``(xq·xs) @ (wq·ws)ᵀ + bias`` into ``out`` (M, N); call only when
     :func:`unsupported` returns ``None``.  Blockwise: ``xs`` is (M, ceil(K/128)), ``ws``
     (ceil(N/128), ceil(K/128)).  Row/tensor scales (``x_gran``, ``w_gran``): ``xs`` has M
@@ -438,7 +505,9 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     With ``swiglu`` (fast row/tensor only) ``wq``'s rows interleave gate and up in runs of
     128 (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
     ``silu(gate) * up`` of the scaled fp32 tile.  An E4M3 ``out`` takes ``out_scale`` (one
-    fp32 element, a static scale) and receives the tile cast with it.
+    fp32 element, a static scale) and receives the tile cast with it.  ``residuals`` (fast
+    row/tensor only; at most two contiguous (M, N) tensors of ``out``'s dtype) are added in
+    fp32 before the one rounding: ``(r1 + r2) + product``.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
     m, k = xq.shape
     n = wq.shape[0]
@@ -455,6 +524,14 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
         fast = accumulation == "fast"
     if swiglu and not fast:
         raise ValueError("blockwise_mm: swiglu needs fast accumulation with row/tensor scales")
+    if residuals and (not fast or swiglu or len(residuals) > 2):
+        raise ValueError("blockwise_mm: one or two residuals, with fast accumulation and row/"
+                         "tensor scales, and no SwiGLU")
+    for r in residuals:
+        if r.dtype != out.dtype or r.shape != out.shape or r.stride() != out.stride():
+            raise ValueError(f"blockwise_mm: a residual {r.dtype} {tuple(r.shape)} with strides "
+                             f"{r.stride()} must be laid out as the output ({out.dtype} "
+                             f"{tuple(out.shape)}, strides {out.stride()})")
     if (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
         raise ValueError(f"blockwise_mm: an E4M3 output goes with out_scale (got out "
                          f"{out.dtype}, out_scale {'given' if out_scale is not None else 'None'})")
@@ -464,12 +541,19 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile, cn)
     a_d = TensorDescriptor(xq, [m, k], [k, 1], [bm, bk], a_l)
     b_d = TensorDescriptor(wq, [n, k], [k, 1], [bn, bk], b_l)
-    c_d = TensorDescriptor(out, [m, out.shape[1]], [out.stride(0), 1], [bm // 2, cn], c_l)
+
+    def tiles_of(t):  # the output and the residuals: (bm/2 x cn) tiles, one per warpgroup
+        return TensorDescriptor(t, [m, t.shape[1]], [t.stride(0), 1], [bm // 2, cn], c_l)
+
+    c_d = tiles_of(out)
+    r_d = [tiles_of(r) for r in residuals] + [c_d] * (2 - len(residuals))  # c_d: unread
     tiles = -(-m // bm) * -(-n // bn)
     grid = (min(tuning.num_sms(xq.device), tiles),)
     _blockwise_ws_kernel[grid](
-        a_d, b_d, c_d, row[0], block[0], bias if bias is not None else out, int(bias is not None),
+        a_d, b_d, c_d, r_d[0], r_d[1], row[0], block[0],
+        bias if bias is not None else out, int(bias is not None),
         column[0], column[1], column[2], out_scale if out_scale is not None else out,
         m, n, k, row[1], row[2], block[1], block[2],
-        STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, FAST=fast, num_warps=4)
+        STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, FAST=fast,
+        RES=len(residuals), num_warps=4)
     return out

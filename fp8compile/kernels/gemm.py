@@ -306,9 +306,9 @@ def scaled_mm(
     bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
     accumulation: str = "precise", activation: str = "none",
     residual: torch.Tensor | None = None, config: dict | None = None, gluon: bool = True,
-    out_scale: torch.Tensor | None = None,
+    out_scale: torch.Tensor | None = None, residual2: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
+    """``act(dequant(xq) @ dequant(wq).T + bias) + residual (+ residual2)`` in ``out_dtype``.
 
     Same result as :func:`fp8compile.ops.scaled_mm_reference` up to fp32 summation order
     (``precise``) or Hopper's reduced-precision FP8 accumulation (``fast`` with tensor/row
@@ -321,7 +321,9 @@ def scaled_mm(
     else from an fp32 product in one more pass.  ``gluon=False`` keeps a blockwise
     GEMM on the Triton kernel where the Gluon kernel would serve it (see
     :func:`gluon_serves`): the compile-time decisions time and tune what a traced graph
-    will launch.
+    will launch.  ``residual2``, a second residual, is added in fp32 too (a residual stream
+    ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
+    fp32 sum (:func:`residual_sum`).
 
     Example::
 
@@ -354,6 +356,8 @@ def scaled_mm(
                          "an FP8 format (with out_scale)")
     if out_scale is not None and out_dtype not in FP8_FORMATS:
         raise ValueError(f"scaled_mm: out_scale casts to FP8, but out_dtype={out_dtype}")
+    if residual2 is not None and residual is None:
+        raise ValueError("scaled_mm: residual2 is a second residual; give residual first")
     k = xq.shape[-1]
     n = wq.shape[0]
     lead = xq.shape[:-1]
@@ -378,11 +382,16 @@ def scaled_mm(
     xs2 = xs.reshape(m, -1) if x_granularity in (Granularity.ROW, Granularity.GROUP) else xs
     ws2 = ws.reshape(n, -1) if w_granularity in (Granularity.ROW, Granularity.GROUP) else ws
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
-                                                 out_dtype, activation, residual, accumulation):
+                                                 out_dtype, activation, residual, accumulation,
+                                                 residual2=residual2):
         out = torch.empty((m, out_n), dtype=out_dtype, device=xq.device)
+        residuals = tuple(r.reshape(m, out_n).contiguous() for r in (residual, residual2)
+                          if r is not None)
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
                                          w_granularity, accumulation, swiglu=swiglu,
-                                         out_scale=out_scale).reshape(*lead, out_n)
+                                         out_scale=out_scale,
+                                         residuals=residuals).reshape(*lead, out_n)
+    residual = residual_sum(residual, residual2)
     if out_scale is not None:
         # No FP8 cast in this epilogue: the fp32 product (with the epilogue), then one pass.
         from .quant import quantize_with_scale
@@ -510,8 +519,17 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     return buffers[-1]
 
 
+def residual_sum(residual: torch.Tensor | None,
+                 residual2: torch.Tensor | None) -> torch.Tensor | None:
+    """The residual an epilogue adds: ``residual``, or with a second one their sum in fp32
+    (never rounded to the model dtype, as Inductor computes ``x + o`` inside the next add)."""
+    if residual2 is None:
+        return residual
+    return residual.float() + residual2.float()
+
+
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
-                 residual, accumulation: str = "precise") -> bool:
+                 residual, accumulation: str = "precise", residual2=None) -> bool:
     """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
     :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
@@ -521,16 +539,22 @@ def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activa
         return False
     # no reshape: at compile time the operands are functional tensors, outside their mode
     return _gluon_takes(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
-                        residual, accumulation, layout=False)
+                        residual, accumulation, layout=False, residual2=residual2)
 
 
 def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation, residual,
-                 accumulation, layout: bool = True) -> bool:
-    """The one rule for both callers: eager, compiled (not interpreted), and every rule of
-    :func:`.blockwise_ws.unsupported` met for the 2-D operands."""
+                 accumulation, layout: bool = True, residual2=None) -> bool:
+    """The one rule for both callers: eager, compiled (not interpreted), every rule of
+    :func:`.blockwise_ws.unsupported` met for the 2-D operands, and residuals of the
+    output's dtype and shape (the kernel loads them as output tiles; no broadcast)."""
+    residuals = [r for r in (residual, residual2) if r is not None]
+    m = a.numel() // max(1, a.shape[-1])
+    if any(r.dtype != out_dtype or r.numel() != m * w.shape[0] or r.shape[-1] != w.shape[0]
+           for r in residuals):
+        return False
     return not tracing() and not _interpreting() and blockwise_ws.unsupported(
         a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation,
-        residual is not None, layout=layout, accumulation=accumulation) is None
+        len(residuals), layout=layout, accumulation=accumulation) is None
 
 
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.

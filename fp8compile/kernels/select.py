@@ -86,8 +86,8 @@ def cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual) -> str |
 
 
 def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
-                     activation: str = "none", residual: torch.Tensor | None = None
-                     ) -> torch.Tensor:
+                     activation: str = "none", residual: torch.Tensor | None = None,
+                     residual2: torch.Tensor | None = None) -> torch.Tensor:
     """The same GEMM through cuBLAS (``torch._scaled_mm`` / ``F.scaled_mm``); bias,
     activation and residual follow as pointwise ops on the ``out_dtype`` product."""
     k, n = xq.shape[-1], wq.shape[0]
@@ -116,7 +116,7 @@ def cublas_scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
         return y
     from ..ops.gemm import epilogue
 
-    return epilogue(y, activation, residual).to(out_dtype)
+    return epilogue(y, activation, residual, residual2).to(out_dtype)
 
 
 def _time_ms(fn: Callable[[], torch.Tensor], reps: int = 10) -> float:
@@ -236,7 +236,7 @@ def choose(key: tuple, triton_fn: Callable[[], torch.Tensor],
 
 
 def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation="none",
-                  residual=None) -> str:
+                  residual=None, residual2=None) -> str:
     """:func:`choose` for a GEMM that ``torch.compile`` is tracing (compile-time decision).
 
     The operands are fake tensors, so on first sight of a key the candidates are timed on
@@ -261,17 +261,17 @@ def choose_traced(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activat
     Returns ``"cublas"``, ``"triton"`` or ``"gluon"``.
     """
     key = gemm_key(xq, xg, wq, accumulation, out_dtype, activation=activation,
-                   residual=residual)
+                   residual=residual, residual2=residual2)
     why = cublas_unsupported(xq, xg, wq, wg, out_dtype, activation, residual)
     got = _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation,
-                         activation, residual, why)
+                         activation, residual, residual2, why)
     note = got if why is None else f"{got} (cuBLAS: {why})"
     note_traced(key, f"{note} (by rule)" if key in _RULED else note)
     if got == "gluon":
         # The opaque op's body dispatches eagerly, where the Gluon kernel is "triton": the
         # compile-time choice stands there too, not timed a second time at the first call.
         _CHOICES[gemm_key(xq, xg, wq, accumulation, out_dtype, True, activation,
-                          residual)] = "triton"
+                          residual, residual2)] = "triton"
     return got
 
 
@@ -299,14 +299,19 @@ def _by_rule(xq, activation: str, residual, cublas_why: str | None, gluon: bool)
       H200 the compile-time timing kept cuBLAS for every GEMM of the LLaMA block
       (docs/performance.md);
     * the SwiGLU epilogue where the Gluon kernel serves it: the Gluon kernel, which is what
-      the fold into that epilogue was made for (:mod:`fp8compile.passes.epilogue`).
+      the fold into that epilogue was made for (:mod:`fp8compile.passes.epilogue`);
+    * a residual epilogue (one or two residuals, no activation) where the Gluon kernel
+      serves it: the Gluon kernel, which loads the residual tiles under its K loop
+      (``benchmarks/gemm_epilogue.py``: faster than cuBLAS and the add, docs/performance.md).
 
-    Residual and activation epilogues (``fuse_epilogues``) stay timed: there the fused
+    Other residual and activation epilogues (``fuse_epilogues``) stay timed: there the fused
     Triton epilogue can beat cuBLAS and a separate pointwise kernel, by shape.
     """
     m = xq.numel() // max(1, xq.shape[-1])
-    if autotuning() or m <= 256 or cublas_why is not None or residual is not None:
+    if autotuning() or m <= 256 or cublas_why is not None:
         return None
+    if residual is not None:
+        return "gluon" if gluon and activation == "none" else None
     if activation == "none":
         return "cublas"
     if activation == "swiglu" and gluon:
@@ -315,14 +320,15 @@ def _by_rule(xq, activation: str, residual, cublas_why: str | None, gluon: bool)
 
 
 def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, activation,
-                   residual, cublas_why: str | None) -> str:
+                   residual, residual2, cublas_why: str | None) -> str:
     from ..ops._inline import outside_tracing, random_like
     from .gemm import gluon_serves
     from .gemm import scaled_mm as triton_scaled_mm
 
     if forced_backend() != "auto":
         return choose(key, _never, _never if cublas_why is None else None)
-    gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation)
+    gluon = gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, activation, residual, accumulation,
+                         residual2)
     ruled = _by_rule(xq, activation, residual, cublas_why, gluon)
     if ruled is not None:
         # Filed like a timed choice: the traced body's own dispatch (kernels.scaled_mm)
@@ -337,7 +343,7 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
         return _CHOICES[key]
     if cublas_why is not None and not gluon:
         return "triton"  # the one candidate
-    operands = (xq, xs, wq, ws, bias, residual)
+    operands = (xq, xs, wq, ws, bias, residual, residual2)
     size = sum(t.numel() * t.element_size() for t in operands if t is not None)
     copies = max(1, min(8, -(-_COLD_BYTES // max(1, size))))
     with outside_tracing():
@@ -347,19 +353,20 @@ def _choose_traced(key, xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, a
             cycle = itertools.cycle(sets)
 
             def fn():
-                a, sa, b, sb, bb, r = next(cycle)
+                a, sa, b, sb, bb, r, r2 = next(cycle)
                 if backend == "cublas":
                     return cublas_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                            activation, r)
+                                            activation, r, r2)
                 return triton_scaled_mm(a, sa, xg, b, sb, wg, bb, out_dtype, accumulation,
-                                        activation, r, gluon=backend == "gluon")
+                                        activation, r, gluon=backend == "gluon", residual2=r2)
             return fn
 
         if cublas_why is not None:
             got = "gluon" if _gluon_faster(run("gluon"), run("triton")) else "triton"
-        elif gluon and activation == "swiglu":
+        elif gluon and (activation == "swiglu" or residual is not None):
             # The one fused SwiGLU epilogue, against cuBLAS with the SwiGLU as pointwise ops
-            # (the Triton kernel computes it the same way, after its fp32 product).
+            # (the Triton kernel computes it the same way, after its fp32 product); and the
+            # residual epilogue of the kernel that loads its tiles under the K loop.
             got = "gluon" if _gluon_faster(run("gluon"), run("cublas")) else "cublas"
         else:  # "triton": the Triton kernel, which the graph launches
             return choose(key, run("triton"), run("cublas"))
@@ -438,7 +445,8 @@ def _never() -> torch.Tensor:  # a candidate that a cached or forced choice neve
 
 
 def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
-             activation: str = "none", residual: torch.Tensor | None = None) -> tuple:
+             activation: str = "none", residual: torch.Tensor | None = None,
+             residual2: torch.Tensor | None = None) -> tuple:
     """What the choice depends on: sizes (M bucketed), recipe, accumulation, output dtype,
     whether each operand arrives K-major (a transposed one costs both backends a copy),
     whether "triton" stands for the Gluon kernel (eager calls it serves on Hopper; traced
@@ -447,17 +455,17 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
     m = xq.numel() // max(1, xq.shape[-1])
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
     return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
-            bool(gluon), (activation, residual is not None))
+            bool(gluon), (activation, (residual is not None) + (residual2 is not None)))
 
 
 def describe_key(key: tuple) -> str:
     """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``, then
-    `` + gelu``, `` + residual`` for an epilogue."""
+    `` + gelu``, `` + residual`` (`` + 2 residuals``) for an epilogue."""
     bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor), gluon, epi = key
     layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
     dtype = str(out_dtype).replace("torch.", "")
     kernel = " (Gluon kernel)" if gluon else ""
-    activation, has_residual = epi
+    activation, residuals = epi
     tail = (f" + {activation}" if activation != "none" else "") + \
-        (" + residual" if has_residual else "")
+        {0: "", 1: " + residual"}.get(int(residuals), f" + {int(residuals)} residuals")
     return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{tail}{layout}{kernel}"

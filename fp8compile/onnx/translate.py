@@ -17,7 +17,8 @@ Only standard ``ai.onnx`` ops come out; FP8 lives in ``QuantizeLinear``/``Dequan
 ``fp8compile::quantize_scaled(x, s, "tensor", fmt) -> q`` (static scale): one
 ``QuantizeLinear(x, s, zero_point)`` with the constant scale.
 
-``fp8compile::scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, acc, act, residual)``::
+``fp8compile::scaled_mm(xq, xs, xg, wq, ws, wg, bias, out_dtype, acc, act, residual)``
+(a ``residual2`` is added to ``residual`` in fp32 first)::
 
     xq ─ DequantizeLinear(xs) ───────────────────────────────────┐
     wq (N, K) FP8 initializer ─ DequantizeLinear(ws) ─ Transpose ─ MatMul ─ Add(bias)
@@ -207,7 +208,7 @@ def translation_table(opset: int, target: str = "ort") -> dict:
         raise ValueError(f"ONNX export: weight granularity {granularity!r} unsupported")
 
     def scaled_mm(xq, xs, x_granularity: str, wq, ws, w_granularity: str, bias, out_dtype: int,
-                  accumulation: str, activation: str, residual):
+                  accumulation: str, activation: str, residual, residual2=None):
         # accumulation: ONNX MatMul on dequantized fp32 operands is the exact-fp32 reference
         # (what "precise" approximates); there is nothing to choose.
         x = dequant_act(xq, xs, x_granularity)
@@ -224,6 +225,8 @@ def translation_table(opset: int, target: str = "ort") -> dict:
             y = op.Relu(y)
         elif activation != "none":
             raise ValueError(f"ONNX export: epilogue activation {activation!r} unsupported")
+        if residual2 is not None:  # a residual stream's two terms, summed in fp32
+            residual = op.Add(to_f32(residual), to_f32(residual2))
         if residual is not None:
             y = op.Add(y, to_f32(residual))
         return y if out_dtype == _F32 else op.Cast(y, to=out_dtype)

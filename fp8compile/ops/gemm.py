@@ -16,7 +16,8 @@ from .quant import quantize_with_scale_impl
 # GEMM
 
 
-def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -> None:
+def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str,
+              residual: Optional[Tensor] = None, residual2: Optional[Tensor] = None) -> None:
     if xq.dtype not in nx.FP8_FORMATS or wq.dtype not in nx.FP8_FORMATS:
         raise ValueError(
             f"scaled_mm takes FP8 operands, got {xq.dtype} and {wq.dtype}; "
@@ -33,12 +34,19 @@ def _check_mm(xq: Tensor, wq: Tensor, bias: Optional[Tensor], activation: str) -
         raise ValueError(f"scaled_mm: activation={activation!r} is not one of {ACTIVATIONS}")
     if activation == "swiglu":
         nx.check_swiglu_rows(wq.shape[0])
+    if residual2 is not None and residual is None:
+        raise ValueError("scaled_mm: residual2 is a second residual; pass the first as "
+                         "residual")
 
 
-def epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
+def epilogue(y: Tensor, activation: str, residual: Optional[Tensor],
+             residual2: Optional[Tensor] = None) -> Tensor:
     """``act(y) + residual`` in the promoted dtype of ``y`` and ``residual`` (fp32 for the
     reference's fp32 product; the output dtype after a cuBLAS GEMM).  ``swiglu`` halves the
-    last dim (:func:`fp8compile.numerics.swiglu`)."""
+    last dim (:func:`fp8compile.numerics.swiglu`).  A second residual is added to the first
+    in fp32 (:func:`fp8compile.kernels.gemm.residual_sum`), and so is their sum to ``y``."""
+    if residual2 is not None:
+        residual = residual.float() + residual2.float()
     if activation == "swiglu":
         y = nx.swiglu(y)
     elif activation == "gelu":
@@ -53,12 +61,13 @@ def epilogue(y: Tensor, activation: str, residual: Optional[Tensor]) -> Tensor:
 
 
 def scaled_mm_reference(
-    xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+    xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual,
+    residual2=None,
 ) -> Tensor:
     y = nx.fp8_linear_reference(
         xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, torch.float32
     )
-    return epilogue(y, activation, residual).to(out_dtype)
+    return epilogue(y, activation, residual, residual2).to(out_dtype)
 
 
 @torch.library.custom_op("fp8compile::scaled_mm", mutates_args=())
@@ -74,53 +83,58 @@ def scaled_mm(
     accumulation: str,
     activation: str,
     residual: Optional[Tensor],
+    residual2: Optional[Tensor] = None,
 ) -> Tensor:
-    """``act(dequant(xq) @ dequant(wq).T + bias) + residual`` in ``out_dtype``.
+    """``act(dequant(xq) @ dequant(wq).T + bias) + residual (+ residual2)`` in ``out_dtype``.
 
     ``xq`` is ``(..., K)``, ``wq`` is ``(N, K)``; ``accumulation`` is ``precise`` or ``fast``
     (the reference is always exact fp32; kernels honour the choice).  ``activation="swiglu"``
     takes ``wq`` (and its scales, bias) with gate and up rows interleaved
     (:func:`fp8compile.numerics.interleave_gate_up`) and returns ``silu(gate) * up`` of the
-    fp32 product, ``(..., N/2)``; a residual then has that shape.
+    fp32 product, ``(..., N/2)``; a residual then has that shape.  ``residual2`` is a second
+    residual, added in fp32 with the first (a residual stream ``x + o`` the epilogue sums
+    without rounding it to the model dtype); give ``residual`` first.
     """
-    _check_mm(xq, wq, bias, activation)
+    _check_mm(xq, wq, bias, activation, residual, residual2)
     return scaled_mm_reference(
-        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual,
+        residual2,
     )
 
 
 @scaled_mm.register_fake
 def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
-      residual):
+      residual, residual2=None):
     n = wq.shape[0] // 2 if activation == "swiglu" else wq.shape[0]
     return xq.new_empty((*xq.shape[:-1], n), dtype=out_dtype)
 
 
 @scaled_mm.register_kernel("cuda")
 def _(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation, activation,
-      residual):
+      residual, residual2=None):
     return scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
-                          accumulation, activation, residual)
+                          accumulation, activation, residual, residual2)
 
 
 def scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, accumulation,
-                   activation, residual) -> Tensor:
+                   activation, residual, residual2=None) -> Tensor:
     """The op's body without the dispatcher (see :func:`fp8compile.ops.quant.quantize_impl`)."""
-    _check_mm(xq, wq, bias, activation)
+    _check_mm(xq, wq, bias, activation, residual, residual2)
     if triton_available(xq):
         from .. import kernels
 
         return kernels.scaled_mm(
             xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, out_dtype,
-            accumulation, activation, residual,
+            accumulation, activation, residual, residual2,
         )
     return scaled_mm_reference(
-        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual
+        xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype, activation, residual,
+        residual2,
     )
 
 
 def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
-                    accumulation, activation, residual) -> bool:
+                    accumulation, activation, residual, residual2=None) -> bool:
     """Before a GEMM is traced into a compiled graph (see ``_inline``), take the choice of
     backend that eager mode takes on the first call, by timing the candidates on real
     random operands of the same shapes (:func:`fp8compile.kernels.select.choose_traced`).
@@ -128,16 +142,18 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
     opaque call, whose body runs it."""
     from ..kernels import select
 
-    _check_mm(xq, wq, bias, activation)
+    _check_mm(xq, wq, bias, activation, residual, residual2)
     return select.choose_traced(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),
-                                bias, out_dtype, accumulation, activation, residual) != "gluon"
+                                bias, out_dtype, accumulation, activation, residual,
+                                residual2) != "gluon"
 
 
 # The residual stays unpinned: after a cuBLAS GEMM it is read by a pointwise add, and
 # Inductor then computes it where it is read, as without the fold (a residual stream
 # ``x + o`` recomputed in fp32 by the next add instead of read back rounded to bf16).
 # The Triton GEMM pins it where it passes it to its kernel.
-inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend, unpinned=("residual",))
+inline_on_gpu(scaled_mm, scaled_mm_impl, when=_decide_backend,
+              unpinned=("residual", "residual2"))
 
 
 # --------------------------------------------------------------------------------------

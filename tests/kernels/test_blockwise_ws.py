@@ -26,7 +26,7 @@ def _fp8(*shape, device="cpu"):
 
 
 def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="none",
-         res=False, xq=None, wq=None, xs=None, acc="precise"):
+         res=0, xq=None, wq=None, xs=None, acc="precise"):
     xq = _fp8(m, k) if xq is None else xq
     wq = _fp8(n, k) if wq is None else wq
     xs = torch.ones(m, -(-k // 128)) if xs is None else xs
@@ -38,8 +38,13 @@ def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="n
     (dict(xg=G.GROUP, wg=G.ROW), "only 1x128 activation groups"),
     (dict(xg=G.ROW, wg=G.BLOCK), "only 1x128 activation groups"),
     (dict(xg=G.TENSOR, wg=G.GROUP), "or row/tensor scales on both operands"),
-    (dict(act="silu"), "no residual or activation epilogue other than SwiGLU"),
-    (dict(res=True), "no residual or activation"),
+    (dict(act="silu"), "no activation epilogue other than SwiGLU"),
+    (dict(res=1), "residual epilogue needs fast accumulation with row/tensor scales"),
+    (dict(res=2, xg=G.ROW, wg=G.ROW), "residual epilogue needs fast accumulation"),
+    (dict(res=3, xg=G.ROW, wg=G.ROW, acc="fast"), "3 residuals: the epilogue adds two at most"),
+    (dict(res=1, act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast"), "no residual after the SwiGLU"),
+    (dict(res=1, xg=G.TENSOR, wg=G.TENSOR, acc="fast", out=torch.float8_e4m3fn),
+     "no residual with an FP8 output"),
     (dict(act="swiglu"), "SwiGLU epilogue needs fast accumulation with row/tensor scales"),
     (dict(act="swiglu", xg=G.ROW, wg=G.ROW), "needs fast accumulation"),
     (dict(act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast", n=384), "N % 256 == 0"),
@@ -76,6 +81,14 @@ def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg, out):
     assert why is None or "Hopper" in why or "Gluon" in why
 
 
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR)])
+@pytest.mark.parametrize("res", [1, 2])
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16])
+def test_unsupported_takes_residuals_with_fast_row_and_tensor_scales(xg, wg, res, out):
+    why = _why(xg=xg, wg=wg, acc="fast", res=res, out=out)
+    assert why is None or "Hopper" in why or "Gluon" in why
+
+
 def test_unsupported_accepts_n_with_fp32_rows_and_odd_k():
     # N=132 is fine for fp32 output (528-byte rows), and K=1040 is not a multiple of 128.
     why = _why(n=132, k=1040, out=torch.float32)
@@ -87,24 +100,25 @@ def test_disabled_by_environment(monkeypatch):
     assert "FP8COMPILE_GLUON=0" in _why()
 
 
-def _ptxas_report(fast: bool, swiglu: bool = False, fp8_out: bool = False) -> str:
+def _ptxas_report(fast: bool, swiglu: bool = False, fp8_out: bool = False,
+                  res: int = 0) -> str:
     """ptxas -v on the kernel compiled for sm_90a, as the GPU would build it (``swiglu``:
     the half-width output tile of the SwiGLU epilogue; ``fp8_out``: an E4M3 output tile cast
-    with a static scale), in a fresh process: once a kernel
+    with a static scale; ``res``: residuals added), in a fresh process: once a kernel
     has run under the interpreter in this one (TRITON_INTERPRET=1, the CPU tests), Triton's
     language is patched for it and the Gluon compile fails ("'block_argument' object has
     no attribute 'dtype'"), whatever the order of the tests."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys; from tests.kernels.test_blockwise_ws import _ptxas_in_process as r; "
-            f"sys.stdout.write(r({fast}, {swiglu}, {fp8_out}))")
+            f"sys.stdout.write(r({fast}, {swiglu}, {fp8_out}, {res}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
 
-def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False) -> str:
+def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int = 0) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -114,15 +128,17 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False) -> str:
     cn = bn // 2 if swiglu else bn
     out_dtype, out_ty = (torch.float8_e4m3fn, "fp8e4nv") if fp8_out else (torch.bfloat16, "bf16")
     a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, out_dtype, tile, cn)
+    c_desc = f"tensordesc<{out_ty}[{bm // 2}, {cn}],{c_l!r}>"
     sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}],{a_l!r}>",
            "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}],{b_l!r}>",
-           "c_desc": f"tensordesc<{out_ty}[{bm // 2}, {cn}],{c_l!r}>",
+           "c_desc": c_desc, "r1_desc": c_desc, "r2_desc": c_desc,
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
            "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "os_ptr": "*fp32",
            "M": "i32", "N": "i32",
            "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
            "stride_wsk": "i32"}
-    consts = dict(STAGES=stages, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS, FAST=fast)
+    consts = dict(STAGES=stages, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS, FAST=fast,
+                  RES=res)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(
         GluonASTSource(fn=bw._blockwise_ws_kernel, signature=sig, constexprs=consts),
@@ -141,20 +157,24 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False) -> str:
 
 
 @pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
-@pytest.mark.parametrize("fast, swiglu, fp8_out",
-                         [(False, False, False), (True, False, False), (True, True, False),
-                          (True, True, True)],
-                         ids=["promoted", "fast", "fast-swiglu", "fast-swiglu-fp8-out"])
-def test_wgmma_pipelined_without_spills(fast, swiglu, fp8_out):
+@pytest.mark.parametrize("fast, swiglu, fp8_out, res",
+                         [(False, False, False, 0), (True, False, False, 0),
+                          (True, True, False, 0), (True, True, True, 0), (True, False, False, 1),
+                          (True, False, False, 2)],
+                         ids=["promoted", "fast", "fast-swiglu", "fast-swiglu-fp8-out",
+                              "fast-residual", "fast-two-residuals"])
+def test_wgmma_pipelined_without_spills(fast, swiglu, fp8_out, res):
     """The schedule's point: ptxas keeps the wgmma asynchronous (no C7510-C7517 notice that
     it serialized them or injected a wait) and nothing spills at 232 registers, with the
     promoted partial tiles or the fast path's 64x256 accumulator (and its SwiGLU, also with
-    the static FP8 cast of its output)."""
+    the static FP8 cast of its output, or one or two residual tiles added).  Without the
+    opaque move before the residual loads (``_settled``) the residual kernels spill 0.5-1.5
+    KB: the column scales and bias stay live beside the loaded tile."""
     from fp8compile.kernels.resources import tools_available
 
     if not tools_available():
         pytest.skip("Triton's NVIDIA tools (ptxas) are not installed")
-    report = _ptxas_report(fast, swiglu, fp8_out)
+    report = _ptxas_report(fast, swiglu, fp8_out, res)
     assert "serialized" not in report and "is injected" not in report, report
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
@@ -205,8 +225,9 @@ def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg, acc):
     assert launch.meta["STAGES"] == stages
     assert (a_desc.block_shape, b_desc.block_shape, c_desc.block_shape) == (
         [bm, bk], [bn, bk], [bm // 2, bn])
-    (_, _, _, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, mm, nn, kk,
-     stride_asm, stride_ask, stride_wsn, stride_wsk) = launch.args
+    (_, _, _, r1_desc, r2_desc, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, os_ptr,
+     mm, nn, kk, stride_asm, stride_ask, stride_wsn, stride_wsk) = launch.args
+    assert launch.meta["RES"] == 0 and r1_desc is c_desc and r2_desc is c_desc  # unread
     assert os_ptr is out  # no output scale: unread
     assert (mm, nn, kk, has_bias) == (m, n, k, 0)
     assert as_ptr is scale_x
@@ -290,10 +311,86 @@ def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
     bm, bn, bk, _ = bw.FAST_TILE
     assert launch.meta["FAST"] is True
     assert (b_desc.block_shape, c_desc.block_shape) == ([bn, bk], [bm // 2, bn // 2])
-    assert list(c_desc.shape) == [m, n // 2] and launch.args[12] == n  # N: the weight's rows
+    assert list(c_desc.shape) == [m, n // 2] and launch.args[14] == n  # N: the weight's rows
     with pytest.raises(ValueError, match="swiglu needs fast accumulation"):
         bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
                         "precise", swiglu=True)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_residual_launch_reads_residuals_as_output_tiles(monkeypatch, count):
+    """No GPU needed: each residual gets a descriptor of the output's tile shape over its own
+    tensor, and RES counts them; the unused descriptor slots point at the output."""
+    m, n, k = 512, 512, 256
+    xq, wq = _fp8(m, k), _fp8(n, k)
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    residuals = tuple(torch.empty(m, n, dtype=torch.bfloat16) for _ in range(count))
+    bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
+                    "fast", residuals=residuals)
+    c_desc, r1_desc, r2_desc = launch.args[2:5]
+    assert launch.meta["RES"] == count and launch.meta["FAST"] is True
+    assert r1_desc.base is residuals[0] and r1_desc.block_shape == c_desc.block_shape
+    assert (r2_desc.base is residuals[1]) if count == 2 else (r2_desc is c_desc)
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(acc="precise"), "fast accumulation"),
+    (dict(swiglu=True, n_out=256), "no SwiGLU"),
+    (dict(res_dtype=torch.float32), "laid out as the output"),
+    (dict(res_shape=(512, 256)), "laid out as the output"),
+    (dict(count=3), "one or two residuals"),
+])
+def test_residual_launch_rejects(case, match):
+    m, n, k = 512, 512, 256
+    n_out = case.get("n_out", n)
+    out = torch.empty(m, n_out, dtype=torch.bfloat16)
+    r = torch.empty(case.get("res_shape", (m, n_out)), dtype=case.get("res_dtype", torch.bfloat16))
+    with pytest.raises(ValueError, match=match):
+        bw.blockwise_mm(_fp8(m, k), torch.ones(m, 1), _fp8(n, k), torch.ones(n, 1), None, out,
+                        G.ROW, G.ROW, case.get("acc", "fast"), swiglu=case.get("swiglu", False),
+                        residuals=(r,) * case.get("count", 1))
+
+
+def test_scaled_mm_needs_residual_before_residual2():
+    xq, wq = _fp8(4, 32), _fp8(16, 32)
+    with pytest.raises(ValueError, match="residual2 is a second residual"):
+        gemm.scaled_mm(xq, torch.ones(4, 1), G.ROW, wq, torch.ones(16, 1), G.ROW,
+                       residual2=torch.zeros(4, 16, dtype=torch.bfloat16))
+
+
+@needs_hopper
+@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR)])
+@pytest.mark.parametrize("m, n, k", [(300, 256, 96), (1000, 768, 4096), (4100, 1280, 528)])
+@pytest.mark.parametrize("count", [1, 2])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_residual_epilogue_matches_reference(xg, wg, m, n, k, count, out_dtype):
+    """``product + r1 (+ r2)`` in the fast kernel's epilogue, in fp32 with one rounding: the
+    same output as the Triton kernel (same accumulation) adding the fp32 sum of the
+    residuals, up to the order of the fp32 sums; a NaN and an Inf residual element pass
+    through; rows past M (m = 300, 4100) are never written by a residual tile's load."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 3
+    xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
+    wq, ws = nx.quantize((torch.randn(n, k) * 0.05).cuda(), wg, Fp8Format.E4M3)
+    rs = [(torch.randn(m, n, device="cuda") * 4).to(out_dtype) for _ in range(count)]
+    rs[0][1, 3], rs[-1][m - 1, n - 1] = float("nan"), float("inf")
+    r2 = rs[1] if count == 2 else None
+    got = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", rs[0],
+                         residual2=r2)
+    assert blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, rs[0], r2)
+    triton = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", rs[0],
+                            gluon=False, residual2=r2)
+    ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, None, out_dtype, "none", rs[0], r2)
+    assert torch.isnan(got[1, 3]) and torch.isinf(got[m - 1, n - 1])
+    torch.testing.assert_close(got.float(), triton.float(), atol=2e-2, rtol=1.6e-2,
+                               equal_nan=True)
+    # against the fp32 reference: the fast accumulation's error only
+    torch.testing.assert_close(got.float(), ref.float(), atol=6e-2, rtol=2e-2, equal_nan=True)
+
+
+def blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, r1, r2) -> bool:
+    return gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, "none", r1, "fast", r2)
 
 
 @needs_hopper
@@ -428,7 +525,7 @@ def test_compile_time_decisions_time_and_tune_the_triton_kernel(monkeypatch):
     monkeypatch.setattr(select, "_RULED", set())
     with torch._inductor.config.patch(max_autotune=True):  # M > 256: else cuBLAS by rule
         select._choose_traced(("k",), xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.bfloat16,
-                              "precise", "none", None, None)  # as if cuBLAS served it
+                              "precise", "none", None, None, None)  # as if cuBLAS served it
 
     class Tuned:
         best_config = type("C", (), {"kwargs": {"BLOCK_M": 128, "BLOCK_N": 128},
@@ -534,20 +631,53 @@ def test_traced_swiglu_times_the_fused_kernel_against_cublas(monkeypatch, gluon_
     assert select._CHOICES.get(eager) == ("triton" if want == "gluon" else None)
 
 
+def _untimed_decisions(monkeypatch):
+    """Row-scaled (512, 256) x (512, 256) operands on a stand-in Hopper GPU, with no choice
+    made yet and any timing a failure; returns (xq, x scales, wq, w scales)."""
+    from fp8compile.kernels import select
+
+    _on_hopper(monkeypatch)
+    monkeypatch.setattr(select, "_faster", lambda *a: pytest.fail("timed"))
+    monkeypatch.setattr(select, "_CHOICES", {})
+    monkeypatch.setattr(select, "_RULED", set())
+    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
+    select.take_traced_choices()
+    return _fp8(512, 256), torch.ones(512, 1), _fp8(512, 256), torch.ones(512, 1)
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_traced_residual_gemm_takes_the_fused_kernel_by_rule(monkeypatch, count):
+    """M > 256 outside max-autotune: a GEMM with one or two residuals, which the Gluon kernel
+    serves, stays an opaque call to it, untimed; where it does not serve it (blockwise
+    scales) the choice is timed as before."""
+    from fp8compile.kernels import select
+    from fp8compile.ops import gemm as ops_gemm
+
+    xq, rs, wq, cs = _untimed_decisions(monkeypatch)
+    res = [torch.zeros(512, 512, dtype=torch.bfloat16)] * count + [None] * (2 - count)
+    assert not ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                        "fast", "none", *res)
+    (key, how), = select.take_traced_choices()
+    assert how == "gluon (by rule)"
+    assert select.describe_key(key).endswith(" + residual" if count == 1 else " + 2 residuals")
+    # precise accumulation: the kernel has no residual epilogue there, so the choice is timed
+    monkeypatch.setattr(select, "_faster", lambda t, c: "cublas")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(gemm, "scaled_mm", lambda *a, **k: None)
+    monkeypatch.setattr(select, "cublas_scaled_mm", lambda *a, **k: None)
+    assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
+                                    "precise", "none", *res)
+    (_, how), = select.take_traced_choices()
+    assert how == "cublas"
+
+
 def test_traced_swiglu_takes_the_fused_kernel_by_rule_outside_max_autotune(monkeypatch):
     """M > 256 outside max-autotune: the SwiGLU GEMM the fold made runs the Gluon kernel,
     untimed; the plan says it was a rule; the eager body takes the Gluon kernel untimed."""
     from fp8compile.kernels import select
     from fp8compile.ops import gemm as ops_gemm
 
-    _on_hopper(monkeypatch)
-    xq, wq = _fp8(512, 256), _fp8(512, 256)
-    rs, cs = torch.ones(512, 1), torch.ones(512, 1)
-    monkeypatch.setattr(select, "_faster", lambda *a: pytest.fail("timed"))
-    monkeypatch.setattr(select, "_CHOICES", {})
-    monkeypatch.setattr(select, "_RULED", set())
-    monkeypatch.delenv("FP8COMPILE_GEMM_BACKEND", raising=False)
-    select.take_traced_choices()
+    xq, rs, wq, cs = _untimed_decisions(monkeypatch)
     assert not ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
                                         "fast", "swiglu", None)
     (_, how), = select.take_traced_choices()

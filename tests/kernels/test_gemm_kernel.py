@@ -58,6 +58,24 @@ def test_fused_epilogue(device, activation, out_dtype):
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
+def test_two_residuals_summed_in_fp32(device, recipe, out_dtype):
+    """A residual stream passed as its two terms: their fp32 sum is added to the product and
+    rounded once.  Rounding the stream to the output dtype first is a different function."""
+    xq, xs, wq, ws = _operands(device, (2, 5, 256), 96, recipe)
+    r1, r2 = ((torch.randn(2, 5, 96, device=device) * 4).to(out_dtype) for _ in range(2))
+    args = (xq, xs, recipe[0], wq, ws, recipe[1], None, out_dtype)
+    y = scaled_mm(*args, "precise", "none", r1, residual2=r2)
+    ref = scaled_mm_reference(*args, "none", r1, r2)
+    _check(y, ref)
+    product = scaled_mm_reference(*args[:-1], torch.float32, "none", None)
+    torch.testing.assert_close(ref.float(), (product + (r1.float() + r2.float())).to(out_dtype)
+                               .float())
+    rounded_first = scaled_mm_reference(*args, "none", (r1 + r2))
+    assert not torch.equal(ref, rounded_first)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
 @pytest.mark.parametrize("x_shape", [(1, 200), (3, 100, 144)], ids=["decode", "3d"])
 def test_swiglu_epilogue(device, recipe, x_shape):
     """silu(gate) * up of an interleaved gate/up weight, with a bias and a residual: the

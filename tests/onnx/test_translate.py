@@ -109,6 +109,25 @@ def test_scaled_mm_with_epilogue(tmp_path, recipe, activation):
     torch.testing.assert_close(got, mod(x, res), atol=1e-5, rtol=1e-5)
 
 
+class _TwoResiduals(_ScaledMM):
+    def forward(self, x, r1, r2):
+        xq, xs = OPS.quantize(x, self.xg, "e4m3", False)
+        return OPS.scaled_mm(xq, xs, self.xg, self.wq, self.ws, self.wg, None, x.dtype,
+                             "fast", "none", r1, r2)
+
+
+def test_scaled_mm_with_two_residuals(tmp_path):
+    """A residual stream's two terms (EpiloguePass): Add(Add(r1, r2), product) in fp32."""
+    torch.manual_seed(2)
+    mod = _TwoResiduals("rowwise", "none")
+    args = (torch.randn(2, 5, 320), torch.randn(2, 5, 192), torch.randn(2, 5, 192))
+    path = _export(mod, args, tmp_path / "mm2.onnx")
+    got = torch.from_numpy(run(path, args)[0])
+    torch.testing.assert_close(got, mod(*args), atol=1e-5, rtol=1e-5)
+    without_r2 = mod(args[0], args[1], torch.zeros_like(args[2]))
+    assert not torch.allclose(got, without_r2)
+
+
 def test_static_scale_tensorrt_form(tmp_path):
     """quantize_scaled for TensorRT: one QuantizeLinear with a constant scalar scale and an
     FP8 zero point, no guards in front of it."""

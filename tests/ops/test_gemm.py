@@ -53,6 +53,26 @@ def test_opcheck():
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 
+def test_second_residual_is_added_in_fp32():
+    # The op's residual2: the residual stream x + o as two terms, summed in fp32 with the
+    # product and rounded once; fake and real agree; residual2 alone is refused.
+    x, w = torch.randn(3, 5, 256), torch.randn(128, 256)
+    r1, r2 = ((torch.randn(3, 5, 128) * 4).bfloat16() for _ in range(2))
+    xq, xs, wq, ws = _operands(x, w, "row", "row")
+    plain = OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "fast", "none",
+                          None)
+    y = OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.bfloat16, "fast", "none", r1,
+                      r2)
+    torch.testing.assert_close(y, (plain + (r1.float() + r2.float())).bfloat16())
+    assert not torch.equal(y, (plain + (r1 + r2)).bfloat16())  # h rounded first differs
+    args = (xq, xs, "row", wq, ws, "row", None, torch.bfloat16, "fast", "none", r1, r2)
+    torch.library.opcheck(OPS.scaled_mm.default, args,
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+    with pytest.raises(ValueError, match="residual2 is a second residual"):
+        OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.bfloat16, "fast", "none",
+                      None, r2)
+
+
 @pytest.mark.parametrize("xg, wg", RECIPES)
 def test_swiglu_epilogue_is_silu_gate_times_up(xg, wg):
     x, r = torch.randn(3, 5, 256), torch.randn(3, 5, 384)
