@@ -212,7 +212,7 @@ def calibrate(
     # them it takes no compile-time timing (the SwiGLU fold's compiled and timed Hopper
     # kernels for 4 s of a cold calibration on an H200).
     probe_cfg = cfg.replace(calibration=(), min_sqnr_db=None, fuse_swiglu=False,
-                            fuse_epilogues=False)
+                            fuse_epilogues=False, fuse_residual=False)
     it = iter(batches)
     try:
         first = _args(next(it))

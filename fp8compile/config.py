@@ -189,6 +189,16 @@ class Fp8Config:
             the pattern is found (elsewhere the GEMM's fp32 product then goes through the
             SwiGLU as pointwise ops); ``False``: never.  The plan says where it was used,
             with both times or the rule, and why not elsewhere.
+        fuse_residual: inference: the residual add that reads an FP8 linear's output (a
+            transformer block's last ``h + down_proj(...)``) runs in that GEMM's epilogue, in
+            fp32 with one rounding; a residual stream ``h = x + o`` is passed as its two
+            terms, so it is never rounded to the model dtype either.  ``None`` (default):
+            by rule where the warp-specialized Hopper kernel serves the GEMM (fast
+            accumulation with row/tensor scales, M > 256, static shapes): it loads the
+            residual tiles under its K loop, and beat cuBLAS followed by the add
+            (docs/performance.md); ``True``: wherever the pattern is found (the GEMM backend
+            is then chosen with the epilogue); ``False``: never.  ``fuse_epilogues=True``
+            folds residual adds too, with activations, timed.
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its
             version counter: an optimizer step, an in-place update under ``no_grad``), as
@@ -218,6 +228,7 @@ class Fp8Config:
     fuse_producers: bool = True
     fuse_epilogues: bool = False
     fuse_swiglu: bool | None = None
+    fuse_residual: bool | None = None
     cache_training_weights: bool = False
 
     def __post_init__(self) -> None:
@@ -236,7 +247,7 @@ class Fp8Config:
                      "fuse_epilogues", "cache_training_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
-        for name in ("inference", "fuse_swiglu"):
+        for name in ("inference", "fuse_swiglu", "fuse_residual"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ValueError(f"Fp8Config.{name}={v!r} must be True, False or None")

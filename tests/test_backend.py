@@ -515,3 +515,41 @@ def test_gpu_static_scaling_compiled(mode, monkeypatch):
         ref = model.float()(x.float())
     assert rel_err(outs[None], outs[False]) < 2e-2
     assert rel_err(outs[None], ref) < 5e-2
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch.cuda.get_device_capability() == (9, 0)),
+                    reason="the residual epilogue's kernel runs on a Hopper GPU (sm_90) only")
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+@pytest.mark.parametrize("recipe", ["rowwise", "tensorwise"])
+def test_gpu_last_residual_in_the_down_gemm_compiled(mode, recipe, monkeypatch):
+    """By default (M > 256, fast accumulation) the block's last add runs in the down GEMM's
+    epilogue through the warp-specialized kernel, which reads x and o_proj's output as two
+    residuals; the block's output is the unfolded graph's up to one bf16 rounding."""
+    from fp8compile.kernels import blockwise_ws as bw
+
+    counts = []
+    real = bw.blockwise_mm
+    monkeypatch.setattr(bw, "blockwise_mm", lambda *a, **k: counts.append(
+        len(k.get("residuals", ()))) or real(*a, **k))
+    torch.manual_seed(0)
+    model = LlamaBlock(d=256, heads=4, ffn=512).cuda().to(torch.bfloat16)
+    x = torch.randn(2, 256, 256, device="cuda", dtype=torch.bfloat16)
+    cfg = {"recipe": recipe, "accumulation": "fast"}
+    outs = {}
+    for fr in (None, False):
+        torch._dynamo.reset()
+        compiled, be = _compile(model, {**cfg, "fuse_residual": fr}, mode=mode)
+        with torch.no_grad():
+            compiled(x)
+            counts.clear()
+            outs[fr] = [compiled(x).clone() for _ in range(2)][-1].float()
+        assert (be.plan.stats["fused_epilogues"] >= 1) is (fr is None)
+        down = {e.module: e for e in be.plan.entries if e.gemm}["down_proj"].reason
+        assert ("residual add in the GEMM epilogue" in down) is (fr is None)
+        if mode is None:  # under CUDA graphs the replays launch no Python
+            assert (2 in counts) is (fr is None)
+    with torch.no_grad():
+        ref = model.float()(x.float())
+    assert rel_err(outs[None], outs[False]) < 1e-2
+    assert abs(rel_err(outs[None], ref) - rel_err(outs[False], ref)) < 2e-3

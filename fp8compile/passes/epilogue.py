@@ -70,7 +70,7 @@ SWIGLU_RULE_M = 2048
 OPS = torch.ops.fp8compile
 _ACTIVATION = {F.gelu: "gelu", F.silu: "silu", F.relu: "relu", torch.relu: "relu"}
 # Positions in fp8compile::scaled_mm's arguments.
-_OUT_DTYPE, _ACT, _RES = 7, 9, 10
+_OUT_DTYPE, _ACT, _RES, _RES2 = 7, 9, 10, 11
 
 
 class EpiloguePass(Fp8Pass):
@@ -88,10 +88,12 @@ class EpiloguePass(Fp8Pass):
                     modified |= self._fold_swiglu(graph, node)
         self.ctx.stats["swiglu_epilogues"] = sum(
             1 for n in graph.nodes if info(n).get("epilogue") == ["swiglu"])
-        if self.ctx.config.fuse_epilogues:
+        cfg = self.ctx.config
+        residual_only = not cfg.fuse_epilogues
+        if cfg.fuse_epilogues or (self.ctx.inference and cfg.fuse_residual is not False):
             for node in list(graph.nodes):
                 if node.target is OPS.scaled_mm.default and info(node).get("role") == "fp8_gemm":
-                    modified |= self._fold(graph, node)
+                    modified |= self._fold(graph, node, residual_only)
         if modified:
             graph.lint()
             gm.recompile()
@@ -99,12 +101,14 @@ class EpiloguePass(Fp8Pass):
             1 for n in graph.nodes if info(n).get("epilogue"))
         return PassResult(gm, modified)
 
-    def _fold(self, graph: torch.fx.Graph, mm: torch.fx.Node) -> bool:
+    def _fold(self, graph: torch.fx.Graph, mm: torch.fx.Node, residual_only: bool) -> bool:
+        """Fold ``mm``'s activation and/or residual add (``residual_only``: the residual add
+        alone, made by :attr:`Fp8Config.fuse_residual`'s rule or everywhere)."""
         if mm.args[_ACT] != "none" or mm.args[_RES] is not None:
             return False
         out_dtype = mm.args[_OUT_DTYPE]
         last, activation, residual, absorbed = mm, "none", None, []
-        act = _sole_user(mm)
+        act = None if residual_only else _sole_user(mm)
         name = _activation(act)
         if name is not None:
             last, activation = act, name
@@ -116,17 +120,52 @@ class EpiloguePass(Fp8Pass):
             absorbed.append(add)
         if last is mm:
             return False
+        # A residual stream r = a + b (a block's x + o) is passed as its two terms: the GEMM
+        # adds them in fp32, and r is never written rounded to the model dtype.
+        terms = _stream_terms(residual, last) if residual is not None else None
+        if residual_only and self.ctx.config.fuse_residual is None:
+            why = self._residual_unsupported(mm, last, 1 if terms is None else 2)
+            if why is not None:
+                for e in plan_entries_of(mm):
+                    add_note(e, f"residual add not in the GEMM epilogue: {why}")
+                return False
+        args = (residual, None) if terms is None else terms
         with graph.inserting_before(last):
-            new = graph.call_function(
-                OPS.scaled_mm.default, (*mm.args[:_ACT], activation, residual))
+            new = graph.call_function(OPS.scaled_mm.default, (*mm.args[:_ACT], activation, *args))
         new.meta.update({k: v for k, v in last.meta.items() if k != "fp8compile"})
         parts = [activation] * (activation != "none") + ["residual"] * (residual is not None)
         info(new).update(info(mm), epilogue=parts)
         last.replace_all_uses_with(new)
         for n in reversed([mm, *absorbed]):
             graph.erase_node(n)
-        self._note(new, parts, absorbed)
+        if terms is not None and not residual.users:
+            absorbed.append(residual)
+            graph.erase_node(residual)
+        self._note(new, parts, absorbed, by_rule=residual_only and
+                   self.ctx.config.fuse_residual is None)
         return True
+
+    def _residual_unsupported(self, mm: torch.fx.Node, add: torch.fx.Node,
+                              residuals: int) -> str | None:
+        """Why the residual fold's rule does not hold for ``mm`` (None when it does): the
+        warp-specialized kernel must serve the GEMM with that many residuals."""
+        from ..kernels import select
+        from ..kernels.blockwise_ws import unsupported
+
+        xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation = mm.args[:_ACT]
+        forced = select.forced_backend()
+        if forced != "auto":
+            return f"GEMM backend forced (FP8COMPILE_GEMM_BACKEND={forced})"
+        w, w_scale, y = (value_of(a) for a in (wq, ws, add))
+        if not all(isinstance(v, torch.Tensor) for v in (w, w_scale, y)):
+            return "operand shapes unknown"
+        if not all(isinstance(d, int) for d in y.shape):
+            return "dynamic shapes (the kernel is chosen by M)"
+        x = _stand_in(self.ctx.config.activation_format.dtype, math.prod(y.shape[:-1]),
+                      w.shape[1], w.device)
+        why = unsupported(x, x[:1, 0].float(), xg, w, w_scale, wg, out_dtype, "none",
+                          residuals, layout=False, accumulation=accumulation)
+        return None if why is None else f"no fused kernel here ({why})"
 
     def _fold_swiglu(self, graph: torch.fx.Graph, quant: torch.fx.Node) -> bool:
         """``silu_mul_quantize`` of the two halves of one stacked gate/up GEMM → that GEMM
@@ -207,7 +246,7 @@ class EpiloguePass(Fp8Pass):
         # the kernel's rules read no values and, here, no strides.
         m = math.prod(y.shape[:-1])
         fmt = self.ctx.config.activation_format
-        x = torch.empty(1, dtype=fmt.dtype, device=w.device).expand(m, w.shape[1])
+        x = _stand_in(fmt.dtype, m, w.shape[1], w.device)
         x_scale = torch.empty(1, dtype=torch.float32, device=w.device)
         why = unsupported(x, x_scale, xg, w, w_scale, wg,
                           out_dtype if static is None else static.dtype, "swiglu", False,
@@ -238,11 +277,17 @@ class EpiloguePass(Fp8Pass):
         return None, f" ({times})"
 
     @staticmethod
-    def _note(mm: torch.fx.Node, parts: list[str], absorbed: list[torch.fx.Node]) -> None:
+    def _note(mm: torch.fx.Node, parts: list[str], absorbed: list[torch.fx.Node],
+              by_rule: bool = False) -> None:
         text = " and ".join(_WORDS[p] for p in parts)
+        how = "fp32, one rounding"
+        if len(mm.args) > _RES2 and mm.args[_RES2] is not None:
+            how += "; the residual stream read as its two terms, never rounded"
+        if by_rule:
+            how += "; by rule: the Hopper kernel loads the residual tiles under its K loop"
         modules = ", ".join(e.module or e.name for e in plan_entries_of(mm)) or mm.name
         for e in plan_entries_of(mm):
-            add_note(e, f"{text} in the GEMM epilogue (fp32, one rounding)")
+            add_note(e, f"{text} in the GEMM epilogue ({how})")
         for n in absorbed:
             entry = info(n).get("entry")
             if entry is not None:
@@ -319,6 +364,27 @@ def _residual(add: torch.fx.Node | None, y: torch.fx.Node, out_dtype) -> torch.f
     if _dims(ra.shape) != _dims(ry.shape) or rr.dim() > ry.dim():
         return None
     return r
+
+
+def _stream_terms(r: torch.fx.Node, add: torch.fx.Node):
+    """``(a, b)`` when the residual ``r = a + b`` adds two tensors of the residual add's
+    shape and dtype (a residual stream), else None."""
+    if not is_add(r) or r.kwargs:
+        return None
+    terms = r.args
+    vals = [value_of(n) for n in (*terms, add)]
+    if not all(isinstance(n, torch.fx.Node) for n in terms) or \
+            not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    if any(v.dtype != vals[2].dtype or _dims(v.shape) != _dims(vals[2].shape) for v in vals):
+        return None
+    return tuple(terms)
+
+
+def _stand_in(dtype: torch.dtype, m: int, k: int, device) -> torch.Tensor:
+    """An (m, k) tensor of ``dtype`` for the kernel's rules, which read no values and, here,
+    no strides: one element, expanded."""
+    return torch.empty(1, dtype=dtype, device=device).expand(m, k)
 
 
 def _dims(shape) -> list[str]:

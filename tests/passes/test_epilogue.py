@@ -32,15 +32,17 @@ def _run(gm, inputs, ctx):
 def test_llama_block_adds_its_last_residual_in_the_down_gemm(passes):
     # The first residual add (x + o_proj) is also read by the MLP norm, whose fused
     # quantization takes it in (FusePass): o_proj's output then has two readers and keeps
-    # its plain epilogue.  The second (h + down_proj) moves into the down GEMM.
+    # its plain epilogue.  The second (h + down_proj) moves into the down GEMM, which takes
+    # the residual stream h = x + o_proj as its two terms: h is never written in bf16.
     x = torch.randn(2, 8, 256)
     model = LlamaBlock()
     gm, inputs, ctx = passes(model, x, config=ON)
     fused = [n for n in _gemms(gm) if n.args[10] is not None]
     assert [info(n)["module"] for n in fused] == ["down_proj"]
     assert info(fused[0])["epilogue"] == ["residual"]
-    adds = [n for n in gm.graph.nodes if n.target in (operator.add, torch.add)]
-    assert len(adds) == 1 and fused[0].args[10] is adds[0]
+    assert not [n for n in gm.graph.nodes if n.target in (operator.add, torch.add)]
+    x_in, o = fused[0].args[10:12]
+    assert x_in.op == "placeholder" and info(o)["module"] == "o_proj"
     assert ctx.stats["fused_epilogues"] == 1
     # The reference computes the product and the add in fp32 either way: the same values.
     gm0, inputs0, ctx0 = passes(model, x)  # off by default
@@ -51,7 +53,7 @@ def test_llama_block_adds_its_last_residual_in_the_down_gemm(passes):
     assert "residual add in the GEMM epilogue" in entries["down_proj"].reason
     assert "residual add in the GEMM epilogue" not in entries["o_proj"].reason
     adds = [e for e in ctx.plan_entries if e.op == "add"]
-    assert len(adds) == 2 and sum("epilogue of the FP8 GEMM of" in e.reason for e in adds) == 1
+    assert len(adds) == 2 and all("epilogue of the FP8 GEMM of" in e.reason for e in adds)
 
 
 class Mlp(nn.Module):
@@ -411,14 +413,15 @@ def test_static_swiglu_by_rule_where_the_kernel_serves_it(passes, monkeypatch):
     seen = []
 
     def unsupported(*a, **k):
-        seen.append(a[6])
+        seen.append(a[6:8])
         why = real(*a, **k)
         return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
     monkeypatch.setattr(bw, "unsupported", unsupported)
     monkeypatch.setattr(select, "swiglu_epilogue_ms", lambda *a: pytest.fail("timed"))
     x = torch.randn(2, 160, 256)  # M = 320: the kernel serves it
     gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**STATIC, "fuse_swiglu": None})
-    assert seen == [torch.float8_e4m3fn]  # asked about an E4M3 output
+    # asked about an E4M3 output of the SwiGLU epilogue
+    assert [out for out, act in seen if act == "swiglu"] == [torch.float8_e4m3fn]
     assert ctx.stats["swiglu_epilogues"] == 1
     assert "by rule: a static scale" in \
         {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
@@ -426,3 +429,79 @@ def test_static_swiglu_by_rule_where_the_kernel_serves_it(passes, monkeypatch):
     gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=e5m2)
     assert ctx.stats["swiglu_epilogues"] == 0
     assert "E4M3 only" in {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
+
+
+def _kernel_serves_everywhere(monkeypatch):
+    """The Hopper kernel's rules with the GPU rule lifted (the fold's rule asks them)."""
+    from fp8compile.kernels import blockwise_ws as bw
+
+    real = bw.unsupported
+
+    def unsupported(*a, **k):
+        why = real(*a, **k)
+        return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
+    monkeypatch.setattr(bw, "unsupported", unsupported)
+
+
+FAST_ROWS = {"recipe": "rowwise", "accumulation": "fast", "fuse_swiglu": False}
+
+
+def _residual_gemms(gm):
+    return [n for n in _gemms(gm) if n.args[10] is not None]
+
+
+@pytest.mark.parametrize("cfg", [FAST_ROWS, {**STATIC, "fuse_swiglu": False}],
+                         ids=["rowwise-fast", "static"])
+def test_last_residual_add_by_rule_where_the_kernel_serves_it(passes, monkeypatch, cfg):
+    # Default (fuse_residual=None): the block's last add h + down_proj moves into the down
+    # GEMM where the Hopper kernel serves it, with h = x + o_proj as its two terms.
+    _kernel_serves_everywhere(monkeypatch)
+    # bf16: an fp32 output tile of the kernel's tile shape does not fit in shared memory
+    x = torch.randn(2, 160, 256, dtype=torch.bfloat16)  # M = 320: the kernel serves it
+    model = LlamaBlock(ffn=384).to(torch.bfloat16)
+    gm, inputs, ctx = passes(model, x, config=cfg)
+    (down,) = _residual_gemms(gm)
+    assert info(down)["module"] == "down_proj" and info(down)["epilogue"] == ["residual"]
+    assert down.args[10].op == "placeholder" and info(down.args[11])["module"] == "o_proj"
+    assert not [n for n in gm.graph.nodes if n.target in (operator.add, torch.add)]
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["down_proj"].reason
+    assert "residual add in the GEMM epilogue" in reason and "by rule" in reason
+    assert "two terms" in reason
+    gm0, inputs0, ctx0 = passes(model, x, config={**cfg, "fuse_residual": False})
+    assert not _residual_gemms(gm0)
+    y, y0 = _run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]
+    # the unfolded graph, run as captured, rounds h = x + o to bf16 first
+    assert rel_err(y.float(), y0.float()) < 1e-2
+
+
+@pytest.mark.parametrize("cfg, tokens, why", [
+    (FAST_ROWS, 160, "needs a Hopper GPU"),  # the kernel's rules, unstubbed
+    ({**FAST_ROWS, "dtype": torch.float32}, 160, "more shared memory"),
+    ({**FAST_ROWS, "accumulation": "precise"}, 160, "needs fast accumulation"),
+    ({**FAST_ROWS, "recipe": "blockwise"}, 160, "needs fast accumulation"),
+    (FAST_ROWS, 8, "M=16 < 257"),  # decode sizes: the split-K kernel serves them
+])
+def test_last_residual_add_not_folded_says_why(passes, monkeypatch, cfg, tokens, why):
+    if why != "needs a Hopper GPU":
+        _kernel_serves_everywhere(monkeypatch)
+    cfg = dict(cfg)
+    dtype = cfg.pop("dtype", torch.bfloat16)
+    gm, _, ctx = passes(LlamaBlock(ffn=384).to(dtype), torch.randn(2, tokens, 256, dtype=dtype),
+                        config=cfg)
+    assert not _residual_gemms(gm)
+    reason = {e.module: e for e in ctx.plan_entries if e.gemm}["down_proj"].reason
+    assert "residual add not in the GEMM epilogue" in reason and why in reason, reason
+
+
+def test_fuse_residual_true_folds_without_the_kernel(passes):
+    # True: wherever the pattern is; on the CPU the op's reference then adds the two terms
+    # and the product in fp32.
+    x = torch.randn(2, 8, 256)
+    gm, inputs, ctx = passes(LlamaBlock(ffn=384), x, config={**FAST_ROWS, "fuse_residual": True})
+    (down,) = _residual_gemms(gm)
+    assert len(down.args) == 12 and down.args[11] is not None
+    gm0, inputs0, ctx0 = passes(LlamaBlock(ffn=384), x,
+                                config={**FAST_ROWS, "fuse_residual": False})
+    assert "by rule" not in {e.module: e for e in ctx.plan_entries if e.gemm}["down_proj"].reason
+    assert ctx0.stats["fused_epilogues"] == 0 and ctx.stats["fused_epilogues"] == 1
+
