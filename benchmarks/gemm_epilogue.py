@@ -1,5 +1,8 @@
 """What a residual add costs an FP8 GEMM: fused into the Triton GEMM's epilogue, or as a
-separate add after cuBLAS (the trade ``Fp8Config(fuse_epilogues=True)`` times per shape).
+separate add after cuBLAS (the trade ``Fp8Config(fuse_epilogues=True)`` times per shape); with
+row/tensor scales and fast accumulation on Hopper, also fused into the warp-specialized Gluon
+kernel's epilogue, with one residual and with two (a block's last add, ``(x + o) + down``,
+against cuBLAS followed by that add compiled by Inductor into one kernel).
 
 Run on a CUDA (Hopper) machine::
 
@@ -66,6 +69,29 @@ def main() -> None:
                       + "  ".join(f"{a} {b:7.1f}" for a, b in t.items())
                       + f"   residual costs triton {t['triton+res'] - t['triton']:+.1f}, "
                         f"cublas {t['cublas+add'] - t['cublas']:+.1f} us")
+                if gemm.gluon_serves(xq, xs, xg, wq, ws, wg, bf16, "none", r, acc, r):
+                    gluon_rows(xq, xs, xg, wq, ws, wg, acc, r, cub)
+
+
+def gluon_rows(xq, xs, xg, wq, ws, wg, acc, r, cub) -> None:
+    """The Gluon kernel alone, with one residual and with two, against cuBLAS followed by
+    the add of one residual, and of two (one Inductor kernel, as in a compiled block)."""
+    bf16 = torch.bfloat16
+    r2 = torch.randn_like(r)
+    add2 = torch.compile(lambda y, a, b: a + b + y)
+
+    def glu(*res):
+        return gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, bf16, acc, "none", *res[:1],
+                              residual2=res[1] if len(res) > 1 else None)
+
+    add2(cub(None), r, r2)  # compiled before timing
+    ref = cub(None).float() + r.float() + r2.float()
+    err = ((glu(r, r2).float() - ref).norm() / ref.norm()).item()
+    t = {"gluon": us(glu), "gluon+res": us(lambda: glu(r)), "gluon+2res": us(lambda: glu(r, r2)),
+         "cublas+add2": us(lambda: add2(cub(None), r, r2))}
+    print(f"{'':15s}" + "  ".join(f"{a} {b:7.1f}" for a, b in t.items())
+          + f"   two residuals: gluon {t['cublas+add2'] / t['gluon+2res']:.3f}x cuBLAS + add"
+          + f" (relative difference {err:.1e})")
 
 
 if __name__ == "__main__":
