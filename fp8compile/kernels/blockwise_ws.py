@@ -410,10 +410,30 @@ if HAVE_GLUON:
     @gluon.jit
     def _out_cast(y, os_ptr, dtype: gl.constexpr, QUANT_OUT: gl.constexpr):
         """The output tile in ``dtype``; an FP8 one (E4M3) is ``saturate(rne(y / scale))``
-        as numerics.quantize_with_scale: an IEEE division, the saturating conversion, and
-        ±Inf made NaN first (E4M3FN has no Inf; the conversion would saturate it)."""
+        as numerics.quantize_with_scale: the quotient rounded as IEEE division rounds it,
+        the saturating conversion, and ±Inf made NaN first (E4M3FN has no Inf; the
+        conversion would saturate it).
+
+        ``gl.fdiv(..., ieee_rounding=True)`` is not that division: on an H200 it rounded
+        FP8 midpoints the other way (``test_fp8_output_rounds_midpoints_as_the_division``).
+        For a scale whose reciprocal is normal (any calibrated one) the quotient is
+        ``y * div_rn(1, scale)`` corrected twice with fma, as ``kernels.quant._div_exact``
+        computes it: bit-equal to the division above fp32's normal range floor (below it
+        the cast gives ±0 either way), zeros keep their sign, and an overflow or a
+        non-finite ``y`` gives NaN, as the division's ±Inf does here.  It costs the SwiGLU
+        epilogue nothing measurable.  Other scales take ``div_rn`` per element."""
         if QUANT_OUT:
-            q = gl.fdiv(y, gl.load(os_ptr), ieee_rounding=True)
+            s = gl.load(os_ptr)
+            if (s > 1e-30) & (s < 1e30):
+                r = gl.div_rn(1.0, s)
+                # y*s - y', subtracted: zeros keep their sign (``* -1.0`` is a true flip)
+                ny = y * -1.0
+                nr = r * -1.0
+                q = y * r
+                q = gl.fma(gl.fma(q, s, ny), nr, q)
+                q = gl.fma(gl.fma(q, s, ny), nr, q)
+            else:
+                q = gl.div_rn(y, s)
             q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
             return q.to(dtype)
         else:

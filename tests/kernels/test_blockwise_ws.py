@@ -737,3 +737,33 @@ def test_fp8_output_is_the_static_cast_of_the_fp32_tile(xg, wg, swiglu, m, n, k)
     op = torch.ops.fp8compile.scaled_mm_quantized(xq, xs, xg.value, wq, ws, wg.value, None,
                                                   "fast", act, scale, "e4m3")
     assert torch.equal(op.view(torch.uint8), q.view(torch.uint8))
+
+
+@needs_hopper
+@pytest.mark.parametrize("scale", [3.0, 0.1, 1e-31])
+def test_fp8_output_rounds_midpoints_as_the_division(scale):
+    """The epilogue's quotient on E4M3 rounding midpoints: each output is 1 x (weight column
+    scale) = RN(scale x midpoint), whose division by the scale gives the midpoint back, and
+    the cast rounds it to even.  With scale 0.1 a plain reciprocal multiply lands beside 27
+    of the 240 midpoints and rounds them the other way; the epilogue's quotient must not
+    (``gl.fdiv(..., ieee_rounding=True)`` did).  Scale 1e-31 takes ``div_rn`` per element
+    (the products stay above fp32's subnormals, which the GPU's multiply flushes)."""
+    m, k = 512, 128
+    fp8 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.unique(fp8[fp8.isfinite() & (fp8 > 2.0 ** -9)])
+    mids = (grid[:-1] + grid[1:]) / 2
+    mids = torch.cat([mids, -mids])[:256]
+    n = mids.numel() - mids.numel() % 16
+    col = (mids[:n].double() * scale).float()  # the product each output column gets
+    xq = torch.zeros(m, k).to(torch.float8_e4m3fn)
+    xq[torch.arange(m), torch.arange(m) % k] = 1.0
+    wq = torch.ones(n, k).to(torch.float8_e4m3fn)
+    s = torch.tensor([scale], dtype=torch.float32)
+    q = gemm.scaled_mm(xq.cuda(), torch.ones(m, 1, device="cuda"), G.ROW, wq.cuda(),
+                       col.reshape(n, 1).cuda(), G.ROW, None, torch.float8_e4m3fn, "fast",
+                       "none", out_scale=s.cuda())
+    want = nx.quantize_with_scale(col.expand(m, n), s.reshape(()), G.TENSOR, Fp8Format.E4M3)
+    assert torch.equal(q.cpu().view(torch.uint8), want.view(torch.uint8))
+    if scale == 0.1:  # the test can fail: a reciprocal multiply gives other bits
+        plain = (col * (1 / s)).expand(m, n).to(torch.float8_e4m3fn)
+        assert not torch.equal(plain.view(torch.uint8), want.view(torch.uint8))
