@@ -124,7 +124,7 @@ class EpiloguePass(Fp8Pass):
         # adds them in fp32, and r is never written rounded to the model dtype.
         terms = _stream_terms(residual, last) if residual is not None else None
         if residual_only and self.ctx.config.fuse_residual is None:
-            why = self._residual_unsupported(mm, last, 1 if terms is None else 2)
+            why = self._residual_unsupported(mm, last, terms or (residual,))
             if why is not None:
                 for e in plan_entries_of(mm):
                     add_note(e, f"residual add not in the GEMM epilogue: {why}")
@@ -146,9 +146,10 @@ class EpiloguePass(Fp8Pass):
         return True
 
     def _residual_unsupported(self, mm: torch.fx.Node, add: torch.fx.Node,
-                              residuals: int) -> str | None:
+                              residuals: tuple) -> str | None:
         """Why the residual fold's rule does not hold for ``mm`` (None when it does): the
-        warp-specialized kernel must serve the GEMM with that many residuals."""
+        warp-specialized kernel must serve the GEMM with these residuals, which it loads as
+        output tiles (no broadcast)."""
         from ..kernels import select
         from ..kernels.blockwise_ws import unsupported
 
@@ -161,10 +162,12 @@ class EpiloguePass(Fp8Pass):
             return "operand shapes unknown"
         if not all(isinstance(d, int) for d in y.shape):
             return "dynamic shapes (the kernel is chosen by M)"
+        if any(getattr(value_of(r), "shape", None) != y.shape for r in residuals):
+            return "the residual broadcasts into the product (the kernel reads full tiles)"
         x = _stand_in(self.ctx.config.activation_format.dtype, math.prod(y.shape[:-1]),
                       w.shape[1], w.device)
         why = unsupported(x, x[:1, 0].float(), xg, w, w_scale, wg, out_dtype, "none",
-                          residuals, layout=False, accumulation=accumulation)
+                          len(residuals), layout=False, accumulation=accumulation)
         return None if why is None else f"no fused kernel here ({why})"
 
     def _fold_swiglu(self, graph: torch.fx.Graph, quant: torch.fx.Node) -> bool:

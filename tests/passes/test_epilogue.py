@@ -151,6 +151,28 @@ def test_residual_that_broadcasts_into_the_product_is_folded(passes):
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
 
 
+def test_broadcast_residual_not_folded_by_the_rule(passes, monkeypatch):
+    # The Hopper kernel reads residuals as full output tiles: by rule, a residual that
+    # broadcasts stays a separate add (fuse_epilogues=True still folds it, timed).
+    _kernel_serves_everywhere(monkeypatch)
+
+    class Shift(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(256, 256, bias=False)
+            self.shift = nn.Parameter(torch.randn(256))
+
+        def forward(self, x):
+            return self.fc(x) + self.shift
+
+    x = torch.randn(2, 160, 256, dtype=torch.bfloat16)
+    gm, _, ctx = passes(Shift().to(torch.bfloat16), x,
+                        config={**FAST_ROWS, "rules": [], "min_weight_numel": 0})
+    assert _epilogues(gm) == [("none", False)]
+    reason = [e for e in ctx.plan_entries if e.gemm][0].reason
+    assert "the residual broadcasts into the product" in reason, reason
+
+
 # --------------------------------------------------------------------------------------
 # SwiGLU: silu(gate) * up in the stacked gate/up GEMM's epilogue
 
