@@ -80,7 +80,8 @@ try:
     # TMA copies: async_load / async_store from Triton 3.7 on, which removed the older names
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _tma_store = getattr(tma, "async_store", None) or tma.async_copy_shared_to_global
-    # a barrier of the calling partition's warps: thread_barrier up to Triton 3.6, barrier on
+    # a barrier of the calling partition's warps: gl.thread_barrier up to Triton 3.6, then
+    # gl.barrier
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     HAVE_GLUON = True
 except ImportError:  # a Triton without Gluon's Hopper API
