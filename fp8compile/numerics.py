@@ -66,6 +66,7 @@ __all__ = [
     "quantize_dual",
     "quantize_with_scale",
     "requantize_t",
+    "residual_sum",
     "rmsnorm_quantize",
     "scaled",
     "silu_mul_quantize",
@@ -479,6 +480,16 @@ def swiglu(y: torch.Tensor, run: int = SWIGLU_RUN) -> torch.Tensor:
     pairs = y.reshape(*y.shape[:-1], n // (2 * run), 2, run)
     gate, up = pairs.select(-2, 0), pairs.select(-2, 1)
     return (torch.nn.functional.silu(gate) * up).reshape(*y.shape[:-1], n // 2)
+
+
+def residual_sum(residual: torch.Tensor | None,
+                 residual2: torch.Tensor | None) -> torch.Tensor | None:
+    """The residual a GEMM epilogue adds: ``residual``, or with a second one (a residual
+    stream ``x + o`` passed as its two terms) their sum in fp32, never rounded to the model
+    dtype, as Inductor computes ``x + o`` inside the next add."""
+    if residual2 is None:
+        return residual
+    return residual.float() + residual2.float()
 
 
 def sqnr(ref: torch.Tensor, approx: torch.Tensor) -> float:

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics import FP8_FORMATS, Granularity, check_swiglu_rows
+from ..numerics import FP8_FORMATS, Granularity, check_swiglu_rows, residual_sum
 from ..numerics import swiglu as swiglu_of
 from ..ops._inline import deciding, launch, outside_tracing, random_like, tracing
 from . import blockwise_ws, tuning
@@ -323,7 +323,7 @@ def scaled_mm(
     :func:`gluon_serves`): the compile-time decisions time and tune what a traced graph
     will launch.  ``residual2``, a second residual, is added in fp32 too (a residual stream
     ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
-    fp32 sum (:func:`residual_sum`).
+    fp32 sum (:func:`fp8compile.numerics.residual_sum`).
 
     Example::
 
@@ -517,15 +517,6 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
         size = max(tiles, 2 * buffers[-1].numel() if buffers else 1024)
         buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
     return buffers[-1]
-
-
-def residual_sum(residual: torch.Tensor | None,
-                 residual2: torch.Tensor | None) -> torch.Tensor | None:
-    """The residual an epilogue adds: ``residual``, or with a second one their sum in fp32
-    (never rounded to the model dtype, as Inductor computes ``x + o`` inside the next add)."""
-    if residual2 is None:
-        return residual
-    return residual.float() + residual2.float()
 
 
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,

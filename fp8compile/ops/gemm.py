@@ -44,9 +44,8 @@ def epilogue(y: Tensor, activation: str, residual: Optional[Tensor],
     """``act(y) + residual`` in the promoted dtype of ``y`` and ``residual`` (fp32 for the
     reference's fp32 product; the output dtype after a cuBLAS GEMM).  ``swiglu`` halves the
     last dim (:func:`fp8compile.numerics.swiglu`).  A second residual is added to the first
-    in fp32 (:func:`fp8compile.kernels.gemm.residual_sum`), and so is their sum to ``y``."""
-    if residual2 is not None:
-        residual = residual.float() + residual2.float()
+    in fp32 (:func:`fp8compile.numerics.residual_sum`), and so is their sum to ``y``."""
+    residual = nx.residual_sum(residual, residual2)
     if activation == "swiglu":
         y = nx.swiglu(y)
     elif activation == "gelu":

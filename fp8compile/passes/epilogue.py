@@ -162,24 +162,39 @@ class EpiloguePass(Fp8Pass):
         """Why the residual fold's rule does not hold for ``mm`` (None when it does): the
         warp-specialized kernel must serve the GEMM with these residuals, which it loads as
         output tiles (no broadcast)."""
+        why = self._hopper_kernel_unsupported(mm, add, mm.args[_OUT_DTYPE], "none",
+                                              len(residuals))
+        if why is None and any(getattr(value_of(r), "shape", None) != value_of(add).shape
+                               for r in residuals):
+            return "the residual broadcasts into the product (the kernel reads full tiles)"
+        return why
+
+    def _hopper_kernel_unsupported(self, mm: torch.fx.Node, out: torch.fx.Node,
+                                   out_dtype: torch.dtype, activation: str,
+                                   residuals: int = 0) -> str | None:
+        """Why the warp-specialized Hopper kernel would not serve the GEMM ``mm`` (whose
+        result, after the epilogue, is ``out``) with this epilogue, asked at compile time;
+        None when it would."""
         from ..kernels import select
         from ..kernels.blockwise_ws import unsupported
 
-        xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation = mm.args[:_ACT]
+        xq, xs, xg, wq, ws, wg, bias, _out_dtype, accumulation = mm.args[:_ACT]
         forced = select.forced_backend()
-        if forced != "auto":
+        if forced != "auto":  # the fused kernel is chosen by rule or timing; this overrides
             return f"GEMM backend forced (FP8COMPILE_GEMM_BACKEND={forced})"
-        w, w_scale, y = (value_of(a) for a in (wq, ws, add))
+        w, w_scale, y = (value_of(a) for a in (wq, ws, out))
         if not all(isinstance(v, torch.Tensor) for v in (w, w_scale, y)):
             return "operand shapes unknown"
         if not all(isinstance(d, int) for d in y.shape):
             return "dynamic shapes (the kernel is chosen by M)"
-        if any(getattr(value_of(r), "shape", None) != y.shape for r in residuals):
-            return "the residual broadcasts into the product (the kernel reads full tiles)"
-        x = _stand_in(self.ctx.config.activation_format.dtype, math.prod(y.shape[:-1]),
-                      w.shape[1], w.device)
-        why = unsupported(x, x[:1, 0].float(), xg, w, w_scale, wg, out_dtype, "none",
-                          len(residuals), layout=False, accumulation=accumulation)
+        # Stand-ins with the activation's size, dtype and device (one element, expanded):
+        # the kernel's rules read no values and, here, no strides.
+        fmt = self.ctx.config.activation_format
+        x = torch.empty(1, dtype=fmt.dtype, device=w.device).expand(
+            math.prod(y.shape[:-1]), w.shape[1])
+        x_scale = torch.empty(1, dtype=torch.float32, device=w.device)
+        why = unsupported(x, x_scale, xg, w, w_scale, wg, out_dtype, activation, residuals,
+                          layout=False, accumulation=accumulation)
         return None if why is None else f"no fused kernel here ({why})"
 
     def _fold_swiglu(self, graph: torch.fx.Graph, quant: torch.fx.Node) -> bool:
@@ -247,27 +262,15 @@ class EpiloguePass(Fp8Pass):
         if static is not None and static is not nx.Fp8Format.E4M3:
             return f"the epilogue casts to E4M3 only, and this cast is {static.value}", ""
         from ..kernels import select
-        from ..kernels.blockwise_ws import unsupported
 
-        forced = select.forced_backend()
-        if forced != "auto":  # the fused kernel is chosen by timing, which this overrides
-            return f"GEMM backend forced (FP8COMPILE_GEMM_BACKEND={forced})", ""
-        w, w_scale, y = (value_of(a) for a in (wq, ws, next(iter(mm.users))))
-        if not all(isinstance(v, torch.Tensor) for v in (w, w_scale, y)):
-            return "operand shapes unknown", ""
-        if not all(isinstance(d, int) for d in y.shape):
-            return "dynamic shapes (the kernel is chosen by M)", ""
-        # Stand-ins with the activation's size, dtype and device (one element, expanded):
-        # the kernel's rules read no values and, here, no strides.
+        y = next(iter(mm.users))
+        why = self._hopper_kernel_unsupported(
+            mm, y, out_dtype if static is None else static.dtype, "swiglu")
+        if why is not None:
+            return why, ""
+        w, y = value_of(wq), value_of(y)
         m = math.prod(y.shape[:-1])
         fmt = self.ctx.config.activation_format
-        x = _stand_in(fmt.dtype, m, w.shape[1], w.device)
-        x_scale = torch.empty(1, dtype=torch.float32, device=w.device)
-        why = unsupported(x, x_scale, xg, w, w_scale, wg,
-                          out_dtype if static is None else static.dtype, "swiglu", False,
-                          layout=False, accumulation=accumulation)
-        if why is not None:
-            return f"no fused kernel here ({why})", ""
         if static is not None:
             # Not timed: besides gate and up, the fold saves the whole cast of h.
             return None, (" (by rule: a static scale moves the cast into the epilogue, so "
@@ -394,12 +397,6 @@ def _stream_terms(r: torch.fx.Node, add: torch.fx.Node):
     if any(v.dtype != vals[2].dtype or _dims(v.shape) != _dims(vals[2].shape) for v in vals):
         return None
     return tuple(terms)
-
-
-def _stand_in(dtype: torch.dtype, m: int, k: int, device) -> torch.Tensor:
-    """An (m, k) tensor of ``dtype`` for the kernel's rules, which read no values and, here,
-    no strides: one element, expanded."""
-    return torch.empty(1, dtype=dtype, device=device).expand(m, k)
 
 
 def _dims(shape) -> list[str]:
