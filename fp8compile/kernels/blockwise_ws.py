@@ -87,7 +87,7 @@ try:
 except ImportError:  # a Triton without Gluon's Hopper API
     HAVE_GLUON = False
 
-__all__ = ["HAVE_GLUON", "blockwise_mm", "unsupported"]
+__all__ = ["HAVE_GLUON", "blockwise_mm", "precompile", "unsupported"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
 STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
@@ -511,6 +511,78 @@ if HAVE_GLUON:
                 gl.NVMMASharedLayout.get_default_for([bm // 2, out_n or bn], gout))
 
 
+# Compiles started ahead of the first launch (:func:`precompile`): their futures, which a
+# launch awaits, and the launches already asked for.
+_PENDING: list = []
+_STARTED: set[tuple] = set()
+_POOL = None
+
+
+def precompile(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation: str, swiglu: bool,
+               out_scale, residuals: tuple, device: torch.device) -> bool:
+    """Start compiling the kernel that :func:`blockwise_mm` with these arguments launches, on
+    a background thread; the tensors may be stand-ins on the meta device with the real ones'
+    sizes, strides and dtypes, ``device`` the GPU the launch will use.
+
+    A cold Triton cache compiles each variant of this kernel in 1.5-2 s.  A compiled model
+    would spend that at its first call, one variant after the other; started while the
+    graph is still being compiled, the compiles overlap Inductor's and each other's.  The
+    compiled kernel lands in the JIT's cache, where the launch finds it; :func:`blockwise_mm`
+    first waits for compiles still running.  Nothing touches the GPU here.  Returns whether
+    a compile was started (not for a launch asked for before, nor without Gluon or a GPU)."""
+    global _POOL
+    if not HAVE_GLUON or device.type != "cuda":
+        return False
+    grid, args, kwargs = _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation,
+                                      swiglu, out_scale, residuals, device)
+    key = (device.index, *map(_arg_key, args), *sorted(kwargs.items()))
+    if key in _STARTED:
+        return False
+    _STARTED.add(key)
+    with torch.cuda.device(device):
+        index = torch.cuda.current_device()
+        _blockwise_ws_kernel.device_caches[index]  # made here: a thread racing for it loses
+    if _POOL is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fp8compile-gluon")
+    _PENDING.append(_POOL.submit(_compile, index, grid, args, kwargs))
+    return True
+
+
+def _arg_key(a) -> tuple:
+    """What the JIT's specialization can see of a launch argument, for the launches that
+    :func:`precompile` has asked for."""
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.shape, a.stride())
+    if hasattr(a, "block_shape"):  # a tensor descriptor
+        return (a.base.dtype, tuple(a.shape), tuple(a.strides), tuple(a.block_shape))
+    return (a,)
+
+
+def _compile(index: int, grid, args, kwargs) -> None:
+    """The JIT's compile without a launch, then the C launcher where this Triton builds one
+    per kernel signature (a compiler run the launch would otherwise make)."""
+    import triton
+
+    with torch.cuda.device(index):
+        kernel = _blockwise_ws_kernel.warmup(*args, grid=grid, **kwargs)
+        try:
+            triton.runtime.driver.active.launcher_cls(kernel.src, kernel.metadata)
+        except Exception:  # noqa: BLE001 - the launch builds it then, and reports what fails
+            pass
+
+
+def _await_precompiles() -> None:
+    """Wait for the compiles :func:`precompile` started; one that failed is compiled again
+    by the launch, which reports its error."""
+    while _PENDING:
+        try:
+            _PENDING.pop().result()
+        except Exception:  # noqa: BLE001, S110
+            pass
+
+
 def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
                  bias: torch.Tensor | None, out: torch.Tensor,
                  x_gran=Granularity.GROUP, w_gran=Granularity.BLOCK,
@@ -530,6 +602,18 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     row/tensor only; at most two contiguous (M, N) tensors of ``out``'s dtype) are added in
     fp32 before the one rounding: ``(r1 + r2) + product``.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
+    _await_precompiles()
+    grid, args, kwargs = _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation,
+                                      swiglu, out_scale, residuals)
+    _blockwise_ws_kernel[grid](*args, **kwargs)
+    return out
+
+
+def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu, out_scale,
+                 residuals, device: torch.device | None = None):
+    """``(grid, args, keyword args)`` of the kernel for :func:`blockwise_mm`'s arguments;
+    reads only sizes, strides, dtypes and addresses (``device``: where the kernel runs, when
+    the tensors are stand-ins on the meta device)."""
     m, k = xq.shape
     n = wq.shape[0]
     xg, wg = Granularity(x_gran), Granularity(w_gran)
@@ -569,12 +653,11 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     c_d = tiles_of(out)
     r_d = [tiles_of(r) for r in residuals] + [c_d] * (2 - len(residuals))  # c_d: unread
     tiles = -(-m // bm) * -(-n // bn)
-    grid = (min(tuning.num_sms(xq.device), tiles),)
-    _blockwise_ws_kernel[grid](
-        a_d, b_d, c_d, r_d[0], r_d[1], row[0], block[0],
-        bias if bias is not None else out, int(bias is not None),
-        column[0], column[1], column[2], out_scale if out_scale is not None else out,
-        m, n, k, row[1], row[2], block[1], block[2],
-        STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS, FAST=fast,
-        RES=len(residuals), num_warps=4)
-    return out
+    grid = (min(tuning.num_sms(device or xq.device), tiles),)
+    args = (a_d, b_d, c_d, r_d[0], r_d[1], row[0], block[0],
+            bias if bias is not None else out, int(bias is not None),
+            column[0], column[1], column[2], out_scale if out_scale is not None else out,
+            m, n, k, row[1], row[2], block[1], block[2])
+    return grid, args, dict(STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS,
+                            FAST=fast, RES=len(residuals), num_warps=4)
+

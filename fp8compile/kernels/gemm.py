@@ -32,6 +32,7 @@ scales); here the fp32 product goes through it as pointwise ops.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -46,7 +47,7 @@ from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv
 
-__all__ = ["ACT_CODE", "gluon_serves", "scaled_mm"]
+__all__ = ["ACT_CODE", "gluon_serves", "precompile_gluon", "scaled_mm"]
 
 ACT_CODE = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -361,8 +362,7 @@ def scaled_mm(
     k = xq.shape[-1]
     n = wq.shape[0]
     lead = xq.shape[:-1]
-    a = xq.reshape(-1, k)
-    m = a.shape[0]
+    m = math.prod(lead)
     if x_granularity is Granularity.BLOCK and xq.dim() != 2:
         raise NotImplementedError("128x128 activation scales need a 2-D x")
     _check_scale(xs, x_granularity, m, k, "x")
@@ -372,15 +372,10 @@ def scaled_mm(
         return torch.empty((*lead, out_n), dtype=out_dtype, device=xq.device)
     if k == 0:
         raise NotImplementedError("K == 0")
-    # K-major operands (SPEC §4): anything else is copied once (a tiled transpose).
-    if a.stride(1) != 1:
-        a = contiguous_2d(a)
-    w = wq if wq.stride(1) == 1 else contiguous_2d(wq)
+    a, xs2, w, ws2 = _operands_2d(xq, xs, x_granularity, wq, ws, w_granularity, contiguous_2d)
     # Hopper's FP8 dot takes one format per operand pair in Triton only when both match.
     if a.dtype != w.dtype:
         raise NotImplementedError("mixed E4M3 x E5M2 operands")
-    xs2 = xs.reshape(m, -1) if x_granularity in (Granularity.ROW, Granularity.GROUP) else xs
-    ws2 = ws.reshape(n, -1) if w_granularity in (Granularity.ROW, Granularity.GROUP) else ws
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation,
                                                  residual2=residual2):
@@ -517,6 +512,49 @@ def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
         size = max(tiles, 2 * buffers[-1].numel() if buffers else 1024)
         buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
     return buffers[-1]
+
+
+def _operands_2d(xq, xs, xg, wq, ws, wg, copy):
+    """x as (M, K) and both operands K-major (SPEC §4: anything else is copied once by
+    ``copy``, a tiled transpose), with the scales' 2-D views."""
+    k, n = xq.shape[-1], wq.shape[0]
+    a = xq.reshape(-1, k)
+    if a.stride(1) != 1:
+        a = copy(a)
+    w = wq if wq.stride(1) == 1 else copy(wq)
+    m = a.shape[0]
+    xs2 = xs.reshape(m, -1) if xg in (Granularity.ROW, Granularity.GROUP) else xs
+    ws2 = ws.reshape(n, -1) if wg in (Granularity.ROW, Granularity.GROUP) else ws
+    return a, xs2, w, ws2
+
+
+def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
+                     accumulation, activation, residual=None, residual2=None,
+                     out_scale=None) -> bool:
+    """Start compiling the Gluon kernel that an eager :func:`scaled_mm` of operands like
+    these launches (:func:`.blockwise_ws.precompile`), for a compiled graph that will call it
+    (the traced operands' sizes, strides and dtypes are read, nothing else).  Call only where
+    :func:`gluon_serves` said it would serve.  Static shapes only; returns whether a compile
+    was started."""
+    operands = (xq, xs, wq, ws, bias, residual, residual2, out_scale)
+    if _interpreting() or not blockwise_ws.HAVE_GLUON or any(
+            not isinstance(d, int) for t in operands if t is not None
+            for d in (*t.shape, *t.stride())):
+        return False
+    xg, wg = Granularity(x_granularity), Granularity(w_granularity)
+    with outside_tracing():
+        xq, xs, wq, ws, bias, residual, residual2, out_scale = (
+            None if t is None else
+            torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            for t in operands)
+        a, xs2, w, ws2 = _operands_2d(xq, xs, xg, wq, ws, wg, torch.Tensor.contiguous)
+        swiglu = activation == "swiglu"
+        m, out_n = a.shape[0], w.shape[0] // 2 if swiglu else w.shape[0]
+        out = torch.empty((m, out_n), dtype=out_dtype, device="meta")
+        residuals = tuple(r.reshape(m, out_n).contiguous() for r in (residual, residual2)
+                          if r is not None)
+        return blockwise_ws.precompile(a, xs2, w, ws2, bias, out, xg, wg, accumulation, swiglu,
+                                       out_scale, residuals, operands[0].device)
 
 
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,

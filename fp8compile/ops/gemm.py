@@ -138,13 +138,17 @@ def _decide_backend(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtyp
     backend that eager mode takes on the first call, by timing the candidates on real
     random operands of the same shapes (:func:`fp8compile.kernels.select.choose_traced`).
     Inlines unless the Gluon kernel won: it cannot be traced, so the op then stays an
-    opaque call, whose body runs it."""
+    opaque call, whose body runs it; its compile then starts in the background."""
     from ..kernels import select
+    from ..kernels.gemm import precompile_gluon
 
     _check_mm(xq, wq, bias, activation, residual, residual2)
-    return select.choose_traced(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),
-                                bias, out_dtype, accumulation, activation, residual,
-                                residual2) != "gluon"
+    args = (xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias, out_dtype,
+            accumulation, activation, residual, residual2)
+    if select.choose_traced(*args) != "gluon":
+        return True
+    precompile_gluon(*args)
+    return False
 
 
 # The residual stays unpinned: after a cuBLAS GEMM it is read by a pointwise add, and
@@ -234,9 +238,16 @@ def _scaled_mm_quantized_cuda(xq, xs, x_granularity, wq, ws, w_granularity, bias
 def _inline_quantized(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumulation,
                       activation, out_scale, fmt) -> bool:
     """Inline (trace the fallback's kernels) unless the Gluon kernel serves the call: it
-    cannot be traced, so the op then stays an opaque call whose body runs it."""
-    return not _quantized_by_gluon(xq, xs, x_granularity, wq, ws, w_granularity, activation,
-                                   accumulation, fmt)
+    cannot be traced, so the op then stays an opaque call whose body runs it; its compile
+    then starts in the background."""
+    from ..kernels.gemm import precompile_gluon
+
+    if not _quantized_by_gluon(xq, xs, x_granularity, wq, ws, w_granularity, activation,
+                               accumulation, fmt):
+        return True
+    precompile_gluon(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity), bias,
+                     as_fmt(fmt).dtype, accumulation, activation, out_scale=out_scale)
+    return False
 
 
 inline_on_gpu(scaled_mm_quantized, _scaled_mm_quantized_cuda, when=_inline_quantized)

@@ -767,3 +767,105 @@ def test_fp8_output_rounds_midpoints_as_the_division(scale):
     if scale == 0.1:  # the test can fail: a reciprocal multiply gives other bits
         plain = (col * (1 / s)).expand(m, n).to(torch.float8_e4m3fn)
         assert not torch.equal(plain.view(torch.uint8), want.view(torch.uint8))
+
+
+@pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
+@pytest.mark.parametrize("case", [
+    dict(xg=G.ROW, wg=G.ROW),
+    dict(xg=G.TENSOR, wg=G.TENSOR, bias=True),
+    dict(xg=G.ROW, wg=G.ROW, act="swiglu"),
+    dict(xg=G.TENSOR, wg=G.TENSOR, act="swiglu", out=torch.float8_e4m3fn),
+    dict(xg=G.TENSOR, wg=G.TENSOR, res=2, out=torch.float16),
+    dict(xg=G.ROW, wg=G.TENSOR, res=1),
+    dict(xg=G.GROUP, wg=G.BLOCK, acc="precise"),
+], ids=["row", "tensor-bias", "swiglu", "swiglu-fp8-out", "two-residuals", "residual",
+        "blockwise"])
+def test_precompile_asks_for_the_launch_the_eager_call_makes(monkeypatch, case):
+    """No GPU needed: from a traced call's operands (3-D x, a transposed weight), the
+    compile started ahead gets the arguments that the eager call's launch gets, in all that
+    the JIT specializes on (dtypes, sizes, strides, integer arguments, the constexprs), so
+    the launch finds the compiled kernel in the cache."""
+    xg, wg, act = case["xg"], case["wg"], case.get("act", "none")
+    acc, out, res = case.get("acc", "fast"), case.get("out", torch.bfloat16), case.get("res", 0)
+    m, n, k = 512, 512, 256
+    x = torch.randn(2, m // 2, k)
+    xq, xs = nx.quantize(x, xg, Fp8Format.E4M3)
+    wq, ws = nx.quantize(torch.randn(n, k), wg, Fp8Format.E4M3)
+    wq = wq.t().contiguous().t()  # not K-major: both calls copy it
+    bias = torch.randn(n, dtype=torch.bfloat16) if case.get("bias") else None
+    out_n = n // 2 if act == "swiglu" else n
+    res_args = [torch.randn(2, m // 2, out_n, dtype=out) for _ in range(res)]
+    res_args += [None] * (2 - res)
+    scale = torch.tensor([0.1]) if out == torch.float8_e4m3fn else None
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    monkeypatch.setattr(gemm, "_gluon_takes", lambda *a, **k: True)
+    monkeypatch.setattr(gemm, "_interpreting", lambda: False)
+    monkeypatch.setattr(gemm, "contiguous_2d", torch.Tensor.contiguous)
+    gemm.scaled_mm(xq, xs, xg, wq, ws, wg, bias, out, acc, act, res_args[0],
+                   out_scale=scale, residual2=res_args[1])
+    asked = []
+    monkeypatch.setattr(bw, "precompile", lambda *a: asked.append(a) or True)
+    assert gemm.precompile_gluon(xq, xs, xg, wq, ws, wg, bias, out, acc, act, *res_args,
+                                 out_scale=scale)
+    (args,) = asked
+    assert args[-1] == xq.device and all(
+        t is None or t.device.type == "meta" for t in (*args[:6], args[10], *args[11]))
+    _, pre, pre_meta = bw._launch_args(*args[:-1], device=args[-1])
+    assert pre_meta == launch.meta
+    assert list(map(bw._arg_key, pre)) == list(map(bw._arg_key, launch.args))
+
+
+def test_precompile_needs_static_shapes_and_a_gpu(monkeypatch):
+    """Symbolic sizes or a CPU device: no compile is started (and nothing fails)."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    xq, wq = _fp8(512, 256), _fp8(512, 256)
+    asked = []
+    monkeypatch.setattr(bw, "_compile", lambda *a: asked.append(a))
+    monkeypatch.setattr(gemm, "_interpreting", lambda: False)
+    args = (torch.ones(512, 1), G.ROW, wq, torch.ones(512, 1), G.ROW, None, torch.bfloat16,
+            "fast", "none")
+    assert not gemm.precompile_gluon(xq, *args)  # a CPU tensor
+    m = ShapeEnv().create_unbacked_symint()
+    traced = type("Traced", (), dict(shape=(m, 256), stride=lambda self: (256, 1),
+                                     device=torch.device("cuda"), dtype=xq.dtype))()
+    assert not gemm.precompile_gluon(traced, *args)
+    assert asked == []
+
+
+@needs_hopper
+def test_precompiled_kernel_is_the_one_launched(monkeypatch):
+    """On the GPU: a compile started ahead for a traced call's operands files the kernel the
+    eager call then launches (no second compile), and the call's result is right."""
+    import triton
+
+    index = torch.cuda.current_device()
+    cache = bw._blockwise_ws_kernel.device_caches[index][0]
+    saved = dict(cache)
+    cache.clear()
+    monkeypatch.setattr(bw, "_STARTED", set())
+    try:
+        xg = wg = G.TENSOR
+        m, n, k = 1000, 768, 4096
+        xq, xs = nx.quantize(torch.randn(2, m // 2, k, device="cuda"), xg, Fp8Format.E4M3)
+        wq, ws = nx.quantize(torch.randn(n, k, device="cuda") * 0.05, wg, Fp8Format.E4M3)
+        r = torch.randn(2, m // 2, n, device="cuda", dtype=torch.bfloat16)
+        assert gemm.precompile_gluon(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast",
+                                     "none", r)
+        assert not gemm.precompile_gluon(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast",
+                                         "none", r)  # asked for once
+        bw._await_precompiles()
+        assert len(cache) == 1
+        compiles = []
+        real = triton.compile
+        monkeypatch.setattr(bw._blockwise_ws_kernel, "compile",
+                            lambda *a, **kw: compiles.append(1) or real(*a, **kw))
+        y = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast", "none", r)
+        assert compiles == [] and len(cache) == 1
+        want = scaled_mm_reference(xq, xs, xg, wq, ws, wg, None, torch.float32, "none",
+                                   r.float())
+        assert float((y.float() - want).norm() / want.norm()) < 1e-2
+    finally:
+        cache.clear()
+        cache.update(saved)
