@@ -10,6 +10,7 @@
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
 #   swiglu    benchmarks/swiglu.py: the gate/up step with SiLU·mul in the GEMM epilogue or not
 #   compile   benchmarks/compile_time.py: prefill compile time, each variant in a fresh process
+#   clocks    benchmarks/clocks.py: the prefill step by each timing method, and the SM clock
 #   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes,
 #             and tensorwise quantization at decode sizes by amax route (--decode)
 #   decode    benchmarks/e2e.py at 16 tokens with CUDA graphs, profile of fp8hpf tensorwise fast
@@ -52,6 +53,7 @@ for stage in "${stages[@]}"; do
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
         swiglu) run swiglu 150 python benchmarks/swiglu.py ;;
         compile) run compile 300 python benchmarks/compile_time.py ;;
+        clocks) run clocks 150 python benchmarks/clocks.py --out "$out" ;;
         quant)
             run quant 90 python benchmarks/quant.py --out "$out"
             run quant_decode 60 python benchmarks/quant.py --decode --out "$out" ;;

@@ -23,6 +23,12 @@ three rounds, each timing every variant once (the median over the rounds is kept
 after another, right after each compile, the same variant's decode step moved by up to 2x
 between runs.
 
+Under sustained FP8 GEMM load an H100/H200 reaches its power limit and lowers its SM clock
+(1980 MHz idle, ~1400-1700 MHz while timing; docs/performance.md, "Where the profile's
+kernels and do_bench differ").  Where ``nvidia-smi`` is found, each prefill row also gives
+the mean SM clock over its timing and the share of those samples with the software power cap
+active, so that figures from different runs can be compared.
+
 The error is ‖y − y_fp32‖ / ‖y_fp32‖ with y_fp32 the same block and inputs in fp32.  Compile
 time is the wall time of the first call (compile + run) with Dynamo's caches reset.  With
 ``--profile`` one fp8hpf variant (``--profile-variant``) is profiled at each shape and its top
@@ -113,6 +119,60 @@ def steady_ms(fn, steps: int = 20, runs: int = 15) -> float:
     return sorted(_time_ms(fn, steps) for _ in range(runs))[runs // 2]
 
 
+class ClockSampler:
+    """``nvidia-smi`` sampling the GPU's SM clock, power draw and power-cap state every
+    ``period_ms`` in the background, for :meth:`window`; inert without ``nvidia-smi``."""
+
+    SW_POWER_CAP = 0x4  # the bit of ``clocks_event_reasons.active``
+
+    def __init__(self, path: str, period_ms: int = 50):
+        import shutil
+        import subprocess
+
+        self.path, self.proc = path, None
+        exe = shutil.which("nvidia-smi")
+        if exe is None or not torch.cuda.is_available():
+            return
+        index = os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or "0"
+        with open(path, "w") as out:
+            self.proc = subprocess.Popen(
+                [exe, "-i", index, "--query-gpu=timestamp,clocks.sm,power.draw,"
+                 "clocks_event_reasons.active", "--format=csv,noheader,nounits",
+                 "-lms", str(period_ms)], stdout=out, stderr=subprocess.DEVNULL)
+
+    def samples(self, t0: float, t1: float) -> list[tuple[float, float, bool]]:
+        """(SM MHz, watts, power-capped) of each sample between host times t0 and t1."""
+        import datetime
+
+        got = []
+        if self.proc is None:
+            return got
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    stamp, mhz, watts, reasons = (v.strip() for v in line.split(","))
+                    t = datetime.datetime.strptime(stamp, "%Y/%m/%d %H:%M:%S.%f").timestamp()
+                    row = (float(mhz), float(watts), bool(int(reasons, 16) & self.SW_POWER_CAP))
+                except ValueError:
+                    continue
+                if t0 <= t <= t1:
+                    got.append(row)
+        return got
+
+    def window(self, t0: float, t1: float) -> tuple[float, float]:
+        """(mean SM MHz, share of samples power-capped) between host times t0 and t1 (NaN
+        without samples)."""
+        got = self.samples(t0, t1)
+        if not got:
+            return float("nan"), float("nan")
+        return (sum(m for m, _, _ in got) / len(got), sum(c for _, _, c in got) / len(got))
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait()
+
+
 def gpu_and_host_ms(fn, steps: int = 20) -> tuple[float, float]:
     """(GPU ms per call with the host's time hidden, host ms to issue one call): ``steps``
     calls are queued behind a sleep kernel, so the GPU runs them back to back (the timing
@@ -152,15 +212,18 @@ def build(make, x, mode):
 
 
 def report(results, args, shape_name, name, tokens, ms, steady, first, err,
-           gpu=float("nan"), host=float("nan")) -> None:
+           gpu=float("nan"), host=float("nan"), clock=(float("nan"), float("nan"))) -> None:
     results.append(dict(shape=shape_name, variant=name, ms=ms, steady_ms=steady,
                         gpu_ms=gpu, host_ms=host, first_call_s=first, err=err,
-                        tflops=gemm_flops(tokens) / ms / 1e9))
+                        tflops=gemm_flops(tokens) / ms / 1e9, sm_mhz=clock[0],
+                        power_capped=clock[1]))
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
         json.dump(results, f, indent=1)
     steady_txt = "" if steady != steady else f" (steady {steady:.3f} ms)"
     if gpu == gpu:
         steady_txt += f" (GPU {gpu:.3f} ms, host {host:.3f} ms per step)"
+    if clock[0] == clock[0]:
+        steady_txt += f" (SM {clock[0]:.0f} MHz, power-capped {clock[1]:.0%})"
     print(f"{shape_name:15s} {name:20s} {ms:8.3f} ms{steady_txt}  first call "
           f"{first:6.1f} s  err {err:.2e}", flush=True)
 
@@ -420,6 +483,7 @@ def main() -> None:
     if args.check and dev == "cuda":
         check_gemms()
     results = []
+    clocks = ClockSampler(os.path.join(args.out, "e2e_clocks.csv"))
     with torch.no_grad():
         shapes = SMALL_SHAPES if args.small else SHAPES
         if args.shapes:
@@ -447,8 +511,11 @@ def main() -> None:
                 if decode:
                     timed.append((name, fn, first, err))
                     continue
+                t0 = time.time()
                 ms = median_ms(lambda: fn(x))
-                report(results, args, shape_name, name, b * t, ms, float("nan"), first, err)
+                clock = clocks.window(t0, time.time())
+                report(results, args, shape_name, name, b * t, ms, float("nan"), first, err,
+                       clock=clock)
                 if args.profile and name == args.profile_variant and dev == "cuda":
                     show_profile(lambda: fn(x), args.out, shape_name)
                 fn = None  # free the compiled model before the next variant
@@ -466,6 +533,7 @@ def main() -> None:
                     show_profile(lambda: fn(x), args.out, shape_name)
             timed = rounds = fn = None
             torch._dynamo.reset()
+    clocks.close()
     if dev == "cuda":
         from fp8compile.kernels.select import backend_choices, describe_key
 
@@ -487,6 +555,8 @@ def main() -> None:
             if r["gpu_ms"] == r["gpu_ms"]:
                 g_sp = ind["gpu_ms"] / r["gpu_ms"] if ind else float("nan")
                 st += f"  {r['gpu_ms']:7.3f} ({g_sp:.2f}x)  {r['host_ms']:7.3f}"
+            if r["sm_mhz"] == r["sm_mhz"]:
+                st += f"  SM {r['sm_mhz']:.0f} MHz, capped {r['power_capped']:.0%}"
             print(f"{shape_name:16s} {r['variant']:20s} {r['ms']:7.3f}  {sp:6.2f}x      "
                   f"{r['err']:.2e}  {ct:5.2f}x{st}")
 
