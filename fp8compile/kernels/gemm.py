@@ -379,9 +379,7 @@ def scaled_mm(
     if gluon and config is None and _gluon_takes(a, xs2, x_granularity, w, ws2, w_granularity,
                                                  out_dtype, activation, residual, accumulation,
                                                  residual2=residual2):
-        out = torch.empty((m, out_n), dtype=out_dtype, device=xq.device)
-        residuals = tuple(r.reshape(m, out_n).contiguous() for r in (residual, residual2)
-                          if r is not None)
+        out, residuals = _gluon_outputs(m, out_n, out_dtype, xq.device, residual, residual2)
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
                                          w_granularity, accumulation, swiglu=swiglu,
                                          out_scale=out_scale,
@@ -528,6 +526,14 @@ def _operands_2d(xq, xs, xg, wq, ws, wg, copy):
     return a, xs2, w, ws2
 
 
+def _gluon_outputs(m, out_n, out_dtype, device, residual, residual2):
+    """The Gluon kernel's (M, N) output, and its residuals as contiguous (M, N) tensors: for
+    the launch, and for :func:`precompile_gluon`'s stand-ins, whose strides must match."""
+    out = torch.empty((m, out_n), dtype=out_dtype, device=device)
+    return out, tuple(r.reshape(m, out_n).contiguous() for r in (residual, residual2)
+                      if r is not None)
+
+
 def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
                      accumulation, activation, residual=None, residual2=None,
                      out_scale=None) -> bool:
@@ -550,9 +556,7 @@ def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dty
         a, xs2, w, ws2 = _operands_2d(xq, xs, xg, wq, ws, wg, torch.Tensor.contiguous)
         swiglu = activation == "swiglu"
         m, out_n = a.shape[0], w.shape[0] // 2 if swiglu else w.shape[0]
-        out = torch.empty((m, out_n), dtype=out_dtype, device="meta")
-        residuals = tuple(r.reshape(m, out_n).contiguous() for r in (residual, residual2)
-                          if r is not None)
+        out, residuals = _gluon_outputs(m, out_n, out_dtype, "meta", residual, residual2)
         return blockwise_ws.precompile(a, xs2, w, ws2, bias, out, xg, wg, accumulation, swiglu,
                                        out_scale, residuals, operands[0].device)
 
