@@ -13,13 +13,17 @@ schedule is written out in Gluon, Triton's lower-level dialect:
   a ring of ``STAGES`` shared-memory buffers with TMA, one ``ready`` mbarrier per stage;
 * two 4-warp **math** partitions each own half of the BM=128 rows (one ``m64`` wgmma
   warpgroup each) and release a stage through its ``empty`` mbarrier (count 2);
-* each math warpgroup takes the K blocks in pairs: it issues both blocks' wgmma into two
-  partial tiles, waits for the first only (``num_outstanding=1``), and promotes it while the
-  second runs on the tensor cores.  Nothing is in flight across the loop's back edge: a
-  loop-carried in-flight accumulator makes ptxas serialize every wgmma of the loop (C7514);
-  and a four-block trip needs a fifth 64-register tile and spills;
-* the scales of the next pair are loaded during the current one, so their global-memory
-  latency is hidden under two blocks of wgmma;
+* each math warpgroup takes the K blocks in runs of :data:`PROMOTED_RUN` (8), alternating
+  between two partial tiles: it issues the first two blocks' wgmma, waits for the first only
+  (``num_outstanding=1``), promotes it while the second runs on the tensor cores, then issues
+  the third block into the freed tile, and so on; only the run's last promotion has no wgmma
+  of its own under it.  Nothing is in flight across the loop's back edge: a loop-carried
+  in-flight accumulator makes ptxas serialize every wgmma of the loop (C7514).  Each
+  promotion is pinned before the next wgmma by an opaque move (``_settled``): otherwise the
+  compiler sinks the promotion's multiply-adds below the wgmma that reuses the partial tile,
+  both tiles' registers are live at once, and the kernel spills (2.4 KB at runs of four);
+* each block's scale factor is loaded two blocks ahead, so its global-memory latency is
+  hidden under the wgmma in between;
 * the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
   fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
 
@@ -92,6 +96,9 @@ __all__ = ["HAVE_GLUON", "blockwise_mm", "precompile", "unsupported"]
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
 STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
 PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+# K blocks per promoted run (:func:`_promoted_run`): 8 measured 1-5% faster than pairs on
+# the H200 (0.98-1.02x at blockwise K=14336), 16 no faster than 8
+PROMOTED_RUN = gl.constexpr(8) if HAVE_GLUON else 8
 # Fast accumulation: one accumulator of 64x256 per math warpgroup (128 registers) and three
 # 48 KB stages; the output tiles take 64 KB of shared memory.
 FAST_TILE = (128, 256, 128, 3)
@@ -231,6 +238,47 @@ if HAVE_GLUON:
                 * gl.load(w_ptr + kb * stride_wsk, mask=has_cs == 0, other=1.0))
 
     @gluon.jit
+    def _promoted_run(run, acc, pa, pb, fe, fo, it, kb, half_rows: gl.constexpr,
+                      RUN: gl.constexpr):
+        """``RUN`` consecutive K blocks from block ``kb`` (ring position ``it``), promoted
+        into ``acc``.  Blocks alternate between the partial tiles ``pa`` and ``pb``; the
+        first two are issued at once, and each block's promotion runs while the next one's
+        wgmma does, after which the freed partial tile takes the block after that.  Only the
+        run's last promotion waits with no wgmma in flight, so longer runs leave the tensor
+        cores idle less often.  Nothing is in flight when the run returns: a wgmma carried
+        across a loop's back edge makes ptxas serialize them all (C7514)."""
+        (a_bufs, b_bufs, ready, empty, s_rows, rmask, w_ptr, last, stride_ask, stride_wsk,
+         has_cs) = run
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        ta = _issue(a_bufs, b_bufs, ready, it, half_rows, pa)
+        if RUN > 1:
+            tb = _issue(a_bufs, b_bufs, ready, it + 1, half_rows, pb)
+        for i in gl.static_range(RUN):
+            if i % 2 == 0:
+                if i + 1 < RUN:
+                    pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
+                else:
+                    pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
+                mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
+                acc = _settled(acc + pa * fe[:, None])
+                fe = _factor(s_rows, rmask, w_ptr, gl.minimum(kb + i + 2, last), stride_ask,
+                             stride_wsk, has_cs)
+                if i + 2 < RUN:
+                    ta = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pa)
+            else:
+                if i + 1 < RUN:
+                    pb = warpgroup_mma_wait(num_outstanding=1, deps=(tb, ))
+                else:
+                    pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
+                mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
+                acc = _settled(acc + pb * fo[:, None])
+                fo = _factor(s_rows, rmask, w_ptr, gl.minimum(kb + i + 2, last), stride_ask,
+                             stride_wsk, has_cs)
+                if i + 2 < RUN:
+                    tb = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pb)
+        return acc, pa, pb, fe, fo, it + RUN, kb + RUN
+
+    @gluon.jit
     def _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc, c_smem, r_desc,
                    r_bar, r_coords, PREFETCH: gl.constexpr):
         """One tile's K loop with one accumulator: each wgmma chains on the one before, which
@@ -283,7 +331,6 @@ if HAVE_GLUON:
     def _math(a_bufs, b_bufs, ready, empty, c_smem, c_desc, r1_desc, r2_desc, r_bars, as_ptr,
               ws_ptr, bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
               stride_asm, stride_ask, stride_wsn, stride_wsk, HALF: gl.constexpr):
-        STAGES_: gl.constexpr = a_bufs.shape[0]
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
         BN: gl.constexpr = b_bufs.shape[1]
@@ -327,34 +374,35 @@ if HAVE_GLUON:
                 acc = acc * row_scale[:, None]
             else:
                 w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
-                # Scales are loaded one pair of K blocks ahead: loaded next to their own wgmma,
-                # their latency showed in the promotion's first multiply (ncu stall samples).
+                # Each block's scale factor is loaded two blocks ahead: loaded next to its
+                # own wgmma, its latency showed in the promotion's first multiply (ncu
+                # stall samples).  fe / fo: the factors of the next even / odd block.
                 last = k_tiles - 1
-                fa = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk, has_cs)
-                fb = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask,
+                fe = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk, has_cs)
+                fo = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask,
                              stride_wsk, has_cs)
-                for j in range(k_tiles // 2):
-                    ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
-                    tb = _issue(a_bufs, b_bufs, ready, it + 1, HALF * HM, pb)
-                    fa_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 2, last),
-                                      stride_ask, stride_wsk, has_cs)
-                    fb_next = _factor(s_rows, rmask, w_ptr, gl.minimum(2 * j + 3, last),
-                                      stride_ask, stride_wsk, has_cs)
-                    pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
-                    mbarrier.arrive(empty.index(it % STAGES_), count=1)
-                    acc += pa * fa[:, None]  # runs while block 2j+1's wgmma does
-                    pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
-                    mbarrier.arrive(empty.index((it + 1) % STAGES_), count=1)
-                    acc += pb * fb[:, None]
-                    fa = fa_next
-                    fb = fb_next
-                    it += 2
-                if k_tiles % 2 == 1:  # the last block; fa holds its factor
-                    ta = _issue(a_bufs, b_bufs, ready, it, HALF * HM, pa)
-                    pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
-                    mbarrier.arrive(empty.index(it % STAGES_), count=1)
-                    acc += pa * fa[:, None]
-                    it += 1
+                kb = 0
+                run = (a_bufs, b_bufs, ready, empty, s_rows, rmask, w_ptr, last, stride_ask,
+                       stride_wsk, has_cs)
+                for _ in range(k_tiles // PROMOTED_RUN):
+                    acc, pa, pb, fe, fo, it, kb = _promoted_run(run, acc, pa, pb, fe, fo, it,
+                                                                kb, HALF * HM, PROMOTED_RUN)
+                # the rest (fewer than PROMOTED_RUN blocks) in runs of 8, 4, 2 and 1
+                if PROMOTED_RUN > 8:
+                    if k_tiles % 16 >= 8:
+                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
+                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 8)
+                if PROMOTED_RUN > 4:
+                    if k_tiles % 8 >= 4:
+                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
+                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 4)
+                if PROMOTED_RUN > 2:
+                    if k_tiles % 4 >= 2:
+                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
+                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 2)
+                if k_tiles % 2 == 1:
+                    acc, pa, pb, fe, fo, it, kb = _promoted_run(
+                        run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 1)
             # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
             # (has_cs == 0) for blockwise scales, which the promotion applied; then the bias
             # (none when has_bias == 0: nothing is read and zeros are added)
@@ -402,9 +450,10 @@ if HAVE_GLUON:
     @gluon.jit
     def _settled(x):
         """``x``, computed here: an opaque move keeps the compiler from sinking the arithmetic
-        that produced it below the shared-memory loads that follow, whose registers would
-        then be live with its operands' (the spread column scales and bias, 128 registers)
-        and spill."""
+        that produced it below what follows, where its operands' registers would be live
+        with the new ones and spill: the epilogue's shared-memory loads (beside the spread
+        column scales and bias, 128 registers), or the wgmma that reuses a promoted partial
+        tile (beside that tile's 64)."""
         return gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=gl.float32,
                                          is_pure=False, pack=1)
 

@@ -245,10 +245,14 @@ def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg, acc):
 
 
 @needs_hopper
-# K blocks: 1, 2 (the second partial), 3 (a pair and a lone block), 9, 32 and 5; the scales
-# are loaded a pair ahead, so each count checks which block's factor each promotion takes.
+# K blocks: 1, 2 (the second partial), 3 (a pair and a lone block), 9 (a run of eight and a
+# lone block), 32, 5, 6 (runs of four and two), 7 (four, two, one) and 15; each
+# factor is loaded two blocks ahead, so each count checks which block's factor each
+# promotion takes.
 @pytest.mark.parametrize("m, n, k", [(300, 256, 96), (512, 256, 208), (384, 128, 384),
-                                     (257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528)])
+                                     (257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528),
+                                     (300, 256, 768), (260, 128, 880),
+                                     (300, 128, 1920)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_matches_reference(m, n, k, out_dtype):
     _check_against_reference(*_operands(m, n, k), G.GROUP, G.BLOCK, out_dtype)
