@@ -5,7 +5,7 @@ Schedule changes to the warp-specialized kernel move its speed by a few percent,
 much as two timings in different processes differ.  Here each version is imported as a
 module of its own (its own JIT cache), and all of them take turns on the same operands:
 
-* ``base``: the file given by ``--baseline``, e.g. the committed one::
+* each file given by ``--baseline``, named by its stem, e.g. the committed one::
 
       git show HEAD:fp8compile/kernels/blockwise_ws.py > /tmp/base.py
 
@@ -52,12 +52,13 @@ def _load(name: str, path: str):
     return mod
 
 
-def variants(baseline: str | None, runs: list[int], tmp: str) -> dict:
+def variants(baselines: list[str], runs: list[int], tmp: str) -> dict:
     src_path = os.path.join(HERE, "..", "fp8compile", "kernels", "blockwise_ws.py")
     src = open(src_path).read()
     mods = {}
-    if baseline:
-        mods["base"] = _load("_ab_base", baseline)
+    for path in baselines:
+        stem = os.path.splitext(os.path.basename(path))[0]
+        mods[stem] = _load(f"_ab_{stem}", path)
     for r in runs:
         text, count = re.subn(r"^PROMOTED_RUN = gl\.constexpr\(\d+\)",
                               f"PROMOTED_RUN = gl.constexpr({r})", src, flags=re.M)
@@ -72,7 +73,8 @@ def variants(baseline: str | None, runs: list[int], tmp: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--baseline", default=None, help="another blockwise_ws.py to time")
+    ap.add_argument("--baseline", nargs="*", default=[],
+                    help="other versions of blockwise_ws.py to time")
     ap.add_argument("--runs", type=int, nargs="*", default=[8],
                     help="PROMOTED_RUN values of this tree's kernel to time")
     ap.add_argument("--shapes", default=None, help="M,N,K;M,N,K;... (default: LLaMA shapes)")

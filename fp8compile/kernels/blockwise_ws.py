@@ -22,8 +22,9 @@ schedule is written out in Gluon, Triton's lower-level dialect:
   promotion is pinned before the next wgmma by an opaque move (``_settled``): otherwise the
   compiler sinks the promotion's multiply-adds below the wgmma that reuses the partial tile,
   both tiles' registers are live at once, and the kernel spills (2.4 KB at runs of four);
-* each block's scale factor is loaded two blocks ahead, so its global-memory latency is
-  hidden under the wgmma in between;
+* each block's scale factor is loaded four blocks ahead, so its global-memory latency is
+  hidden under the wgmma in between (two ahead left blockwise group scales, read from L2,
+  late at K=14336);
 * the grid is persistent (one program per SM, tiles in grouped order), and the bf16/fp16/
   fp32 tile leaves through shared memory with a TMA store, overlapping the next tile's loads.
 
@@ -97,7 +98,7 @@ BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
 STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
 PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
 # K blocks per promoted run (:func:`_promoted_run`): 8 measured 1-5% faster than pairs on
-# the H200 (0.98-1.02x at blockwise K=14336), 16 no faster than 8
+# the H200, 16 no faster than 8
 PROMOTED_RUN = gl.constexpr(8) if HAVE_GLUON else 8
 # Fast accumulation: one accumulator of 64x256 per math warpgroup (128 registers) and three
 # 48 KB stages; the output tiles take 64 KB of shared memory.
@@ -231,14 +232,16 @@ if HAVE_GLUON:
                              is_async=True)
 
     @gluon.jit
-    def _factor(s_row_ptrs, rmask, w_ptr, kb, stride_ask, stride_wsk, has_cs):
+    def _factor(as_ptr, s_rows, rmask, w_ptr, kb, stride_ask, stride_wsk, has_cs):
         """Row scales times the weight block's scale, for K block ``kb``; the row scales
-        alone for the outer recipes (``has_cs``: their weight scales are per column)."""
-        return (gl.load(s_row_ptrs + kb * stride_ask, mask=rmask, other=0.0)
+        alone for the outer recipes (``has_cs``: their weight scales are per column).
+        ``s_rows``: the rows' offsets into ``as_ptr``, 32-bit (64-bit addresses held
+        across the K loop cost registers the promotion does not have)."""
+        return (gl.load(as_ptr + (s_rows + kb * stride_ask), mask=rmask, other=0.0)
                 * gl.load(w_ptr + kb * stride_wsk, mask=has_cs == 0, other=1.0))
 
     @gluon.jit
-    def _promoted_run(run, acc, pa, pb, fe, fo, it, kb, half_rows: gl.constexpr,
+    def _promoted_run(run, acc, pa, pb, f0, f1, f2, f3, it, kb, half_rows: gl.constexpr,
                       RUN: gl.constexpr):
         """``RUN`` consecutive K blocks from block ``kb`` (ring position ``it``), promoted
         into ``acc``.  Blocks alternate between the partial tiles ``pa`` and ``pb``; the
@@ -246,23 +249,33 @@ if HAVE_GLUON:
         wgmma does, after which the freed partial tile takes the block after that.  Only the
         run's last promotion waits with no wgmma in flight, so longer runs leave the tensor
         cores idle less often.  Nothing is in flight when the run returns: a wgmma carried
-        across a loop's back edge makes ptxas serialize them all (C7514)."""
-        (a_bufs, b_bufs, ready, empty, s_rows, rmask, w_ptr, last, stride_ask, stride_wsk,
-         has_cs) = run
+        across a loop's back edge makes ptxas serialize them all (C7514).
+
+        ``f0``-``f3`` are the scale factors of blocks ``kb`` to ``kb + 3``: each promotion
+        loads the factor four blocks on into the one it used, and the four are returned in
+        block order for the next run."""
+        (a_bufs, b_bufs, ready, empty, as_ptr, s_rows, rmask, w_ptr, last, stride_ask,
+         stride_wsk, has_cs) = run
         STAGES_: gl.constexpr = a_bufs.shape[0]
         ta = _issue(a_bufs, b_bufs, ready, it, half_rows, pa)
         if RUN > 1:
             tb = _issue(a_bufs, b_bufs, ready, it + 1, half_rows, pb)
         for i in gl.static_range(RUN):
+            if i % 4 == 0:
+                f = f0
+            elif i % 4 == 1:
+                f = f1
+            elif i % 4 == 2:
+                f = f2
+            else:
+                f = f3
             if i % 2 == 0:
                 if i + 1 < RUN:
                     pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
                 else:
                     pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
                 mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
-                acc = _settled(acc + pa * fe[:, None])
-                fe = _factor(s_rows, rmask, w_ptr, gl.minimum(kb + i + 2, last), stride_ask,
-                             stride_wsk, has_cs)
+                acc = _settled(acc + pa * f[:, None])
                 if i + 2 < RUN:
                     ta = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pa)
             else:
@@ -271,12 +284,26 @@ if HAVE_GLUON:
                 else:
                     pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
                 mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
-                acc = _settled(acc + pb * fo[:, None])
-                fo = _factor(s_rows, rmask, w_ptr, gl.minimum(kb + i + 2, last), stride_ask,
-                             stride_wsk, has_cs)
+                acc = _settled(acc + pb * f[:, None])
                 if i + 2 < RUN:
                     tb = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pb)
-        return acc, pa, pb, fe, fo, it + RUN, kb + RUN
+            f = _factor(as_ptr, s_rows, rmask, w_ptr, gl.minimum(kb + i + 4, last),
+                        stride_ask, stride_wsk, has_cs)
+            if i % 4 == 0:
+                f0 = f
+            elif i % 4 == 1:
+                f1 = f
+            elif i % 4 == 2:
+                f2 = f
+            else:
+                f3 = f
+        if RUN % 4 == 1:
+            f0, f1, f2, f3 = f1, f2, f3, f0
+        elif RUN % 4 == 2:
+            f0, f1, f2, f3 = f2, f3, f0, f1
+        elif RUN % 4 == 3:
+            f0, f1, f2, f3 = f3, f0, f1, f2
+        return acc, pa, pb, f0, f1, f2, f3, it + RUN, kb + RUN
 
     @gluon.jit
     def _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc, c_smem, r_desc,
@@ -374,35 +401,40 @@ if HAVE_GLUON:
                 acc = acc * row_scale[:, None]
             else:
                 w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
-                # Each block's scale factor is loaded two blocks ahead: loaded next to its
+                # Each block's scale factor is loaded four blocks ahead: loaded next to its
                 # own wgmma, its latency showed in the promotion's first multiply (ncu
-                # stall samples).  fe / fo: the factors of the next even / odd block.
+                # stall samples).  f0-f3: the factors of the next four blocks.
                 last = k_tiles - 1
-                fe = _factor(s_rows, rmask, w_ptr, 0, stride_ask, stride_wsk, has_cs)
-                fo = _factor(s_rows, rmask, w_ptr, gl.minimum(1, last), stride_ask,
+                s_off = rows * stride_asm
+                f0 = _factor(as_ptr, s_off, rmask, w_ptr, 0, stride_ask, stride_wsk, has_cs)
+                f1 = _factor(as_ptr, s_off, rmask, w_ptr, gl.minimum(1, last), stride_ask,
+                             stride_wsk, has_cs)
+                f2 = _factor(as_ptr, s_off, rmask, w_ptr, gl.minimum(2, last), stride_ask,
+                             stride_wsk, has_cs)
+                f3 = _factor(as_ptr, s_off, rmask, w_ptr, gl.minimum(3, last), stride_ask,
                              stride_wsk, has_cs)
                 kb = 0
-                run = (a_bufs, b_bufs, ready, empty, s_rows, rmask, w_ptr, last, stride_ask,
-                       stride_wsk, has_cs)
+                run = (a_bufs, b_bufs, ready, empty, as_ptr, s_off, rmask, w_ptr, last,
+                       stride_ask, stride_wsk, has_cs)
                 for _ in range(k_tiles // PROMOTED_RUN):
-                    acc, pa, pb, fe, fo, it, kb = _promoted_run(run, acc, pa, pb, fe, fo, it,
-                                                                kb, HALF * HM, PROMOTED_RUN)
+                    acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
+                        run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, PROMOTED_RUN)
                 # the rest (fewer than PROMOTED_RUN blocks) in runs of 8, 4, 2 and 1
                 if PROMOTED_RUN > 8:
                     if k_tiles % 16 >= 8:
-                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
-                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 8)
+                        acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
+                            run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, 8)
                 if PROMOTED_RUN > 4:
                     if k_tiles % 8 >= 4:
-                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
-                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 4)
+                        acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
+                            run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, 4)
                 if PROMOTED_RUN > 2:
                     if k_tiles % 4 >= 2:
-                        acc, pa, pb, fe, fo, it, kb = _promoted_run(
-                            run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 2)
+                        acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
+                            run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, 2)
                 if k_tiles % 2 == 1:
-                    acc, pa, pb, fe, fo, it, kb = _promoted_run(
-                        run, acc, pa, pb, fe, fo, it, kb, HALF * HM, 1)
+                    acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
+                        run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, 1)
             # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
             # (has_cs == 0) for blockwise scales, which the promotion applied; then the bias
             # (none when has_bias == 0: nothing is read and zeros are added)
