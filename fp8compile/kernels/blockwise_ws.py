@@ -10,7 +10,8 @@ it, so the tensor cores idle while each warpgroup promotes (0.60-0.65x cuBLAS). 
 schedule is written out in Gluon, Triton's lower-level dialect:
 
 * one 1-warp **loader** partition streams ``A`` (BM x 128) and ``B`` (BN x 128) tiles through
-  a ring of ``STAGES`` shared-memory buffers with TMA, one ``ready`` mbarrier per stage;
+  a ring of ``STAGES`` shared-memory buffers with TMA, one ``ready`` mbarrier per stage
+  (five, or four beside fp32 output tiles: :data:`PROMOTED_STAGES`);
 * two 4-warp **math** partitions each own half of the BM=128 rows (one ``m64`` wgmma
   warpgroup each) and release a stage through its ``empty`` mbarrier (count 2);
 * each math warpgroup takes the K blocks in runs of :data:`PROMOTED_RUN` (8), alternating
@@ -95,8 +96,11 @@ except ImportError:  # a Triton without Gluon's Hopper API
 __all__ = ["HAVE_GLUON", "blockwise_mm", "precompile", "unsupported"]
 
 BLOCK_M, BLOCK_N, BLOCK_K = 128, 128, 128
-STAGES = 4  # 32 KB a stage; 3 stages measured 6-7% slower, 6 no faster
-PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, STAGES)
+# 32 KB a stage.  With pairs of K blocks 3 stages measured 6-7% slower than 4 and 6 no
+# faster; with runs of eight, 5 measured 0-2.5% faster than 4 (H200, docs/performance.md).
+# An fp32 output's tiles leave room for 4 only.
+PROMOTED_STAGES = (5, 4)
+PROMOTED_TILE = (BLOCK_M, BLOCK_N, BLOCK_K, PROMOTED_STAGES[0])
 # K blocks per promoted run (:func:`_promoted_run`): 8 measured 1-5% faster than pairs on
 # the H200, 16 no faster than 8
 PROMOTED_RUN = gl.constexpr(8) if HAVE_GLUON else 8
@@ -116,6 +120,19 @@ def _shared_bytes(tile, swiglu: bool, out_bytes: int) -> int:
     bm, bn, bk, stages = tile
     out_n = bn // 2 if swiglu else bn
     return stages * (bm + bn) * bk + 2 * (bm // 2) * out_n * out_bytes
+
+
+def _tile(fast: bool, swiglu: bool, out_bytes: int) -> tuple[int, int, int, int]:
+    """``(BM, BN, BK, stages)`` of a launch: :data:`FAST_TILE` for fast accumulation, else
+    the promoted tile with as many of :data:`PROMOTED_STAGES` as fit beside its output
+    tiles (the fewest when none fits: :func:`unsupported` says so)."""
+    if fast:
+        return FAST_TILE
+    for stages in PROMOTED_STAGES:
+        tile = (BLOCK_M, BLOCK_N, BLOCK_K, stages)
+        if _shared_bytes(tile, swiglu, out_bytes) <= SHARED_MEMORY:
+            break
+    return tile
 
 
 _OUTER = (Granularity.ROW, Granularity.TENSOR)
@@ -171,8 +188,8 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
         return "no residual with an FP8 output"
     out_bytes = torch.finfo(out_dtype).bits // 8
     fast = outer and accumulation == "fast"
-    if _shared_bytes(FAST_TILE if fast else PROMOTED_TILE, activation == "swiglu",
-                     out_bytes) > SHARED_MEMORY:
+    swiglu = activation == "swiglu"
+    if _shared_bytes(_tile(fast, swiglu, out_bytes), swiglu, out_bytes) > SHARED_MEMORY:
         return (f"{out_dtype} output tiles of this tile shape need more shared memory than "
                 f"the {SHARED_MEMORY // 1024} KB an SM has")
     if k % 16 or (n * out_bytes) % 16:
@@ -721,7 +738,7 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
     if (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
         raise ValueError(f"blockwise_mm: an E4M3 output goes with out_scale (got out "
                          f"{out.dtype}, out_scale {'given' if out_scale is not None else 'None'})")
-    tile = FAST_TILE if fast else PROMOTED_TILE
+    tile = _tile(fast, swiglu, out.element_size())
     bm, bn, bk, stages = tile
     cn = bn // 2 if swiglu else bn
     a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile, cn)

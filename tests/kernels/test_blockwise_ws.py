@@ -222,7 +222,7 @@ def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg, acc):
     assert launch.meta["FAST"] is fast
     a_desc, b_desc, c_desc = launch.args[:3]
     bm, bn, bk, stages = bw.FAST_TILE if fast else bw.PROMOTED_TILE
-    assert launch.meta["STAGES"] == stages
+    assert launch.meta["STAGES"] == stages == (3 if fast else 5)
     assert (a_desc.block_shape, b_desc.block_shape, c_desc.block_shape) == (
         [bm, bk], [bn, bk], [bm // 2, bn])
     (_, _, _, r1_desc, r2_desc, as_ptr, ws_ptr, _, has_bias, cs_ptr, stride_cs, has_cs, os_ptr,
@@ -242,6 +242,26 @@ def test_scales_reach_the_kernel_by_recipe(monkeypatch, xg, wg, acc):
     assert ws_ptr is scale_w and (stride_wsn, stride_wsk) == (0, 0)
     assert cs_ptr is scale_w and has_cs == 1
     assert stride_cs == (1 if wg is G.ROW else 0)
+
+
+@pytest.mark.skipif(not bw.HAVE_GLUON, reason="this Triton has no Gluon Hopper API")
+@pytest.mark.parametrize("out_dtype, stages", [(torch.bfloat16, 5), (torch.float16, 5),
+                                               (torch.float32, 4)])
+def test_promoted_stages_fit_beside_the_output_tiles(monkeypatch, out_dtype, stages):
+    """The promoted tile takes five stages where its two output tiles leave room and four
+    for fp32 output tiles, which five would push past an SM's shared memory; either way the
+    launch fits, and a GEMM the kernel serves is not refused for shared memory."""
+    m, n, k = 512, 384, 256
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    out = torch.empty(m, n, dtype=out_dtype)
+    bw.blockwise_mm(_fp8(m, k), torch.ones(m, 2), _fp8(n, k), torch.ones(3, 2), None, out)
+    assert launch.meta["STAGES"] == stages
+    tile = (bw.BLOCK_M, bw.BLOCK_N, bw.BLOCK_K, stages)
+    assert bw._shared_bytes(tile, False, out.element_size()) <= bw.SHARED_MEMORY
+    bigger = (bw.BLOCK_M, bw.BLOCK_N, bw.BLOCK_K, stages + 1)
+    assert stages == max(bw.PROMOTED_STAGES) or (
+        bw._shared_bytes(bigger, False, out.element_size()) > bw.SHARED_MEMORY)
 
 
 @needs_hopper
