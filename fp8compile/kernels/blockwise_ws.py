@@ -258,6 +258,20 @@ if HAVE_GLUON:
                 * gl.load(w_ptr + kb * stride_wsk, mask=has_cs == 0, other=1.0))
 
     @gluon.jit
+    def _promote(empty, acc, p, t, f, it, MORE: gl.constexpr):
+        """Wait for the wgmma ``t`` of ring position ``it`` into the partial tile ``p`` (with
+        ``MORE``, the next block's may stay in flight), release its stage and add ``p``
+        scaled by the factor ``f`` to ``acc``.  The sum is pinned before the wgmma that
+        reuses ``p`` (:func:`_settled`)."""
+        STAGES_: gl.constexpr = empty.shape[0]
+        if MORE:
+            p = warpgroup_mma_wait(num_outstanding=1, deps=(t, ))
+        else:
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+        mbarrier.arrive(empty.index(it % STAGES_), count=1)
+        return _settled(acc + p * f[:, None]), p
+
+    @gluon.jit
     def _promoted_run(run, acc, pa, pb, f0, f1, f2, f3, it, kb, half_rows: gl.constexpr,
                       RUN: gl.constexpr):
         """``RUN`` consecutive K blocks from block ``kb`` (ring position ``it``), promoted
@@ -269,57 +283,24 @@ if HAVE_GLUON:
         across a loop's back edge makes ptxas serialize them all (C7514).
 
         ``f0``-``f3`` are the scale factors of blocks ``kb`` to ``kb + 3``: each promotion
-        loads the factor four blocks on into the one it used, and the four are returned in
-        block order for the next run."""
+        takes ``f0`` and shifts the window by one, loading the factor four blocks on."""
         (a_bufs, b_bufs, ready, empty, as_ptr, s_rows, rmask, w_ptr, last, stride_ask,
          stride_wsk, has_cs) = run
-        STAGES_: gl.constexpr = a_bufs.shape[0]
         ta = _issue(a_bufs, b_bufs, ready, it, half_rows, pa)
         if RUN > 1:
             tb = _issue(a_bufs, b_bufs, ready, it + 1, half_rows, pb)
         for i in gl.static_range(RUN):
-            if i % 4 == 0:
-                f = f0
-            elif i % 4 == 1:
-                f = f1
-            elif i % 4 == 2:
-                f = f2
-            else:
-                f = f3
             if i % 2 == 0:
-                if i + 1 < RUN:
-                    pa = warpgroup_mma_wait(num_outstanding=1, deps=(ta, ))
-                else:
-                    pa = warpgroup_mma_wait(num_outstanding=0, deps=(ta, ))
-                mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
-                acc = _settled(acc + pa * f[:, None])
+                acc, pa = _promote(empty, acc, pa, ta, f0, it + i, i + 1 < RUN)
                 if i + 2 < RUN:
                     ta = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pa)
             else:
-                if i + 1 < RUN:
-                    pb = warpgroup_mma_wait(num_outstanding=1, deps=(tb, ))
-                else:
-                    pb = warpgroup_mma_wait(num_outstanding=0, deps=(tb, ))
-                mbarrier.arrive(empty.index((it + i) % STAGES_), count=1)
-                acc = _settled(acc + pb * f[:, None])
+                acc, pb = _promote(empty, acc, pb, tb, f0, it + i, i + 1 < RUN)
                 if i + 2 < RUN:
                     tb = _issue(a_bufs, b_bufs, ready, it + i + 2, half_rows, pb)
-            f = _factor(as_ptr, s_rows, rmask, w_ptr, gl.minimum(kb + i + 4, last),
-                        stride_ask, stride_wsk, has_cs)
-            if i % 4 == 0:
-                f0 = f
-            elif i % 4 == 1:
-                f1 = f
-            elif i % 4 == 2:
-                f2 = f
-            else:
-                f3 = f
-        if RUN % 4 == 1:
-            f0, f1, f2, f3 = f1, f2, f3, f0
-        elif RUN % 4 == 2:
-            f0, f1, f2, f3 = f2, f3, f0, f1
-        elif RUN % 4 == 3:
-            f0, f1, f2, f3 = f3, f0, f1, f2
+            f0, f1, f2, f3 = f1, f2, f3, _factor(as_ptr, s_rows, rmask, w_ptr,
+                                                 gl.minimum(kb + i + 4, last), stride_ask,
+                                                 stride_wsk, has_cs)
         return acc, pa, pb, f0, f1, f2, f3, it + RUN, kb + RUN
 
     @gluon.jit
