@@ -73,6 +73,18 @@ def _probe_cublas_blockwise():
     return g, "torch._scaled_mm with 1x128 / 128x128 scale shapes"
 
 
+def cublas_tensor(fast: bool):
+    """f(xq, xs, wq, ws) -> bf16 through cuBLAS with tensorwise scales (``use_fast_accum``)."""
+    return lambda xq, xs, wq, ws: torch._scaled_mm(
+        xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
+def cublas_row(fast: bool):
+    """f(xq, xs, wq, ws) -> bf16 through cuBLAS with rowwise scales (``use_fast_accum``)."""
+    return lambda xq, xs, wq, ws: torch._scaled_mm(
+        xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16, use_fast_accum=fast)
+
+
 def _probe_torchao():
     try:
         import torchao
@@ -233,33 +245,25 @@ def run_bench(out_dir, shapes):
                     env["FP8COMPILE_GLUON"] = "0"
                 return with_env(ours(xg, wg, acc), **env)
 
-            def cub_tensor(fast):
-                return lambda xq, xs, wq, ws: torch._scaled_mm(
-                    xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=fast)
-
-            def cub_row(fast):
-                return lambda xq, xs, wq, ws: torch._scaled_mm(
-                    xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16, use_fast_accum=fast)
-
             plan = [
                 ("bf16", lambda x, w: F.linear(x, w), "hp", None),
                 ("cublas_block", blk_fn, "block", None),
                 ("ours_block", ours(G.GROUP, G.BLOCK, "precise"), "block", None),
                 ("gluon_block", forced(G.GROUP, G.BLOCK, "precise", True), "block", None),
                 ("triton_block", forced(G.GROUP, G.BLOCK, "precise", False), "block", None),
-                ("cublas_row_fast", cub_row(True), "row", None),
+                ("cublas_row_fast", cublas_row(True), "row", None),
                 ("ours_row_fast", ours(G.ROW, G.ROW, "fast"), "row", None),
                 ("gluon_row_fast", forced(G.ROW, G.ROW, "fast", True), "row", None),
                 ("triton_row_fast", forced(G.ROW, G.ROW, "fast", False), "row", None),
-                ("cublas_row_precise", cub_row(False), "row", None),
+                ("cublas_row_precise", cublas_row(False), "row", None),
                 ("ours_row_precise", ours(G.ROW, G.ROW, "precise"), "row", None),
                 ("gluon_row_precise", forced(G.ROW, G.ROW, "precise", True), "row", None),
                 ("triton_row_precise", forced(G.ROW, G.ROW, "precise", False), "row", None),
-                ("cublas_tensor_fast", cub_tensor(True), "tensor", None),
+                ("cublas_tensor_fast", cublas_tensor(True), "tensor", None),
                 ("ours_tensor_fast", ours(G.TENSOR, G.TENSOR, "fast"), "tensor", None),
                 ("gluon_tensor_fast", forced(G.TENSOR, G.TENSOR, "fast", True), "tensor", None),
                 ("triton_tensor_fast", forced(G.TENSOR, G.TENSOR, "fast", False), "tensor", None),
-                ("cublas_tensor_precise", cub_tensor(False), "tensor", None),
+                ("cublas_tensor_precise", cublas_tensor(False), "tensor", None),
                 ("ours_tensor_precise", ours(G.TENSOR, G.TENSOR, "precise"), "tensor", None),
                 ("gluon_tensor_precise", forced(G.TENSOR, G.TENSOR, "precise", True),
                  "tensor", None),

@@ -95,13 +95,8 @@ def main() -> None:
     print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}, "
           f"triton {triton.__version__}; TFLOP/s (x cuBLAS), median of {args.repeat}")
     blockwise_cublas, _ = gemm._probe_cublas_blockwise()
-    cublas = {
-        "block": lambda xq, xs, wq, ws, out: blockwise_cublas(xq, xs, wq, ws),
-        "row": lambda xq, xs, wq, ws, out: torch._scaled_mm(
-            xq, wq.t(), xs, ws.t(), out_dtype=torch.bfloat16, use_fast_accum=False),
-        "tensor": lambda xq, xs, wq, ws, out: torch._scaled_mm(
-            xq, wq.t(), xs, ws, out_dtype=torch.bfloat16, use_fast_accum=False),
-    }
+    cublas = {"block": blockwise_cublas, "row": gemm.cublas_row(False),
+              "tensor": gemm.cublas_tensor(False)}
     recipes = [("block", G.GROUP, G.BLOCK), ("row", G.ROW, G.ROW),
                ("tensor", G.TENSOR, G.TENSOR)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -118,7 +113,7 @@ def main() -> None:
                          *K.quantize(w, wg, Fp8Format.E4M3, False),
                          torch.empty(m, n, device="cuda", dtype=torch.bfloat16))
                         for x, w in zip(x_hp, w_hp)]
-                fns = {"cuBLAS": cublas[name]}
+                fns = {"cuBLAS": lambda xq, xs, wq, ws, out, f=cublas[name]: f(xq, xs, wq, ws)}
                 for label, mod in mods.items():
                     fns[label] = (lambda mod, xg=xg, wg=wg: lambda xq, xs, wq, ws, out:
                                   mod.blockwise_mm(xq, xs, wq, ws, None, out, xg, wg,
