@@ -2,13 +2,18 @@
 
 ``e2e.py`` compiles its variants one after another in one process, so each one after the
 first finds the Triton kernels, the C launchers and the CUDA libraries the variants before it
-loaded.  Here every variant's first call (compile + run, CUDA graphs, 2x2048 tokens) runs in
-a process of its own, twice:
+loaded.  Here every variant's compile runs in a process of its own, timed from the
+``torch.compile`` call to the first output (compile + run, CUDA graphs, 2x2048 tokens), twice:
 
 * ``cold``: an empty Triton cache (``TRITON_CACHE_DIR``), what a first compile on a machine
   costs;
 * ``warm``: the same cache again, what every later compile of the same model costs (the
   compile-time GEMM decisions are not cached across processes: they run again).
+
+The clock starts at ``torch.compile``, not at the first call: ``torch.compile(m)`` with
+Inductor imports Inductor's modules there (2.7 s of a warm bf16 run on an H200), while a
+backend object imports them at the first call, so timing the first call alone charged
+fp8hpf for imports that Inductor had paid before the clock started.
 
 Inductor's own caches (FX graphs, AOT autograd, autotuning) start empty in every process:
 each gets a fresh ``TORCHINDUCTOR_CACHE_DIR``, so Inductor compiles the whole graph every
@@ -74,6 +79,10 @@ def _timers() -> dict[str, list]:
     wrap(select, "_choose_traced", "GEMM backend choices")
     wrap(select, "swiglu_epilogue_ms", "SwiGLU step timing")
     wrap(scales.WeightCache, "_quantize", "weight quantization")
+    from torch._higher_order_ops import triton_kernel_wrap
+
+    for name in ("identify_mutated_tensors", "identify_accessed_tensors"):  # torch 2.11, 2.13
+        wrap(triton_kernel_wrap, name, "inlined kernels' mutation analysis")
     wrap(triton.compiler, "compile", "Triton compiles in this process")
     wrap(build, "_build", "Triton C launcher builds")
     return totals
@@ -103,7 +112,94 @@ def calibrate(path: str) -> None:
         e2e.calibrate_static(base)
 
 
-def child(variant: str, mode: str, profile: str | None) -> None:
+class MainThreadSampler:
+    """Wall-clock samples of the main thread's Python stack, taken from a daemon thread.
+
+    cProfile in Python 3.12 records every thread, so work done on background threads (the
+    Gluon GEMMs' compiles) shows up beside the compile that does not wait for it, and its
+    per-call overhead inflates Python-heavy phases.  Sampling only the thread that runs the
+    first call attributes the time that call actually takes.  Each sample is weighted by the
+    wall time since the previous one (a sleep overshoots while the sampler waits for the
+    GIL, which a thread inside a C call without releasing it holds).
+    """
+
+    def __init__(self, interval: float = 0.002):
+        import threading
+
+        self.interval = interval
+        self.stacks: collections.Counter = collections.Counter()
+        self._main = threading.main_thread().ident
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _label(frame) -> str:
+        path = frame.f_code.co_filename
+        for root in ("site-packages/", "fp8compile/", "benchmarks/"):
+            if root in path:
+                path = path[path.rindex(root) + (len(root) if root == "site-packages/" else 0):]
+                break
+        else:
+            path = os.path.basename(path)
+        return f"{path}:{frame.f_code.co_name}"
+
+    def _loop(self) -> None:
+        last = time.perf_counter()
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self._main)
+            now = time.perf_counter()
+            stack = []
+            while frame is not None:
+                stack.append(self._label(frame))
+                frame = frame.f_back
+            self.stacks[";".join(reversed(stack))] += now - last
+            last = now
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    def dump(self, path: str) -> None:
+        """Collapsed stacks (``frame;frame;frame milliseconds``), the input of flame-graph
+        tools and of ``summarize``."""
+        with open(path, "w") as f:
+            for stack, seconds in self.stacks.most_common():
+                f.write(f"{stack} {seconds * 1e3:.1f}\n")
+
+
+def _inclusive(path: str) -> dict[str, float]:
+    """Seconds of the sampled run spent in (or below) each frame label."""
+    totals: dict[str, float] = collections.defaultdict(float)
+    with open(path) as f:
+        for line in f:
+            stack, ms = line.rsplit(" ", 1)
+            for label in set(stack.split(";")):
+                totals[label] += float(ms) / 1e3
+    return totals
+
+
+def summarize(paths: dict[str, str], top: int = 40) -> None:
+    """The frames whose inclusive time differs most between each variant and the first one
+    (bf16 Inductor): where the extra compile time goes."""
+    names = list(paths)
+    incl = {name: _inclusive(path) for name, path in paths.items()}
+    base = incl[names[0]]
+    for name in names[1:]:
+        mine = incl[name]
+        diff = sorted(set(mine) | set(base), key=lambda k: -(mine.get(k, 0) - base.get(k, 0)))
+        print(f"\nsampled main thread: {name} against {names[0]} (inclusive s, largest "
+              f"increase first)")
+        for label in diff[:top]:
+            print(f"  {mine.get(label, 0):6.2f} {base.get(label, 0):6.2f} "
+                  f"{mine.get(label, 0) - base.get(label, 0):+6.2f}  {label}")
+
+
+def child(variant: str, mode: str, profile: str | None, sample: str | None) -> None:
+    import contextlib
     import cProfile
 
     import torch
@@ -112,13 +208,16 @@ def child(variant: str, mode: str, profile: str | None) -> None:
     e2e, base, x = _block()
     make = e2e.variants(base, mode)[variant][0]
     prof = cProfile.Profile() if profile else None
-    with torch.no_grad():
+    sampler = MainThreadSampler() if sample else None
+    with torch.no_grad(), sampler or contextlib.nullcontext():
         if prof:
             prof.enable()
         _, _, first = e2e.build(make, x, mode)
         if prof:
             prof.disable()
             prof.dump_stats(profile)
+    if sampler:
+        sampler.dump(sample)
     # Dynamo's own phase timers: tracing, the backend (fp8hpf's passes, AOT tracing with the
     # compile-time decisions, Inductor), Inductor's codegen and compile; the first call's
     # remainder is running it (weight quantization, CUDA-graph recording, launcher builds).
@@ -132,12 +231,14 @@ def child(variant: str, mode: str, profile: str | None) -> None:
     print("RESULT " + json.dumps({"first": first, "parts": dict(totals)}))
 
 
-def run(variant: str, mode: str, cache: str, profile: str | None = None) -> dict:
+def run(variant: str, mode: str, cache: str, profile: str | None = None,
+        sample: str | None = None) -> dict:
     inductor = tempfile.mkdtemp(dir=os.path.dirname(cache))  # empty: nothing to find there
     env = {**os.environ, "TRITON_CACHE_DIR": cache, "TORCHINDUCTOR_CACHE_DIR": inductor,
            "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--child", variant, "--mode", mode]
-    out = subprocess.run(cmd + (["--profile", profile] if profile else []),
+    cmd += ["--profile", profile] if profile else []
+    out = subprocess.run(cmd + (["--sample", sample] if sample else []),
                          env=env, capture_output=True, text=True, timeout=600)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
@@ -153,15 +254,21 @@ def main() -> None:
                     help="after the timed runs, one more warm run of each variant under "
                          "cProfile (slower; not in the table), its stats written here as "
                          "<variant>.prof; read them with python -m pstats")
+    ap.add_argument("--sample-dir", default=None,
+                    help="after the timed runs, one more warm run of each variant with its "
+                         "main thread's stack sampled every 2 ms (not in the table), written "
+                         "to DIR/<variant>.stacks as collapsed stacks; prints the frames whose "
+                         "time grew most against bf16 Inductor")
     ap.add_argument("--repeat", type=int, default=1,
                     help="warm runs per variant, the variants taking turns; the table gives "
                          "the median (one process compiles bf16 Inductor in 3.4-5.0 s)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--calibrate", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--profile", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--sample", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.mode, args.profile)
+        child(args.child, args.mode, args.profile, args.sample)
         return
     if args.calibrate:
         calibrate(args.calibrate)
@@ -201,6 +308,16 @@ def main() -> None:
                 r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")), path)
                 print(f"  warm under cProfile {name:24s} {r['first']:6.2f} s -> {path}",
                       flush=True)
+        if args.sample_dir:
+            os.makedirs(args.sample_dir, exist_ok=True)
+            stacks = {}
+            for name in names:
+                stacks[name] = os.path.join(args.sample_dir, name.replace(" ", "_") + ".stacks")
+                r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")),
+                        sample=stacks[name])
+                print(f"  warm, main thread sampled {name:24s} {r['first']:6.2f} s -> "
+                      f"{stacks[name]}", flush=True)
+            summarize(stacks)
     warm = "warm s (x bf16)" + (f", median of {args.repeat} [range]" if args.repeat > 1 else "")
     print(f"\nvariant                    cold s (x bf16)    {warm}")
     for name in names:
