@@ -592,3 +592,128 @@ def test_gpu_gemm_left_opaque_where_the_gluon_kernel_wins(mode, monkeypatch):
     eager = f(xq, xs)
     for y in got:
         assert torch.equal(y, eager)
+
+
+def _fake_frontend(monkeypatch):
+    """Torch's ``generate_ttir`` replaced by a recorder (the real one needs a GPU target),
+    then the memo installed over it; returns the recorder's calls."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    calls = []
+
+    def frontend(kernel, kwargs, tma_descriptor_metadata):
+        calls.append(dict(kwargs))
+        return f"module {len(calls)}", sorted(kwargs)
+
+    monkeypatch.setattr(wrap, "generate_ttir", frontend)
+    monkeypatch.delenv("FP8COMPILE_TTIR_MEMO", raising=False)
+    assert _inline.memoize_mutation_analysis()
+    assert _inline.memoize_mutation_analysis()  # a second install keeps the first
+    assert wrap.generate_ttir.__wrapped__ is frontend
+    return wrap, calls
+
+
+def test_mutation_analysis_runs_the_frontend_once_per_signature(monkeypatch):
+    from fp8compile.kernels import quant
+
+    wrap, calls = _fake_frontend(monkeypatch)
+    kernel = quant._quantize_kernel
+    x = torch.zeros(4, 8, dtype=torch.bfloat16)
+    args = dict(x_ptr=x, q_ptr=torch.zeros(4, 8, dtype=torch.uint8), M=4, K=8, eps=1e-5,
+                GRAN=0, POW2=False)
+    first = wrap.generate_ttir(kernel, args, {})
+    names = first[1]
+    names.append("edited by the caller")
+    # Another launch with other tensors of the same dtypes: the same module.
+    again = wrap.generate_ttir(kernel, {**args, "x_ptr": torch.ones(9, 3, dtype=torch.bfloat16)},
+                               {})
+    assert len(calls) == 1 and again[0] == first[0] and "edited by the caller" not in again[1]
+    # A dtype, a constant, an integer's value, bool against int: each its own module.
+    for change in (dict(x_ptr=x.float()), dict(GRAN=1), dict(M=16), dict(POW2=0),
+                   dict(num_warps=8)):
+        wrap.generate_ttir(kernel, {**args, **change}, {})
+    assert len(calls) == 6
+    assert [c["GRAN"] for c in calls] == [0, 0, 1, 0, 0, 0]
+
+
+def test_mutation_analysis_memo_sees_through_the_launch_autotuner(monkeypatch):
+    """torch wraps a launch's ``num_warps`` into a new one-config autotuner per launch."""
+    import triton
+
+    from fp8compile.kernels import quant
+
+    wrap, calls = _fake_frontend(monkeypatch)
+    args = dict(x_ptr=torch.zeros(4, dtype=torch.bfloat16), M=4)
+    for warps in (8, 8, 4):
+        tuner = triton.autotune(configs=[triton.Config({}, num_warps=warps)], key=[])
+        wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})
+    assert len(calls) == 2
+    tuner = triton.autotune(configs=[triton.Config({"GRAN": 1}, num_warps=8)], key=[])
+    wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})  # the config's constants
+    assert len(calls) == 3
+    wrap.generate_ttir(quant._quantize_kernel, args, {})  # no autotuner: another signature
+    assert len(calls) == 4
+
+
+def test_mutation_analysis_memo_leaves_other_launches_alone(monkeypatch):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def foreign(x_ptr, N: tl.constexpr):
+        tl.store(x_ptr, N)
+
+    from fp8compile.kernels import quant
+
+    wrap, calls = _fake_frontend(monkeypatch)
+    x = torch.zeros(4)
+    for _ in range(2):
+        wrap.generate_ttir(foreign, dict(x_ptr=x, N=1), {})  # not this package's kernel
+        wrap.generate_ttir(quant._quantize_kernel, dict(x_ptr=x), {"x_ptr": ("stable", [4])})
+        wrap.generate_ttir(quant._quantize_kernel, dict(x_ptr=x, K=[1, 2]), {})  # unhashable
+    assert len(calls) == 6
+
+
+def test_mutation_analysis_memo_can_be_turned_off(monkeypatch):
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    def frontend(kernel, kwargs, tma_descriptor_metadata):
+        return None
+
+    monkeypatch.setattr(wrap, "generate_ttir", frontend)
+    monkeypatch.setenv("FP8COMPILE_TTIR_MEMO", "0")
+    assert not _inline.memoize_mutation_analysis()
+    assert wrap.generate_ttir is frontend
+
+
+@needs_gpu
+def test_gpu_mutation_analysis_memo_keeps_what_is_written(monkeypatch):
+    """Launches analysed once and reused find the same written tensors: the compiled graph
+    equals eager mode, and the frontend ran fewer times than the analysis asked for it."""
+    from torch._higher_order_ops import triton_kernel_wrap as wrap
+
+    real = getattr(wrap.generate_ttir, "__wrapped__", wrap.generate_ttir)
+    calls = []
+
+    def counting(kernel, *args, **kwargs):
+        calls.append(kernel)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(wrap, "generate_ttir", counting)
+    x = torch.randn(256, 4096, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, device="cuda", dtype=torch.bfloat16)
+
+    def f(t):
+        return (*OPS.rmsnorm_quantize(t * 1, w, 1e-5, "row", "e4m3", False),
+                *OPS.rmsnorm_quantize(t * 2, w, 1e-5, "row", "e4m3", False))
+
+    for a, b in zip(_compiled(f)(x), f(x)):
+        a, b = (t.view(torch.uint8) if t.element_size() == 1 else t for t in (a, b))
+        assert torch.equal(a, b)
+    memo, counts = wrap.generate_ttir.memo, wrap.generate_ttir.counts
+    assert wrap.generate_ttir.__wrapped__ is counting and memo
+    # Two launches of one signature, each analysed at functionalization and lowering (the
+    # kernel as launched, or inside the autotuner torch wraps around its num_warps): one
+    # frontend run per key, the other analyses served from the memo.
+    assert len(calls) == len(memo) == counts["ran"]
+    assert counts["asked"] > counts["ran"]
