@@ -171,28 +171,40 @@ class MainThreadSampler:
                 f.write(f"{stack} {seconds * 1e3:.1f}\n")
 
 
-def _inclusive(path: str) -> dict[str, float]:
-    """Seconds of the sampled run spent in (or below) each frame label."""
+def _inclusive(path: str) -> tuple[dict[str, float], float, float]:
+    """Seconds of the sampled run spent in (or below) each frame label, imports left out
+    (where an import happens depends on the backend, not on its work), then the run's total
+    seconds and its seconds importing modules."""
     totals: dict[str, float] = collections.defaultdict(float)
+    total = imports = 0.0
     with open(path) as f:
         for line in f:
             stack, ms = line.rsplit(" ", 1)
-            for label in set(stack.split(";")):
-                totals[label] += float(ms) / 1e3
-    return totals
+            frames, seconds = stack.split(";"), float(ms) / 1e3
+            total += seconds
+            if any(frame.endswith(":exec_module") for frame in frames):
+                imports += seconds
+                continue
+            for label in set(frames):
+                totals[label] += seconds
+    return totals, total, imports
 
 
 def summarize(paths: dict[str, str], top: int = 40) -> None:
-    """The frames whose inclusive time differs most between each variant and the first one
-    (bf16 Inductor): where the extra compile time goes."""
+    """Each variant's sampled time with and without imports, and the frames whose inclusive
+    time (imports left out) differs most from the first variant's (bf16 Inductor): where the
+    extra compile time goes."""
     names = list(paths)
-    incl = {name: _inclusive(path) for name, path in paths.items()}
-    base = incl[names[0]]
+    runs = {name: _inclusive(path) for name, path in paths.items()}
+    print("\nsampled main thread (torch.compile call and first call, s): total, imports, rest")
+    for name, (_, total, imports) in runs.items():
+        print(f"  {name:32s} {total:6.2f} {imports:6.2f} {total - imports:6.2f}")
+    base = runs[names[0]][0]
     for name in names[1:]:
-        mine = incl[name]
+        mine = runs[name][0]
         diff = sorted(set(mine) | set(base), key=lambda k: -(mine.get(k, 0) - base.get(k, 0)))
-        print(f"\nsampled main thread: {name} against {names[0]} (inclusive s, largest "
-              f"increase first)")
+        print(f"\n{name} against {names[0]} (inclusive s without imports, largest increase "
+              f"first)")
         for label in diff[:top]:
             print(f"  {mine.get(label, 0):6.2f} {base.get(label, 0):6.2f} "
                   f"{mine.get(label, 0) - base.get(label, 0):+6.2f}  {label}")
