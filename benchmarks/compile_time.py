@@ -40,6 +40,7 @@ import collections
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -243,11 +244,31 @@ def child(variant: str, mode: str, profile: str | None, sample: str | None) -> N
     print("RESULT " + json.dumps({"first": first, "parts": dict(totals)}))
 
 
-def run(variant: str, mode: str, cache: str, profile: str | None = None,
+def _file_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name)
+
+
+def _split(name: str) -> tuple[str, dict[str, str]]:
+    """``"variant|KEY=VALUE|..."`` -> the e2e variant and the environment its process gets on
+    top of this one's (an A/B of a switch in one call: ``"fp8hpf blockwise,fp8hpf
+    blockwise|FP8COMPILE_TTIR_MEMO=0"``)."""
+    variant, *settings = name.split("|")
+    env = {}
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key:
+            raise ValueError(f"variant {name!r}: {setting!r} is not KEY=VALUE; write "
+                             "'variant|KEY=VALUE'")
+        env[key] = value
+    return variant, env
+
+
+def run(name: str, mode: str, cache: str, profile: str | None = None,
         sample: str | None = None) -> dict:
+    variant, settings = _split(name)
     inductor = tempfile.mkdtemp(dir=os.path.dirname(cache))  # empty: nothing to find there
-    env = {**os.environ, "TRITON_CACHE_DIR": cache, "TORCHINDUCTOR_CACHE_DIR": inductor,
-           "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **settings, "TRITON_CACHE_DIR": cache,
+           "TORCHINDUCTOR_CACHE_DIR": inductor, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--child", variant, "--mode", mode]
     cmd += ["--profile", profile] if profile else []
     out = subprocess.run(cmd + (["--sample", sample] if sample else []),
@@ -255,12 +276,14 @@ def run(variant: str, mode: str, cache: str, profile: str | None = None,
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
-    raise RuntimeError(f"{variant}: no result\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    raise RuntimeError(f"{name}: no result\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--variants", default=DEFAULT, help="comma-separated e2e.py variants")
+    ap.add_argument("--variants", default=DEFAULT,
+                    help="comma-separated e2e.py variants; 'variant|KEY=VALUE' runs one with "
+                         "that environment variable set (an A/B of a switch)")
     ap.add_argument("--mode", default="reduce-overhead", help="torch.compile mode")
     ap.add_argument("--profile-dir", default=None,
                     help="after the timed runs, one more warm run of each variant under "
@@ -285,6 +308,8 @@ def main() -> None:
     if args.calibrate:
         calibrate(args.calibrate)
         return
+    for name in args.variants.split(","):
+        _split(name)  # a malformed setting fails here, before any process runs
     import torch
     import triton
 
@@ -306,7 +331,7 @@ def main() -> None:
         times = collections.defaultdict(list)
         for temp in ["cold"] + ["warm"] * max(1, args.repeat):
             for name in names:
-                cache = os.path.join(root, name.replace(" ", "_"))
+                cache = os.path.join(root, _file_name(name))
                 r = run(name, args.mode, cache)
                 times[temp, name].append(r["first"])
                 parts = "; ".join(f"{k} {v[0]:.2f} s ({v[1]}x)" for k, v in r["parts"].items()
@@ -316,16 +341,16 @@ def main() -> None:
         if args.profile_dir:
             os.makedirs(args.profile_dir, exist_ok=True)
             for name in names:
-                path = os.path.join(args.profile_dir, name.replace(" ", "_") + ".prof")
-                r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")), path)
+                path = os.path.join(args.profile_dir, _file_name(name) + ".prof")
+                r = run(name, args.mode, os.path.join(root, _file_name(name)), path)
                 print(f"  warm under cProfile {name:24s} {r['first']:6.2f} s -> {path}",
                       flush=True)
         if args.sample_dir:
             os.makedirs(args.sample_dir, exist_ok=True)
             stacks = {}
             for name in names:
-                stacks[name] = os.path.join(args.sample_dir, name.replace(" ", "_") + ".stacks")
-                r = run(name, args.mode, os.path.join(root, name.replace(" ", "_")),
+                stacks[name] = os.path.join(args.sample_dir, _file_name(name) + ".stacks")
+                r = run(name, args.mode, os.path.join(root, _file_name(name)),
                         sample=stacks[name])
                 print(f"  warm, main thread sampled {name:24s} {r['first']:6.2f} s -> "
                       f"{stacks[name]}", flush=True)
