@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import json
 import os
 import sys
@@ -285,6 +286,10 @@ def main() -> None:
                          "per step, as gradient accumulation does (default 1: no update)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    # Imported by the first torch.compile call (Inductor) or the first compiled call (other
+    # backends): loaded here, no variant's compile time includes them (as in e2e.py).
+    importlib.import_module("torch._inductor.compile_fx")
+    importlib.import_module("torch._inductor.cudagraph_trees")
     d, heads, ffn, b, t = (256, 4, 512, 2, 64) if args.small else (D, HEADS, FFN, B, T)
     names = ALL if args.variants == "all" else [s.strip() for s in args.variants.split(",")]
 
