@@ -202,21 +202,24 @@ def _jitted_function(kernel):
 def _ttir_memo_key(kernel, kwargs: dict, tma_descriptor_metadata) -> tuple | None:
     """What Triton's frontend sees of a launch when torch's mutation analysis compiles it:
     the kernel, each tensor's dtype (a 2-element tensor of that dtype stands in for every
-    tensor), a symbolic value as the same stand-in, and every other value itself.  None when
+    tensor), a symbolic value as the same stand-in (2), and every other value itself, with
+    an autotuner's first config's constants among them.  None when
     a value cannot be a key (unhashable) or a TMA descriptor is passed: that launch is
     analysed as before."""
     import sympy
 
     if tma_descriptor_metadata:
         return None
-    parts: list = [_jitted_function(kernel)]
     configs = getattr(kernel, "configs", None)
-    if configs:  # an autotuner (torch wraps a launch's num_warps into one): its first config
-        config = configs[0]
-        try:
-            parts.append(("config", tuple(sorted(config.all_kwargs().items()))))
-        except (AttributeError, TypeError):
+    if configs:
+        # An autotuner (torch wraps one around a launch that passes num_warps): the analysis
+        # adds its first config's constants to the arguments and compiles with default
+        # options, so the config's num_warps and num_stages do not reach the module.
+        extra = getattr(configs[0], "kwargs", None)
+        if not isinstance(extra, dict):
             return None
+        kwargs = {**kwargs, **extra}
+    parts: list = [_jitted_function(kernel)]
     for name in sorted(kwargs):
         value = kwargs[name]
         if isinstance(value, Tensor) or hasattr(value, "get_dtype"):  # FakeTensor, TensorBox

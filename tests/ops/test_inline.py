@@ -637,7 +637,9 @@ def test_mutation_analysis_runs_the_frontend_once_per_signature(monkeypatch):
 
 
 def test_mutation_analysis_memo_sees_through_the_launch_autotuner(monkeypatch):
-    """torch wraps a launch's ``num_warps`` into a new one-config autotuner per launch."""
+    """torch wraps a launch's ``num_warps`` into a new one-config autotuner per launch.  The
+    analysis compiles with default options and the first config's constants added to the
+    arguments: the constants make another module, the launch options do not."""
     import triton
 
     from fp8compile.kernels import quant
@@ -647,12 +649,16 @@ def test_mutation_analysis_memo_sees_through_the_launch_autotuner(monkeypatch):
     for warps in (8, 8, 4):
         tuner = triton.autotune(configs=[triton.Config({}, num_warps=warps)], key=[])
         wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})
-    assert len(calls) == 2
+    wrap.generate_ttir(quant._quantize_kernel, args, {})  # launched without an autotuner
+    assert len(calls) == 1
     tuner = triton.autotune(configs=[triton.Config({"GRAN": 1}, num_warps=8)], key=[])
-    wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})  # the config's constants
+    wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})
+    wrap.generate_ttir(quant._quantize_kernel, {**args, "GRAN": 1}, {})  # the same constants
+    assert len(calls) == 2
+    tuner = triton.autotune(configs=[triton.Config({"GRAN": 2}), triton.Config({"GRAN": 1})],
+                            key=[])
+    wrap.generate_ttir(tuner(quant._quantize_kernel), args, {})  # the first config counts
     assert len(calls) == 3
-    wrap.generate_ttir(quant._quantize_kernel, args, {})  # no autotuner: another signature
-    assert len(calls) == 4
 
 
 def test_mutation_analysis_memo_leaves_other_launches_alone(monkeypatch):
@@ -712,8 +718,8 @@ def test_gpu_mutation_analysis_memo_keeps_what_is_written(monkeypatch):
         assert torch.equal(a, b)
     memo, counts = wrap.generate_ttir.memo, wrap.generate_ttir.counts
     assert wrap.generate_ttir.__wrapped__ is counting and memo
-    # Two launches of one signature, each analysed at functionalization and lowering (the
-    # kernel as launched, or inside the autotuner torch wraps around its num_warps): one
-    # frontend run per key, the other analyses served from the memo.
+    # Two launches of one signature, each analysed at functionalization and at lowering
+    # (inside the autotuner torch wraps around the launch's num_warps, or not): one frontend
+    # run per signature, the other analyses served from the memo.
     assert len(calls) == len(memo) == counts["ran"]
     assert counts["asked"] > counts["ran"]
