@@ -199,13 +199,13 @@ def _jitted_function(kernel):
     return inner
 
 
-def _ttir_memo_key(kernel, kwargs: dict, tma_descriptor_metadata) -> tuple | None:
-    """What Triton's frontend sees of a launch when torch's mutation analysis compiles it:
-    the kernel, each tensor's dtype (a 2-element tensor of that dtype stands in for every
-    tensor), a symbolic value as the same stand-in (2), and every other value itself, with
-    an autotuner's first config's constants among them.  None when
-    a value cannot be a key (unhashable) or a TMA descriptor is passed: that launch is
-    analysed as before."""
+def _ttir_memo_key(fn, kernel, kwargs: dict, tma_descriptor_metadata) -> tuple | None:
+    """What Triton's frontend sees of a launch of ``kernel`` (the jitted ``fn``) when torch's
+    mutation analysis compiles it: the kernel, each tensor's dtype (a 2-element tensor of
+    that dtype stands in for every tensor), a symbolic value as the same stand-in (2), and
+    every other value itself, with an autotuner's first config's constants among them.
+    None when a value cannot be a key (unhashable) or a TMA descriptor is passed: that
+    launch is analysed as before."""
     import sympy
 
     if tma_descriptor_metadata:
@@ -219,7 +219,7 @@ def _ttir_memo_key(kernel, kwargs: dict, tma_descriptor_metadata) -> tuple | Non
         if not isinstance(extra, dict):
             return None
         kwargs = {**kwargs, **extra}
-    parts: list = [_jitted_function(kernel)]
+    parts: list = [fn]
     for name in sorted(kwargs):
         value = kwargs[name]
         if isinstance(value, Tensor) or hasattr(value, "get_dtype"):  # FakeTensor, TensorBox
@@ -228,10 +228,6 @@ def _ttir_memo_key(kernel, kwargs: dict, tma_descriptor_metadata) -> tuple | Non
         elif isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
             parts.append((name, "symbolic"))
         else:
-            try:
-                hash(value)
-            except TypeError:
-                return None
             parts.append((name, type(value), value))
     key = tuple(parts)
     try:
@@ -270,7 +266,7 @@ def memoize_mutation_analysis() -> bool:
     def generate_ttir(kernel, kwargs, tma_descriptor_metadata, *rest, **more):
         fn = _jitted_function(kernel)
         ours = inspect.isfunction(fn) and fn.__module__.startswith("fp8compile.")
-        key = _ttir_memo_key(kernel, kwargs, tma_descriptor_metadata) if ours else None
+        key = _ttir_memo_key(fn, kernel, kwargs, tma_descriptor_metadata) if ours else None
         if key is None or rest or more:
             return original(kernel, kwargs, tma_descriptor_metadata, *rest, **more)
         counts["asked"] += 1
