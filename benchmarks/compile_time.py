@@ -271,8 +271,8 @@ def run(name: str, mode: str, cache: str, profile: str | None = None,
            "TORCHINDUCTOR_CACHE_DIR": inductor, "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, __file__, "--child", variant, "--mode", mode]
     cmd += ["--profile", profile] if profile else []
-    out = subprocess.run(cmd + (["--sample", sample] if sample else []),
-                         env=env, capture_output=True, text=True, timeout=600)
+    cmd += ["--sample", sample] if sample else []
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     for line in out.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[7:])
@@ -322,6 +322,8 @@ def main() -> None:
     if "bf16 Inductor" not in names:
         names.insert(0, "bf16 Inductor")  # the baseline of the ratios
     with tempfile.TemporaryDirectory() as root:
+        # Each variant's Triton cache: empty for its cold run, then found by every later run.
+        caches = {name: os.path.join(root, _file_name(name)) for name in names}
         if any("static" in name for name in names):
             # Calibrated once, apart: the variant's process only reads the figures.
             path = os.path.join(root, "calibration.json")
@@ -331,8 +333,7 @@ def main() -> None:
         times = collections.defaultdict(list)
         for temp in ["cold"] + ["warm"] * max(1, args.repeat):
             for name in names:
-                cache = os.path.join(root, _file_name(name))
-                r = run(name, args.mode, cache)
+                r = run(name, args.mode, caches[name])
                 times[temp, name].append(r["first"])
                 parts = "; ".join(f"{k} {v[0]:.2f} s ({v[1]}x)" for k, v in r["parts"].items()
                                   if v[1])
@@ -342,7 +343,7 @@ def main() -> None:
             os.makedirs(args.profile_dir, exist_ok=True)
             for name in names:
                 path = os.path.join(args.profile_dir, _file_name(name) + ".prof")
-                r = run(name, args.mode, os.path.join(root, _file_name(name)), path)
+                r = run(name, args.mode, caches[name], path)
                 print(f"  warm under cProfile {name:24s} {r['first']:6.2f} s -> {path}",
                       flush=True)
         if args.sample_dir:
@@ -350,8 +351,7 @@ def main() -> None:
             stacks = {}
             for name in names:
                 stacks[name] = os.path.join(args.sample_dir, _file_name(name) + ".stacks")
-                r = run(name, args.mode, os.path.join(root, _file_name(name)),
-                        sample=stacks[name])
+                r = run(name, args.mode, caches[name], sample=stacks[name])
                 print(f"  warm, main thread sampled {name:24s} {r['first']:6.2f} s -> "
                       f"{stacks[name]}", flush=True)
             summarize(stacks)

@@ -197,6 +197,15 @@ def gpu_and_host_ms(fn, steps: int = 20) -> tuple[float, float]:
 ROUNDS = 3
 
 
+def import_inductor() -> None:
+    """Import the modules that the first ``torch.compile`` call (Inductor) or the first
+    compiled call (other backends) would: a script that compiles several variants in one
+    process calls this first, so that no variant's compile time includes imports that the
+    variants after it find done."""
+    importlib.import_module("torch._inductor.compile_fx")
+    importlib.import_module("torch._inductor.cudagraph_trees")
+
+
 def build(make, x, mode):
     """Compile one variant; returns (step function, first output, compile seconds).
 
@@ -490,10 +499,7 @@ def main() -> None:
     torch._inductor.config.force_disable_caches = True
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    # Loaded by the first torch.compile call (Inductor) or first compiled call (other
-    # backends): imported here, the compile-time column times compiles, not one-off imports.
-    importlib.import_module("torch._inductor.compile_fx")
-    importlib.import_module("torch._inductor.cudagraph_trees")
+    import_inductor()
     base32 = Block(D, HEADS, FFN).to(dev)
     # PyTorch's default nn.Linear init (uniform, std 1/sqrt(3*fan_in)): the residual stream
     # dominates the block output, as in the reference figures of the design brief.

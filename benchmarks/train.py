@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib
 import json
 import os
 import sys
@@ -43,7 +42,15 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(_HERE, ".."))
 sys.path.insert(0, _HERE)
 
-from e2e import Block, device_gaps, format_categories, format_gaps, kernel_categories, median_ms  # noqa: E402
+from e2e import (  # noqa: E402
+    Block,
+    device_gaps,
+    format_categories,
+    format_gaps,
+    import_inductor,
+    kernel_categories,
+    median_ms,
+)
 
 import fp8compile  # noqa: E402
 from fp8compile.training import saved_tensor_bytes  # noqa: E402
@@ -286,10 +293,7 @@ def main() -> None:
                          "per step, as gradient accumulation does (default 1: no update)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    # Imported by the first torch.compile call (Inductor) or the first compiled call (other
-    # backends): loaded here, no variant's compile time includes them (as in e2e.py).
-    importlib.import_module("torch._inductor.compile_fx")
-    importlib.import_module("torch._inductor.cudagraph_trees")
+    import_inductor()
     d, heads, ffn, b, t = (256, 4, 512, 2, 64) if args.small else (D, HEADS, FFN, B, T)
     names = ALL if args.variants == "all" else [s.strip() for s in args.variants.split(",")]
 
