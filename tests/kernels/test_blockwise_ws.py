@@ -267,7 +267,7 @@ def test_promoted_stages_fit_beside_the_output_tiles(monkeypatch, out_dtype, sta
 @needs_hopper
 # K blocks: 1, 2 (the second partial), 3 (a pair and a lone block), 9 (a run of eight and a
 # lone block), 32, 5, 6 (runs of four and two), 7 (four, two, one) and 15; each
-# factor is loaded two blocks ahead, so each count checks which block's factor each
+# factor is loaded four blocks ahead, so each count checks which block's factor each
 # promotion takes.
 @pytest.mark.parametrize("m, n, k", [(300, 256, 96), (512, 256, 208), (384, 128, 384),
                                      (257, 136, 1040), (1000, 384, 4096), (4096, 4104, 528),
