@@ -10,6 +10,18 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
 
+def pytest_report_header(config):
+    """Say so at the top of the run when the package's ``fp8hpf`` backend is not registered
+    (a checkout on the path but not installed): every ``backend="fp8hpf"`` test then fails
+    with Dynamo's "Invalid backend"."""
+    from importlib.metadata import entry_points
+
+    if not any(e.name == "fp8hpf" for e in entry_points(group="torch_dynamo_backends")):
+        return ("fp8compile is not installed, so torch.compile(backend='fp8hpf') is unknown "
+                "and the tests that use it fail: pip install -e '.[test]'")
+    return None
+
+
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     """Each test starts with fresh Dynamo caches and a fixed seed.
