@@ -218,29 +218,37 @@ class EpiloguePass(Fp8Pass):
             return False
         cache.set_interleave(0 if gate_first else 1)
         xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
+        groups = not static and _blockwise_groups(mm, gran)
         with graph.inserting_before(quant):
             if static:  # the epilogue casts with the static scale: no quantization pass
                 h = new = graph.call_function(OPS.scaled_mm_quantized.default,
                                               (xq, xs, xg, wq, ws, wg, bias, acc, "swiglu",
                                                scale, fmt))
+            elif groups:  # the epilogue quantizes h in 1x128 groups: no quantization pass
+                h = new = graph.call_function(OPS.scaled_mm_swiglu_quantize.default,
+                                              (xq, xs, xg, wq, ws, wg, acc, fmt, p2))
             else:
                 h = graph.call_function(OPS.scaled_mm.default,
                                         (*mm.args[:_ACT], "swiglu", None))
                 new = graph.call_function(OPS.quantize.default, (h, gran, fmt, p2))
         val = value_of(gate)
-        if not static:
+        if not (static or groups):
             h.meta["val"] = val.new_empty(val.shape)  # the halves' shape, contiguous
         new.meta.update({k: v for k, v in quant.meta.items() if k != "fp8compile"})
         info(h).update(info(mm), epilogue=["swiglu"])
         if static:
             info(h).update(fused_quant="static")
+        elif groups:
+            info(h).update(fused_quant="group")
         else:
             info(new).update(role="act_quant")
         quant.replace_all_uses_with(new)
         for n in (quant, gate, up, mm):
             graph.erase_node(n)
         what = ("cast to FP8 there with the static scale of the down projection's input"
-                if static else "its output quantized by a plain pass")
+                if static else
+                "quantized there in 1x128 groups for the down projection (h never written "
+                "in high precision)" if groups else "its output quantized by a plain pass")
         for e in plan_entries_of(h):
             add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32, gate/up rows interleaved "
                         f"in runs of {nx.SWIGLU_RUN}), {what}" + timed)
@@ -259,6 +267,9 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
+        if quant is not None and _blockwise_groups(mm, quant[0]):
+            return ("with blockwise scales the epilogue that quantizes h in 1x128 groups has "
+                    "not been timed on a GPU yet; fuse_swiglu=True makes the fold"), ""
         if static is not None and static is not nx.Fp8Format.E4M3:
             return f"the epilogue casts to E4M3 only, and this cast is {static.value}", ""
         from ..kernels import select
@@ -314,6 +325,14 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
+
+
+def _blockwise_groups(mm: torch.fx.Node, quant_granularity) -> bool:
+    """Whether the gate/up GEMM ``mm`` has blockwise operands and its SiLU·mul is quantized
+    in 1x128 groups: ``fp8compile::scaled_mm_swiglu_quantize`` then does both."""
+    xg, wg = mm.args[2], mm.args[5]
+    return (nx.Granularity(xg), nx.Granularity(wg), nx.Granularity(quant_granularity)) == (
+        nx.Granularity.GROUP, nx.Granularity.BLOCK, nx.Granularity.GROUP)
 
 
 def _gate_up_gemm(quant: torch.fx.Node):
