@@ -57,8 +57,11 @@ would go through the SwiGLU as pointwise ops, which moves more bytes than the un
 So by default the fold is made where that kernel serves the GEMM and the fused step (GEMM +
 plain quantization) is faster: the epilogue's exp and reciprocal cost the GEMM ~4% on an
 H200, which the smaller quantization repays with tensor scales (whose unfused quantization
-reads gate and up twice) but not with row scales.  From :data:`SWIGLU_RULE_M` tokens, the
-sizes measured, that is the rule; below, or where Inductor autotunes
+reads gate and up twice) but not with row scales.  With blockwise operands and 1x128
+groups the GEMM (``scaled_mm_swiglu_quantize``; on Hopper the 128x256 promoted tile) also
+quantizes h in its epilogue, so no quantization pass is left: 0.94-0.98x the step's time on
+an H200 at 2048-8192 tokens.  From :data:`SWIGLU_RULE_M` tokens, the sizes measured, that is
+the rule; below, or where Inductor autotunes
 (``mode="max-autotune"``), the two steps are timed at compile time
 (:func:`fp8compile.kernels.select.swiglu_epilogue_ms`).  The plan gives both times, or the
 rule that made or stopped the fold.
@@ -267,16 +270,19 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
-        if quant is not None and _blockwise_groups(mm, quant[0]):
-            return ("with blockwise scales the epilogue that quantizes h in 1x128 groups has "
-                    "not been timed on a GPU yet; fuse_swiglu=True makes the fold"), ""
+        groups = quant is not None and _blockwise_groups(mm, quant[0])
+        if groups and (nx.Fp8Format(quant[1]) is not nx.Fp8Format.E4M3 or quant[2]):
+            return ("the epilogue that quantizes h in 1x128 groups writes E4M3 with plain "
+                    "(not power-of-2) scales; fuse_swiglu=True makes the fold through "
+                    "the fp32 product"), ""
         if static is not None and static is not nx.Fp8Format.E4M3:
             return f"the epilogue casts to E4M3 only, and this cast is {static.value}", ""
         from ..kernels import select
 
         y = next(iter(mm.users))
-        why = self._hopper_kernel_unsupported(
-            mm, y, out_dtype if static is None else static.dtype, "swiglu")
+        written = (static.dtype if static is not None else
+                   torch.float8_e4m3fn if groups else out_dtype)
+        why = self._hopper_kernel_unsupported(mm, y, written, "swiglu")
         if why is not None:
             return why, ""
         w, y = value_of(wq), value_of(y)
@@ -289,6 +295,10 @@ class EpiloguePass(Fp8Pass):
         if m >= SWIGLU_RULE_M and not select.autotuning():
             # Measured at 2048-8192 tokens: decided without timing, as Inductor decides
             # its GEMMs outside max-autotune (the timing compiles and runs both steps).
+            if groups:
+                return None, (" (by rule: h is never written in high precision and no "
+                              "quantization pass is left, 0.94-0.98x the step's time on an "
+                              "H200)")
             if nx.Granularity(quant[0]) is nx.Granularity.TENSOR:
                 return None, (" (by rule: with tensor scales the SiLU·mul quantization reads "
                               "gate and up twice, 1.07-1.09x the step on an H200)")
@@ -299,7 +309,7 @@ class EpiloguePass(Fp8Pass):
         # SiLU·mul quantization apart, by the margin the GEMM backend choice uses.
         fused, apart = select.swiglu_epilogue_ms(
             m, w.shape[0], w.shape[1], nx.Granularity(xg), nx.Granularity(wg), fmt.dtype,
-            out_dtype, quant, w.device)
+            out_dtype, quant, w.device, accumulation)
         times = f"{fused * 1e3:.0f} us against {apart * 1e3:.0f} us apart, timed at compile time"
         if fused >= (1.0 - select._TRITON_MARGIN) * apart:
             return f"the GEMM with it and a plain quantization took {times}", ""

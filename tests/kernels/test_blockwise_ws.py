@@ -491,9 +491,11 @@ def test_swiglu_epilogue_matches_reference(xg, wg, m, n, k, bias, out_dtype):
 @pytest.mark.parametrize("m, n, k", [(300, 768, 208), (777, 512, 1040), (1024, 2048, 4096)])
 def test_blockwise_swiglu_groups_match_reference(m, n, k):
     """The promoted SwiGLU epilogue's E4M3 h and 1x128 group scales against numerics' group
-    quantization of the reference's fp32 h (from the same interleaved weight): the scales
-    to the epilogue's approximate exp and division, payloads within one FP8 step and
-    almost all equal; a NaN in x makes its row of h NaN, with the scale of the rest."""
+    quantization of h computed from the kernel's own fp32 product (plain epilogue, the same
+    summation over K): scales to the epilogue's approximate exp and division, payloads
+    within one FP8 step and almost all equal.  Against the fp32 reference product the
+    scales agree to the tensor cores' summation.  A NaN in x makes its row of h NaN, with
+    the scales of the rest."""
     x = torch.randn(m, k) * torch.rand(m, 1) * 3
     x[5, 7] = float("nan")
     gate = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
@@ -504,11 +506,15 @@ def test_blockwise_swiglu_groups_match_reference(m, n, k):
     s = torch.empty_strided((m, n // 256), (1, m), device="cuda")
     bw.blockwise_mm(xq, xs, wq, ws, None, q, G.GROUP, G.BLOCK, "precise", swiglu=True,
                     out_scale=s)
+    y = torch.empty(m, n, device="cuda")
+    bw.blockwise_mm(xq, xs, wq, ws, None, y, G.GROUP, G.BLOCK, "precise")
+    assert_close_quant((q, s), nx.quantize(nx.swiglu(y), G.GROUP, Fp8Format.E4M3),
+                       Fp8Format.E4M3)
+    assert q[5].float().isnan().all() and torch.isfinite(s[5]).all()
     h = scaled_mm_reference(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32, "swiglu",
                             None)
-    qr, sr = nx.quantize(h.cpu(), G.GROUP, Fp8Format.E4M3)
-    assert_close_quant((q, s), (qr, sr), Fp8Format.E4M3)
-    assert q[5].float().isnan().all() and torch.isfinite(s[5]).all()
+    sr = nx.quantize(h, G.GROUP, Fp8Format.E4M3)[1]
+    torch.testing.assert_close(s, sr, rtol=4e-3, atol=0)
 
 
 @needs_hopper
