@@ -7,8 +7,8 @@ Run on a CUDA (Hopper) machine::
 The block: d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16, forward only, at
 2x2048 tokens and 1x16 tokens (decode-like).  Each fp8hpf variant also runs as
 ``... unfused``: without ``fuse_projections`` (q/k/v and gate/up as separate GEMMs); the
-fast ones also as ``... no-swiglu``: without ``fuse_swiglu`` (SiLU·mul outside the gate/up
-GEMM's epilogue).
+fast ones and blockwise also as ``... no-swiglu``: without ``fuse_swiglu`` (SiLU·mul outside
+the gate/up GEMM's epilogue).
 
 Each variant is timed as the median of ``triton.testing.do_bench`` (CUDA events) on the same
 inputs; speedups are against bf16 Inductor measured in the same run.  ``do_bench`` flushes
@@ -322,6 +322,9 @@ def variants(base: Block, mode: str | None, options: dict | None = None):
     # and SiLU·mul runs in the down projection's input quantization.
     for recipe in ("rowwise", "tensorwise"):
         out[f"fp8hpf {recipe} fast no-swiglu"] = (fp8(recipe, "fast", fuse_swiglu=False), "")
+    # Blockwise without the SwiGLU fold that auto makes from 2048 tokens on Hopper (the
+    # gate/up GEMM quantizing h in 1x128 groups in its epilogue): what it gains.
+    out["fp8hpf blockwise no-swiglu"] = (fp8("blockwise", fuse_swiglu=False), "")
     # Static scaling: tensorwise activation scales calibrated once (fp8compile.calibrate),
     # on inputs of their own, then fixed; every cast is then one pass, and the SiLU·mul
     # cast runs in the gate/up GEMM's epilogue where the Hopper kernel serves it.

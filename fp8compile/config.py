@@ -187,8 +187,12 @@ class Fp8Config:
             row scales (measured); below, or under ``mode="max-autotune"``, where it times
             faster at compile time than the unfused one (3% margin); ``True``: wherever
             the pattern is found (elsewhere the GEMM's fp32 product then goes through the
-            SwiGLU as pointwise ops); ``False``: never.  The plan says where it was used,
-            with both times or the rule, and why not elsewhere.
+            SwiGLU as pointwise ops); ``False``: never.  With blockwise scales the fold
+            makes the GEMM quantize h in the 1x128 groups the down projection reads
+            (``fp8compile::scaled_mm_swiglu_quantize``; on Hopper in the kernel's epilogue,
+            E4M3 with plain scales), so h is never written in high precision; auto by the
+            same rules (from 2048 tokens: made, 0.94-0.98x the step on an H200).  The
+            plan says where it was used, with both times or the rule, and why not elsewhere.
         fuse_residual: inference: the residual add that reads an FP8 linear's output (a
             transformer block's last ``h + down_proj(...)``) runs in that GEMM's epilogue, in
             fp32 with one rounding; a residual stream ``h = x + o`` is passed as its two

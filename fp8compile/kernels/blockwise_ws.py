@@ -52,6 +52,14 @@ The same kernel serves per-row and per-tensor scales (on both operands):
   fixes the scaled tile in registers: without it the compiler sinks the column scaling
   below the loads, and the scales, the bias and the loaded tile together spill.
 
+Blockwise scales with the SwiGLU epilogue take a 128x256 tile (:data:`WIDE_TILE`): gate in
+the low and up in the high 128 columns, each with its own weight block's scales.  Each math
+warpgroup keeps two 64x128 accumulators and one partial tile, so every promotion waits with
+nothing of its own in flight (the other warpgroup's wgmma runs under it).  The epilogue
+computes ``silu(gate) * up`` in fp32 and writes it in E4M3 with one scale per row of the
+128-wide group, which is what the down projection reads: h is never written in high
+precision.  Not yet timed on a GPU.
+
 Registers: 64 fp32 per thread for the accumulator and for each partial tile (promoted,
 128x128 tile, two warpgroups), 128 for the fast path's 64x256 accumulator; the math
 partitions ask for 232 registers, the loader 40.  Offline compilation for sm_90a checks the
@@ -108,6 +116,12 @@ PROMOTED_RUN = gl.constexpr(8) if HAVE_GLUON else 8
 # 48 KB stages; the output tiles take 64 KB of shared memory.
 FAST_TILE = (128, 256, 128, 3)
 MATH_REGS, LOAD_REGS = 232, 40
+# The SwiGLU epilogue with promoted (blockwise) scales: a 128x256 tile, gate in the low and
+# up in the high 128 columns (the weight interleaved in runs of 128), so that each row's
+# 128 outputs of h are one 1x128 group, cast to E4M3 with its own scale in the epilogue.
+# Each math warpgroup keeps two 64x128 accumulators and one partial tile (192 registers);
+# three 48 KB stages.
+WIDE_TILE = (128, 256, 128, 3)
 MIN_M = 257  # below, the split-K Triton kernel keeps the SMs busy (decode)
 # Shared memory a Hopper block may take (227 KB), less what the barriers and the compiler's
 # scratch take besides the tiles (2 KB measured for the fast tile).
@@ -123,11 +137,14 @@ def _shared_bytes(tile, swiglu: bool, out_bytes: int) -> int:
 
 
 def _tile(fast: bool, swiglu: bool, out_bytes: int) -> tuple[int, int, int, int]:
-    """``(BM, BN, BK, stages)`` of a launch: :data:`FAST_TILE` for fast accumulation, else
-    the promoted tile with as many of :data:`PROMOTED_STAGES` as fit beside its output
-    tiles (the fewest when none fits: :func:`unsupported` says so)."""
+    """``(BM, BN, BK, stages)`` of a launch: :data:`FAST_TILE` for fast accumulation,
+    :data:`WIDE_TILE` for the promoted SwiGLU epilogue, else the promoted tile with as many
+    of :data:`PROMOTED_STAGES` as fit beside its output tiles (the fewest when none fits:
+    :func:`unsupported` says so)."""
     if fast:
         return FAST_TILE
+    if swiglu:
+        return WIDE_TILE
     for stages in PROMOTED_STAGES:
         tile = (BLOCK_M, BLOCK_N, BLOCK_K, stages)
         if _shared_bytes(tile, swiglu, out_bytes) <= SHARED_MEMORY:
@@ -165,8 +182,11 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
         return f"{residuals} residuals: the epilogue adds two at most"
     if residuals and activation != "none":
         return "no residual after the SwiGLU epilogue"
-    if activation == "swiglu" and not (outer and accumulation == "fast"):
+    if activation == "swiglu" and outer and accumulation != "fast":
         return "the SwiGLU epilogue needs fast accumulation with row/tensor scales"
+    if activation == "swiglu" and not outer and out_dtype != torch.float8_e4m3fn:
+        return ("the SwiGLU epilogue with blockwise scales writes E4M3 with 1x128 group "
+                "scales (blockwise_mm's out_scale)")
     if residuals and not (outer and accumulation == "fast"):
         return "the residual epilogue needs fast accumulation with row/tensor scales"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
@@ -328,6 +348,72 @@ if HAVE_GLUON:
         return acc, it + 1
 
     @gluon.jit
+    def _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi, kb, stride_ask, stride_wsk):
+        """Row scales of K block ``kb`` and the two weight blocks' scales (gate, up)."""
+        r = gl.load(as_ptr + (s_off + kb * stride_ask), mask=rmask, other=0.0)
+        return r, gl.load(w_lo + kb * stride_wsk), gl.load(w_hi + kb * stride_wsk)
+
+    @gluon.jit
+    def _wide_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc, p, as_ptr,
+                   s_off, rmask, w_lo, stride_wsn, stride_ask, stride_wsk):
+        """One :data:`WIDE_TILE` tile's K loop, promoted: per K block the low (gate) and the
+        high (up) 128 columns are multiplied in turn into the one partial tile ``p``, each
+        promoted into its accumulator as soon as it is done (nothing of this warpgroup in
+        flight then; the other warpgroup's wgmma runs under it).  Each block's factors are
+        loaded two blocks ahead."""
+        STAGES_: gl.constexpr = a_bufs.shape[0]
+        HM: gl.constexpr = p.shape[0]
+        PN: gl.constexpr = p.shape[1]
+        acc_hi = gl.zeros_like(acc)
+        w_hi = w_lo + stride_wsn
+        last = k_tiles - 1
+        r0, l0, h0 = _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi, 0, stride_ask, stride_wsk)
+        r1, l1, h1 = _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi, gl.minimum(1, last),
+                                   stride_ask, stride_wsk)
+        for kb in range(k_tiles):
+            s = it % STAGES_
+            mbarrier.wait(ready.index(s), (it // STAGES_) & 1)
+            a = a_bufs.index(s).slice(half_rows, HM)
+            b = b_bufs.index(s)
+            t = warpgroup_mma(a, b.slice(0, PN).permute((1, 0)), p, use_acc=False,
+                              is_async=True)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+            acc = _settled(acc + p * (r0 * l0)[:, None])
+            t = warpgroup_mma(a, b.slice(PN, PN).permute((1, 0)), p, use_acc=False,
+                              is_async=True)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(t, ))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc_hi = _settled(acc_hi + p * (r0 * h0)[:, None])
+            r0, l0, h0 = r1, l1, h1
+            r1, l1, h1 = _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi,
+                                       gl.minimum(kb + 2, last), stride_ask, stride_wsk)
+            it += 1
+        return acc, acc_hi, p, it
+
+    @gluon.jit
+    def _swiglu_groups(gate, up, c_half, s_ptr, rows, rmask, group, M):
+        """``silu(gate) * up`` in fp32 (the division approximate, as the fast path's SwiGLU),
+        its finite amax per row, the scale ``max(amax, 1e-12) / 448`` (IEEE division, as
+        numerics.compute_scale) stored at ``s_ptr[rows + group * M]``, and the tile divided
+        by it into ``c_half`` as E4M3: the reciprocal corrected twice with fma, the IEEE
+        quotient (as :func:`_out_cast`); NaN and Inf products become E4M3's NaN, as
+        numerics.quantize makes them."""
+        h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
+        a = gl.abs(h)
+        amax = gl.max(gl.where(a < float("inf"), a, 0.0), axis=1)
+        s = gl.div_rn(gl.maximum(amax, 1e-12), 448.0)
+        gl.store(s_ptr + rows + group * M, s, mask=rmask)
+        r = gl.div_rn(1.0, s)
+        nh = h * -1.0  # ``* -1.0``: a true sign flip, so zeros keep their sign
+        nr = (r * -1.0)[:, None]
+        sb = s[:, None]
+        q = h * r[:, None]
+        q = gl.fma(gl.fma(q, sb, nh), nr, q)
+        q = gl.fma(gl.fma(q, sb, nh), nr, q)
+        q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
+        c_half.store(q.to(c_half.dtype))
+
+    @gluon.jit
     def _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias, first, N, layout:
                       gl.constexpr, BN: gl.constexpr):
         """The tile's column scales and bias as loaded: per-column (or, stride 0, per-tensor)
@@ -360,11 +446,15 @@ if HAVE_GLUON:
         BK: gl.constexpr = a_bufs.shape[2]
         BN: gl.constexpr = b_bufs.shape[1]
         HM: gl.constexpr = BM // 2
+        # Promoted SwiGLU with 1x128 groups (WIDE_TILE): its output buffer has rank 3.
+        WIDE: gl.constexpr = len(c_smem.shape) == 3
         # Fast accumulation has the wide tile (FAST_TILE), promotion the square one.
-        FAST: gl.constexpr = BN > BM
+        FAST: gl.constexpr = (BN > BM) and not WIDE
         # A half-width output tile: the SwiGLU epilogue, silu(gate) * up of the two halves.
-        CN: gl.constexpr = c_smem.shape[1]
-        SWIGLU: gl.constexpr = CN != BN
+        CN: gl.constexpr = c_smem.shape[len(c_smem.shape) - 1]
+        SWIGLU: gl.constexpr = (CN != BN) and not WIDE
+        # the partial tiles' and accumulators' width: each half of WIDE_TILE has its own
+        PN: gl.constexpr = BN // 2 if WIDE else BN
         # An FP8 output tile: the tile is cast with the static scale at os_ptr.
         QUANT_OUT: gl.constexpr = c_desc.dtype.is_fp8()
         # Residuals added to the tile (fast path only): one barrier per math warpgroup, and
@@ -373,11 +463,13 @@ if HAVE_GLUON:
         r_bar = r_bars.index(HALF)
         r_phase = 0
         layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                          instr_shape=[16, BN, 32])
+                                                          instr_shape=[16, PN, 32])
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         k_tiles = gl.cdiv(K, BK)
-        if not FAST:
+        if WIDE:
+            pa = gl.zeros([HM, PN], gl.float32, layout)
+        elif not FAST:
             pa = gl.zeros([HM, BN], gl.float32, layout)
             pb = gl.zeros([HM, BN], gl.float32, layout)
         it = 0
@@ -387,8 +479,18 @@ if HAVE_GLUON:
             rows = row0 + gl.arange(0, HM, layout=gl.SliceLayout(1, layout))
             rmask = rows < M
             s_rows = as_ptr + rows * stride_asm
-            acc = gl.zeros([HM, BN], gl.float32, layout)
-            if FAST:  # row/tensor scales: one accumulator, the row scale in the epilogue
+            acc = gl.zeros([HM, PN], gl.float32, layout)
+            if WIDE:
+                acc, acc_hi, pa, it = _wide_tile(
+                    a_bufs, b_bufs, ready, empty, it, k_tiles, HALF * HM, acc, pa, as_ptr,
+                    rows * stride_asm, rmask, ws_ptr + ((pid_n * BN) // 128) * stride_wsn,
+                    stride_wsn, stride_ask, stride_wsk)
+                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                # os_ptr: the (M, N/256) group scales, M-contiguous
+                _swiglu_groups(acc, acc_hi, c_smem.index(0), os_ptr, rows, rmask, pid_n, M)
+                fence_async_shared()
+                _tma_store(c_desc, [row0, pid_n * PN], c_smem.index(0))
+            elif FAST:  # row/tensor scales: one accumulator, the row scale in the epilogue
                 # The epilogue's vectors are loaded before the K loop (a few registers each),
                 # so that their latency does not hold the tensor cores after it.
                 col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
@@ -433,48 +535,49 @@ if HAVE_GLUON:
                 if k_tiles % 2 == 1:
                     acc, pa, pb, f0, f1, f2, f3, it, kb = _promoted_run(
                         run, acc, pa, pb, f0, f1, f2, f3, it, kb, HALF * HM, 1)
-            # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
-            # (has_cs == 0) for blockwise scales, which the promotion applied; then the bias
-            # (none when has_bias == 0: nothing is read and zeros are added)
-            if not FAST:  # after the loop: the partial tiles leave no registers for them
-                col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
-                                                pid_n * BN, N, layout, BN)
-            col_scale, bias = _spread(col_scale, bias, layout)
-            acc = acc * col_scale[None, :] + bias[None, :]
-            if RES > 0:
-                # The first residual came into c_smem under the K loop (after the previous
-                # tile's store had left it); a second one follows it there.  fp32 sums,
-                # (product + r1) + r2, then one rounding.
-                acc = _settled(acc)
-                mbarrier.wait(r_bar, r_phase)
-                r_phase ^= 1
-                acc = acc + c_smem.load(layout).to(gl.float32)
-                if RES > 1:
+            if not WIDE:  # the rest of the promoted and fast epilogues
+                # per-column (or, stride 0, per-tensor) weight scales of the outer recipes; none
+                # (has_cs == 0) for blockwise scales, which the promotion applied; then the bias
+                # (none when has_bias == 0: nothing is read and zeros are added)
+                if not FAST:  # after the loop: the partial tiles leave no registers for them
+                    col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
+                                                    pid_n * BN, N, layout, BN)
+                col_scale, bias = _spread(col_scale, bias, layout)
+                acc = acc * col_scale[None, :] + bias[None, :]
+                if RES > 0:
+                    # The first residual came into c_smem under the K loop (after the previous
+                    # tile's store had left it); a second one follows it there.  fp32 sums,
+                    # (product + r1) + r2, then one rounding.
                     acc = _settled(acc)
-                    _barrier()  # this warpgroup has read r1 before the TMA overwrites it
-                    fence_async_shared()
-                    mbarrier.expect(r_bar, r2_desc.block_type.nbytes)
-                    _tma_load(r2_desc, [row0, pid_n * BN], r_bar, c_smem)
                     mbarrier.wait(r_bar, r_phase)
                     r_phase ^= 1
                     acc = acc + c_smem.load(layout).to(gl.float32)
-                _barrier()  # and the last residual before the output tile overwrites it
-            else:
-                tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
-            if SWIGLU:
-                # columns c and c + CN hold gate and up of one output (interleaved weight);
-                # the accumulator layout keeps both in one thread, so this moves no data
-                gate, up = acc.reshape([HM, 2, CN]).permute((0, 2, 1)).split()
-                # silu(gate) * up = gate * up / (1 + exp(-gate)), the division approximate
-                # (2 ulp): a reciprocal and a multiply.  The exp and the reciprocal (two
-                # special-function ops per output) are what the epilogue adds: ~1 us per
-                # 128x256 tile on an H200, while the tensor cores wait (docs/performance.md).
-                h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
-                c_smem.store(_out_cast(h, os_ptr, c_desc.dtype, QUANT_OUT))
-            else:
-                c_smem.store(_out_cast(acc, os_ptr, c_desc.dtype, QUANT_OUT))
-            fence_async_shared()
-            _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN], c_smem)
+                    if RES > 1:
+                        acc = _settled(acc)
+                        _barrier()  # this warpgroup has read r1 before the TMA overwrites it
+                        fence_async_shared()
+                        mbarrier.expect(r_bar, r2_desc.block_type.nbytes)
+                        _tma_load(r2_desc, [row0, pid_n * BN], r_bar, c_smem)
+                        mbarrier.wait(r_bar, r_phase)
+                        r_phase ^= 1
+                        acc = acc + c_smem.load(layout).to(gl.float32)
+                    _barrier()  # and the last residual before the output tile overwrites it
+                else:
+                    tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
+                if SWIGLU:
+                    # columns c and c + CN hold gate and up of one output (interleaved weight);
+                    # the accumulator layout keeps both in one thread, so this moves no data
+                    gate, up = acc.reshape([HM, 2, CN]).permute((0, 2, 1)).split()
+                    # silu(gate) * up = gate * up / (1 + exp(-gate)), the division approximate
+                    # (2 ulp): a reciprocal and a multiply.  The exp and the reciprocal (two
+                    # special-function ops per output) are what the epilogue adds: ~1 us per
+                    # 128x256 tile on an H200, while the tensor cores wait (docs/performance.md).
+                    h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
+                    c_smem.store(_out_cast(h, os_ptr, c_desc.dtype, QUANT_OUT))
+                else:
+                    c_smem.store(_out_cast(acc, os_ptr, c_desc.dtype, QUANT_OUT))
+                fence_async_shared()
+                _tma_store(c_desc, [pid_m * BM + HALF * HM, pid_n * CN], c_smem)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -544,14 +647,22 @@ if HAVE_GLUON:
                              bias_ptr, has_bias, cs_ptr, stride_cs, has_cs, os_ptr, M, N, K,
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
-                             LOAD_REGS: gl.constexpr, FAST: gl.constexpr, RES: gl.constexpr):
+                             LOAD_REGS: gl.constexpr, FAST: gl.constexpr, RES: gl.constexpr,
+                             WIDE: gl.constexpr = False):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
         BN: gl.constexpr = b_desc.block_type.shape[0]
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
-        c_lo = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
-        c_hi = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape, c_desc.layout)
+        if WIDE:  # rank 3 tells the math partitions the mode (see _math_lo)
+            CN: gl.constexpr = c_desc.block_type.shape[1]
+            c_lo = gl.allocate_shared_memory(c_desc.dtype, [1, BM // 2, CN], c_desc.layout)
+            c_hi = gl.allocate_shared_memory(c_desc.dtype, [1, BM // 2, CN], c_desc.layout)
+        else:
+            c_lo = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape,
+                                             c_desc.layout)
+            c_hi = gl.allocate_shared_memory(c_desc.dtype, c_desc.block_type.shape,
+                                             c_desc.layout)
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         # The residual loads' barriers, one per math warpgroup, and RES more that carry the
@@ -568,8 +679,9 @@ if HAVE_GLUON:
                 stride_asm, stride_ask, stride_wsn, stride_wsk)
         loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
         # the math partitions tell the modes apart by the tile: FAST is its wide one
-        gl.static_assert(FAST == (BN > BM), "FAST goes with FAST_TILE, promotion with BN == BM")
+        gl.static_assert(FAST == ((BN > BM) and not WIDE), "FAST goes with FAST_TILE")
         gl.static_assert(RES == 0 or FAST, "residuals go with fast accumulation")
+        gl.static_assert(not WIDE or BN == 2 * BM, "WIDE goes with WIDE_TILE")
         gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
                            [4, 1], [MATH_REGS, LOAD_REGS])
 
@@ -674,10 +786,13 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     elements or one, ``ws`` N or one; with ``precise`` accumulation the K blocks are promoted
     with the row scale alone, with ``fast`` one accumulator takes all of K and the row scale
     multiplies the finished tile; the column scale follows.  Scales may have any strides.
-    With ``swiglu`` (fast row/tensor only) ``wq``'s rows interleave gate and up in runs of
-    128 (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
-    ``silu(gate) * up`` of the scaled fp32 tile.  An E4M3 ``out`` takes ``out_scale`` (one
-    fp32 element, a static scale) and receives the tile cast with it.  ``residuals`` (fast
+    With ``swiglu`` ``wq``'s rows interleave gate and up in runs of 128
+    (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
+    ``silu(gate) * up`` of the scaled fp32 tile: with row/tensor scales (fast only) as is,
+    or cast with a static scale; with blockwise scales (always promoted) in E4M3, with
+    ``out_scale`` the fp32 (M, N/256) scales of its 1x128 groups, strides (1, M), which the
+    epilogue writes.  Otherwise an E4M3 ``out`` takes ``out_scale`` (one fp32 element, a
+    static scale) and receives the tile cast with it.  ``residuals`` (fast
     row/tensor only; at most two contiguous (M, N) tensors of ``out``'s dtype) are added in
     fp32 before the one rounding: ``(r1 + r2) + product``.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
@@ -706,8 +821,19 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
         block = (ws, 0, 0)  # unread: has_cs masks the weight factor's load off
         column = (ws, ws.stride(0) if wg is Granularity.ROW else 0, 1)
         fast = accumulation == "fast"
-    if swiglu and not fast:
-        raise ValueError("blockwise_mm: swiglu needs fast accumulation with row/tensor scales")
+    wide = swiglu and xg is Granularity.GROUP
+    if swiglu and not (fast or wide):
+        raise ValueError("blockwise_mm: swiglu needs blockwise scales, or fast accumulation "
+                         "with row/tensor scales")
+    if wide and (out.dtype != torch.float8_e4m3fn or out_scale is None
+                 or out_scale.dtype != torch.float32 or out_scale.shape != (m, n // 256)
+                 or out_scale.stride() != (1, m)):
+        raise ValueError(
+            "blockwise_mm: a blockwise swiglu writes an E4M3 out with its 1x128 group scales: "
+            f"out_scale must be fp32 ({m}, {n // 256}) with strides (1, {m}), got "
+            + ("None" if out_scale is None else
+               f"{out_scale.dtype} {tuple(out_scale.shape)} strides {out_scale.stride()}")
+            + f", out {out.dtype}")
     if residuals and (not fast or swiglu or len(residuals) > 2):
         raise ValueError("blockwise_mm: one or two residuals, with fast accumulation and row/"
                          "tensor scales, and no SwiGLU")
@@ -716,7 +842,7 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
             raise ValueError(f"blockwise_mm: a residual {r.dtype} {tuple(r.shape)} with strides "
                              f"{r.stride()} must be laid out as the output ({out.dtype} "
                              f"{tuple(out.shape)}, strides {out.stride()})")
-    if (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
+    if not wide and (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
         raise ValueError(f"blockwise_mm: an E4M3 output goes with out_scale (got out "
                          f"{out.dtype}, out_scale {'given' if out_scale is not None else 'None'})")
     tile = _tile(fast, swiglu, out.element_size())
@@ -738,5 +864,5 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
             column[0], column[1], column[2], out_scale if out_scale is not None else out,
             m, n, k, row[1], row[2], block[1], block[2])
     return grid, args, dict(STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS,
-                            FAST=fast, RES=len(residuals), num_warps=4)
+                            FAST=fast, RES=len(residuals), WIDE=wide, num_warps=4)
 

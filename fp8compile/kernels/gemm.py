@@ -47,7 +47,8 @@ from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv
 
-__all__ = ["ACT_CODE", "gluon_serves", "precompile_gluon", "scaled_mm"]
+__all__ = ["ACT_CODE", "gluon_serves", "precompile_gluon", "precompile_swiglu_groups",
+           "scaled_mm", "swiglu_group_quantize"]
 
 ACT_CODE = {"none": 0, "gelu": 1, "silu": 2, "relu": 3}
 _OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -526,6 +527,39 @@ def _operands_2d(xq, xs, xg, wq, ws, wg, copy):
     return a, xs2, w, ws2
 
 
+def swiglu_group_quantize(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
+                          ws: torch.Tensor, fmt, accumulation: str = "precise",
+                          power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 ``(q, scale)`` of ``silu(gate) * up`` quantized in 1x128 groups, where
+    ``gate, up`` are the fp32 product of a blockwise GEMM (1x128 ``xs``, 128x128 ``ws``)
+    over a weight whose rows interleave gate and up in runs of 128
+    (:func:`fp8compile.numerics.interleave_gate_up`): what a SwiGLU MLP's down projection
+    reads.  On Hopper the warp-specialized kernel does it all in its epilogue (E4M3, plain
+    scales), and h is never written in high precision; elsewhere the fp32 product and h are
+    computed, then quantized.  Scales are M-contiguous, as :func:`.quant.quantize` lays out
+    groups."""
+    from ..numerics import Fp8Format
+    from .quant import quantize
+
+    fmt = Fp8Format(fmt)
+    check_swiglu_rows(wq.shape[0], "swiglu_group_quantize")
+    lead, f = xq.shape[:-1], wq.shape[0] // 2
+    m = math.prod(lead)
+    a, xs2, w, ws2 = _operands_2d(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK,
+                                  contiguous_2d)
+    if (m and fmt is Fp8Format.E4M3 and not power_of_2
+            and _gluon_takes(a, xs2, Granularity.GROUP, w, ws2, Granularity.BLOCK, fmt.dtype,
+                             "swiglu", None, accumulation, groups=True)):
+        q = torch.empty((m, f), dtype=fmt.dtype, device=xq.device)
+        s = torch.empty_strided((m, f // 128), (1, m), dtype=torch.float32, device=xq.device)
+        blockwise_ws.blockwise_mm(a, xs2, w, ws2, None, q, Granularity.GROUP,
+                                  Granularity.BLOCK, accumulation, swiglu=True, out_scale=s)
+        return q.reshape(*lead, f), s
+    h = scaled_mm(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK, None, torch.float32,
+                  accumulation, "swiglu")
+    return quantize(h, Granularity.GROUP, fmt, power_of_2)
+
+
 def _gluon_outputs(m, out_n, out_dtype, device, residual, residual2):
     """The Gluon kernel's (M, N) output, and its residuals as contiguous (M, N) tensors: for
     the launch, and for :func:`precompile_gluon`'s stand-ins, whose strides must match."""
@@ -561,8 +595,28 @@ def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dty
                                        out_scale, residuals, operands[0].device)
 
 
+def precompile_swiglu_groups(xq, xs, wq, ws, accumulation) -> bool:
+    """:func:`precompile_gluon` for the launch :func:`swiglu_group_quantize` makes."""
+    operands = (xq, xs, wq, ws)
+    if _interpreting() or not blockwise_ws.HAVE_GLUON or any(
+            not isinstance(d, int) for t in operands for d in (*t.shape, *t.stride())):
+        return False
+    with outside_tracing():
+        xq, xs, wq, ws = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                          for t in operands)
+        a, xs2, w, ws2 = _operands_2d(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK,
+                                      torch.Tensor.contiguous)
+        m, f = a.shape[0], w.shape[0] // 2
+        q = torch.empty((m, f), dtype=torch.float8_e4m3fn, device="meta")
+        s = torch.empty_strided((m, f // 128), (1, m), dtype=torch.float32, device="meta")
+        return blockwise_ws.precompile(a, xs2, w, ws2, None, q, Granularity.GROUP,
+                                       Granularity.BLOCK, accumulation, True, s, (),
+                                       operands[0].device)
+
+
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
-                 residual, accumulation: str = "precise", residual2=None) -> bool:
+                 residual, accumulation: str = "precise", residual2=None,
+                 groups: bool = False) -> bool:
     """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
     :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
@@ -572,14 +626,21 @@ def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activa
         return False
     # no reshape: at compile time the operands are functional tensors, outside their mode
     return _gluon_takes(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
-                        residual, accumulation, layout=False, residual2=residual2)
+                        residual, accumulation, layout=False, residual2=residual2,
+                        groups=groups)
 
 
 def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation, residual,
-                 accumulation, layout: bool = True, residual2=None) -> bool:
+                 accumulation, layout: bool = True, residual2=None,
+                 groups: bool = False) -> bool:
     """The one rule for both callers: eager, compiled (not interpreted), every rule of
     :func:`.blockwise_ws.unsupported` met for the 2-D operands, and residuals of the
-    output's dtype and shape (the kernel loads them as output tiles; no broadcast)."""
+    output's dtype and shape (the kernel loads them as output tiles; no broadcast).
+    A blockwise SwiGLU writes 1x128-group E4M3 there, which only
+    :func:`swiglu_group_quantize` asks for (``groups``): :func:`scaled_mm`'s FP8 output
+    takes a static scale."""
+    if (activation == "swiglu" and Granularity(x_granularity) is Granularity.GROUP) != groups:
+        return False
     residuals = [r for r in (residual, residual2) if r is not None]
     m = a.numel() // max(1, a.shape[-1])
     if any(r.dtype != out_dtype or r.numel() != m * w.shape[0] or r.shape[-1] != w.shape[0]

@@ -379,7 +379,8 @@ _SWIGLU_TIMES: dict[tuple, tuple[float, float]] = {}
 
 def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
                        x_dtype: torch.dtype, out_dtype: torch.dtype, quant: tuple,
-                       device: torch.device) -> tuple[float, float]:
+                       device: torch.device, accumulation: str = "fast"
+                       ) -> tuple[float, float]:
     """``(fused, unfused)`` GPU milliseconds of a SwiGLU MLP's gate/up step at compile time,
     on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows, fast
     accumulation) followed by a plain quantization of its output, against the GEMM the graph
@@ -389,14 +390,19 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
     Triton, else on the Triton kernel: timing it through the eager dispatch would also build
     and time the Gluon kernel's plain variant, seconds of compile time for a kernel the
     compiled graph does not run.  ``quant`` is that quantization's ``(granularity, format,
-    power_of_2)``.  Cached per (M bucket, sizes, recipe, dtypes, quantization)."""
+    power_of_2)``.  With blockwise operands quantized again in 1x128 groups the fused step
+    is :func:`.gemm.swiglu_group_quantize` alone (the kernel's epilogue writes the groups),
+    both GEMMs with ``accumulation``.  Cached per (M bucket, sizes, recipe, dtypes,
+    quantization, accumulation)."""
     from ..numerics import Fp8Format
     from ..ops._inline import outside_tracing
     from . import fused
     from . import quant as q
     from .gemm import scaled_mm as launcher
+    from .gemm import swiglu_group_quantize
 
-    key = (m_bucket(m), n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(map(str, quant)))
+    key = (m_bucket(m), n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(map(str, quant)),
+           accumulation)
     if key in _SWIGLU_TIMES:
         return _SWIGLU_TIMES[key]
     gran, fmt, p2 = Granularity(quant[0]), Fp8Format(quant[1]), bool(quant[2])
@@ -407,8 +413,13 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
         wq, ws = q.quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16), wg,
                             x_fmt, False)
 
+        groups = (Granularity(xg), Granularity(wg), gran) == (
+            Granularity.GROUP, Granularity.BLOCK, Granularity.GROUP)
+
         def with_epilogue():
-            h = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "swiglu")
+            if groups:
+                return swiglu_group_quantize(xq, xs, wq, ws, fmt, accumulation, p2)
+            h = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, accumulation, "swiglu")
             return q.quantize(h, gran, fmt, p2)
 
         on_cublas = (forced_backend() != "triton" and
@@ -416,9 +427,10 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
 
         def without():
             if on_cublas:
-                y = cublas_scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast")
+                y = cublas_scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, accumulation)
             else:
-                y = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", gluon=False)
+                y = launcher(xq, xs, xg, wq, ws, wg, None, out_dtype, accumulation,
+                             gluon=False)
             return fused.silu_mul_quantize(y[..., :f], y[..., f:], gran, fmt, p2)
 
         _SWIGLU_TIMES[key] = _medians(with_epilogue, without)

@@ -21,6 +21,8 @@ op                                         meaning
 ``fp8compile::scaled_mm``                  ``dequant(xq) @ dequant(wq).T`` (+bias, act, residual)
 ``fp8compile::scaled_mm_quantized``        the same, cast to FP8 with a given scale (static
                                            scaling; on Hopper in the GEMM's epilogue)
+``fp8compile::scaled_mm_swiglu_quantize``  a blockwise gate/up GEMM's ``silu(gate) * up``,
+                                           quantized in 1x128 groups; ``(q, scale)``
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs);
                                            also returns the FP8 input and the weight scale

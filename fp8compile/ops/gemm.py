@@ -8,7 +8,14 @@ import torch
 from torch import Tensor
 
 from .. import numerics as nx
-from ._common import ACTIVATIONS, as_fmt, as_gran, check_static_scale, triton_available
+from ._common import (
+    ACTIVATIONS,
+    as_fmt,
+    as_gran,
+    check_static_scale,
+    empty_scale,
+    triton_available,
+)
 from ._inline import inline_on_gpu
 from .quant import quantize_with_scale_impl
 
@@ -251,3 +258,76 @@ def _inline_quantized(xq, xs, x_granularity, wq, ws, w_granularity, bias, accumu
 
 
 inline_on_gpu(scaled_mm_quantized, _scaled_mm_quantized_cuda, when=_inline_quantized)
+
+
+# --------------------------------------------------------------------------------------
+# A blockwise SwiGLU MLP's gate/up GEMM quantizing its own output in 1x128 groups
+
+
+def _check_swiglu_groups(xq, x_granularity, wq, w_granularity, fmt):
+    _check_mm(xq, wq, None, "swiglu")
+    if (as_gran(x_granularity), as_gran(w_granularity)) != (nx.Granularity.GROUP,
+                                                            nx.Granularity.BLOCK):
+        raise ValueError(f"scaled_mm_swiglu_quantize: blockwise operands only (1x128 groups x "
+                         f"128x128 blocks), got {x_granularity!r} x {w_granularity!r}")
+    as_fmt(fmt)
+
+
+@torch.library.custom_op("fp8compile::scaled_mm_swiglu_quantize", mutates_args=())
+def scaled_mm_swiglu_quantize(
+    xq: Tensor, xs: Tensor, x_granularity: str, wq: Tensor, ws: Tensor, w_granularity: str,
+    accumulation: str, fmt: str, power_of_2: bool,
+) -> tuple[Tensor, Tensor]:
+    """FP8 ``(q, scale)``, in 1x128 groups, of ``silu(gate) * up`` of the fp32 product of a
+    blockwise GEMM over a weight whose rows interleave gate and up in runs of 128
+    (:func:`fp8compile.numerics.interleave_gate_up`): a SwiGLU MLP's gate/up GEMM writing
+    its down projection's input.  On Hopper the warp-specialized kernel does it in its
+    epilogue (E4M3), so neither gate, up nor h is written in high precision; elsewhere h
+    is computed in fp32, then quantized."""
+    _check_swiglu_groups(xq, x_granularity, wq, w_granularity, fmt)
+    h = scaled_mm_reference(xq, xs, x_granularity, wq, ws, w_granularity, None, torch.float32,
+                            "swiglu", None)
+    return nx.quantize(h, nx.Granularity.GROUP, as_fmt(fmt), power_of_2)
+
+
+@scaled_mm_swiglu_quantize.register_fake
+def _(xq, xs, x_granularity, wq, ws, w_granularity, accumulation, fmt, power_of_2):
+    q = xq.new_empty((*xq.shape[:-1], wq.shape[0] // 2), dtype=as_fmt(fmt).dtype)
+    return q, empty_scale(q, nx.Granularity.GROUP)
+
+
+def _swiglu_groups_by_gluon(xq, xs, wq, ws, accumulation, fmt, power_of_2) -> bool:
+    from ..kernels.gemm import gluon_serves
+
+    return (not power_of_2 and as_fmt(fmt) is nx.Fp8Format.E4M3
+            and gluon_serves(xq, xs, nx.Granularity.GROUP, wq, ws, nx.Granularity.BLOCK,
+                             torch.float8_e4m3fn, "swiglu", None, accumulation, groups=True))
+
+
+@scaled_mm_swiglu_quantize.register_kernel("cuda")
+def _scaled_mm_swiglu_quantize_cuda(xq, xs, x_granularity, wq, ws, w_granularity,
+                                    accumulation, fmt, power_of_2):
+    _check_swiglu_groups(xq, x_granularity, wq, w_granularity, fmt)
+    if triton_available(xq):
+        from ..kernels.gemm import swiglu_group_quantize
+
+        return swiglu_group_quantize(xq, xs, wq, ws, as_fmt(fmt), accumulation, power_of_2)
+    h = scaled_mm_impl(xq, xs, x_granularity, wq, ws, w_granularity, None, torch.float32,
+                       accumulation, "swiglu", None)
+    return nx.quantize(h, nx.Granularity.GROUP, as_fmt(fmt), power_of_2)
+
+
+def _inline_swiglu_groups(xq, xs, x_granularity, wq, ws, w_granularity, accumulation, fmt,
+                          power_of_2) -> bool:
+    """Inline the fallback's kernels unless the Gluon kernel serves the call (it cannot be
+    traced: the op stays an opaque call, and its compile starts in the background)."""
+    from ..kernels.gemm import precompile_swiglu_groups
+
+    if not _swiglu_groups_by_gluon(xq, xs, wq, ws, accumulation, fmt, power_of_2):
+        return True
+    precompile_swiglu_groups(xq, xs, wq, ws, accumulation)
+    return False
+
+
+inline_on_gpu(scaled_mm_swiglu_quantize, _scaled_mm_swiglu_quantize_cuda,
+              when=_inline_swiglu_groups)

@@ -57,8 +57,11 @@ would go through the SwiGLU as pointwise ops, which moves more bytes than the un
 So by default the fold is made where that kernel serves the GEMM and the fused step (GEMM +
 plain quantization) is faster: the epilogue's exp and reciprocal cost the GEMM ~4% on an
 H200, which the smaller quantization repays with tensor scales (whose unfused quantization
-reads gate and up twice) but not with row scales.  From :data:`SWIGLU_RULE_M` tokens, the
-sizes measured, that is the rule; below, or where Inductor autotunes
+reads gate and up twice) but not with row scales.  With blockwise operands and 1x128
+groups the GEMM (``scaled_mm_swiglu_quantize``; on Hopper the 128x256 promoted tile) also
+quantizes h in its epilogue, so no quantization pass is left: 0.94-0.98x the step's time on
+an H200 at 2048-8192 tokens.  From :data:`SWIGLU_RULE_M` tokens, the sizes measured, that is
+the rule; below, or where Inductor autotunes
 (``mode="max-autotune"``), the two steps are timed at compile time
 (:func:`fp8compile.kernels.select.swiglu_epilogue_ms`).  The plan gives both times, or the
 rule that made or stopped the fold.
@@ -218,29 +221,37 @@ class EpiloguePass(Fp8Pass):
             return False
         cache.set_interleave(0 if gate_first else 1)
         xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
+        groups = not static and _blockwise_groups(mm, gran)
         with graph.inserting_before(quant):
             if static:  # the epilogue casts with the static scale: no quantization pass
                 h = new = graph.call_function(OPS.scaled_mm_quantized.default,
                                               (xq, xs, xg, wq, ws, wg, bias, acc, "swiglu",
                                                scale, fmt))
+            elif groups:  # the epilogue quantizes h in 1x128 groups: no quantization pass
+                h = new = graph.call_function(OPS.scaled_mm_swiglu_quantize.default,
+                                              (xq, xs, xg, wq, ws, wg, acc, fmt, p2))
             else:
                 h = graph.call_function(OPS.scaled_mm.default,
                                         (*mm.args[:_ACT], "swiglu", None))
                 new = graph.call_function(OPS.quantize.default, (h, gran, fmt, p2))
         val = value_of(gate)
-        if not static:
+        if not (static or groups):
             h.meta["val"] = val.new_empty(val.shape)  # the halves' shape, contiguous
         new.meta.update({k: v for k, v in quant.meta.items() if k != "fp8compile"})
         info(h).update(info(mm), epilogue=["swiglu"])
         if static:
             info(h).update(fused_quant="static")
+        elif groups:
+            info(h).update(fused_quant="group")
         else:
             info(new).update(role="act_quant")
         quant.replace_all_uses_with(new)
         for n in (quant, gate, up, mm):
             graph.erase_node(n)
         what = ("cast to FP8 there with the static scale of the down projection's input"
-                if static else "its output quantized by a plain pass")
+                if static else
+                "quantized there in 1x128 groups for the down projection (h never written "
+                "in high precision)" if groups else "its output quantized by a plain pass")
         for e in plan_entries_of(h):
             add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32, gate/up rows interleaved "
                         f"in runs of {nx.SWIGLU_RUN}), {what}" + timed)
@@ -259,13 +270,19 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
+        groups = quant is not None and _blockwise_groups(mm, quant[0])
+        if groups and (nx.Fp8Format(quant[1]) is not nx.Fp8Format.E4M3 or quant[2]):
+            return ("the epilogue that quantizes h in 1x128 groups writes E4M3 with plain "
+                    "(not power-of-2) scales; fuse_swiglu=True makes the fold through "
+                    "the fp32 product"), ""
         if static is not None and static is not nx.Fp8Format.E4M3:
             return f"the epilogue casts to E4M3 only, and this cast is {static.value}", ""
         from ..kernels import select
 
         y = next(iter(mm.users))
-        why = self._hopper_kernel_unsupported(
-            mm, y, out_dtype if static is None else static.dtype, "swiglu")
+        written = (static.dtype if static is not None else
+                   torch.float8_e4m3fn if groups else out_dtype)
+        why = self._hopper_kernel_unsupported(mm, y, written, "swiglu")
         if why is not None:
             return why, ""
         w, y = value_of(wq), value_of(y)
@@ -278,6 +295,10 @@ class EpiloguePass(Fp8Pass):
         if m >= SWIGLU_RULE_M and not select.autotuning():
             # Measured at 2048-8192 tokens: decided without timing, as Inductor decides
             # its GEMMs outside max-autotune (the timing compiles and runs both steps).
+            if groups:
+                return None, (" (by rule: h is never written in high precision and no "
+                              "quantization pass is left, 0.94-0.98x the step's time on an "
+                              "H200)")
             if nx.Granularity(quant[0]) is nx.Granularity.TENSOR:
                 return None, (" (by rule: with tensor scales the SiLU·mul quantization reads "
                               "gate and up twice, 1.07-1.09x the step on an H200)")
@@ -288,7 +309,7 @@ class EpiloguePass(Fp8Pass):
         # SiLU·mul quantization apart, by the margin the GEMM backend choice uses.
         fused, apart = select.swiglu_epilogue_ms(
             m, w.shape[0], w.shape[1], nx.Granularity(xg), nx.Granularity(wg), fmt.dtype,
-            out_dtype, quant, w.device)
+            out_dtype, quant, w.device, accumulation)
         times = f"{fused * 1e3:.0f} us against {apart * 1e3:.0f} us apart, timed at compile time"
         if fused >= (1.0 - select._TRITON_MARGIN) * apart:
             return f"the GEMM with it and a plain quantization took {times}", ""
@@ -314,6 +335,14 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
+
+
+def _blockwise_groups(mm: torch.fx.Node, quant_granularity) -> bool:
+    """Whether the gate/up GEMM ``mm`` has blockwise operands and its SiLU·mul is quantized
+    in 1x128 groups: ``fp8compile::scaled_mm_swiglu_quantize`` then does both."""
+    xg, wg = mm.args[2], mm.args[5]
+    return (nx.Granularity(xg), nx.Granularity(wg), nx.Granularity(quant_granularity)) == (
+        nx.Granularity.GROUP, nx.Granularity.BLOCK, nx.Granularity.GROUP)
 
 
 def _gate_up_gemm(quant: torch.fx.Node):

@@ -14,6 +14,7 @@ from fp8compile.kernels import blockwise_ws as bw
 from fp8compile.kernels import gemm
 from fp8compile.numerics import Fp8Format, Granularity
 from fp8compile.ops import scaled_mm_reference
+from tests.kernels.test_fused_kernel import assert_close_quant
 
 G = Granularity
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -45,7 +46,8 @@ def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="n
     (dict(res=1, act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast"), "no residual after the SwiGLU"),
     (dict(res=1, xg=G.TENSOR, wg=G.TENSOR, acc="fast", out=torch.float8_e4m3fn),
      "no residual with an FP8 output"),
-    (dict(act="swiglu"), "SwiGLU epilogue needs fast accumulation with row/tensor scales"),
+    (dict(act="swiglu"), "blockwise scales writes E4M3 with 1x128 group scales"),
+    (dict(act="swiglu", n=384, out=torch.float8_e4m3fn), "N % 256 == 0"),
     (dict(act="swiglu", xg=G.ROW, wg=G.ROW), "needs fast accumulation"),
     (dict(act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast", n=384), "N % 256 == 0"),
     (dict(wq=_fp8(256, 512).to(torch.float8_e5m2)), "one FP8 format"),
@@ -89,6 +91,12 @@ def test_unsupported_takes_residuals_with_fast_row_and_tensor_scales(xg, wg, res
     assert why is None or "Hopper" in why or "Gluon" in why
 
 
+@pytest.mark.parametrize("acc", ["precise", "fast"])
+def test_unsupported_takes_blockwise_swiglu_with_e4m3_groups(acc):
+    why = _why(n=512, act="swiglu", acc=acc, out=torch.float8_e4m3fn)
+    assert why is None or "Hopper" in why or "Gluon" in why
+
+
 def test_unsupported_accepts_n_with_fp32_rows_and_odd_k():
     # N=132 is fine for fp32 output (528-byte rows), and K=1040 is not a multiple of 128.
     why = _why(n=132, k=1040, out=torch.float32)
@@ -123,7 +131,8 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    tile = bw.FAST_TILE if fast else bw.PROMOTED_TILE
+    wide = swiglu and not fast  # blockwise SwiGLU: 1x128-group E4M3 output
+    tile = bw.FAST_TILE if fast else bw.WIDE_TILE if wide else bw.PROMOTED_TILE
     bm, bn, bk, stages = tile
     cn = bn // 2 if swiglu else bn
     out_dtype, out_ty = (torch.float8_e4m3fn, "fp8e4nv") if fp8_out else (torch.bfloat16, "bf16")
@@ -138,7 +147,7 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
            "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
            "stride_wsk": "i32"}
     consts = dict(STAGES=stages, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS, FAST=fast,
-                  RES=res)
+                  RES=res, WIDE=wide)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(
         GluonASTSource(fn=bw._blockwise_ws_kernel, signature=sig, constexprs=consts),
@@ -160,9 +169,9 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
 @pytest.mark.parametrize("fast, swiglu, fp8_out, res",
                          [(False, False, False, 0), (True, False, False, 0),
                           (True, True, False, 0), (True, True, True, 0), (True, False, False, 1),
-                          (True, False, False, 2)],
+                          (True, False, False, 2), (False, True, True, 0)],
                          ids=["promoted", "fast", "fast-swiglu", "fast-swiglu-fp8-out",
-                              "fast-residual", "fast-two-residuals"])
+                              "fast-residual", "fast-two-residuals", "promoted-swiglu-groups"])
 def test_wgmma_pipelined_without_spills(fast, swiglu, fp8_out, res):
     """The schedule's point: ptxas keeps the wgmma asynchronous (no C7510-C7517 notice that
     it serialized them or injected a wait) and nothing spills at 232 registers, with the
@@ -336,9 +345,40 @@ def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
     assert launch.meta["FAST"] is True
     assert (b_desc.block_shape, c_desc.block_shape) == ([bn, bk], [bm // 2, bn // 2])
     assert list(c_desc.shape) == [m, n // 2] and launch.args[14] == n  # N: the weight's rows
-    with pytest.raises(ValueError, match="swiglu needs fast accumulation"):
+    with pytest.raises(ValueError, match="swiglu needs blockwise scales, or fast"):
         bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
                         "precise", swiglu=True)
+
+
+def test_blockwise_swiglu_launch_writes_groups(monkeypatch):
+    """No GPU needed: a blockwise SwiGLU launch takes the wide tile (gate and up of one
+    128-row run side by side), an E4M3 (M, N/2) output in 64x128 tiles, and hands the
+    kernel its (M, N/256) group scales, M-contiguous, where a static scale would go."""
+    m, n, k = 512, 768, 256
+    xq, wq = _fp8(m, k), _fp8(n, k)
+    xs, ws = torch.ones(m, 2), torch.ones(n // 128, 2)
+    launch = _Launch()
+    monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
+    out = torch.empty(m, n // 2, dtype=torch.float8_e4m3fn)
+    scales = torch.empty_strided((m, n // 256), (1, m))
+    bw.blockwise_mm(xq, xs, wq, ws, None, out, G.GROUP, G.BLOCK, "precise", swiglu=True,
+                    out_scale=scales)
+    a_desc, b_desc, c_desc = launch.args[:3]
+    bm, bn, bk, stages = bw.WIDE_TILE
+    assert launch.meta["WIDE"] is True and launch.meta["FAST"] is False
+    assert launch.meta["STAGES"] == stages == 3
+    assert (a_desc.block_shape, b_desc.block_shape, c_desc.block_shape) == (
+        [bm, bk], [bn, bk], [bm // 2, 128])
+    assert list(c_desc.shape) == [m, n // 2] and launch.args[14] == n
+    assert launch.args[12] is scales  # os_ptr: where the epilogue writes the group scales
+    assert launch.args[6] is ws and launch.args[18:20] == (ws.stride(0), ws.stride(1))
+    for bad, match in [(dict(out_scale=torch.empty(m, n // 256)), "strides"),
+                       (dict(out_scale=None), "got None"),
+                       (dict(out=torch.empty(m, n // 2, dtype=torch.bfloat16)), "E4M3 out")]:
+        kw = dict(out=out, out_scale=scales) | bad
+        with pytest.raises(ValueError, match=match):
+            bw.blockwise_mm(xq, xs, wq, ws, None, kw["out"], G.GROUP, G.BLOCK, "precise",
+                            swiglu=True, out_scale=kw["out_scale"])
 
 
 @pytest.mark.parametrize("count", [1, 2])
@@ -445,6 +485,36 @@ def test_swiglu_epilogue_matches_reference(xg, wg, m, n, k, bias, out_dtype):
     def err(t):
         return ((t.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err(y) <= 1.25 * err(triton) + 1e-4, (err(y), err(triton))
+
+
+@needs_hopper
+@pytest.mark.parametrize("m, n, k", [(300, 768, 208), (777, 512, 1040), (1024, 2048, 4096)])
+def test_blockwise_swiglu_groups_match_reference(m, n, k):
+    """The promoted SwiGLU epilogue's E4M3 h and 1x128 group scales against numerics' group
+    quantization of h computed from the kernel's own fp32 product (plain epilogue, the same
+    summation over K): scales to the epilogue's approximate exp and division, payloads
+    within one FP8 step and almost all equal.  Against the fp32 reference product the
+    scales agree to the tensor cores' summation.  A NaN in x makes its row of h NaN, with
+    the scales of the rest."""
+    x = torch.randn(m, k) * torch.rand(m, 1) * 3
+    x[5, 7] = float("nan")
+    gate = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
+    up = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
+    xq, xs = nx.quantize(x.cuda(), G.GROUP, Fp8Format.E4M3)
+    wq, ws = nx.quantize(nx.interleave_gate_up(gate, up).cuda(), G.BLOCK, Fp8Format.E4M3)
+    q = torch.empty(m, n // 2, device="cuda", dtype=torch.float8_e4m3fn)
+    s = torch.empty_strided((m, n // 256), (1, m), device="cuda")
+    bw.blockwise_mm(xq, xs, wq, ws, None, q, G.GROUP, G.BLOCK, "precise", swiglu=True,
+                    out_scale=s)
+    y = torch.empty(m, n, device="cuda")
+    bw.blockwise_mm(xq, xs, wq, ws, None, y, G.GROUP, G.BLOCK, "precise")
+    assert_close_quant((q, s), nx.quantize(nx.swiglu(y), G.GROUP, Fp8Format.E4M3),
+                       Fp8Format.E4M3)
+    assert q[5].float().isnan().all() and torch.isfinite(s[5]).all()
+    h = scaled_mm_reference(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32, "swiglu",
+                            None)
+    sr = nx.quantize(h, G.GROUP, Fp8Format.E4M3)[1]
+    torch.testing.assert_close(s, sr, rtol=4e-3, atol=0)
 
 
 @needs_hopper

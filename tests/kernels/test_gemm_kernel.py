@@ -95,6 +95,30 @@ def test_swiglu_epilogue(device, recipe, x_shape):
     _check(y, (want.reshape(*x_shape[:-1], 256) + res.float()).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("x_shape", [(1, 256), (3, 7, 200), (33, 384), (300, 640)])
+def test_swiglu_group_quantize(device, x_shape):
+    """A blockwise gate/up GEMM's SwiGLU quantized in 1x128 groups: as numerics quantizes h
+    computed from the plain GEMM's fp32 product on the same device (the same summation
+    over K; the Hopper kernel's epilogue at M=300), with M-contiguous scales; near the fp32
+    reference's; a gate/up pair that does not interleave by 128 is refused."""
+    from fp8compile.kernels.gemm import swiglu_group_quantize
+    from tests.kernels.test_fused_kernel import assert_close_quant
+
+    xq, xs, wq, ws = _operands(device, x_shape, 512, (G.GROUP, G.BLOCK))
+    q, s = swiglu_group_quantize(xq, xs, wq, ws, Fp8Format.E4M3)
+    y = scaled_mm(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32)
+    qr, sr = nx.quantize(nx.swiglu(y), G.GROUP, Fp8Format.E4M3)
+    assert q.shape == (*x_shape[:-1], 256) and s.shape == sr.shape
+    assert s.stride() == (1, s.shape[0])
+    assert_close_quant((q, s), (qr, sr), Fp8Format.E4M3)
+    h = scaled_mm_reference(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32, "swiglu",
+                            None)
+    torch.testing.assert_close(s, nx.quantize(h, G.GROUP, Fp8Format.E4M3)[1], rtol=4e-3,
+                               atol=0)
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        swiglu_group_quantize(xq, xs, wq[:384], ws[:3], Fp8Format.E4M3)
+
+
 def test_swiglu_rejects_widths_that_do_not_pair(device):
     xq, xs, wq, ws = _operands(device, (4, 128), 384, RECIPES[1])
     with pytest.raises(ValueError, match="N % 256 == 0"):

@@ -264,6 +264,31 @@ def test_swiglu_step_timing_runs_both_graphs_once_per_key(monkeypatch, device):
     assert len(ran) == 2  # another output dtype, another timing
 
 
+def test_swiglu_step_timing_with_blockwise_groups(monkeypatch, device):
+    """Blockwise operands quantized again in 1x128 groups: the fused step is the GEMM that
+    quantizes h itself, against the plain GEMM + the SiLU·mul group quantization, both
+    with the recipe's accumulation, timed apart from the fast-accumulation key."""
+    from fp8compile.kernels import gemm
+
+    monkeypatch.setenv("FP8COMPILE_GEMM_BACKEND", "triton")
+    monkeypatch.setattr(select, "_SWIGLU_TIMES", {})
+    calls, ran = [], []
+    real = gemm.swiglu_group_quantize
+    monkeypatch.setattr(gemm, "swiglu_group_quantize",
+                        lambda *a: calls.append(a[5:]) or real(*a))
+    monkeypatch.setattr(select, "_medians",
+                        lambda first, second: ran.append((first(), second())) or (0.5, 0.75))
+    args = (300, 512, 256, G.GROUP, G.BLOCK, torch.float8_e4m3fn, torch.bfloat16,
+            ("group", "e4m3", False), torch.device(device))
+    assert select.swiglu_epilogue_ms(*args, "precise") == (0.5, 0.75)
+    assert calls == [("precise", False)]
+    ((q1, s1), (q0, s0)), = ran
+    for q, s in ((q1, s1), (q0, s0)):
+        assert q.shape == (300, 256) and q.dtype == torch.float8_e4m3fn
+        assert s.shape == (300, 2) and s.stride() == (1, 300)
+    assert select.swiglu_epilogue_ms(*args, "fast") == (0.5, 0.75) and len(ran) == 2
+
+
 def test_swiglu_step_timing_times_the_unfused_gemm_on_cublas(monkeypatch, device):
     """The unfused step's GEMM is timed on cuBLAS where it computes it (what the compiled
     graph keeps at these sizes), not through the eager dispatch, which would also build and

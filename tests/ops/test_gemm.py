@@ -163,3 +163,30 @@ def test_scaled_mm_quantized_opcheck():
             torch.tensor([0.01]), "e4m3")
     torch.library.opcheck(OPS.scaled_mm_quantized.default, args,
                           test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3)])
+def test_scaled_mm_swiglu_quantize(lead):
+    """The blockwise gate/up GEMM quantizing its SwiGLU in 1x128 groups: numerics' group
+    quantization of the fp32 SwiGLU of the interleaved weight's product, with the layout
+    ``fp8compile::quantize`` gives groups; the fake agrees (opcheck); operands other
+    than 1x128 x 128x128, or gate and up that do not pair by 128, are refused."""
+    x = torch.randn(*lead, 256)
+    gate, up = torch.randn(256, 256) * 0.1, torch.randn(256, 256) * 0.1
+    xq, xs, wq, ws = _operands(x, nx.interleave_gate_up(gate, up), "group", "block")
+    args = (xq, xs, "group", wq, ws, "block", "precise", "e4m3", False)
+    q, s = OPS.scaled_mm_swiglu_quantize(*args)
+    y = OPS.scaled_mm(xq, xs, "group", wq, ws, "block", None, torch.float32, "precise",
+                      "swiglu", None)
+    qr, sr = OPS.quantize(y, "group", "e4m3", False)
+    assert torch.equal(s, sr) and s.stride() == sr.stride()
+    assert torch.equal(q.view(torch.uint8), qr.view(torch.uint8))
+    ref_h = F.silu(F.linear(x, gate)) * F.linear(x, up)
+    assert nx.sqnr(ref_h, nx.dequantize(q, s, nx.Granularity.GROUP)) >= 20.0
+    torch.library.opcheck(OPS.scaled_mm_swiglu_quantize.default, args,
+                          test_utils=("test_faketensor",))
+    with pytest.raises(ValueError, match="blockwise operands only"):
+        OPS.scaled_mm_swiglu_quantize(xq, xs, "row", wq, ws, "block", "precise", "e4m3", False)
+    with pytest.raises(ValueError, match="N % 256 == 0"):
+        OPS.scaled_mm_swiglu_quantize(xq, xs, "group", wq[:384], ws[:3], "block", "precise",
+                                      "e4m3", False)

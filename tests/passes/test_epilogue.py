@@ -190,13 +190,23 @@ def test_swiglu_folded_into_the_gate_up_gemm(passes, recipe):
     model = LlamaBlock(ffn=384)  # 3 runs of 128 each for gate and up
     cfg = {**SWIGLU, "recipe": recipe}
     gm, inputs, ctx = passes(model, x, config=cfg)
-    (mm,) = _swiglu_gemms(gm)
+    groups = [n for n in gm.graph.nodes if n.target is OPS.scaled_mm_swiglu_quantize.default]
+    if recipe == "blockwise":
+        # the GEMM quantizes h itself, in the 1x128 groups down_proj reads
+        (mm,) = groups
+        assert not _swiglu_gemms(gm) and info(mm)["fused_quant"] == "group"
+        assert {u.target for u in mm.users} == {operator.getitem}
+        assert not any(n.target is OPS.quantize.default for n in gm.graph.nodes
+                       if n.args and n.args[0] is mm)
+    else:
+        (mm,) = _swiglu_gemms(gm)
+        assert not groups
+        # the GEMM's output goes through one plain quantization, read by down_proj alone
+        (quant,) = mm.users
+        assert quant.target is OPS.quantize.default
     assert info(mm)["epilogue"] == ["swiglu"] and ctx.stats["swiglu_epilogues"] == 1
     assert not any(n.target is OPS.silu_mul_quantize.default for n in gm.graph.nodes)
     assert not any(n.target is torch.narrow and n.args[0] is mm for n in gm.graph.nodes)
-    # the GEMM's output goes through one plain quantization, read by down_proj alone
-    (quant,) = mm.users
-    assert quant.target is OPS.quantize.default
     # the weight cache serves gate and up interleaved in runs of 128
     cache = info(mm.args[3])["weight_cache"]
     assert cache.interleave == 0 and len(cache.indices) == 2  # gate first, of the two
@@ -229,7 +239,9 @@ def _run_provider(ctx, inputs, placeholder):
     ({"fuse_swiglu": None}, 384, "needs a Hopper GPU"),
     ({"fuse_swiglu": None, "env": "cublas"}, 384, "FP8COMPILE_GEMM_BACKEND=cublas"),
     ({"fuse_swiglu": None, "accumulation": "precise"}, 384, "needs fast accumulation"),
-    ({"fuse_swiglu": None, "recipe": "blockwise"}, 384, "needs fast accumulation"),
+    ({"fuse_swiglu": None, "recipe": "blockwise"}, 384, "needs a Hopper GPU"),
+    ({"fuse_swiglu": None, "recipe": "blockwise", "power_of_2_scales": True}, 384,
+     "plain (not power-of-2) scales"),
     ({}, 320, "a multiple of 128"),
 ])
 def test_swiglu_not_folded_says_why(passes, monkeypatch, cfg, ffn, why):
@@ -287,14 +299,15 @@ def test_swiglu_by_default_where_the_kernel_serves_it_and_times_faster(
         None if (why := real(*a, **k)) and ("Hopper GPU" in why or "Gluon" in why) else why))
     asked = []
 
-    def timed(m, n, k, xg, wg, x_dtype, out_dtype, quant, device):
-        asked.append((m, n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(quant)))
+    def timed(m, n, k, xg, wg, x_dtype, out_dtype, quant, device, accumulation):
+        asked.append((m, n, k, str(xg), str(wg), x_dtype, out_dtype, tuple(quant),
+                      accumulation))
         return fused_ms, 1.0
     monkeypatch.setattr(select, "swiglu_epilogue_ms", timed)
     x = torch.randn(2, 160, 256)
     gm, _, ctx = passes(LlamaBlock(ffn=384), x, config={**SWIGLU, "fuse_swiglu": None})
     assert asked == [(320, 768, 256, "row", "row", torch.float8_e4m3fn, torch.float32,
-                      ("row", "e4m3", False))]
+                      ("row", "e4m3", False), "fast")]
     assert bool(_swiglu_gemms(gm)) is folded
     reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
     us = f"{fused_ms * 1e3:.0f} us against 1000 us apart"
@@ -305,12 +318,14 @@ def test_swiglu_by_default_where_the_kernel_serves_it_and_times_faster(
                f"quantization took {us}" in reason
 
 
-@pytest.mark.parametrize("recipe, folded", [("tensorwise", True), ("rowwise", False)])
+@pytest.mark.parametrize("recipe, folded", [("tensorwise", True), ("rowwise", False),
+                                            ("blockwise", True)])
 def test_swiglu_by_rule_from_2048_tokens_and_timed_under_max_autotune(
         passes, monkeypatch, recipe, folded):
     """From 2048 tokens (the sizes measured) the default fold is a rule, not a timing: made
-    with tensor scales, not with row scales, and the plan says so; under max-autotune the two
-    steps are timed as below 2048 tokens."""
+    with tensor scales and with blockwise scales (whose GEMM then quantizes h in 1x128
+    groups), not with row scales, and the plan says so; under max-autotune the two steps
+    are timed as below 2048 tokens, with the recipe's accumulation."""
     from fp8compile.kernels import blockwise_ws as bw
     from fp8compile.kernels import select
 
@@ -321,18 +336,32 @@ def test_swiglu_by_rule_from_2048_tokens_and_timed_under_max_autotune(
     monkeypatch.setattr(select, "swiglu_epilogue_ms", lambda *a: asked.append(a) or (0.5, 1.0))
     x = torch.randn(2, 1024, 256)
     config = {**SWIGLU, "recipe": recipe, "fuse_swiglu": None}
+    if recipe == "blockwise":
+        config["accumulation"] = "precise"  # the recipe's default
     gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=config)
-    assert asked == [] and bool(_swiglu_gemms(gm)) is folded
+    assert asked == [] and bool(_folds(gm)) is folded
     reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
     if folded:
         assert "SiLU(gate)·up in the GEMM epilogue" in reason and "by rule" in reason
+        if recipe == "blockwise":
+            assert "never written in high precision" in reason
     else:
         assert "SiLU·mul not in the GEMM epilogue: by rule" in reason and "row scales" in reason
     with torch._inductor.config.patch(max_autotune=True):
         gm, _, ctx = passes(LlamaBlock(ffn=384), x, config=config)
-    assert len(asked) == 1 and _swiglu_gemms(gm)  # timed 0.5 against 1.0 ms: folded
+    assert len(asked) == 1 and _folds(gm)  # timed 0.5 against 1.0 ms: folded
+    assert asked[0][-1] == ("precise" if recipe == "blockwise" else "fast")
     reason = {e.module: e for e in ctx.plan_entries if e.gemm}["gate_proj"].reason
     assert "500 us against 1000 us apart" in reason
+    if recipe == "blockwise":
+        assert "quantized there in 1x128 groups" in reason
+
+
+def _folds(gm):
+    """The gate/up GEMMs that took in the SwiGLU: with its output quantized by a plain pass,
+    or (blockwise) quantized in the GEMM itself."""
+    return _swiglu_gemms(gm) + [n for n in gm.graph.nodes
+                                if n.target is OPS.scaled_mm_swiglu_quantize.default]
 
 
 class UpFirst(nn.Module):
