@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark in one go, for one call on a lent H100/H200 (<= 8.5 minutes).
+# Every GPU check and benchmark on an H100/H200, in stages that each stop at their own limit.
 #
 #   bash benchmarks/all.sh [OUT_DIR] [STAGES...]
 #
 # STAGES (default: check e2e train accuracy; "check decode", "train quant" and "e2e accuracy"
-# each fit one 10-minute call):
+# each fit one 10-minute call, "gluon" takes one of its own):
 #   check     tests/ops/test_inline.py and tests/kernels compiled on the GPU (kernels inlined
-#             into compiled graphs, bit-exact quantization, every GEMM recipe)
+#             into compiled graphs, bit-exact quantization, every GEMM recipe), less the
+#             warp-specialized kernel's tests
+#   gluon     tests/kernels/test_blockwise_ws.py: every tile, recipe and epilogue of the
+#             warp-specialized Hopper kernel (~9 minutes on an H200, most of it compiling)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
-#   swiglu    benchmarks/swiglu.py: the gate/up step with SiLU·mul in the GEMM epilogue or not
+#   swiglu    benchmarks/swiglu.py and swiglu_groups.py: the gate/up step with SiLU·mul in
+#             the GEMM epilogue or not (row/tensor scales, then blockwise with h quantized in
+#             1x128 groups there)
 #   compile   benchmarks/compile_time.py: prefill compile time, each variant in a fresh process
 #   clocks    benchmarks/clocks.py: the prefill step by each timing method, and the SM clock
 #   quant     benchmarks/quant.py: each quantization kernel against a copy of the same bytes,
@@ -49,9 +54,13 @@ run() {  # run NAME LIMIT_SECONDS COMMAND...
 for stage in "${stages[@]}"; do
     case $stage in
         check) run check 420 python -m pytest -q -x -p no:cacheprovider tests/ops/test_inline.py \
-                   tests/kernels ;;
+                   tests/kernels --ignore tests/kernels/test_blockwise_ws.py ;;
+        gluon) run gluon 580 python -m pytest -q -p no:cacheprovider \
+                   tests/kernels/test_blockwise_ws.py ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
-        swiglu) run swiglu 150 python benchmarks/swiglu.py ;;
+        swiglu)
+            run swiglu 150 python benchmarks/swiglu.py
+            run swiglu_groups 150 python benchmarks/swiglu_groups.py --m 2048 4096 8192 ;;
         compile) run compile 300 python benchmarks/compile_time.py ;;
         clocks) run clocks 150 python benchmarks/clocks.py --out "$out" ;;
         quant)
@@ -66,7 +75,7 @@ for stage in "${stages[@]}"; do
             main="$main,fp8hpf rowwise,fp8hpf tensorwise,fp8hpf rowwise fast,fp8hpf tensorwise fast"
             run e2e_default 150 python benchmarks/e2e.py --only "$main" --out "$out/e2e_default"
             run e2e 240 python benchmarks/e2e.py --mode reduce-overhead --profile \
-                --only "$main,fp8hpf blockwise unfused,fp8hpf rowwise fast unfused,fp8hpf tensorwise fast no-swiglu" \
+                --only "$main,fp8hpf blockwise unfused,fp8hpf blockwise no-swiglu,fp8hpf rowwise fast unfused,fp8hpf tensorwise fast no-swiglu" \
                 --profile-variant "fp8hpf rowwise fast" --out "$out" ;;
         train)
             run train_default 150 python benchmarks/train.py --out "$out/train_default"
@@ -74,6 +83,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gemm swiglu compile quant decode e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gluon gemm swiglu compile clocks quant decode e2e train accuracy)"; exit 2 ;;
     esac
 done
