@@ -11,6 +11,7 @@
 #   gluon     tests/kernels/test_blockwise_ws.py: every tile, recipe and epilogue of the
 #             warp-specialized Hopper kernel (~9 minutes on an H200, most of it compiling)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
+#   gemv      benchmarks/gemv.py: the one-to-four-row GEMM on CUDA cores, every launch
 #   swiglu    benchmarks/swiglu.py and swiglu_groups.py: the gate/up step with SiLU·mul in
 #             the GEMM epilogue or not (row/tensor scales, then blockwise with h quantized in
 #             1x128 groups there)
@@ -58,6 +59,7 @@ for stage in "${stages[@]}"; do
         gluon) run gluon 580 python -m pytest -q -p no:cacheprovider \
                    tests/kernels/test_blockwise_ws.py ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
+        gemv) run gemv 300 python benchmarks/gemv.py --m 1 2 4 ;;
         swiglu)
             run swiglu 150 python benchmarks/swiglu.py
             run swiglu_groups 150 python benchmarks/swiglu_groups.py --m 2048 4096 8192 ;;
@@ -83,6 +85,6 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gluon gemm swiglu compile clocks quant decode e2e train accuracy)"; exit 2 ;;
+        *) echo "unknown stage $stage (check gluon gemm gemv swiglu compile clocks quant decode e2e train accuracy)"; exit 2 ;;
     esac
 done

@@ -1,6 +1,6 @@
-"""The quantization kernels and the FP8 transpose stay spill-free on sm_90 at their launch
-settings (a spill in a memory-bound kernel costs bandwidth; codegen is sensitive to small
-source changes: reordering two statements of the group path once cost it 216 bytes).
+"""The quantization kernels, the FP8 transpose and the few-row GEMM stay spill-free on sm_90 at
+their launch settings (a spill in a memory-bound kernel costs bandwidth; codegen is sensitive to
+small source changes: reordering two statements of the group path once cost it 216 bytes).
 
 The one exception is ``quantize_dual``'s first launch: a whole 128x128 tile per 4-warp
 program spills a few dozen bytes a thread, and still ran 1.4x faster on an H200 than 8 warps
@@ -28,7 +28,7 @@ NAMES = ["quantize_groups", "quantize_rows", "rmsnorm_groups", "silu_mul_rows",
          "quantize_blocks", "quantize_blocks_transposed",
          "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy",
          "delayed_rmsnorm_cast", "delayed_silu_mul_cast", "delayed_cast", "delayed_cast_t",
-         "dynamic_cast_t"]
+         "dynamic_cast_t", "gemv", "gemv_one_row"]
 # Bytes of stack a kernel may use (see the module docstring); 0 for every other kernel.
 ALLOWED_STACK = {"quantize_dual": 64}
 SNIPPET = f"""
