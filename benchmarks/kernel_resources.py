@@ -144,27 +144,26 @@ def transpose_copy():
         {"stride_sr": 1, "BLOCK_R": 64, "BLOCK_C": 64}, 4)
 
 
-def gemv(rows: int = 4, block_n: int | None = None, warps: int = 4, a_gran: int = 2,
-         w_gran: int = 3):
-    """The one-to-four-row GEMM (``kernels.gemv``) at its default launch for ``rows`` rows,
-    blockwise scales by default."""
+def gemv(block_k: int = 1024, a_gran: int = 2, w_gran: int = 3):
+    """The one-row GEMM (``kernels.gemv``) at the default launch for 4096 columns on an H200
+    (steps of ``block_k``: 1024 there, 512 for 14336 columns), blockwise scales by default."""
+    import torch
+
     from fp8compile.kernels import gemv as g
 
-    block_n = block_n or g.default_block_n(rows, 4096)
-
+    launch = g.default_launch(4096, torch.device("cpu"))
     sig = {"a_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "as_ptr": "*fp32", "ws_ptr": "*fp32",
-           "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-           "K": "i32", "stride_am": "i32", "stride_wn": "i32", "stride_as0": "i32",
-           "stride_as1": "i32", "stride_ws0": "i32", "stride_ws1": "i32", "stride_rm": "i32",
-           "stride_rn": "i32", "stride_om": "i32"}
+           "bias_ptr": "*bf16", "res_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "K": "i32",
+           "stride_wn": "i32", "stride_as1": "i32", "stride_ws0": "i32", "stride_ws1": "i32",
+           "stride_rn": "i32"}
     consts = {"stride_on": 1, "A_GRAN": a_gran, "W_GRAN": w_gran, "HAS_BIAS": False,
-              "ACTIVATION": 0, "HAS_RES": False, "EVEN_K": True, "ROWS": rows,
-              "BLOCK_N": block_n, "STEP": 128}
-    return sm90_resources(g._scaled_gemv_kernel, sig, consts, warps)
+              "ACTIVATION": 0, "HAS_RES": False, "BLOCK_N": launch["block_n"],
+              "GROUPS": block_k // 128, "STEP": 128}
+    return sm90_resources(g._scaled_gemv_kernel, sig, consts, launch["num_warps"])
 
 
-def gemv_one_row():
-    return gemv(rows=1)
+def gemv_short_steps():
+    return gemv(block_k=512)
 
 
 _W = quant._TILE_WARPS
@@ -184,8 +183,8 @@ KERNELS = {
     "quantize_dual, fix-up launch for NaN/Inf tiles": quantize_dual_fixup,
     f"requantize_t (whole 128x128 tile, {_W['requantize_t']} warps)": requantize_t,
     "FP8 transpose copy (64x64, 4 warps)": transpose_copy,
-    "GEMM of 4 rows on CUDA cores, blockwise (8 columns, 4 warps)": gemv,
-    "GEMM of 1 row on CUDA cores, blockwise (32 columns, 4 warps)": gemv_one_row,
+    "GEMM of one row on CUDA cores, blockwise, steps of 1024": gemv,
+    "GEMM of one row on CUDA cores, blockwise, steps of 512": gemv_short_steps,
 }
 
 

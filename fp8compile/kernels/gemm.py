@@ -309,6 +309,7 @@ def scaled_mm(
     accumulation: str = "precise", activation: str = "none",
     residual: torch.Tensor | None = None, config: dict | None = None, gluon: bool = True,
     out_scale: torch.Tensor | None = None, residual2: torch.Tensor | None = None,
+    gemv: bool = True,
 ) -> torch.Tensor:
     """``act(dequant(xq) @ dequant(wq).T + bias) + residual (+ residual2)`` in ``out_dtype``.
 
@@ -325,7 +326,9 @@ def scaled_mm(
     :func:`gluon_serves`): the compile-time decisions time and tune what a traced graph
     will launch.  ``residual2``, a second residual, is added in fp32 too (a residual stream
     ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
-    fp32 sum (:func:`fp8compile.numerics.residual_sum`).
+    fp32 sum (:func:`fp8compile.numerics.residual_sum`).  One row (``M == 1``, a static
+    shape) runs on the CUDA cores (:func:`.gemv.scaled_gemv`, where :func:`.gemv.serves`)
+    unless ``gemv=False`` or a ``config`` is given.
 
     Example::
 
@@ -400,6 +403,12 @@ def scaled_mm(
                       accumulation, "none", None, config, gluon=False)
         h = swiglu_of(y)
         return (h if residual is None else h + residual).to(out_dtype)
+    if gemv and config is None and GEMV and type(m) is int and m == 1:
+        from . import gemv as _gemv
+
+        if _gemv.serves(k, x_granularity, w_granularity):
+            return _gemv.scaled_gemv(xq, xs, x_granularity, wq, ws, w_granularity, bias,
+                                     out_dtype, activation, residual)
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if residual is not None:
         res = residual.expand(*lead, n).reshape(m, n)
@@ -482,6 +491,13 @@ def scaled_mm(
         )
     return out.reshape(*lead, n)
 
+
+# Whether a GEMM of one row runs on the CUDA cores (kernels.gemv) instead of a 16-row
+# tensor-core tile with K split (where kernels.gemv.serves).  H200, CUDA graphs, weights
+# from HBM (docs/performance.md, "Decode at batch 1"): 1.13-1.18x faster at 1x4096x4096,
+# 1.08-1.12x at 1x14336x4096, 1.02x (blockwise) at 1x4096x14336.
+# ``FP8COMPILE_GEMV=0`` keeps the tensor-core kernel.
+GEMV = os.environ.get("FP8COMPILE_GEMV", "1") != "0"
 
 # Whether a split-K launch of tiles at most FOLD_SPLIT_ROWS tall sums its partials in the GEMM
 # kernel (the last program of each tile to finish) rather than in _splitk_epilogue_kernel.

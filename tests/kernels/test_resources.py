@@ -28,7 +28,7 @@ NAMES = ["quantize_groups", "quantize_rows", "rmsnorm_groups", "silu_mul_rows",
          "quantize_blocks", "quantize_blocks_transposed",
          "quantize_dual", "quantize_dual_fixup", "requantize_t", "transpose_copy",
          "delayed_rmsnorm_cast", "delayed_silu_mul_cast", "delayed_cast", "delayed_cast_t",
-         "dynamic_cast_t", "gemv", "gemv_one_row"]
+         "dynamic_cast_t", "gemv", "gemv_short_steps"]
 # Bytes of stack a kernel may use (see the module docstring); 0 for every other kernel.
 ALLOWED_STACK = {"quantize_dual": 64}
 SNIPPET = f"""
