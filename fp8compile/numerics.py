@@ -72,6 +72,7 @@ __all__ = [
     "silu_mul_quantize",
     "sqnr",
     "swiglu",
+    "swiglu_in_groups",
 ]
 
 BLOCK = 128
@@ -480,6 +481,16 @@ def swiglu(y: torch.Tensor, run: int = SWIGLU_RUN) -> torch.Tensor:
     pairs = y.reshape(*y.shape[:-1], n // (2 * run), 2, run)
     gate, up = pairs.select(-2, 0), pairs.select(-2, 1)
     return (torch.nn.functional.silu(gate) * up).reshape(*y.shape[:-1], n // 2)
+
+
+def swiglu_in_groups(x_granularity, w_granularity, h_granularity) -> bool:
+    """Whether a SwiGLU gate/up GEMM with these operand scales, whose ``h`` the down
+    projection reads quantized with ``h_granularity``, is the blockwise recipe's: 1x128
+    activation groups x 128x128 weight blocks, ``h`` in 1x128 groups.  One op
+    (``fp8compile::scaled_mm_swiglu_quantize``) then computes and quantizes ``h``."""
+    return (Granularity(x_granularity), Granularity(w_granularity),
+            Granularity(h_granularity)) == (Granularity.GROUP, Granularity.BLOCK,
+                                            Granularity.GROUP)
 
 
 def residual_sum(residual: torch.Tensor | None,

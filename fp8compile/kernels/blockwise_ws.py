@@ -58,7 +58,8 @@ warpgroup keeps two 64x128 accumulators and one partial tile, so every promotion
 nothing of its own in flight (the other warpgroup's wgmma runs under it).  The epilogue
 computes ``silu(gate) * up`` in fp32 and writes it in E4M3 with one scale per row of the
 128-wide group, which is what the down projection reads: h is never written in high
-precision.  Not yet timed on a GPU.
+precision.  On an H200 the step took 0.94-0.98x the time of cuBLAS's GEMM and the separate
+quantization (docs/performance.md).
 
 Registers: 64 fp32 per thread for the accumulator and for each partial tile (promoted,
 128x128 tile, two warpgroups), 128 for the fast path's 64x256 accumulator; the math
@@ -391,26 +392,41 @@ if HAVE_GLUON:
         return acc, acc_hi, p, it
 
     @gluon.jit
+    def _silu_mul(gate, up):
+        """``silu(gate) * up = gate * up / (1 + exp(-gate))`` in fp32, the division
+        approximate (2 ulp): a reciprocal and a multiply.  The exp and the reciprocal (two
+        special-function ops per output) are what a SwiGLU epilogue adds: ~1 us per 128x256
+        tile on an H200, while the tensor cores wait (docs/performance.md)."""
+        return gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
+
+    @gluon.jit
+    def _fp8_quotient(y, s, r):
+        """``y / s`` rounded as IEEE division rounds it, from ``r = div_rn(1, s)`` normal:
+        ``y * r`` corrected twice with fma (as ``kernels.quant._div_exact``), ``y * s - y'``
+        subtracted so that zeros keep their sign (``* -1.0`` is a true flip); then ±Inf (an
+        overflow or a non-finite ``y``) made NaN, as E4M3FN has no Inf and the saturating
+        conversion would clip it.  ``s`` and ``r`` broadcast against ``y``."""
+        ny = y * -1.0
+        nr = r * -1.0
+        q = y * r
+        q = gl.fma(gl.fma(q, s, ny), nr, q)
+        q = gl.fma(gl.fma(q, s, ny), nr, q)
+        return gl.where(gl.abs(q) < float("inf"), q, float("nan"))
+
+    @gluon.jit
     def _swiglu_groups(gate, up, c_half, s_ptr, rows, rmask, group, M):
-        """``silu(gate) * up`` in fp32 (the division approximate, as the fast path's SwiGLU),
-        its finite amax per row, the scale ``max(amax, 1e-12) / 448`` (IEEE division, as
-        numerics.compute_scale) stored at ``s_ptr[rows + group * M]``, and the tile divided
-        by it into ``c_half`` as E4M3: the reciprocal corrected twice with fma, the IEEE
-        quotient (as :func:`_out_cast`); NaN and Inf products become E4M3's NaN, as
-        numerics.quantize makes them."""
-        h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
+        """``silu(gate) * up`` in fp32 (:func:`_silu_mul`), its finite amax per row, the
+        scale ``max(amax, 1e-12) / 448`` (IEEE division, as numerics.compute_scale) stored
+        at ``s_ptr[rows + group * M]``, and the tile divided by it into ``c_half`` as E4M3
+        (:func:`_fp8_quotient`: the scale's reciprocal is normal for every finite amax);
+        NaN and Inf products become E4M3's NaN, as numerics.quantize makes them."""
+        h = _silu_mul(gate, up)
         a = gl.abs(h)
         amax = gl.max(gl.where(a < float("inf"), a, 0.0), axis=1)
         s = gl.div_rn(gl.maximum(amax, 1e-12), 448.0)
         gl.store(s_ptr + rows + group * M, s, mask=rmask)
         r = gl.div_rn(1.0, s)
-        nh = h * -1.0  # ``* -1.0``: a true sign flip, so zeros keep their sign
-        nr = (r * -1.0)[:, None]
-        sb = s[:, None]
-        q = h * r[:, None]
-        q = gl.fma(gl.fma(q, sb, nh), nr, q)
-        q = gl.fma(gl.fma(q, sb, nh), nr, q)
-        q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
+        q = _fp8_quotient(h, s[:, None], r[:, None])
         c_half.store(q.to(c_half.dtype))
 
     @gluon.jit
@@ -568,12 +584,8 @@ if HAVE_GLUON:
                     # columns c and c + CN hold gate and up of one output (interleaved weight);
                     # the accumulator layout keeps both in one thread, so this moves no data
                     gate, up = acc.reshape([HM, 2, CN]).permute((0, 2, 1)).split()
-                    # silu(gate) * up = gate * up / (1 + exp(-gate)), the division approximate
-                    # (2 ulp): a reciprocal and a multiply.  The exp and the reciprocal (two
-                    # special-function ops per output) are what the epilogue adds: ~1 us per
-                    # 128x256 tile on an H200, while the tensor cores wait (docs/performance.md).
-                    h = gl.fdiv(gate * up, 1.0 + gl.exp(-gate), ieee_rounding=False)
-                    c_smem.store(_out_cast(h, os_ptr, c_desc.dtype, QUANT_OUT))
+                    c_smem.store(_out_cast(_silu_mul(gate, up), os_ptr, c_desc.dtype,
+                                           QUANT_OUT))
                 else:
                     c_smem.store(_out_cast(acc, os_ptr, c_desc.dtype, QUANT_OUT))
                 fence_async_shared()
@@ -600,24 +612,18 @@ if HAVE_GLUON:
         ``gl.fdiv(..., ieee_rounding=True)`` is not that division: on an H200 it rounded
         FP8 midpoints the other way (``test_fp8_output_rounds_midpoints_as_the_division``).
         For a scale whose reciprocal is normal (any calibrated one) the quotient is
-        ``y * div_rn(1, scale)`` corrected twice with fma, as ``kernels.quant._div_exact``
-        computes it: bit-equal to the division above fp32's normal range floor (below it
-        the cast gives ±0 either way), zeros keep their sign, and an overflow or a
-        non-finite ``y`` gives NaN, as the division's ±Inf does here.  It costs the SwiGLU
+        ``y * div_rn(1, scale)`` corrected twice with fma (:func:`_fp8_quotient`):
+        bit-equal to the division above fp32's normal range floor (below it the cast gives
+        ±0 either way), zeros keep their sign, and an overflow or a non-finite ``y`` gives
+        NaN, as the division's ±Inf does here.  It costs the SwiGLU
         epilogue nothing measurable.  Other scales take ``div_rn`` per element."""
         if QUANT_OUT:
             s = gl.load(os_ptr)
             if (s > 1e-30) & (s < 1e30):
-                r = gl.div_rn(1.0, s)
-                # y*s - y', subtracted: zeros keep their sign (``* -1.0`` is a true flip)
-                ny = y * -1.0
-                nr = r * -1.0
-                q = y * r
-                q = gl.fma(gl.fma(q, s, ny), nr, q)
-                q = gl.fma(gl.fma(q, s, ny), nr, q)
+                q = _fp8_quotient(y, s, gl.div_rn(1.0, s))
             else:
                 q = gl.div_rn(y, s)
-            q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
+                q = gl.where(gl.abs(q) < float("inf"), q, float("nan"))
             return q.to(dtype)
         else:
             return y.to(dtype)

@@ -566,14 +566,35 @@ def swiglu_group_quantize(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
     if (m and fmt is Fp8Format.E4M3 and not power_of_2
             and _gluon_takes(a, xs2, Granularity.GROUP, w, ws2, Granularity.BLOCK, fmt.dtype,
                              "swiglu", None, accumulation, groups=True)):
-        q = torch.empty((m, f), dtype=fmt.dtype, device=xq.device)
-        s = torch.empty_strided((m, f // 128), (1, m), dtype=torch.float32, device=xq.device)
+        q, s = _group_outputs(m, f, xq.device)
         blockwise_ws.blockwise_mm(a, xs2, w, ws2, None, q, Granularity.GROUP,
                                   Granularity.BLOCK, accumulation, swiglu=True, out_scale=s)
         return q.reshape(*lead, f), s
     h = scaled_mm(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK, None, torch.float32,
                   accumulation, "swiglu")
     return quantize(h, Granularity.GROUP, fmt, power_of_2)
+
+
+def _group_outputs(m: int, f: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The blockwise SwiGLU epilogue's outputs: h ``(M, F)`` in E4M3 and its ``(M, F/128)``
+    group scales, M-contiguous as :func:`.quant.quantize` lays out groups."""
+    q = torch.empty((m, f), dtype=torch.float8_e4m3fn, device=device)
+    s = torch.empty_strided((m, f // 128), (1, m), dtype=torch.float32, device=device)
+    return q, s
+
+
+def _meta_stand_ins(operands: tuple) -> tuple | None:
+    """Meta-device tensors with the sizes, strides and dtypes of a traced launch's
+    ``operands`` (None kept), for :func:`.blockwise_ws.precompile`; None where no compile
+    can start: under the interpreter, without Gluon, or with a symbolic size or stride."""
+    if _interpreting() or not blockwise_ws.HAVE_GLUON or any(
+            not isinstance(d, int) for t in operands if t is not None
+            for d in (*t.shape, *t.stride())):
+        return None
+    with outside_tracing():
+        return tuple(None if t is None else
+                     torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+                     for t in operands)
 
 
 def _gluon_outputs(m, out_n, out_dtype, device, residual, residual2):
@@ -592,42 +613,34 @@ def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dty
     (the traced operands' sizes, strides and dtypes are read, nothing else).  Call only where
     :func:`gluon_serves` said it would serve.  Static shapes only; returns whether a compile
     was started."""
-    operands = (xq, xs, wq, ws, bias, residual, residual2, out_scale)
-    if _interpreting() or not blockwise_ws.HAVE_GLUON or any(
-            not isinstance(d, int) for t in operands if t is not None
-            for d in (*t.shape, *t.stride())):
+    device = xq.device
+    stand_ins = _meta_stand_ins((xq, xs, wq, ws, bias, residual, residual2, out_scale))
+    if stand_ins is None:
         return False
     xg, wg = Granularity(x_granularity), Granularity(w_granularity)
     with outside_tracing():
-        xq, xs, wq, ws, bias, residual, residual2, out_scale = (
-            None if t is None else
-            torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-            for t in operands)
+        xq, xs, wq, ws, bias, residual, residual2, out_scale = stand_ins
         a, xs2, w, ws2 = _operands_2d(xq, xs, xg, wq, ws, wg, torch.Tensor.contiguous)
         swiglu = activation == "swiglu"
         m, out_n = a.shape[0], w.shape[0] // 2 if swiglu else w.shape[0]
         out, residuals = _gluon_outputs(m, out_n, out_dtype, "meta", residual, residual2)
         return blockwise_ws.precompile(a, xs2, w, ws2, bias, out, xg, wg, accumulation, swiglu,
-                                       out_scale, residuals, operands[0].device)
+                                       out_scale, residuals, device)
 
 
 def precompile_swiglu_groups(xq, xs, wq, ws, accumulation) -> bool:
     """:func:`precompile_gluon` for the launch :func:`swiglu_group_quantize` makes."""
-    operands = (xq, xs, wq, ws)
-    if _interpreting() or not blockwise_ws.HAVE_GLUON or any(
-            not isinstance(d, int) for t in operands for d in (*t.shape, *t.stride())):
+    device = xq.device
+    stand_ins = _meta_stand_ins((xq, xs, wq, ws))
+    if stand_ins is None:
         return False
+    xq, xs, wq, ws = stand_ins
     with outside_tracing():
-        xq, xs, wq, ws = (torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
-                          for t in operands)
         a, xs2, w, ws2 = _operands_2d(xq, xs, Granularity.GROUP, wq, ws, Granularity.BLOCK,
                                       torch.Tensor.contiguous)
-        m, f = a.shape[0], w.shape[0] // 2
-        q = torch.empty((m, f), dtype=torch.float8_e4m3fn, device="meta")
-        s = torch.empty_strided((m, f // 128), (1, m), dtype=torch.float32, device="meta")
+        q, s = _group_outputs(a.shape[0], w.shape[0] // 2, "meta")
         return blockwise_ws.precompile(a, xs2, w, ws2, None, q, Granularity.GROUP,
-                                       Granularity.BLOCK, accumulation, True, s, (),
-                                       operands[0].device)
+                                       Granularity.BLOCK, accumulation, True, s, (), device)
 
 
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,

@@ -382,8 +382,8 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
                        device: torch.device, accumulation: str = "fast"
                        ) -> tuple[float, float]:
     """``(fused, unfused)`` GPU milliseconds of a SwiGLU MLP's gate/up step at compile time,
-    on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows, fast
-    accumulation) followed by a plain quantization of its output, against the GEMM the graph
+    on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows,
+    ``accumulation``) followed by a plain quantization of its output, against the GEMM the graph
     runs otherwise followed by the SiLU·mul quantization of its two halves.  That GEMM is
     timed on cuBLAS where cuBLAS computes it (the compile-time choice keeps cuBLAS for these
     large fast GEMMs, docs/performance.md) and ``FP8COMPILE_GEMM_BACKEND`` does not force
@@ -394,7 +394,7 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
     is :func:`.gemm.swiglu_group_quantize` alone (the kernel's epilogue writes the groups),
     both GEMMs with ``accumulation``.  Cached per (M bucket, sizes, recipe, dtypes,
     quantization, accumulation)."""
-    from ..numerics import Fp8Format
+    from ..numerics import Fp8Format, swiglu_in_groups
     from ..ops._inline import outside_tracing
     from . import fused
     from . import quant as q
@@ -413,8 +413,7 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
         wq, ws = q.quantize(torch.randn(n, k, device=device, dtype=torch.bfloat16), wg,
                             x_fmt, False)
 
-        groups = (Granularity(xg), Granularity(wg), gran) == (
-            Granularity.GROUP, Granularity.BLOCK, Granularity.GROUP)
+        groups = swiglu_in_groups(xg, wg, gran)
 
         def with_epilogue():
             if groups:

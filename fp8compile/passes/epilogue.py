@@ -221,7 +221,7 @@ class EpiloguePass(Fp8Pass):
             return False
         cache.set_interleave(0 if gate_first else 1)
         xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
-        groups = not static and _blockwise_groups(mm, gran)
+        groups = not static and nx.swiglu_in_groups(xg, wg, gran)
         with graph.inserting_before(quant):
             if static:  # the epilogue casts with the static scale: no quantization pass
                 h = new = graph.call_function(OPS.scaled_mm_quantized.default,
@@ -270,7 +270,7 @@ class EpiloguePass(Fp8Pass):
             return "the GEMM already has an epilogue", ""
         if self.ctx.config.fuse_swiglu:
             return None, ""
-        groups = quant is not None and _blockwise_groups(mm, quant[0])
+        groups = quant is not None and nx.swiglu_in_groups(xg, wg, quant[0])
         if groups and (nx.Fp8Format(quant[1]) is not nx.Fp8Format.E4M3 or quant[2]):
             return ("the epilogue that quantizes h in 1x128 groups writes E4M3 with plain "
                     "(not power-of-2) scales; fuse_swiglu=True makes the fold through "
@@ -335,14 +335,6 @@ class EpiloguePass(Fp8Pass):
 
 
 _WORDS = {"gelu": "GELU", "silu": "SiLU", "relu": "ReLU", "residual": "residual add"}
-
-
-def _blockwise_groups(mm: torch.fx.Node, quant_granularity) -> bool:
-    """Whether the gate/up GEMM ``mm`` has blockwise operands and its SiLU·mul is quantized
-    in 1x128 groups: ``fp8compile::scaled_mm_swiglu_quantize`` then does both."""
-    xg, wg = mm.args[2], mm.args[5]
-    return (nx.Granularity(xg), nx.Granularity(wg), nx.Granularity(quant_granularity)) == (
-        nx.Granularity.GROUP, nx.Granularity.BLOCK, nx.Granularity.GROUP)
 
 
 def _gate_up_gemm(quant: torch.fx.Node):
