@@ -11,7 +11,8 @@
 #   gluon     tests/kernels/test_blockwise_ws.py: every tile, recipe and epilogue of the
 #             warp-specialized Hopper kernel (~9 minutes on an H200, most of it compiling)
 #   gemm      benchmarks/gemm.py at M = 16 and 4096 (the full sweep: run gemm.py alone)
-#   gemv      benchmarks/gemv.py: the one-to-four-row GEMM on CUDA cores, every launch
+#   gemv      benchmarks/gemv.py: the one-row GEMM on CUDA cores against the tensor cores,
+#             every launch
 #   swiglu    benchmarks/swiglu.py and swiglu_groups.py: the gate/up step with SiLU·mul in
 #             the GEMM epilogue or not (row/tensor scales, then blockwise with h quantized in
 #             1x128 groups there)
@@ -59,7 +60,7 @@ for stage in "${stages[@]}"; do
         gluon) run gluon 580 python -m pytest -q -p no:cacheprovider \
                    tests/kernels/test_blockwise_ws.py ;;
         gemm) run gemm 200 python benchmarks/gemm.py --m 16 4096 --out "$out" ;;
-        gemv) run gemv 300 python benchmarks/gemv.py --m 1 2 4 ;;
+        gemv) run gemv 300 python benchmarks/gemv.py ;;
         swiglu)
             run swiglu 150 python benchmarks/swiglu.py
             run swiglu_groups 150 python benchmarks/swiglu_groups.py --m 2048 4096 8192 ;;

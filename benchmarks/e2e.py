@@ -5,7 +5,8 @@ Run on a CUDA (Hopper) machine::
     PYTHONUNBUFFERED=1 python benchmarks/e2e.py --out out/
 
 The block: d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16, forward only, at
-2x2048 tokens and 1x16 tokens (decode-like).  Each fp8hpf variant also runs as
+2x2048 tokens and 1x16 tokens (decode-like); ``--shapes token`` times 1x1 (decode at batch
+1, every linear a one-row GEMM) instead.  Each fp8hpf variant also runs as
 ``... unfused``: without ``fuse_projections`` (q/k/v and gate/up as separate GEMMs); the
 fast ones and blockwise also as ``... no-swiglu``: without ``fuse_swiglu`` (SiLU·mul outside
 the gate/up GEMM's epilogue).
@@ -65,6 +66,9 @@ import fp8compile  # noqa: E402
 D, HEADS, FFN = 4096, 32, 14336
 SHAPES = {"prefill 2x2048": (2, 2048), "decode 1x16": (1, 16)}
 SMALL_SHAPES = {"prefill 2x64": (2, 64), "decode 1x16": (1, 16)}
+# Timed only when --shapes names them: decode at batch 1, one token a step (every linear
+# a one-row GEMM: kernels.gemv).
+EXTRA_SHAPES = {"token 1x1": (1, 1)}
 
 
 class Block(nn.Module):
@@ -485,7 +489,8 @@ def main() -> None:
     ap.add_argument("--out", default="out")
     ap.add_argument("--mode", default=None, help="torch.compile mode for every compiled variant")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
-    ap.add_argument("--shapes", default=None, help="comma-separated: prefill,decode")
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated: prefill,decode (the default), token (1x1)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-variant", default="fp8hpf blockwise")
     ap.add_argument("--small", action="store_true", help="d=256 smoke run (runs on CPU)")
@@ -518,7 +523,8 @@ def main() -> None:
         shapes = SMALL_SHAPES if args.small else SHAPES
         if args.shapes:
             keep = args.shapes.split(",")
-            shapes = {k: v for k, v in shapes.items() if k.split()[0] in keep}
+            shapes = {k: v for k, v in {**shapes, **EXTRA_SHAPES}.items()
+                      if k.split()[0] in keep}
         for shape_name, (b, t) in shapes.items():
             x = torch.randn(b, t, D, device=dev, dtype=torch.bfloat16)
             ref = base32(x.float())

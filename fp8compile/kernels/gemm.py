@@ -403,7 +403,7 @@ def scaled_mm(
                       accumulation, "none", None, config, gluon=False)
         h = swiglu_of(y)
         return (h if residual is None else h + residual).to(out_dtype)
-    if gemv and config is None and GEMV and type(m) is int and m == 1:
+    if gemv and config is None and type(m) is int and m == 1 and _gemv_enabled():
         from . import gemv as _gemv
 
         if _gemv.serves(k, x_granularity, w_granularity):
@@ -494,10 +494,13 @@ def scaled_mm(
 
 # Whether a GEMM of one row runs on the CUDA cores (kernels.gemv) instead of a 16-row
 # tensor-core tile with K split (where kernels.gemv.serves).  H200, CUDA graphs, weights
-# from HBM (docs/performance.md, "Decode at batch 1"): 1.13-1.18x faster at 1x4096x4096,
-# 1.08-1.12x at 1x14336x4096, 1.02x (blockwise) at 1x4096x14336.
-# ``FP8COMPILE_GEMV=0`` keeps the tensor-core kernel.
-GEMV = os.environ.get("FP8COMPILE_GEMV", "1") != "0"
+# from HBM (docs/performance.md, "Decode at batch 1: one row on the CUDA cores"): 1.13-1.18x
+# faster at 1x4096x4096, 1.08-1.12x at 1x14336x4096, 1.02x (blockwise) at 1x4096x14336.
+# ``FP8COMPILE_GEMV=0`` keeps the tensor-core kernel (read at each call: a traced graph bakes
+# the choice in, and the switch is part of Inductor's cache key, _cache_key.TRACE_SWITCHES).
+def _gemv_enabled() -> bool:
+    return os.environ.get("FP8COMPILE_GEMV", "1") != "0"
+
 
 # Whether a split-K launch of tiles at most FOLD_SPLIT_ROWS tall sums its partials in the GEMM
 # kernel (the last program of each tile to finish) rather than in _splitk_epilogue_kernel.

@@ -12,7 +12,7 @@ latency (0.2-0.5x bf16 ``F.linear`` at 4096x4096 on an H200, against 1.5-1.6x wi
 ``benchmarks/gemv.py``).
 
 Two rows or more are left to the tensor-core kernel: they were slower here at every launch
-measured (``docs/performance.md``, "Decode at batch 1").
+measured (``docs/performance.md``, "Decode at batch 1: one row on the CUDA cores").
 
 Numerics are those of the tensor-core kernel's ``precise`` mode and of
 :func:`fp8compile.numerics.scaled_mm_reference`: products and sums in fp32, scales that

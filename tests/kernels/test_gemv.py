@@ -248,3 +248,20 @@ def test_scaled_mm_keeps_long_k_of_constant_scales_on_tensor_cores(device, monke
     assert bool(calls) == here
     torch.testing.assert_close(y.cpu(), _reference(xq, xs, wq, ws, recipe).cpu(), atol=1e-5,
                                rtol=1e-5)
+
+
+def test_fp8compile_gemv_0_keeps_the_tensor_cores(device, monkeypatch):
+    from fp8compile.kernels import gemm as gemm_mod
+    from fp8compile.kernels import gemv as gemv_mod
+
+    calls = []
+    real = gemv_mod.scaled_gemv
+    monkeypatch.setattr(gemv_mod, "scaled_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    recipe = (G.GROUP, G.BLOCK)
+    xq, xs, wq, ws = _operands(device, (1, 256), 64, recipe)
+    monkeypatch.setenv("FP8COMPILE_GEMV", "0")
+    gemm_mod.scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1])
+    assert not calls
+    monkeypatch.setenv("FP8COMPILE_GEMV", "1")
+    gemm_mod.scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1])
+    assert calls
