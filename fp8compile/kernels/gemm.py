@@ -327,8 +327,8 @@ def scaled_mm(
     will launch.  ``residual2``, a second residual, is added in fp32 too (a residual stream
     ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
     fp32 sum (:func:`fp8compile.numerics.residual_sum`).  One row (``M == 1``, a static
-    shape) runs on the CUDA cores (:func:`.gemv.scaled_gemv`, where :func:`.gemv.serves`)
-    unless ``gemv=False`` or a ``config`` is given.
+    shape) runs on the CUDA cores (:func:`.gemv.scaled_gemv`) unless ``gemv=False`` or a
+    ``config`` is given.
 
     Example::
 
@@ -404,11 +404,10 @@ def scaled_mm(
         h = swiglu_of(y)
         return (h if residual is None else h + residual).to(out_dtype)
     if gemv and config is None and type(m) is int and m == 1 and _gemv_enabled():
-        from . import gemv as _gemv
+        from .gemv import scaled_gemv
 
-        if _gemv.serves(k, x_granularity, w_granularity):
-            return _gemv.scaled_gemv(xq, xs, x_granularity, wq, ws, w_granularity, bias,
-                                     out_dtype, activation, residual)
+        return scaled_gemv(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
+                           activation, residual)
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if residual is not None:
         res = residual.expand(*lead, n).reshape(m, n)
@@ -493,9 +492,9 @@ def scaled_mm(
 
 
 # Whether a GEMM of one row runs on the CUDA cores (kernels.gemv) instead of a 16-row
-# tensor-core tile with K split (where kernels.gemv.serves).  H200, CUDA graphs, weights
-# from HBM (docs/performance.md, "Decode at batch 1: one row on the CUDA cores"): 1.13-1.18x
-# faster at 1x4096x4096, 1.08-1.12x at 1x14336x4096, 1.02x (blockwise) at 1x4096x14336.
+# tensor-core tile with K split.  H200, CUDA graphs, weights from HBM (docs/performance.md,
+# "Decode at batch 1: one row on the CUDA cores"): 1.19-1.24x faster at 1x4096x4096,
+# 1.09-1.17x at 1x14336x4096, 0.99-1.04x at 1x4096x14336, every recipe.
 # ``FP8COMPILE_GEMV=0`` keeps the tensor-core kernel (read at each call: a traced graph bakes
 # the choice in, and the switch is part of Inductor's cache key, _cache_key.TRACE_SWITCHES).
 def _gemv_enabled() -> bool:

@@ -7,9 +7,10 @@ K to fill the SMs.  Here each program owns ``BLOCK_N`` output columns and walks 
 steps of ``BLOCK_K``: it loads a ``[BLOCK_N, BLOCK_K]`` FP8 weight tile (rows of contiguous
 bytes), converts it to fp32, multiplies it by the step's slice of x and sums each 128 of K.
 The next step's weight tile is loaded before a step's arithmetic, so every program keeps
-two tiles of the weight stream in flight; without it each step waited out one memory
-latency (0.2-0.5x bf16 ``F.linear`` at 4096x4096 on an H200, against 1.5-1.6x with it;
-``benchmarks/gemv.py``).
+two tiles of the weight stream in flight, and weight loads are ``evict_first`` (it is read
+once).  A first version without the load ahead, in 128-wide steps, waited out one memory
+latency per step: 14-93 us at 1x4096x4096 on an H200, against 7.7-7.8 us now and 9.3 us for
+the tensor-core kernel (``benchmarks/gemv.py``).
 
 Two rows or more are left to the tensor-core kernel: they were slower here at every launch
 measured (``docs/performance.md``, "Decode at batch 1: one row on the CUDA cores").
@@ -40,7 +41,7 @@ from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv, num_sms
 
-__all__ = ["MAX_K_CONSTANT_SCALES", "default_launch", "scaled_gemv", "serves"]
+__all__ = ["default_launch", "scaled_gemv"]
 
 _STEP = 128  # K of one 1x128 group / 128x128 block of scales
 
@@ -85,11 +86,15 @@ def _scaled_gemv_kernel(
     per: tl.constexpr = 128 if W_GRAN == 3 else 1
     s_ptrs = ws_ptr + (offs_wn[:, None] // per) * stride_ws0 + offs_g[None, :] * stride_ws1
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    w = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0)
+    # The weight is read once: evict_first keeps it from displacing x, the scales and the
+    # output in L2 (H200: 7.9-8.3 -> 7.7-7.8 us at 1x4096x4096, 21.7-21.8 -> 19.7-19.9 with
+    # row/tensor scales at 1x4096x14336).
+    w = tl.load(w_ptrs, mask=offs_k[None, :] < K, other=0.0, eviction_policy="evict_first")
     for k in range(0, K, BLOCK_K):
         # The next step's tile is loaded before this step's arithmetic (masked off past K).
         nk = k + BLOCK_K
-        w_next = tl.load(w_ptrs + nk, mask=offs_k[None, :] < K - nk, other=0.0)
+        w_next = tl.load(w_ptrs + nk, mask=offs_k[None, :] < K - nk, other=0.0,
+                         eviction_policy="evict_first")
         if W_GRAN >= 2:  # weight scales that change along K: this step's [BLOCK_N, GROUPS]
             s_col = tl.load(s_ptrs + (k // STEP) * stride_ws1,
                             mask=(k // STEP + offs_g[None, :]) * STEP < K, other=0.0)
@@ -108,19 +113,6 @@ def _scaled_gemv_kernel(
         acc = acc * tl.load(ws_ptr)
     _epilogue(acc[None, :], tl.arange(0, 1), offs_n, 1, N, bias_ptr, res_ptr, out_ptr,
               0, stride_rn, 0, stride_on, HAS_BIAS, ACTIVATION, HAS_RES)
-
-
-# The longest K at which one row with scales constant along K (row, tensor) is sent here:
-# at 1x4096x14336 the tensor-core kernel, its K split across programs, was 2-8% faster on an
-# H200 (two calls); at K = 4096 this kernel was 8-16% faster.  With blockwise scales it was
-# as fast or faster at every shape measured (``benchmarks/gemv.py``).
-MAX_K_CONSTANT_SCALES = 8192
-
-
-def serves(k: int, x_granularity, w_granularity) -> bool:
-    """Whether :func:`.gemm.scaled_mm` sends a one-row GEMM of depth ``k`` here."""
-    along_k = max(GRAN_CODE[Granularity(x_granularity)], GRAN_CODE[Granularity(w_granularity)])
-    return along_k >= 2 or k <= MAX_K_CONSTANT_SCALES
 
 
 def default_launch(n: int, device: torch.device) -> dict:

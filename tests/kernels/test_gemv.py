@@ -227,29 +227,6 @@ def test_traced_one_row_gemm_launches_this_kernel():
     assert torch.equal(y, _gemv(xq, xs, wq, ws, recipe, out_dtype=torch.float32))
 
 
-@pytest.mark.parametrize("recipe, k, here", [((G.ROW, G.ROW), 384, True),
-                                             ((G.ROW, G.ROW), 640, False),
-                                             ((G.TENSOR, G.TENSOR), 640, False),
-                                             ((G.GROUP, G.BLOCK), 640, True),
-                                             ((G.ROW, G.BLOCK), 640, True)])
-def test_scaled_mm_keeps_long_k_of_constant_scales_on_tensor_cores(device, monkeypatch,
-                                                                   recipe, k, here):
-    """Row and tensor scales past MAX_K_CONSTANT_SCALES (lowered here to 512) take the
-    tensor-core kernel, whose split of K was faster there; scales along K never do."""
-    from fp8compile.kernels import gemm as gemm_mod
-    from fp8compile.kernels import gemv as gemv_mod
-
-    monkeypatch.setattr(gemv_mod, "MAX_K_CONSTANT_SCALES", 512)
-    calls = []
-    real = gemv_mod.scaled_gemv
-    monkeypatch.setattr(gemv_mod, "scaled_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    xq, xs, wq, ws = _operands(device, (1, k), 64, recipe)
-    y = gemm_mod.scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32)
-    assert bool(calls) == here
-    torch.testing.assert_close(y.cpu(), _reference(xq, xs, wq, ws, recipe).cpu(), atol=1e-5,
-                               rtol=1e-5)
-
-
 def test_fp8compile_gemv_0_keeps_the_tensor_cores(device, monkeypatch):
     from fp8compile.kernels import gemm as gemm_mod
     from fp8compile.kernels import gemv as gemv_mod
