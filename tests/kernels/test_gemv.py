@@ -242,3 +242,35 @@ def test_fp8compile_gemv_0_keeps_the_tensor_cores(device, monkeypatch):
     monkeypatch.setenv("FP8COMPILE_GEMV", "1")
     gemm_mod.scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1])
     assert calls
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the compiled block launches the Triton kernels on a GPU only")
+@pytest.mark.parametrize("recipe", ["blockwise", "rowwise"])
+def test_compiled_block_at_one_token_runs_its_linears_here(monkeypatch, recipe):
+    """A LLaMA block compiled with the fp8hpf backend and fed one token: every FP8 linear
+    is a one-row GEMM, traced as this kernel; the output stays as close to the fp32 block
+    as the same block's on the tensor cores (FP8COMPILE_GEMV=0)."""
+    import fp8compile
+    from fp8compile.kernels import gemv as gemv_mod
+    from tests.models import LlamaBlock, rel_err
+
+    calls = []
+    real = gemv_mod.scaled_gemv
+    monkeypatch.setattr(gemv_mod, "scaled_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    torch.manual_seed(0)
+    block32 = LlamaBlock(512, heads=4, ffn=1024).cuda()
+    block = LlamaBlock(512, heads=4, ffn=1024).cuda().to(torch.bfloat16)
+    block.load_state_dict(block32.state_dict())
+    x = torch.randn(1, 1, 512, device="cuda", dtype=torch.bfloat16)
+    ref = block32(x.float())
+    errs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FP8COMPILE_GEMV", flag)
+        torch._dynamo.reset()
+        model = torch.compile(block, backend=fp8compile.backend({"recipe": recipe}))
+        with torch.no_grad():
+            errs[flag] = rel_err(model(x), ref)
+        if flag == "1":
+            assert calls, "no one-row GEMM reached kernels.gemv"
+    assert errs["1"] < 0.05 and errs["1"] <= errs["0"] * 1.2, errs
