@@ -327,7 +327,7 @@ def scaled_mm(
     will launch.  ``residual2``, a second residual, is added in fp32 too (a residual stream
     ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
     fp32 sum (:func:`fp8compile.numerics.residual_sum`).  One row (``M == 1``, a static
-    shape) runs on the CUDA cores (:func:`.gemv.scaled_gemv`) unless ``gemv=False`` or a
+    shape) runs on the CUDA cores (:func:`.gemv.gemv_2d`) unless ``gemv=False`` or a
     ``config`` is given.
 
     Example::
@@ -403,17 +403,18 @@ def scaled_mm(
                       accumulation, "none", None, config, gluon=False)
         h = swiglu_of(y)
         return (h if residual is None else h + residual).to(out_dtype)
-    if gemv and config is None and type(m) is int and m == 1 and _gemv_enabled():
-        from .gemv import scaled_gemv
-
-        return scaled_gemv(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dtype,
-                           activation, residual)
     out = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     if residual is not None:
         res = residual.expand(*lead, n).reshape(m, n)
         stride_rm, stride_rn = res.stride()
     else:
         res, stride_rm, stride_rn = out, 0, 0
+    if gemv and config is None and type(m) is int and m == 1 and _gemv_enabled():
+        from .gemv import gemv_2d
+
+        gemv_2d(a, xs2, x_granularity, w, ws2, w_granularity, bias, out, activation,
+                res if residual is not None else None)
+        return out.reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)

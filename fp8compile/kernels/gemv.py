@@ -41,7 +41,7 @@ from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv, num_sms
 
-__all__ = ["default_launch", "scaled_gemv"]
+__all__ = ["default_launch", "gemv_2d", "scaled_gemv"]
 
 _STEP = 128  # K of one 1x128 group / 128x128 block of scales
 
@@ -171,13 +171,27 @@ def scaled_gemv(xq: torch.Tensor, xs: torch.Tensor, x_granularity, wq: torch.Ten
         raise NotImplementedError("K == 0")
     a, xs2, w, ws2 = _operands_2d(xq, xs, xg, wq, ws, wg, contiguous_2d)
     o = out.view(1, n)
-    res = residual.expand(*lead, n).reshape(1, n) if residual is not None else o
-    launch(_scaled_gemv_kernel)[(cdiv(n, block_n),)](
-        a, w, xs2, ws2, bias if bias is not None else o, res, o,
+    res = residual.expand(*lead, n).reshape(1, n) if residual is not None else None
+    gemv_2d(a, xs2, xg, w, ws2, wg, bias, o, activation, res, cfg)
+    return out
+
+
+def gemv_2d(a: torch.Tensor, xs2: torch.Tensor, xg: Granularity, w: torch.Tensor,
+            ws2: torch.Tensor, wg: Granularity, bias: torch.Tensor | None, out: torch.Tensor,
+            activation: str, residual: torch.Tensor | None, cfg: dict | None = None) -> None:
+    """The launch of :func:`scaled_gemv` on operands already checked and laid out as
+    :func:`.gemm.scaled_mm` prepares them (``_operands_2d``): ``a (1, K)`` and ``w (N, K)``
+    K-major, their 2-D scale views, ``out (1, N)`` and ``residual (1, N)`` or None.
+    ``cfg`` is a launch (:func:`default_launch`'s keys, checked), by default that one."""
+    n, k = w.shape
+    cfg = cfg or default_launch(n, a.device)
+    res = residual if residual is not None else out
+    launch(_scaled_gemv_kernel)[(cdiv(n, cfg["block_n"]),)](
+        a, w, xs2, ws2, bias if bias is not None else out, res, out,
         n, k, w.stride(0), _scale_strides(xs2)[1], *_scale_strides(ws2), res.stride(1),
-        o.stride(1),
+        out.stride(1),
         A_GRAN=GRAN_CODE[xg], W_GRAN=GRAN_CODE[wg], HAS_BIAS=bias is not None,
         ACTIVATION=ACT_CODE[activation], HAS_RES=residual is not None,
-        BLOCK_N=block_n, GROUPS=groups, STEP=_STEP, num_warps=cfg["num_warps"],
+        BLOCK_N=cfg["block_n"], GROUPS=cfg["block_k"] // _STEP, STEP=_STEP,
+        num_warps=cfg["num_warps"],
     )
-    return out

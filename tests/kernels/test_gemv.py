@@ -33,6 +33,16 @@ def _gemv(xq, xs, wq, ws, recipe, **kw):
     return scaled_gemv(xq, xs, recipe[0], wq, ws, recipe[1], **kw)
 
 
+def _count_launches(monkeypatch) -> list:
+    """A list that grows by one at each launch of the kernel (``kernels.gemv.gemv_2d``,
+    which :func:`scaled_gemv` and ``kernels.scaled_mm`` call)."""
+    from fp8compile.kernels import gemv as gemv_mod
+
+    calls, real = [], gemv_mod.gemv_2d
+    monkeypatch.setattr(gemv_mod, "gemv_2d", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
 @pytest.mark.parametrize("x_shape, n", [((1, 256), 384), ((1, 200), 130), ((1, 1, 1000), 77),
                                         ((1, 128), 1), ((1, 4096), 256)])
@@ -171,7 +181,8 @@ def test_bad_input_is_refused(device):
 
 @pytest.mark.parametrize("recipe", RECIPES[:3], ids=lambda r: f"{r[0]}x{r[1]}")
 def test_scaled_mm_sends_one_row_here(device, recipe):
-    """kernels.scaled_mm runs an M = 1 GEMM on this kernel (the same bits as calling it),
+    """kernels.scaled_mm runs an M = 1 GEMM on this kernel (the same bits as calling it,
+    with or without bias, activation and a broadcast residual),
     the tensor-core kernel with gemv=False or a forced tile config (the reference to fp32
     rounding either way), and M = 2 on the tensor cores."""
     from fp8compile.kernels.gemm import scaled_mm
@@ -183,6 +194,15 @@ def test_scaled_mm_sends_one_row_here(device, recipe):
     for kw in ({"gemv": False}, {"config": {"SPLIT_K": 1}}):
         t = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32, **kw)
         torch.testing.assert_close(t.cpu(), ref.cpu(), atol=1e-5, rtol=1e-5)
+    bias = torch.randn(200, device=device)
+    residual = torch.randn(200, device=device)  # broadcast over the row
+    y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], bias, torch.float32, "precise",
+                  "silu", residual)
+    assert torch.equal(y, _gemv(xq, xs, wq, ws, recipe, bias=bias, out_dtype=torch.float32,
+                                activation="silu", residual=residual))
+    torch.testing.assert_close(
+        y.cpu(), _reference(xq, xs, wq, ws, recipe, bias, torch.float32, "silu",
+                            residual).cpu(), atol=1e-5, rtol=1e-5)
     xq2, xs2, _, _ = _operands(device, (2, 384), 200, recipe)
     torch.testing.assert_close(
         scaled_mm(xq2, xs2, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32).cpu(),
@@ -229,11 +249,8 @@ def test_traced_one_row_gemm_launches_this_kernel():
 
 def test_fp8compile_gemv_0_keeps_the_tensor_cores(device, monkeypatch):
     from fp8compile.kernels import gemm as gemm_mod
-    from fp8compile.kernels import gemv as gemv_mod
 
-    calls = []
-    real = gemv_mod.scaled_gemv
-    monkeypatch.setattr(gemv_mod, "scaled_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_launches(monkeypatch)
     recipe = (G.GROUP, G.BLOCK)
     xq, xs, wq, ws = _operands(device, (1, 256), 64, recipe)
     monkeypatch.setenv("FP8COMPILE_GEMV", "0")
@@ -252,12 +269,9 @@ def test_compiled_block_at_one_token_runs_its_linears_here(monkeypatch, recipe):
     is a one-row GEMM, traced as this kernel; the output stays as close to the fp32 block
     as the same block's on the tensor cores (FP8COMPILE_GEMV=0)."""
     import fp8compile
-    from fp8compile.kernels import gemv as gemv_mod
     from tests.models import LlamaBlock, rel_err
 
-    calls = []
-    real = gemv_mod.scaled_gemv
-    monkeypatch.setattr(gemv_mod, "scaled_gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = _count_launches(monkeypatch)
     torch.manual_seed(0)
     block32 = LlamaBlock(512, heads=4, ffn=1024).cuda()
     block = LlamaBlock(512, heads=4, ffn=1024).cuda().to(torch.bfloat16)
