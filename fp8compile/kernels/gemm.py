@@ -15,6 +15,12 @@ One kernel, :func:`_scaled_mm_kernel`, serves every recipe through two constexpr
 Both operands are K-major, as Hopper's FP8 ``wgmma`` needs: ``xq (M, K)`` and ``wq (N, K)``
 row-major; the weight tile is loaded as ``[BLOCK_K, BLOCK_N]`` with K contiguous.
 
+A 16-row tile is too short for Hopper's ``wgmma`` (64 rows per warpgroup): with
+``SWAP_AB`` the kernel computes ``(W @ x^T)^T``, the 64-row weight tile as the MMA's left
+operand and the tokens as its N, both operands K-major as stored; ``SCALES_AHEAD`` loads the
+next K step's promotion scales before this step's MMA.  The tuned configs of 16-row tiles set
+both (``tuning.py``).
+
 When the output tiles alone leave SMs idle (decode, M <= 256), K is split across programs
 that write fp32 partial sums.  With 16-row tiles (M <= 16) the last program of each output
 tile to finish (a per-tile arrival counter) adds them up and runs the epilogue; otherwise,
@@ -76,6 +82,77 @@ def _epilogue(acc, offs_m, offs_n, M, N, bias_ptr, res_ptr, out_ptr,
 
 
 @triton.jit
+def _load_step(a_ptrs, w_ptrs, k, k_hi, offs_k, EVEN_K: tl.constexpr):
+    """The ``[BLOCK_M, BLOCK_K]`` activation and ``[BLOCK_K, BLOCK_N]`` weight tiles at ``k``;
+    K past ``k_hi`` loads as zero."""
+    if EVEN_K:
+        a = tl.load(a_ptrs)
+        b = tl.load(w_ptrs)
+    else:
+        a = tl.load(a_ptrs, mask=offs_k[None, :] < k_hi - k, other=0.0)
+        b = tl.load(w_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
+    return a, b
+
+
+@triton.jit
+def _dot(a, b, acc, SWAP_AB: tl.constexpr):
+    """``a @ b`` (plus ``acc`` on the tensor core), transposed where ``SWAP_AB``: the weight
+    tile is then the MMA's left operand, so 64 weight rows fill Hopper's ``wgmma`` (64 rows
+    per warpgroup) where a 16-row activation tile cannot.  (One return: Triton types every
+    return of a function alike, even in branches a constexpr prunes.)"""
+    if SWAP_AB:
+        out = tl.dot(tl.trans(b), tl.trans(a), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _step_scales(k, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
+                 stride_as0, stride_as1, stride_ws0, stride_ws1,
+                 A_GRAN: tl.constexpr, W_GRAN: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Row factor ``[BLOCK_M]`` and column factor ``[BLOCK_N]`` of the K step at ``k`` (scales
+    that change along K).  A tile inside one 128-wide weight block folds its scalar weight
+    scale into the row factor, which saves the column vector (32 registers/thread at 128x128,
+    8 warps: 255 -> no spills); the column factor is then unused.  A step past K (masked,
+    all zero) reads the last block's scales."""
+    kb = tl.minimum(k, K - 1) // 128
+    if A_GRAN == 2:
+        s_row = tl.load(as_ptr + offs_am * stride_as0 + kb * stride_as1)
+    elif A_GRAN == 3:
+        s_row = tl.load(as_ptr + (offs_am // 128) * stride_as0 + kb * stride_as1)
+    else:
+        s_row = tl.full((BLOCK_M,), 1.0, tl.float32)
+    if (W_GRAN == 3) and (BLOCK_N <= 128):
+        s_row = s_row * tl.load(ws_ptr + ((pid_n * BLOCK_N) // 128) * stride_ws0
+                                + kb * stride_ws1)
+        s_col = s_row
+    elif W_GRAN >= 2:
+        rows_per_scale = 128 if W_GRAN == 3 else 1
+        s_col = tl.load(ws_ptr + (offs_wn // rows_per_scale) * stride_ws0 + kb * stride_ws1)
+    else:
+        s_col = s_row
+    return s_row, s_col
+
+
+@triton.jit
+def _promote(acc, prod, s_row, s_col, W_GRAN: tl.constexpr, SWAP_AB: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """``acc + prod * s_row * s_col``, the factors broadcast along ``acc``'s layout."""
+    if (W_GRAN >= 2) and not ((W_GRAN == 3) and (BLOCK_N <= 128)):
+        if SWAP_AB:
+            acc = acc + prod * s_col[:, None] * s_row[None, :]
+        else:
+            acc = acc + prod * s_row[:, None] * s_col[None, :]
+    elif SWAP_AB:
+        acc = acc + prod * s_row[None, :]
+    else:
+        acc = acc + prod * s_row[:, None]
+    return acc
+
+
+@triton.jit
 def _scaled_mm_kernel(
     # pointers: FP8 operands, their fp32 scales, epilogue operands, output, fp32 partials
     # and per-tile arrival counters (split-K only)
@@ -93,6 +170,10 @@ def _scaled_mm_kernel(
     SPLIT_K: tl.constexpr, FOLD_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
     # tiles
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    # 16-row tiles (tuning.py): the weight as the MMA's left operand; scales loaded ahead.
+    # No defaults: a traced launch names every parameter (Inductor's wrapper of a Triton
+    # kernel rejects a call that leaves one to its default).
+    SWAP_AB: tl.constexpr, SCALES_AHEAD: tl.constexpr,
 ):
     # Grouped ordering: GROUP_M row-tiles share each weight column-tile while it is in L2.
     pid = tl.program_id(0)
@@ -118,42 +199,40 @@ def _scaled_mm_kernel(
     k_hi = tl.minimum(k_lo + k_per_split, K)
     a_ptrs += k_lo * stride_ak
     w_ptrs += k_lo * stride_wk
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    PROMOTE: tl.constexpr = (A_GRAN >= 2) or (W_GRAN >= 2)
+    if PROMOTE and SCALES_AHEAD:
+        s_row, s_col = _step_scales(k_lo, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
+                                    stride_as0, stride_as1, stride_ws0, stride_ws1,
+                                    A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
     for k in range(k_lo, k_hi, BLOCK_K):
-        if EVEN_K:
-            a = tl.load(a_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_hi - k, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_hi - k, other=0.0)
-        if (A_GRAN >= 2) or (W_GRAN >= 2):
-            kb = k // 128
-            # Row factor [BLOCK_M] and column factor [BLOCK_N]; a tile inside one 128-wide
-            # weight block folds its scalar weight scale into the row factor, which saves the
-            # [BLOCK_N] vector (32 registers/thread at 128x128, 8 warps: 255 -> no spills).
-            if A_GRAN == 2:
-                s_row = tl.load(as_ptr + offs_am * stride_as0 + kb * stride_as1)
-            elif A_GRAN == 3:
-                s_row = tl.load(as_ptr + (offs_am // 128) * stride_as0 + kb * stride_as1)
+        a, b = _load_step(a_ptrs, w_ptrs, k, k_hi, offs_k, EVEN_K)
+        if PROMOTE:
+            # each BLOCK_K of K in a fresh fp32 tile, then scaled into the accumulator
+            if SCALES_AHEAD:  # the next step's scales load before this step's MMA
+                n_row, n_col = _step_scales(k + BLOCK_K, K, offs_am, offs_wn, pid_n, as_ptr,
+                                            ws_ptr, stride_as0, stride_as1, stride_ws0,
+                                            stride_ws1, A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
+                acc = _promote(acc, _dot(a, b, None, SWAP_AB), s_row, s_col, W_GRAN, SWAP_AB,
+                               BLOCK_N)
+                s_row, s_col = n_row, n_col
             else:
-                s_row = tl.full((BLOCK_M,), 1.0, tl.float32)
-            if (W_GRAN == 3) and (BLOCK_N <= 128):
-                nb = (pid_n * BLOCK_N) // 128
-                s_row = s_row * tl.load(ws_ptr + nb * stride_ws0 + kb * stride_ws1)
-                acc += tl.dot(a, b) * s_row[:, None]
-            elif W_GRAN >= 2:
-                rows_per_scale = 128 if W_GRAN == 3 else 1
-                s_col = tl.load(ws_ptr + (offs_wn // rows_per_scale) * stride_ws0
-                                + kb * stride_ws1)
-                acc += tl.dot(a, b) * s_row[:, None] * s_col[None, :]
-            else:
-                acc += tl.dot(a, b) * s_row[:, None]
+                c_row, c_col = _step_scales(k, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
+                                            stride_as0, stride_as1, stride_ws0, stride_ws1,
+                                            A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
+                acc = _promote(acc, _dot(a, b, None, SWAP_AB), c_row, c_col, W_GRAN, SWAP_AB,
+                               BLOCK_N)
         elif PRECISE:
-            acc += tl.dot(a, b)
+            acc += _dot(a, b, None, SWAP_AB)
         else:
-            acc = tl.dot(a, b, acc)
+            acc = _dot(a, b, acc, SWAP_AB)
         a_ptrs += BLOCK_K * stride_ak
         w_ptrs += BLOCK_K * stride_wk
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     # Scales constant along K: once per tile.
     if A_GRAN == 1:
@@ -470,8 +549,8 @@ def scaled_mm(
         return (cdiv(m, meta["BLOCK_M"]) * cdiv(n, meta["BLOCK_N"]), split)
 
     if config is not None:
-        meta = {key: v for key, v in config.items() if key != "SPLIT_K"}
-        meta.setdefault("GROUP_M", 8)
+        meta = {"GROUP_M": 8, "SWAP_AB": False, "SCALES_AHEAD": False,
+                **{key: v for key, v in config.items() if key != "SPLIT_K"}}
         if tuning.needs_k128(a_gran, w_gran, precise) and (128 % meta["BLOCK_K"]):
             raise ValueError(f"BLOCK_K={meta['BLOCK_K']} must divide 128 for this recipe")
         # The heuristic of ``_kernel``, by hand: a traced launch takes a @triton.jit function.

@@ -5,9 +5,10 @@ shape once per bucket and reuses the choice for every M in the bucket.
 
 * M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket, so the
   launcher knows the tile count and can pick split-K before launching; only ``BLOCK_K``,
-  warps and stages are tuned.  At M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs,
-  and the GEMM is bound by reading the weight: split-K brings it to ~2 programs per SM
-  (~4 with blockwise scales, see :func:`split_k`).
+  warps and stages are tuned (16-row tiles swap the operands, see ``_BY_BUCKET[16]``).  At
+  M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs, and the GEMM is bound by
+  reading the weight: split-K brings it to ~2 programs per SM (~4 with blockwise scales,
+  see :func:`split_k`).
 * M > 256: compute bound; 128x256x128 with 8 warps (two consumer warpgroups) and 3 stages
   (144 KB of shared memory) is the workhorse of the single-accumulator path, 128x128 and
   64x128 that of the promoted path (register counts below, from ptxas for sm_90a).
@@ -49,9 +50,10 @@ def m_bucket(m: int) -> int:
     return min(max(16, next_pow2(m)), 8192)
 
 
-def _c(bm, bn, bk, warps, stages, group_m=8):
+def _c(bm, bn, bk, warps, stages, group_m=8, swap_ab=False):
     return triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m,
+         "SWAP_AB": swap_ab, "SCALES_AHEAD": swap_ab},
         num_warps=warps, num_stages=stages,
     )
 
@@ -65,6 +67,15 @@ def _small(bm, bn):
 
 
 _BY_BUCKET = {bucket: _small(bm, bn) for bucket, (bm, bn) in SMALL_TILES.items()}
+# 16-row tiles swap the operands (SWAP_AB): the MMA is otherwise Ampere-style (wgmma takes
+# 64 rows per warpgroup), and with the swap the 64 weight rows are wgmma's M, the tokens its
+# N; each K step's promotion scales load a step ahead (SCALES_AHEAD; only promoted recipes
+# read it).  H200, 16 x LLaMA shapes, best config of each kind (benchmarks/gemm.py
+# --variants): blockwise 8.8 us swapped against 9.5-10.0 unswapped at 16x4096x4096, 19.0
+# against 20.1 at 16x14336x4096, 19.7 against 21.2 at 16x4096x14336; row fast 8.0 against
+# 9.1, 16.7 against 18.0, 18.1 against 19.4.  No unswapped config was fastest at any shape,
+# so none is tuned (three configs, as many as the other buckets compile).
+_BY_BUCKET[16] = [_c(16, 64, 128, 4, stages, swap_ab=True) for stages in (3, 4, 5)]
 _BY_BUCKET[_LARGE] = [
     # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
@@ -109,10 +120,11 @@ def default_config(bucket: int) -> dict:
     """One fixed config per bucket, for the interpreter and for runs without autotuning."""
     if bucket in SMALL_TILES:
         bm, bn = SMALL_TILES[bucket]
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
-                "num_warps": 4, "num_stages": 4}
-    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8,
-            "num_warps": 8, "num_stages": 4}
+        swap = bm == 16  # as the tuned configs of 16-row tiles
+        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": swap,
+                "SCALES_AHEAD": swap, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": False,
+            "SCALES_AHEAD": False, "num_warps": 8, "num_stages": 4}
 
 
 @functools.lru_cache(maxsize=8)

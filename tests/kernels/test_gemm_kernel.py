@@ -294,6 +294,35 @@ def test_traced_split_k_keeps_the_second_kernel(device, monkeypatch, where):
     assert launched == ["_scaled_mm_kernel"]
 
 
+def test_traced_launch_names_every_kernel_parameter(device, monkeypatch):
+    """Inductor's wrapper of a Triton kernel takes a call only with every parameter named
+    (a default left out fails its mutation analysis, and a CUDA-graphed decode step with it):
+    a launch with a config that omits the tuning switches still names them all."""
+    from fp8compile.kernels import gemm
+
+    named, real_launch = [], gemm.launch
+
+    def launch(fn):
+        def at(grid):
+            def call(**kwargs):
+                named.append((fn, set(kwargs)))
+                return real_launch(fn)[grid](**kwargs)
+            return call
+        return type("Launch", (), {"__getitem__": lambda self, grid: at(grid)})()
+
+    monkeypatch.setattr(gemm, "launch", launch)
+    monkeypatch.setattr(gemm, "tracing", lambda: True)
+    for recipe in RECIPES[:2]:
+        xq, xs, wq, ws = _operands(device, (3, 256), 64, recipe)
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2, "num_warps": 4,
+               "num_stages": 2}
+        scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], None, torch.float32, config=cfg)
+    kernels_named = [(fn, names) for fn, names in named if fn is gemm._scaled_mm_kernel]
+    assert len(kernels_named) == 2
+    for _, names in kernels_named:
+        assert set(gemm._scaled_mm_kernel.arg_names) <= names
+
+
 def test_split_k_of_taller_tiles_keeps_the_second_kernel(device, monkeypatch):
     """Above 16-row tiles one program's sum of the partials costs more than a second launch
     (M = 64 on H200): the split-K epilogue kernel sums them."""
@@ -317,6 +346,29 @@ def test_tiles_and_mixed_recipes(device):
         args = (xq, xs, xg, wq, ws, wg, None, torch.float32)
         cfg = {"BLOCK_M": 32, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
         _check(scaled_mm(*args, "precise", config=cfg), scaled_mm_reference(*args, "none", None))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: f"{r[0]}x{r[1]}")
+@pytest.mark.parametrize("accumulation", ["precise", "fast"])
+@pytest.mark.parametrize("swap_ab, ahead", [(True, False), (False, True), (True, True)])
+def test_swapped_operands_and_scales_ahead(device, recipe, accumulation, swap_ab, ahead):
+    """The weight tile as the MMA's left operand (``SWAP_AB``) and the promotion scales loaded
+    a step ahead (``SCALES_AHEAD``), alone and split over K: K = 400 ends in a partial step,
+    and each split at 256 too; a NaN row stays NaN, and only that row (E5M2: the interpreter
+    loses E4M3's NaN, SPEC §4)."""
+    xg, wg = recipe
+    x = torch.randn(5, 400) * 2
+    x[3, 11] = float("nan")
+    xq, xs = nx.quantize(x.to(device), xg, Fp8Format.E5M2)
+    wq, ws = nx.quantize((torch.randn(200, 400) * 0.05).to(device), wg, Fp8Format.E5M2)
+    args = (xq, xs, xg, wq, ws, wg, None, torch.float32)
+    ref = scaled_mm_reference(*args, "none", None)
+    for split, block_k in ((1, 128), (2, 128), (2, 64)):
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": block_k, "SWAP_AB": swap_ab,
+               "SCALES_AHEAD": ahead, "SPLIT_K": split, "num_warps": 4, "num_stages": 2}
+        y = scaled_mm(*args, accumulation, config=cfg)
+        assert y[3].isnan().all() and not y[[0, 1, 2, 4]].isnan().any(), split
+        _check(y[[0, 1, 2, 4]], ref[[0, 1, 2, 4]])
 
 
 def test_e5m2_and_nan_rows(device):
