@@ -15,8 +15,9 @@ numerics, every recipe vs the reference, odd shapes) and a few large-shape check
 are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so that Python
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
-``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes, and
-``--tiles --m 16`` sweeps its whole tile configs there.
+``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes,
+``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16`` its
+swapped-operand and scales-ahead switches.
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -507,18 +508,13 @@ def run_fold(shapes):
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
-def run_tiles(shapes):
-    """Decode-sized GEMMs on the Triton kernel over a sweep of whole tile configs (BLOCK_N,
-    BLOCK_K, stages, warps, split of K; BLOCK_M = 16) against the launcher's own choice and
-    bf16; also the split-K reduction kernel alone at the launcher's split."""
-    import itertools
-
+def _decode_cases(shapes):
+    """For each LLaMA shape at M <= 16 of ``shapes``, and blockwise and row fast: the FP8
+    operand sets, the launcher's time, an fp32 product to check configs against, and bf16's
+    time (logged with the 1.5x line)."""
     from fp8compile.kernels import tuning
-    from fp8compile.kernels.gemm import _splitk_epilogue_kernel
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
-    log("\nTile sweep of the Triton kernel at decode sizes, us per GEMM (CUDA-graph replays, "
-        "L2-exceeding operand sets); the five fastest configs and the fastest without split")
     for (n, k) in NK:
         for m in shapes:
             if tuning.m_bucket(m) > 16:
@@ -528,51 +524,109 @@ def run_tiles(shapes):
             for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
                                       ("row fast", G.ROW, G.ROW, "fast")]:
                 sets = _fp8_sets(xs, ws, xg, wg)
-                t_now = bench(lambda a, sa, b, sb: triton_mm(a, sa, xg, b, sb, wg, None,
-                                                             torch.bfloat16, acc), sets)
+                t_now = bench(lambda a, sa, b, sb, xg=xg, wg=wg, acc=acc: triton_mm(
+                    a, sa, xg, b, sb, wg, None, torch.bfloat16, acc), sets)
                 ref = triton_mm(*sets[0][:2], xg, *sets[0][2:], wg, None, torch.float32, acc)
-                found = []
-                bks = (128,) if name == "blockwise" else (128, 256)
-                for bn, bk, stages, warps, split in itertools.product(
-                        (16, 32, 64), bks, (4, 6), (2, 4), (1, 2, 4, 8)):
-                    if k // split < 512 or (bn == 64 and warps == 2):
-                        continue
-                    cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
-                           "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
-                    def f(a, sa, b, sb, cfg=cfg):
-                        return triton_mm(a, sa, xg, b, sb, wg, None, torch.bfloat16, acc,
-                                         config=cfg)
-                    try:  # a config this GPU cannot run, or one that computes wrongly: left out
-                        err = rel_err(f(*sets[0]), ref)
-                        t = bench(f, sets)
-                    except Exception as e:  # noqa: BLE001
-                        log(f"      {cfg}: {type(e).__name__}: {str(e)[:100]}")
-                        continue
-                    if err > 1e-2:
-                        log(f"      {cfg}: relative error {err:.1e} against the launcher")
-                        continue
-                    found.append((t, f"BN {bn} BK {bk} stages {stages} warps {warps} "
-                                     f"split {split}"))
-                found.sort()
-                split = _launcher_split(m, n, k, xg, wg)
-                log(f"    {name}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16, "
-                    f"split {split})")
-                for t, what in found[:5]:
-                    log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what}")
-                t1 = next(((t, w) for t, w in found if w.endswith("split 1")), None)
-                if t1:
-                    log(f"      no split: {t1[0] * 1e3:.1f} us  {t1[1]}")
-                if split > 1:
-                    part = torch.randn(split, m, n, device="cuda")
-                    out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                yield (m, n, k), t_bf, (name, xg, wg, acc), sets, t_now, ref
 
-                    def reduce(p, o, split=split):
-                        _splitk_epilogue_kernel[(math.ceil(m / 16), math.ceil(n / 128))](
-                            p, o, o, o, m, n, m * n, 0, 0, n, 1, SPLIT_K=split,
-                            HAS_BIAS=False, ACTIVATION=0, HAS_RES=False, BLOCK_M=16,
-                            BLOCK_N=128, num_warps=4)
-                    log(f"      the split-K reduction alone: "
-                        f"{bench(reduce, [(part, out)]) * 1e3:.1f} us")
+
+def _time_config(cfg, sets, recipe, ref):
+    """ms of the Triton kernel forced to ``cfg``, or None (said why) when the config does not
+    run on this GPU or disagrees with the launcher's product."""
+    from fp8compile.kernels.gemm import scaled_mm as triton_mm
+
+    _, xg, wg, acc = recipe
+
+    def f(a, sa, b, sb):
+        return triton_mm(a, sa, xg, b, sb, wg, None, torch.bfloat16, acc, config=cfg)
+    try:
+        err = rel_err(f(*sets[0]), ref)
+        t = bench(f, sets)
+    except Exception as e:  # noqa: BLE001
+        log(f"      {cfg}: {type(e).__name__}: {str(e)[:100]}")
+        return None
+    if err > 1e-2:
+        log(f"      {cfg}: relative error {err:.1e} against the launcher")
+        return None
+    return t
+
+
+def run_tiles(shapes):
+    """Decode-sized GEMMs on the Triton kernel over a sweep of whole tile configs (BLOCK_N,
+    BLOCK_K, stages, warps, split of K; BLOCK_M = 16) against the launcher's own choice and
+    bf16; also the split-K reduction kernel alone at the launcher's split."""
+    import itertools
+
+    from fp8compile.kernels.gemm import _splitk_epilogue_kernel
+
+    log("\nTile sweep of the Triton kernel at decode sizes, us per GEMM (CUDA-graph replays, "
+        "L2-exceeding operand sets); the five fastest configs and the fastest without split")
+    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes):
+        name, xg, wg, _ = recipe
+        found = []
+        bks = (128,) if name == "blockwise" else (128, 256)
+        for bn, bk, stages, warps, split in itertools.product(
+                (16, 32, 64), bks, (4, 6), (2, 4), (1, 2, 4, 8)):
+            if k // split < 512 or (bn == 64 and warps == 2):
+                continue
+            cfg = {"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
+                   "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
+            t = _time_config(cfg, sets, recipe, ref)
+            if t is not None:
+                found.append((t, f"BN {bn} BK {bk} stages {stages} warps {warps} split {split}"))
+        found.sort()
+        split = _launcher_split(m, n, k, xg, wg)
+        log(f"    {name}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16, "
+            f"split {split})")
+        for t, what in found[:5]:
+            log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what}")
+        t1 = next(((t, w) for t, w in found if w.endswith("split 1")), None)
+        if t1:
+            log(f"      no split: {t1[0] * 1e3:.1f} us  {t1[1]}")
+        if split > 1:
+            part = torch.randn(split, m, n, device="cuda")
+            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+
+            def reduce(p, o, split=split, m=m, n=n):
+                _splitk_epilogue_kernel[(math.ceil(m / 16), math.ceil(n / 128))](
+                    p, o, o, o, m, n, m * n, 0, 0, n, 1, SPLIT_K=split,
+                    HAS_BIAS=False, ACTIVATION=0, HAS_RES=False, BLOCK_M=16,
+                    BLOCK_N=128, num_warps=4)
+            log(f"      the split-K reduction alone: "
+                f"{bench(reduce, [(part, out)]) * 1e3:.1f} us")
+
+
+def run_variants(shapes):
+    """Decode-sized GEMMs on the Triton kernel's 16x64 tile with the weight tile as the MMA's
+    left operand (``SWAP_AB``: 64 weight rows fill Hopper's ``wgmma``, the tokens are its N)
+    and with the promotion scales loaded a step ahead (``SCALES_AHEAD``), against the
+    launcher's own choice and bf16, at the split the launcher's rule gives and at twice
+    that."""
+    import itertools
+
+    from fp8compile.kernels import tuning
+
+    log("\nSwapped operands and scales ahead: Triton kernel at decode sizes, "
+        "us per GEMM (CUDA-graph replays, L2-exceeding operand sets); the six fastest")
+    sms = tuning.num_sms(torch.device("cuda"))
+    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes):
+        blockwise = recipe[0] == "blockwise"
+        found = []
+        for swap, ahead, stages in itertools.product(
+                (False, True), (False, True) if blockwise else (False,), (3, 4, 5)):
+            rule = tuning.split_k(m, n, k, 16, 64, sms, blockwise=blockwise)
+            for split in sorted({rule, min(16, 2 * rule)}):
+                cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
+                       "SWAP_AB": swap, "SCALES_AHEAD": ahead, "num_warps": 4,
+                       "num_stages": stages, "SPLIT_K": split}
+                t = _time_config(cfg, sets, recipe, ref)
+                if t is not None:
+                    found.append((t, f"swap {int(swap)} ahead {int(ahead)} stages {stages} "
+                                     f"split {split}"))
+        found.sort()
+        log(f"    {recipe[0]}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16)")
+        for t, what in found[:6]:
+            log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what}")
 
 
 def main():
@@ -586,6 +640,9 @@ def main():
                          "of --m")
     ap.add_argument("--tiles", action="store_true",
                     help="only sweep the Triton kernel's tile configs at M <= 16 of --m")
+    ap.add_argument("--variants", action="store_true",
+                    help="only time swapped operands and scales loaded ahead on the "
+                         "Triton kernel at M <= 16 of --m")
     ap.add_argument("--fold", action="store_true",
                     help="only time the split-K sum in the GEMM kernel against a second "
                          "kernel, at the M <= 256 of --m")
@@ -606,6 +663,9 @@ def main():
         return 0
     if args.fold:
         run_fold(args.m)
+        return 0
+    if args.variants:
+        run_variants(args.m)
         return 0
     ok = True
     if args.check:

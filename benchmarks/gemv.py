@@ -29,7 +29,7 @@ from fp8compile.numerics import Granularity as G  # noqa: E402
 
 RECIPES = [("blockwise", G.GROUP, G.BLOCK, "precise"), ("row fast", G.ROW, G.ROW, "fast"),
            ("tensor fast", G.TENSOR, G.TENSOR, "fast")]
-BLOCK_NS, BLOCK_KS, WARPS = (4, 8, 16), (512, 1024, 2048), (4, 8)
+BLOCK_NS, BLOCK_KS, WARPS = (4, 8, 16), (512, 1024, 2048), (2, 4, 8)
 # fp32 products a thread holds per step; past this a launch only spills
 MAX_PRODUCTS = 128
 
