@@ -74,8 +74,15 @@ _BY_BUCKET = {bucket: _small(bm, bn) for bucket, (bm, bn) in SMALL_TILES.items()
 # --variants): blockwise 8.8 us swapped against 9.5-10.0 unswapped at 16x4096x4096, 19.0
 # against 20.1 at 16x14336x4096, 19.7 against 21.2 at 16x4096x14336; row fast 8.0 against
 # 9.1, 16.7 against 18.0, 18.1 against 19.4.  No unswapped config was fastest at any shape,
-# so none is tuned (three configs, as many as the other buckets compile).
+# so none is tuned.  Two calls ranked the stages alike: blockwise 3 or 4 first, 5 slowest
+# (+0.3-0.9 us); row fast 4 or 5 first, 3 slowest (+0.8 us at 4096x4096).  The autotuner,
+# timing without CUDA graphs, once took 3 stages for row fast (8.8 us in a graph against
+# 8.0), so each recipe tunes only its own two (:data:`_STAGES_16`).  Row precise, tried
+# with blockwise's two, took 9.0 us at 16x4096x4096 against 8.2 with all three: it waits
+# on no scale loads in the K loop, and goes with the fast recipes.
 _BY_BUCKET[16] = [_c(16, 64, 128, 4, stages, swap_ab=True) for stages in (3, 4, 5)]
+# whether the scales change along K (1x128 / 128x128) -> the stages 16-row tiles tune
+_STAGES_16 = {True: (3, 4), False: (4, 5)}
 _BY_BUCKET[_LARGE] = [
     # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
@@ -103,12 +110,16 @@ def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this call's M bucket whose BLOCK_K the recipe allows."""
+    """Keep the configs of this call's M bucket whose BLOCK_K (and, for 16-row tiles,
+    stages) the recipe allows."""
     args = {**named_args, **kwargs}
     mine = _BY_BUCKET.get(args["M_BUCKET"], _BY_BUCKET[_LARGE])
     keep = [c for c in configs_ if any(c is d for d in mine)]
     if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
         keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128 and _acc_per_thread(c) <= 64]
+    if args["M_BUCKET"] == 16:
+        blockwise = args["A_GRAN"] >= 2 or args["W_GRAN"] >= 2
+        keep = [c for c in keep if c.num_stages in _STAGES_16[blockwise]]
     return keep or [mine[0]]
 
 

@@ -423,6 +423,31 @@ def _tuning_args(precise):
             "PRECISE": precise, "SPLIT_K": 1, "M": 4096}
 
 
+@pytest.mark.parametrize("a_gran, w_gran, precise, stages", [
+    (2, 3, True, {3, 4}),    # blockwise: promoted every 128 of K
+    (2, 3, False, {3, 4}),
+    (1, 1, True, {4, 5}),    # row, precise
+    (1, 1, False, {4, 5}),   # row, fast
+    (0, 0, False, {4, 5}),   # tensor, fast
+])
+def test_sixteen_row_tiles_tune_swapped_configs(a_gran, w_gran, precise, stages):
+    """At M <= 16 every tuned config puts the weight on the MMA's M side and loads the
+    scales ahead, 16x64x128 tiles; each recipe times only its own two stage counts; other
+    buckets keep their unswapped tiles."""
+    from fp8compile.kernels import tuning
+
+    args = {**_tuning_args(precise), "M_BUCKET": 16, "M": 9, "A_GRAN": a_gran,
+            "W_GRAN": w_gran}
+    kept = tuning.prune(tuning.configs(), args)
+    assert {c.num_stages for c in kept} == stages and len(kept) == 2
+    for c in kept:
+        assert c.kwargs["SWAP_AB"] and c.kwargs["SCALES_AHEAD"]
+        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (16, 64, 128)
+    for bucket in (32, 4096):
+        kept = tuning.prune(tuning.configs(), {**args, "M_BUCKET": bucket})
+        assert kept and not any(c.kwargs["SWAP_AB"] for c in kept)
+
+
 def test_autotune_configs_compile_together_once_per_key(monkeypatch):
     """Before the autotuner times a new key, every config it will time is compiled through
     Triton's async-compile mode (threads), once; a compile error is left to the autotuner."""
