@@ -204,6 +204,7 @@ def _scaled_mm_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     PROMOTE: tl.constexpr = (A_GRAN >= 2) or (W_GRAN >= 2)
+    AHEAD: tl.constexpr = BLOCK_K if SCALES_AHEAD else 0  # K offset of the scales loaded
     if PROMOTE and SCALES_AHEAD:
         s_row, s_col = _step_scales(k_lo, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
                                     stride_as0, stride_as1, stride_ws0, stride_ws1,
@@ -211,20 +212,18 @@ def _scaled_mm_kernel(
     for k in range(k_lo, k_hi, BLOCK_K):
         a, b = _load_step(a_ptrs, w_ptrs, k, k_hi, offs_k, EVEN_K)
         if PROMOTE:
-            # each BLOCK_K of K in a fresh fp32 tile, then scaled into the accumulator
-            if SCALES_AHEAD:  # the next step's scales load before this step's MMA
-                n_row, n_col = _step_scales(k + BLOCK_K, K, offs_am, offs_wn, pid_n, as_ptr,
-                                            ws_ptr, stride_as0, stride_as1, stride_ws0,
-                                            stride_ws1, A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
-                acc = _promote(acc, _dot(a, b, None, SWAP_AB), s_row, s_col, W_GRAN, SWAP_AB,
-                               BLOCK_N)
-                s_row, s_col = n_row, n_col
+            # each BLOCK_K of K in a fresh fp32 tile, then scaled into the accumulator; with
+            # SCALES_AHEAD the next step's scales load here, before this step's MMA
+            f_row, f_col = _step_scales(k + AHEAD, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
+                                        stride_as0, stride_as1, stride_ws0, stride_ws1,
+                                        A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
+            if SCALES_AHEAD:
+                c_row, c_col = s_row, s_col
+                s_row, s_col = f_row, f_col
             else:
-                c_row, c_col = _step_scales(k, K, offs_am, offs_wn, pid_n, as_ptr, ws_ptr,
-                                            stride_as0, stride_as1, stride_ws0, stride_ws1,
-                                            A_GRAN, W_GRAN, BLOCK_M, BLOCK_N)
-                acc = _promote(acc, _dot(a, b, None, SWAP_AB), c_row, c_col, W_GRAN, SWAP_AB,
-                               BLOCK_N)
+                c_row, c_col = f_row, f_col
+            acc = _promote(acc, _dot(a, b, None, SWAP_AB), c_row, c_col, W_GRAN, SWAP_AB,
+                           BLOCK_N)
         elif PRECISE:
             acc += _dot(a, b, None, SWAP_AB)
         else:
