@@ -496,6 +496,7 @@ def scaled_mm(
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
+    blockwise = max(a_gran, w_gran) >= 2
     forced_split = None
     if config is not None and set(config) == {"SPLIT_K"}:
         if bucket not in tuning.SMALL_TILES:
@@ -505,14 +506,14 @@ def scaled_mm(
         if forced_split < 1:
             raise ValueError(f"scaled_mm: SPLIT_K={forced_split} must be at least 1")
     if config is None and _interpreting():
-        config = tuning.default_config(bucket)
+        config = tuning.default_config(bucket, blockwise)
     if config is None and tracing():
         config = _compile_time_config(xq, xs, x_granularity, wq, ws, w_granularity, bias,
                                       out_dtype, accumulation, activation, residual)
     if config is not None:
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     else:
-        bm, bn = tuning.SMALL_TILES.get(bucket, (128, 128))
+        bm, bn = tuning.small_tile(bucket, blockwise) or (128, 128)
     if forced_split is not None:
         split = forced_split
     elif config is not None and "SPLIT_K" in config:
@@ -583,14 +584,17 @@ def _gemv_enabled() -> bool:
 # Whether a split-K launch of tiles at most FOLD_SPLIT_ROWS tall sums its partials in the GEMM
 # kernel (the last program of each tile to finish) rather than in _splitk_epilogue_kernel.
 # H200, CUDA graphs, one process (docs/performance.md): 0-0.7 us faster at M <= 16 on
-# 4096x4096 (9-10 us GEMMs), up to 2 us on 4096x14336; at M = 64 (64x64 tiles) the one
-# program's serial sum of four 64x64 partials cost 1.1-1.7 us more than the second kernel,
-# which spreads it over 128 programs.  A graph being traced keeps the second kernel, and so do
-# the compile-time decisions for it (they time and tune what the graph launches): the
-# counters below are state that outlives a launch, which Inductor's graph does not carry.
+# 4096x4096 (9-10 us GEMMs), up to 2 us on 4096x14336; with 32-row swapped tiles, at the
+# launcher's split, blockwise 9.8 against 10.3 us at 32x4096x4096 and 22.5 against 23.3 at
+# 32x4096x14336 (21.9 against 21.7 at 32x14336x4096), row fast 9.2 against 9.5 and 19.9
+# against 20.1; at M = 64 (64x64 tiles) the one program's serial sum of four 64x64 partials
+# cost 0.4-7 us more than the second kernel, which spreads it over 128 programs.  A graph
+# being traced keeps the second kernel, and so do the compile-time decisions for it (they time
+# and tune what the graph launches): the counters below are state that outlives a launch,
+# which Inductor's graph does not carry.
 # ``FP8COMPILE_FOLD_SPLIT_K=0`` keeps it everywhere.
 FOLD_SPLIT = os.environ.get("FP8COMPILE_FOLD_SPLIT_K", "1") != "0"
-FOLD_SPLIT_ROWS = 16
+FOLD_SPLIT_ROWS = 32
 
 # Per-tile arrival counters of folded split-K launches, by device and stream.  Zero between
 # launches: the last program of each tile zeroes its own.  Two launches on one stream run
@@ -784,8 +788,8 @@ def _compile_time_config(xq, xs, xg, wq, ws, wg, bias, out_dtype, accumulation, 
         _COMPILE_TIME_CONFIGS[key] = {**best.kwargs, "num_warps": best.num_warps,
                                       "num_stages": best.num_stages}
     config = dict(_COMPILE_TIME_CONFIGS[key])
-    config["SPLIT_K"] = launch_split(m, n, k, *tuning.SMALL_TILES.get(bucket, (128, 128)),
-                                     xg, wg, xq.device)
+    config["SPLIT_K"] = launch_split(m, n, k, config["BLOCK_M"], config["BLOCK_N"], xg, wg,
+                                     xq.device)
     return config
 
 

@@ -3,9 +3,10 @@
 The autotuner keys on ``(M_BUCKET, N, K, recipe switches)``, so a process tunes each layer
 shape once per bucket and reuses the choice for every M in the bucket.
 
-* M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket, so the
-  launcher knows the tile count and can pick split-K before launching; only ``BLOCK_K``,
-  warps and stages are tuned (16-row tiles swap the operands, see ``_BY_BUCKET[16]``).  At
+* M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket and kind of
+  scales (:func:`small_tile`), so the launcher knows the tile count and can pick split-K
+  before launching; only stages (and ``BLOCK_K`` at 256) are tuned.  Tiles of at most 32
+  rows swap the operands (see ``_swapped``).  At
   M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs, and the GEMM is bound by
   reading the weight: split-K brings it to ~2 programs per SM (~4 with blockwise scales,
   see :func:`split_k`).
@@ -22,11 +23,24 @@ import functools
 import torch
 import triton
 
-__all__ = ["SMALL_TILES", "cdiv", "configs", "m_bucket", "next_pow2", "prune", "split_k"]
+__all__ = ["SMALL_TILES", "cdiv", "configs", "m_bucket", "next_pow2", "prune", "small_tile",
+           "split_k"]
 
-# M bucket -> (BLOCK_M, BLOCK_N) for the split-K regime.
+# M bucket -> (BLOCK_M, BLOCK_N) for the split-K regime; blockwise scales (1x128 / 128x128)
+# take _BLOCKWISE_TILES' (see small_tile).
 SMALL_TILES = {16: (16, 64), 32: (32, 64), 64: (64, 64), 128: (64, 128), 256: (128, 128)}
+# H200, 128 x LLaMA shapes, best config of each tile (benchmarks/gemm.py --variants): blockwise
+# 64x64 took 13.4 / 27.3 / 32.3 us against 64x128's 13.8 / 32.6 / 35.0 (N x K = 4096^2,
+# 14336x4096, 4096x14336), and the launcher on 64x128 with its split 14.2 / 40.1 / 42.0.  Row
+# fast keeps 64x128: 64x64 was 10-12% slower at the two 14336 shapes.
+_BLOCKWISE_TILES = {**SMALL_TILES, 128: (64, 64)}
 _LARGE = 512
+
+
+def small_tile(bucket: int, blockwise: bool) -> tuple[int, int] | None:
+    """``(BLOCK_M, BLOCK_N)`` of the split-K regime for an M bucket and kind of scales
+    (``blockwise``: 1x128 activations or 128x128 weights), or None above it."""
+    return (_BLOCKWISE_TILES if blockwise else SMALL_TILES).get(bucket)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -66,23 +80,51 @@ def _small(bm, bn):
     return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, deep)]
 
 
-_BY_BUCKET = {bucket: _small(bm, bn) for bucket, (bm, bn) in SMALL_TILES.items()}
-# 16-row tiles swap the operands (SWAP_AB): the MMA is otherwise Ampere-style (wgmma takes
-# 64 rows per warpgroup), and with the swap the 64 weight rows are wgmma's M, the tokens its
-# N; each K step's promotion scales load a step ahead (SCALES_AHEAD; only promoted recipes
-# read it).  H200, 16 x LLaMA shapes, best config of each kind (benchmarks/gemm.py
-# --variants): blockwise 8.8 us swapped against 9.5-10.0 unswapped at 16x4096x4096, 19.0
-# against 20.1 at 16x14336x4096, 19.7 against 21.2 at 16x4096x14336; row fast 8.0 against
-# 9.1, 16.7 against 18.0, 18.1 against 19.4.  No unswapped config was fastest at any shape,
-# so none is tuned.  Two calls ranked the stages alike: blockwise 3 or 4 first, 5 slowest
-# (+0.3-0.9 us); row fast 4 or 5 first, 3 slowest (+0.8 us at 4096x4096).  The autotuner,
-# timing without CUDA graphs, once took 3 stages for row fast (8.8 us in a graph against
-# 8.0), so each recipe tunes only its own two (:data:`_STAGES_16`).  Row precise, tried
-# with blockwise's two, took 9.0 us at 16x4096x4096 against 8.2 with all three: it waits
-# on no scale loads in the K loop, and goes with the fast recipes.
-_BY_BUCKET[16] = [_c(16, 64, 128, 4, stages, swap_ab=True) for stages in (3, 4, 5)]
-# whether the scales change along K (1x128 / 128x128) -> the stages 16-row tiles tune
-_STAGES_16 = {True: (3, 4), False: (4, 5)}
+def _swapped(bm):
+    return [_c(bm, 64, 128, 4, stages, swap_ab=True) for stages in (3, 4, 5)]
+
+
+# Tiles of 16 and 32 rows swap the operands (SWAP_AB): the MMA is otherwise Ampere-style
+# (wgmma takes 64 rows per warpgroup), and with the swap the 64 weight rows are wgmma's M, the
+# tokens its N; each K step's promotion scales load a step ahead (SCALES_AHEAD; only promoted
+# recipes read it).  H200, LLaMA shapes, best config of each kind (benchmarks/gemm.py
+# --variants), N x K = 4096^2, 14336x4096, 4096x14336:
+#   16 rows: blockwise 8.8 / 19.0 / 19.7 us swapped against 9.5-10.0 / 20.1 / 21.2
+#            unswapped; row fast 8.0 / 16.7 / 18.1 against 9.1 / 18.0 / 19.4.
+#   32 rows: blockwise 10.3 / 21.6-21.7 / 23.3 against 11.8-11.9 / 24.1 / 25.2; row fast
+#            9.5 / 17.3-17.4 / 20.1 against 10.7-10.8 / 19.6 / 22.3.  32x128 swapped was no
+#            faster than 32x64.
+# No unswapped config was fastest at any of these shapes, so none is tuned.  Stages, in every
+# call: blockwise 3 or 4 first, 5 slowest; row fast 4 or 5 first, 3 slowest (+0.8 us at
+# 16x4096x4096).  The autotuner, timing without CUDA graphs, once took 3 stages for row fast
+# (8.8 us in a graph against 8.0), so each kind of scales tunes only its own two
+# (:data:`_SMALL_STAGES`).  Row precise, tried with blockwise's two, took 9.0 us at
+# 16x4096x4096 against 8.2 with all three: it waits on no scale loads in the K loop, and goes
+# with the fast recipes.
+_BY_BUCKET = {16: _swapped(16), 32: _swapped(32)}
+# 64 and 128 rows run wgmma unswapped (swapped was within 0.2 us) and tune nothing: the
+# autotuner (timing without CUDA graphs) picked configs 20-45% slower than the best one here,
+# and differently from one process to the next.  H200, LLaMA shapes (benchmarks/gemm.py
+# --variants and --fold), N x K = 4096^2, 14336x4096, 4096x14336:
+#   blockwise (both buckets): 3 stages fastest at all six shapes.  At 128x4096x14336, 4
+#     stages took over 36 us against 32.3, and a process whose tuner picked 4 there ran it
+#     at 46.7; at 64x14336x4096 the tuner's old pick among 4 and 6 stages took 31.5 us
+#     against 25.5.
+#   other recipes, 64 rows: 5 stages 10.1 / 18.2 / 21.9 us against 4 stages' 10.5 / 19.0 /
+#     22.4 (3 was 10% slower still); the tuner had lost 20% at 64x4096x4096 picking among
+#     4 / 6 stages and BLOCK_K 256.
+#   other recipes, 128 rows (64x128, at the launcher's splits): 4 stages 11.8 / 21.4 / 25.4
+#     against 5 stages' 11.6 / over 23.9 / over 25.7.  Tuning both, the launcher ran one
+#     recipe at 128x14336x4096 at 25.2-25.9 us in three processes of six (20.3-21.3
+#     otherwise), and 128x4096x14336 at 30.3 us in one (25.1-25.3).
+_BY_BUCKET[64] = [_c(64, 64, 128, 4, 3), _c(64, 64, 128, 4, 5)]
+_BY_BUCKET[128] = [_c(64, 64, 128, 4, 3), _c(64, 128, 128, 4, 4)]
+_BY_BUCKET[256] = _small(128, 128)
+
+# (bucket, whether the scales change along K (1x128 / 128x128)) -> the stages it tunes
+_SMALL_STAGES = {(16, True): (3, 4), (16, False): (4, 5), (32, True): (3, 4),
+                 (32, False): (4, 5), (64, True): (3,), (64, False): (5,), (128, True): (3,),
+                 (128, False): (4,)}
 _BY_BUCKET[_LARGE] = [
     # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
@@ -110,16 +152,18 @@ def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this call's M bucket whose BLOCK_K (and, for 16-row tiles,
-    stages) the recipe allows."""
+    """Keep the configs of this call's M bucket whose BLOCK_K (and, up to 128 rows, tile
+    and stages) the recipe allows."""
     args = {**named_args, **kwargs}
     mine = _BY_BUCKET.get(args["M_BUCKET"], _BY_BUCKET[_LARGE])
     keep = [c for c in configs_ if any(c is d for d in mine)]
     if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
         keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128 and _acc_per_thread(c) <= 64]
-    if args["M_BUCKET"] == 16:
+    if args["M_BUCKET"] <= 128:
         blockwise = args["A_GRAN"] >= 2 or args["W_GRAN"] >= 2
-        keep = [c for c in keep if c.num_stages in _STAGES_16[blockwise]]
+        tile = small_tile(args["M_BUCKET"], blockwise)
+        keep = [c for c in keep if c.num_stages in _SMALL_STAGES[args["M_BUCKET"], blockwise]
+                and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == tile]
     return keep or [mine[0]]
 
 
@@ -127,11 +171,12 @@ def _acc_per_thread(c: triton.Config) -> int:
     return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
 
 
-def default_config(bucket: int) -> dict:
-    """One fixed config per bucket, for the interpreter and for runs without autotuning."""
+def default_config(bucket: int, blockwise: bool = False) -> dict:
+    """One fixed config per bucket and kind of scales, for the interpreter and for runs
+    without autotuning."""
     if bucket in SMALL_TILES:
-        bm, bn = SMALL_TILES[bucket]
-        swap = bm == 16  # as the tuned configs of 16-row tiles
+        bm, bn = small_tile(bucket, blockwise)
+        swap = bm <= 32  # as the tuned configs of tiles of at most 32 rows
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": swap,
                 "SCALES_AHEAD": swap, "num_warps": 4, "num_stages": 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": False,
@@ -156,14 +201,30 @@ def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int,
 
     Each split keeps at least 512 of K (4 steps of 128; 1024 for ``blockwise``) so the
     pipeline fills; the partial sums cost one extra fp32 pass over M x N, small next to the
-    weight at M <= 256.  A blockwise K step is at most 128 wide and loads its scales before
+    weight at M <= 64.  A blockwise K step is at most 128 wide and loads its scales before
     its promotion, and more programs per SM keep the weight stream busy.  H200, 16x64 tiles,
     one process (docs/performance.md): blockwise 1x12288x4096 took 20.3 us at split 2
     against 24.3 at split 1, 16x4096x14336 22.8 at split 8 against 25.1 at 4; 4096x4096
     stays at split 4 (11.0 us at 8 against 9.5).  Rowwise precise GEMMs lost 7-10% at 16
     tokens with the same rule (and gained 3-13% at one token), so they keep ~2.
+
+    Larger tiles hold fewer programs per SM, and each split adds fp32 partials (split x M x N,
+    written and read back).  Blockwise 128x128 tiles (256 rows) aim at one program per SM.
+    Other tiles of 64x128 and up go past one per SM only while the partials stay under half
+    the FP8 weight's bytes.  H200, ``benchmarks/gemm.py --splits``, us at split 1 / 2 / 4:
+    row fast 128x4096x4096 12.7 / 11.2 / 12.4, 128x4096x14336 31.5 / 25.6 / 25.3,
+    256x4096x14336 38.1 / 33.6 / 38.2 (split 3: 39.9); row precise 256x4096x4096 20.8 / 16.4
+    / 21.9; blockwise 256x4096x4096 28.0 / 20.0 / 24.7, 256x14336x4096 59.2 / 75.0 / 89.3.
     """
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
-    want = max(1, ((4 if blockwise else 2) * sms) // tiles)
+    if blockwise:
+        want = ((1 if block_m * block_n >= 128 * 128 else 4) * sms) // tiles
+    else:
+        want = (2 * sms) // tiles
+        if block_m * block_n >= 64 * 128:
+            # past one program per SM, only while the fp32 partials stay under half the
+            # weight's bytes; a power of two (K = 14336 split 3 ran slower than 2 or 4)
+            want = min(want, max(sms // tiles, k // (16 * m)))
+            want = 1 << max(0, want.bit_length() - 1)
     most = max(1, k // (1024 if blockwise else 512))
-    return int(min(want, most, 16))
+    return int(min(max(1, want), most, 16))

@@ -324,14 +324,14 @@ def test_traced_launch_names_every_kernel_parameter(device, monkeypatch):
 
 
 def test_split_k_of_taller_tiles_keeps_the_second_kernel(device, monkeypatch):
-    """Above 16-row tiles one program's sum of the partials costs more than a second launch
+    """Above 32-row tiles one program's sum of the partials costs more than a second launch
     (M = 64 on H200): the split-K epilogue kernel sums them."""
     launched = _launched_kernels(monkeypatch)
-    xq, xs, wq, ws = _operands(device, (40, 1024), 96, RECIPES[1])
+    xq, xs, wq, ws = _operands(device, (70, 1024), 96, RECIPES[1])
     args = (xq, xs, G.ROW, wq, ws, G.ROW, None, torch.float32)
     ref = scaled_mm_reference(*args, "none", None)
-    for bm, kernels_launched in ((16, ["_scaled_mm_kernel"]),
-                                 (32, ["_scaled_mm_kernel", "_splitk_epilogue_kernel"])):
+    for bm, kernels_launched in ((16, ["_scaled_mm_kernel"]), (32, ["_scaled_mm_kernel"]),
+                                 (64, ["_scaled_mm_kernel", "_splitk_epilogue_kernel"])):
         launched.clear()
         cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 128, "SPLIT_K": 2,
                "num_warps": 4, "num_stages": 2}
@@ -423,6 +423,7 @@ def _tuning_args(precise):
             "PRECISE": precise, "SPLIT_K": 1, "M": 4096}
 
 
+@pytest.mark.parametrize("bucket", [16, 32])
 @pytest.mark.parametrize("a_gran, w_gran, precise, stages", [
     (2, 3, True, {3, 4}),    # blockwise: promoted every 128 of K
     (2, 3, False, {3, 4}),
@@ -430,22 +431,50 @@ def _tuning_args(precise):
     (1, 1, False, {4, 5}),   # row, fast
     (0, 0, False, {4, 5}),   # tensor, fast
 ])
-def test_sixteen_row_tiles_tune_swapped_configs(a_gran, w_gran, precise, stages):
-    """At M <= 16 every tuned config puts the weight on the MMA's M side and loads the
-    scales ahead, 16x64x128 tiles; each recipe times only its own two stage counts; other
-    buckets keep their unswapped tiles."""
+def test_small_row_tiles_tune_swapped_configs(bucket, a_gran, w_gran, precise, stages):
+    """At M <= 32 every tuned config puts the weight on the MMA's M side and loads the
+    scales ahead, bucket x 64 x 128 tiles; each recipe times only its own two stage counts;
+    larger buckets keep unswapped tiles."""
     from fp8compile.kernels import tuning
 
-    args = {**_tuning_args(precise), "M_BUCKET": 16, "M": 9, "A_GRAN": a_gran,
+    args = {**_tuning_args(precise), "M_BUCKET": bucket, "M": bucket - 7, "A_GRAN": a_gran,
             "W_GRAN": w_gran}
     kept = tuning.prune(tuning.configs(), args)
     assert {c.num_stages for c in kept} == stages and len(kept) == 2
     for c in kept:
         assert c.kwargs["SWAP_AB"] and c.kwargs["SCALES_AHEAD"]
-        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (16, 64, 128)
-    for bucket in (32, 4096):
-        kept = tuning.prune(tuning.configs(), {**args, "M_BUCKET": bucket})
+        assert (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) == (bucket, 64, 128)
+    assert tuning.default_config(bucket, a_gran >= 2)["SWAP_AB"]
+    for larger in (64, 128, 256, 4096):
+        kept = tuning.prune(tuning.configs(), {**args, "M_BUCKET": larger})
         assert kept and not any(c.kwargs["SWAP_AB"] for c in kept)
+
+
+@pytest.mark.parametrize("bucket, a_gran, w_gran, tile, stages", [
+    (128, 2, 3, (64, 64), {3}),    # blockwise: the narrower tile, fewer stages
+    (128, 3, 3, (64, 64), {3}),
+    (128, 1, 1, (64, 128), {4}),   # row
+    (128, 0, 0, (64, 128), {4}),   # tensor
+    (64, 2, 3, (64, 64), {3}),
+    (64, 1, 1, (64, 64), {5}),
+])
+@pytest.mark.parametrize("precise", [True, False])
+def test_wgmma_sized_buckets_tune_by_the_scales(bucket, a_gran, w_gran, tile, stages, precise):
+    """At 33-128 rows one unswapped config per kind of scales: blockwise 3 stages (64x64 tiles
+    at 128 rows), the others 5 stages at 64 rows and 4 at 128 (64x128 tiles); the default
+    config's tile agrees."""
+    from fp8compile.kernels import tuning
+
+    args = {**_tuning_args(precise), "M_BUCKET": bucket, "M": bucket - 28, "A_GRAN": a_gran,
+            "W_GRAN": w_gran}
+    kept = tuning.prune(tuning.configs(), args)
+    assert kept and {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {tile}
+    assert {c.num_stages for c in kept} == stages
+    assert not any(c.kwargs["SWAP_AB"] for c in kept)
+    blockwise = max(a_gran, w_gran) >= 2
+    assert tuning.small_tile(bucket, blockwise) == tile
+    config = tuning.default_config(bucket, blockwise)
+    assert (config["BLOCK_M"], config["BLOCK_N"]) == tile and not config["SWAP_AB"]
 
 
 def test_autotune_configs_compile_together_once_per_key(monkeypatch):
@@ -499,6 +528,26 @@ def test_split_k_keeps_more_programs_in_flight_for_blockwise_scales(n, k, row_sp
 
     assert tuning.split_k(16, n, k, 16, 64, 132) == row_split
     assert tuning.split_k(16, n, k, 16, 64, 132, blockwise=True) == block_split
+
+
+@pytest.mark.parametrize("m, k, row_split, block_split", [
+    (128, 4096, 2, 4),     # 64x128: split 4's partials would be half the weight's bytes
+    (100, 4096, 2, 4),
+    (128, 14336, 4, 4),    # the same tiles, partials cheap next to a 3.5x longer weight
+    (64, 4096, 4, 4),      # 64x64 tiles: two (four) programs per SM
+    (256, 4096, 2, 2),     # 128x128: one program per SM, blockwise too
+    (256, 14336, 2, 2),    # not 3: a power of two
+])
+def test_split_k_of_large_tiles_weighs_the_partials(m, k, row_split, block_split):
+    """Tiles of 64x128 and up split past one program per SM only while the fp32 partials
+    stay under half the weight's bytes (blockwise 128x128 tiles not at all); smaller tiles
+    keep two (four blockwise) programs per SM."""
+    from fp8compile.kernels import tuning
+
+    tile = tuning.small_tile(tuning.m_bucket(m), False)
+    assert tuning.split_k(m, 4096, k, *tile, 132) == row_split
+    block_tile = tuning.small_tile(tuning.m_bucket(m), True)
+    assert tuning.split_k(m, 4096, k, *block_tile, 132, blockwise=True) == block_split
 
 
 def test_traced_and_eager_launches_split_k_alike(monkeypatch):
