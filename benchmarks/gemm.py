@@ -16,8 +16,8 @@ are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so tha
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
 ``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes,
-``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16`` its
-swapped-operand and scales-ahead switches.
+``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16 32 64 128``
+its small-M tiles with and without swapped operands.
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -440,8 +440,10 @@ def _launcher_split(m, n, k, xg, wg):
     """The split of K the Triton launcher picks for a decode-sized M x N x K GEMM."""
     from fp8compile.kernels import tuning
     from fp8compile.kernels.gemm import launch_split
+    from fp8compile.kernels.quant import GRAN_CODE
 
-    return launch_split(m, n, k, *tuning.SMALL_TILES[tuning.m_bucket(m)], xg, wg,
+    blockwise = max(GRAN_CODE[xg], GRAN_CODE[wg]) >= 2
+    return launch_split(m, n, k, *tuning.small_tile(tuning.m_bucket(m), blockwise), xg, wg,
                         torch.device("cuda"))
 
 
@@ -508,16 +510,16 @@ def run_fold(shapes):
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
-def _decode_cases(shapes):
-    """For each LLaMA shape at M <= 16 of ``shapes``, and blockwise and row fast: the FP8
-    operand sets, the launcher's time, an fp32 product to check configs against, and bf16's
-    time (logged with the 1.5x line)."""
+def _decode_cases(shapes, largest=16):
+    """For each LLaMA shape at the M of ``shapes`` whose bucket is at most ``largest``, and
+    blockwise and row fast: the FP8 operand sets, the launcher's time, an fp32 product to
+    check configs against, and bf16's time (logged with the 1.5x line)."""
     from fp8compile.kernels import tuning
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     for (n, k) in NK:
         for m in shapes:
-            if tuning.m_bucket(m) > 16:
+            if tuning.m_bucket(m) > largest:
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
             log(f"  {m}x{n}x{k}: bf16 {t_bf * 1e3:.1f} us (1.5x bf16: {t_bf * 1e3 / 1.5:.1f})")
@@ -596,37 +598,77 @@ def run_tiles(shapes):
                 f"{bench(reduce, [(part, out)]) * 1e3:.1f} us")
 
 
-def run_variants(shapes):
-    """Decode-sized GEMMs on the Triton kernel's 16x64 tile with the weight tile as the MMA's
-    left operand (``SWAP_AB``: 64 weight rows fill Hopper's ``wgmma``, the tokens are its N)
-    and with the promotion scales loaded a step ahead (``SCALES_AHEAD``), against the
-    launcher's own choice and bf16, at the split the launcher's rule gives and at twice
-    that."""
-    import itertools
-
+def _variant_tiles(bucket):
+    """``(BLOCK_M, BLOCK_N, warps, swap)`` candidates of a small-M bucket: at most 32 rows
+    the bucket's rows against 64 or 128 weight rows, swapped or not (fewer than 64 rows
+    unswapped run Ampere-style MMAs); above, 64 or 128 rows (up to the bucket) against 64
+    or 128 columns, and the bucket's tile swapped."""
     from fp8compile.kernels import tuning
 
-    log("\nSwapped operands and scales ahead: Triton kernel at decode sizes, "
+    bm0, bn0 = tuning.SMALL_TILES[bucket]
+    if bm0 <= 32:
+        return [(bm0, 64, 4, False), (bm0, 64, 4, True), (bm0, 128, 4, True)]
+    tiles = [(bm, bn, 8 if bm * bn >= 128 * 128 else 4, False)
+             for bm in (64, 128) if bm <= bucket for bn in (64, 128)]
+    return tiles + [(bm0, bn0, 4, True)]
+
+
+def run_variants(shapes):
+    """Small-M GEMMs on the Triton kernel over tiles around the bucket's own
+    (:func:`_variant_tiles`), with the weight tile as the MMA's left operand or not
+    (``SWAP_AB``: 64 or 128 weight rows are Hopper's ``wgmma`` M, the tokens its N; swapped
+    blockwise GEMMs load their promotion scales a step ahead, ``SCALES_AHEAD``), at stages
+    3-5 (2-4 for blockwise scales above 32 rows) and at half, once and twice the split of K
+    the launcher's rule gives for the tile; against the launcher's own choice and bf16.  The
+    three fastest split configs of tiles taller than 16 rows are timed again with the
+    split-K sum in the GEMM (``FOLD_SPLIT_ROWS`` raised)."""
+    import itertools
+
+    from fp8compile.kernels import gemm, tuning
+
+    log("\nTiles, swapped operands and scales ahead: Triton kernel at small M, "
         "us per GEMM (CUDA-graph replays, L2-exceeding operand sets); the six fastest")
     sms = tuning.num_sms(torch.device("cuda"))
-    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes):
+    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes, largest=128):
         blockwise = recipe[0] == "blockwise"
+        bucket = tuning.m_bucket(m)
         found = []
-        for swap, ahead, stages in itertools.product(
-                (False, True), (False, True) if blockwise else (False,), (3, 4, 5)):
-            rule = tuning.split_k(m, n, k, 16, 64, sms, blockwise=blockwise)
-            for split in sorted({rule, min(16, 2 * rule)}):
-                cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8,
-                       "SWAP_AB": swap, "SCALES_AHEAD": ahead, "num_warps": 4,
-                       "num_stages": stages, "SPLIT_K": split}
+        stage_set = (3, 4, 5) if bucket <= 32 or not blockwise else (2, 3, 4)
+        for (bm, bn, warps, swap), stages in itertools.product(_variant_tiles(bucket),
+                                                               stage_set):
+            rule = tuning.split_k(m, n, k, bm, bn, sms, blockwise=blockwise)
+            for split in sorted({max(1, rule // 2), rule, min(16, 2 * rule)}):
+                # at 16 rows, swapped without scales ahead was no faster for blockwise scales
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
+                       "SWAP_AB": swap, "SCALES_AHEAD": swap and blockwise,
+                       "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
                 t = _time_config(cfg, sets, recipe, ref)
                 if t is not None:
-                    found.append((t, f"swap {int(swap)} ahead {int(ahead)} stages {stages} "
-                                     f"split {split}"))
-        found.sort()
+                    found.append((t, cfg))
+        found.sort(key=lambda tc: tc[0])
+
+        def what(cfg, fold=False):
+            return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} "
+                    f"swap {int(cfg['SWAP_AB'])} stages {cfg['num_stages']} "
+                    f"split {cfg['SPLIT_K']}" + (" fold" if fold else ""))
         log(f"    {recipe[0]}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16)")
-        for t, what in found[:6]:
-            log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what}")
+        for t, cfg in found[:6]:
+            log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what(cfg)}")
+        best = {}
+        for t, cfg in found:
+            best.setdefault((cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["SWAP_AB"]), (t, cfg))
+        for t, cfg in sorted(best.values(), key=lambda tc: tc[0]):
+            log(f"      best of its tile: {t * 1e3:6.1f} us  {what(cfg)}")
+        folds = [cfg for _, cfg in found if cfg["SPLIT_K"] > 1 and cfg["BLOCK_M"] > 16][:3]
+        rows = gemm.FOLD_SPLIT_ROWS
+        try:
+            gemm.FOLD_SPLIT_ROWS = 128
+            for cfg in folds:
+                t = _time_config(cfg, sets, recipe, ref)
+                if t is not None:
+                    log(f"      {t * 1e3:6.1f} us ({t_bf / t:.2f}x)  {what(cfg, fold=True)}")
+        finally:
+            gemm.FOLD_SPLIT_ROWS = rows
 
 
 def main():
@@ -641,8 +683,8 @@ def main():
     ap.add_argument("--tiles", action="store_true",
                     help="only sweep the Triton kernel's tile configs at M <= 16 of --m")
     ap.add_argument("--variants", action="store_true",
-                    help="only time swapped operands and scales loaded ahead on the "
-                         "Triton kernel at M <= 16 of --m")
+                    help="only sweep the Triton kernel's small-M tiles, swapped or not, at "
+                         "the M <= 128 of --m")
     ap.add_argument("--fold", action="store_true",
                     help="only time the split-K sum in the GEMM kernel against a second "
                          "kernel, at the M <= 256 of --m")
