@@ -602,7 +602,7 @@ def _variant_tiles(bucket):
     """``(BLOCK_M, BLOCK_N, warps, swap)`` candidates of a small-M bucket: at most 32 rows
     the bucket's rows against 64 or 128 weight rows, swapped or not (fewer than 64 rows
     unswapped run Ampere-style MMAs); above, 64 or 128 rows (up to the bucket) against 64
-    or 128 columns, and the bucket's tile swapped."""
+    or 128 columns, and the bucket's tile swapped where it is at most 64x128."""
     from fp8compile.kernels import tuning
 
     bm0, bn0 = tuning.SMALL_TILES[bucket]
@@ -610,7 +610,7 @@ def _variant_tiles(bucket):
         return [(bm0, 64, 4, False), (bm0, 64, 4, True), (bm0, 128, 4, True)]
     tiles = [(bm, bn, 8 if bm * bn >= 128 * 128 else 4, False)
              for bm in (64, 128) if bm <= bucket for bn in (64, 128)]
-    return tiles + [(bm0, bn0, 4, True)]
+    return tiles + ([(bm0, bn0, 4, True)] if bm0 * bn0 <= 64 * 128 else [])
 
 
 def run_variants(shapes):
@@ -629,7 +629,7 @@ def run_variants(shapes):
     log("\nTiles, swapped operands and scales ahead: Triton kernel at small M, "
         "us per GEMM (CUDA-graph replays, L2-exceeding operand sets); the six fastest")
     sms = tuning.num_sms(torch.device("cuda"))
-    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes, largest=128):
+    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes, largest=256):
         blockwise = recipe[0] == "blockwise"
         bucket = tuning.m_bucket(m)
         found = []
@@ -684,7 +684,7 @@ def main():
                     help="only sweep the Triton kernel's tile configs at M <= 16 of --m")
     ap.add_argument("--variants", action="store_true",
                     help="only sweep the Triton kernel's small-M tiles, swapped or not, at "
-                         "the M <= 128 of --m")
+                         "the M <= 256 of --m")
     ap.add_argument("--fold", action="store_true",
                     help="only time the split-K sum in the GEMM kernel against a second "
                          "kernel, at the M <= 256 of --m")
