@@ -16,8 +16,8 @@ are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so tha
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
 ``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes,
-``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16 32 64 128``
-its small-M tiles with and without swapped operands.
+``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16 32 64 128
+256`` its small-M tiles with and without swapped operands.
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -442,7 +442,7 @@ def _launcher_split(m, n, k, xg, wg):
     from fp8compile.kernels.gemm import launch_split
     from fp8compile.kernels.quant import GRAN_CODE
 
-    blockwise = max(GRAN_CODE[xg], GRAN_CODE[wg]) >= 2
+    blockwise = tuning.blockwise_scales(GRAN_CODE[xg], GRAN_CODE[wg])
     return launch_split(m, n, k, *tuning.small_tile(tuning.m_bucket(m), blockwise), xg, wg,
                         torch.device("cuda"))
 

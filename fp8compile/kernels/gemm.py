@@ -496,7 +496,7 @@ def scaled_mm(
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
-    blockwise = max(a_gran, w_gran) >= 2
+    blockwise = tuning.blockwise_scales(a_gran, w_gran)
     forced_split = None
     if config is not None and set(config) == {"SPLIT_K"}:
         if bucket not in tuning.SMALL_TILES:
@@ -800,7 +800,7 @@ def launch_split(m: int, n: int, k: int, block_m: int, block_n: int, x_granulari
     above."""
     if tuning.m_bucket(m) not in tuning.SMALL_TILES:
         return 1
-    blockwise = max(GRAN_CODE[Granularity(x_granularity)],
-                    GRAN_CODE[Granularity(w_granularity)]) >= 2
+    blockwise = tuning.blockwise_scales(GRAN_CODE[Granularity(x_granularity)],
+                                        GRAN_CODE[Granularity(w_granularity)])
     return tuning.split_k(m, n, k, block_m, block_n, tuning.num_sms(device),
                           blockwise=blockwise)

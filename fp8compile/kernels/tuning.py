@@ -6,10 +6,9 @@ shape once per bucket and reuses the choice for every M in the bucket.
 * M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket and kind of
   scales (:func:`small_tile`), so the launcher knows the tile count and can pick split-K
   before launching; only stages (and ``BLOCK_K`` at 256) are tuned.  Tiles of at most 32
-  rows swap the operands (see ``_swapped``).  At
-  M=16, N=4096 a 16x64 tile gives 64 programs for 132 SMs, and the GEMM is bound by
-  reading the weight: split-K brings it to ~2 programs per SM (~4 with blockwise scales,
-  see :func:`split_k`).
+  rows swap the operands (see ``_swapped``).  At M=16, N=4096 a 16x64 tile gives 64
+  programs for 132 SMs, and the GEMM is bound by reading the weight: split-K brings it to
+  ~2 programs per SM (~4 with blockwise scales, see :func:`split_k`).
 * M > 256: compute bound; 128x256x128 with 8 warps (two consumer warpgroups) and 3 stages
   (144 KB of shared memory) is the workhorse of the single-accumulator path, 128x128 and
   64x128 that of the promoted path (register counts below, from ptxas for sm_90a).
@@ -23,24 +22,16 @@ import functools
 import torch
 import triton
 
-__all__ = ["SMALL_TILES", "cdiv", "configs", "m_bucket", "next_pow2", "prune", "small_tile",
-           "split_k"]
+__all__ = ["SMALL_TILES", "blockwise_scales", "cdiv", "configs", "m_bucket", "next_pow2",
+           "prune", "small_tile", "split_k"]
 
-# M bucket -> (BLOCK_M, BLOCK_N) for the split-K regime; blockwise scales (1x128 / 128x128)
-# take _BLOCKWISE_TILES' (see small_tile).
-SMALL_TILES = {16: (16, 64), 32: (32, 64), 64: (64, 64), 128: (64, 128), 256: (128, 128)}
-# H200, 128 x LLaMA shapes, best config of each tile (benchmarks/gemm.py --variants): blockwise
-# 64x64 took 13.4 / 27.3 / 32.3 us against 64x128's 13.8 / 32.6 / 35.0 (N x K = 4096^2,
-# 14336x4096, 4096x14336), and the launcher on 64x128 with its split 14.2 / 40.1 / 42.0.  Row
-# fast keeps 64x128: 64x64 was 10-12% slower at the two 14336 shapes.
-_BLOCKWISE_TILES = {**SMALL_TILES, 128: (64, 64)}
 _LARGE = 512
 
 
-def small_tile(bucket: int, blockwise: bool) -> tuple[int, int] | None:
-    """``(BLOCK_M, BLOCK_N)`` of the split-K regime for an M bucket and kind of scales
-    (``blockwise``: 1x128 activations or 128x128 weights), or None above it."""
-    return (_BLOCKWISE_TILES if blockwise else SMALL_TILES).get(bucket)
+def blockwise_scales(a_gran: int, w_gran: int) -> bool:
+    """Whether the scales change along K: 1x128 activations or 128x128 weights (granularity
+    codes >= 2).  Such GEMMs promote every 128 of K and take their own small-M configs."""
+    return a_gran >= 2 or w_gran >= 2
 
 
 def cdiv(a: int, b: int) -> int:
@@ -80,8 +71,12 @@ def _small(bm, bn):
     return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, deep)]
 
 
-def _swapped(bm):
-    return [_c(bm, 64, 128, 4, stages, swap_ab=True) for stages in (3, 4, 5)]
+def _swapped(bm, stages):
+    return [_c(bm, 64, 128, 4, n, swap_ab=True) for n in stages]
+
+
+def _tile(c: triton.Config) -> tuple[int, int]:
+    return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
 
 
 # Tiles of 16 and 32 rows swap the operands (SWAP_AB): the MMA is otherwise Ampere-style
@@ -97,34 +92,40 @@ def _swapped(bm):
 # No unswapped config was fastest at any of these shapes, so none is tuned.  Stages, in every
 # call: blockwise 3 or 4 first, 5 slowest; row fast 4 or 5 first, 3 slowest (+0.8 us at
 # 16x4096x4096).  The autotuner, timing without CUDA graphs, once took 3 stages for row fast
-# (8.8 us in a graph against 8.0), so each kind of scales tunes only its own two
-# (:data:`_SMALL_STAGES`).  Row precise, tried with blockwise's two, took 9.0 us at
-# 16x4096x4096 against 8.2 with all three: it waits on no scale loads in the K loop, and goes
-# with the fast recipes.
-_BY_BUCKET = {16: _swapped(16), 32: _swapped(32)}
+# (8.8 us in a graph against 8.0), so each kind of scales tunes only its own two.  Row
+# precise, tried with blockwise's two, took 9.0 us at 16x4096x4096 against 8.2 with all
+# three: it waits on no scale loads in the K loop, and goes with the fast recipes.
+#
 # 64 and 128 rows run wgmma unswapped (swapped was within 0.2 us) and tune nothing: the
 # autotuner (timing without CUDA graphs) picked configs 20-45% slower than the best one here,
 # and differently from one process to the next.  H200, LLaMA shapes (benchmarks/gemm.py
-# --variants and --fold), N x K = 4096^2, 14336x4096, 4096x14336:
+# --variants and --fold), N x K as above:
 #   blockwise (both buckets): 3 stages fastest at all six shapes.  At 128x4096x14336, 4
 #     stages took over 36 us against 32.3, and a process whose tuner picked 4 there ran it
 #     at 46.7; at 64x14336x4096 the tuner's old pick among 4 and 6 stages took 31.5 us
-#     against 25.5.
+#     against 25.5.  At 128 rows blockwise takes 64x64 tiles: 13.4 / 27.3 / 32.3 us against
+#     64x128's 13.8 / 32.6 / 35.0, and the launcher on 64x128 with its split 14.2 / 40.1 /
+#     42.0.
 #   other recipes, 64 rows: 5 stages 10.1 / 18.2 / 21.9 us against 4 stages' 10.5 / 19.0 /
 #     22.4 (3 was 10% slower still); the tuner had lost 20% at 64x4096x4096 picking among
 #     4 / 6 stages and BLOCK_K 256.
-#   other recipes, 128 rows (64x128, at the launcher's splits): 4 stages 11.8 / 21.4 / 25.4
-#     against 5 stages' 11.6 / over 23.9 / over 25.7.  Tuning both, the launcher ran one
-#     recipe at 128x14336x4096 at 25.2-25.9 us in three processes of six (20.3-21.3
-#     otherwise), and 128x4096x14336 at 30.3 us in one (25.1-25.3).
-_BY_BUCKET[64] = [_c(64, 64, 128, 4, 3), _c(64, 64, 128, 4, 5)]
-_BY_BUCKET[128] = [_c(64, 64, 128, 4, 3), _c(64, 128, 128, 4, 4)]
-_BY_BUCKET[256] = _small(128, 128)
-
-# (bucket, whether the scales change along K (1x128 / 128x128)) -> the stages it tunes
-_SMALL_STAGES = {(16, True): (3, 4), (16, False): (4, 5), (32, True): (3, 4),
-                 (32, False): (4, 5), (64, True): (3,), (64, False): (5,), (128, True): (3,),
-                 (128, False): (4,)}
+#   other recipes, 128 rows: 64x128 tiles (64x64 was 10-12% slower at the two 14336
+#     shapes); at the launcher's splits 4 stages took 11.8 / 21.4 / 25.4 us against 5
+#     stages' 11.6 / over 23.9 / over 25.7.  Tuning both, the launcher ran one recipe at
+#     128x14336x4096 at 25.2-25.9 us in three processes of six (20.3-21.3 otherwise), and
+#     128x4096x14336 at 30.3 us in one (25.1-25.3).
+# (M bucket, blockwise_scales) -> the configs of a bucket of at most 128 rows; one tile each.
+_SMALL_CONFIGS = {
+    (16, True): _swapped(16, (3, 4)), (16, False): _swapped(16, (4, 5)),
+    (32, True): _swapped(32, (3, 4)), (32, False): _swapped(32, (4, 5)),
+    (64, True): [_c(64, 64, 128, 4, 3)], (64, False): [_c(64, 64, 128, 4, 5)],
+    (128, True): [_c(64, 64, 128, 4, 3)], (128, False): [_c(64, 128, 128, 4, 4)],
+}
+# M bucket -> (BLOCK_M, BLOCK_N) of the split-K regime without blockwise scales (small_tile
+# gives each kind of scales its own).
+SMALL_TILES = {**{bucket: _tile(cs[0]) for (bucket, blockwise), cs in _SMALL_CONFIGS.items()
+                  if not blockwise}, 256: (128, 128)}
+_BY_BUCKET = {256: _small(*SMALL_TILES[256])}
 _BY_BUCKET[_LARGE] = [
     # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
@@ -141,29 +142,34 @@ _BY_BUCKET[_LARGE] = [
 ]
 
 
+def small_tile(bucket: int, blockwise: bool) -> tuple[int, int] | None:
+    """``(BLOCK_M, BLOCK_N)`` of the split-K regime for an M bucket and kind of scales
+    (``blockwise``: :func:`blockwise_scales`), or None above it."""
+    if (bucket, blockwise) in _SMALL_CONFIGS:
+        return _tile(_SMALL_CONFIGS[bucket, blockwise][0])
+    return SMALL_TILES.get(bucket)
+
+
 def configs() -> list[triton.Config]:
     """Every config any bucket may use; :func:`prune` keeps the bucket's own."""
-    return [c for cs in _BY_BUCKET.values() for c in cs]
+    return [c for cs in (*_SMALL_CONFIGS.values(), *_BY_BUCKET.values()) for c in cs]
 
 
 def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
     """Blockwise scales (code >= 2) and precise promotion need BLOCK_K dividing 128."""
-    return bool(precise) or a_gran >= 2 or w_gran >= 2
+    return bool(precise) or blockwise_scales(a_gran, w_gran)
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this call's M bucket whose BLOCK_K (and, up to 128 rows, tile
-    and stages) the recipe allows."""
+    """Keep the configs of this call's M bucket (and kind of scales, up to 128 rows) whose
+    BLOCK_K the recipe allows."""
     args = {**named_args, **kwargs}
-    mine = _BY_BUCKET.get(args["M_BUCKET"], _BY_BUCKET[_LARGE])
+    blockwise = blockwise_scales(args["A_GRAN"], args["W_GRAN"])
+    mine = (_SMALL_CONFIGS.get((args["M_BUCKET"], blockwise))
+            or _BY_BUCKET.get(args["M_BUCKET"], _BY_BUCKET[_LARGE]))
     keep = [c for c in configs_ if any(c is d for d in mine)]
     if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
         keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128 and _acc_per_thread(c) <= 64]
-    if args["M_BUCKET"] <= 128:
-        blockwise = args["A_GRAN"] >= 2 or args["W_GRAN"] >= 2
-        tile = small_tile(args["M_BUCKET"], blockwise)
-        keep = [c for c in keep if c.num_stages in _SMALL_STAGES[args["M_BUCKET"], blockwise]
-                and (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) == tile]
     return keep or [mine[0]]
 
 
@@ -176,7 +182,8 @@ def default_config(bucket: int, blockwise: bool = False) -> dict:
     without autotuning."""
     if bucket in SMALL_TILES:
         bm, bn = small_tile(bucket, blockwise)
-        swap = bm <= 32  # as the tuned configs of tiles of at most 32 rows
+        tuned = _SMALL_CONFIGS.get((bucket, blockwise))
+        swap = bool(tuned) and tuned[0].kwargs["SWAP_AB"]  # as the tuned configs
         return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": swap,
                 "SCALES_AHEAD": swap, "num_warps": 4, "num_stages": 4}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": False,
