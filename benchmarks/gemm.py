@@ -443,8 +443,9 @@ def _launcher_split(m, n, k, xg, wg):
     from fp8compile.kernels.quant import GRAN_CODE
 
     blockwise = tuning.blockwise_scales(GRAN_CODE[xg], GRAN_CODE[wg])
-    return launch_split(m, n, k, *tuning.small_tile(tuning.m_bucket(m), blockwise), xg, wg,
-                        torch.device("cuda"))
+    device = torch.device("cuda")
+    tile = tuning.small_tile(tuning.m_bucket(m), blockwise, n, k, tuning.num_sms(device))
+    return launch_split(m, n, k, *tile, xg, wg, device)
 
 
 def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
@@ -510,10 +511,15 @@ def run_fold(shapes):
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
-def _decode_cases(shapes, largest=16):
+# the recipes the small-M sweeps can time: (name, x granularity, w granularity, accumulation)
+RECIPES = {"blockwise": (G.GROUP, G.BLOCK, "precise"), "row fast": (G.ROW, G.ROW, "fast"),
+           "row precise": (G.ROW, G.ROW, "precise"), "tensor fast": (G.TENSOR, G.TENSOR, "fast")}
+
+
+def _decode_cases(shapes, largest=16, recipes=("blockwise", "row fast")):
     """For each LLaMA shape at the M of ``shapes`` whose bucket is at most ``largest``, and
-    blockwise and row fast: the FP8 operand sets, the launcher's time, an fp32 product to
-    check configs against, and bf16's time (logged with the 1.5x line)."""
+    each of ``recipes`` (keys of :data:`RECIPES`): the FP8 operand sets, the launcher's time,
+    an fp32 product to check configs against, and bf16's time (logged with the 1.5x line)."""
     from fp8compile.kernels import tuning
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
@@ -523,8 +529,7 @@ def _decode_cases(shapes, largest=16):
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
             log(f"  {m}x{n}x{k}: bf16 {t_bf * 1e3:.1f} us (1.5x bf16: {t_bf * 1e3 / 1.5:.1f})")
-            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
-                                      ("row fast", G.ROW, G.ROW, "fast")]:
+            for name, (xg, wg, acc) in [(r, RECIPES[r]) for r in recipes]:
                 sets = _fp8_sets(xs, ws, xg, wg)
                 t_now = bench(lambda a, sa, b, sb, xg=xg, wg=wg, acc=acc: triton_mm(
                     a, sa, xg, b, sb, wg, None, torch.bfloat16, acc), sets)
@@ -613,15 +618,17 @@ def _variant_tiles(bucket):
     return tiles + ([(bm0, bn0, 4, True)] if bm0 * bn0 <= 64 * 128 else [])
 
 
-def run_variants(shapes):
+def run_variants(shapes, recipes=("blockwise", "row fast"), stages=None, tiles=None):
     """Small-M GEMMs on the Triton kernel over tiles around the bucket's own
     (:func:`_variant_tiles`), with the weight tile as the MMA's left operand or not
     (``SWAP_AB``: 64 or 128 weight rows are Hopper's ``wgmma`` M, the tokens its N; swapped
     blockwise GEMMs load their promotion scales a step ahead, ``SCALES_AHEAD``), at stages
-    3-5 (2-4 for blockwise scales above 32 rows) and at half, once and twice the split of K
+    3-5 (2-4 for blockwise scales above 32 rows; BLOCK_K 256 at 2-3 stages too at 256 rows
+    without them) and at half, once and twice the split of K
     the launcher's rule gives for the tile; against the launcher's own choice and bf16.  The
     three fastest split configs of tiles taller than 16 rows are timed again with the
-    split-K sum in the GEMM (``FOLD_SPLIT_ROWS`` raised)."""
+    split-K sum in the GEMM (``FOLD_SPLIT_ROWS`` raised).  ``stages`` replaces the stage
+    set, ``tiles`` (``"64x128"`` strings) keeps only those tiles."""
     import itertools
 
     from fp8compile.kernels import gemm, tuning
@@ -629,26 +636,32 @@ def run_variants(shapes):
     log("\nTiles, swapped operands and scales ahead: Triton kernel at small M, "
         "us per GEMM (CUDA-graph replays, L2-exceeding operand sets); the six fastest")
     sms = tuning.num_sms(torch.device("cuda"))
-    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes, largest=256):
+    for (m, n, k), t_bf, recipe, sets, t_now, ref in _decode_cases(shapes, 256, recipes):
         blockwise = recipe[0] == "blockwise"
         bucket = tuning.m_bucket(m)
         found = []
-        stage_set = (3, 4, 5) if bucket <= 32 or not blockwise else (2, 3, 4)
-        for (bm, bn, warps, swap), stages in itertools.product(_variant_tiles(bucket),
-                                                               stage_set):
+        stage_set = stages or ((3, 4, 5) if bucket <= 32 or not blockwise else (2, 3, 4))
+        # BLOCK_K 256 where the bucket tunes it (256 rows, scales constant along K), with
+        # the stages that fit
+        deep = ([(256, s) for s in (2, 3)] if bucket >= 256 and not blockwise and not stages
+                else [])
+        mine = [t for t in _variant_tiles(bucket)
+                if tiles is None or f"{t[0]}x{t[1]}" in tiles]
+        for (bm, bn, warps, swap), (bk, stages_) in itertools.product(
+                mine, [(128, s) for s in stage_set] + deep):
             rule = tuning.split_k(m, n, k, bm, bn, sms, blockwise=blockwise)
             for split in sorted({max(1, rule // 2), rule, min(16, 2 * rule)}):
                 # at 16 rows, swapped without scales ahead was no faster for blockwise scales
-                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8,
+                cfg = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8,
                        "SWAP_AB": swap, "SCALES_AHEAD": swap and blockwise,
-                       "num_warps": warps, "num_stages": stages, "SPLIT_K": split}
+                       "num_warps": warps, "num_stages": stages_, "SPLIT_K": split}
                 t = _time_config(cfg, sets, recipe, ref)
                 if t is not None:
                     found.append((t, cfg))
         found.sort(key=lambda tc: tc[0])
 
         def what(cfg, fold=False):
-            return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']} w{cfg['num_warps']} "
+            return (f"{cfg['BLOCK_M']}x{cfg['BLOCK_N']}x{cfg['BLOCK_K']} w{cfg['num_warps']} "
                     f"swap {int(cfg['SWAP_AB'])} stages {cfg['num_stages']} "
                     f"split {cfg['SPLIT_K']}" + (" fold" if fold else ""))
         log(f"    {recipe[0]}: launcher {t_now * 1e3:.1f} us ({t_bf / t_now:.2f}x bf16)")
@@ -685,6 +698,11 @@ def main():
     ap.add_argument("--variants", action="store_true",
                     help="only sweep the Triton kernel's small-M tiles, swapped or not, at "
                          "the M <= 256 of --m")
+    ap.add_argument("--recipes", nargs="*", choices=sorted(RECIPES),
+                    default=["blockwise", "row fast"], help="recipes --variants times "
+                    "(default: %(default)s)")
+    ap.add_argument("--stages", type=int, nargs="*", help="--variants: these stages only")
+    ap.add_argument("--tile", nargs="*", help="--variants: these tiles only, e.g. 64x128")
     ap.add_argument("--fold", action="store_true",
                     help="only time the split-K sum in the GEMM kernel against a second "
                          "kernel, at the M <= 256 of --m")
@@ -707,7 +725,7 @@ def main():
         run_fold(args.m)
         return 0
     if args.variants:
-        run_variants(args.m)
+        run_variants(args.m, args.recipes, args.stages, args.tile)
         return 0
     ok = True
     if args.check:

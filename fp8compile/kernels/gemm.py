@@ -505,15 +505,16 @@ def scaled_mm(
         forced_split, config = int(config["SPLIT_K"]), None
         if forced_split < 1:
             raise ValueError(f"scaled_mm: SPLIT_K={forced_split} must be at least 1")
+    sms = tuning.num_sms(xq.device)
     if config is None and _interpreting():
-        config = tuning.default_config(bucket, blockwise)
+        config = tuning.default_config(bucket, blockwise, n, k, sms)
     if config is None and tracing():
         config = _compile_time_config(xq, xs, x_granularity, wq, ws, w_granularity, bias,
                                       out_dtype, accumulation, activation, residual)
     if config is not None:
         bm, bn = config["BLOCK_M"], config["BLOCK_N"]
     else:
-        bm, bn = tuning.small_tile(bucket, blockwise) or (128, 128)
+        bm, bn = tuning.small_tile(bucket, blockwise, n, k, sms) or (128, 128)
     if forced_split is not None:
         split = forced_split
     elif config is not None and "SPLIT_K" in config:

@@ -4,8 +4,9 @@ The autotuner keys on ``(M_BUCKET, N, K, recipe switches)``, so a process tunes 
 shape once per bucket and reuses the choice for every M in the bucket.
 
 * M <= 256 (decode, small prefill): one fixed ``BLOCK_M x BLOCK_N`` per bucket and kind of
-  scales (:func:`small_tile`), so the launcher knows the tile count and can pick split-K
-  before launching; only stages (and ``BLOCK_K`` at 256) are tuned.  Tiles of at most 32
+  scales (at 256 rows also per shape: :func:`small_configs`), so the launcher knows the tile
+  count and can pick split-K before launching; only the stages of 16 and 32 rows are tuned,
+  every other bucket up to 256 rows has one config.  Tiles of at most 32
   rows swap the operands (see ``_swapped``).  At M=16, N=4096 a 16x64 tile gives 64
   programs for 132 SMs, and the GEMM is bound by reading the weight: split-K brings it to
   ~2 programs per SM (~4 with blockwise scales, see :func:`split_k`).
@@ -23,9 +24,7 @@ import torch
 import triton
 
 __all__ = ["SMALL_TILES", "blockwise_scales", "cdiv", "configs", "m_bucket", "next_pow2",
-           "prune", "small_tile", "split_k"]
-
-_LARGE = 512
+           "prune", "small_configs", "small_tile", "split_k"]
 
 
 def blockwise_scales(a_gran: int, w_gran: int) -> bool:
@@ -61,14 +60,6 @@ def _c(bm, bn, bk, warps, stages, group_m=8, swap_ab=False):
          "SWAP_AB": swap_ab, "SCALES_AHEAD": swap_ab},
         num_warps=warps, num_stages=stages,
     )
-
-
-def _small(bm, bn):
-    warps = 8 if bm * bn >= 128 * 128 else 4
-    # BLOCK_K=256 halves the loop trips of the weight stream (fast path only); 3 stages of
-    # a 128x128x256 tile already take 192 KB of shared memory.
-    deep = 3 if bm * bn >= 128 * 128 else 4
-    return [_c(bm, bn, 128, warps, 4), _c(bm, bn, 128, warps, 6), _c(bm, bn, 256, warps, deep)]
 
 
 def _swapped(bm, stages):
@@ -114,19 +105,33 @@ def _tile(c: triton.Config) -> tuple[int, int]:
 #     stages' 11.6 / over 23.9 / over 25.7.  Tuning both, the launcher ran one recipe at
 #     128x14336x4096 at 25.2-25.9 us in three processes of six (20.3-21.3 otherwise), and
 #     128x4096x14336 at 30.3 us in one (25.1-25.3).
-# (M bucket, blockwise_scales) -> the configs of a bucket of at most 128 rows; one tile each.
+#
+# 256 rows tune nothing either (the tuner's three configs had left one GEMM at 31.1-36.0 us
+# from one process to the next).  H200, ``--variants --m 256``, two calls, us:
+#   blockwise: 64x64, 3 stages, at the split rule's 2 / 1 / 2: 17.8 / 52.2 / 49.9 against
+#     the launcher's 128x128 (autotuned) 20.2 / 60.0 / 56.5.
+#   other recipes: 128x128, 6 stages (3 was 2-3% faster at 14336x4096 and over 9% slower at
+#     4096x14336; BLOCK_K 256 never led), except where those tiles fill the SMs only by a
+#     split whose partials outweigh the weight (4096^2: 64 tiles, split 2, 8 MiB of fp32
+#     partials written and read for a 16 MiB weight).  There 64x128 tiles at split 1 run
+#     row fast 10.7-11.4, row precise 14.0 and tensor fast 10.5 us, against 14.3-15.0,
+#     16.4-17.2 and 13.8-16.7 on 128x128 tiles (:func:`_halve_rows`).
+# (M bucket, blockwise_scales) -> the configs of a bucket of at most 256 rows; one tile each.
 _SMALL_CONFIGS = {
     (16, True): _swapped(16, (3, 4)), (16, False): _swapped(16, (4, 5)),
     (32, True): _swapped(32, (3, 4)), (32, False): _swapped(32, (4, 5)),
     (64, True): [_c(64, 64, 128, 4, 3)], (64, False): [_c(64, 64, 128, 4, 5)],
     (128, True): [_c(64, 64, 128, 4, 3)], (128, False): [_c(64, 128, 128, 4, 4)],
+    (256, True): [_c(64, 64, 128, 4, 3)], (256, False): [_c(128, 128, 128, 8, 6)],
 }
+# The half-height configs of a bucket whose own tiles would leave SMs idle (_halve_rows).
+_HALF_HEIGHT = {(256, False): [_c(64, 128, 128, 4, 6)]}
 # M bucket -> (BLOCK_M, BLOCK_N) of the split-K regime without blockwise scales (small_tile
-# gives each kind of scales its own).
-SMALL_TILES = {**{bucket: _tile(cs[0]) for (bucket, blockwise), cs in _SMALL_CONFIGS.items()
-                  if not blockwise}, 256: (128, 128)}
-_BY_BUCKET = {256: _small(*SMALL_TILES[256])}
-_BY_BUCKET[_LARGE] = [
+# gives each kind of scales and shape its own).
+SMALL_TILES = {bucket: _tile(cs[0]) for (bucket, blockwise), cs in _SMALL_CONFIGS.items()
+               if not blockwise}
+# Above 256 rows: tuned per bucket among these.
+_LARGE_CONFIGS = [
     # single tensor-core accumulator (tensor / row scales, "fast"): 194 registers, no spills
     _c(128, 256, 128, 8, 3),
     _c(128, 256, 128, 8, 4),
@@ -142,17 +147,39 @@ _BY_BUCKET[_LARGE] = [
 ]
 
 
-def small_tile(bucket: int, blockwise: bool) -> tuple[int, int] | None:
-    """``(BLOCK_M, BLOCK_N)`` of the split-K regime for an M bucket and kind of scales
-    (``blockwise``: :func:`blockwise_scales`), or None above it."""
-    if (bucket, blockwise) in _SMALL_CONFIGS:
-        return _tile(_SMALL_CONFIGS[bucket, blockwise][0])
-    return SMALL_TILES.get(bucket)
+def _halve_rows(bucket: int, n: int, k: int, block_m: int, block_n: int, sms: int) -> bool:
+    """Whether ``block_m x block_n`` tiles of a bucket's rows fill the SMs only by a split of
+    K whose fp32 partials would outweigh half the weight (see :func:`split_k`): then tiles
+    of half the rows fill them without a split."""
+    tiles = cdiv(bucket, block_m) * cdiv(n, block_n)
+    return sms // tiles > max(1, k // (16 * bucket))
+
+
+def small_configs(bucket: int, blockwise: bool, n: int | None = None, k: int | None = None,
+                  sms: int | None = None) -> list[triton.Config] | None:
+    """The configs of a bucket of at most 256 rows for a kind of scales (``blockwise``:
+    :func:`blockwise_scales`) and, given ``n``, ``k`` and the SM count, the GEMM's shape
+    (half-height tiles where the bucket's own would leave SMs idle); None above 256 rows."""
+    configs_ = _SMALL_CONFIGS.get((bucket, blockwise))
+    half = _HALF_HEIGHT.get((bucket, blockwise))
+    if configs_ and half and None not in (n, k, sms) and _halve_rows(
+            bucket, n, k, *_tile(configs_[0]), sms):
+        return half
+    return configs_
+
+
+def small_tile(bucket: int, blockwise: bool, n: int | None = None, k: int | None = None,
+               sms: int | None = None) -> tuple[int, int] | None:
+    """``(BLOCK_M, BLOCK_N)`` of the split-K regime (:func:`small_configs`), or None above
+    it."""
+    configs_ = small_configs(bucket, blockwise, n, k, sms)
+    return _tile(configs_[0]) if configs_ else None
 
 
 def configs() -> list[triton.Config]:
     """Every config any bucket may use; :func:`prune` keeps the bucket's own."""
-    return [c for cs in (*_SMALL_CONFIGS.values(), *_BY_BUCKET.values()) for c in cs]
+    return [c for cs in (*_SMALL_CONFIGS.values(), *_HALF_HEIGHT.values(),
+                         _LARGE_CONFIGS) for c in cs]
 
 
 def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
@@ -161,12 +188,14 @@ def needs_k128(a_gran: int, w_gran: int, precise: bool) -> bool:
 
 
 def prune(configs_, named_args, **kwargs):
-    """Keep the configs of this call's M bucket (and kind of scales, up to 128 rows) whose
-    BLOCK_K the recipe allows."""
+    """Keep the configs of this call's M bucket (and kind of scales and shape, up to 256
+    rows: :func:`small_configs`) whose BLOCK_K the recipe allows."""
     args = {**named_args, **kwargs}
     blockwise = blockwise_scales(args["A_GRAN"], args["W_GRAN"])
-    mine = (_SMALL_CONFIGS.get((args["M_BUCKET"], blockwise))
-            or _BY_BUCKET.get(args["M_BUCKET"], _BY_BUCKET[_LARGE]))
+    a = args.get("a_ptr")
+    sms = num_sms(a.device) if isinstance(a, torch.Tensor) else None
+    mine = (small_configs(args["M_BUCKET"], blockwise, args["N"], args["K"], sms)
+            or _LARGE_CONFIGS)
     keep = [c for c in configs_ if any(c is d for d in mine)]
     if needs_k128(args["A_GRAN"], args["W_GRAN"], args["PRECISE"]):
         keep = [c for c in keep if c.kwargs["BLOCK_K"] <= 128 and _acc_per_thread(c) <= 64]
@@ -177,15 +206,14 @@ def _acc_per_thread(c: triton.Config) -> int:
     return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] // (32 * c.num_warps)
 
 
-def default_config(bucket: int, blockwise: bool = False) -> dict:
-    """One fixed config per bucket and kind of scales, for the interpreter and for runs
-    without autotuning."""
-    if bucket in SMALL_TILES:
-        bm, bn = small_tile(bucket, blockwise)
-        tuned = _SMALL_CONFIGS.get((bucket, blockwise))
-        swap = bool(tuned) and tuned[0].kwargs["SWAP_AB"]  # as the tuned configs
-        return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": swap,
-                "SCALES_AHEAD": swap, "num_warps": 4, "num_stages": 4}
+def default_config(bucket: int, blockwise: bool = False, n: int | None = None,
+                   k: int | None = None, sms: int | None = None) -> dict:
+    """One fixed config per bucket, kind of scales (and shape, as :func:`small_configs`), for
+    the interpreter and for runs without autotuning."""
+    tuned = small_configs(bucket, blockwise, n, k, sms)
+    if tuned:
+        c = tuned[0]
+        return {**c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages}
     return {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8, "SWAP_AB": False,
             "SCALES_AHEAD": False, "num_warps": 8, "num_stages": 4}
 
@@ -216,12 +244,14 @@ def split_k(m: int, n: int, k: int, block_m: int, block_n: int, sms: int,
     tokens with the same rule (and gained 3-13% at one token), so they keep ~2.
 
     Larger tiles hold fewer programs per SM, and each split adds fp32 partials (split x M x N,
-    written and read back).  Blockwise 128x128 tiles (256 rows) aim at one program per SM.
-    Other tiles of 64x128 and up go past one per SM only while the partials stay under half
-    the FP8 weight's bytes.  H200, ``benchmarks/gemm.py --splits``, us at split 1 / 2 / 4:
-    row fast 128x4096x4096 12.7 / 11.2 / 12.4, 128x4096x14336 31.5 / 25.6 / 25.3,
-    256x4096x14336 38.1 / 33.6 / 38.2 (split 3: 39.9); row precise 256x4096x4096 20.8 / 16.4
-    / 21.9; blockwise 256x4096x4096 28.0 / 20.0 / 24.7, 256x14336x4096 59.2 / 75.0 / 89.3.
+    written and read back).  Blockwise 128x128 tiles (a forced config; 256 rows take 64x64)
+    aim at one program per SM.  Other tiles of 64x128 and up go past one per SM only while
+    the partials stay under half the FP8 weight's bytes (where even one per SM needs more,
+    :func:`small_configs` halves the tile's rows instead).  H200, ``benchmarks/gemm.py
+    --splits``, us at split 1 / 2 / 4: row fast 128x4096x4096 12.7 / 11.2 / 12.4,
+    128x4096x14336 31.5 / 25.6 / 25.3, 256x4096x14336 38.1 / 33.6 / 38.2 (split 3: 39.9);
+    row precise 256x4096x4096 20.8 / 16.4 / 21.9; blockwise (128x128) 256x4096x4096 28.0 /
+    20.0 / 24.7, 256x14336x4096 59.2 / 75.0 / 89.3.
     """
     tiles = cdiv(m, block_m) * cdiv(n, block_n)
     if blockwise:

@@ -457,12 +457,15 @@ def test_small_row_tiles_tune_swapped_configs(bucket, a_gran, w_gran, precise, s
     (128, 0, 0, (64, 128), {4}),   # tensor
     (64, 2, 3, (64, 64), {3}),
     (64, 1, 1, (64, 64), {5}),
+    (256, 2, 3, (64, 64), {3}),
+    (256, 1, 1, (128, 128), {6}),
+    (256, 0, 0, (128, 128), {6}),
 ])
 @pytest.mark.parametrize("precise", [True, False])
 def test_wgmma_sized_buckets_tune_by_the_scales(bucket, a_gran, w_gran, tile, stages, precise):
-    """At 33-128 rows one unswapped config per kind of scales: blockwise 3 stages (64x64 tiles
-    at 128 rows), the others 5 stages at 64 rows and 4 at 128 (64x128 tiles); the default
-    config's tile agrees."""
+    """At 33-256 rows one unswapped config per kind of scales: blockwise 3 stages on 64x64
+    tiles from 64 rows on; the others 5 stages at 64 rows, 4 at 128 (64x128 tiles), 6 at 256
+    (128x128); the default config's tile agrees."""
     from fp8compile.kernels import tuning
 
     args = {**_tuning_args(precise), "M_BUCKET": bucket, "M": bucket - 28, "A_GRAN": a_gran,
@@ -535,19 +538,48 @@ def test_split_k_keeps_more_programs_in_flight_for_blockwise_scales(n, k, row_sp
     (100, 4096, 2, 4),
     (128, 14336, 4, 4),    # the same tiles, partials cheap next to a 3.5x longer weight
     (64, 4096, 4, 4),      # 64x64 tiles: two (four) programs per SM
-    (256, 4096, 2, 2),     # 128x128: one program per SM, blockwise too
-    (256, 14336, 2, 2),    # not 3: a power of two
+    (256, 4096, 1, 2),     # 64x128 (not 128x128 at split 2); blockwise 64x64 tiles
+    (256, 14336, 2, 2),    # 128x128: not 3, a power of two
 ])
 def test_split_k_of_large_tiles_weighs_the_partials(m, k, row_split, block_split):
     """Tiles of 64x128 and up split past one program per SM only while the fp32 partials
-    stay under half the weight's bytes (blockwise 128x128 tiles not at all); smaller tiles
-    keep two (four blockwise) programs per SM."""
+    stay under half the weight's bytes; smaller tiles keep two (four blockwise) programs per
+    SM."""
     from fp8compile.kernels import tuning
 
-    tile = tuning.small_tile(tuning.m_bucket(m), False)
+    tile = tuning.small_tile(tuning.m_bucket(m), False, 4096, k, 132)
     assert tuning.split_k(m, 4096, k, *tile, 132) == row_split
-    block_tile = tuning.small_tile(tuning.m_bucket(m), True)
+    block_tile = tuning.small_tile(tuning.m_bucket(m), True, 4096, k, 132)
     assert tuning.split_k(m, 4096, k, *block_tile, 132, blockwise=True) == block_split
+
+
+@pytest.mark.parametrize("m, n, k, tile", [
+    (256, 4096, 4096, (64, 128)),     # 64 tiles of 128x128 would need split 2: partials
+    (200, 4096, 4096, (64, 128)),     # as large as the weight
+    (256, 4096, 14336, (128, 128)),   # split 2's partials small next to the weight
+    (256, 14336, 4096, (128, 128)),   # 224 tiles: no split
+    (256, 1024, 1024, (64, 128)),
+    (128, 4096, 4096, (64, 128)),     # 128 rows: one tile whatever the shape
+    (128, 1024, 1024, (64, 128)),
+])
+def test_256_rows_halve_tiles_that_fill_the_sms_only_by_a_costly_split(monkeypatch, m, n, k,
+                                                                      tile):
+    """At 256 rows without blockwise scales, 128x128 tiles that would fill the SMs only by
+    a split whose partials outweigh half the weight become 64x128 tiles; the launcher, the
+    autotuner's pruning and the default config agree, and blockwise 64x64 tiles stay."""
+    from fp8compile.kernels import tuning
+
+    monkeypatch.setattr(tuning, "num_sms", lambda device: 132)
+    bucket = tuning.m_bucket(m)
+    assert tuning.small_tile(bucket, False, n, k, 132) == tile
+    assert tuning.small_tile(bucket, True, n, k, 132) == (64, 64)
+    args = {**_tuning_args(False), "M_BUCKET": bucket, "M": m, "N": n, "K": k,
+            "a_ptr": torch.empty(1)}
+    for a_gran in (0, 1):
+        kept = tuning.prune(tuning.configs(), {**args, "A_GRAN": a_gran, "W_GRAN": a_gran})
+        assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {tile}
+    config = tuning.default_config(bucket, False, n, k, 132)
+    assert (config["BLOCK_M"], config["BLOCK_N"]) == tile
 
 
 def test_traced_and_eager_launches_split_k_alike(monkeypatch):
