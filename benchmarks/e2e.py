@@ -9,7 +9,8 @@ The block: d=4096, 32 heads, SwiGLU 14336, RMSNorm, causal SDPA, bf16, forward o
 1, every linear a one-row GEMM) instead.  Each fp8hpf variant also runs as
 ``... unfused``: without ``fuse_projections`` (q/k/v and gate/up as separate GEMMs); the
 fast ones and blockwise also as ``... no-swiglu``: without ``fuse_swiglu`` (SiLU·mul outside
-the gate/up GEMM's epilogue).
+the gate/up GEMM's epilogue); blockwise also as ``... no-residual``: without
+``fuse_residual`` (the last residual add outside the down GEMM's epilogue).
 
 Each variant is timed as the median of ``triton.testing.do_bench`` (CUDA events) on the same
 inputs; speedups are against bf16 Inductor measured in the same run.  ``do_bench`` flushes
@@ -329,6 +330,9 @@ def variants(base: Block, mode: str | None, options: dict | None = None):
     # Blockwise without the SwiGLU fold that auto makes from 2048 tokens on Hopper (the
     # gate/up GEMM quantizing h in 1x128 groups in its epilogue): what it gains.
     out["fp8hpf blockwise no-swiglu"] = (fp8("blockwise", fuse_swiglu=False), "")
+    # Blockwise without the block's last residual add in the down GEMM's epilogue (made by
+    # rule where the Hopper kernel serves the down GEMM): cuBLAS, then Inductor's add.
+    out["fp8hpf blockwise no-residual"] = (fp8("blockwise", fuse_residual=False), "")
     # Static scaling: tensorwise activation scales calibrated once (fp8compile.calibrate),
     # on inputs of their own, then fixed; every cast is then one pass, and the SiLU·mul
     # cast runs in the gate/up GEMM's epilogue where the Hopper kernel serves it.

@@ -1,8 +1,8 @@
 """What a residual add costs an FP8 GEMM: fused into the Triton GEMM's epilogue, or as a
-separate add after cuBLAS (the trade ``Fp8Config(fuse_epilogues=True)`` times per shape); with
-row/tensor scales and fast accumulation on Hopper, also fused into the warp-specialized Gluon
-kernel's epilogue, with one residual and with two (a block's last add, ``(x + o) + down``,
-against cuBLAS followed by that add compiled by Inductor into one kernel).
+separate add after cuBLAS (the trade ``Fp8Config(fuse_epilogues=True)`` times per shape); on
+Hopper also fused into the warp-specialized Gluon kernel's epilogue (fast or promoted), with
+one residual and with two (a block's last add, ``(x + o) + down``, against cuBLAS followed by
+that add compiled by Inductor into one kernel).
 
 Run on a CUDA (Hopper) machine::
 

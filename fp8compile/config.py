@@ -201,7 +201,9 @@ class Fp8Config:
             accumulation with row/tensor scales, M > 256, static shapes): it loads the
             residual tiles under its K loop, and beat cuBLAS followed by the add
             (docs/performance.md); ``True``: wherever the pattern is found (the GEMM backend
-            is then chosen with the epilogue); ``False``: never.  ``fuse_epilogues=True``
+            is then chosen with the epilogue; on Hopper the promoted path of that kernel,
+            blockwise or precise, adds the residuals too, measured no faster than cuBLAS
+            and the add, hence not by rule); ``False``: never.  ``fuse_epilogues=True``
             folds residual adds too, with activations, timed.
         cache_training_weights: training: keep each weight's FP8 copies (``W`` for the
             forward GEMM, ``Wᵀ`` for dX) across calls until the parameter changes (its

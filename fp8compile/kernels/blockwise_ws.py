@@ -45,12 +45,15 @@ The same kernel serves per-row and per-tensor scales (on both operands):
   (:func:`fp8compile.numerics.interleave_gate_up`), so each 256-wide tile holds a gate tile
   and its up tile, both halves of every thread's registers, and ``silu(gate) * up`` leaves
   as a 128-wide tile.  With ``RES`` (one or two residuals: a transformer block's last add,
-  ``(x + o) + down``, takes x and o apart so that ``x + o`` is never rounded) the fast
-  path's epilogue adds residual tiles in fp32 before its one rounding.  The first comes by
-  TMA into the output tile's shared memory during the K loop, once the previous tile's
-  store has left it; a second follows it there after the K loop.  An opaque move first
-  fixes the scaled tile in registers: without it the compiler sinks the column scaling
-  below the loads, and the scales, the bias and the loaded tile together spill.
+  ``(x + o) + down``, takes x and o apart so that ``x + o`` is never rounded) the
+  epilogue adds residual tiles in fp32 before its one rounding, on this path and on the
+  promoted one.  The first comes by TMA into the output tile's shared memory during the K
+  loop, once the previous tile's store has left it; a second follows it there after the K
+  loop.  An opaque move first fixes the scaled tile in registers: without it the compiler
+  sinks the column scaling below the loads, and the scales, the bias and the loaded tile
+  together spill.  With residuals the promoted path's partial tiles are the tile's own
+  (zeroed per tile, not carried across tiles), so their registers are free for the
+  residual tile after the K loop.
 
 Blockwise scales with the SwiGLU epilogue take a 128x256 tile (:data:`WIDE_TILE`): gate in
 the low and up in the high 128 columns, each with its own weight block's scales.  Each math
@@ -168,7 +171,7 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     scales are served with either accumulation: ``precise`` promotes every K block,
     ``fast`` keeps one tensor-core accumulator over all of K (:data:`FAST_TILE`).
     ``residuals``: how many (M, N) tensors of the output's dtype are added to the product
-    (0-2; True counts one), with fast accumulation only."""
+    (0-2; True counts one)."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
     xg, wg = Granularity(x_gran), Granularity(w_gran)
@@ -188,8 +191,6 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     if activation == "swiglu" and not outer and out_dtype != torch.float8_e4m3fn:
         return ("the SwiGLU epilogue with blockwise scales writes E4M3 with 1x128 group "
                 "scales (blockwise_mm's out_scale)")
-    if residuals and not (outer and accumulation == "fast"):
-        return "the residual epilogue needs fast accumulation with row/tensor scales"
     if xq.dtype != wq.dtype or xq.dtype not in FP8_FORMATS:
         return "both operands in one FP8 format"
     if xs.dtype != torch.float32 or ws.dtype != torch.float32:
@@ -473,7 +474,7 @@ if HAVE_GLUON:
         PN: gl.constexpr = BN // 2 if WIDE else BN
         # An FP8 output tile: the tile is cast with the static scale at os_ptr.
         QUANT_OUT: gl.constexpr = c_desc.dtype.is_fp8()
-        # Residuals added to the tile (fast path only): one barrier per math warpgroup, and
+        # Residuals added to the tile (not after SwiGLU): one barrier per math warpgroup, and
         # one more per residual (unused; the count carries the mode, see _blockwise_ws_kernel).
         RES: gl.constexpr = r_bars.shape[0] - 2
         r_bar = r_bars.index(HALF)
@@ -485,7 +486,7 @@ if HAVE_GLUON:
         k_tiles = gl.cdiv(K, BK)
         if WIDE:
             pa = gl.zeros([HM, PN], gl.float32, layout)
-        elif not FAST:
+        elif not FAST and RES == 0:
             pa = gl.zeros([HM, BN], gl.float32, layout)
             pb = gl.zeros([HM, BN], gl.float32, layout)
         it = 0
@@ -516,6 +517,16 @@ if HAVE_GLUON:
                                      acc, c_smem, r1_desc, r_bar, (row0, pid_n * BN), RES > 0)
                 acc = acc * row_scale[:, None]
             else:
+                if RES > 0:
+                    # Partial tiles of this tile only: they die with its K loop, and the
+                    # residual tile takes their registers in the epilogue.  The first
+                    # residual comes into c_smem under the K loop, once the previous
+                    # tile's store has left it.
+                    pa = gl.zeros([HM, BN], gl.float32, layout)
+                    pb = gl.zeros([HM, BN], gl.float32, layout)
+                    tma.store_wait(pendings=0)
+                    mbarrier.expect(r_bar, r1_desc.block_type.nbytes)
+                    _tma_load(r1_desc, [row0, pid_n * BN], r_bar, c_smem)
                 w_ptr = ws_ptr + ((pid_n * BN) // 128) * stride_wsn
                 # Each block's scale factor is loaded four blocks ahead: loaded next to its
                 # own wgmma, its latency showed in the promotion's first multiply (ncu
@@ -686,7 +697,7 @@ if HAVE_GLUON:
         loads = (a_bufs, b_bufs, ready, empty, M, N, K, a_desc, b_desc)
         # the math partitions tell the modes apart by the tile: FAST is its wide one
         gl.static_assert(FAST == ((BN > BM) and not WIDE), "FAST goes with FAST_TILE")
-        gl.static_assert(RES == 0 or FAST, "residuals go with fast accumulation")
+        gl.static_assert(RES == 0 or not WIDE, "no residual after the SwiGLU epilogue")
         gl.static_assert(not WIDE or BN == 2 * BM, "WIDE goes with WIDE_TILE")
         gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
                            [4, 1], [MATH_REGS, LOAD_REGS])
@@ -798,9 +809,9 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     or cast with a static scale; with blockwise scales (always promoted) in E4M3, with
     ``out_scale`` the fp32 (M, N/256) scales of its 1x128 groups, strides (1, M), which the
     epilogue writes.  Otherwise an E4M3 ``out`` takes ``out_scale`` (one fp32 element, a
-    static scale) and receives the tile cast with it.  ``residuals`` (fast
-    row/tensor only; at most two contiguous (M, N) tensors of ``out``'s dtype) are added in
-    fp32 before the one rounding: ``(r1 + r2) + product``.
+    static scale) and receives the tile cast with it.  ``residuals`` (not with ``swiglu``;
+    at most two (M, N) tensors laid out as ``out``) are added in fp32 before the one
+    rounding: ``(product + r1) + r2``.
     Nothing is allocated here (the call may run in a CUDA-graph pool's warm-up)."""
     _await_precompiles()
     grid, args, kwargs = _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation,
@@ -840,9 +851,8 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
             + ("None" if out_scale is None else
                f"{out_scale.dtype} {tuple(out_scale.shape)} strides {out_scale.stride()}")
             + f", out {out.dtype}")
-    if residuals and (not fast or swiglu or len(residuals) > 2):
-        raise ValueError("blockwise_mm: one or two residuals, with fast accumulation and row/"
-                         "tensor scales, and no SwiGLU")
+    if residuals and (swiglu or len(residuals) > 2):
+        raise ValueError("blockwise_mm: one or two residuals, and no SwiGLU")
     for r in residuals:
         if r.dtype != out.dtype or r.shape != out.shape or r.stride() != out.stride():
             raise ValueError(f"blockwise_mm: a residual {r.dtype} {tuple(r.shape)} with strides "

@@ -40,10 +40,10 @@ def _why(m=512, n=256, k=512, xg=G.GROUP, wg=G.BLOCK, out=torch.bfloat16, act="n
     (dict(xg=G.ROW, wg=G.BLOCK), "only 1x128 activation groups"),
     (dict(xg=G.TENSOR, wg=G.GROUP), "or row/tensor scales on both operands"),
     (dict(act="silu"), "no activation epilogue other than SwiGLU"),
-    (dict(res=1), "residual epilogue needs fast accumulation with row/tensor scales"),
-    (dict(res=2, xg=G.ROW, wg=G.ROW), "residual epilogue needs fast accumulation"),
     (dict(res=3, xg=G.ROW, wg=G.ROW, acc="fast"), "3 residuals: the epilogue adds two at most"),
     (dict(res=1, act="swiglu", xg=G.ROW, wg=G.ROW, acc="fast"), "no residual after the SwiGLU"),
+    (dict(res=1, act="swiglu", n=512, out=torch.float8_e4m3fn), "no residual after the SwiGLU"),
+    (dict(res=2, out=torch.float8_e4m3fn), "no residual with an FP8 output"),
     (dict(res=1, xg=G.TENSOR, wg=G.TENSOR, acc="fast", out=torch.float8_e4m3fn),
      "no residual with an FP8 output"),
     (dict(act="swiglu"), "blockwise scales writes E4M3 with 1x128 group scales"),
@@ -83,12 +83,16 @@ def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg, out):
     assert why is None or "Hopper" in why or "Gluon" in why
 
 
-@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR)])
+@pytest.mark.parametrize("xg, wg, acc", [(G.ROW, G.ROW, "fast"), (G.TENSOR, G.TENSOR, "fast"),
+                                         (G.ROW, G.ROW, "precise"), (G.GROUP, G.BLOCK, "precise")])
 @pytest.mark.parametrize("res", [1, 2])
-@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16])
-def test_unsupported_takes_residuals_with_fast_row_and_tensor_scales(xg, wg, res, out):
-    why = _why(xg=xg, wg=wg, acc="fast", res=res, out=out)
+@pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
+def test_unsupported_takes_residuals_with_every_recipe(xg, wg, acc, res, out):
+    if out == torch.float32 and acc == "fast":
+        pytest.skip("fp32 output tiles do not fit beside the fast path's stages")
+    why = _why(xg=xg, wg=wg, acc=acc, res=res, out=out)
     assert why is None or "Hopper" in why or "Gluon" in why
+
 
 
 @pytest.mark.parametrize("acc", ["precise", "fast"])
@@ -169,9 +173,11 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
 @pytest.mark.parametrize("fast, swiglu, fp8_out, res",
                          [(False, False, False, 0), (True, False, False, 0),
                           (True, True, False, 0), (True, True, True, 0), (True, False, False, 1),
-                          (True, False, False, 2), (False, True, True, 0)],
+                          (True, False, False, 2), (False, True, True, 0),
+                          (False, False, False, 1), (False, False, False, 2)],
                          ids=["promoted", "fast", "fast-swiglu", "fast-swiglu-fp8-out",
-                              "fast-residual", "fast-two-residuals", "promoted-swiglu-groups"])
+                              "fast-residual", "fast-two-residuals", "promoted-swiglu-groups",
+                              "promoted-residual", "promoted-two-residuals"])
 def test_wgmma_pipelined_without_spills(fast, swiglu, fp8_out, res):
     """The schedule's point: ptxas keeps the wgmma asynchronous (no C7510-C7517 notice that
     it serialized them or injected a wait) and nothing spills at 232 registers, with the
@@ -382,25 +388,30 @@ def test_blockwise_swiglu_launch_writes_groups(monkeypatch):
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_residual_launch_reads_residuals_as_output_tiles(monkeypatch, count):
+@pytest.mark.parametrize("recipe", ["row fast", "blockwise"])
+def test_residual_launch_reads_residuals_as_output_tiles(monkeypatch, count, recipe):
     """No GPU needed: each residual gets a descriptor of the output's tile shape over its own
-    tensor, and RES counts them; the unused descriptor slots point at the output."""
+    tensor, and RES counts them; the unused descriptor slots point at the output.  The
+    promoted (blockwise) path takes them as the fast one does."""
     m, n, k = 512, 512, 256
     xq, wq = _fp8(m, k), _fp8(n, k)
     launch = _Launch()
     monkeypatch.setattr(bw, "_blockwise_ws_kernel", launch)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     residuals = tuple(torch.empty(m, n, dtype=torch.bfloat16) for _ in range(count))
-    bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
-                    "fast", residuals=residuals)
+    if recipe == "blockwise":
+        bw.blockwise_mm(xq, torch.ones(m, 2), wq, torch.ones(4, 2), None, out, G.GROUP,
+                        G.BLOCK, "precise", residuals=residuals)
+    else:
+        bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
+                        "fast", residuals=residuals)
     c_desc, r1_desc, r2_desc = launch.args[2:5]
-    assert launch.meta["RES"] == count and launch.meta["FAST"] is True
+    assert launch.meta["RES"] == count and launch.meta["FAST"] is (recipe == "row fast")
     assert r1_desc.base is residuals[0] and r1_desc.block_shape == c_desc.block_shape
     assert (r2_desc.base is residuals[1]) if count == 2 else (r2_desc is c_desc)
 
 
 @pytest.mark.parametrize("case, match", [
-    (dict(acc="precise"), "fast accumulation"),
     (dict(swiglu=True, n_out=256), "no SwiGLU"),
     (dict(res_dtype=torch.float32), "laid out as the output"),
     (dict(res_shape=(512, 256)), "laid out as the output"),
@@ -425,36 +436,49 @@ def test_scaled_mm_needs_residual_before_residual2():
 
 
 @needs_hopper
-@pytest.mark.parametrize("xg, wg", [(G.ROW, G.ROW), (G.TENSOR, G.TENSOR), (G.ROW, G.TENSOR)])
+@pytest.mark.parametrize("xg, wg, acc", [(G.ROW, G.ROW, "fast"), (G.TENSOR, G.TENSOR, "fast"),
+                                         (G.ROW, G.TENSOR, "fast"), (G.GROUP, G.BLOCK, "precise"),
+                                         (G.ROW, G.ROW, "precise")])
 @pytest.mark.parametrize("m, n, k", [(300, 256, 96), (1000, 768, 4096), (4100, 1280, 528)])
 @pytest.mark.parametrize("count", [1, 2])
-@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
-def test_residual_epilogue_matches_reference(xg, wg, m, n, k, count, out_dtype):
-    """``product + r1 (+ r2)`` in the fast kernel's epilogue, in fp32 with one rounding: the
-    same output as the Triton kernel (same accumulation) adding the fp32 sum of the
-    residuals, up to the order of the fp32 sums; a NaN and an Inf residual element pass
-    through; rows past M (m = 300, 4100) are never written by a residual tile's load."""
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_residual_epilogue_matches_reference(xg, wg, acc, m, n, k, count, out_dtype):
+    """``product + r1 (+ r2)`` in the kernel's epilogue (fast or promoted), in fp32 with one
+    rounding: the same output as the Triton kernel (same accumulation) adding the fp32 sum
+    of the residuals, up to the order of the fp32 sums; a NaN and an Inf residual element
+    pass through; rows past M (m = 300, 4100) are never written by a residual tile's load.
+    Promoted partial tiles are zeroed per tile with residuals: a later tile of a program
+    (m = 4100: more tiles than SMs) must not see an earlier one's."""
+    if out_dtype == torch.float32 and acc == "fast":
+        pytest.skip("fp32 output tiles do not fit beside the fast path's stages")
     x = torch.randn(m, k) * torch.rand(m, 1) * 3
     xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
     wq, ws = nx.quantize((torch.randn(n, k) * 0.05).cuda(), wg, Fp8Format.E4M3)
     rs = [(torch.randn(m, n, device="cuda") * 4).to(out_dtype) for _ in range(count)]
     rs[0][1, 3], rs[-1][m - 1, n - 1] = float("nan"), float("inf")
     r2 = rs[1] if count == 2 else None
-    got = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", rs[0],
+    got = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, acc, "none", rs[0],
                          residual2=r2)
-    assert blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, rs[0], r2)
-    triton = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, "fast", "none", rs[0],
+    assert blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, rs[0], r2, acc)
+    triton = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, out_dtype, acc, "none", rs[0],
                             gluon=False, residual2=r2)
     ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, None, out_dtype, "none", rs[0], r2)
     assert torch.isnan(got[1, 3]) and torch.isinf(got[m - 1, n - 1])
     torch.testing.assert_close(got.float(), triton.float(), atol=2e-2, rtol=1.6e-2,
                                equal_nan=True)
-    # against the fp32 reference: the fast accumulation's error only
+    # against the fp32 reference: the accumulation's error only
     torch.testing.assert_close(got.float(), ref.float(), atol=6e-2, rtol=2e-2, equal_nan=True)
+    if acc == "precise":  # promoted exactly as without residuals, then the fp32 sums
+        plain = gemm.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float32, acc)
+        want = plain + rs[0].float()
+        if r2 is not None:
+            want = want + r2.float()
+        torch.testing.assert_close(got.float(), want.to(out_dtype).float(), atol=0, rtol=0,
+                                   equal_nan=True)
 
 
-def blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, r1, r2) -> bool:
-    return gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, "none", r1, "fast", r2)
+def blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, r1, r2, acc="fast") -> bool:
+    return gemm.gluon_serves(xq, xs, xg, wq, ws, wg, out_dtype, "none", r1, acc, r2)
 
 
 @needs_hopper
@@ -740,27 +764,28 @@ def _untimed_decisions(monkeypatch):
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_traced_residual_gemm_takes_the_fused_kernel_by_rule(monkeypatch, count):
+@pytest.mark.parametrize("acc", ["fast", "precise"])
+def test_traced_residual_gemm_takes_the_fused_kernel_by_rule(monkeypatch, count, acc):
     """M > 256 outside max-autotune: a GEMM with one or two residuals, which the Gluon kernel
-    serves, stays an opaque call to it, untimed; where it does not serve it (blockwise
-    scales) the choice is timed as before."""
+    serves (either accumulation), stays an opaque call to it, untimed; where it does not
+    serve it (a residual of another dtype than the output) the choice is timed as before."""
     from fp8compile.kernels import select
     from fp8compile.ops import gemm as ops_gemm
 
     xq, rs, wq, cs = _untimed_decisions(monkeypatch)
     res = [torch.zeros(512, 512, dtype=torch.bfloat16)] * count + [None] * (2 - count)
     assert not ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
-                                        "fast", "none", *res)
+                                        acc, "none", *res)
     (key, how), = select.take_traced_choices()
     assert how == "gluon (by rule)"
     assert select.describe_key(key).endswith(" + residual" if count == 1 else " + 2 residuals")
-    # precise accumulation: the kernel has no residual epilogue there, so the choice is timed
     monkeypatch.setattr(select, "_faster", lambda t, c: "cublas")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     monkeypatch.setattr(gemm, "scaled_mm", lambda *a, **k: None)
     monkeypatch.setattr(select, "cublas_scaled_mm", lambda *a, **k: None)
+    other = [r if r is None else r.half() for r in res]
     assert ops_gemm._decide_backend(xq, rs, "row", wq, cs, "row", None, torch.bfloat16,
-                                    "precise", "none", *res)
+                                    acc, "none", *other)
     (_, how), = select.take_traced_choices()
     assert how == "cublas"
 
@@ -872,8 +897,9 @@ def test_fp8_output_rounds_midpoints_as_the_division(scale):
     dict(xg=G.TENSOR, wg=G.TENSOR, res=2, out=torch.float16),
     dict(xg=G.ROW, wg=G.TENSOR, res=1),
     dict(xg=G.GROUP, wg=G.BLOCK, acc="precise"),
+    dict(xg=G.GROUP, wg=G.BLOCK, acc="precise", res=2),
 ], ids=["row", "tensor-bias", "swiglu", "swiglu-fp8-out", "two-residuals", "residual",
-        "blockwise"])
+        "blockwise", "blockwise-two-residuals"])
 def test_precompile_asks_for_the_launch_the_eager_call_makes(monkeypatch, case):
     """No GPU needed: from a traced call's operands (3-D x, a transposed weight), the
     compile started ahead gets the arguments that the eager call's launch gets, in all that

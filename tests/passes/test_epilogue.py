@@ -528,8 +528,9 @@ def test_last_residual_add_by_rule_where_the_kernel_serves_it(passes, monkeypatc
 @pytest.mark.parametrize("cfg, tokens, why", [
     (FAST_ROWS, 160, "needs a Hopper GPU"),  # the kernel's rules, unstubbed
     ({**FAST_ROWS, "dtype": torch.float32}, 160, "more shared memory"),
-    ({**FAST_ROWS, "accumulation": "precise"}, 160, "needs fast accumulation"),
-    ({**FAST_ROWS, "recipe": "blockwise"}, 160, "needs fast accumulation"),
+    # promoted: the kernel takes residuals, the rule leaves them to fuse_residual=True
+    ({**FAST_ROWS, "accumulation": "precise"}, 160, "promoted, the fused add measured"),
+    ({"recipe": "blockwise", "fuse_swiglu": False}, 160, "promoted, the fused add measured"),
     (FAST_ROWS, 8, "M=16 < 257"),  # decode sizes: the split-K kernel serves them
 ])
 def test_last_residual_add_not_folded_says_why(passes, monkeypatch, cfg, tokens, why):
@@ -544,15 +545,16 @@ def test_last_residual_add_not_folded_says_why(passes, monkeypatch, cfg, tokens,
     assert "residual add not in the GEMM epilogue" in reason and why in reason, reason
 
 
-def test_fuse_residual_true_folds_without_the_kernel(passes):
-    # True: wherever the pattern is; on the CPU the op's reference then adds the two terms
-    # and the product in fp32.
+@pytest.mark.parametrize("cfg", [FAST_ROWS, {"recipe": "blockwise", "fuse_swiglu": False}],
+                         ids=["rowwise-fast", "blockwise"])
+def test_fuse_residual_true_folds_without_the_kernel(passes, cfg):
+    # True: wherever the pattern is, promoted recipes too; on the CPU the op's reference then
+    # adds the two terms and the product in fp32.
     x = torch.randn(2, 8, 256)
-    gm, inputs, ctx = passes(LlamaBlock(ffn=384), x, config={**FAST_ROWS, "fuse_residual": True})
+    gm, inputs, ctx = passes(LlamaBlock(ffn=384), x, config={**cfg, "fuse_residual": True})
     (down,) = _residual_gemms(gm)
     assert len(down.args) == 12 and down.args[11] is not None
-    gm0, inputs0, ctx0 = passes(LlamaBlock(ffn=384), x,
-                                config={**FAST_ROWS, "fuse_residual": False})
+    gm0, inputs0, ctx0 = passes(LlamaBlock(ffn=384), x, config={**cfg, "fuse_residual": False})
     assert "by rule" not in {e.module: e for e in ctx.plan_entries if e.gemm}["down_proj"].reason
     assert ctx0.stats["fused_epilogues"] == 0 and ctx.stats["fused_epilogues"] == 1
 
