@@ -494,6 +494,13 @@ def scaled_mm(
                 res if residual is not None else None)
         return out.reshape(*lead, n)
     a_gran, w_gran = GRAN_CODE[x_granularity], GRAN_CODE[w_granularity]
+    # A per-tensor activation scale runs as per-row scales that all read its one element
+    # (row stride 0): the same products, and on an H200 the per-tensor variant of the kernel
+    # ran 256x4096x14336 at split 2 in 40.2-41.0 us against 29.1-31.3 on either data
+    # (docs/performance.md, "256 rows").
+    tensor_x = a_gran == GRAN_CODE[Granularity.TENSOR]
+    if tensor_x:
+        a_gran = GRAN_CODE[Granularity.ROW]
     precise = accumulation == "precise"
     bucket = tuning.m_bucket(m)
     blockwise = tuning.blockwise_scales(a_gran, w_gran)
@@ -530,7 +537,7 @@ def scaled_mm(
     fold = (split > 1 and bm <= FOLD_SPLIT_ROWS and FOLD_SPLIT and not tracing()
             and not deciding())
     counters = _tile_counters(xq.device, cdiv(m, bm) * cdiv(n, bn)) if fold else part
-    stride_as0, stride_as1 = _scale_strides(xs2)
+    stride_as0, stride_as1 = (0, 0) if tensor_x else _scale_strides(xs2)
     stride_ws0, stride_ws1 = _scale_strides(ws2)
     args = dict(
         a_ptr=a, w_ptr=w, as_ptr=xs2, ws_ptr=ws2,
