@@ -88,10 +88,11 @@ def test_unsupported_takes_swiglu_with_fast_row_and_tensor_scales(xg, wg, out):
 @pytest.mark.parametrize("res", [1, 2])
 @pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
 def test_unsupported_takes_residuals_with_every_recipe(xg, wg, acc, res, out):
-    if out == torch.float32 and acc == "fast":
-        pytest.skip("fp32 output tiles do not fit beside the fast path's stages")
     why = _why(xg=xg, wg=wg, acc=acc, res=res, out=out)
-    assert why is None or "Hopper" in why or "Gluon" in why
+    if out == torch.float32 and acc == "fast":  # the fast tile's fp32 output tiles
+        assert "more shared memory" in why
+    else:
+        assert why is None or "Hopper" in why or "Gluon" in why
 
 
 
