@@ -44,6 +44,9 @@ from fp8compile.numerics import Fp8Format, Granularity  # noqa: E402
 G = Granularity
 NK = [(4096, 4096), (14336, 4096), (4096, 14336)]
 MS = [1, 16, 128, 2048, 8192]
+# the recipes the small-M sweeps time: name -> (x granularity, w granularity, accumulation)
+RECIPES = {"blockwise": (G.GROUP, G.BLOCK, "precise"), "row fast": (G.ROW, G.ROW, "fast"),
+           "row precise": (G.ROW, G.ROW, "precise"), "tensor fast": (G.TENSOR, G.TENSOR, "fast")}
 L2_BYTES = 50 * 2**20
 
 
@@ -461,9 +464,8 @@ def run_splits(shapes, splits=(1, 2, 4, 8, 16)):
             if tuning.m_bucket(m) not in tuning.SMALL_TILES:
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
-            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
-                                      ("row fast", G.ROW, G.ROW, "fast"),
-                                      ("row precise", G.ROW, G.ROW, "precise")]:
+            for name in ("blockwise", "row fast", "row precise"):
+                xg, wg, acc = RECIPES[name]
                 sets = _fp8_sets(xs, ws, xg, wg)
                 mine = _launcher_split(m, n, k, xg, wg)
                 cells = []
@@ -494,10 +496,7 @@ def run_fold(shapes):
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
             cells = []
-            for name, xg, wg, acc in [("blockwise", G.GROUP, G.BLOCK, "precise"),
-                                      ("row fast", G.ROW, G.ROW, "fast"),
-                                      ("row precise", G.ROW, G.ROW, "precise"),
-                                      ("tensor fast", G.TENSOR, G.TENSOR, "fast")]:
+            for name, (xg, wg, acc) in RECIPES.items():
                 sets = _fp8_sets(xs, ws, xg, wg)
                 split = _launcher_split(m, n, k, xg, wg)
                 t = {}
@@ -509,11 +508,6 @@ def run_fold(shapes):
                 cells.append(f"{name} split {split}: {t[False] * 1e3:5.1f} -> "
                              f"{t[True] * 1e3:5.1f} ({t_bf / t[True]:.2f}x bf16)")
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
-
-
-# the recipes the small-M sweeps can time: (name, x granularity, w granularity, accumulation)
-RECIPES = {"blockwise": (G.GROUP, G.BLOCK, "precise"), "row fast": (G.ROW, G.ROW, "fast"),
-           "row precise": (G.ROW, G.ROW, "precise"), "tensor fast": (G.TENSOR, G.TENSOR, "fast")}
 
 
 def _decode_cases(shapes, largest=16, recipes=("blockwise", "row fast")):
@@ -529,7 +523,8 @@ def _decode_cases(shapes, largest=16, recipes=("blockwise", "row fast")):
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
             log(f"  {m}x{n}x{k}: bf16 {t_bf * 1e3:.1f} us (1.5x bf16: {t_bf * 1e3 / 1.5:.1f})")
-            for name, (xg, wg, acc) in [(r, RECIPES[r]) for r in recipes]:
+            for name in recipes:
+                xg, wg, acc = RECIPES[name]
                 sets = _fp8_sets(xs, ws, xg, wg)
                 t_now = bench(lambda a, sa, b, sb, xg=xg, wg=wg, acc=acc: triton_mm(
                     a, sa, xg, b, sb, wg, None, torch.bfloat16, acc), sets)

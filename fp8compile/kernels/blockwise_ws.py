@@ -159,6 +159,14 @@ def _tile(fast: bool, swiglu: bool, out_bytes: int) -> tuple[int, int, int, int]
 _OUTER = (Granularity.ROW, Granularity.TENSOR)
 
 
+def accumulates_fast(x_gran, w_gran, accumulation: str) -> bool:
+    """Whether the kernel takes its fast path (:data:`FAST_TILE`, one tensor-core
+    accumulator): row/tensor scales on both operands with ``fast`` accumulation; every other
+    GEMM it serves is promoted."""
+    return (Granularity(x_gran) in _OUTER and Granularity(w_gran) in _OUTER
+            and accumulation == "fast")
+
+
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
                 w_gran, out_dtype: torch.dtype, activation: str, residuals: int,
                 layout: bool = True, accumulation: str = "precise") -> str | None:
@@ -209,7 +217,7 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
     if residuals and out_dtype in FP8_FORMATS:
         return "no residual with an FP8 output"
     out_bytes = torch.finfo(out_dtype).bits // 8
-    fast = outer and accumulation == "fast"
+    fast = accumulates_fast(xg, wg, accumulation)
     swiglu = activation == "swiglu"
     if _shared_bytes(_tile(fast, swiglu, out_bytes), swiglu, out_bytes) > SHARED_MEMORY:
         return (f"{out_dtype} output tiles of this tile shape need more shared memory than "
@@ -828,7 +836,7 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
     m, k = xq.shape
     n = wq.shape[0]
     xg, wg = Granularity(x_gran), Granularity(w_gran)
-    fast = False
+    fast = accumulates_fast(xg, wg, accumulation)
     if xg is Granularity.GROUP:
         row = (xs, xs.stride(0), xs.stride(1))
         block = (ws, ws.stride(0), ws.stride(1))
@@ -837,7 +845,6 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
         row = (xs, xs.stride(0) if xg is Granularity.ROW else 0, 0)
         block = (ws, 0, 0)  # unread: has_cs masks the weight factor's load off
         column = (ws, ws.stride(0) if wg is Granularity.ROW else 0, 1)
-        fast = accumulation == "fast"
     wide = swiglu and xg is Granularity.GROUP
     if swiglu and not (fast or wide):
         raise ValueError("blockwise_mm: swiglu needs blockwise scales, or fast accumulation "

@@ -1,7 +1,8 @@
 """FP8 GEMM with fused dequantization epilogue: ``act(xq·s_x @ (wq·s_w)ᵀ + bias) + residual``.
 
 One kernel, :func:`_scaled_mm_kernel`, serves every recipe through two constexpr switches,
-``A_GRAN`` and ``W_GRAN`` (0 tensor, 1 row, 2 1x128 group, 3 128x128 block):
+``A_GRAN`` and ``W_GRAN`` (0 tensor, 1 row, 2 1x128 group, 3 128x128 block; the launcher
+runs a per-tensor activation scale as row scales of stride 0, see :func:`scaled_mm`):
 
 * scales that change along K (group / block, code >= 2) are applied inside the K loop: each
   ``BLOCK_K = 128`` step computes ``tl.dot(a, b)`` into a fresh fp32 tile and adds it times

@@ -170,10 +170,10 @@ class EpiloguePass(Fp8Pass):
         output tiles (no broadcast), on its fast path.  Promoted accumulation (blockwise
         scales, precise row/tensor) takes residuals too, but measured no faster than cuBLAS
         followed by the add (module docstring), so the rule leaves it to ``True``."""
-        xg, wg, accumulation = (mm.args[i] for i in (2, 5, 8))
-        outer = (nx.Granularity.ROW, nx.Granularity.TENSOR)
-        if accumulation != "fast" or not (nx.Granularity(xg) in outer
-                                          and nx.Granularity(wg) in outer):
+        from ..kernels.blockwise_ws import accumulates_fast
+
+        _, _, xg, _, _, wg, _, _, accumulation = mm.args[:_ACT]
+        if not accumulates_fast(xg, wg, accumulation):
             return ("the rule folds it where the kernel accumulates fast (row/tensor scales): "
                     "promoted, the fused add measured no faster than cuBLAS and the add")
         why = self._hopper_kernel_unsupported(mm, add, mm.args[_OUT_DTYPE], "none",
