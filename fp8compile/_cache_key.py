@@ -23,10 +23,12 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 _PACKAGE = Path(__file__).resolve().parent
 
 TRACE_SWITCHES = ("FP8COMPILE_INLINE_KERNELS", "FP8COMPILE_DISABLE_TRITON",
-                  "FP8COMPILE_GEMM_BACKEND", "FP8COMPILE_GLUON", "FP8COMPILE_GEMV")
+                  "FP8COMPILE_GEMM_BACKEND", "FP8COMPILE_GLUON", "FP8COMPILE_GEMV",
+                  "FP8COMPILE_DECODE_GLUON")
 """Environment variables read while a graph is traced: inlined kernels or opaque ops, Triton
 or the reference, the GEMM backend baked into an inlined GEMM, whether a GEMM may stay an
-opaque call of the Gluon kernel, and whether a one-row GEMM traces the CUDA-core kernel."""
+opaque call of a Gluon kernel (the decode one among them), and whether a one-row GEMM traces
+the CUDA-core kernel."""
 
 
 @functools.cache

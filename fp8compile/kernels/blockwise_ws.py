@@ -224,6 +224,14 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
                 f"the {SHARED_MEMORY // 1024} KB an SM has")
     if k % 16 or (n * out_bytes) % 16:
         return "TMA needs 16-byte rows: K % 16 == 0 and N * out bytes % 16 == 0"
+    return operands_unsupported(xq, wq, layout)
+
+
+def operands_unsupported(xq: torch.Tensor, wq: torch.Tensor, layout: bool) -> str | None:
+    """The rules a Gluon GEMM's TMA operands and device share (this kernel's and
+    :mod:`.decode_ws`'s): K-major, 16-byte aligned (with ``layout``), Gluon's Hopper API,
+    and a Hopper GPU."""
+    k = xq.shape[-1]
     if layout and (xq.stride() != (k, 1) or wq.stride() != (k, 1)):
         return "operands must be contiguous and K-major"
     if layout and any(t.data_ptr() % 16 for t in (xq, wq)):

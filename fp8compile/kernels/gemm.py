@@ -32,9 +32,12 @@ On Hopper, eager GEMMs with promoted accumulation (blockwise 1x128 x 128x128 sca
 tensor scales with ``precise`` accumulation; M > 256, no activation or residual) go to the
 warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which overlaps the promotion
 with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
-``FP8COMPILE_GLUON=0`` keeps them here.  The SwiGLU epilogue (``activation="swiglu"``, gate
-and up rows interleaved) is fused by that kernel only (fast accumulation, row/tensor
-scales); here the fp32 product goes through it as pointwise ops.
+``FP8COMPILE_GLUON=0`` keeps them here.  Eager GEMMs of at most ``decode_ws.MAX_M`` rows
+without an activation, over a weight whose 64-row tiles fill the SMs, go to
+:mod:`.decode_ws`'s Gluon kernel, which streams the weight by TMA, under the same two
+switches.  The SwiGLU epilogue (``activation="swiglu"``, gate and
+up rows interleaved) is fused by the warp-specialized kernel only (fast accumulation,
+row/tensor scales); here the fp32 product goes through it as pointwise ops.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ import triton.language as tl
 from ..numerics import FP8_FORMATS, Granularity, check_swiglu_rows, residual_sum
 from ..numerics import swiglu as swiglu_of
 from ..ops._inline import deciding, launch, outside_tracing, random_like, tracing
-from . import blockwise_ws, tuning
+from . import blockwise_ws, decode_ws, tuning
 from .layout import contiguous_2d
 from .quant import GRAN_CODE
 from .tuning import cdiv
@@ -407,7 +410,8 @@ def scaled_mm(
     ``x + o`` that is never rounded): the Gluon kernel loads both, other paths add their
     fp32 sum (:func:`fp8compile.numerics.residual_sum`).  One row (``M == 1``, a static
     shape) runs on the CUDA cores (:func:`.gemv.gemv_2d`) unless ``gemv=False`` or a
-    ``config`` is given.
+    ``config`` is given, or on Hopper the decode Gluon kernel serves it (``gluon``,
+    :mod:`.decode_ws`).
 
     Example::
 
@@ -463,6 +467,10 @@ def scaled_mm(
                                                  out_dtype, activation, residual, accumulation,
                                                  residual2=residual2):
         out, residuals = _gluon_outputs(m, out_n, out_dtype, xq.device, residual, residual2)
+        if _decode_sized(m):
+            decode_ws.decode_mm(a, xs2, w, ws2, bias, out, x_granularity, w_granularity,
+                                accumulation, residuals)
+            return out.reshape(*lead, out_n)
         return blockwise_ws.blockwise_mm(a, xs2, w, ws2, bias, out, x_granularity,
                                          w_granularity, accumulation, swiglu=swiglu,
                                          out_scale=out_scale,
@@ -712,6 +720,8 @@ def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dty
     if stand_ins is None:
         return False
     xg, wg = Granularity(x_granularity), Granularity(w_granularity)
+    if _decode_sized(xq.numel() // max(1, xq.shape[-1])):
+        return False  # the decode kernel is small: its first launch compiles it in ~1 s
     with outside_tracing():
         xq, xs, wq, ws, bias, residual, residual2, out_scale = stand_ins
         a, xs2, w, ws2 = _operands_2d(xq, xs, xg, wq, ws, wg, torch.Tensor.contiguous)
@@ -740,8 +750,9 @@ def precompile_swiglu_groups(xq, xs, wq, ws, accumulation) -> bool:
 def gluon_serves(xq, xs, x_granularity, wq, ws, w_granularity, out_dtype, activation,
                  residual, accumulation: str = "precise", residual2=None,
                  groups: bool = False) -> bool:
-    """Whether an eager :func:`scaled_mm` of these operands runs the Gluon kernel of
-    :mod:`.blockwise_ws` (layout aside: an operand that is not K-major is copied first).
+    """Whether an eager :func:`scaled_mm` of these operands runs a Gluon kernel, that of
+    :mod:`.blockwise_ws` or, at decode sizes, of :mod:`.decode_ws` (layout aside: an
+    operand that is not K-major is copied first).
     The backend choice keys on it, so that a choice timed against the Gluon kernel is never
     applied to a traced graph, which launches the Triton kernel.  Reads sizes and dtypes
     only: the compile-time choice asks it about traced operands."""
@@ -757,7 +768,8 @@ def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activati
                  accumulation, layout: bool = True, residual2=None,
                  groups: bool = False) -> bool:
     """The one rule for both callers: eager, compiled (not interpreted), every rule of
-    :func:`.blockwise_ws.unsupported` met for the 2-D operands, and residuals of the
+    :func:`.blockwise_ws.unsupported` (:func:`.decode_ws.unsupported` at decode sizes) met
+    for the 2-D operands, and residuals of the
     output's dtype and shape (the kernel loads them as output tiles; no broadcast).
     A blockwise SwiGLU writes 1x128-group E4M3 there, which only
     :func:`swiglu_group_quantize` asks for (``groups``): :func:`scaled_mm`'s FP8 output
@@ -769,9 +781,20 @@ def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activati
     if any(r.dtype != out_dtype or r.numel() != m * w.shape[0] or r.shape[-1] != w.shape[0]
            for r in residuals):
         return False
-    return not tracing() and not _interpreting() and blockwise_ws.unsupported(
+    if tracing() or _interpreting() or torch.compiler.is_dynamo_compiling():
+        return False  # (Dynamo tracing this launcher itself cannot trace a Gluon launch)
+    if _decode_sized(m):
+        return decode_ws.unsupported(a, xs, x_granularity, w, ws, w_granularity, out_dtype,
+                                     activation, len(residuals), layout=layout) is None
+    return blockwise_ws.unsupported(
         a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation,
         len(residuals), layout=layout, accumulation=accumulation) is None
+
+
+def _decode_sized(m) -> bool:
+    """Whether a GEMM of ``m`` rows is :mod:`.decode_ws`'s to serve rather than
+    :mod:`.blockwise_ws`'s (a static M of at most ``decode_ws.MAX_M``)."""
+    return type(m) is int and m <= decode_ws.MAX_M
 
 
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.

@@ -121,10 +121,16 @@ def _ptxas_report(fast: bool, swiglu: bool = False, fp8_out: bool = False,
     has run under the interpreter in this one (TRITON_INTERPRET=1, the CPU tests), Triton's
     language is patched for it and the Gluon compile fails ("'block_argument' object has
     no attribute 'dtype'"), whatever the order of the tests."""
+    return ptxas_in_fresh_process("tests.kernels.test_blockwise_ws",
+                                  f"{fast}, {swiglu}, {fp8_out}, {res}")
+
+
+def ptxas_in_fresh_process(module: str, args: str) -> str:
+    """``module._ptxas_in_process(args)``'s report, computed in a fresh Python process."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys; from tests.kernels.test_blockwise_ws import _ptxas_in_process as r; "
-            f"sys.stdout.write(r({fast}, {swiglu}, {fp8_out}, {res}))")
+    code = (f"import sys; from {module} import _ptxas_in_process as r; "
+            f"sys.stdout.write(r({args}))")
     done = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -571,15 +577,16 @@ def test_scaled_mm_dispatches_here_unless_disabled(monkeypatch, xg, wg):
     torch.testing.assert_close(y.float(), y_triton.float(), atol=2e-2, rtol=1.6e-2)
 
 
-def _on_hopper(monkeypatch):
-    """CPU stand-ins for a Hopper GPU: the kernel 'serves' every rule-abiding GEMM."""
+def _on_hopper(monkeypatch, kernel=bw):
+    """CPU stand-ins for a Hopper GPU: the Gluon ``kernel`` module (this one, or the decode
+    kernel's) 'serves' every rule-abiding GEMM."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    real = bw.unsupported
+    real = kernel.unsupported
 
     def on_hopper(*args, **kwargs):
         why = real(*args, **kwargs)
         return None if why and ("Hopper GPU" in why or "Gluon" in why) else why
-    monkeypatch.setattr(bw, "unsupported", on_hopper)
+    monkeypatch.setattr(kernel, "unsupported", on_hopper)
 
 
 def _blockwise_eager(monkeypatch):
