@@ -16,8 +16,10 @@ are medians of CUDA-graph replays (``triton.testing.do_bench_cudagraph``) so tha
 launch overhead does not hide the decode shapes; each graph runs the op over several input
 sets that together exceed L2 (50 MB on H100), so repeated runs do not read from cache.
 ``--splits --m 1 16`` times only the Triton kernel's split-K choices at decode sizes,
-``--tiles --m 16`` sweeps its whole tile configs there, and ``--variants --m 16 32 64 128
-256`` its small-M tiles with and without swapped operands.
+``--tiles --m 16`` sweeps its whole tile configs there, ``--variants --m 16 32 64 128
+256`` its small-M tiles with and without swapped operands, and ``--decode --m 1 2 4 8``
+the decode Gluon kernel against the launcher without it (``--max-m 16`` to time it past
+the sizes it takes).
 Errors are ``‖y − ref‖ / ‖ref‖`` with ``ref`` the fp32 product of the dequantized operands
 (``acc err``: accumulation + output rounding, the GEMM's own error) and, for the blockwise
 recipe, of the original bf16 operands (``total``: quantization included).
@@ -510,6 +512,43 @@ def run_fold(shapes):
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
+def run_decode(shapes, max_m=None):
+    """Decode-sized GEMMs through the launcher with the TMA-streamed Gluon kernel
+    (``kernels/decode_ws.py``) against the launcher without it (``gluon=False``: the Triton
+    kernel, or at one row the CUDA-core kernel) and bf16; ``max_m`` raises the kernel's
+    ``MAX_M`` for this run, to time it where the launcher does not take it."""
+    from fp8compile.kernels import decode_ws
+    from fp8compile.kernels.gemm import scaled_mm as triton_mm
+
+    os.environ["FP8COMPILE_DECODE_GLUON"] = "1"  # off by default: timed here
+    if max_m is not None:
+        decode_ws.MAX_M = max_m
+    log(f"\nDecode GEMMs, Gluon (TMA) kernel against the launcher without it, us per GEMM "
+        f"(CUDA-graph replays, L2-exceeding operand sets); MAX_M={decode_ws.MAX_M}")
+    # the weights whose 64-row tiles fill the SMs (the kernel serves no other): 14336x4096
+    # of --m's shapes, and a LLaMA-8B block's fused q/k/v and gate/up projections
+    for (n, k) in [(14336, 4096), (12288, 4096), (28672, 4096)]:
+        for m in shapes:
+            if m > decode_ws.MAX_M:
+                continue
+            xs, ws, t_bf = _decode_operands(m, n, k)
+            cells = []
+            for name, (xg, wg, acc) in RECIPES.items():
+                sets = _fp8_sets(xs, ws, xg, wg)
+                t = {}
+                for gluon in (False, True):
+                    t[gluon] = bench(lambda a, sa, b, sb, gluon=gluon: triton_mm(
+                        a, sa, xg, b, sb, wg, None, torch.bfloat16, acc, gluon=gluon), sets)
+                ref = triton_mm(*sets[0][:2], xg, *sets[0][2:], wg, None, torch.float32, acc,
+                                gluon=False)
+                err = rel_err(triton_mm(*sets[0][:2], xg, *sets[0][2:], wg, None,
+                                        torch.float32, acc), ref)
+                cells.append(f"{name} {t[False] * 1e3:5.1f} -> {t[True] * 1e3:5.1f} "
+                             f"({t_bf / t[False]:.2f}x -> {t_bf / t[True]:.2f}x bf16"
+                             f"{', err vs Triton %.0e' % err if err > 1e-3 else ''})")
+            log(f"  {m:>2}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
+
+
 def _decode_cases(shapes, largest=16, recipes=("blockwise", "row fast")):
     """For each LLaMA shape at the M of ``shapes`` whose bucket is at most ``largest``, and
     each of ``recipes`` (keys of :data:`RECIPES`): the FP8 operand sets, the launcher's time,
@@ -701,6 +740,10 @@ def main():
     ap.add_argument("--fold", action="store_true",
                     help="only time the split-K sum in the GEMM kernel against a second "
                          "kernel, at the M <= 256 of --m")
+    ap.add_argument("--decode", action="store_true",
+                    help="only time the decode Gluon kernel against the launcher without it, "
+                         "at the M of --m up to its MAX_M")
+    ap.add_argument("--max-m", type=int, help="--decode: raise the kernel's MAX_M to this")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -718,6 +761,9 @@ def main():
         return 0
     if args.fold:
         run_fold(args.m)
+        return 0
+    if args.decode:
+        run_decode(args.m, args.max_m)
         return 0
     if args.variants:
         run_variants(args.m, args.recipes, args.stages, args.tile)
