@@ -32,8 +32,8 @@ latency:
   :func:`.gemm._epilogue` does (no activation: those GEMMs stay on the Triton kernel).
 
 On an H200 (docs/performance.md, "Decode GEMMs streamed by TMA") 1 to 4 rows of a
-14336x4096 weight ran 1.67-1.91x bf16 ``F.linear``, where the kernels before ran
-1.48-1.70x.  Only Hopper (sm_90), and only as an opaque call in a compiled graph: Gluon
+14336x4096 weight ran 1.73-1.90x bf16 ``F.linear``, where the kernels before ran
+1.34-1.68x.  Only Hopper (sm_90), and only as an opaque call in a compiled graph: Gluon
 kernels cannot be traced into Inductor's code.
 
 **Off by default** (``FP8COMPILE_DECODE_GLUON=1`` turns it on).  Those figures come from

@@ -35,9 +35,9 @@ with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
 ``FP8COMPILE_GLUON=0`` keeps them here.  Eager GEMMs of at most ``decode_ws.MAX_M`` rows
 without an activation, over a weight whose 64-row tiles fill the SMs, go to
 :mod:`.decode_ws`'s Gluon kernel, which streams the weight by TMA, under the same two
-switches.  The SwiGLU epilogue (``activation="swiglu"``, gate and
-up rows interleaved) is fused by the warp-specialized kernel only (fast accumulation,
-row/tensor scales); here the fp32 product goes through it as pointwise ops.
+switches.  The SwiGLU epilogue (``activation="swiglu"``, gate and up rows interleaved) is
+fused by the warp-specialized kernel only (fast accumulation, row/tensor scales); here the
+fp32 product goes through it as pointwise ops.
 """
 
 from __future__ import annotations
@@ -769,8 +769,8 @@ def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activati
                  groups: bool = False) -> bool:
     """The one rule for both callers: eager, compiled (not interpreted), every rule of
     :func:`.blockwise_ws.unsupported` (:func:`.decode_ws.unsupported` at decode sizes) met
-    for the 2-D operands, and residuals of the
-    output's dtype and shape (the kernel loads them as output tiles; no broadcast).
+    for the 2-D operands, and residuals of the output's dtype and shape (the kernel loads
+    them as output tiles; no broadcast).
     A blockwise SwiGLU writes 1x128-group E4M3 there, which only
     :func:`swiglu_group_quantize` asks for (``groups``): :func:`scaled_mm`'s FP8 output
     takes a static scale."""
