@@ -167,6 +167,25 @@ def accumulates_fast(x_gran, w_gran, accumulation: str) -> bool:
             and accumulation == "fast")
 
 
+def recipe_unsupported(xg: Granularity, wg: Granularity) -> str | None:
+    """The scales a Gluon GEMM takes (this kernel's and :mod:`.decode_ws`'s): 1x128
+    activation groups with 128x128 weight blocks, or row/tensor scales on both operands."""
+    if (xg in _OUTER and wg in _OUTER) or (xg is Granularity.GROUP and wg is Granularity.BLOCK):
+        return None
+    return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales on "
+            "both operands")
+
+
+def check_residuals(residuals, out: torch.Tensor, caller: str) -> None:
+    """Raise unless each residual is laid out as ``out`` (dtype, shape, strides): a Gluon
+    GEMM's epilogue reads it with the output's addressing."""
+    for r in residuals:
+        if r.dtype != out.dtype or r.shape != out.shape or r.stride() != out.stride():
+            raise ValueError(f"{caller}: a residual {r.dtype} {tuple(r.shape)} with strides "
+                             f"{r.stride()} must be laid out as the output ({out.dtype} "
+                             f"{tuple(out.shape)}, strides {out.stride()})")
+
+
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws: torch.Tensor,
                 w_gran, out_dtype: torch.dtype, activation: str, residuals: int,
                 layout: bool = True, accumulation: str = "precise") -> str | None:
@@ -184,9 +203,9 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor, ws
         return "disabled by FP8COMPILE_GLUON=0"
     xg, wg = Granularity(x_gran), Granularity(w_gran)
     outer = xg in _OUTER and wg in _OUTER
-    if not (outer or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
-        return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
-                "on both operands")
+    why = recipe_unsupported(xg, wg)
+    if why:
+        return why
     if activation not in ("none", "swiglu"):
         return "no activation epilogue other than SwiGLU"
     residuals = int(residuals)
@@ -868,11 +887,7 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
             + f", out {out.dtype}")
     if residuals and (swiglu or len(residuals) > 2):
         raise ValueError("blockwise_mm: one or two residuals, and no SwiGLU")
-    for r in residuals:
-        if r.dtype != out.dtype or r.shape != out.shape or r.stride() != out.stride():
-            raise ValueError(f"blockwise_mm: a residual {r.dtype} {tuple(r.shape)} with strides "
-                             f"{r.stride()} must be laid out as the output ({out.dtype} "
-                             f"{tuple(out.shape)}, strides {out.stride()})")
+    check_residuals(residuals, out, "blockwise_mm")
     if not wide and (out.dtype == torch.float8_e4m3fn) != (out_scale is not None):
         raise ValueError(f"blockwise_mm: an E4M3 output goes with out_scale (got out "
                          f"{out.dtype}, out_scale {'given' if out_scale is not None else 'None'})")

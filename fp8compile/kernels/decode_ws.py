@@ -49,12 +49,13 @@ import torch
 
 from ..numerics import FP8_FORMATS, Granularity
 from . import tuning
-from .blockwise_ws import HAVE_GLUON, operands_unsupported
+from .blockwise_ws import HAVE_GLUON, check_residuals, operands_unsupported, recipe_unsupported
 
 if HAVE_GLUON:  # the Gluon names (and Triton-version shims) of the warp-specialized kernel
     from .blockwise_ws import (
         TensorDescriptor,
         _barrier,
+        _gl_dtype,
         _tma_load,
         fence_async_shared,
         gl,
@@ -72,7 +73,6 @@ BLOCK_N, BLOCK_T, BLOCK_K = 64, 16, 128
 STAGES = 4
 # GEMMs of at most this many rows take the kernel (docs/performance.md)
 MAX_M = 8
-_OUTER = (Granularity.ROW, Granularity.TENSOR)
 _MODE = {"promote": 0, "precise": 1, "fast": 2}
 
 
@@ -86,11 +86,9 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor,
         return "disabled by FP8COMPILE_GLUON=0"
     if os.environ.get("FP8COMPILE_DECODE_GLUON", "0") != "1":
         return "the decode kernel is off unless FP8COMPILE_DECODE_GLUON=1 (see the module)"
-    xg, wg = Granularity(x_gran), Granularity(w_gran)
-    if not ((xg in _OUTER and wg in _OUTER)
-            or (xg is Granularity.GROUP and wg is Granularity.BLOCK)):
-        return ("only 1x128 activation groups x 128x128 weight blocks, or row/tensor scales "
-                "on both operands")
+    why = recipe_unsupported(Granularity(x_gran), Granularity(w_gran))
+    if why:
+        return why
     if activation != "none":
         return f"no {activation} epilogue in the decode kernel"
     if int(residuals) > 2:
@@ -109,10 +107,10 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor,
         return f"M={m}: the decode kernel takes 1 to {MAX_M} rows"
     if k == 0 or k % 16:
         return "TMA needs 16-byte rows: K % 16 == 0 and K > 0"
-    sms = tuning.num_sms(xq.device)
-    if -(-n // BLOCK_N) < sms:
-        return (f"N={n}: {-(-n // BLOCK_N)} column tiles of {BLOCK_N} leave some of the "
-                f"{sms} SMs idle without a split of K (the Triton kernel splits K)")
+    sms, tiles = tuning.num_sms(xq.device), tuning.cdiv(n, BLOCK_N)
+    if tiles < sms:
+        return (f"N={n}: {tiles} column tiles of {BLOCK_N} leave some of the {sms} SMs idle "
+                "without a split of K (the Triton kernel splits K)")
     return operands_unsupported(xq, wq, layout)
 
 
@@ -209,9 +207,6 @@ if HAVE_GLUON:
         gl.store(out_ptr + (toks[None, :] * stride_om + cols[:, None]),
                  acc.to(out_ptr.dtype.element_ty), mask=mask)
 
-    def _gl_dtype(dtype: torch.dtype):
-        return {torch.float8_e4m3fn: gl.float8e4nv, torch.float8_e5m2: gl.float8e5}[dtype]
-
 
 def decode_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
               bias: torch.Tensor | None, out: torch.Tensor, x_gran=Granularity.GROUP,
@@ -229,11 +224,7 @@ def decode_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     m, k = xq.shape
     n = wq.shape[0]
     xg, wg = Granularity(x_gran), Granularity(w_gran)
-    for r in residuals:
-        if r.dtype != out.dtype or r.shape != out.shape or r.stride() != out.stride():
-            raise ValueError(f"decode_mm: a residual {r.dtype} {tuple(r.shape)} with strides "
-                             f"{r.stride()} must be laid out as the output ({out.dtype} "
-                             f"{tuple(out.shape)}, strides {out.stride()})")
+    check_residuals(residuals, out, "decode_mm")
     if len(residuals) > 2 or out.stride(1) != 1:
         raise ValueError("decode_mm: at most two residuals, and a row-major output")
     if xg is Granularity.GROUP:
@@ -251,7 +242,7 @@ def decode_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     w_d = TensorDescriptor(wq, [n, k], [k, 1], [BLOCK_N, BLOCK_K], w_l)
     x_d = TensorDescriptor(xq, [m, k], [k, 1], [BLOCK_T, BLOCK_K], x_l)
     r = list(residuals) + [out] * (2 - len(residuals))  # out: unread
-    _decode_kernel[(-(-n // BLOCK_N),)](
+    _decode_kernel[(tuning.cdiv(n, BLOCK_N),)](
         w_d, x_d, xs, ws, bias if bias is not None else out, r[0], r[1], out, m, n, k,
         sa0, sa1, sw0, sw1, out.stride(0), out.stride(0),
         STAGES=STAGES, MODE=mode, HAS_BIAS=bias is not None, RES=len(residuals), num_warps=4)
