@@ -29,6 +29,16 @@ def _reference(xq, xs, wq, ws, recipe, bias=None, out_dtype=torch.float32, activ
                                activation, residual)
 
 
+def _assert_fp32_rounding(y, xq, xs, wq, ws, recipe):
+    """``y`` is the reference up to fp32 summation order: within 1e-5 of the sum of the
+    products' magnitudes (the bound on reordering error grows with it, not with the
+    possibly cancelling sum), where a wrong scale or a lost K step is off by whole terms."""
+    ref = _reference(xq, xs, wq, ws, recipe).cpu()
+    size = _reference(*(t.float().abs().to(t.dtype) for t in (xq, xs, wq, ws)), recipe).cpu()
+    err = (y.cpu() - ref).abs()
+    assert bool((err <= 1e-5 * size + 1e-6).all()), (err.max().item(), (err / size).max().item())
+
+
 def _gemv(xq, xs, wq, ws, recipe, **kw):
     return scaled_gemv(xq, xs, recipe[0], wq, ws, recipe[1], **kw)
 
@@ -55,8 +65,7 @@ def test_matches_reference_in_fp32(device, recipe, x_shape, n):
     xq, xs, wq, ws = _operands(device, x_shape, n, recipe)
     y = _gemv(xq, xs, wq, ws, recipe, out_dtype=torch.float32)
     assert y.shape == (*x_shape[:-1], n) and y.dtype == torch.float32
-    torch.testing.assert_close(y.cpu(), _reference(xq, xs, wq, ws, recipe).cpu(), atol=1e-5,
-                               rtol=1e-5)
+    _assert_fp32_rounding(y, xq, xs, wq, ws, recipe)
 
 
 @pytest.mark.parametrize("recipe", RECIPES[:3], ids=lambda r: f"{r[0]}x{r[1]}")
@@ -75,8 +84,7 @@ def test_launches_agree_and_each_is_deterministic(device, recipe, block_n, block
 
     y = run()
     assert torch.equal(y, run())
-    torch.testing.assert_close(y.cpu(), _reference(xq, xs, wq, ws, recipe).cpu(), atol=1e-5,
-                               rtol=1e-5)
+    _assert_fp32_rounding(y, xq, xs, wq, ws, recipe)
 
 
 @pytest.mark.parametrize("activation", ["none", "gelu", "silu", "relu"])
@@ -132,8 +140,7 @@ def test_non_contiguous_operands_are_copied_k_major(device):
     xq_s = torch.stack([xq, xq], -1)[..., 0]  # (1, K) with K strided
     assert xq_s.stride(-1) != 1 and wq_t.stride(-1) != 1
     y = _gemv(xq_s, xs, wq_t, ws, recipe, out_dtype=torch.float32)
-    torch.testing.assert_close(y.cpu(), _reference(xq, xs, wq, ws, recipe).cpu(), atol=1e-5,
-                               rtol=1e-5)
+    _assert_fp32_rounding(y, xq, xs, wq, ws, recipe)
 
 
 def test_empty_n(device):
@@ -183,17 +190,19 @@ def test_bad_input_is_refused(device):
 def test_scaled_mm_sends_one_row_here(device, recipe):
     """kernels.scaled_mm runs an M = 1 GEMM on this kernel (the same bits as calling it,
     with or without bias, activation and a broadcast residual),
-    the tensor-core kernel with gemv=False or a forced tile config (the reference to fp32
-    rounding either way), and M = 2 on the tensor cores."""
+    the tensor-core kernel with gemv=False or a forced tile config, and M = 2 on the tensor
+    cores.  This kernel matches the reference to fp32 rounding; the tensor cores add a K
+    block's FP8 products with Hopper's reduced-precision accumulator (~1e-3 here)."""
     from fp8compile.kernels.gemm import scaled_mm
 
     xq, xs, wq, ws = _operands(device, (1, 1, 384), 200, recipe)
     ref = _reference(xq, xs, wq, ws, recipe)
     y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32)
     assert torch.equal(y, _gemv(xq, xs, wq, ws, recipe, out_dtype=torch.float32))
+    tc = 2e-2 if device == "cuda" else 1e-5  # as test_gemm_kernel's fp32 outputs
     for kw in ({"gemv": False}, {"config": {"SPLIT_K": 1}}):
         t = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32, **kw)
-        torch.testing.assert_close(t.cpu(), ref.cpu(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(t.cpu(), ref.cpu(), atol=tc, rtol=tc)
     bias = torch.randn(200, device=device)
     residual = torch.randn(200, device=device)  # broadcast over the row
     y = scaled_mm(xq, xs, recipe[0], wq, ws, recipe[1], bias, torch.float32, "precise",
@@ -206,7 +215,7 @@ def test_scaled_mm_sends_one_row_here(device, recipe):
     xq2, xs2, _, _ = _operands(device, (2, 384), 200, recipe)
     torch.testing.assert_close(
         scaled_mm(xq2, xs2, recipe[0], wq, ws, recipe[1], out_dtype=torch.float32).cpu(),
-        _reference(xq2, xs2, wq, ws, recipe).cpu(), atol=1e-5, rtol=1e-5)
+        _reference(xq2, xs2, wq, ws, recipe).cpu(), atol=tc, rtol=tc)
 
 
 def test_scaled_mm_one_row_swiglu_and_fp8_output(device):
