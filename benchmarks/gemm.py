@@ -520,7 +520,7 @@ def run_decode(shapes, max_m=None):
     from fp8compile.kernels import decode_ws
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
-    os.environ["FP8COMPILE_DECODE_GLUON"] = "1"  # off by default: timed here
+    os.environ["FP8COMPILE_DECODE_GLUON"] = "1"  # timed here even where the caller turned it off
     if max_m is not None:
         decode_ws.MAX_M = max_m
     log(f"\nDecode GEMMs, Gluon (TMA) kernel against the launcher without it, us per GEMM "

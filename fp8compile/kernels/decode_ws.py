@@ -31,14 +31,12 @@ latency:
 * the epilogue adds the bias and up to two residuals in fp32 and rounds once, as
   :func:`.gemm._epilogue` does (no activation: those GEMMs stay on the Triton kernel).
 
-On an H200 (docs/performance.md, "Decode GEMMs streamed by TMA") 1 to 4 rows of a
-14336x4096 weight ran 1.73-1.90x bf16 ``F.linear``, where the kernels before ran
-1.34-1.68x.  Only Hopper (sm_90), and only as an opaque call in a compiled graph: Gluon
-kernels cannot be traced into Inductor's code.
-
-**Off by default** (``FP8COMPILE_DECODE_GLUON=1`` turns it on).  Those figures come from
-this kernel with a split-K path, since removed; the kernel as it is here passed its CPU
-tests and compiles for sm_90a without spills, but its GPU tests have not run on it yet.
+On an H200 (docs/performance.md, "Decode GEMMs streamed by TMA") 1 to 8 rows of 12288-,
+14336- and 28672-row weights (K = 4096) ran 1.66-1.93x bf16 ``F.linear``, where the
+kernels before ran 1.33-1.82x.  Only Hopper (sm_90), and only as an opaque call in a
+compiled graph: Gluon kernels cannot be traced into Inductor's code, so there
+:func:`.select.choose_traced` times it against the Triton kernel per GEMM.
+``FP8COMPILE_DECODE_GLUON=0`` (or ``FP8COMPILE_GLUON=0``) turns it off.
 """
 
 from __future__ import annotations
@@ -84,8 +82,8 @@ def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor,
     launcher meets them by copying).  Only sizes, dtypes, strides and the device are read."""
     if os.environ.get("FP8COMPILE_GLUON", "1") == "0":
         return "disabled by FP8COMPILE_GLUON=0"
-    if os.environ.get("FP8COMPILE_DECODE_GLUON", "0") != "1":
-        return "the decode kernel is off unless FP8COMPILE_DECODE_GLUON=1 (see the module)"
+    if os.environ.get("FP8COMPILE_DECODE_GLUON", "1") == "0":
+        return "disabled by FP8COMPILE_DECODE_GLUON=0"
     why = recipe_unsupported(Granularity(x_gran), Granularity(w_gran))
     if why:
         return why

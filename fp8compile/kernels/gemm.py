@@ -35,9 +35,9 @@ with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
 ``FP8COMPILE_GLUON=0`` keeps them here.  Eager GEMMs of at most ``decode_ws.MAX_M`` rows
 without an activation, over a weight whose 64-row tiles fill the SMs, go to
 :mod:`.decode_ws`'s Gluon kernel, which streams the weight by TMA, under the same two
-switches.  The SwiGLU epilogue (``activation="swiglu"``, gate and up rows interleaved) is
-fused by the warp-specialized kernel only (fast accumulation, row/tensor scales); here the
-fp32 product goes through it as pointwise ops.
+switches and ``FP8COMPILE_DECODE_GLUON=0``.  The SwiGLU epilogue (``activation="swiglu"``,
+gate and up rows interleaved) is fused by the warp-specialized kernel only (fast
+accumulation, row/tensor scales); here the fp32 product goes through it as pointwise ops.
 """
 
 from __future__ import annotations
