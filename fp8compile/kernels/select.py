@@ -462,15 +462,23 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
     whether each operand arrives K-major (a transposed one costs both backends a copy),
     whether "triton" stands for the Gluon kernel (eager calls it serves on Hopper; traced
     graphs launch the Triton kernel, so their choices are kept apart), and the epilogue
-    (which the Triton kernel fuses and cuBLAS follows with pointwise ops)."""
+    (which the Triton kernel fuses and cuBLAS follows with pointwise ops).
+
+    The decode sizes (a static M of at most ``decode_ws.MAX_M``) are a bucket of their own:
+    the decode Gluon kernel serves them and not 9-16 rows, so a ``"gluon"`` choice made at
+    one token must not stand for a 16-row graph of the same weight."""
+    from .decode_ws import MAX_M
+
     m = xq.numel() // max(1, xq.shape[-1])
+    bucket = MAX_M if type(m) is int and m <= MAX_M else m_bucket(m)
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
-    return (m_bucket(m), wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
+    return (bucket, wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
             bool(gluon), (activation, (residual is not None) + (residual2 is not None)))
 
 
 def describe_key(key: tuple) -> str:
-    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16``, then
+    """``gemm_key`` in words: ``M~4096 N=14336 K=4096 group precise bfloat16`` (``M<=8``
+    for the decode sizes), then
     `` + gelu``, `` + residual`` (`` + 2 residuals``) for an epilogue."""
     bucket, n, k, gran, accumulation, out_dtype, (a_kmajor, b_kmajor), gluon, epi = key
     layout = "" if a_kmajor and b_kmajor else " (transposed operand)"
@@ -479,4 +487,5 @@ def describe_key(key: tuple) -> str:
     activation, residuals = epi
     tail = (f" + {activation}" if activation != "none" else "") + \
         {0: "", 1: " + residual"}.get(int(residuals), f" + {int(residuals)} residuals")
-    return f"M~{bucket} N={n} K={k} {gran} {accumulation} {dtype}{tail}{layout}{kernel}"
+    rows = f"M<={bucket}" if bucket < m_bucket(1) else f"M~{bucket}"  # the decode bucket
+    return f"{rows} N={n} K={k} {gran} {accumulation} {dtype}{tail}{layout}{kernel}"

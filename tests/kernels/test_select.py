@@ -241,6 +241,24 @@ def test_traced_choices_are_logged_for_the_plan(monkeypatch):
     assert select.describe_key(t_key).endswith("(transposed operand)")
 
 
+def test_decode_sizes_are_a_bucket_of_their_own(monkeypatch):
+    """1 to decode_ws.MAX_M rows share a key, which 9-16 rows do not: a compile-time
+    "gluon" choice at one token (the decode kernel serves at most MAX_M rows) must not
+    stand for a 16-row graph of the same weight."""
+    from fp8compile.kernels import decode_ws
+
+    def key(m):
+        xq, wq = _q(m, 512, 1024)
+        return select.gemm_key(xq, G.GROUP, wq, "precise", torch.bfloat16)
+
+    top = decode_ws.MAX_M
+    assert key(1) == key(top) != key(top + 1) == key(16)
+    assert select.describe_key(key(1)).startswith(f"M<={top} N=1024 K=512")
+    assert select.describe_key(key(16)).startswith("M~16 N=1024")
+    monkeypatch.setattr(decode_ws, "MAX_M", 4)  # the bucket follows the kernel's limit
+    assert key(4) != key(5) == key(16)
+
+
 def test_swiglu_step_timing_runs_both_graphs_once_per_key(monkeypatch, device):
     """``swiglu_epilogue_ms`` times the GEMM with the SwiGLU epilogue + a plain quantization
     against the plain GEMM + the SiLU·mul quantization (both quantizing (M, N/2) for the down
