@@ -63,7 +63,7 @@ if HAVE_GLUON:  # the Gluon names (and Triton-version shims) of the warp-special
         warpgroup_mma_wait,
     )
 
-__all__ = ["MAX_M", "decode_mm", "unsupported"]
+__all__ = ["MAX_M", "decode_mm", "decode_sized", "unsupported"]
 
 # weight rows per program (one m64 warpgroup), token rows of the tile, K per stage
 BLOCK_N, BLOCK_T, BLOCK_K = 64, 16, 128
@@ -72,6 +72,13 @@ STAGES = 4
 # GEMMs of at most this many rows take the kernel (docs/performance.md)
 MAX_M = 8
 _MODE = {"promote": 0, "precise": 1, "fast": 2}
+
+
+def decode_sized(m) -> bool:
+    """Whether a GEMM of ``m`` rows is of this kernel's sizes (a static M of at most
+    :data:`MAX_M`): the launcher then asks :func:`unsupported` instead of
+    :func:`.blockwise_ws.unsupported`, and the backend choice keys it apart."""
+    return type(m) is int and m <= MAX_M
 
 
 def unsupported(xq: torch.Tensor, xs: torch.Tensor, x_gran, wq: torch.Tensor,

@@ -467,7 +467,7 @@ def scaled_mm(
                                                  out_dtype, activation, residual, accumulation,
                                                  residual2=residual2):
         out, residuals = _gluon_outputs(m, out_n, out_dtype, xq.device, residual, residual2)
-        if _decode_sized(m):
+        if decode_ws.decode_sized(m):
             decode_ws.decode_mm(a, xs2, w, ws2, bias, out, x_granularity, w_granularity,
                                 accumulation, residuals)
             return out.reshape(*lead, out_n)
@@ -720,7 +720,7 @@ def precompile_gluon(xq, xs, x_granularity, wq, ws, w_granularity, bias, out_dty
     if stand_ins is None:
         return False
     xg, wg = Granularity(x_granularity), Granularity(w_granularity)
-    if _decode_sized(xq.numel() // max(1, xq.shape[-1])):
+    if decode_ws.decode_sized(xq.numel() // max(1, xq.shape[-1])):
         return False  # the decode kernel is small: its first launch compiles it in ~1 s
     with outside_tracing():
         xq, xs, wq, ws, bias, residual, residual2, out_scale = stand_ins
@@ -783,18 +783,12 @@ def _gluon_takes(a, xs, x_granularity, w, ws, w_granularity, out_dtype, activati
         return False
     if tracing() or _interpreting() or torch.compiler.is_dynamo_compiling():
         return False  # (Dynamo tracing this launcher itself cannot trace a Gluon launch)
-    if _decode_sized(m):
+    if decode_ws.decode_sized(m):
         return decode_ws.unsupported(a, xs, x_granularity, w, ws, w_granularity, out_dtype,
                                      activation, len(residuals), layout=layout) is None
     return blockwise_ws.unsupported(
         a, xs, x_granularity, w, ws, w_granularity, out_dtype, activation,
         len(residuals), layout=layout, accumulation=accumulation) is None
-
-
-def _decode_sized(m) -> bool:
-    """Whether a GEMM of ``m`` rows is :mod:`.decode_ws`'s to serve rather than
-    :mod:`.blockwise_ws`'s (a static M of at most ``decode_ws.MAX_M``)."""
-    return type(m) is int and m <= decode_ws.MAX_M
 
 
 # Tile configs of GEMMs inlined into compiled graphs, by what the autotuner keys on.

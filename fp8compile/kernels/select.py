@@ -467,10 +467,10 @@ def gemm_key(xq, xg, wq, accumulation, out_dtype, gluon: bool = False,
     The decode sizes (a static M of at most ``decode_ws.MAX_M``) are a bucket of their own:
     the decode Gluon kernel serves them and not 9-16 rows, so a ``"gluon"`` choice made at
     one token must not stand for a 16-row graph of the same weight."""
-    from .decode_ws import MAX_M
+    from . import decode_ws
 
     m = xq.numel() // max(1, xq.shape[-1])
-    bucket = MAX_M if type(m) is int and m <= MAX_M else m_bucket(m)
+    bucket = decode_ws.MAX_M if decode_ws.decode_sized(m) else m_bucket(m)
     layout = (xq.stride(-1) == 1, wq.stride(-1) == 1)
     return (bucket, wq.shape[0], xq.shape[-1], str(xg), accumulation, out_dtype, layout,
             bool(gluon), (activation, (residual is not None) + (residual2 is not None)))

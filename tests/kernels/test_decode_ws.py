@@ -84,11 +84,6 @@ def test_unsupported_names_the_rule(case, reason):
     assert reason in _why(**case)
 
 
-def test_disabled_by_environment(monkeypatch):
-    monkeypatch.setenv("FP8COMPILE_GLUON", "0")
-    assert "FP8COMPILE_GLUON=0" in _why()
-
-
 @pytest.mark.parametrize("recipe", list(RECIPES))
 @pytest.mark.parametrize("res", [0, 1, 2])
 @pytest.mark.parametrize("out", [torch.bfloat16, torch.float16, torch.float32])
