@@ -138,8 +138,8 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _decode_kernel(w_desc, x_desc, as_ptr, ws_ptr, bias_ptr, r1_ptr, r2_ptr, out_ptr,
-                       M, N, K, stride_as0, stride_as1, stride_ws0, stride_ws1, stride_rm,
-                       stride_om, STAGES: gl.constexpr, MODE: gl.constexpr,
+                       M, N, K, stride_as0, stride_as1, stride_ws0, stride_ws1, stride_om,
+                       STAGES: gl.constexpr, MODE: gl.constexpr,
                        HAS_BIAS: gl.constexpr, RES: gl.constexpr):
         BN: gl.constexpr = w_desc.block_type.shape[0]
         BK: gl.constexpr = w_desc.block_type.shape[1]
@@ -200,17 +200,17 @@ if HAVE_GLUON:
         if not PROMOTE:  # row/tensor scales (stride 0: one element), constant along K
             acc = acc * gl.load(as_ptr + toks * stride_as0, mask=tmask, other=0.0)[None, :]
             acc = acc * gl.load(ws_ptr + cols * stride_ws0, mask=nmask, other=0.0)[:, None]
-        # the epilogue: bias, then the residuals, in fp32; one rounding to the output's dtype
+        # the epilogue: bias, then the residuals (laid out as the output), in fp32; one
+        # rounding to the output's dtype
         if HAS_BIAS:
             acc = acc + gl.load(bias_ptr + cols, mask=nmask, other=0.0).to(gl.float32)[:, None]
         mask = nmask[:, None] & tmask[None, :]
-        r_off = toks[None, :] * stride_rm + cols[:, None]
+        offs = toks[None, :] * stride_om + cols[:, None]
         if RES >= 1:
-            acc = acc + gl.load(r1_ptr + r_off, mask=mask, other=0.0).to(gl.float32)
+            acc = acc + gl.load(r1_ptr + offs, mask=mask, other=0.0).to(gl.float32)
         if RES == 2:
-            acc = acc + gl.load(r2_ptr + r_off, mask=mask, other=0.0).to(gl.float32)
-        gl.store(out_ptr + (toks[None, :] * stride_om + cols[:, None]),
-                 acc.to(out_ptr.dtype.element_ty), mask=mask)
+            acc = acc + gl.load(r2_ptr + offs, mask=mask, other=0.0).to(gl.float32)
+        gl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def decode_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor,
@@ -249,6 +249,6 @@ def decode_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.Te
     r = list(residuals) + [out] * (2 - len(residuals))  # out: unread
     _decode_kernel[(tuning.cdiv(n, BLOCK_N),)](
         w_d, x_d, xs, ws, bias if bias is not None else out, r[0], r[1], out, m, n, k,
-        sa0, sa1, sw0, sw1, out.stride(0), out.stride(0),
+        sa0, sa1, sw0, sw1, out.stride(0),
         STAGES=STAGES, MODE=mode, HAS_BIAS=bias is not None, RES=len(residuals), num_warps=4)
     return out

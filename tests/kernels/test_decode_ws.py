@@ -129,7 +129,7 @@ def test_scales_and_mode_reach_the_kernel_by_recipe(monkeypatch, recipe):
     out = torch.empty(m, n, dtype=torch.bfloat16)
     dw.decode_mm(_fp8(m, k), sx, _fp8(n, k), sw, None, out, xg, wg, acc)
     (w_d, x_d, as_ptr, ws_ptr, bias_ptr, r1, r2, out_ptr, mm, nn, kk, sa0, sa1, sw0, sw1,
-     stride_rm, stride_om) = launch.args
+     stride_om) = launch.args
     assert (w_d.block_shape, x_d.block_shape) == ([64, 128], [16, 128])
     assert (mm, nn, kk) == (m, n, k) and as_ptr is sx and ws_ptr is sw and out_ptr is out
     assert launch.grid == (n // 64,) and stride_om == n
@@ -248,8 +248,7 @@ def _ptxas_in_process(mode: int, res: int) -> str:
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "r1_ptr": "*bf16",
            "r2_ptr": "*bf16", "out_ptr": "*bf16"}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_as0", "stride_as1",
-                                         "stride_ws0", "stride_ws1", "stride_rm",
-                                         "stride_om")})
+                                         "stride_ws0", "stride_ws1", "stride_om")})
     consts = dict(STAGES=dw.STAGES, MODE=mode, HAS_BIAS=True, RES=res)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(GluonASTSource(fn=dw._decode_kernel, signature=sig, constexprs=consts),
