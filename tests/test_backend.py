@@ -202,6 +202,53 @@ def test_weights_requantized_only_when_they_change():
         assert rel_err(y, model(x)) < 0.06
 
 
+def test_weights_checked_in_one_pass_and_swapped_storage_requantized(monkeypatch):
+    from fp8compile.passes.scales import WeightCache
+
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256))
+    cm, be = _compile(model, {"rules": ["norm"]})
+    x = torch.randn(4, 256)
+    checks = []
+    real_get = WeightCache.get
+    with torch.no_grad():
+        cm(x)
+        caches = be.contexts[-1].weight_caches
+        monkeypatch.setattr(WeightCache, "get",
+                            lambda self, a: checks.append(self) or real_get(self, a))
+        for _ in range(3):
+            cm(x)
+        assert checks == []  # no weight changed: no cache was asked
+        # ``p.data = ...`` keeps the version counter (0) and swaps the storage: x3 and a sign
+        # flip, which the old FP8 copy would show as a 4x error
+        model[0].weight.data = model[0].weight.detach() * -3
+        y = cm(x)
+        assert len(checks) == 2  # a weight changed: every cache checks its own
+        assert [c.quantizations for c in caches] == [2, 1]
+        assert rel_err(y, model(x)) < 0.06
+
+
+def test_extra_inputs_other_than_weights_run_every_call():
+    from fp8compile.backend import _with_extra_inputs
+    from fp8compile.passes.scales import CachedWeight, WeightCache
+
+    w = nn.Parameter(torch.randn(256, 128))
+    cache = WeightCache([1], [False], "row", "e4m3", False)
+    calls = []
+    live = lambda a: calls.append(a) or torch.full((1,), float(len(calls)))  # noqa: E731
+    run = _with_extra_inputs(lambda *a: a, [CachedWeight(cache, 0), live, CachedWeight(cache, 1)])
+    x = torch.randn(3)
+    for i in range(1, 4):
+        _, _, wq, s, ws = run(x, w)
+        assert len(calls) == i and s.item() == i
+        assert wq is cache.value[0] and ws is cache.value[1]
+    assert cache.quantizations == 1
+    with torch.no_grad():
+        w.mul_(2)  # a new version: requantized
+    _, _, wq, _, ws = run(x, w)
+    assert cache.quantizations == 2 and len(calls) == 4
+    torch.testing.assert_close(ws, cache._quantize(w.detach())[1], rtol=0, atol=0)
+
+
 class CalledTwice(nn.Module):
     def __init__(self):
         super().__init__()

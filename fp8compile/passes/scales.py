@@ -153,6 +153,23 @@ class WeightCache:
         self.key = self.value = None
 
 
+class CachedWeight:
+    """The provider of one graph input that a weight cache feeds: its ``i``-th tensor.
+
+    Providers run in order, so ``i > 0`` comes right after ``i == 0`` has checked the
+    versions for this call and takes the value without a second check.  The compiled
+    graph's caller (``backend._with_extra_inputs``) checks the versions of every cached
+    weight of a graph at once and skips these providers while none changed."""
+
+    __slots__ = ("cache", "i")
+
+    def __init__(self, cache: WeightCache, i: int):
+        self.cache, self.i = cache, i
+
+    def __call__(self, args: Sequence[Any]) -> torch.Tensor:
+        return self.cache.get(args)[0] if self.i == 0 else self.cache.value[self.i]
+
+
 class TrainingWeightCache(WeightCache):
     """Both FP8 copies of one weight that a training linear (``fp8compile::linear_w``) reads,
     per parameter version: ``W`` for the forward GEMM and ``Wᵀ`` for dX
@@ -430,13 +447,8 @@ class ScalesPass(Fp8Pass):
         """The graph inputs a weight cache feeds, one per name (each pair: an FP8 weight and
         its scales); its weights are counted in the plan's weight memory figures (``shape``:
         the FP8 copy's, stored ``len(names) // 2`` times, scaled by ``granularity``)."""
-        nodes = [self.ctx.add_input(graph, f"{stem}_{names[0]}", lambda a, c=cache: c.get(a)[0])]
-        # Providers run in order, so the others come right after the first has checked the
-        # versions for this call: they take the value without a second check (half the
-        # providers' host time, ~5 us per call for 4 weights on a CPU).
-        for i, name in enumerate(names[1:], 1):
-            nodes.append(self.ctx.add_input(graph, f"{stem}_{name}",
-                                            lambda a, c=cache, i=i: c.value[i]))
+        nodes = [self.ctx.add_input(graph, f"{stem}_{name}", CachedWeight(cache, i))
+                 for i, name in enumerate(names)]
         for node in nodes:
             info(node).update(role="weight_input", weight_cache=cache)
         self._count_weights(cache, shape, granularity, len(names) // 2)
@@ -458,7 +470,7 @@ class ScalesPass(Fp8Pass):
         stats["quantized_weights"] = stats.get("quantized_weights", 0) + len(weights)
 
 
-__all__ = ["ScalesPass", "TrainingWeightCache", "WeightCache"]
+__all__ = ["CachedWeight", "ScalesPass", "TrainingWeightCache", "WeightCache"]
 
 
 def _item(node: Any) -> Any:
