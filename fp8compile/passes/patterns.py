@@ -29,6 +29,10 @@ LINEAR = {torch._C._nn.linear, F.linear}
 MATMUL = {torch.matmul, operator.matmul, torch.mm, torch.bmm}
 ADDMM = {torch.addmm}
 MATMUL_METHODS = {"matmul", "mm", "bmm", "__matmul__"}
+# Grouped GEMMs (a mixture of experts' expert projections): rows of x in groups given by
+# ``offs``, each group times its own weight.  torch's two names, where this torch has them.
+GROUPED_MM = {f for f in (getattr(torch, "_grouped_mm", None), getattr(F, "grouped_mm", None))
+              if f is not None}
 
 NORM_FUNCS = {
     F.layer_norm, torch.layer_norm, F.group_norm, torch.group_norm, F.batch_norm,
@@ -76,6 +80,20 @@ class Gemm:
     LINEAR = "linear"
     MATMUL = "matmul"
     ADDMM = "addmm"
+    GROUPED = "grouped_mm"
+
+
+def _library_grouped_mm(target) -> bool:
+    """Whether ``target`` is a grouped GEMM op a model library registered: transformers'
+    ``grouped_mm_fallback``, what its MoE experts call where torch's grouped GEMM does not
+    serve (CPU, dtypes other than bf16 under torch.compile)."""
+    packet = getattr(target, "overloadpacket", target)
+    if not isinstance(packet, torch._ops.OpOverloadPacket):
+        return False
+    try:
+        return packet is torch.ops.transformers.grouped_mm_fallback
+    except AttributeError:  # transformers' op not registered in this process
+        return False
 
 
 def _is(node: torch.fx.Node, funcs: set, methods: set = frozenset()) -> bool:
@@ -93,6 +111,9 @@ def gemm_kind(node: torch.fx.Node) -> str | None:
         return Gemm.MATMUL
     if _is(node, ADDMM):
         return Gemm.ADDMM
+    if _is(node, GROUPED_MM) or (node.op == "call_function"
+                                 and _library_grouped_mm(node.target)):
+        return Gemm.GROUPED
     return None
 
 

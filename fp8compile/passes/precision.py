@@ -44,6 +44,9 @@ def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
     def arg(i, name):
         return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
+    if kind == pt.Gemm.GROUPED:
+        return ("grouped GEMM (mixture-of-experts experts: each group of rows times its own "
+                "weight): no FP8 grouped kernel yet")
     if kind == pt.Gemm.LINEAR:
         x, w, bias = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
         w_t = False
@@ -239,9 +242,14 @@ class PrecisionPass(Fp8Pass):
         if measured:
             entry.sqnr_db, entry.amax = measured
         ops = meta.get("operands")
+        out = entry.out_shape
+        if entry.gemm == pt.Gemm.GROUPED and entry.in_shapes and out and None not in out:
+            # each of the S rows of x (S, K) meets one group's weight: 2 S N K, however the
+            # rows are grouped
+            k = entry.in_shapes[0][-1]
+            entry.flops = 2 * math.prod(out) * k if k is not None else None
         if ops:
             k, n = meta["kn"]
-            out = entry.out_shape
             # 2 flops per multiply-add; every output element takes K of them.
             entry.flops = 2 * math.prod(out) * k if out and None not in out else None
             if ops["w_is_param"]:

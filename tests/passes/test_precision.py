@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -106,3 +107,55 @@ def test_flops_and_summary():
     assert plan.fp8_flop_share() == 1.0
     text = plan.summary()
     assert "gate_proj" in text and "7 GEMMs: 7 fp8" in text
+
+
+class Experts(nn.Module):
+    """A linear, then a mixture of experts' expert projection: rows grouped by ``offs``, each
+    group times its own weight (``F.grouped_mm``)."""
+
+    def __init__(self, experts=3, k=128, n=256):
+        super().__init__()
+        self.proj = nn.Linear(k, k, bias=False)
+        self.w = nn.Parameter(torch.randn(experts, n, k) * 0.05)
+
+    def forward(self, x, offs):
+        return torch.nn.functional.grouped_mm(self.proj(x), self.w.transpose(-2, -1), offs=offs)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                    reason="this torch has no torch.nn.functional.grouped_mm")
+def test_grouped_gemm_is_a_high_precision_gemm_with_its_flops():
+    model = Experts().to(torch.bfloat16)
+    x = torch.randn(48, 128, dtype=torch.bfloat16)
+    offs = torch.tensor([16, 40, 48], dtype=torch.int32)
+    plan = fp8compile.plan(model, x, offs)
+    (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
+    assert grouped.precision == "bf16" and grouped.rule == "unsupported"
+    assert "grouped GEMM" in grouped.reason and "no FP8 grouped kernel" in grouped.reason
+    assert grouped.flops == 2 * 48 * 256 * 128  # every row meets one expert's weight
+    assert plan.fp8_flop_share() == pytest.approx(128 / (128 + 256))
+    assert "2 GEMMs: 1 fp8, 1 high precision" in plan.summary()
+    # an override cannot make it FP8, and says why
+    plan = fp8compile.plan(model, x, offs, config={"overrides": {"*": "fp8"}})
+    (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
+    assert grouped.precision == "bf16" and "refused: grouped GEMM" in grouped.reason
+
+
+def test_library_grouped_gemm_of_transformers_experts():
+    """transformers' MoE experts call its own grouped GEMM op where torch's does not serve
+    (here: fp32 on the CPU); the plan counts those GEMMs too."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    if not hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        pytest.skip(f"transformers {transformers.__version__} has no grouped experts")
+    cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
+                        num_local_experts=4, num_experts_per_tok=2)
+    model = MixtralForCausalLM(cfg).eval()
+    plan = fp8compile.plan(model, torch.randint(0, 512, (2, 16)))
+    grouped = [e for e in plan.gemms if e.gemm == "grouped_mm"]
+    assert len(grouped) == 2 and all(e.module.endswith("mlp.experts") for e in grouped)
+    assert all(not e.is_fp8 and "grouped GEMM" in e.reason for e in grouped)
+    # 32 tokens x 2 experts each: 64 rows through gate/up (256 -> 1024) and down (512 -> 256)
+    assert sorted(e.flops for e in grouped) == [2 * 64 * 256 * 512, 2 * 64 * 1024 * 256]
