@@ -361,6 +361,63 @@ def fp8_linear_reference(
     return y.reshape(*xq.shape[:-1], wq.shape[0]).to(out_dtype)
 
 
+def quantize_grouped_weight(
+    w: torch.Tensor,
+    granularity: Granularity,
+    fmt: Fp8Format = Fp8Format.E4M3,
+    power_of_2: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A grouped GEMM's weight ``(E, N, K)`` (one ``(N, K)`` matrix per group, as a mixture of
+    experts' expert projection) quantized one group at a time: ``q`` is ``(E, N, K)`` and
+    ``scale`` stacks each group's :func:`quantize_by_rows` scale along a leading dim
+    (tensor: ``(E,)``, row: ``(E, N, 1)``, block: ``(E, ceil(N/128), ceil(K/128))``)."""
+    if w.dim() != 3:
+        raise ValueError(f"quantize_grouped_weight: w has shape {tuple(w.shape)}; it must be "
+                         "(groups, N, K)")
+    if granularity is Granularity.GROUP:
+        raise ValueError("quantize_grouped_weight: 1x128 groups are for activations; a weight "
+                         "takes tensor, row or block scales")
+    parts = [quantize_by_rows(w[g], granularity, fmt, power_of_2) for g in range(w.shape[0])]
+    return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
+
+
+def check_group_offsets(offs: torch.Tensor, rows: int, groups: int) -> None:
+    """Raise unless ``offs`` is a grouped GEMM's group ends: 1-D int32, one per group,
+    non-decreasing, at most ``rows`` (reads the values: a host sync on a GPU)."""
+    if offs.dim() != 1 or offs.dtype != torch.int32 or offs.numel() != groups:
+        raise ValueError(f"grouped GEMM: offs is {offs.dtype} {tuple(offs.shape)}; it must be "
+                         f"int32 ({groups},), the cumulative row count at each group's end")
+    ends = offs.tolist()
+    if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > rows):
+        raise ValueError(f"grouped GEMM: offs {ends} must be non-decreasing from 0 and at most "
+                         f"the {rows} rows of x")
+
+
+def fp8_grouped_linear_reference(
+    xq: torch.Tensor,
+    xs: torch.Tensor,
+    x_granularity: Granularity,
+    wq: torch.Tensor,
+    ws: torch.Tensor,
+    w_granularity: Granularity,
+    offs: torch.Tensor,
+    out_dtype: torch.dtype = torch.bfloat16,
+) -> torch.Tensor:
+    """Grouped :func:`fp8_linear_reference`: rows ``offs[g-1]:offs[g]`` of ``x (S, K)`` times
+    group ``g``'s weight ``wq[g] (N, K)`` (scales as :func:`quantize_grouped_weight` stacks
+    them); rows past ``offs[-1]`` are zero, as no group claims them."""
+    check_group_offsets(offs, xq.shape[0], wq.shape[0])
+    y = torch.zeros(xq.shape[0], wq.shape[1], dtype=torch.float32, device=xq.device)
+    start = 0
+    for g, end in enumerate(offs.tolist()):
+        if end > start:
+            s = xs if x_granularity is Granularity.TENSOR else xs[start:end]
+            y[start:end] = fp8_linear_reference(xq[start:end], s, x_granularity, wq[g], ws[g],
+                                                w_granularity, None, torch.float32)
+        start = end
+    return y.to(out_dtype)
+
+
 def rmsnorm_quantize(
     x: torch.Tensor,
     weight: torch.Tensor | None,

@@ -9,6 +9,7 @@ module                      kernels
 ``quant.py``                dynamic quantization, every granularity (also weights)
 ``gemm.py``                 FP8 GEMM, three recipes, fused epilogue, split-K for decode
 ``fused.py``                RMSNorm -> quant and SiLU(gate)*up -> quant
+``grouped.py``              FP8 grouped GEMM (mixture-of-experts experts), three recipes
 ``tuning.py``               Hopper tile configs by M bucket, split-K heuristic
 ==========================  ===========================================================
 

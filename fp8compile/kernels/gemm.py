@@ -157,6 +157,21 @@ def _promote(acc, prod, s_row, s_col, W_GRAN: tl.constexpr, SWAP_AB: tl.constexp
 
 
 @triton.jit
+def _tile_scales(acc, offs_am, offs_wn, as_ptr, ws_ptr, stride_as0, stride_ws0,
+                 A_GRAN: tl.constexpr, W_GRAN: tl.constexpr):
+    """``acc`` times the row/tensor scales (constant along K: once per tile)."""
+    if A_GRAN == 1:
+        acc = acc * tl.load(as_ptr + offs_am * stride_as0)[:, None]
+    elif A_GRAN == 0:
+        acc = acc * tl.load(as_ptr)
+    if W_GRAN == 1:
+        acc = acc * tl.load(ws_ptr + offs_wn * stride_ws0)[None, :]
+    elif W_GRAN == 0:
+        acc = acc * tl.load(ws_ptr)
+    return acc
+
+
+@triton.jit
 def _scaled_mm_kernel(
     # pointers: FP8 operands, their fp32 scales, epilogue operands, output, fp32 partials
     # and per-tile arrival counters (split-K only)
@@ -237,15 +252,8 @@ def _scaled_mm_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
 
-    # Scales constant along K: once per tile.
-    if A_GRAN == 1:
-        acc = acc * tl.load(as_ptr + offs_am * stride_as0)[:, None]
-    elif A_GRAN == 0:
-        acc = acc * tl.load(as_ptr)
-    if W_GRAN == 1:
-        acc = acc * tl.load(ws_ptr + offs_wn * stride_ws0)[None, :]
-    elif W_GRAN == 0:
-        acc = acc * tl.load(ws_ptr)
+    acc = _tile_scales(acc, offs_am, offs_wn, as_ptr, ws_ptr, stride_as0, stride_ws0,
+                       A_GRAN, W_GRAN)
 
     if SPLIT_K > 1:
         mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)

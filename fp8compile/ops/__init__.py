@@ -23,6 +23,10 @@ op                                         meaning
                                            scaling; on Hopper in the GEMM's epilogue)
 ``fp8compile::scaled_mm_swiglu_quantize``  a blockwise gate/up GEMM's ``silu(gate) * up``,
                                            quantized in 1x128 groups; ``(q, scale)``
+``fp8compile::quantize_grouped_weight``    a grouped GEMM's ``(G, N, K)`` weight, each group's
+                                           matrix quantized as ``quantize`` would
+``fp8compile::scaled_grouped_mm``          rows of ``x`` grouped by ``offs``, each group times
+                                           its own FP8 weight (mixture-of-experts experts)
 ``fp8compile::linear``                     ``x @ w.T + b`` quantizing both sides, with autograd
                                            (training: FP8 forward and both backward GEMMs);
                                            also returns the FP8 input and the weight scale

@@ -190,3 +190,39 @@ def test_scaled_mm_swiglu_quantize(lead):
     with pytest.raises(ValueError, match="N % 256 == 0"):
         OPS.scaled_mm_swiglu_quantize(xq, xs, "group", wq[:384], ws[:3], "block", "precise",
                                       "e4m3", False)
+
+
+@pytest.mark.parametrize("xg, wg", RECIPES)
+def test_scaled_grouped_mm_vs_fp32_per_group(xg, wg):
+    """Each group's rows against an fp32 linear with its own weight; rows past the last
+    offset zero."""
+    x, w = torch.randn(40, 256), torch.randn(3, 136, 256) * 0.1
+    ends = [10, 10, 33]
+    xq, xs = OPS.quantize(x, xg, "e4m3", False)
+    wq, ws = OPS.quantize_grouped_weight(w, wg, "e4m3", False)
+    offs = torch.tensor(ends, dtype=torch.int32)
+    y = OPS.scaled_grouped_mm(xq, xs, xg, wq, ws, wg, offs, torch.float32, "precise")
+    assert y.shape == (40, 136) and torch.all(y[33:] == 0)
+    for g, (lo, hi) in enumerate(zip([0] + ends, ends)):
+        if hi > lo:
+            assert nx.sqnr(x[lo:hi] @ w[g].t(), y[lo:hi]) >= 24.0
+    torch.library.opcheck(OPS.scaled_grouped_mm.default,
+                          (xq, xs, xg, wq, ws, wg, offs, torch.bfloat16, "fast"),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(OPS.quantize_grouped_weight.default, (w, wg, "e4m3", False),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_scaled_grouped_mm_bad_inputs():
+    xq, xs = OPS.quantize(torch.randn(8, 128), "row", "e4m3", False)
+    wq, ws = OPS.quantize_grouped_weight(torch.randn(2, 64, 128), "row", "e4m3", False)
+    offs = torch.tensor([4, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="takes FP8 operands"):
+        OPS.scaled_grouped_mm(xq.float(), xs, "row", wq, ws, "row", offs, torch.float32, "fast")
+    with pytest.raises(ValueError, match=r"\(S, K\) and \(groups, N, K\)"):
+        OPS.scaled_grouped_mm(xq, xs, "row", wq[0], ws[0], "row", offs, torch.float32, "fast")
+    with pytest.raises(ValueError, match="int32"):
+        OPS.scaled_grouped_mm(xq, xs, "row", wq, ws, "row", offs.long(), torch.float32, "fast")
+    with pytest.raises(ValueError, match="non-decreasing"):
+        OPS.scaled_grouped_mm(xq, xs, "row", wq, ws, "row",
+                              torch.tensor([5, 3], dtype=torch.int32), torch.float32, "fast")
