@@ -113,6 +113,8 @@ class Rule(enum.StrEnum):
     SOFTMAX_OUTPUT = "softmax_output"  # matmul consuming softmax probabilities (p·v)
     SMALL = "small"  # linears below min_weight_numel
     SHAPE = "shape"  # dims the FP8 tensor cores cannot take (K or N not a multiple of 16)
+    # promoted (blockwise / precise) grouped GEMMs with groups too tall to run faster than bf16
+    GROUPED_SIZE = "grouped_size"
 
 
 def _enum(cls: type[enum.Enum], field: str, value: Any) -> enum.Enum:

@@ -68,6 +68,18 @@ def tiny_hf_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+def tiny_hf_mixtral():
+    """A mixture of experts: transformers' experts run as grouped GEMMs over 3-D weights."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=512, max_position_embeddings=128,
+        num_local_experts=4, num_experts_per_tok=2,
+    )
+    return MixtralForCausalLM(cfg).eval()
+
+
 def tiny_hf_gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 

@@ -17,7 +17,14 @@ import torch._dynamo
 from torch import nn
 
 import fp8compile
-from tests.models import LlamaBlock, TinyLM, rel_err, tiny_hf_gpt2, tiny_hf_llama
+from tests.models import (
+    LlamaBlock,
+    TinyLM,
+    rel_err,
+    tiny_hf_gpt2,
+    tiny_hf_llama,
+    tiny_hf_mixtral,
+)
 
 OPS = torch.ops.fp8compile
 
@@ -600,3 +607,44 @@ def test_gpu_last_residual_in_the_down_gemm_compiled(mode, recipe, monkeypatch):
         ref = model.float()(x.float())
     assert rel_err(outs[None], outs[False]) < 1e-2
     assert abs(rel_err(outs[None], ref) - rel_err(outs[False], ref)) < 2e-3
+
+
+def test_mixture_of_experts_runs_its_experts_in_fp8():
+    """transformers' Mixtral: both expert projections are FP8 grouped GEMMs over cached
+    per-expert FP8 weights, requantized when the experts' weights change."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tiny_hf_mixtral()  # registers transformers' grouped GEMM op, where it has one
+    if not hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        pytest.skip(f"transformers {transformers.__version__} has no grouped experts")
+    ids = torch.randint(0, 512, (2, 16))
+    cm, be = _compile(model)
+    with torch.no_grad():
+        err = rel_err(cm(ids).logits, model(ids).logits)
+        assert err < 0.12, err
+        grouped = [e for e in be.plan.gemms if e.gemm == "grouped_mm"]
+        assert len(grouped) == 4 and all(e.is_fp8 for e in grouped)
+        caches = [c for c in be.contexts[-1].weight_caches if type(c).__name__ ==
+                  "GroupedWeightCache"]
+        assert len(caches) == 4 and all(c.quantizations == 1 for c in caches)
+        experts = model.model.layers[1].mlp.experts
+        experts.down_proj.neg_()  # a stale FP8 copy would add the experts' output with the
+        err = rel_err(cm(ids).logits, model(ids).logits)  # wrong sign
+        assert err < 0.12, err
+        assert sorted(c.quantizations for c in caches) == [1, 1, 1, 2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: transformers' "
+                    "experts call torch's grouped GEMM (bf16) there, the Triton kernel runs them")
+@pytest.mark.parametrize("config", [{}, {"recipe": "rowwise", "accumulation": "fast"}])
+def test_mixture_of_experts_on_the_gpu(config):
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = tiny_hf_mixtral().cuda().bfloat16()
+    ids = torch.randint(0, 512, (2, 16), device="cuda")
+    cm, be = _compile(model, config)
+    with torch.no_grad():
+        err = rel_err(cm(ids).logits, model(ids).logits)
+    grouped = [e for e in be.plan.gemms if e.gemm == "grouped_mm"]
+    assert len(grouped) == 4 and all(e.is_fp8 for e in grouped), be.plan.summary()
+    assert err < 0.12, err

@@ -145,7 +145,12 @@ def swap_fp8_linears(model: nn.Module, plan, cfg: Fp8Config, target: str) -> Swa
     kept: list[tuple[str, str]] = []
     by_module: dict[str, list] = {}
     for e in plan.gemms:
-        if e.is_fp8 and (e.gemm == "matmul" or not e.weight):
+        if e.is_fp8 and e.gemm == "grouped_mm":
+            why = ("grouped GEMM (mixture-of-experts experts): ONNX has no grouped GEMM to carry "
+                   "FP8 QDQ, this one stays in the model's precision")
+            kept.append((e.module or e.name, why))
+            e.extra["onnx"] = f"high precision: {why}"
+        elif e.is_fp8 and (e.gemm == "matmul" or not e.weight):
             why = ("activation x activation matmul: only layers with a weight export as FP8 "
                    "QDQ, this one stays in the model's precision")
             kept.append((e.module or e.name, why))

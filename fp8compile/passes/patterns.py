@@ -23,6 +23,7 @@ __all__ = [
     "is_passthrough",
     "is_probabilities",
     "is_softmax",
+    "is_transpose",
 ]
 
 LINEAR = {torch._C._nn.linear, F.linear}
@@ -145,6 +146,10 @@ def is_loss(node: torch.fx.Node) -> bool:
 
 def is_add(node: torch.fx.Node) -> bool:
     return _is(node, ADD_FUNCS, ADD_METHODS)
+
+
+def is_transpose(node: torch.fx.Node) -> bool:
+    return _is(node, {torch.transpose}, {"transpose"})
 
 
 def is_passthrough(node: torch.fx.Node) -> bool:

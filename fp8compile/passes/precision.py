@@ -8,6 +8,8 @@ Reads (from SensitivityPass): ``module``, ``module_type``, ``gemm``, ``sensitive
   ``unsupported`` | ``fp8`` | ``as-is``;
 * ``reason``: the decision in words, with the numbers that led to it;
 * ``operands`` (GEMMs): ``{"x", "w", "bias", "w_transposed", "w_is_param"}`` for the rewrite;
+  a grouped GEMM's also ``offs``, ``groups``, ``w_param`` and ``w_param_transposed``
+  (:func:`grouped_weight_param`);
 * ``entry``: the :class:`~fp8compile.plan.PlanEntry` (also appended to ``ctx.plan_entries``).
 
 Order of decision for a GEMM: override → sensitivity rule → operand checks (dtype, shape,
@@ -18,6 +20,7 @@ path cannot run; such a node stays in high precision and the reason says so.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -29,6 +32,12 @@ from .manager import CompileContext, Fp8Pass, PassResult, dtype_of, info, shape_
 from .sensitivity import SensitivityPass
 
 _FP32_RULES = {Rule.NORM, Rule.SOFTMAX, Rule.LOSS}
+
+# Promoted grouped GEMMs (blockwise scales, or ``precise`` accumulation) at or above this many
+# rows per group on average stay in high precision (Rule.GROUPED_SIZE).  H200,
+# benchmarks/grouped.py: blockwise 0.83-0.99x bf16 at 256 and 1024 rows per group, 1.42-1.51x
+# at 128 and 1.8-2.8x below; with fast row/tensor scales 1.32-1.83x at every size.
+GROUPED_PROMOTED_ROWS = 256
 
 _RECIPE_TEXT = {
     Recipe.BLOCKWISE: "1x128 activation groups, 128x128 weight blocks",
@@ -45,8 +54,7 @@ def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
         return node.args[i] if len(node.args) > i else node.kwargs.get(name)
 
     if kind == pt.Gemm.GROUPED:
-        return ("grouped GEMM (mixture-of-experts experts: each group of rows times its own "
-                "weight): no FP8 grouped kernel yet")
+        return _grouped_operands(node, ctx)
     if kind == pt.Gemm.LINEAR:
         x, w, bias = arg(0, "input"), arg(1, "weight"), arg(2, "bias")
         w_t = False
@@ -72,6 +80,61 @@ def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
     if kind == pt.Gemm.LINEAR and len(sw) != 2:
         return "linear weight is not 2-D"
     return {"x": x, "w": w, "bias": bias, "w_transposed": w_t, "w_is_param": w_is_param}
+
+
+_GROUPED = "grouped GEMM (mixture-of-experts experts: each group of rows times its own weight)"
+
+
+def grouped_weight_param(w: Any, ctx: CompileContext) -> tuple[torch.fx.Node, bool] | None:
+    """``(parameter, transposed)`` behind a grouped GEMM's ``(G, K, N)`` weight operand: the
+    parameter itself, stored ``(G, K, N)`` (``transposed``: its groups' matrices need a
+    transpose to be ``(N, K)``), or the transpose of the last two dims of a ``(G, N, K)``
+    parameter (the nn.Linear layout, as transformers' experts store theirs)."""
+    if not isinstance(w, torch.fx.Node):
+        return None
+    if ctx.is_parameter(w) and len(shape_of(w) or ()) == 3:
+        return w, True
+    if pt.is_transpose(w):
+        src, *dims = (list(w.args) + [w.kwargs.get("dim0"), w.kwargs.get("dim1")])[:3]
+        if (isinstance(src, torch.fx.Node) and ctx.is_parameter(src)
+                and len(shape_of(src) or ()) == 3 and {d % 3 for d in dims if d is not None}
+                == {1, 2}):
+            return src, False
+    return None
+
+
+def _grouped_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
+    """:func:`gemm_operands` of a grouped GEMM (``F.grouped_mm(x, w, offs=offs)`` and its
+    kin): ``x (S, K)``, ``w (G, K, N)`` from a weight parameter, ``offs`` each group's end."""
+    names = ("input", "weight", "offs")
+
+    def arg(i, *keys):
+        if len(node.args) > i:
+            return node.args[i]
+        return next((node.kwargs[k] for k in keys if k in node.kwargs), None)
+
+    x, w, offs = arg(0, "mat_a", "self", names[0]), arg(1, "mat_b", "mat2", names[1]), \
+        arg(2, "offs")
+    if arg(3, "bias") is not None:
+        return f"{_GROUPED} with a bias: no FP8 grouped kernel for it"
+    if arg(4, "out_dtype") not in (None, dtype_of(x)):
+        return f"{_GROUPED} with an out_dtype of its own"
+    if offs is None:
+        return f"{_GROUPED} without offs (3-D x 3-D): no FP8 kernel for it"
+    sx, sw = shape_of(x), shape_of(w)
+    if sx is None or sw is None or len(sx) != 2 or len(sw) != 3:
+        return f"{_GROUPED} of {sx} rows with {sw} weights: FP8 takes (S, K) and (G, K, N)"
+    found = grouped_weight_param(w, ctx)
+    if found is None:
+        return f"{_GROUPED} whose weight is not a parameter: no FP8 kernel for it"
+    if not ctx.inference:
+        return f"{_GROUPED} in training: FP8 grouped GEMMs are inference only so far"
+    if ctx.config.scaling is not Scaling.DYNAMIC:
+        return (f"{_GROUPED} with {ctx.config.scaling.value} scaling: FP8 grouped GEMMs take "
+                "dynamic activation scales only")
+    return {"x": x, "w": w, "bias": None, "w_transposed": True, "w_is_param": True,
+            "offs": offs, "w_param": found[0], "w_param_transposed": found[1],
+            "groups": sw[0]}
 
 
 class PrecisionPass(Fp8Pass):
@@ -142,6 +205,8 @@ class PrecisionPass(Fp8Pass):
                 "small",
                 f"K*N={k * n} < min_weight_numel={cfg.min_weight_numel}: too small to profit",
             )
+        elif not forced and (why := self._grouped_too_tall(ops)):
+            out = ("grouped_size", why)
         elif not forced and self._below_sqnr(meta["module"]):
             sqnr_db, _ = cfg.measured(meta["module"])
             out = (
@@ -165,6 +230,24 @@ class PrecisionPass(Fp8Pass):
             return None
         return out[1] if forced else out
 
+    def _grouped_too_tall(self, ops: dict) -> str | None:
+        """Why a promoted grouped GEMM's groups are too tall to profit (Rule.GROUPED_SIZE)."""
+        cfg = self.ctx.config
+        if "offs" not in ops or Rule.GROUPED_SIZE not in cfg.rules:
+            return None
+        promoted = cfg.recipe is Recipe.BLOCKWISE or cfg.accumulation.value == "precise"
+        rows = (shape_of(ops["x"]) or (None,))[0]
+        if not promoted or not isinstance(rows, int):
+            return None
+        per_group = rows / ops["groups"]
+        if per_group < GROUPED_PROMOTED_ROWS:
+            return None
+        what = "blockwise scales" if cfg.recipe is Recipe.BLOCKWISE else "precise accumulation"
+        return (f"grouped GEMM of {per_group:.0f} rows per group on average with {what}: the "
+                f"FP8 grouped kernel ran 0.83-0.99x bf16 from {GROUPED_PROMOTED_ROWS} rows per "
+                "group (H200); recipe='rowwise' with fast accumulation runs it 1.3-1.8x, and "
+                "an fp8 override forces it")
+
     def _below_sqnr(self, module: str) -> bool:
         cfg = self.ctx.config
         m = cfg.measured(module)
@@ -178,6 +261,8 @@ class PrecisionPass(Fp8Pass):
         if not self.ctx.inference and cfg.grad_accumulation is not cfg.accumulation:
             acc = f"{acc} forward, {cfg.grad_accumulation.value} backward"
         notes = [_RECIPE_TEXT[cfg.recipe], f"fp32 accumulation ({acc})"]
+        if "offs" in ops:
+            notes.insert(0, f"grouped: {ops['groups']} groups of rows, each with its own weight")
         if cfg.recipe is Recipe.BLOCKWISE and k % 128:
             notes.append(f"K={k} not a multiple of 128: last scale group partial (masked)")
         if not ops["w_is_param"]:
@@ -253,8 +338,8 @@ class PrecisionPass(Fp8Pass):
             # 2 flops per multiply-add; every output element takes K of them.
             entry.flops = 2 * math.prod(out) * k if out and None not in out else None
             if ops["w_is_param"]:
-                entry.weight = ops["w"].name
-                entry.weight_numel = k * n
+                entry.weight = ops.get("w_param", ops["w"]).name
+                entry.weight_numel = k * n * ops.get("groups", 1)
             if entry.is_fp8:
                 r = self.ctx.config.recipe
                 entry.granularity = (

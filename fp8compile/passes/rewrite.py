@@ -16,6 +16,13 @@ Training (autograd through the weight)::
 
     y = fp8compile.linear(x, w, b, recipe, ...)[0]             # FP8 forward and backward
 
+A grouped GEMM (a mixture of experts' experts, inference): ``x`` quantized as a linear's
+input, the ``(G, N, K)`` expert weight one group at a time (hoisted by ScalesPass)::
+
+    y = grouped_mm(x, w.transpose(-2, -1), offs=offs)
+        ↓
+    y = fp8compile.scaled_grouped_mm(xq, xs, "group", wq, ws, "block", offs, x.dtype, acc)
+
 Two activations (``q @ kᵀ`` style, unprotected by any rule)::
 
     y = matmul(a, b)  →  y = fp8compile.matmul(a, b, recipe, fmt, acc)
@@ -77,7 +84,9 @@ class RewritePass(Fp8Pass):
         act, wfmt = cfg.activation_format.value, cfg.weight_format.value
         acc, p2 = cfg.accumulation.value, cfg.power_of_2_scales
         with graph.inserting_before(node):
-            if not ops["w_is_param"]:
+            if "offs" in ops:
+                new = self._grouped(graph, node, ops, (xg, wg), (act, wfmt, p2, acc))
+            elif not ops["w_is_param"]:
                 new = graph.call_function(
                     OPS.matmul.default,
                     (x, w, cfg.recipe.value, act, acc, cfg.grad_accumulation.value),
@@ -103,6 +112,24 @@ class RewritePass(Fp8Pass):
         node.replace_all_uses_with(new)
         meta["rewritten"] = new
         graph.erase_node(node)
+
+    def _grouped(self, graph, node, ops, grans, fmts):
+        """A grouped GEMM (inference, dynamic scales): ``x`` quantized as a linear's input,
+        the ``(G, N, K)`` weight per group (hoisted into a cache by ScalesPass)."""
+        (xg, wg), (act, wfmt, p2, acc) = grans, fmts
+        w = ops["w_param"]
+        if ops["w_param_transposed"]:  # stored (G, K, N): each group's matrix to (N, K)
+            w = graph.call_function(torch.transpose, (w, -2, -1))
+            info(w)["role"] = "weight_view"
+        wqs = graph.call_function(OPS.quantize_grouped_weight.default, (w, wg, wfmt, p2))
+        info(wqs)["role"] = "weight_quant"
+        xqs = graph.call_function(OPS.quantize.default, (_live(ops["x"]), xg, act, p2))
+        info(xqs)["role"] = "act_quant"
+        xq, xs, wq, ws = (graph.call_function(operator.getitem, (src, i))
+                          for src in (xqs, wqs) for i in (0, 1))
+        return graph.call_function(
+            OPS.scaled_grouped_mm.default,
+            (xq, xs, xg, wq, ws, wg, _live(ops["offs"]), dtype_of(node), acc))
 
     def _inference_linear(self, graph, node, meta, operands, grans, fmts):
         from ..ops.training_state import AmaxHistory

@@ -114,7 +114,8 @@ class WeightCache:
         key = tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version) for w in ws)
         if key != self.key:
             with torch.no_grad():
-                srcs = [w.detach().t() if t else w.detach() for w, t in zip(ws, self.transposed)]
+                srcs = [w.detach().transpose(-2, -1) if t else w.detach()
+                        for w, t in zip(ws, self.transposed)]
                 if self.interleave is not None:
                     src = nx.interleave_gate_up(srcs[self.interleave], srcs[1 - self.interleave])
                 else:
@@ -151,6 +152,16 @@ class WeightCache:
         dropped."""
         self.interleave = gate
         self.key = self.value = None
+
+
+class GroupedWeightCache(WeightCache):
+    """The FP8 copy of a grouped GEMM's ``(G, N, K)`` weight, one group's matrix at a time
+    (:func:`fp8compile.numerics.quantize_grouped_weight`), per the parameter's version."""
+
+    def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        check_fp8_input(src, "weight")
+        g, fmt, p2 = self.args
+        return nx.quantize_grouped_weight(src, nx.Granularity(g), nx.Fp8Format(fmt), p2)
 
 
 class CachedWeight:
@@ -375,14 +386,16 @@ class ScalesPass(Fp8Pass):
     def _weight_param(self, wqs: torch.fx.Node) -> tuple[torch.fx.Node, bool] | None:
         """(parameter placeholder, transposed) behind a weight ``quantize``, if hoistable."""
         src = wqs.args[0]
-        transposed = src.op == "call_function" and src.target is torch.t
+        transposed = src.op == "call_function" and src.target in (torch.t, torch.transpose)
         param = src.args[0] if transposed else src
         return (param, transposed) if self.ctx.placeholder_index(param) is not None else None
 
     def _weight_shape(self, wqs: torch.fx.Node) -> tuple[int, int]:
+        """(N, K) of the FP8 weight; a grouped weight's groups stacked along N."""
         param, transposed = self._weight_param(wqs)
         w = self.ctx.example_inputs[self.ctx.placeholder_index(param)]
-        return (w.shape[1], w.shape[0]) if transposed else tuple(w.shape)
+        n, k = (w.shape[-1], w.shape[-2]) if transposed else (w.shape[-2], w.shape[-1])
+        return (math.prod(w.shape[:-2]) * n, k)
 
     def _fuse_group(self, graph, members, offsets, qargs) -> None:
         first = members[0][0]
@@ -425,14 +438,17 @@ class ScalesPass(Fp8Pass):
     def _hoist_weights(self, graph: torch.fx.Graph) -> bool:
         modified = False
         for node in list(graph.nodes):
-            if node.target is not OPS.quantize.default or info(node).get("role") != "weight_quant":
+            grouped = node.target is OPS.quantize_grouped_weight.default
+            if (node.target is not OPS.quantize.default and not grouped) or \
+                    info(node).get("role") != "weight_quant":
                 continue
             found = self._weight_param(node)
             if found is None:
                 continue
             param, transposed = found
             shape = self._weight_shape(node)
-            cache = WeightCache([self.ctx.placeholder_index(param)], [transposed], *node.args[1:])
+            kind = GroupedWeightCache if grouped else WeightCache
+            cache = kind([self.ctx.placeholder_index(param)], [transposed], *node.args[1:])
             wq, ws = self._cache_inputs(graph, param.name, cache, shape, node.args[1])
             for user in list(node.users):
                 if user.target is operator.getitem:
@@ -470,7 +486,8 @@ class ScalesPass(Fp8Pass):
         stats["quantized_weights"] = stats.get("quantized_weights", 0) + len(weights)
 
 
-__all__ = ["CachedWeight", "ScalesPass", "TrainingWeightCache", "WeightCache"]
+__all__ = ["CachedWeight", "GroupedWeightCache", "ScalesPass", "TrainingWeightCache",
+           "WeightCache"]
 
 
 def _item(node: Any) -> Any:

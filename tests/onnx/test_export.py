@@ -5,6 +5,8 @@ The FP8 bound used here: both GEMM operands rounded to E4M3 (relative rounding e
 FP32, stays within 5e-2 of FP32 (measured: about 1.1e-2 for every recipe).
 """
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -253,3 +255,38 @@ def test_tiny_hf_llama(tmp_path):
         ort = torch.from_numpy(run(report.path, (ids2,))[0])
         torch_fp8, ref = fp8(ids2).logits, model(ids2).logits
     same_fp8_error(rel_err(ort, torch_fp8), rel_err(ort, ref), rel_err(torch_fp8, ref))
+
+
+class _GroupedExperts(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 256)
+        self.experts = _Grouped()
+
+    def forward(self, x, offs):
+        return self.experts(self.proj(x), offs)
+
+
+class _Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 256, 256) * 0.05)
+
+    def forward(self, x, offs):
+        return torch.nn.functional.grouped_mm(x, self.w.transpose(-2, -1), offs=offs)
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                    reason="this torch has no torch.nn.functional.grouped_mm")
+def test_grouped_gemm_stays_high_precision_in_the_file_and_says_why():
+    from fp8compile.onnx.modules import swap_fp8_linears
+
+    model = _GroupedExperts().bfloat16().eval()  # torch's grouped GEMM takes bf16
+    x = torch.randn(12, 256, dtype=torch.bfloat16)
+    offs = torch.tensor([4, 8, 12], dtype=torch.int32)
+    cfg = fp8compile.Fp8Config()
+    plan = fp8compile.plan(model, x, offs, config=cfg)
+    assert {e.module for e in plan.fp8} == {"proj", "experts"}  # FP8 when compiled
+    done = swap_fp8_linears(copy.deepcopy(model), plan, cfg, "ort")
+    kept = dict(done.kept)
+    assert done.fp8 == ["proj"] and "ONNX has no grouped GEMM" in kept["experts"]

@@ -124,38 +124,78 @@ class Experts(nn.Module):
 
 @pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
                     reason="this torch has no torch.nn.functional.grouped_mm")
-def test_grouped_gemm_is_a_high_precision_gemm_with_its_flops():
+def test_grouped_gemm_is_fp8_in_inference_with_its_flops():
     model = Experts().to(torch.bfloat16)
     x = torch.randn(48, 128, dtype=torch.bfloat16)
     offs = torch.tensor([16, 40, 48], dtype=torch.int32)
-    plan = fp8compile.plan(model, x, offs)
+    plan = fp8compile.plan(model, x, offs)  # inference: plan() runs under no_grad
     (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
-    assert grouped.precision == "bf16" and grouped.rule == "unsupported"
-    assert "grouped GEMM" in grouped.reason and "no FP8 grouped kernel" in grouped.reason
-    assert grouped.flops == 2 * 48 * 256 * 128  # every row meets one expert's weight
-    assert plan.fp8_flop_share() == pytest.approx(128 / (128 + 256))
+    assert grouped.is_fp8 and grouped.recipe == "blockwise"
+    assert "grouped: 3 groups of rows, each with its own weight" in grouped.reason
+    assert grouped.flops == 2 * 48 * 256 * 128  # every row meets one group's weight
+    assert grouped.weight.endswith("w_")  # the parameter behind the transposed view
+    assert grouped.weight_numel == 3 * 256 * 128
+    assert plan.fp8_flop_share() == 1.0
+    # training: the grouped GEMM keeps its dtype and says why
+    plan = fp8compile.plan(model, x, offs, config={"inference": False})
+    (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
+    assert grouped.precision == "bf16" and "inference only" in grouped.reason
+    assert grouped.flops == 2 * 48 * 256 * 128
     assert "2 GEMMs: 1 fp8, 1 high precision" in plan.summary()
-    # an override cannot make it FP8, and says why
-    plan = fp8compile.plan(model, x, offs, config={"overrides": {"*": "fp8"}})
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                    reason="this torch has no torch.nn.functional.grouped_mm")
+@pytest.mark.parametrize("config, why", [
+    ({"recipe": "tensorwise", "scaling": "delayed"}, "dynamic activation scales only"),
+    ({"overrides": {"*": "bf16"}}, "override"),
+])
+def test_grouped_gemm_reasons_for_high_precision(config, why):
+    model = Experts().to(torch.bfloat16)
+    x = torch.randn(48, 128, dtype=torch.bfloat16)
+    plan = fp8compile.plan(model, x, torch.tensor([16, 40, 48], dtype=torch.int32),
+                           config=config)
     (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
-    assert grouped.precision == "bf16" and "refused: grouped GEMM" in grouped.reason
+    assert not grouped.is_fp8 and why in grouped.reason
 
 
 def test_library_grouped_gemm_of_transformers_experts():
     """transformers' MoE experts call its own grouped GEMM op where torch's does not serve
-    (here: fp32 on the CPU); the plan counts those GEMMs too."""
+    (here: fp32 on the CPU); both expert projections become FP8 grouped GEMMs."""
     transformers = pytest.importorskip("transformers")
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    if not hasattr(torch.ops.transformers, "grouped_mm_fallback"):
-        pytest.skip(f"transformers {transformers.__version__} has no grouped experts")
     cfg = MixtralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=1,
                         num_attention_heads=4, num_key_value_heads=2, vocab_size=512,
                         num_local_experts=4, num_experts_per_tok=2)
-    model = MixtralForCausalLM(cfg).eval()
+    model = MixtralForCausalLM(cfg).eval()  # registers transformers' grouped GEMM op
+    if not hasattr(torch.ops.transformers, "grouped_mm_fallback"):
+        pytest.skip(f"transformers {transformers.__version__} has no grouped experts")
     plan = fp8compile.plan(model, torch.randint(0, 512, (2, 16)))
     grouped = [e for e in plan.gemms if e.gemm == "grouped_mm"]
     assert len(grouped) == 2 and all(e.module.endswith("mlp.experts") for e in grouped)
-    assert all(not e.is_fp8 and "grouped GEMM" in e.reason for e in grouped)
+    assert all(e.is_fp8 and "grouped: 4 groups" in e.reason for e in grouped)
     # 32 tokens x 2 experts each: 64 rows through gate/up (256 -> 1024) and down (512 -> 256)
     assert sorted(e.flops for e in grouped) == [2 * 64 * 256 * 512, 2 * 64 * 1024 * 256]
+
+
+@pytest.mark.skipif(not hasattr(torch.nn.functional, "grouped_mm"),
+                    reason="this torch has no torch.nn.functional.grouped_mm")
+@pytest.mark.parametrize("rows, config, fp8", [
+    (768, {}, False),                                  # 256 rows per group, blockwise
+    (765, {}, True),                                   # 255 rows per group
+    (768, {"recipe": "rowwise", "accumulation": "fast"}, True),
+    (768, {"recipe": "rowwise"}, False),               # precise: promoted too
+    (768, {"overrides": {"*": "fp8"}}, True),          # forced
+    (768, {"rules": ["norm"]}, True),                  # the rule switched off
+])
+def test_tall_promoted_groups_stay_in_high_precision(rows, config, fp8):
+    model = Experts().to(torch.bfloat16)
+    x = torch.randn(rows, 128, dtype=torch.bfloat16)
+    offs = torch.tensor([rows // 3, 2 * rows // 3, rows], dtype=torch.int32)
+    plan = fp8compile.plan(model, x, offs, config=config)
+    (grouped,) = [e for e in plan.gemms if e.gemm == "grouped_mm"]
+    assert grouped.is_fp8 == fp8, grouped.reason
+    if not fp8:
+        assert grouped.rule == "grouped_size" and "rows per group on average" in grouped.reason
+        assert "recipe='rowwise' with fast accumulation" in grouped.reason
