@@ -106,15 +106,13 @@ def grouped_weight_param(w: Any, ctx: CompileContext) -> tuple[torch.fx.Node, bo
 def _grouped_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
     """:func:`gemm_operands` of a grouped GEMM (``F.grouped_mm(x, w, offs=offs)`` and its
     kin): ``x (S, K)``, ``w (G, K, N)`` from a weight parameter, ``offs`` each group's end."""
-    names = ("input", "weight", "offs")
-
-    def arg(i, *keys):
+    def arg(i, *keys):  # positional, or by any of the names torch's and transformers' use
         if len(node.args) > i:
             return node.args[i]
         return next((node.kwargs[k] for k in keys if k in node.kwargs), None)
 
-    x, w, offs = arg(0, "mat_a", "self", names[0]), arg(1, "mat_b", "mat2", names[1]), \
-        arg(2, "offs")
+    x, w = arg(0, "mat_a", "self", "input"), arg(1, "mat_b", "mat2", "weight")
+    offs = arg(2, "offs")
     if arg(3, "bias") is not None:
         return f"{_GROUPED} with a bias: no FP8 grouped kernel for it"
     if arg(4, "out_dtype") not in (None, dtype_of(x)):
