@@ -152,9 +152,9 @@ def scaled_grouped_mm(xq: torch.Tensor, xs: torch.Tensor, x_gran: Granularity, w
     """``y (S, N)``: rows ``offs[g-1]:offs[g]`` of ``xq·xs`` times ``(wq[g]·ws[g])ᵀ``, rows past
     ``offs[-1]`` zero.  Scales as :func:`fp8compile.numerics.quantize` (``xs``) and
     :func:`fp8compile.numerics.quantize_grouped_weight` (``ws``) lay them out.  ``offs`` is
-    not read on the host: values that decrease or pass ``S`` give groups of no rows or
-    clipped ones, never an access out of bounds.  ``config`` (benchmarks) sets the tile:
-    ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``."""
+    not read on the host: values that decrease or pass ``S`` make groups empty, clipped or
+    overlapping (their rows then undefined), never an access out of bounds.  ``config``
+    (benchmarks) sets the tile: ``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages``."""
     x_gran, w_gran = Granularity(x_gran), Granularity(w_gran)
     _check(xq, xs, x_gran, wq, ws, w_gran, offs, out_dtype)
     m, k = xq.shape

@@ -50,6 +50,19 @@ def test_recipes_match_reference(device, recipe, rows, k, n, ends):
     assert torch.all(y[ends[-1]:] == 0)  # rows no group claims
 
 
+def test_hundreds_of_experts(device):
+    """300 experts (a 512-wide lookup per program), most of them empty, a few rows each."""
+    recipe = RECIPES[1]
+    ends = sorted(torch.randint(0, 41, (300,)).tolist())
+    ends[-1] = 37  # 3 rows no expert claims
+    ends = [min(e, 37) for e in ends]
+    xq, xs, wq, ws = _operands(device, 40, 128, 128, 300, recipe)
+    offs = _offs(ends, device)
+    y = scaled_grouped_mm(xq, xs, recipe[0], wq, ws, recipe[1], offs, torch.float32, recipe[2])
+    _check(y, nx.fp8_grouped_linear_reference(xq, xs, recipe[0], wq, ws, recipe[1], offs,
+                                              torch.float32))
+
+
 @pytest.mark.parametrize("recipe", RECIPES[:2], ids=lambda r: f"{r[0]}x{r[1]}-{r[2]}")
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
 def test_output_dtypes_and_many_rows_per_group(device, recipe, out_dtype):
