@@ -381,12 +381,23 @@ def quantize_grouped_weight(
     return torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts])
 
 
-def check_group_offsets(offs: torch.Tensor, rows: int, groups: int) -> None:
-    """Raise unless ``offs`` is a grouped GEMM's group ends: 1-D int32, one per group,
-    non-decreasing, at most ``rows`` (reads the values: a host sync on a GPU)."""
-    if offs.dim() != 1 or offs.dtype != torch.int32 or offs.numel() != groups:
+def check_grouped_operands(xq: torch.Tensor, wq: torch.Tensor, offs: torch.Tensor) -> None:
+    """Raise unless a grouped GEMM's operands are laid out as it takes them: FP8 ``xq (S, K)``
+    and ``wq (G, N, K)``, ``offs`` int32 ``(G,)`` (its values are not read)."""
+    if xq.dtype not in FP8_FORMATS or wq.dtype not in FP8_FORMATS:
+        raise ValueError(f"scaled_grouped_mm takes FP8 operands, got {xq.dtype} and {wq.dtype}; "
+                         "quantize them with fp8compile.quantize / quantize_grouped_weight")
+    if xq.dim() != 2 or wq.dim() != 3 or xq.shape[1] != wq.shape[2]:
+        raise ValueError(f"scaled_grouped_mm: x {tuple(xq.shape)} and w {tuple(wq.shape)} must "
+                         "be (S, K) and (groups, N, K)")
+    if offs.dim() != 1 or offs.dtype != torch.int32 or offs.numel() != wq.shape[0]:
         raise ValueError(f"grouped GEMM: offs is {offs.dtype} {tuple(offs.shape)}; it must be "
-                         f"int32 ({groups},), the cumulative row count at each group's end")
+                         f"int32 ({wq.shape[0]},), the cumulative row count at each group's end")
+
+
+def check_group_offsets(offs: torch.Tensor, rows: int) -> None:
+    """Raise unless the group ends ``offs`` are non-decreasing and at most ``rows`` (reads
+    the values: a host sync on a GPU)."""
     ends = offs.tolist()
     if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] > rows):
         raise ValueError(f"grouped GEMM: offs {ends} must be non-decreasing from 0 and at most "
@@ -406,7 +417,8 @@ def fp8_grouped_linear_reference(
     """Grouped :func:`fp8_linear_reference`: rows ``offs[g-1]:offs[g]`` of ``x (S, K)`` times
     group ``g``'s weight ``wq[g] (N, K)`` (scales as :func:`quantize_grouped_weight` stacks
     them); rows past ``offs[-1]`` are zero, as no group claims them."""
-    check_group_offsets(offs, xq.shape[0], wq.shape[0])
+    check_grouped_operands(xq, wq, offs)
+    check_group_offsets(offs, xq.shape[0])
     y = torch.zeros(xq.shape[0], wq.shape[1], dtype=torch.float32, device=xq.device)
     start = 0
     for g, end in enumerate(offs.tolist()):

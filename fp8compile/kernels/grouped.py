@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..numerics import FP8_FORMATS, Granularity
+from ..numerics import FP8_FORMATS, Granularity, check_grouped_operands
 from .gemm import (
     _epilogue,
     _load_step,
@@ -117,12 +117,7 @@ def _check(xq, xs, x_gran, wq, ws, w_gran, offs, out_dtype) -> None:
     if xq.dtype not in FP8_FORMATS or xq.dtype != wq.dtype:
         raise ValueError(f"scaled_grouped_mm: x is {xq.dtype} and w {wq.dtype}; both must be "
                          "one FP8 format")
-    if xq.dim() != 2 or wq.dim() != 3 or xq.shape[1] != wq.shape[2]:
-        raise ValueError(f"scaled_grouped_mm: x {tuple(xq.shape)} and w {tuple(wq.shape)} must "
-                         "be (S, K) and (groups, N, K)")
-    if offs.dim() != 1 or offs.dtype != torch.int32 or offs.numel() != wq.shape[0]:
-        raise ValueError(f"scaled_grouped_mm: offs is {offs.dtype} {tuple(offs.shape)}; it must "
-                         f"be int32 ({wq.shape[0]},), each group's end row")
+    check_grouped_operands(xq, wq, offs)
     if x_gran is Granularity.BLOCK or w_gran is Granularity.GROUP:
         raise ValueError(f"scaled_grouped_mm: {x_gran} activations with {w_gran} weights; "
                          "activations take tensor, row or 1x128 group scales, weights tensor, "

@@ -14,6 +14,7 @@ from ._common import (
     as_gran,
     check_static_scale,
     empty_scale,
+    scale_shape,
     triton_available,
 )
 from ._inline import inline_on_gpu
@@ -337,14 +338,6 @@ inline_on_gpu(scaled_mm_swiglu_quantize, _scaled_mm_swiglu_quantize_cuda,
 # grouped GEMM (a mixture of experts' expert projections)
 
 
-def grouped_weight_scale_shape(shape: tuple[int, ...], granularity: nx.Granularity) -> tuple:
-    """The scale shape :func:`fp8compile.numerics.quantize_grouped_weight` gives a weight of
-    ``shape`` ``(G, N, K)``."""
-    g, n, k = shape
-    return {nx.Granularity.TENSOR: (g,), nx.Granularity.ROW: (g, n, 1),
-            nx.Granularity.BLOCK: (g, -(-n // nx.BLOCK), -(-k // nx.BLOCK))}[granularity]
-
-
 @torch.library.custom_op("fp8compile::quantize_grouped_weight", mutates_args=())
 def quantize_grouped_weight(w: Tensor, granularity: str, fmt: str,
                             power_of_2: bool) -> tuple[Tensor, Tensor]:
@@ -356,21 +349,10 @@ def quantize_grouped_weight(w: Tensor, granularity: str, fmt: str,
 
 @quantize_grouped_weight.register_fake
 def _(w, granularity, fmt, power_of_2):
-    shape = grouped_weight_scale_shape(tuple(w.shape), as_gran(granularity))
+    # each group's scale shape (numerics.quantize_grouped_weight), stacked
+    shape = (w.shape[0], *scale_shape(tuple(w.shape[1:]), as_gran(granularity)))
     return (w.new_empty(w.shape, dtype=as_fmt(fmt).dtype),
             w.new_empty(shape, dtype=torch.float32))
-
-
-def _check_grouped(xq: Tensor, wq: Tensor, offs: Tensor) -> None:
-    if xq.dtype not in nx.FP8_FORMATS or wq.dtype not in nx.FP8_FORMATS:
-        raise ValueError(f"scaled_grouped_mm takes FP8 operands, got {xq.dtype} and {wq.dtype}; "
-                         "quantize them with fp8compile.quantize / quantize_grouped_weight")
-    if xq.dim() != 2 or wq.dim() != 3 or xq.shape[1] != wq.shape[2]:
-        raise ValueError(f"scaled_grouped_mm: x {tuple(xq.shape)} and w {tuple(wq.shape)} must "
-                         "be (S, K) and (groups, N, K)")
-    if offs.dim() != 1 or offs.dtype != torch.int32 or offs.shape[0] != wq.shape[0]:
-        raise ValueError(f"scaled_grouped_mm: offs is {offs.dtype} {tuple(offs.shape)}; it must "
-                         f"be int32 ({wq.shape[0]},), each group's end row")
 
 
 @torch.library.custom_op("fp8compile::scaled_grouped_mm", mutates_args=())
@@ -380,7 +362,6 @@ def scaled_grouped_mm(xq: Tensor, xs: Tensor, x_granularity: str, wq: Tensor, ws
     """Grouped ``dequant(xq) @ dequant(wq[g]).T`` in ``out_dtype``: ``xq`` is ``(S, K)`` with
     its rows sorted by group, ``offs`` (int32) each group's end row, ``wq`` ``(G, N, K)``;
     rows past ``offs[-1]`` are zero.  The reference reads ``offs`` on the host."""
-    _check_grouped(xq, wq, offs)
     return nx.fp8_grouped_linear_reference(xq, xs, as_gran(x_granularity), wq, ws,
                                            as_gran(w_granularity), offs, out_dtype)
 
@@ -392,8 +373,7 @@ def _(xq, xs, x_granularity, wq, ws, w_granularity, offs, out_dtype, accumulatio
 
 @scaled_grouped_mm.register_kernel("cuda")
 def _(xq, xs, x_granularity, wq, ws, w_granularity, offs, out_dtype, accumulation):
-    _check_grouped(xq, wq, offs)
-    if triton_available(xq):
+    if triton_available(xq):  # the kernel and the reference check the operands
         from ..kernels.grouped import scaled_grouped_mm as grouped_kernel
 
         return grouped_kernel(xq, xs, as_gran(x_granularity), wq, ws, as_gran(w_granularity),

@@ -326,15 +326,15 @@ class PrecisionPass(Fp8Pass):
             entry.sqnr_db, entry.amax = measured
         ops = meta.get("operands")
         out = entry.out_shape
-        if entry.gemm == pt.Gemm.GROUPED and entry.in_shapes and out and None not in out:
-            # each of the S rows of x (S, K) meets one group's weight: 2 S N K, however the
-            # rows are grouped
+        # 2 flops per multiply-add; every output element takes K of them (a grouped GEMM's
+        # too: each row of x meets one group's weight, however the rows are grouped)
+        k = meta["kn"][0] if ops else None
+        if not ops and entry.gemm == pt.Gemm.GROUPED and entry.in_shapes:
             k = entry.in_shapes[0][-1]
-            entry.flops = 2 * math.prod(out) * k if k is not None else None
+        if k is not None and out and None not in out:
+            entry.flops = 2 * math.prod(out) * k
         if ops:
             k, n = meta["kn"]
-            # 2 flops per multiply-add; every output element takes K of them.
-            entry.flops = 2 * math.prod(out) * k if out and None not in out else None
             if ops["w_is_param"]:
                 entry.weight = ops.get("w_param", ops["w"]).name
                 entry.weight_numel = k * n * ops.get("groups", 1)
