@@ -72,8 +72,10 @@ SMALL_SHAPES = {"prefill 2x64": (2, 64), "decode 1x16": (1, 16)}
 EXTRA_SHAPES = {"token 1x1": (1, 1)}
 
 
-class Block(nn.Module):
-    def __init__(self, d=D, heads=HEADS, ffn=FFN):
+class AttentionHalf(nn.Module):
+    """A LLaMA-like block's attention half and both norms; subclasses add the MLP half."""
+
+    def __init__(self, d, heads):
         super().__init__()
         self.heads = heads
         self.attn_norm = nn.RMSNorm(d, eps=1e-5)
@@ -82,17 +84,26 @@ class Block(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=False)
         self.o_proj = nn.Linear(d, d, bias=False)
         self.mlp_norm = nn.RMSNorm(d, eps=1e-5)
-        self.gate_proj = nn.Linear(d, ffn, bias=False)
-        self.up_proj = nn.Linear(d, ffn, bias=False)
-        self.down_proj = nn.Linear(ffn, d, bias=False)
 
-    def forward(self, x):
+    def attend(self, x):
+        """``x + o_proj(causal attention of the normed x)``."""
         b, t, d = x.shape
         h = self.attn_norm(x)
         q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+class Block(AttentionHalf):
+    def __init__(self, d=D, heads=HEADS, ffn=FFN):
+        super().__init__(d, heads)
+        self.gate_proj = nn.Linear(d, ffn, bias=False)
+        self.up_proj = nn.Linear(d, ffn, bias=False)
+        self.down_proj = nn.Linear(ffn, d, bias=False)
+
+    def forward(self, x):
+        x = self.attend(x)
         h = self.mlp_norm(x)
         return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
 

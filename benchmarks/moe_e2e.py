@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from e2e import gpu_and_host_ms, median_ms, rel_err  # noqa: E402
+from e2e import AttentionHalf, gpu_and_host_ms, median_ms, rel_err  # noqa: E402
 
 import fp8compile  # noqa: E402
 
@@ -48,27 +48,17 @@ def grouped_mm(x, w, offs):
     return out
 
 
-class MoEBlock(nn.Module):
+class MoEBlock(AttentionHalf):
     def __init__(self, d=D, heads=HEADS, ffn=FFN, experts=EXPERTS, top_k=TOP_K):
-        super().__init__()
-        self.heads, self.experts, self.top_k = heads, experts, top_k
-        self.attn_norm = nn.RMSNorm(d, eps=1e-5)
-        self.q_proj = nn.Linear(d, d, bias=False)
-        self.k_proj = nn.Linear(d, d, bias=False)
-        self.v_proj = nn.Linear(d, d, bias=False)
-        self.o_proj = nn.Linear(d, d, bias=False)
-        self.mlp_norm = nn.RMSNorm(d, eps=1e-5)
+        super().__init__(d, heads)
+        self.experts, self.top_k = experts, top_k
         self.router = nn.Linear(d, experts, bias=False)
         self.gate_up = nn.Parameter(torch.randn(experts, 2 * ffn, d) * 0.02)
         self.down = nn.Parameter(torch.randn(experts, d, ffn) * 0.02)
 
     def forward(self, x):
         b, t, d = x.shape
-        h = self.attn_norm(x)
-        q, k, v = (p(h).view(b, t, self.heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.o_proj(a.transpose(1, 2).reshape(b, t, d))
+        x = self.attend(x)
         h = self.mlp_norm(x).reshape(-1, d)
         weights, chosen = torch.topk(F.softmax(self.router(h).float(), dim=-1), self.top_k)
         weights = (weights / weights.sum(-1, keepdim=True)).to(x.dtype).reshape(-1)
