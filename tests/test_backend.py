@@ -648,3 +648,25 @@ def test_mixture_of_experts_on_the_gpu(config):
     grouped = [e for e in be.plan.gemms if e.gemm == "grouped_mm"]
     assert len(grouped) == 4 and all(e.is_fp8 for e in grouped), be.plan.summary()
     assert err < 0.12, err
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available()
+                         and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="the FP8 Triton kernels need a CUDA GPU with FP8 (sm_89+)")
+@pytest.mark.parametrize("config", [{}, {"recipe": "rowwise", "accumulation": "fast"}])
+def test_gpu_cuda_graphs_prefill_then_decode(config):
+    """A model run at a prefill shape, then at a decode shape, under CUDA graphs: the second
+    graph has dynamic shapes (Dynamo's automatic dynamic), so its GEMMs launch from the graph
+    at run time.  At 16 rows those sum split-K in the GEMM with tile counters made at the
+    first launch, in the CUDA-graph warm-up; they must not land in the graph's memory pool,
+    which refuses tensors kept past the warm-up."""
+    model = LlamaBlock(2048, 16, 5632).cuda().to(torch.bfloat16).eval()
+    be = fp8compile.backend(config, mode="reduce-overhead")
+    cm = torch.compile(model, backend=be)
+    with torch.no_grad():
+        for shape in ((2, 256), (1, 16)):
+            x = torch.randn(*shape, 2048, device="cuda", dtype=torch.bfloat16)
+            for _ in range(3):  # warm-up, record, replay
+                torch.compiler.cudagraph_mark_step_begin()
+                y = cm(x).clone()
+            assert rel_err(y, model(x)) < 3e-2

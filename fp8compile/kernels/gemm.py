@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -631,11 +632,27 @@ _COUNTERS: dict[tuple, list[torch.Tensor]] = {}
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    buffers = _COUNTERS.setdefault((device, stream), [])
+    stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    buffers = _COUNTERS.setdefault((device, stream.cuda_stream if stream else 0), [])
     if not buffers or buffers[-1].numel() < tiles:
         size = max(tiles, 2 * buffers[-1].numel() if buffers else 1024)
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+        if stream is None or torch.cuda.is_current_stream_capturing():
+            buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+        else:
+            # Made by another thread, on the default stream: CUDA-graph trees warm a graph up
+            # with every allocation of the warming thread going to the graph's memory pool,
+            # and refuse a tensor kept there past the warm-up ("tensor(s) in the cudagraph
+            # pool not tracked as outputs").  The pools are per thread.
+            made: list[torch.Tensor] = []
+            worker = threading.Thread(target=lambda: made.append(
+                torch.zeros(size, dtype=torch.int32, device=device)))
+            worker.start()
+            worker.join()
+            if not made:
+                raise RuntimeError(f"fp8compile: allocating {size} split-K tile counters on "
+                                   f"{device} failed (see the thread's error above)")
+            stream.wait_stream(torch.cuda.default_stream(device))
+            buffers.append(made[0])
     return buffers[-1]
 
 
