@@ -32,7 +32,7 @@ import torch
 
 from ._cache_key import keyed_patches
 from .config import Fp8Config
-from .passes import CompileContext, PassManager, default_passes
+from .passes import CompileContext, PassManager, default_passes, weights
 from .plan import Plan
 
 __all__ = ["Fp8Backend", "backend", "fp8hpf", "last_plan"]
@@ -122,6 +122,11 @@ class Fp8Backend:
         self.plans.append(plan)
         self.contexts.append(ctx)
         _LAST[:] = [plan]
+        # Parameters another graph released (release_weights) cannot be read in high precision.
+        readable = weights.readable_params(work.graph if self.compile else gm.graph,
+                                           example_inputs)
+        weights.check_readable([example_inputs[i] for i, _ in readable],
+                               [name for _, name in readable], "fp8hpf: this graph")
         if not self.compile:
             return gm.forward
         _take_traced_gemms()  # drop what an earlier compile left
@@ -131,9 +136,18 @@ class Fp8Backend:
         backends = _describe_gemms(_take_traced_gemms())
         if backends:
             plan.stats["gemm_backends"] = backends
-        if not ctx.extra_inputs:
-            return compiled
-        return _with_extra_inputs(compiled, ctx.extra_inputs)
+        releaser = None
+        if cfg.release_weights and ctx.weight_caches:
+            if inference:
+                freezing = self._patches().get("freezing", torch._inductor.config.freezing)
+                figures, releaser = weights.release_graph(
+                    work.graph, ctx.weight_caches, example_inputs, bool(freezing))
+                plan.stats.update(figures)
+            else:
+                plan.stats["weights_kept"] = ["all: a training graph reads its parameters"]
+        if ctx.extra_inputs:
+            compiled = _with_extra_inputs(compiled, ctx.extra_inputs, releaser)
+        return _guard_released(compiled, readable) if readable else compiled
 
     def _patches(self) -> dict[str, Any]:
         """Inductor config patches of this backend: its mode's options, then its own."""
@@ -219,7 +233,8 @@ def _static_fakes(example_inputs: Sequence[Any], ctx: CompileContext) -> list:
     return [fake_mode.from_tensor(t, static_shapes=True) for t in ctx.extra_examples]
 
 
-def _with_extra_inputs(compiled: Callable, providers: list[Callable]) -> Callable:
+def _with_extra_inputs(compiled: Callable, providers: list[Callable],
+                       releaser: Callable | None = None) -> Callable:
     """``compiled`` called with its extra inputs appended, each from its provider.
 
     The weight caches' inputs are checked for the whole graph at once: while no cached
@@ -228,7 +243,8 @@ def _with_extra_inputs(compiled: Callable, providers: list[Callable]) -> Callabl
     checks 224 weights per call; one ``(data_ptr, _version)`` pass over them took a fifth of
     the host time of a check per cache (``benchmarks/host_overhead.py``).  The parameters'
     shapes, dtypes and devices need no check here: Dynamo's guards recompile the graph
-    when they change."""
+    when they change.  ``releaser`` (``release_weights``) releases the graph's parameters
+    again once their new data is quantized."""
     from .passes.scales import CachedWeight
 
     # Dynamo calls what a backend returns as fn(*args).  (compile_fx's result may carry a
@@ -240,14 +256,16 @@ def _with_extra_inputs(compiled: Callable, providers: list[Callable]) -> Callabl
 
         return run
 
-    weights = sorted({i for p, c in zip(providers, cached) if c for i in p.cache.indices})
+    indices = sorted({i for p, c in zip(providers, cached) if c for i in p.cache.indices})
     live = [(j, p) for j, (p, c) in enumerate(zip(providers, cached)) if not c]
     last: list = [None, None]  # the weights' (data_ptr, _version), the extra inputs
 
     def run_cached(*args):
-        key = [(args[i].data_ptr(), args[i]._version) for i in weights]
+        key = [(args[i].data_ptr(), args[i]._version) for i in indices]
         if key != last[0]:
             extras = [p(args) for p in providers]
+            if releaser is not None and releaser(args):
+                key = [(args[i].data_ptr(), args[i]._version) for i in indices]
             last[0], last[1] = key, extras
         elif live:
             extras = list(last[1])
@@ -258,6 +276,22 @@ def _with_extra_inputs(compiled: Callable, providers: list[Callable]) -> Callabl
         return compiled(*args, *extras)
 
     return run_cached
+
+
+def _guard_released(compiled: Callable, readable: list[tuple[int, str]]) -> Callable:
+    """``compiled`` checking, after any graph released parameters, that none of those it
+    reads in high precision (``readable``: index, name) was among them: a ValueError instead
+    of a read of freed memory."""
+    seen = [weights.EPOCH[0]]
+
+    def run(*args):
+        if weights.EPOCH[0] != seen[0]:
+            weights.check_readable([args[i] for i, _ in readable],
+                                   [name for _, name in readable], "fp8hpf: a compiled graph")
+            seen[0] = weights.EPOCH[0]
+        return compiled(*args)
+
+    return run
 
 
 def _frame_id():

@@ -202,8 +202,10 @@ def calibrate(
     ``config``).  ``min_sqnr_db`` (default: ``config.min_sqnr_db``) is the threshold the
     returned ``Calibration.config`` carries.
     """
+    from .passes.weights import check_model
     from .plan import plan as make_plan
 
+    check_model(model, "fp8compile.calibrate")
     cfg = Fp8Config.from_dict(config) if config is not None else Fp8Config()
     if min_sqnr_db is None:
         min_sqnr_db = cfg.min_sqnr_db

@@ -213,6 +213,17 @@ class Fp8Config:
             for gradient accumulation over micro-batches.  Holds two FP8 copies of every FP8
             weight; needs dynamic scaling.  Updating a weight through ``p.data`` in place
             bypasses the version counter, and the cache then serves the old weight.
+        release_weights: inference: once a graph is compiled, free the storage of every
+            parameter it reads only as FP8 (``untyped_storage().resize_(0)``; the tensor
+            keeps its shape, so nothing recompiles), leaving the FP8 copy as the only one:
+            the weights then take about half the memory of bf16 ones instead of one and a
+            half times.  Graphs compiled later take the stored copies.  The model then runs
+            only through graphs compiled by fp8hpf with the same recipe: a graph that needs
+            a released parameter in high precision (eager code, a training graph, another
+            recipe) raises a ValueError naming it instead of reading freed memory.  New data
+            (``p.data = ...``) brings a parameter back; it is quantized and released again.
+            Parameters read in high precision too, or sharing their storage with other
+            tensors, are kept; the plan lists them and the bytes freed.
     """
 
     recipe: Recipe = Recipe.BLOCKWISE
@@ -238,6 +249,7 @@ class Fp8Config:
     fuse_swiglu: bool | None = None
     fuse_residual: bool | None = None
     cache_training_weights: bool = False
+    release_weights: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -252,7 +264,7 @@ class Fp8Config:
         set_(self, "static_scales", self._check_static(self.static_scales))
         set_(self, "calibration", self._check_calibration(self.calibration))
         for name in ("power_of_2_scales", "matmul", "fuse_projections", "fuse_producers",
-                     "fuse_epilogues", "cache_training_weights"):
+                     "fuse_epilogues", "cache_training_weights", "release_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"Fp8Config.{name}={getattr(self, name)!r} must be True/False")
         for name in ("inference", "fuse_swiglu", "fuse_residual"):
@@ -269,6 +281,12 @@ class Fp8Config:
             raise ValueError(
                 f"Fp8Config.cache_training_weights=True caches dynamically scaled weights, but "
                 f"scaling={self.scaling.value!r}; use scaling='dynamic' or leave the cache off"
+            )
+        if self.release_weights and self.inference is False:
+            raise ValueError(
+                "Fp8Config.release_weights=True frees the high-precision weights of inference "
+                "graphs, but inference=False (training reads them); leave inference as None or "
+                "True, or release_weights=False"
             )
         if self.scaling is not Scaling.DYNAMIC and self.recipe is not Recipe.TENSORWISE:
             raise ValueError(

@@ -174,6 +174,14 @@ class Plan:
                 f"{what}: {self.stats['weight_bytes'] / 2**20:.2f} MiB -> "
                 f"{self.stats['fp8_weight_bytes'] / 2**20:.2f} MiB in FP8 (scales included)"
             )
+        if "released_weight_bytes" in self.stats:
+            lines.append(
+                f"high-precision weights released (release_weights): "
+                f"{self.stats['released_weights']}, "
+                f"{self.stats['released_weight_bytes'] / 2**20:.2f} MiB freed")
+        if self.stats.get("weights_kept"):
+            lines.append("weights kept in high precision:")
+            lines.extend(f"  {line}" for line in self.stats["weights_kept"])
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
         if self.stats.get("fused_gemms"):
@@ -247,7 +255,9 @@ def plan(
     The model runs once, eagerly, on the given arguments.
     """
     from .backend import Fp8Backend
+    from .passes.weights import check_model
 
+    check_model(getattr(model, "_orig_mod", model), "fp8compile.plan")
     backend = Fp8Backend(config, compile=False)
     compiled = torch.compile(model, backend=backend, dynamic=False)
 

@@ -153,9 +153,11 @@ def fp8_model(
     """The model :func:`export_onnx` exports, runnable in PyTorch: a copy with the plan's FP8
     layers as :class:`~fp8compile.onnx.modules.Fp8ExportLinear` (the PyTorch FP8 path the
     exported file reproduces).  ``model`` is not modified."""
+    from ..passes.weights import check_model
     from ..plan import plan as make_plan
 
     model = getattr(model, "_orig_mod", model)
+    check_model(model, "fp8compile.fp8_model")
     cfg = Fp8Config() if config is None else Fp8Config.from_dict(config)
     args = args if isinstance(args, tuple) else (args,)
     was_training = model.training
@@ -263,9 +265,11 @@ def export_onnx(
     """
     import onnx
 
+    from ..passes.weights import check_model
     from ..plan import plan as make_plan
 
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper -> the module
+    check_model(model, "fp8compile.export_onnx")
     if config is not None and not isinstance(config, (Fp8Config, Mapping)):
         raise ValueError(f"config={config!r} must be an Fp8Config, a dict of its fields or None")
     cfg = Fp8Config() if config is None else Fp8Config.from_dict(config)

@@ -71,6 +71,7 @@ from ..config import Recipe
 from ..ops import scale_shape
 from ..ops._common import check_fp8_input
 from ..ops.linear import weight_quants
+from . import weights
 from .manager import (
     Fp8Pass,
     PassResult,
@@ -109,32 +110,60 @@ class WeightCache:
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
 
+    @property
+    def form(self) -> tuple:
+        """What, besides the parameters, the copy depends on (its row order aside)."""
+        return (type(self).__name__, self.args, self.transposed)
+
     def get(self, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         ws = [args[i] for i in self.indices]
-        key = tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version) for w in ws)
+        key = weights.version_key(ws)
         if key != self.key:
-            with torch.no_grad():
-                srcs = [w.detach().transpose(-2, -1) if t else w.detach()
-                        for w, t in zip(ws, self.transposed)]
-                if self.interleave is not None:
-                    src = nx.interleave_gate_up(srcs[self.interleave], srcs[1 - self.interleave])
-                else:
-                    src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
-                value = tuple(self._quantize(src))
-                old = self.value
-                if old is not None and all(
-                        (a.shape, a.stride(), a.dtype, a.device)
-                        == (b.shape, b.stride(), b.dtype, b.device) for a, b in zip(old, value)):
-                    # In place: CUDA-graph trees take the cache's outputs as static inputs,
-                    # and a new address makes them record the graph again (in training that
-                    # would be at every optimizer step).
+            # another graph's copy of these versions, else a new one
+            value = weights.lookup(ws, self.form, self.interleave)
+            if value is None and any(weights.released(w) for w in ws):
+                value = weights.derive(ws, self.form, self.interleave)
+                if value is None:
+                    raise ValueError(self._released_error(ws))
+            if value is None:
+                with torch.no_grad():
+                    srcs = [w.detach().transpose(-2, -1) if t else w.detach()
+                            for w, t in zip(ws, self.transposed)]
+                    if self.interleave is not None:
+                        src = nx.interleave_gate_up(srcs[self.interleave],
+                                                    srcs[1 - self.interleave])
+                    else:
+                        src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
+                    value = tuple(self._quantize(src))
+                self.quantizations += 1
+            old = self.value
+            if old is not None and any(a is not b for a, b in zip(old, value)) and all(
+                    (a.shape, a.stride(), a.dtype, a.device)
+                    == (b.shape, b.stride(), b.dtype, b.device) for a, b in zip(old, value)):
+                # In place: CUDA-graph trees take the cache's outputs as static inputs,
+                # and a new address makes them record the graph again (in training that
+                # would be at every optimizer step).
+                with torch.no_grad():
                     for a, b in zip(old, value):
                         a.copy_(b)
-                else:
-                    self.value = value
+            else:
+                self.value = value
+            weights.put(ws, self.form, self.interleave, self.value)
             self.key = key
-            self.quantizations += 1
         return self.value
+
+    def _released_error(self, ws: Sequence[torch.Tensor]) -> str:
+        shapes = ", ".join(str(tuple(w.shape)) for w in ws)
+        order = ("" if self.interleave is None
+                 else f", gate and up rows interleaved (gate = member {self.interleave})")
+        return (
+            f"fp8hpf: a graph needs the FP8 copy of weight(s) {shapes} as {self.args[0]} "
+            f"{self.args[1]}{order}, but their storage was released "
+            "(Fp8Config.release_weights=True) and no copy in that form is left. Compile every "
+            "graph of the model with the recipe and projection fusion of the graph that "
+            "released them, compile with release_weights=False, or give the parameters new "
+            "data (p.data = ...)."
+        )
 
     def _quantize(self, src: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # The reference numerics, not the Triton kernel (the same bits, tested): an inference

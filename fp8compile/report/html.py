@@ -70,6 +70,9 @@ def _summary(plan: Plan) -> list[tuple[str, str]]:
             ("weights", f"{st['weight_bytes'] / 2**20:.2f} MiB → "
              f"{st['fp8_weight_bytes'] / 2**20:.2f} MiB")
         )
+    if "released_weight_bytes" in st:
+        rows.append(("released", f"{st['released_weights']} high-precision weights, "
+                     f"{st['released_weight_bytes'] / 2**20:.2f} MiB (release_weights)"))
     if "compile_s" in st:
         rows.append(("compile", f"{st['compile_s']:.2f} s"))
     return rows

@@ -1,0 +1,294 @@
+"""FP8 weight copies shared by a process's graphs; high-precision weights released.
+
+Each inference graph reads its FP8 weights from :class:`~.scales.WeightCache` objects.  Graphs
+of one model (a prefill and a decode graph, a graph recompiled for dynamic shapes) quantize
+the same parameters the same way, so their caches take the copies from one store: a copy is
+made once per parameter version and held once, however many graphs read it.  The store holds
+a copy weakly while its parameters keep their own storage (the graphs' caches own it).
+
+``Fp8Config.release_weights`` goes further.  Once a graph is compiled, the storage of every
+parameter the graph reads only through FP8 copies is freed with
+``untyped_storage().resize_(0)``: the tensor keeps its shape, strides, dtype and device, so
+Dynamo's guards still hold and nothing recompiles.  The FP8 copy is then the only one, and the
+store holds it for as long as the parameter lives.  A later graph that quantizes the
+parameter the same way takes that copy; one that reads gate and up in the other order (the
+SwiGLU epilogue's interleaved rows, or stacked) gets the rows permuted, which is exact for
+every recipe; one that needs the parameter in any other form gets a ``ValueError`` naming it.
+
+A released parameter is read by nothing but FP8 copies: the model then runs only through
+graphs compiled by fp8hpf.  Assigning new data (``p.data = new``) brings the parameter back;
+the caches quantize it again at their next call.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .. import numerics as nx
+
+__all__ = [
+    "check_model",
+    "check_readable",
+    "derive",
+    "lookup",
+    "owns_storage",
+    "param_name",
+    "Releaser",
+    "put",
+    "readable_params",
+    "release",
+    "release_graph",
+    "released",
+    "version_key",
+]
+
+# (ids of the parameters, form, interleave) → _Entry
+_ENTRIES: dict[tuple, "_Entry"] = {}
+_WATCHED: set[int] = set()  # ids of parameters with a finalizer that drops their entries
+# Bumped at every release: graphs that read parameters in high precision check them again.
+EPOCH = [0]
+
+
+class _Entry:
+    __slots__ = ("key", "members", "refs", "strong")
+
+    def __init__(self, ws: Sequence[torch.Tensor], value: tuple[torch.Tensor, ...]):
+        self.key = version_key(ws)
+        self.members = tuple(weakref.ref(w) for w in ws)
+        # the only copy where a parameter was released, else the graphs' caches own it
+        self.strong = value if any(released(w) for w in ws) else None
+        self.refs = tuple(weakref.ref(t) for t in value)
+
+    def value(self) -> tuple[torch.Tensor, ...] | None:
+        if self.strong is not None:
+            return self.strong
+        out = tuple(r() for r in self.refs)
+        return None if any(t is None for t in out) else out
+
+
+def released(t: Any) -> bool:
+    """True for a tensor whose storage was released (elements, no bytes)."""
+    return (isinstance(t, torch.Tensor) and not isinstance(t, torch._subclasses.FakeTensor)
+            and t.device.type != "meta" and t.numel() > 0
+            and t.untyped_storage().nbytes() == 0)
+
+
+def owns_storage(t: torch.Tensor) -> bool:
+    """True when ``t`` is all of its storage: releasing it frees no other tensor's data."""
+    return (t.storage_offset() == 0 and t.is_contiguous()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
+def version_key(ws: Sequence[torch.Tensor]) -> tuple:
+    """What identifies the parameters' values: storage address, shape, dtype, device and the
+    autograd version counter of each (an optimizer step or an in-place ``copy_`` under
+    ``no_grad`` bumps it; assigning ``p.data`` swaps the storage)."""
+    return tuple((w.data_ptr(), tuple(w.shape), w.dtype, w.device, w._version) for w in ws)
+
+
+def _watch(ws: Sequence[torch.Tensor]) -> None:
+    for w in ws:
+        if id(w) not in _WATCHED:
+            _WATCHED.add(id(w))
+            weakref.finalize(w, _forget, id(w))
+
+
+def _forget(pid: int) -> None:
+    _WATCHED.discard(pid)
+    for k in [k for k in _ENTRIES if pid in k[0]]:
+        del _ENTRIES[k]
+
+
+def lookup(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
+           ) -> tuple[torch.Tensor, ...] | None:
+    """The stored copy of ``ws`` (their current versions) in ``form`` and row order."""
+    entry = _ENTRIES.get((tuple(map(id, ws)), form, interleave))
+    if entry is None or entry.key != version_key(ws):
+        return None
+    return entry.value()
+
+
+def put(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None,
+        value: tuple[torch.Tensor, ...]) -> None:
+    """Store ``value`` as the copy of ``ws``'s current versions (held strongly where a
+    parameter was released: it is then the only copy)."""
+    _watch(ws)
+    _ENTRIES[(tuple(map(id, ws)), form, interleave)] = _Entry(ws, value)
+
+
+def derive(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
+           ) -> tuple[torch.Tensor, ...] | None:
+    """The copy of two stacked weights in the row order ``interleave`` (None: stacked; 0 or
+    1: interleaved in runs of 128, that member first), from a stored copy in another order.
+
+    The orders are permutations of the same rows, and quantization treats rows alike: per
+    tensor, one scale over the same elements; per row, each row's own; 128x128 blocks move
+    whole, the runs being 128 rows.  So the permuted copy is the one quantizing the weights
+    in that order would make, bit for bit."""
+    if len(ws) != 2:
+        return None
+    for other in (None, 0, 1):
+        if other == interleave:
+            continue
+        have = lookup(ws, form, other)
+        if have is not None:
+            n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, form[2]))
+            perm = _order(n0, n1, other).argsort()[_order(n0, n1, interleave)].to(have[0].device)
+            return _permute_rows(have, perm)
+    return None
+
+
+def _order(n0: int, n1: int, interleave: int | None) -> torch.Tensor:
+    """Stacked row index at each position of the row order ``interleave``."""
+    rows = (torch.arange(n0), torch.arange(n0, n0 + n1))
+    if interleave is None:
+        return torch.cat(rows)
+    return nx.interleave_gate_up(rows[interleave], rows[1 - interleave])
+
+
+def _permute_rows(value: tuple[torch.Tensor, ...], perm: torch.Tensor
+                  ) -> tuple[torch.Tensor, ...]:
+    wq, *scales = value
+    n = wq.shape[0]
+    out = [wq.index_select(0, perm)]
+    for s in scales:
+        if s.dim() == 0 or s.numel() == 1:
+            out.append(s.clone())
+        elif s.shape[0] == n:  # one scale per row
+            out.append(s.index_select(0, perm))
+        else:  # 128x128 blocks: the runs move whole blocks
+            out.append(s.index_select(0, perm[:: nx.BLOCK] // nx.BLOCK))
+    return tuple(out)
+
+
+def release(ws: Sequence[torch.Tensor]) -> int:
+    """Free the storage of each of ``ws`` (each must own its storage).  The stored copies of
+    their current versions are kept, strongly from now on; copies of older versions are
+    dropped.  Returns the bytes freed."""
+    before = {id(w): version_key([w])[0] for w in ws}
+    freed = 0
+    for w in ws:
+        if not released(w):
+            freed += w.untyped_storage().nbytes()
+            w.untyped_storage().resize_(0)
+    for k, entry in list(_ENTRIES.items()):
+        if not before.keys() & set(k[0]):
+            continue
+        members = [r() for r in entry.members]
+        value = entry.value()
+        current = value is not None and all(m is not None for m in members) and entry.key == \
+            tuple(before.get(id(m)) or version_key([m])[0] for m in members)
+        if current:
+            _ENTRIES[k] = _Entry(members, value)  # the released versions' keys: address 0
+        else:
+            del _ENTRIES[k]
+    EPOCH[0] += 1
+    return freed
+
+
+def param_name(node: torch.fx.Node) -> str:
+    """A parameter placeholder's path in the model, ``layers.0.q_proj.weight`` (Dynamo's
+    source ``L['self']._modules['layers']...``), else its name in the graph."""
+    source = getattr(node, "_dynamo_source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    if isinstance(name, str):
+        parts = re.findall(r"\['([^']*)'\]", name)
+        if parts and parts[0] == "self":
+            parts = parts[1:]
+        if parts:
+            return ".".join(parts)
+    return str(node.target)
+
+
+def check_readable(tensors: Sequence[Any], names: Sequence[str], what: str) -> None:
+    """A ``ValueError`` naming the first of ``tensors`` whose storage was released."""
+    for t, name in zip(tensors, names):
+        if released(t):
+            raise ValueError(
+                f"{what} reads parameter {name!r} {tuple(t.shape)} in high precision, but its "
+                "storage was released (Fp8Config.release_weights=True): only its FP8 copy is "
+                "left. Compile this graph with the same recipe as the graph that released it, "
+                "compile with release_weights=False, or give the parameter new data "
+                "(p.data = ...)."
+            )
+
+
+def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any],
+                  freezing: bool = False) -> tuple[dict[str, Any], "Releaser | None"]:
+    """Release the parameters a compiled graph reads only through its weight ``caches``
+    (``args``: the graph's real inputs).  Returns the plan's figures (the bytes freed, each
+    weight kept with why) and the :class:`Releaser` that releases them again after new data
+    brought them back (None if none was released)."""
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    kept: list[str] = []
+    free: list[int] = []
+    for i in sorted({i for c in caches for i in c.indices}):
+        node, w = placeholders[i], args[i]
+        why = None
+        if node.users:
+            why = "also read in high precision (" + ", ".join(u.name for u in node.users) + ")"
+        elif not isinstance(w, torch.nn.Parameter):
+            why = "not a parameter"
+        elif not owns_storage(w) and not released(w):
+            why = "its storage holds other tensors too"
+        elif freezing:
+            why = "Inductor's freezing holds the parameters as constants"
+        if why is None:
+            free.append(i)
+        else:
+            kept.append(f"{param_name(node)}: {why}")
+    newly = sum(not released(args[i]) for i in free)
+    releaser = Releaser(free, caches) if free else None
+    freed = releaser(args) if releaser else 0
+    return ({"released_weight_bytes": freed, "released_weights": newly,
+             "weights_kept": kept}, releaser)
+
+
+class Releaser:
+    """Releases a graph's parameters (``indices`` among its inputs) once its ``caches`` hold
+    their FP8 copies; again whenever new data brought one back."""
+
+    def __init__(self, indices: Sequence[int], caches: Sequence[Any]):
+        self.indices = tuple(indices)
+        self.caches = [c for c in caches if set(c.indices) & set(indices)]
+
+    def __call__(self, args: Sequence[Any]) -> int:
+        """Release the parameters that hold data; returns the bytes freed."""
+        ws = [args[i] for i in self.indices]
+        if all(released(w) for w in ws):
+            return 0
+        for cache in self.caches:  # copies made (a SwiGLU epilogue's on first use)
+            cache.get(args)
+        freed = release(ws)
+        for cache in self.caches:
+            members = [args[i] for i in cache.indices]
+            cache.key = version_key(members)
+            put(members, cache.form, cache.interleave, cache.value)
+        return freed
+
+
+def readable_params(graph: torch.fx.Graph, args: Sequence[Any]) -> list[tuple[int, str]]:
+    """``(index, name)`` of each parameter the graph reads in high precision."""
+    return [(i, param_name(node)) for i, node in enumerate(graph.find_nodes(op="placeholder"))
+            if node.users and i < len(args) and isinstance(args[i], torch.nn.Parameter)]
+
+
+def check_model(model: Any, what: str) -> None:
+    """A ``ValueError`` if ``model`` (an ``nn.Module``) has a released parameter: ``what``
+    runs it eagerly, which would read freed memory."""
+    if not isinstance(model, torch.nn.Module):
+        return
+    for name, p in model.named_parameters():
+        if released(p):
+            raise ValueError(
+                f"{what} runs the model eagerly, but the storage of its parameter {name!r} "
+                "was released by a graph compiled with Fp8Config.release_weights=True: only "
+                "its FP8 copy is left. Run it on a model whose weights are loaded, before "
+                "compiling with release_weights=True."
+            )

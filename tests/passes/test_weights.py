@@ -1,0 +1,266 @@
+"""FP8 weight copies shared across graphs, and ``release_weights`` (fp8compile.passes.weights).
+
+The CPU path compiles with the reference ops, so outputs of a model with released weights
+must equal those of the same model compiled without releasing, bit for bit."""
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+import fp8compile
+from fp8compile import numerics as nx
+from fp8compile.passes import weights
+from tests.models import TinyLM
+
+FP8_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _compile(model, config=None):
+    be = fp8compile.backend(config)
+    return torch.compile(model, backend=be), be
+
+
+def _run(cm, *args):
+    with torch.no_grad():
+        return cm(*args)
+
+
+def _reference(model, ids, config=None):
+    """Output of a copy of ``model`` compiled without release_weights (Dynamo reset after)."""
+    cm, _ = _compile(copy.deepcopy(model), config)
+    y = _run(cm, ids)
+    torch._dynamo.reset()
+    return y
+
+
+def _ids(t=32):
+    return torch.randint(0, 512, (2, t))
+
+
+def test_release_frees_the_fp8_linears_weights_only():
+    model, ids = TinyLM(layers=2), _ids()
+    ref = _reference(model, ids)
+    cm, be = _compile(model, {"release_weights": True})
+    y = _run(cm, ids)
+    assert torch.equal(y, ref)
+    freed = {n for n, p in model.named_parameters() if weights.released(p)}
+    assert freed == {f"layers.{i}.{m}.weight" for i in range(2) for m in FP8_LINEARS}
+    for n, p in model.named_parameters():  # shape, dtype and device stay: no recompile
+        if n in freed:
+            assert p.untyped_storage().nbytes() == 0 and p.shape[-1] in (256, 512)
+    stats = be.plan.stats
+    assert stats["released_weights"] == 14
+    assert stats["released_weight_bytes"] == sum(
+        p.numel() * 4 for n, p in model.named_parameters() if n in freed)
+    assert stats["weights_kept"] == []
+    assert "14, 5.00 MiB freed" in be.plan.summary()
+    assert torch.equal(_run(cm, ids), ref)  # and again, from the stored copies
+
+
+def test_later_graphs_take_the_stored_copies():
+    """A recompile (another shape, then dynamic shapes) quantizes nothing: the copies are
+    shared, also when nothing is released."""
+    for release in (False, True):
+        torch._dynamo.reset()
+        model = TinyLM(layers=1)
+        inputs = {t: _ids(t) for t in (16, 24, 40)}
+        refs = {t: _reference(model, x) for t, x in inputs.items()}
+        cm, be = _compile(model, {"release_weights": release})
+        for t, x in inputs.items():
+            assert torch.equal(_run(cm, x), refs[t])
+        assert len(be.contexts) >= 2
+        first, later = be.contexts[0].weight_caches, be.contexts[-1].weight_caches
+        assert sum(c.quantizations for c in later) == 0
+        assert all(a.value[0] is b.value[0] for a, b in zip(first, later))
+
+
+def test_copies_are_held_weakly_until_a_release():
+    model = TinyLM(layers=1)
+    cm, be = _compile(model)
+    _run(cm, _ids())
+    ref = weakref.ref(be.contexts[0].weight_caches[0].value[0])
+    del cm, be
+    torch._dynamo.reset()
+    gc.collect()
+    assert ref() is None
+
+
+@pytest.mark.parametrize("first_interleaved", [True, False])
+def test_gate_up_order_derived_from_the_released_copy(first_interleaved):
+    """The SwiGLU epilogue reads gate/up interleaved, other graphs stacked: a graph compiled
+    after the release gets the rows permuted, and its output is what it would have been."""
+    model, ids = TinyLM(layers=1), _ids()
+    fold = {"fuse_swiglu": first_interleaved}
+    other = {"fuse_swiglu": not first_interleaved}
+    ref = _reference(model, ids, other)
+    cm, be = _compile(model, {"release_weights": True, **fold})
+    _run(cm, ids)
+    orders = [c.interleave for c in be.contexts[0].weight_caches if len(c.indices) == 2]
+    assert orders == [0 if first_interleaved else None]
+    torch._dynamo.reset()
+    cm2, be2 = _compile(model, {"release_weights": True, **other})
+    assert torch.equal(_run(cm2, ids), ref)
+    assert sum(c.quantizations for c in be2.contexts[0].weight_caches) == 0
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_derive_equals_quantizing_in_that_order(granularity, transposed):
+    g, u = torch.randn(384, 200), torch.randn(384, 200) * 3
+    ws = [nn.Parameter(g.t().contiguous() if transposed else g),
+          nn.Parameter(u.t().contiguous() if transposed else u)]
+    form = ("WeightCache", (granularity, "e4m3", False), (transposed, transposed))
+    gran = nx.Granularity(granularity)
+    orders = {None: torch.cat([g, u]), 0: nx.interleave_gate_up(g, u),
+              1: nx.interleave_gate_up(u, g)}
+    made = {k: nx.quantize_by_rows(v, gran) for k, v in orders.items()}
+    for have in orders:
+        weights.put(ws, form, have, made[have])
+        for want in orders:
+            got = weights.derive(ws, form, want) if want != have else made[have]
+            assert got is not None
+            assert torch.equal(got[0].view(torch.uint8), made[want][0].view(torch.uint8))
+            assert torch.equal(got[1], made[want][1])
+        weights._forget(id(ws[0]))
+    assert weights.derive(ws, form, None) is None  # nothing stored
+
+
+def test_another_recipe_after_a_release_is_refused():
+    model, ids = TinyLM(layers=1), _ids()
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    torch._dynamo.reset()
+    cm2, _ = _compile(model, {"recipe": "rowwise"})
+    with pytest.raises(Exception, match=r"release_weights=True.*row e4m3|row e4m3.*release"):
+        _run(cm2, ids)
+
+
+def test_high_precision_reads_of_released_weights_are_refused():
+    model, ids = TinyLM(layers=1), _ids()
+    # compiled first, reading q_proj in high precision: checked at its next call
+    hp_cm, _ = _compile(lambda x: model(x), {"overrides": {"layers.0.q_proj": "bf16"}})
+    _run(hp_cm, ids)
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    assert weights.released(model.layers[0].q_proj.weight)
+    with pytest.raises(ValueError, match=r"layers\.0\.q_proj\.weight'.*release_weights"):
+        _run(hp_cm, ids)
+    # compiled after: refused at compile time
+    torch._dynamo.reset()
+    late, _ = _compile(model, {"overrides": {"layers.0.q_proj": "bf16"}})
+    with pytest.raises(Exception, match=r"layers\.0\.q_proj\.weight"):
+        _run(late, ids)
+
+
+def test_plan_export_and_calibrate_refuse_a_released_model(tmp_path):
+    model, ids = TinyLM(layers=1), _ids()
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    with pytest.raises(ValueError, match="fp8compile.plan runs the model eagerly"):
+        fp8compile.plan(model, ids)
+    with pytest.raises(ValueError, match="fp8compile.export_onnx runs the model eagerly"):
+        fp8compile.export_onnx(cm, (ids,), tmp_path / "m.onnx")
+    with pytest.raises(ValueError, match="fp8compile.calibrate runs the model eagerly"):
+        fp8compile.calibrate(model, [ids])
+
+
+def test_new_data_is_quantized_and_released_again():
+    model, ids = TinyLM(layers=1), _ids()
+    torch.manual_seed(0)
+    base = TinyLM(layers=1)  # the same weights: the fixture seeds 0 before each test
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    w = model.layers[0].down_proj.weight
+    assert weights.released(w)
+    fresh = torch.randn(w.shape) * 0.05
+    w.data = fresh.clone()
+    assert not weights.released(w)
+    y = _run(cm, ids)  # no recompile: the cache quantizes the new data
+    assert weights.released(w)
+    base.layers[0].down_proj.weight.data = fresh
+    assert torch.equal(y, _reference(base, ids))
+
+
+def test_weights_sharing_storage_are_kept():
+    model, ids = TinyLM(layers=1), _ids()
+    blk = model.layers[0]
+    both = torch.cat([blk.gate_proj.weight.detach(), blk.up_proj.weight.detach()])
+    blk.gate_proj.weight = nn.Parameter(both[:512])
+    blk.up_proj.weight = nn.Parameter(both[512:])
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    assert not weights.released(blk.gate_proj.weight)
+    assert not weights.released(blk.up_proj.weight)
+    assert weights.released(blk.down_proj.weight)
+    kept = be.plan.stats["weights_kept"]
+    assert "layers.0.gate_proj.weight: its storage holds other tensors too" in kept
+    assert "gate_proj" in be.plan.summary().split("weights kept in high precision:")[1]
+
+
+def test_tied_and_high_precision_weights_are_kept():
+    """A weight an FP8 GEMM reads that the graph also reads in high precision stays."""
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(256, 256, bias=False)
+            self.head = nn.Linear(256, 256, bias=False)
+
+        def forward(self, x):
+            return self.head(self.a(x) * self.a.weight.sum())
+
+    model, x = Tied(), torch.randn(8, 256)
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, x)
+    assert not weights.released(model.a.weight)
+    assert any(k.startswith("a.weight: also read in high precision")
+               for k in be.plan.stats["weights_kept"])
+
+
+def test_training_graphs_release_nothing():
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 256))
+    cm, be = _compile(model, {"release_weights": True, "cache_training_weights": True})
+    cm(torch.randn(8, 256)).sum().backward()
+    assert not any(weights.released(p) for p in model.parameters())
+    assert be.plan.stats["weights_kept"] == ["all: a training graph reads its parameters"]
+
+
+def test_config_checks():
+    with pytest.raises(ValueError, match="release_weights=True.*inference=False"):
+        fp8compile.Fp8Config(release_weights=True, inference=False)
+    with pytest.raises(ValueError, match="release_weights=1 must be True/False"):
+        fp8compile.Fp8Config(release_weights=1)
+    assert fp8compile.Fp8Config.from_dict({"release_weights": True}).release_weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs (mode='reduce-overhead') need a CUDA GPU")
+@pytest.mark.parametrize("swiglu", [True, False])
+def test_release_under_cuda_graphs(swiglu):
+    """Two graphs of one model (prefill- and decode-like shapes) replayed as CUDA graphs:
+    outputs equal those without releasing (benchmarks/memory.py measures the memory)."""
+    model = TinyLM(layers=2).cuda().to(torch.bfloat16).eval()
+    inputs = [torch.randint(0, 512, s, device="cuda") for s in ((2, 64), (1, 16), (2, 64))]
+
+    def outputs(m, release):
+        be = fp8compile.backend({"release_weights": release, "fuse_swiglu": swiglu},
+                                mode="reduce-overhead")
+        cm = torch.compile(m, backend=be)
+        out = []
+        with torch.no_grad():
+            for _ in range(3):  # warm-up, record, replay
+                for x in inputs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    out.append(cm(x).clone())
+        torch._dynamo.reset()
+        return out
+
+    ref = outputs(copy.deepcopy(model), False)
+    got = outputs(model, True)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert [n for n, p in model.named_parameters() if weights.released(p)] == [
+        f"layers.{i}.{m}.weight" for i in range(2) for m in FP8_LINEARS]
