@@ -107,6 +107,8 @@ class Fp8Backend:
             and any(isinstance(t, torch.Tensor) and t.requires_grad for t in example_inputs)
         )
         ctx = CompileContext(cfg, list(example_inputs), inference, graph_index=len(self.plans))
+        freezing = self._patches().get("freezing", torch._inductor.config.freezing)
+        ctx.release = bool(cfg.release_weights and inference and self.compile and not freezing)
         # The passes rewrite a copy.  A plan-only backend rewrites it too, so that its plan
         # says what a compile would do (shared and fused quantizations included), and runs
         # Dynamo's graph as it came.
@@ -139,10 +141,8 @@ class Fp8Backend:
         releaser = None
         if cfg.release_weights and ctx.weight_caches:
             if inference:
-                freezing = self._patches().get("freezing", torch._inductor.config.freezing)
-                figures, releaser = weights.release_graph(
-                    work.graph, ctx.weight_caches, example_inputs, bool(freezing))
-                plan.stats.update(figures)
+                releaser = weights.release_graph(work.graph, ctx.weight_caches, example_inputs,
+                                                 plan.stats, bool(freezing))
             else:
                 plan.stats["weights_kept"] = ["all: a training graph reads its parameters"]
         if ctx.extra_inputs:

@@ -213,9 +213,10 @@ class Fp8Config:
             for gradient accumulation over micro-batches.  Holds two FP8 copies of every FP8
             weight; needs dynamic scaling.  Updating a weight through ``p.data`` in place
             bypasses the version counter, and the cache then serves the old weight.
-        release_weights: inference: once a graph is compiled, free the storage of every
-            parameter it reads only as FP8 (``untyped_storage().resize_(0)``; the tensor
-            keeps its shape, so nothing recompiles), leaving the FP8 copy as the only one:
+        release_weights: inference: free the storage of every parameter a graph reads only
+            as FP8, as the graph compiles, once its FP8 copy is made
+            (``untyped_storage().resize_(0)``; the tensor keeps its shape, so nothing
+            recompiles), leaving the FP8 copy as the only one:
             the weights then take about half the memory of bf16 ones instead of one and a
             half times.  Graphs compiled later take the stored copies.  The model then runs
             only through graphs compiled by fp8hpf with the same recipe: a graph that needs

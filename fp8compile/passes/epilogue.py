@@ -230,8 +230,11 @@ class EpiloguePass(Fp8Pass):
             for e in plan_entries_of(mm):
                 add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
             return False
-        cache.set_interleave(0 if gate_first else 1)
         xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
+        # The example inputs then hold the interleaved copy: the stacked one is freed.
+        for node, value in zip((wq, ws), cache.set_interleave(0 if gate_first else 1,
+                                                              self.ctx.example_inputs)):
+            self.ctx.set_example(node, value)
         groups = not static and nx.swiglu_in_groups(xg, wg, gran)
         with graph.inserting_before(quant):
             if static:  # the epilogue casts with the static scale: no quantization pass

@@ -53,6 +53,8 @@ class CompileContext:
             the runtime argument list and returns the tensor for its placeholder.
         plan_entries: filled by the precision pass.
         stats: figures for the plan (weight memory, compile time...).
+        release: free each parameter's storage as soon as its only reader, a weight cache,
+            holds its FP8 copy (``Fp8Config.release_weights``, set by a compiling backend).
     """
 
     config: Fp8Config
@@ -66,6 +68,7 @@ class CompileContext:
     weight_caches: list[Any] = dataclasses.field(default_factory=list)
     plan_entries: list[Any] = dataclasses.field(default_factory=list)
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    release: bool = False
 
     def add_input(
         self,
@@ -98,6 +101,14 @@ class CompileContext:
         self.extra_inputs.append(provider)
         self.extra_examples.append(example)
         return node
+
+    def set_example(self, node: torch.fx.Node, value: torch.Tensor) -> None:
+        """Replace the example value of an input :meth:`add_input` added."""
+        i = self.placeholder_index(node)
+        if i is None or i < len(self.example_inputs):
+            raise ValueError(f"set_example: {node.name} is not an input add_input added")
+        self.extra_examples[i - len(self.example_inputs)] = value
+        node.meta["example_value"] = value
 
     def placeholder_index(self, node: torch.fx.Node) -> int | None:
         if node.op != "placeholder":

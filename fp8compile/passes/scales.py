@@ -73,6 +73,7 @@ from ..ops._common import check_fp8_input
 from ..ops.linear import weight_quants
 from . import weights
 from .manager import (
+    CompileContext,
     Fp8Pass,
     PassResult,
     add_note,
@@ -175,12 +176,17 @@ class WeightCache:
         g, fmt, p2 = self.args
         return nx.quantize_by_rows(src, nx.Granularity(g), nx.Fp8Format(fmt), p2)
 
-    def set_interleave(self, gate: int) -> None:
+    def set_interleave(self, gate: int, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
         """Serve the two stacked weights' rows interleaved, the ``gate``-th (0 or 1) first (a
-        SwiGLU epilogue's layout); a copy made at compile time, for the example inputs, is
-        dropped."""
+        SwiGLU epilogue's layout).  The copy made for the example inputs ``args`` is
+        reordered, which is exact (:func:`.weights.reorder`); returns it."""
+        ws = [args[i] for i in self.indices]
+        n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, self.transposed))
+        value = self.get(args)
+        self.value = weights.reorder(value, n0, n1, self.interleave, gate)
         self.interleave = gate
-        self.key = self.value = None
+        weights.put(ws, self.form, gate, self.value)
+        return self.value
 
 
 class GroupedWeightCache(WeightCache):
@@ -229,8 +235,11 @@ class ScalesPass(Fp8Pass):
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         graph = gm.graph
+        self._releasable: set[torch.fx.Node] = set()
         modified = self._share_activation_quant(graph)
         if self.ctx.inference:
+            if self.ctx.release:
+                self._releasable = _cache_only_params(graph, self.ctx)
             if self.ctx.config.fuse_projections:
                 modified |= self._fuse_projections(graph)
             modified |= self._hoist_weights(graph)
@@ -498,7 +507,22 @@ class ScalesPass(Fp8Pass):
             info(node).update(role="weight_input", weight_cache=cache)
         self._count_weights(cache, shape, granularity, len(names) // 2)
         self.ctx.weight_caches.append(cache)
+        self._release_early(graph, cache)
         return nodes
+
+    def _release_early(self, graph: torch.fx.Graph, cache: "WeightCache") -> None:
+        """Free the storage of the cache's parameters that nothing else reads, now that it
+        holds their FP8 copy (``release_weights``): the compile then never holds both
+        copies of every weight at once.  The backend releases the rest at the end."""
+        placeholders = list(graph.find_nodes(op="placeholder"))
+        free = [i for i in cache.indices if placeholders[i] in self._releasable]
+        if not free:
+            return
+        args, stats = self.ctx.example_inputs, self.ctx.stats
+        newly = sum(not weights.released(args[i]) for i in free)
+        freed = weights.Releaser(free, [cache])(args)
+        stats["released_weights"] = stats.get("released_weights", 0) + newly
+        stats["released_weight_bytes"] = stats.get("released_weight_bytes", 0) + freed
 
     def _count_weights(self, cache: "WeightCache", shape: tuple[int, int], granularity: str,
                        copies: int = 1) -> None:
@@ -517,6 +541,27 @@ class ScalesPass(Fp8Pass):
 
 __all__ = ["CachedWeight", "GroupedWeightCache", "ScalesPass", "TrainingWeightCache",
            "WeightCache"]
+
+
+def _cache_only_params(graph: torch.fx.Graph, ctx: CompileContext) -> set[torch.fx.Node]:
+    """Parameter placeholders whose one reader is a weight quantization (of the parameter or
+    of its transpose), which becomes a weight cache: once that cache holds the FP8 copy,
+    nothing reads the parameter.  Only parameters that are all of their storage."""
+    out = set()
+    for i, node in enumerate(graph.find_nodes(op="placeholder")):
+        w = ctx.example_inputs[i] if i < len(ctx.example_inputs) else None
+        if not isinstance(w, torch.nn.Parameter) or not (
+                weights.owns_storage(w) or weights.released(w)) or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        if user.op == "call_function" and user.target in (torch.t, torch.transpose):
+            if len(user.users) != 1:
+                continue
+            (user,) = user.users
+        if user.target in (OPS.quantize.default, OPS.quantize_grouped_weight.default) and \
+                info(user).get("role") == "weight_quant" and user.args[0] in (node, *node.users):
+            out.add(node)
+    return out
 
 
 def _item(node: Any) -> Any:

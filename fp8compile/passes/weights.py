@@ -6,10 +6,12 @@ the same parameters the same way, so their caches take the copies from one store
 made once per parameter version and held once, however many graphs read it.  The store holds
 a copy weakly while its parameters keep their own storage (the graphs' caches own it).
 
-``Fp8Config.release_weights`` goes further.  Once a graph is compiled, the storage of every
-parameter the graph reads only through FP8 copies is freed with
-``untyped_storage().resize_(0)``: the tensor keeps its shape, strides, dtype and device, so
-Dynamo's guards still hold and nothing recompiles.  The FP8 copy is then the only one, and the
+``Fp8Config.release_weights`` goes further.  The storage of every parameter a graph reads only
+through FP8 copies is freed with ``untyped_storage().resize_(0)``: the tensor keeps its shape,
+strides, dtype and device, so Dynamo's guards still hold and nothing recompiles.  A parameter
+whose one reader is a weight quantization is freed while the graph compiles, as soon as its
+cache holds the copy (the scales pass); the backend frees the rest once the graph is
+compiled.  The FP8 copy is then the only one, and the
 store holds it for as long as the parameter lives.  A later graph that quantizes the
 parameter the same way takes that copy; one that reads gate and up in the other order (the
 SwiGLU epilogue's interleaved rows, or stacked) gets the rows permuted, which is exact for
@@ -42,6 +44,7 @@ __all__ = [
     "put",
     "readable_params",
     "release",
+    "reorder",
     "release_graph",
     "released",
     "version_key",
@@ -57,11 +60,11 @@ EPOCH = [0]
 class _Entry:
     __slots__ = ("key", "members", "refs", "strong")
 
-    def __init__(self, ws: Sequence[torch.Tensor], value: tuple[torch.Tensor, ...]):
+    def __init__(self, ws: Sequence[torch.Tensor], value: tuple[torch.Tensor, ...],
+                 strong: bool):
         self.key = version_key(ws)
         self.members = tuple(weakref.ref(w) for w in ws)
-        # the only copy where a parameter was released, else the graphs' caches own it
-        self.strong = value if any(released(w) for w in ws) else None
+        self.strong = value if strong else None
         self.refs = tuple(weakref.ref(t) for t in value)
 
     def value(self) -> tuple[torch.Tensor, ...] | None:
@@ -115,21 +118,27 @@ def lookup(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
 
 def put(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None,
         value: tuple[torch.Tensor, ...]) -> None:
-    """Store ``value`` as the copy of ``ws``'s current versions (held strongly where a
-    parameter was released: it is then the only copy)."""
+    """Store ``value`` as the copy of ``ws``'s current versions.
+
+    Held weakly while the parameters have their data (the graphs' caches own it).  Where one
+    was released, this copy is held strongly and the same weights' copies in the other row
+    orders weakly: one order always stays, from which :func:`derive` makes the others."""
     _watch(ws)
-    _ENTRIES[(tuple(map(id, ws)), form, interleave)] = _Entry(ws, value)
+    ids = tuple(map(id, ws))
+    strong = any(released(w) for w in ws)
+    if strong:
+        for other in (None, 0, 1):
+            entry = _ENTRIES.get((ids, form, other))
+            if other != interleave and entry is not None and entry.strong is not None:
+                entry.strong = None
+    _ENTRIES[(ids, form, interleave)] = _Entry(ws, value, strong)
 
 
 def derive(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
            ) -> tuple[torch.Tensor, ...] | None:
-    """The copy of two stacked weights in the row order ``interleave`` (None: stacked; 0 or
-    1: interleaved in runs of 128, that member first), from a stored copy in another order.
-
-    The orders are permutations of the same rows, and quantization treats rows alike: per
-    tensor, one scale over the same elements; per row, each row's own; 128x128 blocks move
-    whole, the runs being 128 rows.  So the permuted copy is the one quantizing the weights
-    in that order would make, bit for bit."""
+    """The copy of two stacked weights in the row order ``interleave`` from a stored copy in
+    another order (:func:`reorder`); ``form`` is ``WeightCache.form``, ``(kind, args,
+    transposed)``."""
     if len(ws) != 2:
         return None
     for other in (None, 0, 1):
@@ -138,9 +147,31 @@ def derive(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
         have = lookup(ws, form, other)
         if have is not None:
             n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, form[2]))
-            perm = _order(n0, n1, other).argsort()[_order(n0, n1, interleave)].to(have[0].device)
-            return _permute_rows(have, perm)
+            return reorder(have, n0, n1, other, interleave)
     return None
+
+
+def reorder(value: tuple[torch.Tensor, ...], n0: int, n1: int, have: int | None,
+            want: int | None) -> tuple[torch.Tensor, ...]:
+    """The FP8 copy (weight, scales) of two stacked weights of ``n0`` and ``n1`` rows, in row
+    order ``have``, put in row order ``want`` (None: stacked; 0 or 1: interleaved in runs of
+    128, that member first, as :func:`fp8compile.numerics.interleave_gate_up`).
+
+    The orders are permutations of the same rows, and quantization treats rows alike: per
+    tensor, one scale over the same elements; per row, each row's own; 128x128 blocks move
+    whole, the runs being 128 rows.  So the result is what quantizing the weights in order
+    ``want`` makes, bit for bit."""
+    perm = _order(n0, n1, have).argsort()[_order(n0, n1, want)].to(value[0].device)
+    wq, *scales = value
+    out = [wq.index_select(0, perm)]
+    for s in scales:
+        if s.dim() == 0 or s.numel() == 1:
+            out.append(s.clone())
+        elif s.shape[0] == wq.shape[0]:  # one scale per row
+            out.append(s.index_select(0, perm))
+        else:  # 128x128 blocks: the runs move whole blocks
+            out.append(s.index_select(0, perm[:: nx.BLOCK] // nx.BLOCK))
+    return tuple(out)
 
 
 def _order(n0: int, n1: int, interleave: int | None) -> torch.Tensor:
@@ -151,25 +182,10 @@ def _order(n0: int, n1: int, interleave: int | None) -> torch.Tensor:
     return nx.interleave_gate_up(rows[interleave], rows[1 - interleave])
 
 
-def _permute_rows(value: tuple[torch.Tensor, ...], perm: torch.Tensor
-                  ) -> tuple[torch.Tensor, ...]:
-    wq, *scales = value
-    n = wq.shape[0]
-    out = [wq.index_select(0, perm)]
-    for s in scales:
-        if s.dim() == 0 or s.numel() == 1:
-            out.append(s.clone())
-        elif s.shape[0] == n:  # one scale per row
-            out.append(s.index_select(0, perm))
-        else:  # 128x128 blocks: the runs move whole blocks
-            out.append(s.index_select(0, perm[:: nx.BLOCK] // nx.BLOCK))
-    return tuple(out)
-
-
 def release(ws: Sequence[torch.Tensor]) -> int:
     """Free the storage of each of ``ws`` (each must own its storage).  The stored copies of
-    their current versions are kept, strongly from now on; copies of older versions are
-    dropped.  Returns the bytes freed."""
+    their current versions are kept (weakly: the caller then stores the copy it holds with
+    :func:`put`), copies of older versions dropped.  Returns the bytes freed."""
     before = {id(w): version_key([w])[0] for w in ws}
     freed = 0
     for w in ws:
@@ -183,8 +199,8 @@ def release(ws: Sequence[torch.Tensor]) -> int:
         value = entry.value()
         current = value is not None and all(m is not None for m in members) and entry.key == \
             tuple(before.get(id(m)) or version_key([m])[0] for m in members)
-        if current:
-            _ENTRIES[k] = _Entry(members, value)  # the released versions' keys: address 0
+        if current:  # the released versions' keys: address 0
+            _ENTRIES[k] = _Entry(members, value, entry.strong is not None)
         else:
             del _ENTRIES[k]
     EPOCH[0] += 1
@@ -220,10 +236,11 @@ def check_readable(tensors: Sequence[Any], names: Sequence[str], what: str) -> N
 
 
 def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any],
-                  freezing: bool = False) -> tuple[dict[str, Any], "Releaser | None"]:
+                  stats: dict[str, Any], freezing: bool = False) -> "Releaser | None":
     """Release the parameters a compiled graph reads only through its weight ``caches``
-    (``args``: the graph's real inputs).  Returns the plan's figures (the bytes freed, each
-    weight kept with why) and the :class:`Releaser` that releases them again after new data
+    (``args``: the graph's real inputs); those released while it compiled are among them.
+    Adds the plan's figures to ``stats`` (the weights and bytes freed, each weight kept
+    with why); returns the :class:`Releaser` that releases them again after new data
     brought them back (None if none was released)."""
     placeholders = list(graph.find_nodes(op="placeholder"))
     kept: list[str] = []
@@ -246,8 +263,10 @@ def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[A
     newly = sum(not released(args[i]) for i in free)
     releaser = Releaser(free, caches) if free else None
     freed = releaser(args) if releaser else 0
-    return ({"released_weight_bytes": freed, "released_weights": newly,
-             "weights_kept": kept}, releaser)
+    stats["released_weights"] = stats.get("released_weights", 0) + newly
+    stats["released_weight_bytes"] = stats.get("released_weight_bytes", 0) + freed
+    stats["weights_kept"] = kept
+    return releaser
 
 
 class Releaser:
@@ -261,9 +280,7 @@ class Releaser:
     def __call__(self, args: Sequence[Any]) -> int:
         """Release the parameters that hold data; returns the bytes freed."""
         ws = [args[i] for i in self.indices]
-        if all(released(w) for w in ws):
-            return 0
-        for cache in self.caches:  # copies made (a SwiGLU epilogue's on first use)
+        for cache in self.caches:  # each holds the copy of the current versions
             cache.get(args)
         freed = release(ws)
         for cache in self.caches:

@@ -61,6 +61,41 @@ def test_release_frees_the_fp8_linears_weights_only():
     assert torch.equal(_run(cm, ids), ref)  # and again, from the stored copies
 
 
+def test_weights_are_released_while_the_graph_compiles(monkeypatch):
+    """Each weight is freed once its cache holds the FP8 copy, before Inductor compiles: the
+    compile never holds both copies of every weight."""
+    model, ids = TinyLM(layers=1), _ids()
+    seen = []
+    real = fp8compile.Fp8Backend._inductor
+
+    def spy(self, gm, inputs, plan):
+        seen.append([weights.released(p) for p in model.layers[0].parameters()])
+        return real(self, gm, inputs, plan)
+
+    monkeypatch.setattr(fp8compile.Fp8Backend, "_inductor", spy)
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    # attn_norm, q, k, v, o, mlp_norm, gate, up, down
+    assert seen == [[False, True, True, True, True, False, True, True, True]]
+    assert be.plan.stats["released_weights"] == 7
+
+
+def test_a_swiglu_fold_keeps_one_copy_of_gate_up():
+    """The SwiGLU epilogue's interleaved copy is the stacked one reordered, and the stacked
+    copy made first is freed (the example inputs held it for the graph's lifetime)."""
+    model, ids = TinyLM(layers=1), _ids()
+    cm, be = _compile(model, {"fuse_swiglu": True})
+    _run(cm, ids)
+    gc.collect()
+    ctx = be.contexts[0]
+    (cache,) = [c for c in ctx.weight_caches if c.interleave is not None]
+    ws = [ctx.example_inputs[i] for i in cache.indices]
+    assert weights.lookup(ws, cache.form, None) is None
+    assert weights.lookup(ws, cache.form, cache.interleave)[0] is cache.value[0]
+    assert cache.quantizations == 1
+    assert any(t is cache.value[0] for t in ctx.extra_examples)
+
+
 def test_later_graphs_take_the_stored_copies():
     """A recompile (another shape, then dynamic shapes) quantizes nothing: the copies are
     shared, also when nothing is released."""
