@@ -119,6 +119,9 @@ class Fp8Backend:
         with torch._inductor.config.patch(tuning):
             PassManager(default_passes(ctx))(work)
         plan = Plan(ctx.plan_entries, cfg, ctx.stats)
+        if ctx.weight_caches:
+            plan.stats["weight_parts"] = weights.memory_parts(work.graph, ctx.weight_caches,
+                                                              example_inputs)
         plan.stats["inference"] = inference
         plan.stats["frame"] = _frame_id()
         self.plans.append(plan)

@@ -111,8 +111,17 @@ class Plan:
             for k, v in p.stats.items():
                 if isinstance(v, list):
                     stats[k] = [*stats.get(k, []), *v]
+                elif isinstance(v, dict):
+                    stats[k] = {**stats.get(k, {}), **v}
                 else:
                     stats[k] = stats.get(k, 0) + v if isinstance(v, (int, float)) else v
+        parts = stats.get("weight_parts")
+        if parts and all("weight_parts" in p.stats for p in plans if "weight_bytes" in p.stats):
+            # Graphs of one model quantize the same weights and share the FP8 copies: each
+            # counted once.
+            stats["weight_bytes"] = sum(v for k, v in parts.items() if k.startswith("high:"))
+            stats["fp8_weight_bytes"] = sum(v for k, v in parts.items() if k.startswith("fp8:"))
+            stats["quantized_weights"] = sum(k.startswith("high:") for k in parts)
         return cls([e for p in plans for e in p], plans[-1].config, stats)
 
     # -- queries ------------------------------------------------------------------------

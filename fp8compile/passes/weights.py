@@ -38,6 +38,7 @@ __all__ = [
     "check_readable",
     "derive",
     "lookup",
+    "memory_parts",
     "owns_storage",
     "param_name",
     "Releaser",
@@ -288,6 +289,23 @@ class Releaser:
             cache.key = version_key(members)
             put(members, cache.form, cache.interleave, cache.value)
         return freed
+
+
+def memory_parts(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any]
+                 ) -> dict[str, int]:
+    """Bytes of each weight a graph quantizes (``"high:<name>"``) and of each FP8 copy it
+    reads (``"fp8:<names>|<form>|<order>"``), keyed so that the plans of several graphs of one
+    model merge without counting a weight or a shared copy twice."""
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    out: dict[str, int] = {}
+    for cache in caches:
+        names = [param_name(placeholders[i]) for i in cache.indices]
+        for i, name in zip(cache.indices, names):
+            out["high:" + name] = args[i].numel() * args[i].element_size()
+        if cache.value is not None:
+            out[f"fp8:{'+'.join(names)}|{cache.form}|{cache.interleave}"] = sum(
+                t.untyped_storage().nbytes() for t in cache.value)
+    return out
 
 
 def readable_params(graph: torch.fx.Graph, args: Sequence[Any]) -> list[tuple[int, str]]:

@@ -299,3 +299,19 @@ def test_release_under_cuda_graphs(swiglu):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert [n for n, p in model.named_parameters() if weights.released(p)] == [
         f"layers.{i}.{m}.weight" for i in range(2) for m in FP8_LINEARS]
+
+
+def test_merged_plan_counts_shared_weights_once():
+    """A model's graphs quantize the same weights and share the copies: the plan of both
+    counts each once (it used to add the graphs' figures)."""
+    model = TinyLM(layers=1)
+    cm, be = _compile(model)
+    for t in (16, 24):
+        _run(cm, _ids(t))
+    assert len(be.plans) == 2
+    fp8 = [n for n, _ in model.named_parameters() if any(m in n for m in FP8_LINEARS)]
+    stats = be.plan.stats
+    assert stats["quantized_weights"] == len(fp8) == 7
+    assert stats["weight_bytes"] == sum(model.get_parameter(n).numel() * 4 for n in fp8)
+    assert stats["fp8_weight_bytes"] == be.plans[0].stats["fp8_weight_bytes"]
+    assert "2.50 MiB -> 0.63 MiB in FP8" in be.plan.summary()
