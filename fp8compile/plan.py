@@ -109,7 +109,9 @@ class Plan:
         stats: dict[str, Any] = {}
         for p in plans:
             for k, v in p.stats.items():
-                if isinstance(v, list):
+                if k == "weights_kept":  # one model's weights, kept for the same reasons
+                    stats[k] = list(dict.fromkeys([*stats.get(k, []), *v]))
+                elif isinstance(v, list):
                     stats[k] = [*stats.get(k, []), *v]
                 elif isinstance(v, dict):
                     stats[k] = {**stats.get(k, {}), **v}
