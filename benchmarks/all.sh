@@ -25,6 +25,8 @@
 #             the best
 #   train     benchmarks/train.py without and with CUDA graphs
 #   accuracy  benchmarks/accuracy.py at d=4096
+#   memory    benchmarks/memory.py: weight memory of two blocks run at prefill and decode
+#             under CUDA graphs, with and without release_weights (each variant a process)
 # Each stage has its own time limit, so one slow stage cannot eat the others' time; a failed
 # stage is reported and the next one runs.  A torchao wheel under .whl/ is installed first
 # (benchmarks/README.md says how to fetch it).
@@ -86,6 +88,7 @@ for stage in "${stages[@]}"; do
                 --out "$out/train_graphs" ;;
         accuracy) run accuracy 60 python benchmarks/accuracy.py --d 4096 --heads 32 \
                       --ffn 14336 --tokens 4096 --seeds 2 ;;
-        *) echo "unknown stage $stage (check gluon gemm gemv swiglu compile clocks quant decode e2e train accuracy)"; exit 2 ;;
+        memory) run memory 300 python benchmarks/memory.py --blocks 2 ;;
+        *) echo "unknown stage $stage (check gluon gemm gemv swiglu compile clocks quant decode e2e train accuracy memory)"; exit 2 ;;
     esac
 done
