@@ -223,6 +223,8 @@ class Fp8Config:
             a released parameter in high precision (eager code, a training graph, another
             recipe) raises a ValueError naming it instead of reading freed memory.  New data
             (``p.data = ...``) brings a parameter back; it is quantized and released again.
+            Writing into a released parameter (``load_state_dict``, ``copy_``) writes
+            through a null pointer and crashes: assign instead.
             Parameters read in high precision too, or sharing their storage with other
             tensors, are kept; the plan lists them and the bytes freed.
     """
