@@ -28,6 +28,7 @@ import triton.language as tl
 
 from ..numerics import FP8_FORMATS, Granularity, check_grouped_operands
 from .gemm import (
+    _OUT_DTYPES,
     _epilogue,
     _load_step,
     _promote,
@@ -125,7 +126,7 @@ def _check(xq, xs, x_gran, wq, ws, w_gran, offs, out_dtype) -> None:
     if (x_gran is Granularity.GROUP) != (w_gran is Granularity.BLOCK):
         raise ValueError("scaled_grouped_mm: 1x128 activation groups go with 128x128 weight "
                          f"blocks (got {x_gran} with {w_gran})")
-    if out_dtype not in (torch.bfloat16, torch.float16, torch.float32):
+    if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"scaled_grouped_mm: out_dtype {out_dtype}; bf16, fp16 or fp32")
 
 

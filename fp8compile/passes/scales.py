@@ -73,7 +73,6 @@ from ..ops._common import check_fp8_input
 from ..ops.linear import weight_quants
 from . import weights
 from .manager import (
-    CompileContext,
     Fp8Pass,
     PassResult,
     add_note,
@@ -239,7 +238,7 @@ class ScalesPass(Fp8Pass):
         modified = self._share_activation_quant(graph)
         if self.ctx.inference:
             if self.ctx.release:
-                self._releasable = _cache_only_params(graph, self.ctx)
+                self._releasable = self._cache_only_params(graph)
             if self.ctx.config.fuse_projections:
                 modified |= self._fuse_projections(graph)
             modified |= self._hoist_weights(graph)
@@ -421,6 +420,27 @@ class ScalesPass(Fp8Pass):
             modified = True
         return modified
 
+    def _cache_only_params(self, graph: torch.fx.Graph) -> set[torch.fx.Node]:
+        """Parameter placeholders whose one reader is a weight quantization (of the parameter
+        or of its transpose), which becomes a weight cache: once that cache holds the FP8
+        copy, nothing reads the parameter.  Only parameters that are all of their storage."""
+        readers: dict[torch.fx.Node, list[torch.fx.Node]] = {}
+        for node in graph.nodes:
+            if node.target in (OPS.quantize.default, OPS.quantize_grouped_weight.default) and \
+                    info(node).get("role") == "weight_quant" and \
+                    (found := self._weight_param(node)) is not None:
+                readers.setdefault(found[0], []).append(node)
+        out = set()
+        for param, quants in readers.items():
+            w = self.ctx.example_inputs[self.ctx.placeholder_index(param)]
+            (src,) = quants[0].args[:1]  # the parameter, or its transpose
+            if (len(quants) == 1 and isinstance(w, torch.nn.Parameter)
+                    and (weights.owns_storage(w) or weights.released(w))
+                    and set(param.users) == {src if src is not param else quants[0]}
+                    and set(src.users) == {quants[0]}):
+                out.add(param)
+        return out
+
     def _weight_param(self, wqs: torch.fx.Node) -> tuple[torch.fx.Node, bool] | None:
         """(parameter placeholder, transposed) behind a weight ``quantize``, if hoistable."""
         src = wqs.args[0]
@@ -518,11 +538,7 @@ class ScalesPass(Fp8Pass):
         free = [i for i in cache.indices if placeholders[i] in self._releasable]
         if not free:
             return
-        args, stats = self.ctx.example_inputs, self.ctx.stats
-        newly = sum(not weights.released(args[i]) for i in free)
-        freed = weights.Releaser(free, [cache])(args)
-        stats["released_weights"] = stats.get("released_weights", 0) + newly
-        stats["released_weight_bytes"] = stats.get("released_weight_bytes", 0) + freed
+        weights.Releaser(free, [cache])(self.ctx.example_inputs, self.ctx.stats)
 
     def _count_weights(self, cache: "WeightCache", shape: tuple[int, int], granularity: str,
                        copies: int = 1) -> None:
@@ -541,27 +557,6 @@ class ScalesPass(Fp8Pass):
 
 __all__ = ["CachedWeight", "GroupedWeightCache", "ScalesPass", "TrainingWeightCache",
            "WeightCache"]
-
-
-def _cache_only_params(graph: torch.fx.Graph, ctx: CompileContext) -> set[torch.fx.Node]:
-    """Parameter placeholders whose one reader is a weight quantization (of the parameter or
-    of its transpose), which becomes a weight cache: once that cache holds the FP8 copy,
-    nothing reads the parameter.  Only parameters that are all of their storage."""
-    out = set()
-    for i, node in enumerate(graph.find_nodes(op="placeholder")):
-        w = ctx.example_inputs[i] if i < len(ctx.example_inputs) else None
-        if not isinstance(w, torch.nn.Parameter) or not (
-                weights.owns_storage(w) or weights.released(w)) or len(node.users) != 1:
-            continue
-        (user,) = node.users
-        if user.op == "call_function" and user.target in (torch.t, torch.transpose):
-            if len(user.users) != 1:
-                continue
-            (user,) = user.users
-        if user.target in (OPS.quantize.default, OPS.quantize_grouped_weight.default) and \
-                info(user).get("role") == "weight_quant" and user.args[0] in (node, *node.users):
-            out.add(node)
-    return out
 
 
 def _item(node: Any) -> Any:

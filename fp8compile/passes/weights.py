@@ -261,11 +261,9 @@ def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[A
             free.append(i)
         else:
             kept.append(f"{param_name(node)}: {why}")
-    newly = sum(not released(args[i]) for i in free)
     releaser = Releaser(free, caches) if free else None
-    freed = releaser(args) if releaser else 0
-    stats["released_weights"] = stats.get("released_weights", 0) + newly
-    stats["released_weight_bytes"] = stats.get("released_weight_bytes", 0) + freed
+    if releaser:
+        releaser(args, stats)
     stats["weights_kept"] = kept
     return releaser
 
@@ -278,12 +276,17 @@ class Releaser:
         self.indices = tuple(indices)
         self.caches = [c for c in caches if set(c.indices) & set(indices)]
 
-    def __call__(self, args: Sequence[Any]) -> int:
-        """Release the parameters that hold data; returns the bytes freed."""
+    def __call__(self, args: Sequence[Any], stats: dict[str, Any] | None = None) -> int:
+        """Release the parameters that hold data; returns the bytes freed, also added to a
+        plan's ``stats`` (``released_weight_bytes``, with ``released_weights``) if given."""
         ws = [args[i] for i in self.indices]
         for cache in self.caches:  # each holds the copy of the current versions
             cache.get(args)
+        newly = sum(not released(w) for w in ws)
         freed = release(ws)
+        if stats is not None:
+            stats["released_weights"] = stats.get("released_weights", 0) + newly
+            stats["released_weight_bytes"] = stats.get("released_weight_bytes", 0) + freed
         for cache in self.caches:
             members = [args[i] for i in cache.indices]
             cache.key = version_key(members)

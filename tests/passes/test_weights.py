@@ -317,3 +317,4 @@ def test_merged_plan_counts_shared_weights_once():
     assert stats["weight_bytes"] == sum(model.get_parameter(n).numel() * 4 for n in fp8)
     assert stats["fp8_weight_bytes"] == be.plans[0].stats["fp8_weight_bytes"]
     assert "2.50 MiB -> 0.63 MiB in FP8" in be.plan.summary()
+
