@@ -238,6 +238,7 @@ class ScalesPass(Fp8Pass):
         modified = self._share_activation_quant(graph)
         if self.ctx.inference:
             if self.ctx.release:
+                eliminate_dead_code(graph)  # the rewrite leaves the old GEMMs' weight views
                 self._releasable = self._cache_only_params(graph)
             if self.ctx.config.fuse_projections:
                 modified |= self._fuse_projections(graph)

@@ -318,3 +318,24 @@ def test_merged_plan_counts_shared_weights_once():
     assert stats["fp8_weight_bytes"] == be.plans[0].stats["fp8_weight_bytes"]
     assert "2.50 MiB -> 0.63 MiB in FP8" in be.plan.summary()
 
+
+def test_expert_weights_released_while_compiling(monkeypatch):
+    """A mixture of experts' expert weights reach their grouped quantization through a
+    transpose: they are freed during the compile too, and the output does not move."""
+    from tests.models import tiny_hf_mixtral
+
+    model = tiny_hf_mixtral().eval()
+    ids = torch.randint(0, 100, (2, 16))
+    ref = _reference(model, ids)
+    experts = [n for n, _ in model.named_parameters() if ".experts." in n]
+    seen = []
+    real = fp8compile.Fp8Backend._inductor
+
+    def spy(self, gm, inputs, plan):
+        seen.append([weights.released(model.get_parameter(n)) for n in experts])
+        return real(self, gm, inputs, plan)
+
+    monkeypatch.setattr(fp8compile.Fp8Backend, "_inductor", spy)
+    cm, _ = _compile(model, {"release_weights": True})
+    assert torch.equal(_run(cm, ids).logits, ref.logits)
+    assert len(experts) == 4 and seen == [[True] * 4]
