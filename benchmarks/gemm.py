@@ -512,26 +512,31 @@ def run_fold(shapes):
             log(f"  {m:>3}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
-def run_decode(shapes, max_m=None):
+def run_decode(shapes, max_m=None, splits=()):
     """Decode-sized GEMMs through the launcher with the TMA-streamed Gluon kernel
     (``kernels/decode_ws.py``) against the launcher without it (``gluon=False``: the Triton
     kernel, or at one row the CUDA-core kernel) and bf16; ``max_m`` raises the kernel's
-    ``MAX_M`` for this run, to time it where the launcher does not take it."""
-    from fp8compile.kernels import decode_ws
+    ``MAX_M`` for this run, to time it where the launcher does not take it.  The weights
+    whose 64-row tiles leave SMs idle split K (``decode_ws.launch_split``); ``splits`` also
+    times the kernel itself at each of these splits on them (``s<split>``)."""
+    from fp8compile.kernels import decode_ws, tuning
     from fp8compile.kernels.gemm import scaled_mm as triton_mm
 
     os.environ["FP8COMPILE_DECODE_GLUON"] = "1"  # timed here even where the caller turned it off
     if max_m is not None:
         decode_ws.MAX_M = max_m
+    sms = tuning.num_sms(torch.device("cuda"))
     log(f"\nDecode GEMMs, Gluon (TMA) kernel against the launcher without it, us per GEMM "
-        f"(CUDA-graph replays, L2-exceeding operand sets); MAX_M={decode_ws.MAX_M}")
-    # the weights whose 64-row tiles fill the SMs (the kernel serves no other): 14336x4096
-    # of --m's shapes, and a LLaMA-8B block's fused q/k/v and gate/up projections
-    for (n, k) in [(14336, 4096), (12288, 4096), (28672, 4096)]:
+        f"(CUDA-graph replays, L2-exceeding operand sets); MAX_M={decode_ws.MAX_M}; "
+        "L = launcher without the kernel, G = with it (its split in brackets)")
+    # the weights whose 64-row tiles fill the SMs (no split): 14336x4096 and a LLaMA-8B
+    # block's fused q/k/v and gate/up projections; then the narrow ones, which split K
+    for (n, k) in [(14336, 4096), (12288, 4096), (28672, 4096), (4096, 4096), (4096, 14336)]:
         for m in shapes:
             if m > decode_ws.MAX_M:
                 continue
             xs, ws, t_bf = _decode_operands(m, n, k)
+            rule = decode_ws.launch_split(n, k, sms)
             cells = []
             for name, (xg, wg, acc) in RECIPES.items():
                 sets = _fp8_sets(xs, ws, xg, wg)
@@ -543,9 +548,17 @@ def run_decode(shapes, max_m=None):
                                 gluon=False)
                 err = rel_err(triton_mm(*sets[0][:2], xg, *sets[0][2:], wg, None,
                                         torch.float32, acc), ref)
-                cells.append(f"{name} {t[False] * 1e3:5.1f} -> {t[True] * 1e3:5.1f} "
-                             f"({t_bf / t[False]:.2f}x -> {t_bf / t[True]:.2f}x bf16"
-                             f"{', err vs Triton %.0e' % err if err > 1e-3 else ''})")
+                cell = (f"{name} L {t[False] * 1e3:5.1f} G[{rule}] {t[True] * 1e3:5.1f} "
+                        f"({t_bf / t[False]:.2f}x -> {t_bf / t[True]:.2f}x bf16"
+                        f"{', err vs Triton %.0e' % err if err > 1e-3 else ''})")
+                if rule > 1:
+                    for split in splits:
+                        def direct(a, sa, b, sb, split=split):
+                            out = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+                            return decode_ws.decode_mm(a, sa, b, sb, None, out, xg, wg, acc,
+                                                       split=split)
+                        cell += f" s{split} {bench(direct, sets) * 1e3:5.1f}"
+                cells.append(cell)
             log(f"  {m:>2}x{n}x{k} bf16 {t_bf * 1e3:5.1f} | " + " | ".join(cells))
 
 
@@ -744,6 +757,9 @@ def main():
                     help="only time the decode Gluon kernel against the launcher without it, "
                          "at the M of --m up to its MAX_M")
     ap.add_argument("--max-m", type=int, help="--decode: raise the kernel's MAX_M to this")
+    ap.add_argument("--decode-splits", type=int, nargs="*", default=[],
+                    help="--decode: also time the kernel at these splits of K on the weights "
+                         "that split")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if not torch.cuda.is_available():
@@ -763,7 +779,7 @@ def main():
         run_fold(args.m)
         return 0
     if args.decode:
-        run_decode(args.m, args.max_m)
+        run_decode(args.m, args.max_m, args.decode_splits)
         return 0
     if args.variants:
         run_variants(args.m, args.recipes, args.stages, args.tile)

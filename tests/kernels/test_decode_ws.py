@@ -94,13 +94,25 @@ def test_unsupported_takes_every_recipe_output_and_residual_count(recipe, res, o
     assert why is None or "Hopper" in why or "Gluon" in why, why
 
 
-def test_column_tiles_must_fill_the_sms(monkeypatch):
-    """Each program owns one column tile and all of K: a weight with fewer 64-row tiles than
-    the GPU has SMs stays on the Triton kernel, which splits K."""
-    monkeypatch.setattr(dw.tuning, "num_sms", lambda device: 132)
-    assert "132 column tiles" not in (_why(n=132 * 64) or "")
-    assert "131 column tiles of 64 leave some of the 132 SMs idle" in _why(n=131 * 64)
-    assert "64 column tiles" in _why(n=4096, k=4096)
+def test_narrow_weights_split_k_until_the_sms_fill(monkeypatch):
+    """A program owns all of K where the 64-row column tiles fill the SMs; a narrower weight
+    splits K into up to two programs per SM, each split keeping four K tiles at least, and
+    one that cannot fill the SMs even so stays on the Triton kernel."""
+    sms = 132
+    monkeypatch.setattr(dw.tuning, "num_sms", lambda device: sms)
+    assert dw.launch_split(132 * 64, 4096, sms) == 1
+    assert dw.launch_split(14336, 14336, sms) == 1
+    assert dw.launch_split(4096, 4096, sms) == 4  # 64 tiles: 264 // 64, 32 K tiles
+    assert dw.launch_split(4096, 14336, sms) == 4
+    assert dw.launch_split(131 * 64, 4096, sms) == 2  # 264 // 131
+    assert dw.launch_split(67 * 64, 4096, sms) == 3
+    assert dw.launch_split(4096, 1024, sms) == 2  # 8 K tiles: splits of four
+    assert dw.launch_split(256, 512, sms) == 1
+    assert _why(n=132 * 64) is None or "column tiles" not in _why(n=132 * 64)
+    assert _why(n=4096, k=4096) is None or "column tiles" not in _why(n=4096, k=4096)
+    assert ("N=4096, K=1024: 64 column tiles of 64 in 2 split(s) of K leave some of the 132 "
+            "SMs idle") in _why(n=4096, k=1024)
+    assert "4 column tiles of 64 in 1 split(s)" in _why(n=256, k=512)
 
 
 class _Launch:
@@ -128,12 +140,13 @@ def test_scales_and_mode_reach_the_kernel_by_recipe(monkeypatch, recipe):
     monkeypatch.setattr(dw, "_decode_kernel", launch)
     out = torch.empty(m, n, dtype=torch.bfloat16)
     dw.decode_mm(_fp8(m, k), sx, _fp8(n, k), sw, None, out, xg, wg, acc)
-    (w_d, x_d, as_ptr, ws_ptr, bias_ptr, r1, r2, out_ptr, mm, nn, kk, sa0, sa1, sw0, sw1,
-     stride_om) = launch.args
+    (w_d, x_d, as_ptr, ws_ptr, bias_ptr, r1, r2, out_ptr, part, cnt, mm, nn, kk, sa0, sa1,
+     sw0, sw1, stride_om) = launch.args
     assert (w_d.block_shape, x_d.block_shape) == ([64, 128], [16, 128])
     assert (mm, nn, kk) == (m, n, k) and as_ptr is sx and ws_ptr is sw and out_ptr is out
-    assert launch.grid == (n // 64,) and stride_om == n
+    assert launch.grid == (n // 64, 1) and stride_om == n and launch.meta["SPLIT"] == 1
     assert bias_ptr is out and r1 is out and r2 is out  # unread
+    assert part is out and cnt is out  # no split: unread
     assert launch.meta["HAS_BIAS"] is False and launch.meta["RES"] == 0
     mode = {"blockwise": 0, "fast": 2, "precise": 1}["blockwise" if xg is G.GROUP else acc]
     assert launch.meta["MODE"] == mode
@@ -155,9 +168,32 @@ def test_bias_and_residuals_are_read_in_order(monkeypatch):
     dw.decode_mm(_fp8(m, k), torch.ones(m, 32), _fp8(n, k), torch.ones(67, 32), bias, out,
                  residuals=(r1, r2))
     args = launch.args
-    assert launch.grid == (133,) and args[4] is bias and args[5] is r1 and args[6] is r2
-    assert args[15] == n  # the residuals' row stride
+    assert launch.grid == (133, 1) and args[4] is bias and args[5] is r1 and args[6] is r2
+    assert args[17] == n  # the residuals' row stride
     assert launch.meta["HAS_BIAS"] is True and launch.meta["RES"] == 2
+
+
+@needs_gluon
+@pytest.mark.parametrize("split, want", [(None, 4), (3, 3), (1, 1), (64, 32)])
+def test_split_launch_takes_partials_and_counters(monkeypatch, split, want):
+    """A split launch: a grid of (column tiles, splits), fp32 partials of split x M x N and
+    the launcher's per-tile counters (zero, as each launch leaves them); a split past the K
+    tiles is cut to one per tile."""
+    monkeypatch.setattr(dw.tuning, "num_sms", lambda device: 132)
+    gemm._COUNTERS.clear()
+    m, n, k = 3, 4096, 4096
+    launch = _Launch()
+    monkeypatch.setattr(dw, "_decode_kernel", launch)
+    out = torch.empty(m, n, dtype=torch.bfloat16)
+    dw.decode_mm(_fp8(m, k), torch.ones(m, 32), _fp8(n, k), torch.ones(32, 32), None, out,
+                 split=split)
+    part, cnt = launch.args[8:10]
+    assert launch.grid == (64, want) and launch.meta["SPLIT"] == want
+    if want == 1:
+        assert part is out and cnt is out
+    else:
+        assert part.dtype == torch.float32 and part.numel() == want * m * n
+        assert cnt.dtype == torch.int32 and cnt.numel() >= 64 and not cnt.any()
 
 
 @needs_gluon
@@ -227,13 +263,13 @@ def test_precompile_leaves_the_decode_kernel_to_its_first_launch(monkeypatch):
     assert started == []
 
 
-def _ptxas_report(mode: int, res: int) -> str:
+def _ptxas_report(mode: int, res: int, split: int) -> str:
     """ptxas -v on the kernel compiled for sm_90a, in a fresh process (see
     tests/kernels/test_blockwise_ws.py: the interpreter's patches break Gluon compiles)."""
-    return ptxas_in_fresh_process("tests.kernels.test_decode_ws", f"{mode}, {res}")
+    return ptxas_in_fresh_process("tests.kernels.test_decode_ws", f"{mode}, {res}, {split}")
 
 
-def _ptxas_in_process(mode: int, res: int) -> str:
+def _ptxas_in_process(mode: int, res: int, split: int) -> str:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -246,10 +282,10 @@ def _ptxas_in_process(mode: int, res: int) -> str:
     sig = {"w_desc": f"tensordesc<fp8e4nv[{dw.BLOCK_N}, {dw.BLOCK_K}],{w_l!r}>",
            "x_desc": f"tensordesc<fp8e4nv[{dw.BLOCK_T}, {dw.BLOCK_K}],{x_l!r}>",
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "r1_ptr": "*bf16",
-           "r2_ptr": "*bf16", "out_ptr": "*bf16"}
+           "r2_ptr": "*bf16", "out_ptr": "*bf16", "part_ptr": "*fp32", "cnt_ptr": "*i32"}
     sig.update({name: "i32" for name in ("M", "N", "K", "stride_as0", "stride_as1",
                                          "stride_ws0", "stride_ws1", "stride_om")})
-    consts = dict(STAGES=dw.STAGES, MODE=mode, HAS_BIAS=True, RES=res)
+    consts = dict(STAGES=dw.STAGES, MODE=mode, SPLIT=split, HAS_BIAS=True, RES=res)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(GluonASTSource(fn=dw._decode_kernel, signature=sig, constexprs=consts),
                             target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
@@ -264,15 +300,17 @@ def _ptxas_in_process(mode: int, res: int) -> str:
 
 
 @needs_gluon
-@pytest.mark.parametrize("mode, res", [(0, 0), (1, 0), (2, 0), (0, 2), (2, 1)],
+@pytest.mark.parametrize("mode, res, split", [(0, 0, 1), (1, 0, 1), (2, 0, 1), (0, 2, 1),
+                                              (2, 1, 1), (0, 2, 4), (1, 1, 5), (2, 0, 2)],
                          ids=["promoted", "precise", "fast", "promoted-two-residuals",
-                              "fast-residual"])
-def test_compiles_for_sm90a_without_spills(mode, res):
+                              "fast-residual", "promoted-split", "precise-split",
+                              "fast-split"])
+def test_compiles_for_sm90a_without_spills(mode, res, split):
     from fp8compile.kernels.resources import tools_available
 
     if not tools_available():
         pytest.skip("Triton's NVIDIA tools (ptxas) are not installed")
-    report = _ptxas_report(mode, res)
+    report = _ptxas_report(mode, res, split)
     assert "0 bytes spill stores, 0 bytes spill loads" in report, report
 
 
@@ -286,13 +324,14 @@ def _operands(m, n, k, xg, wg, fmt=Fp8Format.E4M3):
     return (*nx.quantize(x, xg, fmt), *nx.quantize(w, wg, fmt))
 
 
-def _check(xq, xs, wq, ws, xg, wg, acc, out_dtype, bias=True, res=0):
+def _check(xq, xs, wq, ws, xg, wg, acc, out_dtype, bias=True, res=0, split=None):
     m, n = xq.shape[0], wq.shape[0]
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     residuals = tuple(torch.randn(m, n, device="cuda").to(out_dtype) for _ in range(res))
-    assert dw.unsupported(xq, xs, xg, wq, ws, wg, out_dtype, "none", res) is None
+    if split is None:  # a forced split may run where the launcher's rule would not
+        assert dw.unsupported(xq, xs, xg, wq, ws, wg, out_dtype, "none", res) is None
     out = torch.empty(m, n, device="cuda", dtype=out_dtype)
-    y = dw.decode_mm(xq, xs, wq, ws, b, out, xg, wg, acc, residuals)
+    y = dw.decode_mm(xq, xs, wq, ws, b, out, xg, wg, acc, residuals, split=split)
     r1, r2 = (residuals + (None, None))[:2]
     ref = scaled_mm_reference(xq, xs, xg, wq, ws, wg, b, torch.float32, "none", r1, r2)
     if acc == "fast" and xg is not G.GROUP:
@@ -336,15 +375,20 @@ def test_residuals_and_no_bias(recipe, res, out_dtype):
 
 
 @needs_hopper
-def test_nan_row_zero_rows_and_e5m2():
-    m, n, k = 4, 8448, 1024
+@pytest.mark.parametrize("n, k, fmt, split", [(8448, 1024, Fp8Format.E5M2, None),
+                                              (4096, 4096, Fp8Format.E4M3, 4)],
+                         ids=["e5m2-whole-k", "e4m3-split"])
+def test_nan_row_and_zero_rows(n, k, fmt, split):
+    """A NaN in one row's last split of K reaches that row alone, through the partials' sum
+    where K is split; an all-zero row gives zeros."""
+    m = 4
     x = torch.randn(m, k, device="cuda")
-    x[1, 7] = float("nan")
+    x[1, k - 7] = float("nan")
     x[2] = 0.0
-    xq, xs = nx.quantize(x, G.GROUP, Fp8Format.E5M2)
-    wq, ws = nx.quantize(torch.randn(n, k, device="cuda") * 0.05, G.BLOCK, Fp8Format.E5M2)
+    xq, xs = nx.quantize(x, G.GROUP, fmt)
+    wq, ws = nx.quantize(torch.randn(n, k, device="cuda") * 0.05, G.BLOCK, fmt)
     out = torch.empty(m, n, device="cuda", dtype=torch.float32)
-    y = dw.decode_mm(xq, xs, wq, ws, None, out)
+    y = dw.decode_mm(xq, xs, wq, ws, None, out, split=split)
     assert y[1].isnan().all() and not y[[0, 2, 3]].isnan().any()
     assert (y[2] == 0).all()
     ref = scaled_mm_reference(xq, xs, G.GROUP, wq, ws, G.BLOCK, None, torch.float32, "none",
@@ -381,3 +425,39 @@ def test_scaled_mm_runs_it_on_3d_and_transposed_inputs(recipe):
     xt = xq.t().contiguous().t()
     torch.testing.assert_close(gemm.scaled_mm(xt, xs, xg, wq, ws, wg, None, torch.float32,
                                               acc), ref, atol=1e-2, rtol=1e-2)
+
+
+@needs_hopper
+@pytest.mark.parametrize("recipe", list(RECIPES))
+# the launcher's split of a 4096-row weight; K tiles not a multiple of the split (9 in 3,
+# 33 in 7); a column tile past N; one K tile per split
+@pytest.mark.parametrize("m, n, k, split", [(1, 4096, 4096, None), (dw.MAX_M, 4100, 1040, 3),
+                                            (5, 300, 4160, 7), (2, 192, 512, 4)])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+def test_split_matches_reference(recipe, m, n, k, split, out_dtype):
+    xg, wg, acc = RECIPES[recipe]
+    _check(*_operands(m, n, k, xg, wg), xg, wg, acc, out_dtype, res=1 if split else 0,
+           split=split)
+
+
+@needs_hopper
+def test_split_sums_in_one_order_and_leaves_the_counters_zero():
+    """The last program adds the partials in split order, whichever arrives last: the same
+    bits launch after launch and under graph replays, and the counters are zero after each
+    launch (else the next launch's programs would miscount)."""
+    xq, xs, wq, ws = _operands(3, 4096, 4096, G.GROUP, G.BLOCK)
+    out = torch.empty(3, 4096, device="cuda", dtype=torch.bfloat16)
+    want = dw.decode_mm(xq, xs, wq, ws, None, out, split=5).clone()
+    for _ in range(10):
+        assert torch.equal(dw.decode_mm(xq, xs, wq, ws, None, out, split=5), want)
+    counters = gemm._tile_counters(xq.device, 64)
+    torch.cuda.synchronize()
+    assert not counters.any()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dw.decode_mm(xq, xs, wq, ws, None, out, split=5)
+    out.zero_()
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, want) and not counters.any()
