@@ -182,12 +182,13 @@ class Fp8Config:
             as one fused projection, ``fuse_projections``) computes ``silu(gate) * up`` in
             its epilogue, from the fp32 product, and writes that one half-width tensor
             instead of gate and up; its quantization for the down projection is then a
-            plain pass over it.  The stacked weight's rows interleave gate and up in runs
-            of 128.  ``None`` (default): where the warp-specialized Hopper kernel serves
-            the GEMM (fast accumulation with row/tensor scales, M > 256, static shapes) and
-            the fused step is faster: at M >= 2048, by rule, with tensor scales and not with
-            row scales (measured); below, or under ``mode="max-autotune"``, where it times
-            faster at compile time than the unfused one (3% margin); ``True``: wherever
+            plain pass over it.  Each output tile reads 128 rows of gate and the matching
+            128 of up from the stacked weight.  ``None`` (default): where the
+            warp-specialized Hopper kernel serves the GEMM (fast accumulation with
+            row/tensor scales, M > 256, static shapes) and the fused step is faster: at
+            M >= 2048, by rule, with tensor scales and not with row scales (measured);
+            below, or under ``mode="max-autotune"``, where it times faster at compile time
+            than the unfused one (3% margin); ``True``: wherever
             the pattern is found (elsewhere the GEMM's fp32 product then goes through the
             SwiGLU as pointwise ops); ``False``: never.  With blockwise scales the fold
             makes the GEMM quantize h in the 1x128 groups the down projection reads

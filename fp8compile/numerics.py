@@ -59,7 +59,6 @@ __all__ = [
     "compute_scale",
     "dequantize",
     "fp8_linear_reference",
-    "interleave_gate_up",
     "m_contiguous",
     "produce",
     "quantize",
@@ -507,49 +506,31 @@ def silu_mul_quantize(
     return quantize(y, granularity, fmt, power_of_2)
 
 
-# The SwiGLU GEMM's weight layout: gate and up rows alternate in runs of this many, so each
-# 256-wide output tile of the GEMM holds a gate tile and the matching up tile.
+# The SwiGLU GEMM's weight: gate rows, then up rows, each a multiple of this many, so that
+# each 128-wide output tile reads one 128-row block of gate and the matching one of up (and
+# their own 128x128 weight scale blocks).
 SWIGLU_RUN = 128
 
 
 def check_swiglu_rows(n: int, who: str = "scaled_mm") -> None:
-    """Raise unless ``n`` weight rows can hold gate and up interleaved in runs of
+    """Raise unless ``n`` weight rows can hold gate then up rows, each a multiple of
     :data:`SWIGLU_RUN` (what a GEMM with the SwiGLU epilogue reads)."""
     if n % (2 * SWIGLU_RUN):
         raise ValueError(
-            f"{who}: activation='swiglu' needs N % {2 * SWIGLU_RUN} == 0 (gate and up rows "
-            f"interleaved in runs of {SWIGLU_RUN}, numerics.interleave_gate_up), got N={n}"
+            f"{who}: activation='swiglu' needs N % {2 * SWIGLU_RUN} == 0 (gate rows then up "
+            f"rows, torch.cat([gate, up]), each a multiple of {SWIGLU_RUN}), got N={n}"
         )
 
 
-def interleave_gate_up(gate: torch.Tensor, up: torch.Tensor, run: int = SWIGLU_RUN
-                       ) -> torch.Tensor:
-    """The rows of ``gate`` and ``up`` (each ``(F, ...)``, F a multiple of ``run``) in the
-    order the SwiGLU GEMM reads them: ``gate[0:run], up[0:run], gate[run:2 run], ...``.
-
-    A permutation of rows, so per-row (and per-tensor) weight scales are the stacked
-    weight's, permuted the same way; 128x128 blocks too, with ``run`` = 128."""
-    if gate.shape != up.shape or gate.dim() < 1 or gate.shape[0] % run:
-        raise ValueError(
-            f"interleave_gate_up: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have "
-            f"one shape whose first dim is a multiple of {run}"
-        )
-    f, rest = gate.shape[0], gate.shape[1:]
-    runs = (gate.reshape(f // run, run, *rest), up.reshape(f // run, run, *rest))
-    return torch.stack(runs, 1).reshape(2 * f, *rest)
-
-
-def swiglu(y: torch.Tensor, run: int = SWIGLU_RUN) -> torch.Tensor:
-    """``silu(gate) * up`` of a GEMM output ``y`` (..., 2F) whose columns alternate between
-    gate and up in runs of ``run`` (the weight of :func:`interleave_gate_up`): (..., F),
-    computed in ``y``'s dtype."""
+def swiglu(y: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of a GEMM output ``y`` (..., 2F) whose first F columns are gate's
+    and last F up's (the weight ``torch.cat([gate, up])``): (..., F), computed in ``y``'s
+    dtype."""
     n = y.shape[-1]
-    if n % (2 * run):
-        raise ValueError(f"swiglu: the last dim {n} must be a multiple of {2 * run} "
-                         f"(gate and up interleaved in runs of {run})")
-    pairs = y.reshape(*y.shape[:-1], n // (2 * run), 2, run)
-    gate, up = pairs.select(-2, 0), pairs.select(-2, 1)
-    return (torch.nn.functional.silu(gate) * up).reshape(*y.shape[:-1], n // 2)
+    if n % 2:
+        raise ValueError(f"swiglu: the last dim {n} must be even (gate columns, then up's)")
+    gate, up = y[..., : n // 2], y[..., n // 2:]
+    return torch.nn.functional.silu(gate) * up
 
 
 def swiglu_in_groups(x_granularity, w_granularity, h_granularity) -> bool:

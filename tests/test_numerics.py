@@ -178,29 +178,24 @@ def test_sqnr():
         Fp8Format.from_dtype(torch.float16)
 
 
-def test_interleave_gate_up_and_swiglu_pair_each_gate_with_its_up():
+def test_swiglu_pairs_each_gate_column_with_its_up_column():
     f, k = 384, 8
     gate, up = torch.randn(f, k), torch.randn(f, k)
-    w = nx.interleave_gate_up(gate, up)
-    assert w.shape == (2 * f, k)
-    for r in range(3):  # runs of 128: gate, up, gate, up, ...
-        assert torch.equal(w[256 * r:256 * r + 128], gate[128 * r:128 * r + 128])
-        assert torch.equal(w[256 * r + 128:256 * (r + 1)], up[128 * r:128 * r + 128])
     x = torch.randn(2, 3, k)
     want = torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())
-    torch.testing.assert_close(nx.swiglu(x @ w.t()), want)
-    # 1-D (scales, bias) interleave the same way
-    s = nx.interleave_gate_up(torch.arange(f), torch.arange(f) + 1000)
-    assert s[127].item() == 127 and s[128].item() == 1000 and s[256].item() == 128
+    got = nx.swiglu(x @ torch.cat([gate, up]).t())
+    assert got.shape == (2, 3, f)
+    torch.testing.assert_close(got, want)
+    # swapped halves pair the other way: not the same function
+    assert not torch.allclose(nx.swiglu(x @ torch.cat([up, gate]).t()), want)
 
 
-def test_interleave_gate_up_and_swiglu_reject_unpaired_shapes():
-    with pytest.raises(ValueError, match="multiple of 128"):
-        nx.interleave_gate_up(torch.randn(320, 4), torch.randn(320, 4))
-    with pytest.raises(ValueError, match="one shape"):
-        nx.interleave_gate_up(torch.randn(128, 4), torch.randn(256, 4))
-    with pytest.raises(ValueError, match="multiple of 256"):
-        nx.swiglu(torch.randn(2, 384))
+def test_swiglu_rejects_an_odd_width_and_the_gemm_unaligned_halves():
+    with pytest.raises(ValueError, match="must be even"):
+        nx.swiglu(torch.randn(2, 385))
+    with pytest.raises(ValueError, match=r"N % 256 == 0 \(gate rows then up rows.*N=384"):
+        nx.check_swiglu_rows(384)
+    nx.check_swiglu_rows(512)
 
 
 @pytest.mark.parametrize("g", list(Granularity))

@@ -40,11 +40,11 @@ The same kernel serves per-row and per-tensor scales (on both operands):
   wgmma reads less shared memory per FLOP, and it runs at cuBLAS's speed where the
   128x128 tile ran at 0.92-0.97x (docs/performance.md).  The epilogue's column vectors are
   loaded before the K loop, a few elements per thread, and spread to the accumulator's
-  layout after it.  With a half-width output descriptor the fast path's epilogue is SwiGLU:
-  the weight's rows interleave gate and up in runs of 128
-  (:func:`fp8compile.numerics.interleave_gate_up`), so each 256-wide tile holds a gate tile
-  and its up tile, both halves of every thread's registers, and ``silu(gate) * up`` leaves
-  as a 128-wide tile.  With ``RES`` (one or two residuals: a transformer block's last add,
+  layout after it.  With ``SWIGLU`` the fast path's epilogue is SwiGLU: the weight is
+  ``torch.cat([gate, up])``, and each 256-wide tile loads 128 rows of gate and the matching
+  128 rows of up (two TMA loads into the two halves of the stage), so the tile holds a gate
+  tile and its up tile, both halves of every thread's registers, and ``silu(gate) * up``
+  leaves as a 128-wide tile.  With ``RES`` (one or two residuals: a transformer block's last add,
   ``(x + o) + down``, takes x and o apart so that ``x + o`` is never rounded) the
   epilogue adds residual tiles in fp32 before its one rounding, on this path and on the
   promoted one.  The first comes by TMA into the output tile's shared memory during the K
@@ -121,7 +121,7 @@ PROMOTED_RUN = gl.constexpr(8) if HAVE_GLUON else 8
 FAST_TILE = (128, 256, 128, 3)
 MATH_REGS, LOAD_REGS = 232, 40
 # The SwiGLU epilogue with promoted (blockwise) scales: a 128x256 tile, gate in the low and
-# up in the high 128 columns (the weight interleaved in runs of 128), so that each row's
+# up in the high 128 columns (loaded from the two halves of the stacked weight), so that each row's
 # 128 outputs of h are one 1x128 group, cast to E4M3 with its own scale in the epilogue.
 # Each math warpgroup keeps two 64x128 accumulators and one partial tile (192 registers);
 # three 48 KB stages.
@@ -278,6 +278,11 @@ if HAVE_GLUON:
         BM: gl.constexpr = a_bufs.shape[1]
         BK: gl.constexpr = a_bufs.shape[2]
         BN: gl.constexpr = b_bufs.shape[1]
+        # A SwiGLU tile's weight rows come in two loads of half the tile: gate rows
+        # [pid_n * HB, +HB) into the low half, the matching up rows, N/2 further, into the
+        # high half (the weight is torch.cat([gate, up])).
+        HB: gl.constexpr = b_desc.block_type.shape[0]
+        B_BYTES: gl.constexpr = b_desc.block_type.nbytes * (BN // HB)
         num_pid_m = gl.cdiv(M, BM)
         num_pid_n = gl.cdiv(N, BN)
         it = 0
@@ -287,10 +292,15 @@ if HAVE_GLUON:
                 s = it % STAGES_
                 # a fresh barrier passes a wait on parity 1: the first lap finds every stage free
                 mbarrier.wait(empty.index(s), ((it // STAGES_) & 1) ^ 1)
-                mbarrier.expect(ready.index(s),
-                                a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + B_BYTES)
                 _tma_load(a_desc, [pid_m * BM, ki * BK], ready.index(s), a_bufs.index(s))
-                _tma_load(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
+                if HB == BN:
+                    _tma_load(b_desc, [pid_n * BN, ki * BK], ready.index(s), b_bufs.index(s))
+                else:
+                    _tma_load(b_desc, [pid_n * HB, ki * BK], ready.index(s),
+                              b_bufs.index(s).slice(0, HB))
+                    _tma_load(b_desc, [N // 2 + pid_n * HB, ki * BK], ready.index(s),
+                              b_bufs.index(s).slice(HB, HB))
                 it += 1
 
     @gluon.jit
@@ -392,17 +402,17 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _wide_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, half_rows, acc, p, as_ptr,
-                   s_off, rmask, w_lo, stride_wsn, stride_ask, stride_wsk):
+                   s_off, rmask, w_lo, w_hi, stride_ask, stride_wsk):
         """One :data:`WIDE_TILE` tile's K loop, promoted: per K block the low (gate) and the
         high (up) 128 columns are multiplied in turn into the one partial tile ``p``, each
         promoted into its accumulator as soon as it is done (nothing of this warpgroup in
         flight then; the other warpgroup's wgmma runs under it).  Each block's factors are
-        loaded two blocks ahead."""
+        loaded two blocks ahead; ``w_lo`` and ``w_hi`` point at the gate's and the up's
+        weight block row of scales."""
         STAGES_: gl.constexpr = a_bufs.shape[0]
         HM: gl.constexpr = p.shape[0]
         PN: gl.constexpr = p.shape[1]
         acc_hi = gl.zeros_like(acc)
-        w_hi = w_lo + stride_wsn
         last = k_tiles - 1
         r0, l0, h0 = _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi, 0, stride_ask, stride_wsk)
         r1, l1, h1 = _wide_factors(as_ptr, s_off, rmask, w_lo, w_hi, gl.minimum(1, last),
@@ -467,18 +477,22 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias, first, N, layout:
-                      gl.constexpr, BN: gl.constexpr):
+                      gl.constexpr, BN: gl.constexpr, HALVES: gl.constexpr = False):
         """The tile's column scales and bias as loaded: per-column (or, stride 0, per-tensor)
         weight scales of the outer recipes, ones for blockwise scales (has_cs == 0), which
         the promotion applied; zeros without a bias.  At BN = 256 they are loaded a few
         elements per thread (:func:`_spread` moves them to the accumulator's columns):
         loaded in that layout, each thread computes 64-bit addresses for its 64 columns and
-        the epilogue spills."""
+        the epilogue spills.  With ``HALVES`` (a SwiGLU tile) the low half of the tile is
+        gate's rows from ``first // 2`` and the high half up's, N/2 further."""
         if BN > 128:
             load_layout: gl.constexpr = gl.BlockedLayout([BN // 128], [32], [4], [0])
         else:
             load_layout: gl.constexpr = gl.SliceLayout(0, layout)
         cols = first + gl.arange(0, BN, layout=load_layout)
+        if HALVES:
+            j = gl.arange(0, BN, layout=load_layout)
+            cols = first // 2 + j + gl.where(j < BN // 2, 0, N // 2 - BN // 2)
         scale = gl.load(cs_ptr + cols * stride_cs, mask=(cols < N) & (has_cs != 0), other=1.0)
         bias = gl.load(bias_ptr + cols, mask=(cols < N) & (has_bias != 0), other=0.0)
         return scale, bias
@@ -533,10 +547,13 @@ if HAVE_GLUON:
             s_rows = as_ptr + rows * stride_asm
             acc = gl.zeros([HM, PN], gl.float32, layout)
             if WIDE:
+                # gate rows [pid_n * PN, +PN) and up rows N/2 further: one 128-row block of
+                # scales each (N/2 is a multiple of 128)
+                w_lo = ws_ptr + ((pid_n * PN) // 128) * stride_wsn
                 acc, acc_hi, pa, it = _wide_tile(
                     a_bufs, b_bufs, ready, empty, it, k_tiles, HALF * HM, acc, pa, as_ptr,
-                    rows * stride_asm, rmask, ws_ptr + ((pid_n * BN) // 128) * stride_wsn,
-                    stride_wsn, stride_ask, stride_wsk)
+                    rows * stride_asm, rmask, w_lo, w_lo + (N // 256) * stride_wsn,
+                    stride_ask, stride_wsk)
                 tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
                 # os_ptr: the (M, N/256) group scales, M-contiguous
                 _swiglu_groups(acc, acc_hi, c_smem.index(0), os_ptr, rows, rmask, pid_n, M)
@@ -546,7 +563,7 @@ if HAVE_GLUON:
                 # The epilogue's vectors are loaded before the K loop (a few registers each),
                 # so that their latency does not hold the tensor cores after it.
                 col_scale, bias = _load_columns(cs_ptr, stride_cs, has_cs, bias_ptr, has_bias,
-                                                pid_n * BN, N, layout, BN)
+                                                pid_n * BN, N, layout, BN, SWIGLU)
                 row_scale = gl.load(s_rows, mask=rmask, other=0.0)
                 acc, it = _fast_tile(a_bufs, b_bufs, ready, empty, it, k_tiles, HALF * HM,
                                      acc, c_smem, r1_desc, r_bar, (row0, pid_n * BN), RES > 0)
@@ -627,7 +644,7 @@ if HAVE_GLUON:
                 else:
                     tma.store_wait(pendings=0)  # the previous tile's store has left c_smem
                 if SWIGLU:
-                    # columns c and c + CN hold gate and up of one output (interleaved weight);
+                    # columns c and c + CN hold gate and up of one output (their two loads);
                     # the accumulator layout keeps both in one thread, so this moves no data
                     gate, up = acc.reshape([HM, 2, CN]).permute((0, 2, 1)).split()
                     c_smem.store(_out_cast(_silu_mul(gate, up), os_ptr, c_desc.dtype,
@@ -700,10 +717,11 @@ if HAVE_GLUON:
                              stride_asm, stride_ask, stride_wsn, stride_wsk,
                              STAGES: gl.constexpr, MATH_REGS: gl.constexpr,
                              LOAD_REGS: gl.constexpr, FAST: gl.constexpr, RES: gl.constexpr,
-                             WIDE: gl.constexpr = False):
+                             WIDE: gl.constexpr = False, SWIGLU: gl.constexpr = False):
         BM: gl.constexpr = a_desc.block_type.shape[0]
         BK: gl.constexpr = a_desc.block_type.shape[1]
-        BN: gl.constexpr = b_desc.block_type.shape[0]
+        # a SwiGLU tile: gate's and up's rows, one descriptor block each (see _loader)
+        BN: gl.constexpr = b_desc.block_type.shape[0] * (2 if SWIGLU else 1)
         a_bufs = gl.allocate_shared_memory(a_desc.dtype, [STAGES, BM, BK], a_desc.layout)
         b_bufs = gl.allocate_shared_memory(b_desc.dtype, [STAGES, BN, BK], b_desc.layout)
         if WIDE:  # rank 3 tells the math partitions the mode (see _math_lo)
@@ -734,6 +752,7 @@ if HAVE_GLUON:
         gl.static_assert(FAST == ((BN > BM) and not WIDE), "FAST goes with FAST_TILE")
         gl.static_assert(RES == 0 or not WIDE, "no residual after the SwiGLU epilogue")
         gl.static_assert(not WIDE or BN == 2 * BM, "WIDE goes with WIDE_TILE")
+        gl.static_assert(SWIGLU or not WIDE, "WIDE is a SwiGLU tile")
         gl.warp_specialize([(_math_lo, args), (_math_hi, args), (_loader, loads)],
                            [4, 1], [MATH_REGS, LOAD_REGS])
 
@@ -838,8 +857,8 @@ def blockwise_mm(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch
     elements or one, ``ws`` N or one; with ``precise`` accumulation the K blocks are promoted
     with the row scale alone, with ``fast`` one accumulator takes all of K and the row scale
     multiplies the finished tile; the column scale follows.  Scales may have any strides.
-    With ``swiglu`` ``wq``'s rows interleave gate and up in runs of 128
-    (:func:`fp8compile.numerics.interleave_gate_up`) and ``out`` (M, N/2) receives
+    With ``swiglu`` ``wq`` is ``torch.cat([gate, up])`` (N/2 a multiple of 128: gate's
+    and up's 128-row blocks tile alike) and ``out`` (M, N/2) receives
     ``silu(gate) * up`` of the scaled fp32 tile: with row/tensor scales (fast only) as is,
     or cast with a static scale; with blockwise scales (always promoted) in E4M3, with
     ``out_scale`` the fp32 (M, N/256) scales of its 1x128 groups, strides (1, M), which the
@@ -896,7 +915,8 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
     cn = bn // 2 if swiglu else bn
     a_l, b_l, c_l = layouts(xq.dtype, out.dtype, tile, cn)
     a_d = TensorDescriptor(xq, [m, k], [k, 1], [bm, bk], a_l)
-    b_d = TensorDescriptor(wq, [n, k], [k, 1], [bn, bk], b_l)
+    # SwiGLU: gate's and up's halves of each weight tile come in one load each (_loader)
+    b_d = TensorDescriptor(wq, [n, k], [k, 1], [bn // 2 if swiglu else bn, bk], b_l)
 
     def tiles_of(t):  # the output and the residuals: (bm/2 x cn) tiles, one per warpgroup
         return TensorDescriptor(t, [m, t.shape[1]], [t.stride(0), 1], [bm // 2, cn], c_l)
@@ -910,5 +930,6 @@ def _launch_args(xq, xs, wq, ws, bias, out, x_gran, w_gran, accumulation, swiglu
             column[0], column[1], column[2], out_scale if out_scale is not None else out,
             m, n, k, row[1], row[2], block[1], block[2])
     return grid, args, dict(STAGES=stages, MATH_REGS=MATH_REGS, LOAD_REGS=LOAD_REGS,
-                            FAST=fast, RES=len(residuals), WIDE=wide, num_warps=4)
+                            FAST=fast, RES=len(residuals), WIDE=wide, SWIGLU=swiglu,
+                            num_warps=4)
 

@@ -36,7 +36,7 @@ with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
 without an activation, over a weight whose 64-row tiles fill the SMs, go to
 :mod:`.decode_ws`'s Gluon kernel, which streams the weight by TMA, under the same two
 switches and ``FP8COMPILE_DECODE_GLUON=0``.  The SwiGLU epilogue (``activation="swiglu"``,
-gate and up rows interleaved) is fused by the warp-specialized kernel only (fast
+gate rows then up rows) is fused by the warp-specialized kernel only (fast
 accumulation, row/tensor scales); here the fp32 product goes through it as pointwise ops.
 """
 
@@ -675,8 +675,8 @@ def swiglu_group_quantize(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
                           power_of_2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """FP8 ``(q, scale)`` of ``silu(gate) * up`` quantized in 1x128 groups, where
     ``gate, up`` are the fp32 product of a blockwise GEMM (1x128 ``xs``, 128x128 ``ws``)
-    over a weight whose rows interleave gate and up in runs of 128
-    (:func:`fp8compile.numerics.interleave_gate_up`): what a SwiGLU MLP's down projection
+    over the weight ``torch.cat([gate, up])`` (each half a multiple of 128 rows): what a
+    SwiGLU MLP's down projection
     reads.  On Hopper the warp-specialized kernel does it all in its epilogue (E4M3, plain
     scales), and h is never written in high precision; elsewhere the fp32 product and h are
     computed, then quantized.  Scales are M-contiguous, as :func:`.quant.quantize` lays out

@@ -382,7 +382,7 @@ def swiglu_epilogue_ms(m: int, n: int, k: int, xg: Granularity, wg: Granularity,
                        device: torch.device, accumulation: str = "fast"
                        ) -> tuple[float, float]:
     """``(fused, unfused)`` GPU milliseconds of a SwiGLU MLP's gate/up step at compile time,
-    on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F interleaved rows,
+    on random operands: the GEMM with the SwiGLU epilogue (``n`` = 2F rows, gate's then up's,
     ``accumulation``) followed by a plain quantization of its output, against the GEMM the graph
     runs otherwise followed by the SiLU·mul quantization of its two halves.  That GEMM is
     timed on cuBLAS where cuBLAS computes it (the compile-time choice keeps cuBLAS for these

@@ -17,8 +17,8 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("none", "gelu", "silu", "relu", "swiglu")
-"""GEMM epilogue activations; ``swiglu`` reads a weight of gate and up rows interleaved by
-:func:`fp8compile.numerics.interleave_gate_up` and outputs ``silu(gate) * up``, N/2 wide."""
+"""GEMM epilogue activations; ``swiglu`` reads a weight of gate rows then up rows
+(``torch.cat([gate, up])``) and outputs ``silu(gate) * up``, N/2 wide."""
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 """The dtypes FP8 quantization takes as input (and the high-precision GEMM dtypes)."""
 

@@ -96,8 +96,8 @@ def scaled_mm(
 
     ``xq`` is ``(..., K)``, ``wq`` is ``(N, K)``; ``accumulation`` is ``precise`` or ``fast``
     (the reference is always exact fp32; kernels honour the choice).  ``activation="swiglu"``
-    takes ``wq`` (and its scales, bias) with gate and up rows interleaved
-    (:func:`fp8compile.numerics.interleave_gate_up`) and returns ``silu(gate) * up`` of the
+    takes ``wq`` (and its scales, bias) as gate rows then up rows (``torch.cat([gate,
+    up])``, each half a multiple of 128 rows) and returns ``silu(gate) * up`` of the
     fp32 product, ``(..., N/2)``; a residual then has that shape.  ``residual2`` is a second
     residual, added in fp32 with the first (a residual stream ``x + o`` the epilogue sums
     without rounding it to the model dtype); give ``residual`` first.
@@ -280,8 +280,8 @@ def scaled_mm_swiglu_quantize(
     accumulation: str, fmt: str, power_of_2: bool,
 ) -> tuple[Tensor, Tensor]:
     """FP8 ``(q, scale)``, in 1x128 groups, of ``silu(gate) * up`` of the fp32 product of a
-    blockwise GEMM over a weight whose rows interleave gate and up in runs of 128
-    (:func:`fp8compile.numerics.interleave_gate_up`): a SwiGLU MLP's gate/up GEMM writing
+    blockwise GEMM over the weight ``torch.cat([gate, up])`` (each half a multiple of 128
+    rows): a SwiGLU MLP's gate/up GEMM writing
     its down projection's input.  On Hopper the warp-specialized kernel does it in its
     epilogue (E4M3), so neither gate, up nor h is written in high precision; elsewhere h
     is computed in fp32, then quantized."""

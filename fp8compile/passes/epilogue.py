@@ -50,9 +50,10 @@ its output::
     g = y[..., :F]; u = y[..., F:]             ⇒     q, s = quantize(h)
     q, s = silu_mul_quantize(g, u)
 
-``Wgu'`` interleaves gate and up rows in runs of 128 (the weight cache reorders them; scales
-follow exactly), so each 256-wide output tile holds a gate tile and its up tile and the
-epilogue computes ``silu(gate) * up`` from the fp32 product.  For 4096 tokens of a 14336-wide
+``Wgu'`` is ``Wgu`` with gate's rows first (the weight cache swaps the halves where the
+graph stacked up first; scales follow exactly).  Each 256-wide output tile loads 128 rows of
+gate and the matching 128 of up, and the epilogue computes ``silu(gate) * up`` from the fp32
+product.  For 4096 tokens of a 14336-wide
 MLP in bf16, the GEMM writes 112 MiB instead of 224, and the quantization reads 112 MiB
 instead of 224.  Only the warp-specialized kernel (:mod:`fp8compile.kernels.blockwise_ws`,
 fast accumulation with row/tensor scales) has the epilogue; elsewhere the GEMM's fp32 product
@@ -231,8 +232,9 @@ class EpiloguePass(Fp8Pass):
                 add_note(e, f"SiLU·mul not in the GEMM epilogue: {why}")
             return False
         xq, xs, xg, wq, ws, wg, bias, _out_dtype, acc = mm.args[:_ACT]
-        # The example inputs then hold the interleaved copy: the stacked one is freed.
-        for node, value in zip((wq, ws), cache.set_interleave(0 if gate_first else 1,
+        # Gate's rows first: where up came first, the example inputs then hold the swapped
+        # copy, and the other one is freed.
+        for node, value in zip((wq, ws), cache.set_gate_first(0 if gate_first else 1,
                                                               self.ctx.example_inputs)):
             self.ctx.set_example(node, value)
         groups = not static and nx.swiglu_in_groups(xg, wg, gran)
@@ -267,8 +269,8 @@ class EpiloguePass(Fp8Pass):
                 "quantized there in 1x128 groups for the down projection (h never written "
                 "in high precision)" if groups else "its output quantized by a plain pass")
         for e in plan_entries_of(h):
-            add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32, gate/up rows interleaved "
-                        f"in runs of {nx.SWIGLU_RUN}), {what}" + timed)
+            add_note(e, "SiLU(gate)·up in the GEMM epilogue (fp32; each output tile reads "
+                        f"{nx.SWIGLU_RUN} gate rows and the matching up rows), {what}" + timed)
         return True
 
     def _swiglu_unsupported(self, mm: torch.fx.Node, width: int, quant: tuple | None,

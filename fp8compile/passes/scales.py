@@ -102,10 +102,10 @@ class WeightCache:
                  fmt: str, p2: bool):
         self.indices, self.transposed = tuple(indices), tuple(transposed)
         self.args = (granularity, fmt, p2)
-        # Two stacked weights read by a SwiGLU GEMM epilogue: their rows are interleaved in
-        # runs of numerics.SWIGLU_RUN instead, gate first (EpiloguePass sets it to the gate's
-        # position among the two; None: stacked).
-        self.interleave: int | None = None
+        # The row order of two stacked weights (weights.ORDERS): None, as the graph stacks
+        # them; 1, the second one's first (EpiloguePass sets it where a SwiGLU epilogue
+        # reads them and the graph stacked up before gate).
+        self.order: int | None = None
         self.key: tuple | None = None
         self.value: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantizations = 0
@@ -120,20 +120,18 @@ class WeightCache:
         key = weights.version_key(ws)
         if key != self.key:
             # another graph's copy of these versions, else a new one
-            value = weights.lookup(ws, self.form, self.interleave)
+            value = weights.lookup(ws, self.form, self.order)
             if value is None and any(weights.released(w) for w in ws):
-                value = weights.derive(ws, self.form, self.interleave)
+                value = weights.derive(ws, self.form, self.order)
                 if value is None:
                     raise ValueError(self._released_error(ws))
             if value is None:
                 with torch.no_grad():
                     srcs = [w.detach().transpose(-2, -1) if t else w.detach()
                             for w, t in zip(ws, self.transposed)]
-                    if self.interleave is not None:
-                        src = nx.interleave_gate_up(srcs[self.interleave],
-                                                    srcs[1 - self.interleave])
-                    else:
-                        src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
+                    if self.order is not None:
+                        srcs = srcs[::-1]
+                    src = torch.cat(srcs) if len(srcs) > 1 else srcs[0].contiguous()
                     value = tuple(self._quantize(src))
                 self.quantizations += 1
             old = self.value
@@ -148,14 +146,13 @@ class WeightCache:
                         a.copy_(b)
             else:
                 self.value = value
-            weights.put(ws, self.form, self.interleave, self.value)
+            weights.put(ws, self.form, self.order, self.value)
             self.key = key
         return self.value
 
     def _released_error(self, ws: Sequence[torch.Tensor]) -> str:
         shapes = ", ".join(str(tuple(w.shape)) for w in ws)
-        order = ("" if self.interleave is None
-                 else f", gate and up rows interleaved (gate = member {self.interleave})")
+        order = "" if self.order is None else ", the second weight's rows first"
         return (
             f"fp8hpf: a graph needs the FP8 copy of weight(s) {shapes} as {self.args[0]} "
             f"{self.args[1]}{order}, but their storage was released "
@@ -175,16 +172,20 @@ class WeightCache:
         g, fmt, p2 = self.args
         return nx.quantize_by_rows(src, nx.Granularity(g), nx.Fp8Format(fmt), p2)
 
-    def set_interleave(self, gate: int, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
-        """Serve the two stacked weights' rows interleaved, the ``gate``-th (0 or 1) first (a
-        SwiGLU epilogue's layout).  The copy made for the example inputs ``args`` is
-        reordered, which is exact (:func:`.weights.reorder`); returns it."""
+    def set_gate_first(self, gate: int, args: Sequence[Any]) -> tuple[torch.Tensor, ...]:
+        """Serve the two stacked weights with the ``gate``-th (0 or 1) one's rows first (what
+        a SwiGLU epilogue reads, ``torch.cat([gate, up])``); returns the copy for the example
+        inputs ``args``.  Gate first already: the same copy.  Else the copy is reordered,
+        which is exact (:func:`.weights.reorder`)."""
+        value = self.get(args)
+        want = None if gate == 0 else 1
+        if want == self.order:
+            return value
         ws = [args[i] for i in self.indices]
         n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, self.transposed))
-        value = self.get(args)
-        self.value = weights.reorder(value, n0, n1, self.interleave, gate)
-        self.interleave = gate
-        weights.put(ws, self.form, gate, self.value)
+        self.value = weights.reorder(value, n0, n1, self.order, want)
+        self.order = want
+        weights.put(ws, self.form, want, self.value)
         return self.value
 
 

@@ -13,9 +13,10 @@ whose one reader is a weight quantization is freed while the graph compiles, as 
 cache holds the copy (the scales pass); the backend frees the rest once the graph is
 compiled.  The FP8 copy is then the only one, and the
 store holds it for as long as the parameter lives.  A later graph that quantizes the
-parameter the same way takes that copy; one that reads gate and up in the other order (the
-SwiGLU epilogue's interleaved rows, or stacked) gets the rows permuted, which is exact for
-every recipe; one that needs the parameter in any other form gets a ``ValueError`` naming it.
+parameter the same way takes that copy; one that reads two stacked weights in the other
+order (a SwiGLU epilogue takes gate first, whichever the graph stacked first) gets the rows
+permuted, which is exact for every recipe; one that needs the parameter in any other form gets
+a ``ValueError`` naming it.
 
 A released parameter is read by nothing but FP8 copies: the model then runs only through
 graphs compiled by fp8hpf.  Assigning new data (``p.data = new``) brings the parameter back;
@@ -51,7 +52,10 @@ __all__ = [
     "version_key",
 ]
 
-# (ids of the parameters, form, interleave) → _Entry
+# The row orders of two stacked weights' copy: None, as stacked; 1, the second one's rows
+# first (a SwiGLU epilogue reads gate's rows first, whichever member gate is).
+ORDERS = (None, 1)
+# (ids of the parameters, form, order) → _Entry
 _ENTRIES: dict[tuple, "_Entry"] = {}
 _WATCHED: set[int] = set()  # ids of parameters with a finalizer that drops their entries
 # Bumped at every release: graphs that read parameters in high precision check them again.
@@ -108,16 +112,16 @@ def _forget(pid: int) -> None:
         del _ENTRIES[k]
 
 
-def lookup(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
+def lookup(ws: Sequence[torch.Tensor], form: tuple, order: int | None
            ) -> tuple[torch.Tensor, ...] | None:
     """The stored copy of ``ws`` (their current versions) in ``form`` and row order."""
-    entry = _ENTRIES.get((tuple(map(id, ws)), form, interleave))
+    entry = _ENTRIES.get((tuple(map(id, ws)), form, order))
     if entry is None or entry.key != version_key(ws):
         return None
     return entry.value()
 
 
-def put(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None,
+def put(ws: Sequence[torch.Tensor], form: tuple, order: int | None,
         value: tuple[torch.Tensor, ...]) -> None:
     """Store ``value`` as the copy of ``ws``'s current versions.
 
@@ -128,40 +132,40 @@ def put(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None,
     ids = tuple(map(id, ws))
     strong = any(released(w) for w in ws)
     if strong:
-        for other in (None, 0, 1):
+        for other in ORDERS:
             entry = _ENTRIES.get((ids, form, other))
-            if other != interleave and entry is not None and entry.strong is not None:
+            if other != order and entry is not None and entry.strong is not None:
                 entry.strong = None
-    _ENTRIES[(ids, form, interleave)] = _Entry(ws, value, strong)
+    _ENTRIES[(ids, form, order)] = _Entry(ws, value, strong)
 
 
-def derive(ws: Sequence[torch.Tensor], form: tuple, interleave: int | None
+def derive(ws: Sequence[torch.Tensor], form: tuple, order: int | None
            ) -> tuple[torch.Tensor, ...] | None:
-    """The copy of two stacked weights in the row order ``interleave`` from a stored copy in
+    """The copy of two stacked weights in the row order ``order`` from a stored copy in
     another order (:func:`reorder`); ``form`` is ``WeightCache.form``, ``(kind, args,
     transposed)``."""
     if len(ws) != 2:
         return None
-    for other in (None, 0, 1):
-        if other == interleave:
+    for other in ORDERS:
+        if other == order:
             continue
         have = lookup(ws, form, other)
         if have is not None:
             n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, form[2]))
-            return reorder(have, n0, n1, other, interleave)
+            return reorder(have, n0, n1, other, order)
     return None
 
 
 def reorder(value: tuple[torch.Tensor, ...], n0: int, n1: int, have: int | None,
             want: int | None) -> tuple[torch.Tensor, ...]:
     """The FP8 copy (weight, scales) of two stacked weights of ``n0`` and ``n1`` rows, in row
-    order ``have``, put in row order ``want`` (None: stacked; 0 or 1: interleaved in runs of
-    128, that member first, as :func:`fp8compile.numerics.interleave_gate_up`).
+    order ``have``, put in row order ``want`` (:data:`ORDERS`: None, as stacked; 1, the
+    second weight's rows first).
 
     The orders are permutations of the same rows, and quantization treats rows alike: per
     tensor, one scale over the same elements; per row, each row's own; 128x128 blocks move
-    whole, the runs being 128 rows.  So the result is what quantizing the weights in order
-    ``want`` makes, bit for bit."""
+    whole, ``n0`` and ``n1`` being multiples of 128 (a SwiGLU GEMM's rule).  So the result is
+    what quantizing the weights in order ``want`` makes, bit for bit."""
     perm = _order(n0, n1, have).argsort()[_order(n0, n1, want)].to(value[0].device)
     wq, *scales = value
     out = [wq.index_select(0, perm)]
@@ -170,17 +174,15 @@ def reorder(value: tuple[torch.Tensor, ...], n0: int, n1: int, have: int | None,
             out.append(s.clone())
         elif s.shape[0] == wq.shape[0]:  # one scale per row
             out.append(s.index_select(0, perm))
-        else:  # 128x128 blocks: the runs move whole blocks
+        else:  # 128x128 blocks: the halves move whole blocks
             out.append(s.index_select(0, perm[:: nx.BLOCK] // nx.BLOCK))
     return tuple(out)
 
 
-def _order(n0: int, n1: int, interleave: int | None) -> torch.Tensor:
-    """Stacked row index at each position of the row order ``interleave``."""
+def _order(n0: int, n1: int, order: int | None) -> torch.Tensor:
+    """Stacked row index at each position of the row order ``order``."""
     rows = (torch.arange(n0), torch.arange(n0, n0 + n1))
-    if interleave is None:
-        return torch.cat(rows)
-    return nx.interleave_gate_up(rows[interleave], rows[1 - interleave])
+    return torch.cat(rows if order is None else rows[::-1])
 
 
 def release(ws: Sequence[torch.Tensor]) -> int:
@@ -290,7 +292,7 @@ class Releaser:
         for cache in self.caches:
             members = [args[i] for i in cache.indices]
             cache.key = version_key(members)
-            put(members, cache.form, cache.interleave, cache.value)
+            put(members, cache.form, cache.order, cache.value)
         return freed
 
 
@@ -306,7 +308,7 @@ def memory_parts(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[An
         for i, name in zip(cache.indices, names):
             out["high:" + name] = args[i].numel() * args[i].element_size()
         if cache.value is not None:
-            out[f"fp8:{'+'.join(names)}|{cache.form}|{cache.interleave}"] = sum(
+            out[f"fp8:{'+'.join(names)}|{cache.form}|{cache.order}"] = sum(
                 t.untyped_storage().nbytes() for t in cache.value)
     return out
 

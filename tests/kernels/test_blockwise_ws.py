@@ -150,7 +150,8 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
     a_l, b_l, c_l = bw.layouts(torch.float8_e4m3fn, out_dtype, tile, cn)
     c_desc = f"tensordesc<{out_ty}[{bm // 2}, {cn}],{c_l!r}>"
     sig = {"a_desc": f"tensordesc<fp8e4nv[{bm}, {bk}],{a_l!r}>",
-           "b_desc": f"tensordesc<fp8e4nv[{bn}, {bk}],{b_l!r}>",
+           # SwiGLU: gate's and up's halves of the tile come in a load each
+           "b_desc": f"tensordesc<fp8e4nv[{bn // 2 if swiglu else bn}, {bk}],{b_l!r}>",
            "c_desc": c_desc, "r1_desc": c_desc, "r2_desc": c_desc,
            "as_ptr": "*fp32", "ws_ptr": "*fp32", "bias_ptr": "*bf16", "has_bias": "i32",
            "cs_ptr": "*fp32", "stride_cs": "i32", "has_cs": "i32", "os_ptr": "*fp32",
@@ -158,7 +159,7 @@ def _ptxas_in_process(fast: bool, swiglu: bool, fp8_out: bool = False, res: int 
            "K": "i32", "stride_asm": "i32", "stride_ask": "i32", "stride_wsn": "i32",
            "stride_wsk": "i32"}
     consts = dict(STAGES=stages, MATH_REGS=bw.MATH_REGS, LOAD_REGS=bw.LOAD_REGS, FAST=fast,
-                  RES=res, WIDE=wide)
+                  RES=res, WIDE=wide, SWIGLU=swiglu)
     sig.update({name: "constexpr" for name in consts})
     kernel = triton.compile(
         GluonASTSource(fn=bw._blockwise_ws_kernel, signature=sig, constexprs=consts),
@@ -344,8 +345,10 @@ def _check_against_reference(xq, xs, wq, ws, xg, wg, out_dtype, acc="precise"):
 
 
 def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
-    """No GPU needed: the SwiGLU launch keeps the fast tile for the weight and gives the
-    output descriptor half its width, over an (M, N/2) output."""
+    """No GPU needed: the SwiGLU launch keeps the fast tile for the weight, whose gate and
+    up halves come in a load each (the weight descriptor's block is half the tile: rows
+    of gate, then the matching rows of up), and gives the output descriptor half its
+    width, over an (M, N/2) output."""
     m, n, k = 512, 512, 256
     xq, wq = _fp8(m, k), _fp8(n, k)
     launch = _Launch()
@@ -355,8 +358,8 @@ def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
                     "fast", swiglu=True)
     a_desc, b_desc, c_desc = launch.args[:3]
     bm, bn, bk, _ = bw.FAST_TILE
-    assert launch.meta["FAST"] is True
-    assert (b_desc.block_shape, c_desc.block_shape) == ([bn, bk], [bm // 2, bn // 2])
+    assert launch.meta["FAST"] is True and launch.meta["SWIGLU"] is True
+    assert (b_desc.block_shape, c_desc.block_shape) == ([bn // 2, bk], [bm // 2, bn // 2])
     assert list(c_desc.shape) == [m, n // 2] and launch.args[14] == n  # N: the weight's rows
     with pytest.raises(ValueError, match="swiglu needs blockwise scales, or fast"):
         bw.blockwise_mm(xq, torch.ones(m, 1), wq, torch.ones(n, 1), None, out, G.ROW, G.ROW,
@@ -364,8 +367,9 @@ def test_swiglu_launch_writes_half_width_tiles(monkeypatch):
 
 
 def test_blockwise_swiglu_launch_writes_groups(monkeypatch):
-    """No GPU needed: a blockwise SwiGLU launch takes the wide tile (gate and up of one
-    128-row run side by side), an E4M3 (M, N/2) output in 64x128 tiles, and hands the
+    """No GPU needed: a blockwise SwiGLU launch takes the wide tile (128 rows of gate and
+    the matching 128 of up side by side, a load each), an E4M3 (M, N/2) output in 64x128
+    tiles, and hands the
     kernel its (M, N/256) group scales, M-contiguous, where a static scale would go."""
     m, n, k = 512, 768, 256
     xq, wq = _fp8(m, k), _fp8(n, k)
@@ -379,9 +383,9 @@ def test_blockwise_swiglu_launch_writes_groups(monkeypatch):
     a_desc, b_desc, c_desc = launch.args[:3]
     bm, bn, bk, stages = bw.WIDE_TILE
     assert launch.meta["WIDE"] is True and launch.meta["FAST"] is False
-    assert launch.meta["STAGES"] == stages == 3
+    assert launch.meta["SWIGLU"] is True and launch.meta["STAGES"] == stages == 3
     assert (a_desc.block_shape, b_desc.block_shape, c_desc.block_shape) == (
-        [bm, bk], [bn, bk], [bm // 2, 128])
+        [bm, bk], [bn // 2, bk], [bm // 2, 128])
     assert list(c_desc.shape) == [m, n // 2] and launch.args[14] == n
     assert launch.args[12] is scales  # os_ptr: where the epilogue writes the group scales
     assert launch.args[6] is ws and launch.args[18:20] == (ws.stride(0), ws.stride(1))
@@ -494,14 +498,15 @@ def blockwise_ws_served(xq, xs, xg, wq, ws, wg, out_dtype, r1, r2, acc="fast") -
                                            (4100, 1024, 528, True)])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 def test_swiglu_epilogue_matches_reference(xg, wg, m, n, k, bias, out_dtype):
-    """silu(gate) * up in the fast kernel's epilogue: gate and up tiles are the two halves of
-    each 256-wide tile of the interleaved weight (a gate tile paired with the wrong up tile,
-    or gate and up swapped, fails here: every weight row's scale differs)."""
+    """silu(gate) * up in the fast kernel's epilogue: each 256-wide tile loads a gate tile
+    and the matching up tile, N/2 rows further, of the stacked weight (a gate tile paired
+    with the wrong up tile, or gate and up swapped, fails here: every weight row's scale
+    differs)."""
     x = torch.randn(m, k) * torch.rand(m, 1) * 3
     gate = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
     up = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
     xq, xs = nx.quantize(x.cuda(), xg, Fp8Format.E4M3)
-    wq, ws = nx.quantize(nx.interleave_gate_up(gate, up).cuda(), wg, Fp8Format.E4M3)
+    wq, ws = nx.quantize(torch.cat([gate, up]).cuda(), wg, Fp8Format.E4M3)
     b = torch.randn(n, device="cuda", dtype=torch.bfloat16) if bias else None
     assert bw.unsupported(xq, xs, xg, wq, ws, wg, out_dtype, "swiglu", False, True,
                           "fast") is None
@@ -532,7 +537,7 @@ def test_blockwise_swiglu_groups_match_reference(m, n, k):
     gate = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
     up = torch.randn(n // 2, k) * 0.05 * torch.rand(n // 2, 1) * 2
     xq, xs = nx.quantize(x.cuda(), G.GROUP, Fp8Format.E4M3)
-    wq, ws = nx.quantize(nx.interleave_gate_up(gate, up).cuda(), G.BLOCK, Fp8Format.E4M3)
+    wq, ws = nx.quantize(torch.cat([gate, up]).cuda(), G.BLOCK, Fp8Format.E4M3)
     q = torch.empty(m, n // 2, device="cuda", dtype=torch.float8_e4m3fn)
     s = torch.empty_strided((m, n // 256), (1, m), device="cuda")
     bw.blockwise_mm(xq, xs, wq, ws, None, q, G.GROUP, G.BLOCK, "precise", swiglu=True,

@@ -77,7 +77,7 @@ def test_second_residual_is_added_in_fp32():
 def test_swiglu_epilogue_is_silu_gate_times_up(xg, wg):
     x, r = torch.randn(3, 5, 256), torch.randn(3, 5, 384)
     gate, up = torch.randn(384, 256) * 0.1, torch.randn(384, 256) * 0.1
-    w = nx.interleave_gate_up(gate, up)
+    w = torch.cat([gate, up])
     xq, xs, wq, ws = _operands(x, w, xg, wg)
     plain = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.float32, "precise", "none", None)
     y = OPS.scaled_mm(xq, xs, xg, wq, ws, wg, None, torch.bfloat16, "fast", "swiglu", r)
@@ -105,7 +105,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="activation='tanh'"):
         OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "precise", "tanh",
                       None)
-    with pytest.raises(ValueError, match="N % 256 == 0.*interleave_gate_up.*N=128"):
+    with pytest.raises(ValueError, match=r"N % 256 == 0 \(gate rows then up rows.*N=128"):
         OPS.scaled_mm(xq, xs, "row", wq, ws, "row", None, torch.float32, "fast", "swiglu",
                       None)
 
@@ -168,12 +168,12 @@ def test_scaled_mm_quantized_opcheck():
 @pytest.mark.parametrize("lead", [(1,), (2, 3)])
 def test_scaled_mm_swiglu_quantize(lead):
     """The blockwise gate/up GEMM quantizing its SwiGLU in 1x128 groups: numerics' group
-    quantization of the fp32 SwiGLU of the interleaved weight's product, with the layout
+    quantization of the fp32 SwiGLU of the stacked weight's product, with the layout
     ``fp8compile::quantize`` gives groups; the fake agrees (opcheck); operands other
     than 1x128 x 128x128, or gate and up that do not pair by 128, are refused."""
     x = torch.randn(*lead, 256)
     gate, up = torch.randn(256, 256) * 0.1, torch.randn(256, 256) * 0.1
-    xq, xs, wq, ws = _operands(x, nx.interleave_gate_up(gate, up), "group", "block")
+    xq, xs, wq, ws = _operands(x, torch.cat([gate, up]), "group", "block")
     args = (xq, xs, "group", wq, ws, "block", "precise", "e4m3", False)
     q, s = OPS.scaled_mm_swiglu_quantize(*args)
     y = OPS.scaled_mm(xq, xs, "group", wq, ws, "block", None, torch.float32, "precise",

@@ -207,14 +207,13 @@ def test_swiglu_folded_into_the_gate_up_gemm(passes, recipe):
     assert info(mm)["epilogue"] == ["swiglu"] and ctx.stats["swiglu_epilogues"] == 1
     assert not any(n.target is OPS.silu_mul_quantize.default for n in gm.graph.nodes)
     assert not any(n.target is torch.narrow and n.args[0] is mm for n in gm.graph.nodes)
-    # the weight cache serves gate and up interleaved in runs of 128
+    # the weight cache serves the stacked copy as it is: gate was stacked first
     cache = info(mm.args[3])["weight_cache"]
-    assert cache.interleave == 0 and len(cache.indices) == 2  # gate first, of the two
+    assert cache.order is None and len(cache.indices) == 2
     assert tuple(mm.args[3].meta["example_value"].shape) == (768, 256)  # 384 + 384 rows
     wq = _run_provider(ctx, inputs, mm.args[3])
     w = torch.cat([model.gate_proj.weight, model.up_proj.weight]).detach()
-    from fp8compile import numerics as nx
-    want = OPS.quantize(nx.interleave_gate_up(w[:384], w[384:]), *cache.args)[0]
+    want = OPS.quantize(w, *cache.args)[0]
     assert torch.equal(wq.view(torch.uint8), want.view(torch.uint8))
     # same function as the unfused graph, up to the bf16 rounding of silu(gate) * up
     gm0, inputs0, ctx0 = passes(model, x, config={**cfg, "fuse_swiglu": False})
@@ -273,11 +272,9 @@ def test_swiglu_weights_requantized_interleaved_when_a_parameter_changes(passes)
     (mm,) = _swiglu_gemms(gm)
     y0 = _run(gm, inputs, ctx)[0]
     with torch.no_grad():
-        model.up_proj.weight[:128] *= -1  # the first up run: rows 128-255 of the stack
+        model.up_proj.weight[:128] *= -1  # up's first rows: rows 384-511 of the stack
     wq = _run_provider(ctx, inputs, mm.args[3])
-    from fp8compile import numerics as nx
-    want = OPS.quantize(nx.interleave_gate_up(model.gate_proj.weight.detach(),
-                                              model.up_proj.weight.detach()),
+    want = OPS.quantize(torch.cat([model.gate_proj.weight, model.up_proj.weight]).detach(),
                         *info(mm.args[3])["weight_cache"].args)[0]
     assert torch.equal(wq.view(torch.uint8), want.view(torch.uint8))
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03
@@ -383,7 +380,11 @@ def test_swiglu_folded_when_up_is_stacked_first(passes):
     model = UpFirst()
     gm, inputs, ctx = passes(model, x, config=SWIGLU)
     (mm,) = _swiglu_gemms(gm)
-    assert info(mm.args[3])["weight_cache"].interleave == 1  # the gate is the second member
+    cache = info(mm.args[3])["weight_cache"]
+    assert cache.order == 1  # the gate is the second member: its rows first
+    wq = _run_provider(ctx, inputs, mm.args[3])
+    want = OPS.quantize(torch.cat([model.gate.weight, model.up.weight]).detach(), *cache.args)[0]
+    assert torch.equal(wq.view(torch.uint8), want.view(torch.uint8))
     gm0, inputs0, ctx0 = passes(model, x, config={**SWIGLU, "fuse_swiglu": False})
     assert rel_err(_run(gm, inputs, ctx)[0], _run(gm0, inputs0, ctx0)[0]) < 5e-3
     assert rel_err(_run(gm, inputs, ctx)[0], model(x)) < 0.03

@@ -81,17 +81,22 @@ def test_weights_are_released_while_the_graph_compiles(monkeypatch):
 
 
 def test_a_swiglu_fold_keeps_one_copy_of_gate_up():
-    """The SwiGLU epilogue's interleaved copy is the stacked one reordered, and the stacked
-    copy made first is freed (the example inputs held it for the graph's lifetime)."""
+    """The SwiGLU epilogue reads the stacked gate/up copy as it is (gate stacked first): one
+    copy, quantized once, in the store and in the graph's example inputs."""
     model, ids = TinyLM(layers=1), _ids()
     cm, be = _compile(model, {"fuse_swiglu": True})
     _run(cm, ids)
     gc.collect()
     ctx = be.contexts[0]
-    (cache,) = [c for c in ctx.weight_caches if c.interleave is not None]
+    assert ctx.stats["swiglu_epilogues"] == 1
+    (cache,) = [c for c in ctx.weight_caches
+                if any(ctx.example_inputs[i] is model.layers[0].gate_proj.weight
+                       for i in c.indices)]
+    assert len(cache.indices) == 2
+    assert cache.order is None
     ws = [ctx.example_inputs[i] for i in cache.indices]
-    assert weights.lookup(ws, cache.form, None) is None
-    assert weights.lookup(ws, cache.form, cache.interleave)[0] is cache.value[0]
+    assert weights.lookup(ws, cache.form, None)[0] is cache.value[0]
+    assert weights.lookup(ws, cache.form, 1) is None
     assert cache.quantizations == 1
     assert any(t is cache.value[0] for t in ctx.extra_examples)
 
@@ -124,22 +129,26 @@ def test_copies_are_held_weakly_until_a_release():
     assert ref() is None
 
 
-@pytest.mark.parametrize("first_interleaved", [True, False])
-def test_gate_up_order_derived_from_the_released_copy(first_interleaved):
-    """The SwiGLU epilogue reads gate/up interleaved, other graphs stacked: a graph compiled
-    after the release gets the rows permuted, and its output is what it would have been."""
+@pytest.mark.parametrize("fold_first", [True, False])
+def test_fold_and_plain_graphs_share_the_released_gate_up_copy(fold_first):
+    """A graph with the SwiGLU epilogue and one without read the same stacked gate/up copy:
+    compiled after the release, the other graph quantizes nothing, holds the same tensor,
+    and its output is what it would have been."""
     model, ids = TinyLM(layers=1), _ids()
-    fold = {"fuse_swiglu": first_interleaved}
-    other = {"fuse_swiglu": not first_interleaved}
+    fold = {"fuse_swiglu": fold_first}
+    other = {"fuse_swiglu": not fold_first}
     ref = _reference(model, ids, other)
     cm, be = _compile(model, {"release_weights": True, **fold})
     _run(cm, ids)
-    orders = [c.interleave for c in be.contexts[0].weight_caches if len(c.indices) == 2]
-    assert orders == [0 if first_interleaved else None]
+    first = [c for c in be.contexts[0].weight_caches if len(c.indices) == 2]
+    assert [c.order for c in first] == [None] * len(first) and first
     torch._dynamo.reset()
     cm2, be2 = _compile(model, {"release_weights": True, **other})
     assert torch.equal(_run(cm2, ids), ref)
     assert sum(c.quantizations for c in be2.contexts[0].weight_caches) == 0
+    later = [c for c in be2.contexts[0].weight_caches if len(c.indices) == 2]
+    assert len(later) == len(first)
+    assert all(a.value[0] is b.value[0] for a, b in zip(first, later))
 
 
 @pytest.mark.parametrize("granularity", ["tensor", "row", "block"])
@@ -150,8 +159,7 @@ def test_derive_equals_quantizing_in_that_order(granularity, transposed):
           nn.Parameter(u.t().contiguous() if transposed else u)]
     form = ("WeightCache", (granularity, "e4m3", False), (transposed, transposed))
     gran = nx.Granularity(granularity)
-    orders = {None: torch.cat([g, u]), 0: nx.interleave_gate_up(g, u),
-              1: nx.interleave_gate_up(u, g)}
+    orders = {None: torch.cat([g, u]), 1: torch.cat([u, g])}
     made = {k: nx.quantize_by_rows(v, gran) for k, v in orders.items()}
     for have in orders:
         weights.put(ws, form, have, made[have])
