@@ -16,8 +16,9 @@ latency:
   weights).  A narrower weight splits K (:func:`launch_split`): each split writes its fp32
   partial, and the last program of the column tile to arrive adds them in split order and
   runs the epilogue, counted by per-tile arrival counters that it zeroes again
-  (:func:`.gemm._tile_counters`, allocated outside any CUDA-graph tree's pool: a buffer
-  kept from a tree's warm-up breaks the tree);
+  (:func:`.gemm._tile_counters`: made outside CUDA-graph trees' pools, since a buffer kept
+  from a tree's warm-up breaks the tree; first needed inside a plain capture, it is made
+  there and zeroed at each replay);
 * each program starts its K walk at a tile of its own (``pid_n`` modulo its K tiles): the
   programs would otherwise all read the same token tile and the same scales from L2 at
   once.  The fp32 sum of K blocks then runs in a rotated order per column tile, which

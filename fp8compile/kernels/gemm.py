@@ -33,8 +33,8 @@ tensor scales with ``precise`` accumulation; M > 256, no activation or residual)
 warp-specialized Gluon kernel of :mod:`.blockwise_ws` instead, which overlaps the promotion
 with the tensor cores (1.5x this kernel for blockwise); ``config=...`` or
 ``FP8COMPILE_GLUON=0`` keeps them here.  Eager GEMMs of at most ``decode_ws.MAX_M`` rows
-without an activation, over a weight whose 64-row tiles fill the SMs, go to
-:mod:`.decode_ws`'s Gluon kernel, which streams the weight by TMA, under the same two
+without an activation go to :mod:`.decode_ws`'s Gluon kernel, which streams the weight by
+TMA (whole where its 64-row tiles fill the SMs, else with K split), under the same two
 switches and ``FP8COMPILE_DECODE_GLUON=0``.  The SwiGLU epilogue (``activation="swiglu"``,
 gate rows then up rows) is fused by the warp-specialized kernel only (fast
 accumulation, row/tensor scales); here the fp32 product goes through it as pointwise ops.

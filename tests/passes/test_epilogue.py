@@ -187,7 +187,7 @@ def _swiglu_gemms(gm):
 @pytest.mark.parametrize("recipe", ["rowwise", "tensorwise", "blockwise"])
 def test_swiglu_folded_into_the_gate_up_gemm(passes, recipe):
     x = torch.randn(2, 40, 256)
-    model = LlamaBlock(ffn=384)  # 3 runs of 128 each for gate and up
+    model = LlamaBlock(ffn=384)  # gate and up 3 blocks of 128 rows each
     cfg = {**SWIGLU, "recipe": recipe}
     gm, inputs, ctx = passes(model, x, config=cfg)
     groups = [n for n in gm.graph.nodes if n.target is OPS.scaled_mm_swiglu_quantize.default]
@@ -265,7 +265,7 @@ def test_swiglu_needs_the_stacked_projection(passes):
     assert not _swiglu_gemms(gm)
 
 
-def test_swiglu_weights_requantized_interleaved_when_a_parameter_changes(passes):
+def test_swiglu_weights_requantized_stacked_when_a_parameter_changes(passes):
     x = torch.randn(2, 40, 256)
     model = LlamaBlock(ffn=384)
     gm, inputs, ctx = passes(model, x, config=SWIGLU)
