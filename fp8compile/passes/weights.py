@@ -20,7 +20,11 @@ a ``ValueError`` naming it.
 
 A released parameter is read by nothing but FP8 copies: the model then runs only through
 graphs compiled by fp8hpf.  Assigning new data (``p.data = new``) brings the parameter back;
-the caches quantize it again at their next call.
+the caches quantize it again at their next call.  The modules that own released parameters
+get two hooks (:func:`hook_owners`): ``load_state_dict`` gives a released parameter its
+storage back before copying into it (otherwise the copy writes through a null pointer), and
+``state_dict`` refuses to return one (it would hold no data: a checkpoint saved from it
+fails to load).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ __all__ = [
     "check_model",
     "check_readable",
     "derive",
+    "hook_owners",
     "lookup",
     "memory_parts",
     "owns_storage",
@@ -238,6 +243,95 @@ def check_readable(tensors: Sequence[Any], names: Sequence[str], what: str) -> N
             )
 
 
+# Modules given the hooks of :func:`hook_owners`, weakly (a module is hooked once).
+_HOOKED: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+# A parameter's source in the frame Dynamo traced: L['fn']._modules['0']._parameters['weight']
+_PARAM_SOURCE = re.compile(
+    r"^(?P<scope>[LG])\['(?P<root>[^']+)'\](?P<path>(?:\._modules\['[^']+'\])*)"
+    r"\._parameters\['(?P<name>[^']+)'\]$")
+
+
+def _frame_scope() -> dict[str, dict] | None:
+    """The locals and globals of the frame Dynamo is compiling (the scope its sources name
+    ``L`` and ``G``); None outside a Dynamo compile, or where this torch has no such call."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        return None if tx is None else {"L": tx.f_locals, "G": tx.f_globals}
+    except Exception:  # noqa: BLE001 - Dynamo internals: without them nothing is hooked
+        return None
+
+
+def _owner(node: torch.fx.Node, param: torch.Tensor, scope: dict[str, dict]
+           ) -> torch.nn.Module | None:
+    """The module whose ``_parameters`` hold ``param``, the placeholder ``node``'s input,
+    found from Dynamo's source of the placeholder in the traced frame's ``scope``."""
+    source = getattr(node, "_dynamo_source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    match = _PARAM_SOURCE.match(name) if isinstance(name, str) else None
+    if match is None:
+        return None
+    module = scope[match["scope"]].get(match["root"])
+    for key in re.findall(r"\['([^']+)'\]", match["path"]):
+        module = getattr(module, "_modules", {}).get(key)
+    if not isinstance(module, torch.nn.Module):
+        return None
+    return module if module._parameters.get(match["name"]) is param else None
+
+
+def _restore_before_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs) -> None:
+    """``load_state_dict`` pre-hook: a released parameter that the state dict holds a value
+    of its shape for gets its storage back, which the load then fills (with ``assign=True``
+    the load replaces the parameter instead).  The new data has a new address and version:
+    the graphs quantize it at their next call and release it again."""
+    if local_metadata.get("assign_to_params_buffers"):
+        return
+    for name, p in module._parameters.items():
+        value = state_dict.get(prefix + name)
+        if released(p) and isinstance(value, torch.Tensor) and value.shape == p.shape:
+            p.untyped_storage().resize_(p.numel() * p.element_size())
+
+
+def _refuse_released_state(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict`` post-hook: a ``ValueError`` for a released parameter, which the state
+    dict would hold without data."""
+    for name, p in module._parameters.items():
+        if released(p) and prefix + name in state_dict:
+            raise ValueError(
+                f"state_dict(): parameter {prefix + name!r} {tuple(p.shape)} was released by a "
+                "graph compiled with Fp8Config.release_weights=True: only its FP8 copy is "
+                "left, and the state dict would hold no data for it. Save the state dict "
+                "before compiling, or compile with release_weights=False; load_state_dict "
+                "into the compiled model works, and brings the parameters back until the "
+                "next call."
+            )
+
+
+def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[Any]) -> int:
+    """Give the modules owning the parameters ``args[i]`` (``i`` in ``indices``, inputs of
+    the compiled ``graph``) the ``load_state_dict`` and ``state_dict`` hooks of released
+    parameters, once per module.  Called while Dynamo compiles: the modules are found from
+    the placeholders' sources in the traced frame.  Returns the modules newly hooked (none
+    outside a Dynamo compile)."""
+    scope = _frame_scope()
+    if scope is None:
+        return 0
+    placeholders = list(graph.find_nodes(op="placeholder"))
+    hooked = 0
+    for i in indices:
+        module = _owner(placeholders[i], args[i], scope)
+        if module is None or module in _HOOKED:
+            continue
+        module.register_load_state_dict_pre_hook(_restore_before_load)
+        module.register_state_dict_post_hook(_refuse_released_state)
+        _HOOKED.add(module)
+        hooked += 1
+    return hooked
+
+
 def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any],
                   stats: dict[str, Any], freezing: bool = False) -> "Releaser | None":
     """Release the parameters a compiled graph reads only through its weight ``caches``
@@ -266,6 +360,7 @@ def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[A
     releaser = Releaser(free, caches) if free else None
     if releaser:
         releaser(args, stats)
+        hook_owners(graph, free, args)
     stats["weights_kept"] = kept
     return releaser
 

@@ -228,6 +228,79 @@ def test_new_data_is_quantized_and_released_again():
     assert torch.equal(y, _reference(base, ids))
 
 
+def _other_state(layers=1, seed=1):
+    """The state dict of another TinyLM (other weights), and that model."""
+    torch.manual_seed(seed)
+    other = TinyLM(layers=layers)
+    return copy.deepcopy(other.state_dict()), other
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_load_state_dict_brings_released_weights_back(assign):
+    """load_state_dict into a released model: the copy gets its storage back first (it
+    used to write through a null pointer); the next call quantizes the new weights and
+    releases them again, without a recompile."""
+    model, ids = TinyLM(layers=1), _ids()
+    sd, other = _other_state()
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    assert sum(weights.released(p) for p in model.parameters()) == 7
+    model.load_state_dict(sd, assign=assign)
+    assert not any(weights.released(p) for p in model.parameters())
+    assert all(torch.equal(p, sd[n]) for n, p in model.named_parameters())
+    y = _run(cm, ids)
+    assert len(be.plans) == 1  # no recompile
+    assert sum(weights.released(p) for p in model.parameters()) == 7
+    assert torch.equal(y, _reference(other, ids))
+
+
+def test_state_dict_of_a_released_model_is_refused():
+    """state_dict() would hold the released parameters without data (a checkpoint that
+    fails to load): a ValueError naming one; once loaded again, the state is readable."""
+    model, ids = TinyLM(layers=1), _ids()
+    before = copy.deepcopy(model.state_dict())
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    with pytest.raises(ValueError, match=r"'layers\.0\.q_proj\.weight' \(256, 256\) was "
+                                         r"released.*Save the state dict before compiling"):
+        model.state_dict()
+    with pytest.raises(ValueError, match=r"parameter 'q_proj\.weight'"):
+        model.layers[0].state_dict()  # a submodule's: its own prefixes
+    model.load_state_dict(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_load_that_fails_leaves_the_weights_released():
+    """A state dict entry of another shape is not copied (load_state_dict reports it), and
+    a missing one (strict=False) is not touched: those parameters stay released."""
+    model, ids = TinyLM(layers=1), _ids()
+    sd, _ = _other_state()
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    blk = model.layers[0]
+    sd["layers.0.o_proj.weight"] = torch.zeros(256, 128)
+    del sd["layers.0.up_proj.weight"]
+    with pytest.raises(RuntimeError, match="size mismatch for layers.0.o_proj.weight"):
+        model.load_state_dict(sd, strict=False)  # the other entries are loaded all the same
+    assert weights.released(blk.o_proj.weight) and weights.released(blk.up_proj.weight)
+    assert not weights.released(blk.q_proj.weight)
+    assert torch.equal(blk.q_proj.weight, sd["layers.0.q_proj.weight"])
+
+
+def test_owners_are_hooked_once_per_module():
+    """Two graphs of one model release the same parameters: each owning module has one
+    pair of hooks, and only modules that own a released parameter have any."""
+    model, _ = TinyLM(layers=1), _ids()
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, _ids(32))
+    _run(cm, _ids(48))
+    assert len(be.plans) == 2
+    for name, module in model.named_modules():
+        owns = any(weights.released(p) for p in module.parameters(recurse=False))
+        assert len(module._load_state_dict_pre_hooks) == int(owns), name
+        assert len(module._state_dict_hooks) == int(owns), name
+
+
 def test_weights_sharing_storage_are_kept():
     model, ids = TinyLM(layers=1), _ids()
     blk = model.layers[0]
@@ -309,6 +382,40 @@ def test_release_under_cuda_graphs(swiglu):
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
     assert [n for n, p in model.named_parameters() if weights.released(p)] == [
         f"layers.{i}.{m}.weight" for i in range(2) for m in FP8_LINEARS]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="CUDA graphs (mode='reduce-overhead') need a CUDA GPU")
+def test_load_state_dict_under_cuda_graphs():
+    """New weights loaded into a released model replayed as CUDA graphs: the graphs read
+    them (re-recorded where the parameters' addresses moved), as a model compiled with them
+    does, and release them again."""
+    model = TinyLM(layers=1).cuda().to(torch.bfloat16).eval()
+    sd, other = _other_state()
+    other = other.cuda().to(torch.bfloat16).eval()
+    sd = {k: v.cuda().to(torch.bfloat16) for k, v in sd.items()}
+    inputs = [torch.randint(0, 512, s, device="cuda") for s in ((2, 64), (1, 16))]
+
+    def steps(cm, rounds=3):
+        out = []
+        with torch.no_grad():
+            for _ in range(rounds):  # warm-up, record, replay
+                for x in inputs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                    out.append(cm(x).clone())
+        return out
+
+    def backend(release):
+        return fp8compile.backend({"release_weights": release}, mode="reduce-overhead")
+
+    ref = steps(torch.compile(other, backend=backend(False)))
+    torch._dynamo.reset()
+    cm = torch.compile(model, backend=backend(True))
+    steps(cm)
+    model.load_state_dict(sd)
+    got = steps(cm)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert sum(weights.released(p) for p in model.parameters()) == 7
 
 
 def test_merged_plan_counts_shared_weights_once():
