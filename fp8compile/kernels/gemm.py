@@ -624,35 +624,59 @@ FOLD_SPLIT_ROWS = 32
 
 # Per-tile arrival counters of folded split-K launches, by device and stream.  Zero between
 # launches: the last program of each tile zeroes its own.  Two launches on one stream run
-# one after the other; launches on two streams use two buffers.  A buffer first needed while
-# a CUDA graph is captured is allocated (and zeroed) in that graph, which then zeroes it
-# again at each replay.  A buffer that grew stays alive: a launch still in flight, or a
-# captured graph, may use it.
+# one after the other; launches on two streams use two buffers.  A buffer that grew stays
+# alive: a launch still in flight may use it.
 _COUNTERS: dict[tuple, list[torch.Tensor]] = {}
+# A launch captured into a CUDA graph takes counters of its own instead: a slice of an arena
+# made before the capture, never handed out again.  Graphs captured on one stream (torch's
+# default capture stream, say) may be replayed at once on different streams; with the
+# stream's buffer they would count into each other's tiles.  An arena is made by a launch
+# outside any capture (an eager call, a CUDA-graph warm-up), and a fresh one once the last
+# is half given out; a captured launch that finds no room takes its stream's buffer, grown
+# in the graph's pool if need be (the graph then zeroes it again at each replay).
+ARENA_COUNTERS = 1 << 20  # 4 MiB of int32; a launch takes one per output tile (64 for 4096x64)
+_ARENAS: dict[torch.device, list] = {}  # device -> [arena, index of the next free counter]
+_ARENA_LOCK = threading.Lock()
+
+
+def _zeros_outside_pools(size: int, device: torch.device, stream) -> torch.Tensor:
+    """int32 zeros made by another thread, on the default stream, then ordered before
+    ``stream``: CUDA-graph trees warm a graph up with every allocation of the warming thread
+    going to the graph's memory pool, and refuse a tensor kept there past the warm-up
+    ("tensor(s) in the cudagraph pool not tracked as outputs").  The pools are per thread."""
+    made: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: made.append(
+        torch.zeros(size, dtype=torch.int32, device=device)))
+    worker.start()
+    worker.join()
+    if not made:
+        raise RuntimeError(f"fp8compile: allocating {size} split-K tile counters on "
+                           f"{device} failed (see the thread's error above)")
+    stream.wait_stream(torch.cuda.default_stream(device))
+    return made[0]
 
 
 def _tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    capturing = stream is not None and torch.cuda.is_current_stream_capturing()
+    if capturing:
+        with _ARENA_LOCK:
+            arena = _ARENAS.get(device)
+            if arena is not None and arena[1] + tiles <= arena[0].numel():
+                arena[1] += tiles
+                return arena[0][arena[1] - tiles:arena[1]]
+    elif stream is not None:
+        with _ARENA_LOCK:
+            arena = _ARENAS.get(device)
+            if arena is None or 2 * arena[1] > arena[0].numel():
+                _ARENAS[device] = [_zeros_outside_pools(ARENA_COUNTERS, device, stream), 0]
     buffers = _COUNTERS.setdefault((device, stream.cuda_stream if stream else 0), [])
     if not buffers or buffers[-1].numel() < tiles:
         size = max(tiles, 2 * buffers[-1].numel() if buffers else 1024)
-        if stream is None or torch.cuda.is_current_stream_capturing():
+        if stream is None or capturing:
             buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
         else:
-            # Made by another thread, on the default stream: CUDA-graph trees warm a graph up
-            # with every allocation of the warming thread going to the graph's memory pool,
-            # and refuse a tensor kept there past the warm-up ("tensor(s) in the cudagraph
-            # pool not tracked as outputs").  The pools are per thread.
-            made: list[torch.Tensor] = []
-            worker = threading.Thread(target=lambda: made.append(
-                torch.zeros(size, dtype=torch.int32, device=device)))
-            worker.start()
-            worker.join()
-            if not made:
-                raise RuntimeError(f"fp8compile: allocating {size} split-K tile counters on "
-                                   f"{device} failed (see the thread's error above)")
-            stream.wait_stream(torch.cuda.default_stream(device))
-            buffers.append(made[0])
+            buffers.append(_zeros_outside_pools(size, device, stream))
     return buffers[-1]
 
 
