@@ -223,9 +223,10 @@ class Fp8Config:
             only through graphs compiled by fp8hpf with the same recipe: a graph that needs
             a released parameter in high precision (eager code, a training graph, another
             recipe) raises a ValueError naming it instead of reading freed memory.  New data
-            (``p.data = ...``) brings a parameter back; it is quantized and released again.
-            Writing into a released parameter (``load_state_dict``, ``copy_``) writes
-            through a null pointer and crashes: assign instead.
+            (``p.data = ...``, or ``load_state_dict``) brings a parameter back; it is
+            quantized and released again.  ``state_dict()`` raises a ValueError for a
+            released parameter.  Any other write into one (``copy_``, an optimizer step)
+            goes through a null pointer and crashes: assign or load instead.
             Parameters read in high precision too, or sharing their storage with other
             tensors, are kept; the plan lists them and the bytes freed.
     """

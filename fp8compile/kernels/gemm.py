@@ -700,11 +700,10 @@ def swiglu_group_quantize(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor,
     """FP8 ``(q, scale)`` of ``silu(gate) * up`` quantized in 1x128 groups, where
     ``gate, up`` are the fp32 product of a blockwise GEMM (1x128 ``xs``, 128x128 ``ws``)
     over the weight ``torch.cat([gate, up])`` (each half a multiple of 128 rows): what a
-    SwiGLU MLP's down projection
-    reads.  On Hopper the warp-specialized kernel does it all in its epilogue (E4M3, plain
-    scales), and h is never written in high precision; elsewhere the fp32 product and h are
-    computed, then quantized.  Scales are M-contiguous, as :func:`.quant.quantize` lays out
-    groups."""
+    SwiGLU MLP's down projection reads.  On Hopper the warp-specialized kernel does it all in its
+    epilogue (E4M3, plain scales), and h is never written in high precision; elsewhere the fp32
+    product and h are computed, then quantized.  Scales are M-contiguous, as
+    :func:`.quant.quantize` lays out groups."""
     from ..numerics import Fp8Format
     from .quant import quantize
 

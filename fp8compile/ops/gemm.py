@@ -281,10 +281,9 @@ def scaled_mm_swiglu_quantize(
 ) -> tuple[Tensor, Tensor]:
     """FP8 ``(q, scale)``, in 1x128 groups, of ``silu(gate) * up`` of the fp32 product of a
     blockwise GEMM over the weight ``torch.cat([gate, up])`` (each half a multiple of 128
-    rows): a SwiGLU MLP's gate/up GEMM writing
-    its down projection's input.  On Hopper the warp-specialized kernel does it in its
-    epilogue (E4M3), so neither gate, up nor h is written in high precision; elsewhere h
-    is computed in fp32, then quantized."""
+    rows): a SwiGLU MLP's gate/up GEMM writing its down projection's input.  On Hopper the
+    warp-specialized kernel does it in its epilogue (E4M3), so neither gate, up nor h is
+    written in high precision; elsewhere h is computed in fp32, then quantized."""
     _check_swiglu_groups(xq, x_granularity, wq, w_granularity, fmt)
     h = scaled_mm_reference(xq, xs, x_granularity, wq, ws, w_granularity, None, torch.float32,
                             "swiglu", None)

@@ -50,14 +50,14 @@ its output::
     g = y[..., :F]; u = y[..., F:]             ⇒     q, s = quantize(h)
     q, s = silu_mul_quantize(g, u)
 
-``Wgu'`` is ``Wgu`` with gate's rows first (the weight cache swaps the halves where the
-graph stacked up first; scales follow exactly).  Each 256-wide output tile loads 128 rows of
-gate and the matching 128 of up, and the epilogue computes ``silu(gate) * up`` from the fp32
-product.  For 4096 tokens of a 14336-wide
-MLP in bf16, the GEMM writes 112 MiB instead of 224, and the quantization reads 112 MiB
-instead of 224.  Only the warp-specialized kernel (:mod:`fp8compile.kernels.blockwise_ws`,
-fast accumulation with row/tensor scales) has the epilogue; elsewhere the GEMM's fp32 product
-would go through the SwiGLU as pointwise ops, which moves more bytes than the unfused graph.
+``Wgu'`` is ``Wgu`` with gate's rows first (the weight cache swaps the halves where the graph
+stacked up first; scales follow exactly).  Each 256-wide output tile loads 128 rows of gate and
+the matching 128 of up, and the epilogue computes ``silu(gate) * up`` from the fp32 product.  For
+4096 tokens of a 14336-wide MLP in bf16, the GEMM writes 112 MiB instead of 224, and the
+quantization reads 112 MiB instead of 224.  Only the warp-specialized kernel
+(:mod:`fp8compile.kernels.blockwise_ws`, fast accumulation with row/tensor scales) has the
+epilogue; elsewhere the GEMM's fp32 product would go through the SwiGLU as pointwise ops, which
+moves more bytes than the unfused graph.
 So by default the fold is made where that kernel serves the GEMM and the fused step (GEMM +
 plain quantization) is faster: the epilogue's exp and reciprocal cost the GEMM ~4% on an
 H200, which the smaller quantization repays with tensor scales (whose unfused quantization

@@ -182,8 +182,8 @@ class WeightCache:
         if want == self.order:
             return value
         ws = [args[i] for i in self.indices]
-        n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, self.transposed))
-        self.value = weights.reorder(value, n0, n1, self.order, want)
+        self.value = weights.reorder(value, *weights.stacked_rows(ws, self.transposed),
+                                     self.order, want)
         self.order = want
         weights.put(ws, self.form, want, self.value)
         return self.value

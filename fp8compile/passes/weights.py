@@ -52,6 +52,7 @@ __all__ = [
     "readable_params",
     "release",
     "reorder",
+    "stacked_rows",
     "release_graph",
     "released",
     "version_key",
@@ -156,9 +157,13 @@ def derive(ws: Sequence[torch.Tensor], form: tuple, order: int | None
             continue
         have = lookup(ws, form, other)
         if have is not None:
-            n0, n1 = (w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, form[2]))
-            return reorder(have, n0, n1, other, order)
+            return reorder(have, *stacked_rows(ws, form[2]), other, order)
     return None
+
+
+def stacked_rows(ws: Sequence[torch.Tensor], transposed: Sequence[bool]) -> list[int]:
+    """The rows each of ``ws`` gives their stacked copy (a transposed one, its columns)."""
+    return [w.shape[-1] if t else w.shape[-2] for w, t in zip(ws, transposed)]
 
 
 def reorder(value: tuple[torch.Tensor, ...], n0: int, n1: int, have: int | None,
@@ -310,17 +315,15 @@ def _refuse_released_state(module, state_dict, prefix, local_metadata) -> None:
             )
 
 
-def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[Any]) -> int:
+def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[Any]) -> None:
     """Give the modules owning the parameters ``args[i]`` (``i`` in ``indices``, inputs of
     the compiled ``graph``) the ``load_state_dict`` and ``state_dict`` hooks of released
     parameters, once per module.  Called while Dynamo compiles: the modules are found from
-    the placeholders' sources in the traced frame.  Returns the modules newly hooked (none
-    outside a Dynamo compile)."""
+    the placeholders' sources in the traced frame (outside a Dynamo compile, none is)."""
     scope = _frame_scope()
     if scope is None:
-        return 0
+        return
     placeholders = list(graph.find_nodes(op="placeholder"))
-    hooked = 0
     for i in indices:
         module = _owner(placeholders[i], args[i], scope)
         if module is None or module in _HOOKED:
@@ -328,8 +331,6 @@ def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[An
         module.register_load_state_dict_pre_hook(_restore_before_load)
         module.register_state_dict_post_hook(_refuse_released_state)
         _HOOKED.add(module)
-        hooked += 1
-    return hooked
 
 
 def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any],
