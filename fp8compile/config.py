@@ -224,8 +224,9 @@ class Fp8Config:
             a released parameter in high precision (eager code, a training graph, another
             recipe) raises a ValueError naming it instead of reading freed memory.  New data
             (``p.data = ...``, or ``load_state_dict``) brings a parameter back; it is
-            quantized and released again.  ``state_dict()`` raises a ValueError for a
-            released parameter.  Any other write into one (``copy_``, an optimizer step)
+            quantized and released again.  ``state_dict()``, ``copy.deepcopy`` and
+            pickling (``torch.save(model)``) raise a ValueError for a released parameter.
+            Any other write into one (``copy_``, an optimizer step)
             goes through a null pointer and crashes: assign or load instead.
             Parameters read in high precision too, or sharing their storage with other
             tensors, are kept; the plan lists them and the bytes freed.

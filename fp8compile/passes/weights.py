@@ -24,7 +24,8 @@ the caches quantize it again at their next call.  The modules that own released 
 get two hooks (:func:`hook_owners`): ``load_state_dict`` gives a released parameter its
 storage back before copying into it (otherwise the copy writes through a null pointer), and
 ``state_dict`` refuses to return one (it would hold no data: a checkpoint saved from it
-fails to load).
+fails to load).  The released parameters themselves refuse ``copy.deepcopy`` and pickling
+(:class:`_Refuse`), which would read the freed storage.
 """
 
 from __future__ import annotations
@@ -195,6 +196,49 @@ def _order(n0: int, n1: int, order: int | None) -> torch.Tensor:
     return torch.cat(rows if order is None else rows[::-1])
 
 
+class _Refuse:
+    """A released parameter's ``__deepcopy__`` or ``__reduce_ex__``, set on the tensor itself,
+    where ``copy`` and ``pickle`` look before its type: they would read the freed storage
+    (``copy.deepcopy`` crashes the process) or write a checkpoint that fails to load
+    (``torch.save(model)``).  While the storage is released it raises a ``ValueError``; once
+    new data brought it back, it takes itself off the tensor and lets the type's method
+    run."""
+
+    __slots__ = ("ref", "method")
+
+    def __init__(self, p: torch.Tensor, method: str):
+        self.ref, self.method = weakref.ref(p), method
+
+    def __call__(self, *args):
+        p = self.ref()
+        if released(p):
+            what = "copy.deepcopy" if self.method == "__deepcopy__" else \
+                "pickling (torch.save of the model, copy.copy)"
+            raise ValueError(
+                f"{what} of a parameter {tuple(p.shape)} {p.dtype} whose storage was released "
+                "by a graph compiled with Fp8Config.release_weights=True: only its FP8 copy is "
+                "left, and the copy would hold no data. Copy or save the model before "
+                "compiling, compile with release_weights=False, or load its weights back "
+                "first (load_state_dict).")
+        _allow_copies(p)
+        return getattr(type(p), self.method)(p, *args)
+
+
+_COPY_METHODS = ("__deepcopy__", "__reduce_ex__")
+
+
+def _refuse_copies(p: torch.Tensor) -> None:
+    for method in _COPY_METHODS:
+        if not isinstance(p.__dict__.get(method), _Refuse):
+            setattr(p, method, _Refuse(p, method))
+
+
+def _allow_copies(p: torch.Tensor) -> None:
+    for method in _COPY_METHODS:
+        if isinstance(p.__dict__.get(method), _Refuse):
+            del p.__dict__[method]
+
+
 def release(ws: Sequence[torch.Tensor]) -> int:
     """Free the storage of each of ``ws`` (each must own its storage).  The stored copies of
     their current versions are kept (weakly: the caller then stores the copy it holds with
@@ -205,6 +249,7 @@ def release(ws: Sequence[torch.Tensor]) -> int:
         if not released(w):
             freed += w.untyped_storage().nbytes()
             w.untyped_storage().resize_(0)
+        _refuse_copies(w)
     for k, entry in list(_ENTRIES.items()):
         if not before.keys() & set(k[0]):
             continue
@@ -298,6 +343,7 @@ def _restore_before_load(module, state_dict, prefix, local_metadata, strict, mis
         value = state_dict.get(prefix + name)
         if released(p) and isinstance(value, torch.Tensor) and value.shape == p.shape:
             p.untyped_storage().resize_(p.numel() * p.element_size())
+            _allow_copies(p)
 
 
 def _refuse_released_state(module, state_dict, prefix, local_metadata) -> None:

@@ -5,6 +5,8 @@ must equal those of the same model compiled without releasing, bit for bit."""
 
 import copy
 import gc
+import io
+import pickle
 import weakref
 
 import pytest
@@ -285,6 +287,62 @@ def test_a_load_that_fails_leaves_the_weights_released():
     assert weights.released(blk.o_proj.weight) and weights.released(blk.up_proj.weight)
     assert not weights.released(blk.q_proj.weight)
     assert torch.equal(blk.q_proj.weight, sd["layers.0.q_proj.weight"])
+
+
+def test_copies_and_pickles_of_released_parameters_are_refused():
+    """copy.deepcopy(model) read the freed storage and crashed the process; torch.save(model)
+    wrote a checkpoint that failed to load.  Both raise a ValueError now, and so does any
+    pickling of a released parameter, also one no module hook reaches."""
+    model, ids = TinyLM(layers=1), _ids()
+    cm, be = _compile(model, {"release_weights": True})
+    y = _run(cm, ids)
+    with pytest.raises(ValueError, match=r"copy\.deepcopy of a parameter \(256, 256\) "
+                                         r"torch\.float32 whose storage was released"):
+        copy.deepcopy(model)
+    with pytest.raises(ValueError, match=r"pickling .* of a parameter \(\d+, \d+\).*Copy or "
+                                         r"save the model before compiling"):
+        torch.save(model, io.BytesIO())
+    w = model.layers[0].up_proj.weight
+    for copier in (copy.copy, pickle.dumps, lambda t: torch.save({"w": t}, io.BytesIO())):
+        with pytest.raises(ValueError, match="whose storage was released"):
+            copier(w)
+    assert torch.equal(_run(cm, ids), y)  # the refusals left the model as it was
+    assert len(be.plans) == 1  # no recompile
+
+
+def _roundtrip(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["load_state_dict", "data"])
+def test_copies_work_again_once_new_data_is_in(how):
+    """After load_state_dict (or p.data = ...) the parameters hold data: deepcopy and
+    torch.save(model) work and carry the new weights, with nothing of the refusal left on
+    the tensors; the next call releases them again, and copies are refused again."""
+    model, ids = TinyLM(layers=1), _ids()
+    sd, _ = _other_state()
+    cm, be = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    refusals = {"__deepcopy__", "__reduce_ex__"}
+    if how == "load_state_dict":
+        model.load_state_dict(sd)  # its hook takes the refusals off
+        assert not any(set(p.__dict__) & refusals for p in model.parameters())
+    else:  # they stay until a copy finds the data back
+        for n, p in model.named_parameters():
+            p.data = sd[n].clone()
+    for clone in (copy.deepcopy(model), _roundtrip(model)):
+        for n, p in clone.named_parameters():
+            assert torch.equal(p, sd[n]), n
+            assert not set(p.__dict__) & refusals, n
+    assert not any(set(p.__dict__) & refusals for p in model.parameters())
+    _run(cm, ids)
+    assert len(be.plans) == 1  # no recompile
+    assert sum(weights.released(p) for p in model.parameters()) == 7
+    with pytest.raises(ValueError, match="copy.deepcopy of a parameter"):
+        copy.deepcopy(model)
 
 
 def test_owners_are_hooked_once_per_module():
