@@ -265,13 +265,19 @@ def release(ws: Sequence[torch.Tensor]) -> int:
     return freed
 
 
+def _source_name(node: torch.fx.Node) -> str | None:
+    """Dynamo's source of a placeholder, ``L['self']._modules['layers']...``, if it has one
+    (``name`` is a method in older torch, a property in newer)."""
+    name = getattr(getattr(node, "_dynamo_source", None), "name", None)
+    name = name() if callable(name) else name
+    return name if isinstance(name, str) else None
+
+
 def param_name(node: torch.fx.Node) -> str:
     """A parameter placeholder's path in the model, ``layers.0.q_proj.weight`` (Dynamo's
     source ``L['self']._modules['layers']...``), else its name in the graph."""
-    source = getattr(node, "_dynamo_source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name
-    if isinstance(name, str):
+    name = _source_name(node)
+    if name is not None:
         parts = re.findall(r"\['([^']*)'\]", name)
         if parts and parts[0] == "self":
             parts = parts[1:]
@@ -317,10 +323,8 @@ def _owner(node: torch.fx.Node, param: torch.Tensor, scope: dict[str, dict]
            ) -> torch.nn.Module | None:
     """The module whose ``_parameters`` hold ``param``, the placeholder ``node``'s input,
     found from Dynamo's source of the placeholder in the traced frame's ``scope``."""
-    source = getattr(node, "_dynamo_source", None)
-    name = getattr(source, "name", None)
-    name = name() if callable(name) else name
-    match = _PARAM_SOURCE.match(name) if isinstance(name, str) else None
+    name = _source_name(node)
+    match = _PARAM_SOURCE.match(name) if name is not None else None
     if match is None:
         return None
     module = scope[match["scope"]].get(match["root"])
