@@ -224,8 +224,9 @@ class Fp8Config:
             a released parameter in high precision (eager code, a training graph, another
             recipe) raises a ValueError naming it instead of reading freed memory.  New data
             (``p.data = ...``, or ``load_state_dict``) brings a parameter back; it is
-            quantized and released again.  ``state_dict()``, ``copy.deepcopy`` and
-            pickling (``torch.save(model)``) raise a ValueError for a released parameter.
+            quantized and released again.  ``state_dict()``, ``copy.deepcopy``, pickling
+            (``torch.save(model)``) and converting the model (``model.half()``, ``.to()``,
+            ``.cuda()``; nothing is converted) raise a ValueError for a released parameter.
             Any other write into one (``copy_``, an optimizer step)
             goes through a null pointer and crashes: assign or load instead.
             Parameters read in high precision too, or sharing their storage with other

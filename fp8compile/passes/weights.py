@@ -24,8 +24,9 @@ the caches quantize it again at their next call.  The modules that own released 
 get two hooks (:func:`hook_owners`): ``load_state_dict`` gives a released parameter its
 storage back before copying into it (otherwise the copy writes through a null pointer), and
 ``state_dict`` refuses to return one (it would hold no data: a checkpoint saved from it
-fails to load).  The released parameters themselves refuse ``copy.deepcopy`` and pickling
-(:class:`_Refuse`), which would read the freed storage.
+fails to load).  The released parameters themselves refuse ``copy.deepcopy``, pickling, and
+the conversions ``nn.Module.to``/``half``/``cuda``/... apply to them (:class:`_Refuse`), which
+would read the freed storage.
 """
 
 from __future__ import annotations
@@ -197,44 +198,73 @@ def _order(n0: int, n1: int, order: int | None) -> torch.Tensor:
 
 
 class _Refuse:
-    """A released parameter's ``__deepcopy__`` or ``__reduce_ex__``, set on the tensor itself,
-    where ``copy`` and ``pickle`` look before its type: they would read the freed storage
-    (``copy.deepcopy`` crashes the process) or write a checkpoint that fails to load
-    (``torch.save(model)``).  While the storage is released it raises a ``ValueError``; once
-    new data brought it back, it takes itself off the tensor and lets the type's method
-    run."""
+    """A method of a released parameter that would read its freed storage, set on the tensor
+    itself, where attribute lookups (``copy``, ``pickle``, ``p.half()``) look before its
+    type: ``__deepcopy__``, ``__reduce_ex__`` and the methods of :data:`_READS`.  Left alone,
+    they crash the process (``copy.deepcopy``, ``model.half()``, ``p.clone()``) or write a
+    checkpoint that fails to load (``torch.save(model)``).  While the storage is released the
+    call raises a ``ValueError``, except a conversion that has nothing to convert
+    (``model.to(its own device)``), which returns the tensor as its type's method does.  Once
+    new data brought the storage back, the first call takes every such method off the tensor
+    and lets the type's method run."""
 
     __slots__ = ("ref", "method")
 
     def __init__(self, p: torch.Tensor, method: str):
         self.ref, self.method = weakref.ref(p), method
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         p = self.ref()
         if released(p):
-            what = "copy.deepcopy" if self.method == "__deepcopy__" else \
-                "pickling (torch.save of the model, copy.copy)"
-            raise ValueError(
-                f"{what} of a parameter {tuple(p.shape)} {p.dtype} whose storage was released "
+            if self.method in _CONVERSIONS:
+                # What the conversion does, seen on an empty tensor like p: itself back
+                # means nothing to convert (nothing read); anything but a tensor, a query.
+                probe = torch.empty(0, dtype=p.dtype, device=p.device)
+                out = getattr(torch.Tensor, self.method)(probe, *args, **kwargs)
+                if out is probe:
+                    return p
+                if not isinstance(out, torch.Tensor):
+                    return getattr(torch.Tensor, self.method)(p, *args, **kwargs)
+            raise ValueError(self._refusal(p))
+        _allow_reads(p)
+        return getattr(type(p), self.method)(p, *args, **kwargs)
+
+    def _refusal(self, p: torch.Tensor) -> str:
+        what = {"__deepcopy__": "copy.deepcopy",
+                "__reduce_ex__": "pickling (torch.save of the model, copy.copy)"}.get(
+                    self.method, f"Tensor.{self.method}()")
+        head = (f"{what} of a parameter {tuple(p.shape)} {p.dtype} whose storage was released "
                 "by a graph compiled with Fp8Config.release_weights=True: only its FP8 copy is "
-                "left, and the copy would hold no data. Copy or save the model before "
-                "compiling, compile with release_weights=False, or load its weights back "
-                "first (load_state_dict).")
-        _allow_copies(p)
-        return getattr(type(p), self.method)(p, *args)
+                "left")
+        if self.method in _COPY_METHODS:
+            return (f"{head}, and the copy would hold no data. Copy or save the model before "
+                    "compiling, compile with release_weights=False, or load its weights back "
+                    "first (load_state_dict).")
+        module = (" nn.Module.to/half/float/cuda/cpu convert each parameter this way; the "
+                  "parameters converted before this one keep the conversion."
+                  if self.method in _CONVERSIONS else "")
+        return (f"{head}, and {what} would read the freed memory.{module} Convert or read the "
+                "model before compiling, compile with release_weights=False, or load its "
+                "weights back first (load_state_dict).")
 
 
 _COPY_METHODS = ("__deepcopy__", "__reduce_ex__")
+# Conversions nn.Module.to/half/float/double/bfloat16/cuda/cpu/type apply to each parameter:
+# refused where they would make a new tensor from the data.
+_CONVERSIONS = ("to", "type", "half", "float", "double", "bfloat16", "cuda", "cpu")
+# Every method a released parameter refuses.  Arithmetic, torch.* functions and printing go
+# through the type, and are not caught.
+_READS = _COPY_METHODS + _CONVERSIONS + ("clone", "numpy", "tolist", "item")
 
 
-def _refuse_copies(p: torch.Tensor) -> None:
-    for method in _COPY_METHODS:
+def _refuse_reads(p: torch.Tensor) -> None:
+    for method in _READS:
         if not isinstance(p.__dict__.get(method), _Refuse):
             setattr(p, method, _Refuse(p, method))
 
 
-def _allow_copies(p: torch.Tensor) -> None:
-    for method in _COPY_METHODS:
+def _allow_reads(p: torch.Tensor) -> None:
+    for method in _READS:
         if isinstance(p.__dict__.get(method), _Refuse):
             del p.__dict__[method]
 
@@ -249,7 +279,7 @@ def release(ws: Sequence[torch.Tensor]) -> int:
         if not released(w):
             freed += w.untyped_storage().nbytes()
             w.untyped_storage().resize_(0)
-        _refuse_copies(w)
+        _refuse_reads(w)
     for k, entry in list(_ENTRIES.items()):
         if not before.keys() & set(k[0]):
             continue
@@ -319,20 +349,63 @@ def _frame_scope() -> dict[str, dict] | None:
         return None
 
 
-def _owner(node: torch.fx.Node, param: torch.Tensor, scope: dict[str, dict]
-           ) -> torch.nn.Module | None:
-    """The module whose ``_parameters`` hold ``param``, the placeholder ``node``'s input,
-    found from Dynamo's source of the placeholder in the traced frame's ``scope``."""
+def _owners(node: torch.fx.Node, param: torch.Tensor, scope: dict[str, dict]
+            ) -> list[torch.nn.Module]:
+    """The modules from the traced frame's root to the one whose ``_parameters`` hold
+    ``param``, the placeholder ``node``'s input, found from Dynamo's source of the placeholder
+    in the frame's ``scope``; empty where the source does not lead to ``param``."""
     name = _source_name(node)
     match = _PARAM_SOURCE.match(name) if name is not None else None
     if match is None:
-        return None
-    module = scope[match["scope"]].get(match["root"])
+        return []
+    path = [scope[match["scope"]].get(match["root"])]
     for key in re.findall(r"\['([^']+)'\]", match["path"]):
-        module = getattr(module, "_modules", {}).get(key)
-    if not isinstance(module, torch.nn.Module):
-        return None
-    return module if module._parameters.get(match["name"]) is param else None
+        path.append(getattr(path[-1], "_modules", {}).get(key))
+    if not all(isinstance(m, torch.nn.Module) for m in path):
+        return []
+    return path if path[-1]._parameters.get(match["name"]) is param else []
+
+
+def _converts(fn: Any, p: torch.Tensor) -> bool:
+    """Whether ``nn.Module._apply``'s ``fn`` makes a new tensor from ``p`` (reads its data),
+    as it does from an empty tensor like ``p``."""
+    probe = torch.empty(0, dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        return fn(probe) is not probe
+
+
+class _CheckedApply:
+    """A module's ``_apply``, set on the module (where ``model.half()``, ``.to()``,
+    ``.cuda()``... look before its type): a ``ValueError``, before anything is converted,
+    where the conversion would read a released parameter of the module; otherwise the type's
+    ``_apply``.  Without it the conversion would stop at the first released parameter, with the
+    parameters before it converted (:class:`_Refuse`).  A deep copy or pickle of the module
+    carries one for the copy."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, module: torch.nn.Module):
+        self.ref = weakref.ref(module)
+
+    def __call__(self, fn, *args, **kwargs):
+        module = self.ref()
+        for name, p in module.named_parameters():
+            if released(p) and _converts(fn, p):
+                raise ValueError(
+                    f"converting the model (nn.Module.to/half/float/cuda/cpu...) would read "
+                    f"parameter {name!r} {tuple(p.shape)} {p.dtype}, whose storage was released "
+                    "by a graph compiled with Fp8Config.release_weights=True: only its FP8 copy "
+                    "is left. Nothing was converted. Convert the model before compiling, "
+                    "compile with release_weights=False, or load its weights back first "
+                    "(load_state_dict).")
+        return type(module)._apply(module, fn, *args, **kwargs)
+
+    def __deepcopy__(self, memo):
+        # copy.deepcopy holds the module's copy in memo before it copies the module's state
+        return _CheckedApply(memo.get(id(self.ref()), self.ref()))
+
+    def __reduce__(self):
+        return _CheckedApply, (self.ref(),)
 
 
 def _restore_before_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -347,7 +420,7 @@ def _restore_before_load(module, state_dict, prefix, local_metadata, strict, mis
         value = state_dict.get(prefix + name)
         if released(p) and isinstance(value, torch.Tensor) and value.shape == p.shape:
             p.untyped_storage().resize_(p.numel() * p.element_size())
-            _allow_copies(p)
+            _allow_reads(p)
 
 
 def _refuse_released_state(module, state_dict, prefix, local_metadata) -> None:
@@ -375,12 +448,15 @@ def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[An
         return
     placeholders = list(graph.find_nodes(op="placeholder"))
     for i in indices:
-        module = _owner(placeholders[i], args[i], scope)
-        if module is None or module in _HOOKED:
+        path = _owners(placeholders[i], args[i], scope)
+        for module in path:
+            if not isinstance(module.__dict__.get("_apply"), _CheckedApply):
+                module.__dict__["_apply"] = _CheckedApply(module)
+        if not path or path[-1] in _HOOKED:
             continue
-        module.register_load_state_dict_pre_hook(_restore_before_load)
-        module.register_state_dict_post_hook(_refuse_released_state)
-        _HOOKED.add(module)
+        path[-1].register_load_state_dict_pre_hook(_restore_before_load)
+        path[-1].register_state_dict_post_hook(_refuse_released_state)
+        _HOOKED.add(path[-1])
 
 
 def release_graph(graph: torch.fx.Graph, caches: Sequence[Any], args: Sequence[Any],

@@ -326,7 +326,7 @@ def test_copies_work_again_once_new_data_is_in(how):
     sd, _ = _other_state()
     cm, be = _compile(model, {"release_weights": True})
     _run(cm, ids)
-    refusals = {"__deepcopy__", "__reduce_ex__"}
+    refusals = set(weights._READS)
     if how == "load_state_dict":
         model.load_state_dict(sd)  # its hook takes the refusals off
         assert not any(set(p.__dict__) & refusals for p in model.parameters())
@@ -343,6 +343,55 @@ def test_copies_work_again_once_new_data_is_in(how):
     assert sum(weights.released(p) for p in model.parameters()) == 7
     with pytest.raises(ValueError, match="copy.deepcopy of a parameter"):
         copy.deepcopy(model)
+
+
+def test_conversions_of_a_released_model_are_refused_before_any():
+    """model.half() read the freed storage of the first released parameter and crashed the
+    process.  A conversion that would read one now raises a ValueError before any parameter
+    is converted; one with nothing to convert (the model's own dtype and device) still works,
+    and so do the tensor methods that read nothing."""
+    model, ids = TinyLM(layers=1), _ids()
+    cm, be = _compile(model, {"release_weights": True})
+    y = _run(cm, ids)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    for convert in (model.half, model.double, lambda: model.to(torch.bfloat16), cm.half,
+                    lambda: model.layers[0].to(torch.float64), model.layers[0].up_proj.double):
+        with pytest.raises(ValueError, match=r"converting the model .* would read parameter "
+                                             r"'.*weight' \(\d+, \d+\) torch\.float32.*"
+                                             r"Nothing was converted"):
+            convert()
+        assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+    for same in (model.float, model.cpu, lambda: model.to("cpu"), lambda: cm.to(torch.float32)):
+        same()
+    w = model.layers[0].up_proj.weight
+    assert w.to("cpu") is w and w.float() is w and w.cpu() is w
+    assert w.type() == "torch.FloatTensor"
+    for read in (w.half, w.clone, w.tolist, w.numpy, lambda: w.to("cpu", copy=True)):
+        with pytest.raises(ValueError, match=r"Tensor\.\w+\(\) of a parameter \(\d+, 256\) "
+                                             r"torch\.float32 whose storage was released"):
+            read()
+    assert torch.equal(_run(cm, ids), y)
+    assert len(be.plans) == 1  # neither the refusals nor the checks recompiled
+
+
+def test_conversions_and_copies_work_once_new_data_is_in():
+    """After load_state_dict the model converts, and the conversions carry the new weights.
+    A deep copy or a pickle of the model has the module checks of its own: converting the
+    copy converts the copy, not the model."""
+    model, ids = TinyLM(layers=1), _ids()
+    sd, _ = _other_state()
+    cm, _ = _compile(model, {"release_weights": True})
+    _run(cm, ids)
+    model.load_state_dict(sd)
+    for clone in (copy.deepcopy(model), _roundtrip(model)):
+        clone.double()
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        for n, p in clone.named_parameters():
+            assert p.dtype == torch.float64 and torch.equal(p, sd[n].double()), n
+    model.double()
+    for n, p in model.named_parameters():
+        assert p.dtype == torch.float64 and torch.equal(p, sd[n].double()), n
+        assert not set(p.__dict__) & set(weights._READS), n
 
 
 def test_owners_are_hooked_once_per_module():
