@@ -525,6 +525,38 @@ def test_load_state_dict_under_cuda_graphs():
     assert sum(weights.released(p) for p in model.parameters()) == 7
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="moving a model between devices needs a CUDA GPU")
+def test_device_moves_of_a_released_model_on_the_gpu():
+    """model.cpu() of a released model on the GPU read freed device memory; it is refused
+    with nothing moved, while model.cuda() and .to(its own device and dtype) are no-ops
+    that leave the CUDA-graph replays as they were."""
+    model = TinyLM(layers=1).cuda().to(torch.bfloat16).eval()
+    x = torch.randint(0, 512, (2, 64), device="cuda")
+    cm = torch.compile(model, backend=fp8compile.backend({"release_weights": True},
+                                                         mode="reduce-overhead"))
+
+    def step():
+        with torch.no_grad():
+            torch.compiler.cudagraph_mark_step_begin()
+            return cm(x).clone()
+
+    y = [step() for _ in range(3)][-1]
+    for move in (model.cpu, lambda: model.to("cpu"), lambda: cm.to(torch.float16)):
+        with pytest.raises(ValueError, match="Nothing was converted"):
+            move()
+        assert all(p.device.type == "cuda" and p.dtype == torch.bfloat16
+                   for p in model.parameters())
+    model.cuda()
+    cm.to("cuda", torch.bfloat16)
+    w = model.layers[0].up_proj.weight
+    assert w.cuda() is w and w.to(torch.bfloat16) is w
+    with pytest.raises(ValueError, match=r"Tensor\.cpu\(\) of a parameter"):
+        w.cpu()
+    assert torch.equal(step(), y)
+    torch._dynamo.reset()
+
+
 def test_merged_plan_counts_shared_weights_once():
     """A model's graphs quantize the same weights and share the copies: the plan of both
     counts each once (it used to add the graphs' figures)."""
