@@ -153,6 +153,10 @@ def swap_fp8_linears(model: nn.Module, plan, cfg: Fp8Config, target: str) -> Swa
         elif e.is_fp8 and (e.gemm == "matmul" or not e.weight):
             why = ("activation x activation matmul: only layers with a weight export as FP8 "
                    "QDQ, this one stays in the model's precision")
+            if e.weight:
+                why = ("matmul by a parameter outside an nn.Linear: only nn.Linear (and "
+                       "transformers Conv1D) layers export as FP8 QDQ, this one stays in the "
+                       "model's precision")
             kept.append((e.module or e.name, why))
             e.extra["onnx"] = f"high precision: {why}"
         else:

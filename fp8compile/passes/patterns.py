@@ -8,6 +8,7 @@ Dynamo hands torch-level graphs: ``nn.Linear`` is ``call_function torch._C._nn.l
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ __all__ = [
     "is_probabilities",
     "is_softmax",
     "is_transpose",
+    "transpose_source",
 ]
 
 LINEAR = {torch._C._nn.linear, F.linear}
@@ -150,6 +152,33 @@ def is_add(node: torch.fx.Node) -> bool:
 
 def is_transpose(node: torch.fx.Node) -> bool:
     return _is(node, {torch.transpose}, {"transpose"})
+
+
+def transpose_source(node: Any) -> torch.fx.Node | None:
+    """The tensor a 2-D ``node`` is the transpose of, for every way Dynamo writes one
+    (``w.t()``, ``torch.t(w)``, ``w.T``, ``w.mT``, ``w.transpose(0, 1)``, ``w.permute(1, 0)``
+    and their kin); None for anything else.  The caller checks that the source is 2-D."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    src, rest = node.args[0], list(node.args[1:])
+    if not isinstance(src, torch.fx.Node):
+        return None
+    if _is(node, {torch.t}, {"t"}):
+        return src
+    if node.op == "call_function" and node.target is getattr:
+        return src if rest in (["T"], ["mT"]) else None
+    if _is(node, {torch.transpose, torch.swapaxes, torch.swapdims},
+           {"transpose", "swapaxes", "swapdims"}):
+        dims = rest + [node.kwargs.get(k) for k in ("dim0", "dim1", "axis0", "axis1")
+                       if k in node.kwargs]
+        ok = len(dims) == 2 and all(isinstance(d, int) for d in dims)
+        return src if ok and {d % 2 for d in dims} == {0, 1} else None
+    if _is(node, {torch.permute}, {"permute"}):
+        dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest
+        dims = list(node.kwargs.get("dims", dims))
+        ok = len(dims) == 2 and all(isinstance(d, int) for d in dims)
+        return src if ok and [d % 2 for d in dims] == [1, 0] else None
+    return None
 
 
 def is_passthrough(node: torch.fx.Node) -> bool:

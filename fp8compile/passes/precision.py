@@ -62,15 +62,15 @@ def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
         bias, x, w = arg(0, "input"), arg(1, "mat1"), arg(2, "mat2")
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return "addmm with beta/alpha != 1"
+        w, w_t = _weight_of(w, ctx)
         if not ctx.is_parameter(w):
             return "addmm whose second operand is not a weight"
-        w_t = True
         if shape_of(bias) is None or len(shape_of(bias)) != 1:
             return "addmm with a non-vector bias"
     else:
         x, w = arg(0, "input"), arg(1, "other")
         bias = None
-        w_t = True
+        w, w_t = _weight_of(w, ctx)
     sx, sw = shape_of(x), shape_of(w)
     if sx is None or sw is None:
         return "operand shapes unknown"
@@ -80,6 +80,17 @@ def gemm_operands(node: torch.fx.Node, ctx: CompileContext) -> dict | str:
     if kind == pt.Gemm.LINEAR and len(sw) != 2:
         return "linear weight is not 2-D"
     return {"x": x, "w": w, "bias": bias, "w_transposed": w_t, "w_is_param": w_is_param}
+
+
+def _weight_of(w: Any, ctx: CompileContext) -> tuple[Any, bool]:
+    """A matmul's second operand as ``(w, w_transposed)``: a transposed view of a 2-D
+    parameter (``x @ p.t()``, ``p.T``, ``p.transpose(0, 1)``...) is that parameter in
+    nn.Linear's (N, K) layout, so it is quantized once per version as a linear's weight is,
+    not as an activation at every call; anything else is a (K, N) operand as given."""
+    src = pt.transpose_source(w)
+    if src is not None and ctx.is_parameter(src) and len(shape_of(src) or ()) == 2:
+        return src, False
+    return w, True
 
 
 _GROUPED = "grouped GEMM (mixture-of-experts experts: each group of rows times its own weight)"

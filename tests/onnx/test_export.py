@@ -148,6 +148,29 @@ class _Unsupported(nn.Module):
         return self.head(torch.relu(self.proj(torch.bmm(a, h))))
 
 
+class _WeightMatmul(nn.Module):
+    """``h @ self.w.t()``: an FP8 GEMM by a cached weight when compiled, but no layer the
+    export can swap."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 256)
+        self.w = nn.Parameter(torch.randn(256, 256) * 0.05)
+        self.head = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.proj(x) @ self.w.t()))
+
+
+def test_matmul_by_a_parameter_stays_high_precision_and_says_why(tmp_path):
+    model = _WeightMatmul().eval()
+    report = export_onnx(model, (torch.randn(2, 32, 256),), tmp_path / "m.onnx")
+    assert report.fp8_layers == ["proj"]
+    kept = dict(report.kept_layers)
+    assert kept["matmul"].startswith("matmul by a parameter outside an nn.Linear")
+    assert report.err_vs_torch_fp8 <= 1e-3
+
+
 def test_unsupported_pieces_stay_high_precision(tmp_path):
     model = _Unsupported().eval()
     x = torch.randn(2, 32, 320)

@@ -183,6 +183,122 @@ def test_matmul_with_weight_and_batched_matmul(passes):
     assert rel_err(a, ra) < 0.06 and rel_err(b, rb) < 0.06
 
 
+# Every way a model writes the transpose of a weight stored as nn.Linear's (N, K).
+TRANSPOSED = {
+    "p.t()": lambda w: w.t(), "torch.t": torch.t, "p.T": lambda w: w.T,
+    "p.mT": lambda w: w.mT, "p.transpose(0, 1)": lambda w: w.transpose(0, 1),
+    "p.transpose(-1, -2)": lambda w: w.transpose(-1, -2),
+    "torch.transpose": lambda w: torch.transpose(w, 1, 0),
+    "p.permute(1, 0)": lambda w: w.permute(1, 0),
+    "torch.permute": lambda w: torch.permute(w, (1, 0)),
+    "p.swapaxes(0, 1)": lambda w: w.swapaxes(0, 1),
+}
+
+
+class TransposedWeight(nn.Module):
+    """``x @ view(w)`` (or ``mm``/``addmm``) with ``w`` stored (N, K); ``view=None``:
+    ``F.linear``, the same product."""
+
+    def __init__(self, view=None, op="matmul", seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.w = nn.Parameter(torch.randn(384, 256) * 0.05)
+        self.b = nn.Parameter(torch.randn(384) * 0.1)
+        self.view, self.op = view, op
+
+    def forward(self, x):
+        if self.view is None:
+            return nn.functional.linear(x, self.w, self.b if self.op == "addmm" else None)
+        wt = self.view(self.w)
+        if self.op == "matmul":
+            return x @ wt
+        if self.op == "mm":
+            return torch.mm(x, wt)
+        return torch.addmm(self.b, x, wt)
+
+
+@pytest.mark.parametrize("view", list(TRANSPOSED))
+def test_a_transposed_parameter_is_quantized_as_a_linear_weight(passes, view):
+    """``x @ p.t()`` quantized the weight as an activation at every call, in 1x128 groups
+    along the wrong axis for a weight.  A transposed view of a 2-D parameter is now the
+    linear's weight: one cached FP8 copy in 128x128 blocks, and the graph computes what
+    ``F.linear`` does, bit for bit."""
+    x = torch.randn(2, 16, 256)
+    gm, inputs, ctx = passes(TransposedWeight(TRANSPOSED[view]), x,
+                             config={"rules": []})
+    assert _count(gm, OPS.scaled_mm.default) == 1 and _count(gm, OPS.matmul.default) == 0
+    assert len(ctx.weight_caches) == 1 and ctx.weight_caches[0].transposed == (False,)
+    (entry,) = [e for e in ctx.plan_entries if e.is_fp8]
+    assert "weight quantized once per parameter version" in entry.reason
+    ref_gm, ref_inputs, ref_ctx = passes(TransposedWeight(), x, config={"rules": []})
+    with torch.no_grad():
+        (y,) = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+        (ref,) = ref_gm(*ref_inputs, *[p(ref_inputs) for p in ref_ctx.extra_inputs])
+    assert torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("op", ["mm", "addmm"])
+def test_mm_and_addmm_by_a_transposed_parameter(passes, op):
+    x = torch.randn(32, 256)
+    gm, inputs, ctx = passes(TransposedWeight(torch.t, op), x, config={"rules": []})
+    ref_gm, ref_inputs, ref_ctx = passes(TransposedWeight(None, op), x, config={"rules": []})
+    assert _count(gm, OPS.scaled_mm.default) == 1 and len(ctx.weight_caches) == 1
+    with torch.no_grad():
+        (y,) = gm(*inputs, *[p(inputs) for p in ctx.extra_inputs])
+        (ref,) = ref_gm(*ref_inputs, *[p(ref_inputs) for p in ref_ctx.extra_inputs])
+    assert torch.equal(y, ref)
+
+
+def test_a_transposed_parameter_trains_and_releases_as_a_linear_weight():
+    """Through the backend: training gives ``x @ p.t()``'s weight the gradients that
+    ``F.linear`` gives it, bit for bit, with FP8 backward GEMMs; inference with
+    ``release_weights`` frees it (the transposed view is gone from the graph)."""
+    import fp8compile
+    from fp8compile.passes import weights
+
+    x, target = torch.randn(2, 16, 256), torch.randn(2, 16, 384)
+    grads = []
+    for model in (TransposedWeight(), TransposedWeight(lambda w: w.T)):
+        be = fp8compile.backend({"rules": []})
+        loss = nn.functional.mse_loss(torch.compile(model, backend=be)(x), target)
+        loss.backward()
+        (entry,) = be.plan.fp8
+        assert "backward dX, dW in FP8" in entry.reason
+        grads.append(model.w.grad)
+    assert torch.equal(*grads)
+    model = TransposedWeight(torch.t)
+    be = fp8compile.backend({"rules": [], "release_weights": True})
+    with torch.no_grad():
+        torch.compile(model, backend=be)(x)
+    assert weights.released(model.w) and be.plan.stats["released_weights"] == 1
+
+
+class NotAWeightView(nn.Module):
+    """Transposes that are not a 2-D parameter's: an activation's, a slice of a parameter's,
+    a 3-D parameter's last two dims."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(512, 256) * 0.05)
+        self.w3 = nn.Parameter(torch.randn(2, 384, 256) * 0.05)
+
+    def forward(self, x, y):
+        return x @ y.t(), x @ self.w[:384].t(), torch.bmm(x, self.w3.transpose(1, 2))
+
+
+def test_other_transposes_stay_activations(passes):
+    x, y = torch.randn(2, 16, 256), torch.randn(384, 256)
+    model = NotAWeightView()
+    gm, inputs, ctx = passes(model, x, y, config={"rules": []})
+    assert _count(gm, OPS.scaled_mm.default) == 0 and _count(gm, OPS.matmul.default) == 3
+    assert not ctx.weight_caches
+    assert all("both operands are activations" in e.reason
+               for e in ctx.plan_entries if e.is_fp8)
+    with torch.no_grad():
+        for got, want in zip(gm(*inputs), model(x, y)):
+            assert rel_err(got, want) < 0.06
+
+
 def test_high_precision_override_casts(passes):
     gm, inputs, _ = passes(LlamaBlock(), torch.randn(1, 4, 256),
                            config={"overrides": {"down_proj": "bf16"}})
