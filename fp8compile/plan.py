@@ -193,6 +193,12 @@ class Plan:
         if self.stats.get("weights_kept"):
             lines.append("weights kept in high precision:")
             lines.extend(f"  {line}" for line in self.stats["weights_kept"])
+        if self.stats.get("decomposed"):
+            lines.append("fused PyTorch calls taken apart into their GEMMs and attention:")
+            lines.extend(f"  {line}" for line in self.stats["decomposed"])
+        if self.stats.get("kept_whole"):
+            lines.append("fused PyTorch calls kept whole (their GEMMs stay in them):")
+            lines.extend(f"  {line}" for line in self.stats["kept_whole"])
         if "compile_s" in self.stats:
             lines.append(f"compile time: {self.stats['compile_s']:.2f} s")
         if self.stats.get("fused_gemms"):

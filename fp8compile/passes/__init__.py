@@ -1,10 +1,12 @@
 """FX passes of the fp8hpf backend, in the order the pipeline runs them.
 
-``analysis_passes`` decide (sensitivity → precision) and change nothing;
-``default_passes`` also rewrite (rewrite → scales → fuse → epilogue).  See README.md for the
+``analysis_passes`` take PyTorch's fused transformer calls apart (decompose) and decide
+(sensitivity → precision); ``default_passes`` also rewrite (rewrite → scales → fuse →
+epilogue).  See README.md for the
 ``node.meta["fp8compile"]`` keys each reads and writes.
 """
 
+from .decompose import DecomposePass
 from .epilogue import EpiloguePass
 from .fuse import FusePass
 from .manager import META, CompileContext, Fp8Pass, PassManager, PassResult
@@ -16,6 +18,7 @@ from .sensitivity import SensitivityPass
 __all__ = [
     "META",
     "CompileContext",
+    "DecomposePass",
     "EpiloguePass",
     "Fp8Pass",
     "FusePass",
@@ -32,7 +35,7 @@ __all__ = [
 
 
 def analysis_passes(ctx: CompileContext) -> list[Fp8Pass]:
-    return [SensitivityPass(ctx), PrecisionPass(ctx)]
+    return [DecomposePass(ctx), SensitivityPass(ctx), PrecisionPass(ctx)]
 
 
 def default_passes(ctx: CompileContext) -> list[Fp8Pass]:

@@ -8,6 +8,7 @@ from torch import nn
 from fp8compile import Fp8Config
 from fp8compile.passes import (
     CompileContext,
+    DecomposePass,
     EpiloguePass,
     Fp8Pass,
     FusePass,
@@ -34,7 +35,8 @@ def test_order_follows_constraints_not_list_order():
         "SensitivityPass", "PrecisionPass", "RewritePass", "ScalesPass"
     ]
     assert [type(p) for p in PassManager(default_passes(ctx)).passes] == [
-        SensitivityPass, PrecisionPass, RewritePass, ScalesPass, FusePass, EpiloguePass
+        DecomposePass, SensitivityPass, PrecisionPass, RewritePass, ScalesPass, FusePass,
+        EpiloguePass
     ]
 
 

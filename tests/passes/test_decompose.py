@@ -1,0 +1,212 @@
+"""DecomposePass: nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused calls taken
+apart into linears, attention and norms, computing what the modules compute."""
+
+import pytest
+import torch
+from torch import nn
+
+import fp8compile
+from fp8compile import Fp8Config
+from fp8compile.passes import CompileContext, DecomposePass, PassManager
+from fp8compile.passes.decompose import _ENCODER, _MHA
+from fp8compile.passes.manager import module_of
+from tests.models import rel_err
+from tests.passes.conftest import capture
+
+
+def _decomposed(model, *args, grad=False):
+    """(graph module after DecomposePass, its inputs, the context) for ``model(*args)``."""
+    if grad:
+        got = []
+        torch.compile(model, backend=lambda gm, ex: got.append((gm, ex)) or gm.forward,
+                      dynamic=False)(*args)
+        gm, inputs = got[0]
+    else:
+        gm, inputs = capture(model, *args)
+    ctx = CompileContext(Fp8Config(), inputs, not grad)
+    PassManager([DecomposePass(ctx)])(gm)
+    torch._dynamo.reset()
+    return gm, inputs, ctx
+
+
+def _targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _linears(gm):
+    return [n for n in gm.graph.nodes if n.target is torch.nn.functional.linear]
+
+
+def _encoder(norm_first=False, activation="relu", layers=2):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, activation=activation,
+                                       batch_first=True, norm_first=norm_first)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    with torch.no_grad():  # norms that are not the identity on a normalized input
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.normal_(1.0, 0.2)
+                m.bias.normal_(0.0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("masks", ["none", "padding", "causal", "both"])
+def test_encoder_fast_path_is_taken_apart(norm_first, activation, masks):
+    """The inference fast path (one torch._transformer_encoder_layer_fwd per layer) becomes
+    four linears per layer named after their modules, with the layer's output unchanged."""
+    model = _encoder(norm_first, activation)
+    x = torch.randn(3, 10, 128)
+    kwargs = {}
+    if masks in ("padding", "both"):
+        pad = torch.zeros(3, 10, dtype=torch.bool)
+        pad[1, 7:] = pad[2, 4:] = True
+        # with a float causal mask, a float padding mask (mixed types are deprecated)
+        kwargs["src_key_padding_mask"] = pad if masks == "padding" else \
+            torch.zeros(3, 10).masked_fill(pad, float("-inf"))
+    if masks in ("causal", "both"):
+        kwargs["mask"] = nn.Transformer.generate_square_subsequent_mask(10)
+        kwargs["is_causal"] = True  # else the encoder compares the mask: a graph break
+
+    class Call(nn.Module):  # the masks as constants of the traced call
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x, **kwargs)
+
+    gm, inputs, ctx = _decomposed(Call(), x)
+    assert _ENCODER not in _targets(gm)
+    assert len(ctx.stats["decomposed"]) == 2 and "kept_whole" not in ctx.stats
+    names = sorted(module_of(n)[0] for n in _linears(gm))
+    assert names == sorted(f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn", "self_attn.out_proj", "linear1", "linear2"))
+    with torch.no_grad():
+        (got,) = gm(*inputs)
+        want = model(x, **kwargs)
+    assert rel_err(got, want) < 1e-5
+
+
+class _Attention(nn.Module):
+    def __init__(self, batch_first=True, kdim=None, bias=True, **mha):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(128, 4, batch_first=batch_first, kdim=kdim,
+                                          vdim=kdim, bias=bias, **mha)
+        self.call, self.read_weights = {}, False
+
+    def forward(self, q, k, v):
+        out, weights = self.attn(q, k, v, **self.call)
+        return (out, weights) if self.read_weights else out
+
+
+def _mask_cases():
+    causal = nn.Transformer.generate_square_subsequent_mask(10)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+    return {
+        "none": {},
+        "padding": {"key_padding_mask": pad},
+        "float padding": {"key_padding_mask": torch.zeros(3, 10).masked_fill(pad, -1e4)},
+        "bool 2-D": {"attn_mask": causal == float("-inf")},
+        "causal": {"attn_mask": causal, "is_causal": True},
+        "3-D and padding": {"attn_mask": torch.randn(12, 10, 10),
+                            "key_padding_mask": torch.zeros(3, 10).masked_fill(pad, -1e4)},
+        "weights unread": {"need_weights": True},
+        "causal, weights unread": {"attn_mask": causal, "is_causal": True,
+                                   "need_weights": True},
+        # the hint wins over the mask where the call uses scaled dot-product attention ...
+        "is_causal hint, other mask": {"attn_mask": torch.randn(10, 10), "is_causal": True},
+        # ... and the mask wins where it does not
+        "is_causal hint, other mask, weights unread": {
+            "attn_mask": torch.randn(10, 10), "is_causal": True, "need_weights": True},
+    }
+
+
+@pytest.mark.parametrize("case", list(_mask_cases()))
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_self_attention_is_taken_apart(case, batch_first):
+    model = _Attention(batch_first).eval()
+    model.call = {"need_weights": False, **_mask_cases()[case]}
+    x = torch.randn(3, 10, 128) if batch_first else torch.randn(10, 3, 128)
+    gm, inputs, ctx = _decomposed(model, x, x, x)
+    assert _MHA not in _targets(gm) and len(ctx.stats["decomposed"]) == 1
+    assert [module_of(n)[0] for n in _linears(gm)] == ["attn", "attn.out_proj"]
+    with torch.no_grad():
+        (got,) = gm(*inputs)
+        want = model(x, x, x)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["q != k = v", "q != k != v", "kdim != embed_dim",
+                                  "no bias"])
+def test_cross_attention_is_taken_apart(kind):
+    model = _Attention(kdim=96 if kind == "kdim != embed_dim" else None,
+                       bias=kind != "no bias").eval()
+    model.call = {"need_weights": False}
+    q = torch.randn(3, 10, 128)
+    k = torch.randn(3, 7, 96 if kind == "kdim != embed_dim" else 128)
+    v = k if kind != "q != k != v" else torch.randn(3, 7, 128)
+    if kind == "no bias":
+        k = v = q
+    gm, inputs, _ = _decomposed(model, q, k, v)
+    assert _MHA not in _targets(gm)
+    assert len(_linears(gm)) == (2 if kind == "no bias" else 4)
+    with torch.no_grad():
+        (got,) = gm(*inputs)
+        want = model(q, k, v)
+    assert rel_err(got, want) < 1e-5
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("read weights", "its attention weights are read"),
+    ("add_bias_kv", "bias_k is set"),
+    ("add_zero_attn", "add_zero_attn=True"),
+])
+def test_calls_attention_cannot_express_are_kept_whole(kind, why):
+    mha = {"add_bias_kv": kind == "add_bias_kv", "add_zero_attn": kind == "add_zero_attn"}
+    model = _Attention(**mha).eval()
+    model.call = {"need_weights": kind == "read weights"}
+    model.read_weights = kind == "read weights"
+    x = torch.randn(3, 10, 128)
+    gm, inputs, ctx = _decomposed(model, x, x, x)
+    assert _MHA in _targets(gm) and "decomposed" not in ctx.stats
+    (line,) = ctx.stats["kept_whole"]
+    assert line.startswith("attn: F.multi_head_attention_forward") and why in line
+
+
+def test_training_attention_trains_through_the_parts():
+    """In training (grad on, dropout 0) the gradients of the taken-apart graph are those of
+    the module."""
+    model = _Attention().train()
+    model.call = {"need_weights": False}
+    x = torch.randn(3, 10, 128, requires_grad=True)
+    gm, inputs, _ = _decomposed(model, x, x, x, grad=True)
+    assert _MHA not in _targets(gm)
+    (got,) = gm(*inputs)
+    got.square().sum().backward()
+    g_got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model(x, x, x).square().sum().backward()
+    for n, p in model.named_parameters():
+        assert rel_err(g_got[n], p.grad) < 1e-5, n
+
+
+def test_compiled_encoder_runs_its_gemms_in_fp8():
+    """Through the backend: every projection of an nn.TransformerEncoder is an FP8 GEMM
+    (there were none), the plan says what was taken apart, and the output stays close."""
+    model = _encoder()
+    x = torch.randn(2, 64, 128)
+    be = fp8compile.backend({"min_weight_numel": 0})
+    with torch.no_grad():
+        got = torch.compile(model, backend=be)(x)
+        want = model(x)
+    plan = be.plan
+    assert len(plan.fp8) == 8 and {e.module for e in plan.fp8} == {
+        f"layers.{i}.{m}" for i in range(2)
+        for m in ("self_attn", "self_attn.out_proj", "linear1", "linear2")}
+    text = plan.summary()
+    assert "fused PyTorch calls taken apart" in text and "layers.1: torch._transformer" in text
+    assert rel_err(got, want) < 0.05
