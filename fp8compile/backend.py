@@ -135,8 +135,13 @@ class Fp8Backend:
         if not self.compile:
             return gm.forward
         _take_traced_gemms()  # drop what an earlier compile left
-        compiled = self._inductor(work, list(example_inputs) + _static_fakes(example_inputs, ctx),
-                                  plan)
+        try:
+            compiled = self._inductor(work, list(example_inputs)
+                                      + _static_fakes(example_inputs, ctx), plan)
+        except torch._dynamo.exc.RestartAnalysis:  # Dynamo traces the frame again
+            self.plans.remove(plan)
+            self.contexts.remove(ctx)
+            raise
         plan.stats["compile_s"] = time.perf_counter() - t0
         backends = _describe_gemms(_take_traced_gemms())
         if backends:
@@ -172,6 +177,10 @@ class Fp8Backend:
         spare = _copy_graph_module(gm)  # Inductor's pre-grad passes edit the graph in place
         try:
             return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
+        except torch._dynamo.exc.RestartAnalysis:
+            # Dynamo's request to trace again (a symbolic float Inductor cannot keep as a
+            # tensor is then specialized): not a failure of the inlined kernels
+            raise
         except Exception as err:  # noqa: BLE001 - any failure gets the opaque retry
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             warnings.warn(

@@ -171,8 +171,9 @@ class DecomposePass(Fp8Pass):
                 return f"{name} is set: scaled dot-product attention has no place for it"
         if a["add_zero_attn"]:
             return "add_zero_attn=True: scaled dot-product attention has no place for it"
-        if not all(isinstance(a[k], (bool, int, float)) for k in
-                   ("training", "need_weights", "is_causal", "dropout_p", "num_heads")):
+        # dropout_p may be a node (a float Dynamo made symbolic); the rest must be constants
+        if not all(isinstance(a[k], (bool, int)) for k in
+                   ("training", "need_weights", "is_causal", "num_heads")):
             return "a flag or the head count is a tensor"
         items = {}
         for user in node.users:
@@ -216,8 +217,9 @@ class DecomposePass(Fp8Pass):
         src = value_of(a["src"])
         if not isinstance(src, torch.Tensor) or src.is_nested or src.dim() != 3:
             return "nested or unbatched input: only (B, L, E) tensors are taken apart"
-        if not all(isinstance(a.get(k), (bool, int, float)) for k in
-                   ("embed_dim", "num_heads", "use_gelu", "norm_first", "eps")):
+        # eps may be a node (a float Dynamo made symbolic); the rest must be constants
+        if not all(isinstance(a.get(k), (bool, int)) for k in
+                   ("embed_dim", "num_heads", "use_gelu", "norm_first")):
             return "a flag or a size is a tensor"
         emit = _Emit(graph, node)
         norm_first, e = a["norm_first"], a["embed_dim"]

@@ -210,3 +210,19 @@ def test_compiled_encoder_runs_its_gemms_in_fp8():
     text = plan.summary()
     assert "fused PyTorch calls taken apart" in text and "layers.1: torch._transformer" in text
     assert rel_err(got, want) < 0.05
+
+
+def test_dynamic_shapes_one_graph_and_dynamos_restart_passes_through():
+    """``dynamic=True``: the layer norms' eps reaches the graph as a symbolic float, which
+    Inductor asks Dynamo to specialize by restarting the trace.  The backend lets that
+    request through (it used to take it for a failed compile and compile again with opaque
+    FP8 ops) and keeps no plan of the abandoned trace; then one graph serves every shape."""
+    model = _encoder()
+    be = fp8compile.backend({"min_weight_numel": 0})
+    cm = torch.compile(model, backend=be, dynamic=True)
+    with torch.no_grad():
+        for batch, tokens in ((2, 16), (3, 40), (5, 24)):
+            x = torch.randn(batch, tokens, 128)
+            assert rel_err(cm(x), model(x)) < 0.05
+    assert len(be.plans) == 1 and len(be.plan.fp8) == 8
+    assert "inline_failed" not in be.plan.stats
