@@ -90,6 +90,7 @@ class Fp8Backend:
         self.compile = compile
         self.plans: list[Plan] = []
         self.contexts: list[CompileContext] = []
+        self._restarted: set = set()  # compiles that asked Dynamo to trace them again
 
     @property
     def plan(self) -> Plan:
@@ -177,11 +178,16 @@ class Fp8Backend:
         spare = _copy_graph_module(gm)  # Inductor's pre-grad passes edit the graph in place
         try:
             return compile_fx(gm, inputs, config_patches=keyed_patches(patches))
-        except torch._dynamo.exc.RestartAnalysis:
-            # Dynamo's request to trace again (a symbolic float Inductor cannot keep as a
-            # tensor is then specialized): not a failure of the inlined kernels
-            raise
         except Exception as err:  # noqa: BLE001 - any failure gets the opaque retry
+            # Inductor's request that Dynamo trace the frame again, a symbolic float it cannot
+            # keep then specialized, is not a failure of the inlined kernels: passed on, once
+            # per compile (a second request for the same compile gets the opaque retry, so a
+            # torch that would ask again cannot loop).
+            frame = _frame_id()
+            if isinstance(err, torch._dynamo.exc.RestartAnalysis) \
+                    and frame is not None and frame not in self._restarted:
+                self._restarted.add(frame)
+                raise
             reason = f"{type(err).__name__}: {err}".splitlines()[0][:300]
             warnings.warn(
                 f"fp8hpf: compiling with the FP8 kernels inlined failed ({reason}); compiled "

