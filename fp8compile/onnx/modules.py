@@ -150,6 +150,13 @@ def swap_fp8_linears(model: nn.Module, plan, cfg: Fp8Config, target: str) -> Swa
                    "FP8 QDQ, this one stays in the model's precision")
             kept.append((e.module or e.name, why))
             e.extra["onnx"] = f"high precision: {why}"
+        elif e.is_fp8 and e.extra.get("decomposed_from"):
+            why = (f"its weight is read by PyTorch's fused {e.extra['decomposed_from']} call, "
+                   "which the compiled graph takes apart but the exported model runs as it is: "
+                   "the layer is not called, so it cannot be swapped; it stays in the model's "
+                   "precision")
+            kept.append((e.module or e.name, why))
+            e.extra["onnx"] = f"high precision: {why}"
         elif e.is_fp8 and (e.gemm == "matmul" or not e.weight):
             why = ("activation x activation matmul: only layers with a weight export as FP8 "
                    "QDQ, this one stays in the model's precision")

@@ -14,8 +14,9 @@ scaled dot-product attention does not compute it: attention weights that are rea
 (``need_weights=True``), ``bias_k``/``bias_v``, ``add_zero_attn``, static keys or values,
 unbatched or nested inputs.
 
-Reads ``example_value`` and ``nn_module_stack``; writes both on the nodes it adds, and
-``stats["decomposed"]`` / ``stats["kept_whole"]``.
+Reads ``example_value`` and ``nn_module_stack``; writes both on the nodes it adds, with
+``decomposed_from`` (the call they replace: the ONNX export, which swaps called layers, keeps
+their linears in high precision), and ``stats["decomposed"]`` / ``stats["kept_whole"]``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .manager import Fp8Pass, PassResult, _clean_path, eliminate_dead_code, module_of, value_of
+from .manager import (
+    Fp8Pass,
+    PassResult,
+    _clean_path,
+    eliminate_dead_code,
+    info,
+    module_of,
+    value_of,
+)
 from .weights import _source_name
 
 _PARAMETER = re.compile(r"\._parameters\['[^']*'\]$")  # a parameter's last step in its source
@@ -50,8 +59,8 @@ class _Emit:
     """Adds call nodes before ``at``, each with its example value (the call run on its
     inputs' fake tensors) and ``at``'s module stack, ending in ``module`` where given."""
 
-    def __init__(self, graph: torch.fx.Graph, at: torch.fx.Node):
-        self.graph, self.at = graph, at
+    def __init__(self, graph: torch.fx.Graph, at: torch.fx.Node, call: str):
+        self.graph, self.at, self.call = graph, at, call
         self.stack = dict(at.meta.get("nn_module_stack") or {})
         self.path = module_of(at)[0]
         # the fake mode of the graph's own example values (the tracing context's may differ)
@@ -70,6 +79,7 @@ class _Emit:
         if module is not None:
             stack[module[0]] = module
         node.meta["nn_module_stack"] = stack
+        info(node)["decomposed_from"] = self.call
         return node
 
     def module_of_param(self, p: Any, cls: type, fallback: str) -> tuple[str, type]:
@@ -185,7 +195,7 @@ class DecomposePass(Fp8Pass):
                     "softmax written out, not scaled dot-product attention")
         if a["is_causal"] and a["attn_mask"] is None:
             return "is_causal=True without attn_mask, which the call itself refuses"
-        emit = _Emit(graph, node)
+        emit = _Emit(graph, node, "F.multi_head_attention_forward")
         kpm = emit.additive(a["key_padding_mask"], query.dtype)
         causal = bool(a["is_causal"]) and kpm is None and not a["need_weights"]
         mask = None
@@ -221,7 +231,7 @@ class DecomposePass(Fp8Pass):
         if not all(isinstance(a.get(k), (bool, int)) for k in
                    ("embed_dim", "num_heads", "use_gelu", "norm_first")):
             return "a flag or a size is a tensor"
-        emit = _Emit(graph, node)
+        emit = _Emit(graph, node, "torch._transformer_encoder_layer_fwd")
         norm_first, e = a["norm_first"], a["embed_dim"]
 
         def norm(x, i):

@@ -332,6 +332,8 @@ class PrecisionPass(Fp8Pass):
             dtype=str(dtype_of(node)).replace("torch.", "") if dtype_of(node) else None,
             gemm=meta.get("gemm"),
         )
+        if meta.get("decomposed_from"):
+            entry.extra["decomposed_from"] = meta["decomposed_from"]
         measured = self.ctx.config.measured(entry.module) if entry.gemm else None
         if measured:
             entry.sqnr_db, entry.amax = measured

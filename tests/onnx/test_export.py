@@ -171,6 +171,36 @@ def test_matmul_by_a_parameter_stays_high_precision_and_says_why(tmp_path):
     assert report.err_vs_torch_fp8 <= 1e-3
 
 
+class _WithEncoder(nn.Module):
+    """A projection, then PyTorch's fused encoder layer, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 256)
+        layer = nn.TransformerEncoderLayer(256, 4, 512, dropout=0.0, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = nn.Linear(256, 256)
+
+    def forward(self, x):
+        return self.head(self.enc(self.proj(x)))
+
+
+def test_layers_inside_a_fused_encoder_call_stay_high_precision_and_say_why(tmp_path):
+    """The plan runs the encoder layer's projections in FP8 (its fused call taken apart); the
+    export swaps layers, and these are read by the fused call, not called: swapping them made
+    the export fail ('Fp8ExportLinear' object has no attribute 'weight')."""
+    model = _WithEncoder().eval()
+    x = torch.randn(2, 16, 256)
+    report = export_onnx(model, (x,), tmp_path / "m.onnx")
+    assert report.fp8_layers == ["proj"]
+    kept = dict(report.kept_layers)
+    for name in ("self_attn", "self_attn.out_proj", "linear1", "linear2"):
+        assert "fused torch._transformer_encoder_layer_fwd call" in kept[f"enc.layers.0.{name}"]
+    assert report.err_vs_torch_fp8 <= 1e-3
+    with torch.no_grad():  # and the PyTorch FP8 model runs the fused call as it is
+        assert rel_err(fp8_model(model, x)(x), model(x)) < 0.05
+
+
 def test_unsupported_pieces_stay_high_precision(tmp_path):
     model = _Unsupported().eval()
     x = torch.randn(2, 32, 320)
