@@ -3,7 +3,9 @@
 In inference each ``nn.TransformerEncoderLayer`` runs PyTorch's fused fast path
 (``torch._transformer_encoder_layer_fwd``), in eager mode and under bf16 Inductor alike; fp8hpf
 takes that call apart (``passes/decompose.py``) and runs its four projections as FP8 GEMMs.
-Two encoders, bf16, forward only, pre-norm GELU layers:
+Two sizes, bf16, forward only, pre-norm GELU layers (``--blocks vit``: torchvision's ViT
+block instead, whose ``nn.MultiheadAttention`` is one ``F.multi_head_attention_forward``
+call in the graph):
 
 * ``vit-l``: ViT-L/16's sizes (d=1024, 16 heads, FFN 4096) at 32 images of 197 tokens;
 * ``4k``: d=4096, 32 heads, FFN 16384 at 2x2048 tokens.
@@ -12,7 +14,7 @@ Every variant runs with CUDA graphs (``mode="reduce-overhead"``; eager bf16 is c
 hand).  Prints ``do_bench`` ms, GPU ms per step (steps queued behind a sleep), × bf16 Inductor,
 the error against an fp32 eager run, and how many GEMMs ran in FP8.
 
-    python benchmarks/encoder_e2e.py [--shapes vit-l 4k] [--layers 4]
+    python benchmarks/encoder_e2e.py [--blocks encoder vit] [--shapes vit-l 4k] [--layers 4]
 """
 
 from __future__ import annotations
@@ -49,6 +51,30 @@ def encoder(d: int, heads: int, ffn: int, layers: int) -> nn.TransformerEncoder:
     return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
 
 
+class VitBlock(nn.Module):
+    """A ViT encoder block as torchvision writes it: ``nn.MultiheadAttention`` (one
+    ``F.multi_head_attention_forward`` call in the graph) and an ``nn.Linear`` MLP."""
+
+    def __init__(self, d: int, heads: int, ffn: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(d)
+        self.self_attention = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.ln_2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, ffn), nn.GELU(), nn.Linear(ffn, d))
+
+    def forward(self, x):
+        h = self.ln_1(x)
+        x = x + self.self_attention(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+def vit(d: int, heads: int, ffn: int, layers: int) -> nn.Sequential:
+    return nn.Sequential(*(VitBlock(d, heads, ffn) for _ in range(layers)))
+
+
+BLOCKS = {"encoder": encoder, "vit": vit}
+
+
 def graphed(model, x):
     """``model(x)`` captured in a CUDA graph (the eager baseline, launched as the compiled
     variants are)."""
@@ -71,6 +97,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--blocks", nargs="*", default=["encoder"], choices=list(BLOCKS),
+                    help="encoder: nn.TransformerEncoderLayer (its fused fast path); vit: "
+                         "torchvision's block, nn.MultiheadAttention and an nn.Linear MLP")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -79,11 +108,11 @@ def main() -> int:
     print(f"device {torch.cuda.get_device_name()}  torch {torch.__version__}  "
           f"layers {args.layers}", flush=True)
     names = args.only.split(",") if args.only else list(VARIANTS)
-    for shape in args.shapes:
+    for block, shape in ((b, s) for b in args.blocks for s in args.shapes):
         d, heads, ffn, batch, tokens = SHAPES[shape]
         torch.manual_seed(0)
-        ref_model = encoder(d, heads, ffn, args.layers).cuda().eval()
-        model = encoder(d, heads, ffn, args.layers).cuda().bfloat16().eval()
+        ref_model = BLOCKS[block](d, heads, ffn, args.layers).cuda().eval()
+        model = BLOCKS[block](d, heads, ffn, args.layers).cuda().bfloat16().eval()
         model.load_state_dict({k: v.bfloat16() for k, v in ref_model.state_dict().items()})
         x = torch.randn(batch, tokens, d, device="cuda", dtype=torch.bfloat16)
         with torch.no_grad():
@@ -118,11 +147,11 @@ def main() -> int:
             if backend is not None:
                 plan = backend.plan
                 fp8 = (f"  FP8: {len(plan.fp8)} of {len(plan.gemms)} GEMMs, "
-                       f"{len(plan.stats.get('decomposed', []))} encoder calls taken apart")
+                       f"{len(plan.stats.get('decomposed', []))} fused calls taken apart")
             ratio = (f"({base[0] / ms:.2f}x)", f"({base[1] / gpu:.2f}x)") if base else ("", "")
-            print(f"{shape:5s} {batch}x{tokens:<5d} {name:24s} {ms:7.3f} ms {ratio[0]:8s} GPU "
-                  f"{gpu:7.3f} ms {ratio[1]:8s} host {host:.3f} ms  err {err:.2e}{fp8}",
-                  flush=True)
+            print(f"{block:7s} {shape:5s} {batch}x{tokens:<5d} {name:24s} {ms:7.3f} ms "
+                  f"{ratio[0]:8s} GPU {gpu:7.3f} ms {ratio[1]:8s} host {host:.3f} ms  "
+                  f"err {err:.2e}{fp8}", flush=True)
     return 0
 
 
