@@ -122,9 +122,8 @@ def _attention(emit: _Emit, q_in, k_in, v_in, heads: int, w, bias, out_w, out_b,
             bs = [emit(operator.getitem, b3, i) for i in range(3)]
         q, k, v = (emit(F.linear, x, wi, bi, module=in_proj)
                    for x, wi, bi in zip((q_in, k_in, v_in), separate, bs))
-    dim = value_of(q).shape[-1]
     to_heads = (0, 2, 1, 3) if batch_first else (1, 2, 0, 3)  # -> (B, H, L, E/H)
-    q, k, v = (emit("permute", emit("unflatten", t, -1, (heads, dim // heads)), *to_heads)
+    q, k, v = (emit("permute", emit("unflatten", t, -1, (heads, -1)), *to_heads)
                for t in (q, k, v))
     o = emit(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, dropout_p=dropout_p,
              is_causal=causal)
