@@ -151,10 +151,9 @@ def swap_fp8_linears(model: nn.Module, plan, cfg: Fp8Config, target: str) -> Swa
             kept.append((e.module or e.name, why))
             e.extra["onnx"] = f"high precision: {why}"
         elif e.is_fp8 and e.extra.get("decomposed_from"):
-            why = (f"its weight is read by PyTorch's fused {e.extra['decomposed_from']} call, "
-                   "which the compiled graph takes apart but the exported model runs as it is: "
-                   "the layer is not called, so it cannot be swapped; it stays in the model's "
-                   "precision")
+            why = (f"its weight is read inside a {e.extra['decomposed_from']} call, which the "
+                   "compiled graph takes apart but the exported model runs as it is: the layer "
+                   "is not called, so it cannot be swapped; it stays in the model's precision")
             kept.append((e.module or e.name, why))
             e.extra["onnx"] = f"high precision: {why}"
         elif e.is_fp8 and (e.gemm == "matmul" or not e.weight):

@@ -1,4 +1,4 @@
-"""DecomposePass: PyTorch's fused transformer calls, taken apart so that their GEMMs are seen.
+"""DecomposePass: calls that hide GEMMs, taken apart so that the later passes see them.
 
 ``nn.MultiheadAttention`` reaches Dynamo's graph as one ``F.multi_head_attention_forward``
 call, and ``nn.TransformerEncoderLayer`` in inference as one
@@ -9,7 +9,11 @@ layer norms, the activation, residual adds -- so that the later passes find the 
 (named after their modules: ``layers.0.linear1``, ``layers.0.self_attn`` for the packed
 q/k/v projection) and the norm and attention rules apply to the rest.
 
-A call is kept whole, with the reason in the plan's statistics (``kept_whole``), where
+An einsum that multiplies an activation by a 2-D parameter over the activation's last dim
+(``"...d,hd->...h"``) becomes ``F.linear`` (or a matmul by a (K, N) weight); other einsums
+are left as they are.
+
+An attention call is kept whole, with the reason in the plan's statistics (``kept_whole``), where
 scaled dot-product attention does not compute it: attention weights that are read
 (``need_weights=True``), ``bias_k``/``bias_v``, ``add_zero_attn``, static keys or values,
 unbatched or nested inputs.
@@ -38,6 +42,7 @@ from .manager import (
     eliminate_dead_code,
     info,
     module_of,
+    shape_of,
     value_of,
 )
 from .weights import _source_name
@@ -133,8 +138,8 @@ def _attention(emit: _Emit, q_in, k_in, v_in, heads: int, w, bias, out_w, out_b,
 
 
 class DecomposePass(Fp8Pass):
-    """Take ``F.multi_head_attention_forward`` and ``torch._transformer_encoder_layer_fwd``
-    calls apart; see the module docstring."""
+    """Take ``F.multi_head_attention_forward``, ``torch._transformer_encoder_layer_fwd`` and
+    einsum-by-a-weight calls apart; see the module docstring."""
 
     def call(self, gm: torch.fx.GraphModule) -> PassResult:
         done: list[str] = []
@@ -144,6 +149,10 @@ class DecomposePass(Fp8Pass):
             if node.target is _MHA:
                 what, why = "F.multi_head_attention_forward (nn.MultiheadAttention)", \
                     self._mha(gm.graph, node)
+            elif node.target is torch.einsum:
+                if not self._einsum(gm.graph, node):
+                    continue
+                what, why = f"torch.einsum({node.args[0]!r}) (a product by a weight)", None
             elif _ENCODER is not None and node.target is _ENCODER:
                 what, why = ("torch._transformer_encoder_layer_fwd (nn.TransformerEncoderLayer's "
                              "inference fast path)"), self._encoder(gm.graph, node)
@@ -217,6 +226,35 @@ class DecomposePass(Fp8Pass):
         for user in [u for us in items.values() for u in us]:
             graph.erase_node(user)
         return None
+
+    def _einsum(self, graph: torch.fx.Graph, node: torch.fx.Node) -> bool:
+        """Rewrite ``torch.einsum`` of an activation and a 2-D parameter that contracts the
+        activation's last dim and keeps the rest in order (``"...d,hd->...h"``,
+        ``"bld,dh->blh"``, either operand first) as ``F.linear`` or a matmul; True if done.
+        Any other einsum is left as it is."""
+        if len(node.args) != 3 or node.kwargs or not isinstance(node.args[0], str):
+            return False
+        eq, *ops = node.args
+        terms = eq.replace(" ", "").replace("...", "*").split("->")
+        if len(terms) != 2 or terms[0].count(",") != 1:
+            return False
+        (t0, t1), out = terms[0].split(","), terms[1]
+        is_param = [isinstance(o, torch.fx.Node) and self.ctx.is_parameter(o)
+                    and len(shape_of(o) or ()) == 2 for o in ops]
+        if is_param[0] == is_param[1]:
+            return False
+        w, x, (tw, tx) = (ops[0], ops[1], (t0, t1)) if is_param[0] else (ops[1], ops[0], (t1, t0))
+        if len(tw) != 2 or tw[0] == tw[1] or not tx or "*" in tw:
+            return False
+        k, keep = tx[-1], tx[:-1]
+        n = tw.replace(k, "", 1)
+        if len(n) != 1 or k not in tw or k in keep or n in tx or out != keep + n \
+                or len(set(keep.replace("*", ""))) != len(keep.replace("*", "")):
+            return False
+        emit = _Emit(graph, node, "torch.einsum")
+        y = emit(F.linear, x, w) if tw == n + k else emit(torch.matmul, x, w)
+        node.replace_all_uses_with(y)
+        return True
 
     def _encoder(self, graph: torch.fx.Graph, node: torch.fx.Node) -> str | None:
         """Rewrite one ``torch._transformer_encoder_layer_fwd`` call as

@@ -230,3 +230,55 @@ def test_dynamic_shapes_one_graph_and_dynamos_restart_passes_through():
             assert rel_err(cm(x), model(x)) < 0.05
     assert len(be.plans) == 1 and len(be.plan.fp8) == 8
     assert "inline_failed" not in be.plan.stats
+
+
+class _Einsum(nn.Module):
+    def __init__(self, equation, weight_first=False, stored="nk"):
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = nn.Parameter(torch.randn(*((384, 256) if stored == "nk" else (256, 384))) * 0.05)
+        self.equation, self.weight_first = equation, weight_first
+
+    def forward(self, x):
+        ops = (self.w, x) if self.weight_first else (x, self.w)
+        return torch.einsum(self.equation, *ops) + 1
+
+
+@pytest.mark.parametrize("equation,weight_first,stored", [
+    ("bld,hd->blh", False, "nk"),
+    ("...d,hd->...h", False, "nk"),
+    ("bld,dh->blh", False, "kn"),
+    ("hd, bld -> blh", True, "nk"),
+    ("dh,...d->...h", True, "kn"),
+])
+def test_einsum_by_a_weight_is_a_linear(equation, weight_first, stored):
+    """An einsum that multiplies an activation by a 2-D parameter over its last dim was one
+    opaque call; it is now F.linear (or a matmul by the (K, N) weight), so its weight is
+    quantized once as a linear's is."""
+    model = _Einsum(equation, weight_first, stored)
+    x = torch.randn(2, 16, 256)
+    gm, inputs, ctx = _decomposed(model, x)
+    assert torch.einsum not in _targets(gm)
+    (line,) = ctx.stats["decomposed"]
+    assert "torch.einsum" in line
+    with torch.no_grad():
+        (got,) = gm(*inputs)
+        assert rel_err(got, model(x)) < 1e-5
+    be = fp8compile.backend({"rules": []})
+    with torch.no_grad():
+        torch.compile(model, backend=be)(x)
+    (entry,) = be.plan.fp8
+    assert "weight quantized once per parameter version" in entry.reason
+
+
+@pytest.mark.parametrize("equation", ["bld,hd->bhl", "bld,ld->bl", "bld,hd->blhd",
+                                      "bld,dd->bld"])
+def test_other_einsums_are_left_alone(equation):
+    model = _Einsum(equation)
+    if equation.startswith("bld,ld"):
+        model.w = nn.Parameter(torch.randn(16, 256))
+    if "dd" in equation:
+        model.w = nn.Parameter(torch.randn(256, 256))
+    x = torch.randn(2, 16, 256)
+    gm, inputs, ctx = _decomposed(model, x)
+    assert torch.einsum in _targets(gm) and "decomposed" not in ctx.stats
