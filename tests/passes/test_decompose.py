@@ -1,6 +1,8 @@
 """DecomposePass: nn.MultiheadAttention's and nn.TransformerEncoderLayer's fused calls taken
 apart into linears, attention and norms, computing what the modules compute."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -282,3 +284,35 @@ def test_other_einsums_are_left_alone(equation):
     x = torch.randn(2, 16, 256)
     gm, inputs, ctx = _decomposed(model, x)
     assert torch.einsum in _targets(gm) and "decomposed" not in ctx.stats
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: bf16 attention "
+                    "kernels and PyTorch's fused encoder kernel")
+@pytest.mark.parametrize("block", ["encoder", "mha"])
+def test_gpu_taken_apart_in_bf16_matches_pytorchs_fused_call(block):
+    """On the GPU, in bf16, with every GEMM kept bf16 by an override: the graph taken apart
+    (flash/efficient attention with a padding mask, Inductor's fused norms) is as close to
+    an fp32 run as PyTorch's own fused kernels are."""
+    pad = torch.zeros(4, 64, dtype=torch.bool, device="cuda")
+    pad[1, 40:] = pad[3, 10:] = True
+    if block == "encoder":
+        ref = _encoder().cuda()
+
+        def run(m, t):
+            return m(t, src_key_padding_mask=pad)
+    else:
+        ref = _Attention().cuda().eval()
+        ref.call = {"need_weights": False, "key_padding_mask": pad}
+
+        def run(m, t):
+            return m(t, t, t)
+    model = copy.deepcopy(ref).bfloat16()
+    x = torch.randn(4, 64, 128, device="cuda")
+    be = fp8compile.backend({"overrides": {"*": "bf16"}})
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        want = run(ref, x)
+        eager = rel_err(run(model, x.bfloat16()).float(), want)
+        got = rel_err(run(compiled, x.bfloat16()).float(), want)
+    assert be.plan.stats["decomposed"] and not be.plan.fp8
+    assert got <= 1.5 * eager + 1e-3, (got, eager)
