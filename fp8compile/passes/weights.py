@@ -24,9 +24,11 @@ the caches quantize it again at their next call.  The modules that own released 
 get two hooks (:func:`hook_owners`): ``load_state_dict`` gives a released parameter its
 storage back before copying into it (otherwise the copy writes through a null pointer), and
 ``state_dict`` refuses to return one (it would hold no data: a checkpoint saved from it
-fails to load).  The released parameters themselves refuse ``copy.deepcopy``, pickling, and
-the conversions ``nn.Module.to``/``half``/``cuda``/... apply to them (:class:`_Refuse`), which
-would read the freed storage.
+fails to load).  They and the modules above them refuse, before anything is converted, a
+``model.half()``/``.to()``/``.cuda()`` that would read one (:class:`_CheckedApply`).  The
+released parameters themselves refuse ``copy.deepcopy``, pickling, and the conversions
+``nn.Module.to``/``half``/``cuda``/... apply to them (:class:`_Refuse`), which would read the
+freed storage.
 """
 
 from __future__ import annotations
@@ -217,10 +219,9 @@ class _Refuse:
         p = self.ref()
         if released(p):
             if self.method in _CONVERSIONS:
-                # What the conversion does, seen on an empty tensor like p: itself back
-                # means nothing to convert (nothing read); anything but a tensor, a query.
-                probe = torch.empty(0, dtype=p.dtype, device=p.device)
-                out = getattr(torch.Tensor, self.method)(probe, *args, **kwargs)
+                # anything but a tensor back is a query (p.type()), which reads no data
+                out, probe = _probe(
+                    p, lambda t: getattr(torch.Tensor, self.method)(t, *args, **kwargs))
                 if out is probe:
                     return p
                 if not isinstance(out, torch.Tensor):
@@ -246,6 +247,15 @@ class _Refuse:
         return (f"{head}, and {what} would read the freed memory.{module} Convert or read the "
                 "model before compiling, compile with release_weights=False, or load its "
                 "weights back first (load_state_dict).")
+
+
+def _probe(p: torch.Tensor, convert: Any) -> tuple[Any, torch.Tensor]:
+    """``(convert(e), e)`` for an empty tensor ``e`` of ``p``'s dtype and device: what a
+    conversion would do to ``p``, without reading it.  ``e`` itself back means there is
+    nothing to convert (the conversion would return ``p``)."""
+    probe = torch.empty(0, dtype=p.dtype, device=p.device)
+    with torch.no_grad():
+        return convert(probe), probe
 
 
 _COPY_METHODS = ("__deepcopy__", "__reduce_ex__")
@@ -369,9 +379,8 @@ def _owners(node: torch.fx.Node, param: torch.Tensor, scope: dict[str, dict]
 def _converts(fn: Any, p: torch.Tensor) -> bool:
     """Whether ``nn.Module._apply``'s ``fn`` makes a new tensor from ``p`` (reads its data),
     as it does from an empty tensor like ``p``."""
-    probe = torch.empty(0, dtype=p.dtype, device=p.device)
-    with torch.no_grad():
-        return fn(probe) is not probe
+    out, probe = _probe(p, fn)
+    return out is not probe
 
 
 class _CheckedApply:
@@ -441,8 +450,9 @@ def _refuse_released_state(module, state_dict, prefix, local_metadata) -> None:
 def hook_owners(graph: torch.fx.Graph, indices: Sequence[int], args: Sequence[Any]) -> None:
     """Give the modules owning the parameters ``args[i]`` (``i`` in ``indices``, inputs of
     the compiled ``graph``) the ``load_state_dict`` and ``state_dict`` hooks of released
-    parameters, once per module.  Called while Dynamo compiles: the modules are found from
-    the placeholders' sources in the traced frame (outside a Dynamo compile, none is)."""
+    parameters, once per module, and every module from the frame's root to them a
+    :class:`_CheckedApply`.  Called while Dynamo compiles: the modules are found from the
+    placeholders' sources in the traced frame (outside a Dynamo compile, none is)."""
     scope = _frame_scope()
     if scope is None:
         return
